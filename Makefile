@@ -1,0 +1,47 @@
+# The README's two set-up commands are `make demo` and `make test`; the rest are helpers.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Served from the build machines' local cache; on a Deep Learning AMI torch is already
+# there and is kept (the install step only adds it when `import torch` fails).
+TORCH  := torch==2.14.1 torchvision==0.29.1
+DEMO_DATA ?= demo-data
+
+.PHONY: demo test install install-dev lint clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## make demo: install, generate the demo data set, train 5 epochs on the CPU
+demo: install
+	$(BIN)/ec2train data demo $(DEMO_DATA)
+	$(BIN)/ec2train fit --data $(DEMO_DATA) --epochs 5 --arch resnet18 --weights none --image-size 64 --batch-size 32
+
+## make test: install with the dev extra and run the test suite (CPU, loopback only)
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/shellcheck infra/*.sh
+
+bench: install-dev
+	@ls bench/*.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache
