@@ -1,0 +1,469 @@
+"""Dataset layout, loading, sharding, demo data, and getting dogImages onto the box.
+
+Layout (as in dogImages): ROOT/{train,valid,test}/<NNN.Class_name>/<image>.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ec2train.errors import UserError
+from ec2train.preprocess import ImageDecodeError, load_rgb
+
+SPLITS = ("train", "valid", "test")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+DOG_IMAGES_URL = "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
+
+
+class DataError(UserError):
+    """The data set is missing, laid out wrongly, or cannot be fetched."""
+
+
+class CorruptImageError(DataError):
+    """One image cannot be decoded; the message names its path."""
+
+
+def class_name(folder: str) -> str:
+    """'001.Affenpinscher' -> 'Affenpinscher'; '124.Poodle' -> 'Poodle'; 'Great_Dane' -> 'Great Dane'."""
+    head, dot, rest = folder.partition(".")
+    name = rest if dot and head.isdigit() and rest else folder
+    return name.replace("_", " ").strip()
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_split(root: str | Path, split: str, classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class folders, [(image path, label)]) for one split; labels follow `classes` when given."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise DataError(f"missing split folder {split_dir}; expected {Path(root)}/{{train,valid,test}}/<class>/<image>")
+    folders = list(classes) if classes is not None else class_folders(split_dir)
+    samples = []
+    for label, folder in enumerate(folders):
+        d = split_dir / folder
+        if d.is_dir():
+            samples.extend((p, label) for p in _images_in(d))
+    return folders, samples
+
+
+@dataclass
+class SplitReport:
+    images: int = 0
+    classes: int = 0
+    empty_classes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataReport:
+    root: Path
+    splits: dict[str, SplitReport] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    class_folders: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.corrupt
+
+
+def check_dataset(
+    root: str | Path,
+    splits: Sequence[str] = SPLITS,
+    decode: bool = False,
+    on_image: Callable[[], None] | None = None,
+) -> DataReport:
+    """Every layout problem (and with decode=True every unreadable image) in one report."""
+    root = Path(root)
+    report = DataReport(root=root)
+    if not root.is_dir():
+        report.problems.append(f"data folder {root} does not exist (run `ec2train data fetch` or `ec2train data demo {root}`)")
+        return report
+    listed: dict[str, list[str]] = {}
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            report.problems.append(f"missing split '{split}': no folder {split_dir}")
+            continue
+        folders = class_folders(split_dir)
+        listed[split] = folders
+        sr = SplitReport(classes=len(folders))
+        if not folders:
+            report.problems.append(f"split '{split}' has no class folders")
+        for folder in folders:
+            images = _images_in(split_dir / folder)
+            sr.images += len(images)
+            if not images:
+                sr.empty_classes.append(folder)
+                report.problems.append(f"empty class folder {split_dir / folder}")
+            if decode:
+                for path in images:
+                    try:
+                        load_rgb(path, min_side=32)
+                    except ImageDecodeError as exc:
+                        report.corrupt.append(f"{path}: {exc}")
+                    if on_image:
+                        on_image()
+        report.splits[split] = sr
+    reference = listed.get("train") or next(iter(listed.values()), [])
+    report.class_folders = reference
+    for split, folders in listed.items():
+        if folders != reference and folders:
+            only_here = sorted(set(folders) - set(reference))
+            missing = sorted(set(reference) - set(folders))
+            detail = "; ".join(
+                part
+                for part in (
+                    f"not in train: {', '.join(only_here[:5])}" if only_here else "",
+                    f"missing: {', '.join(missing[:5])}" if missing else "",
+                )
+                if part
+            )
+            report.problems.append(f"split '{split}' has different classes from 'train' ({detail})")
+    return report
+
+
+def require_dataset(root: str | Path, splits: Sequence[str] = SPLITS) -> list[str]:
+    """Fail fast (before any training) on a bad layout; returns the class folders."""
+    report = check_dataset(root, splits)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more; run `ec2train data check {root}`)" if len(report.problems) > 1 else ""
+        raise DataError(report.problems[0] + more)
+    return report.class_folders
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 63-bit seed from small integers (seed, epoch, index)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class ImageDataset(Dataset):
+    """Images and labels; keys may carry a per-sample seed so augmentation is reproducible.
+
+    A key `(index, seed)` makes the random transform of that sample a function of the seed
+    alone, whatever the number of workers or processes and across a resume.
+    """
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform, min_side: int | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        try:
+            img = load_rgb(path, min_side=self.min_side)
+        except ImageDecodeError as exc:
+            raise CorruptImageError(
+                f"cannot decode image {path} ({exc}); remove or replace it (list all with `ec2train data check`)"
+            ) from None
+        if seed is None:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+
+class TrainSampler(Sampler):
+    """Shuffled, sharded over ranks (disjoint; padded by wrap-around so every rank steps equally).
+
+    Yields (index, per-sample seed). Shuffling depends on (seed, epoch) only: call set_epoch.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = -(-self.n // self.world) * self.world
+        order += order[: total - self.n]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self.indices():
+            yield i, mix_seed(self.seed, self.epoch, i)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+
+class EvalSampler(Sampler):
+    """Disjoint shards with no padding, so metrics summed over ranks count every image once."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def default_workers(cpus: int | None, procs_per_node: int) -> int:
+    """Loader workers per process: the CPUs this process can use, minus one for the main loop."""
+    cpus = cpus or 1
+    return max(0, min(8, cpus // max(1, procs_per_node) - 1))
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+# ---------------------------------------------------------------- demo data
+
+DEMO_SHAPES = ("Circle", "Square", "Triangle", "Cross", "Stripes", "Ring", "Diamond", "Dots")
+
+
+def _draw_demo(cls: int, size: int, rng: random.Random):
+    from PIL import Image, ImageDraw
+
+    # Each class: its own shape and hue family; position, scale, shade and background vary.
+    hue = (cls * 360 // 8 + rng.randint(-12, 12)) % 360
+    fg = tuple(int(c) for c in _hsv(hue, 0.8, rng.uniform(0.7, 1.0)))
+    bg = tuple(rng.randint(0, 90) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.uniform(0.25, 0.42) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    shape = DEMO_SHAPES[cls % len(DEMO_SHAPES)]
+    w = max(2, size // 10)
+    if shape == "Circle":
+        d.ellipse(box, fill=fg)
+    elif shape == "Square":
+        d.rectangle(box, fill=fg)
+    elif shape == "Triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    elif shape == "Cross":
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+    elif shape == "Stripes":
+        for x in range(0, size, 2 * w):
+            d.rectangle([x, 0, x + w - 1, size], fill=fg)
+    elif shape == "Ring":
+        d.ellipse(box, outline=fg, width=w)
+    elif shape == "Diamond":
+        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fg)
+    else:
+        for _ in range(6):
+            x, y = rng.uniform(0, size), rng.uniform(0, size)
+            d.ellipse([x - w, y - w, x + w, y + w], fill=fg)
+    return img
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    import colorsys
+
+    return tuple(255 * c for c in colorsys.hsv_to_rgb(h / 360, s, v))
+
+
+def make_demo_dataset(
+    root: str | Path,
+    classes: int = 4,
+    per_class: int = 40,
+    size: int = 64,
+    seed: int = 0,
+    eval_per_class: int | None = None,
+    force: bool = False,
+) -> Path:
+    """A small learnable data set in the dogImages layout (JPEGs; classes differ by content).
+
+    Idempotent: the same call on an existing demo folder does nothing. Written to a temp
+    folder and renamed, so an interrupted run never leaves a half-made data set.
+    """
+    if not 2 <= classes <= len(DEMO_SHAPES):
+        raise DataError(f"--classes {classes}: must be between 2 and {len(DEMO_SHAPES)}")
+    if per_class < 1 or size < 16:
+        raise DataError("--per-class must be at least 1 and --size at least 16")
+    root = Path(root)
+    eval_n = eval_per_class if eval_per_class is not None else max(3, per_class // 4)
+    params = {"classes": classes, "per_class": per_class, "size": size, "seed": seed, "eval_per_class": eval_n}
+    marker = root / ".ec2train-demo.json"
+    if root.exists():
+        if marker.is_file() and json.loads(marker.read_text()) == params and not force:
+            return root
+        if not force and (any(root.iterdir()) if root.is_dir() else True):
+            raise DataError(f"{root} already exists and is not this demo data set; pass --force to replace it")
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = random.Random(seed)
+    for split, n in (("train", per_class), ("valid", eval_n), ("test", eval_n)):
+        for c in range(classes):
+            folder = tmp / split / f"{c + 1:03d}.{DEMO_SHAPES[c]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _draw_demo(c, size, rng).save(folder / f"{DEMO_SHAPES[c]}_{split}_{i:04d}.jpg", quality=90)
+    (tmp / marker.name).write_text(json.dumps(params))
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+    return root
+
+
+# ---------------------------------------------------------------- fetch
+
+def _download_http(url: str, part: Path, progress: Callable[[int, int | None], None] | None, timeout: float) -> None:
+    """Download to `part`, resuming a previous partial download with an HTTP Range request."""
+    import urllib.error
+    import urllib.request
+
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # already complete
+            return
+        raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(
+            f"cannot reach {url} ({reason}). Offline? Copy dogImages.zip here and pass --url file:///path/dogImages.zip, "
+            "or put it in S3 and pass --url s3://bucket/key"
+        ) from None
+    with resp:
+        if have and resp.status != 206:  # server ignored Range: start over
+            have = 0
+        total = resp.length + have if resp.length is not None else None
+        with open(part, "ab" if have else "wb") as f:
+            done = have
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+
+
+def _download_s3(uri: str, part: Path, progress: Callable[[int, int | None], None] | None) -> None:
+    from ec2train import aws
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise DataError(f"--url {uri}: expected s3://bucket/key")
+    s3 = aws.client("s3")
+    try:
+        total = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        done = 0
+
+        def cb(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        s3.download_file(bucket, key, str(part), Callback=cb)
+    except Exception as exc:  # botocore's ClientError / NoCredentialsError / EndpointConnectionError
+        raise DataError(f"cannot download {uri}: {exc}") from None
+
+
+def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
+    dest_resolved = dest.resolve()
+    for member in zf.infolist():
+        target = (dest / member.filename).resolve()
+        if dest_resolved != target and dest_resolved not in target.parents:
+            raise DataError(f"refusing to unpack {member.filename!r}: it points outside {dest}")
+    zf.extractall(dest)
+
+
+def _find_layout_root(folder: Path) -> Path:
+    for candidate in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        if all((candidate / s).is_dir() for s in SPLITS):
+            return candidate
+    raise DataError(f"the archive has no {'/'.join(SPLITS)} folders; not a data set in the dogImages layout")
+
+
+def fetch_dataset(
+    url: str = DOG_IMAGES_URL,
+    dest: str | Path = ".",
+    name: str | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    timeout: float = 15.0,
+    keep_archive: bool = False,
+) -> Path:
+    """Download a zip of a data set (https, file or s3), verify it and unpack it to DEST/NAME.
+
+    The tree appears under its final name only once fully unpacked (temp folder + rename);
+    an interrupted download resumes from its `.part` file.
+    """
+    dest = Path(dest)
+    name = name or Path(url.split("?")[0].rstrip("/")).stem or "dataset"
+    target = dest / name
+    if target.is_dir() and all((target / s).is_dir() for s in SPLITS):
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / f"{name}.zip"
+    if not archive.exists():
+        part = dest / f"{name}.zip.part"
+        scheme = url.split(":", 1)[0].lower()
+        if scheme == "s3":
+            _download_s3(url, part, progress)
+        elif scheme in ("https", "http", "file"):
+            _download_http(url, part, progress, timeout)
+        else:
+            raise DataError(f"--url {url}: unsupported scheme; use https://, file:// or s3://")
+        os.replace(part, archive)
+    if not zipfile.is_zipfile(archive):
+        archive.unlink()
+        raise DataError(f"{url} is not a zip archive (deleted the download); check the URL")
+    tmp = dest / f".{name}.unpacking"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(archive) as zf:
+        bad = zf.testzip()
+        if bad is not None:
+            archive.unlink()
+            raise DataError(f"{archive} is corrupt (bad CRC in {bad}); deleted it, run the fetch again")
+        _safe_extract(zf, tmp)
+    layout = _find_layout_root(tmp)
+    os.replace(layout, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not keep_archive:
+        archive.unlink()
+    return target

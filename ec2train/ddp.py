@@ -1,0 +1,178 @@
+"""Everything rank-aware lives here: torchrun's environment, process groups, devices,
+reductions and the rank-0 helpers. The rest of ec2train asks these helpers, never RANK.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ec2train.errors import UserError
+
+T = TypeVar("T")
+# Rank 0 may spend minutes on evaluation, test and uploads while the others wait.
+BARRIER_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from(environ: dict[str, str] | None = None) -> DistEnv:
+    """torchrun's RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE, or a single process."""
+    e = os.environ if environ is None else environ
+    if "RANK" not in e or "WORLD_SIZE" not in e:
+        return DistEnv()
+    return DistEnv(
+        rank=int(e["RANK"]),
+        local_rank=int(e.get("LOCAL_RANK", 0)),
+        world_size=int(e["WORLD_SIZE"]),
+        local_world_size=int(e.get("LOCAL_WORLD_SIZE", e["WORLD_SIZE"])),
+    )
+
+
+def under_torchrun(environ: dict[str, str] | None = None) -> bool:
+    e = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in e or ("RANK" in e and "WORLD_SIZE" in e)
+
+
+def select_device(requested: str, local_rank: int, cuda_count: int) -> str:
+    """'cuda:<local_rank>' or 'cpu'. Pure: the caller passes torch.cuda.device_count()."""
+    if requested == "cpu":
+        return "cpu"
+    if cuda_count == 0:
+        if requested == "cuda":
+            raise UserError(
+                "--device cuda but no CUDA GPU is visible (check `nvidia-smi` and that the "
+                "DLAMI's PyTorch env is active); use --device cpu to train on the CPU"
+            )
+        return "cpu"
+    if local_rank >= cuda_count:
+        raise UserError(f"LOCAL_RANK {local_rank} but only {cuda_count} GPUs: lower --nproc-per-node")
+    return f"cuda:{local_rank}"
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def setup(env: DistEnv, device: str) -> None:
+    """Join the process group (no-op for one process) and bind this process to its GPU."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    if env.distributed and not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": backend_for(device), "timeout": BARRIER_TIMEOUT}
+        if device.startswith("cuda"):
+            kwargs["device_id"] = torch.device(device)
+        dist.init_process_group(**kwargs)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """Sum numbers (float64) or a tensor across ranks; a copy, identity for one process."""
+    t = values.clone() if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+    if active():
+        t = t.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def any_rank(flag: bool, device: str = "cpu") -> bool:
+    """True on every rank if it is true on any rank (e.g. a spot notice seen by one node)."""
+    if not active():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def is_main() -> bool:
+    return not active() or dist.get_rank() == 0
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Run fn on rank 0 only, then let every rank continue together."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
+
+
+def wrap_model(model: torch.nn.Module, device: str, sync_bn: bool) -> torch.nn.Module:
+    """DDP-wrap for several processes (optionally with SyncBatchNorm); unchanged for one."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DDP(model, device_ids=ids)
+
+
+def resolve_nproc(value: str, gpu_count: int) -> int:
+    """--nproc-per-node auto|N: auto is one process per visible GPU (one on a CPU box)."""
+    if value == "auto":
+        return max(1, gpu_count)
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"--nproc-per-node {value!r}: use auto or a whole number") from None
+    if n < 1:
+        raise UserError(f"--nproc-per-node {n}: must be at least 1")
+    return n
+
+
+def torchrun_command(python: str, nproc: int, fit_args: list[str]) -> list[str]:
+    """The torchrun line that `ec2train fit --nproc-per-node N` runs on this one node."""
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "ec2train", "fit", *fit_args]
+
+
+def strip_option(args: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE` (so the launched workers do not relaunch)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out

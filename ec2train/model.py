@@ -1,0 +1,207 @@
+"""Build torchvision classifiers, replace their head, freeze the backbone, read model files.
+
+Imports only torch and torchvision: this module ships inside the SageMaker model package,
+so the endpoint rebuilds the network from model.pth exactly as training built it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ec2train.errors import UserError
+from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+MODEL_FORMAT = "ec2train.model/1"
+REQUIRED_KEYS = ("format", "state_dict", "arch", "num_classes", "class_names", "image_size", "mean", "std")
+
+
+class ModelError(UserError):
+    """An unknown architecture, unavailable weights or an unusable model file."""
+
+
+def classification_archs() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def _check_arch(arch: str) -> None:
+    archs = classification_archs()
+    if arch not in archs:
+        import difflib
+
+        close = difflib.get_close_matches(arch, archs, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See `ec2train archs` for the list."
+        raise ModelError(f"unknown --arch '{arch}': not a torchvision classification model.{hint}")
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The final classifier layer, whatever the architecture calls it (fc, classifier.N, heads.head...)."""
+    last: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and name.startswith("classifier")
+        ):
+            last = (name, module)
+    if last is None:
+        raise ModelError(f"cannot find a classifier layer in {type(model).__name__}")
+    return last
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    name, old = find_head(model)
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes)
+    else:  # squeezenet-style 1x1 conv classifier
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+    _set_submodule(model, name, new)
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+    return name
+
+
+def imagenet_weights(arch: str):
+    """torchvision's default ImageNet weights enum for `arch` (no download yet)."""
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise ModelError(f"torchvision has no ImageNet weights for '{arch}'; use --weights none") from exc
+
+
+def normalization_for(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std of the chosen weights (every torchvision ImageNet weight uses the ImageNet values)."""
+    _check_arch(arch)
+    if weights == "imagenet":
+        tf = imagenet_weights(arch).transforms()
+        return tuple(tf.mean), tuple(tf.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
+    """A torchvision model with a `num_classes` head. weights: imagenet | none | path to a file."""
+    import torchvision.models as tvm
+
+    _check_arch(arch)
+    if weights == "imagenet":
+        w = imagenet_weights(arch)
+        try:
+            model = tvm.get_model(arch, weights=w)
+        except Exception as exc:  # urllib/ssl/socket errors differ by platform; all mean "no download"
+            raise ModelError(
+                f"cannot download ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
+                "Offline? Pass --weights none, or --weights PATH to a local .pth file."
+            ) from exc
+        replace_head(model, num_classes)
+        return model
+    model = tvm.get_model(arch, weights=None)
+    if weights in ("none", "", None):
+        replace_head(model, num_classes)
+        return model
+    return _load_backbone_file(model, Path(weights), num_classes)
+
+
+def _load_backbone_file(model: nn.Module, path: Path, num_classes: int) -> nn.Module:
+    """Start from a local checkpoint: a torchvision state_dict or an ec2train model file."""
+    if not path.is_file():
+        raise ModelError(f"--weights {path}: no such file. Use imagenet, none, or a path to a .pth file.")
+    obj = _torch_load(path)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"--weights {path}: not a state_dict or ec2train model file")
+    head_name, _ = find_head(model)
+    state = {k: v for k, v in clean_state_dict(state).items() if not k.startswith(head_name + ".")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if not k.startswith(head_name + ".")]
+    if real_missing or unexpected:
+        raise ModelError(
+            f"--weights {path} does not fit this --arch: {len(real_missing)} missing and "
+            f"{len(unexpected)} unexpected tensors (e.g. {(real_missing + list(unexpected))[:2]})"
+        )
+    replace_head(model, num_classes)
+    return model
+
+
+def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop the prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def freeze_backbone(model: nn.Module) -> str:
+    """Train the head only; returns the head's module name."""
+    head_name, head = find_head(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return head_name
+
+
+def _first_line(exc: Exception) -> str:
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:160]
+
+
+def _torch_load(path: Path) -> Any:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path} is not a PyTorch file; pass a model.pth written by `ec2train fit`")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickling-policy errors all mean "not ours"
+        raise ModelError(
+            f"cannot read {path} ({_first_line(exc)}). "
+            "Is it a model file written by `ec2train fit`? (untrusted pickles are refused)"
+        ) from exc
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """Load and validate an ec2train model file (weights_only=True: no code can run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"no model file at {path}; train one with `ec2train fit` or pass --model PATH")
+    obj = _torch_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
+        raise ModelError(
+            f"{path} is not an ec2train model file (expected format {MODEL_FORMAT}); "
+            "a bare state_dict has no class names or preprocessing. Re-export with `ec2train fit`."
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise ModelError(f"{path} is missing {', '.join(missing)}; the file is damaged or foreign")
+    if len(obj["class_names"]) != obj["num_classes"]:
+        raise ModelError(f"{path}: class_names has {len(obj['class_names'])} entries for {obj['num_classes']} classes")
+    return obj
+
+
+def model_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network described by a model file, in eval mode; returns (model, metadata)."""
+    meta = read_model_file(path)
+    model = build_model(meta["arch"], meta["num_classes"], weights="none")
+    try:
+        model.load_state_dict(meta["state_dict"])
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not match arch {meta['arch']}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model, meta
