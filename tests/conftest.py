@@ -53,3 +53,26 @@ def aws(moto_server, monkeypatch):
     ).read()
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     return moto_server
+
+
+# Small and learnable: 4 classes, 48 training images each, 40 px JPEGs.
+TINY_FIT = dict(arch="resnet18", weights="none", image_size=32, batch_size=16, lr=3e-3, workers=0, epochs=4)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from ec2train.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "demo", classes=4, per_class=48, size=40)
+
+
+@pytest.fixture(scope="session")
+def trained_model(demo_data, tmp_path_factory) -> Path:
+    """A model file from a real (tiny) training run on demo_data; returns model.pth's path."""
+    from ec2train.config import resolve
+    from ec2train.loop import fit
+
+    out = tmp_path_factory.mktemp("trained")
+    result = fit(resolve(data=str(demo_data), output=str(out / "model"), logdir=str(out / "runs"), **TINY_FIT))
+    assert result.metrics["valid_acc1"] >= 0.8, result.metrics
+    return result.model_path
