@@ -248,9 +248,10 @@ def _log(record: dict) -> None:
 def _url_host(url: str) -> str | None:
     """Host only for the log: paths and query strings can carry tokens."""
     try:
-        return urllib.parse.urlsplit(url).hostname
+        host = urllib.parse.urlsplit(url).hostname
     except ValueError:
         return None
+    return host[:253] if host else None
 
 
 def lambda_handler(event, context):

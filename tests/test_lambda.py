@@ -310,3 +310,6 @@ def test_logs_carry_no_image_data_query_strings_or_secrets(capsys, monkeypatch, 
     text = json.dumps(log)
     assert log["url_host"] == "127.0.0.1" and "SECRET" not in text and "/dog.png" not in text
     assert "AWS_SECRET_ACCESS_KEY" not in text and "testing" not in text
+
+    status, _, log, _ = invoke({"url": "https://user:hunter2@images.example/dog.png"}, capsys)
+    assert status == 400 and log["url_host"] == "images.example" and "hunter2" not in json.dumps(log)

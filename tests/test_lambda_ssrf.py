@@ -354,7 +354,7 @@ def test_declared_oversize_is_refused_before_reading(small_cap):
     with pytest.raises(safe_fetch.TooLarge) as info:
         safe_fetch.fetch_image(small_cap.url("/huge-declared"))
     assert info.value.status == 413 and info.value.message == "image is larger than 100000 bytes"
-    assert time.monotonic() - start < 1.0  # the server sends no body: we did not wait for one
+    assert time.monotonic() - start < 1.5  # the server sends no body: we did not wait for one (2 s deadline)
 
 
 @pytest.mark.parametrize("route", ["/huge-chunked", "/huge-unframed", "/lying-length"])
@@ -379,7 +379,7 @@ def test_one_deadline_covers_the_whole_fetch(local, monkeypatch, route):
         safe_fetch.fetch_image(local.url(route))
     elapsed = time.monotonic() - start
     assert info.value.status == 504 and info.value.message == "fetching the url timed out"
-    assert 0.7 < elapsed < 1.6  # dripping bytes does not keep the fetch alive
+    assert 0.7 < elapsed < 3.0  # dripping bytes (50 s worth) does not keep the fetch alive
 
 
 def test_non_image_bytes_are_refused(local):
