@@ -73,6 +73,18 @@ def cudnn_benchmark(device_type: str, fixed_input_size: bool = True) -> bool:
     return device_type == "cuda" and fixed_input_size
 
 
+def matmul_precision(device_type: str, capability: tuple[int, int] | None) -> str:
+    """'high' lets fp32 matmuls use TF32 tensor cores (Ampere+: A10G, A100, H100) for layers
+    that run outside autocast or with --amp off; convolutions already use TF32 by default."""
+    return "high" if device_type == "cuda" and supports_bf16(capability) else "highest"
+
+
+def configure_backends(device_type: str, capability: tuple[int, int] | None) -> None:
+    """Apply the process-wide backend flags these decisions call for (once, at the start of fit)."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark(device_type)
+    torch.set_float32_matmul_precision(matmul_precision(device_type, capability))
+
+
 def device_capability(device: str) -> tuple[int, int] | None:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_capability(torch.device(device))

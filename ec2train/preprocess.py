@@ -46,9 +46,11 @@ def load_rgb(source: Source, min_side: int | None = None, max_pixels: int | None
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageDecodeError(f"image is {w}x{h} pixels, more than the limit of {max_pixels}")
-            if min_side and img.format == "JPEG" and min(w, h) > 2 * min_side:
+            # Scaled DCT decodes at 1/2, 1/4 or 1/8 only, so it helps once the short side is at
+            # least twice min_side; draft() never goes below the requested size.
+            if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
                 scale = min_side / min(w, h)
-                img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+                img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
             img.load()
             return img.convert("RGB")
     except ImageDecodeError:
