@@ -50,7 +50,7 @@ class TrainConfig:
     channels_last: bool = True  # applied on CUDA only
     compile: bool = False
     sync_bn: bool = False
-    cache_features: bool = False
+    cache_features: bool = False  # frozen backbone only: features computed once, no augmentation
     # outputs
     output: str = "TrainedModels"
     logdir: str = "runs"
@@ -92,6 +92,11 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
+        if self.cache_features and not self.frozen:
+            raise ConfigError(
+                "--cache-features needs a frozen backbone (a backbone that trains changes its features every step); "
+                "add --freeze-backbone, or drop --cache-features"
+            )
         if self.s3_uri and not self.s3_uri.startswith("s3://"):
             raise bad("s3_uri", "must look like s3://bucket/prefix")
         return self

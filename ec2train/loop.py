@@ -342,7 +342,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
     device_type = device.split(":")[0]
     output = Path(cfg.output)
     report = _Reporter(console, env.is_main)
-    torch.backends.cudnn.benchmark = hw.cudnn_benchmark(device_type)
+    hw.configure_backends(device_type, hw.device_capability(device))
 
     # ---- data
     class_folders = require_dataset(cfg.data)
@@ -374,8 +374,9 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(len(train_loader), cfg.epochs, cfg.warmup_epochs))
     scaler = torch.amp.GradScaler(device_type) if amp.use_scaler else None
     ctx = StepContext(device, amp, channels_last, scaler)
-    model = ddp.wrap_model(net, device, cfg.sync_bn)
-    if cfg.compile:
+    # With --cache-features only the head trains (features.py wraps it); the full model only tests.
+    model = net if cfg.cache_features else ddp.wrap_model(net, device, cfg.sync_bn)
+    if cfg.compile and not cfg.cache_features:
         model = torch.compile(model)
     head = net.get_submodule(head_name)
 
@@ -413,6 +414,18 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
         f"lr {lr:g}, {workers} loader workers per process"
     )
 
+    # ---- frozen backbone fast path: features computed once, the head trains from them
+    step_model = model
+    if cfg.cache_features:
+        from ec2train.features import CACHE_DIR, feature_loaders
+
+        fixed = {split: ImageDataset(samples, eval_transform(cfg.image_size, mean, std), decode_min_side(cfg.image_size, False))
+                 for split, samples in (("train", train_samples), ("valid", valid_samples))}
+        step_model, train_loader, valid_loader = feature_loaders(
+            net, head_name, fixed, train_sampler, ctx, arch=cfg.arch, image_size=cfg.image_size, mean=mean, std=std,
+            batch_size=cfg.batch_size, workers=workers, pin_memory=pin, cache_dir=output / CACHE_DIR, log=report.log,
+        )
+
     def payload(state, metrics):
         return model_payload(
             state, arch=cfg.arch, class_names=class_names, image_size=cfg.image_size, mean=mean, std=std,
@@ -426,11 +439,11 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
         if cfg.patience and stale >= cfg.patience:
             break
         train_sampler.set_epoch(epoch)
-        set_train_mode(model, head, cfg.frozen)
+        set_train_mode(step_model, head, cfg.frozen)
         report.start_epoch(epoch, cfg.epochs, len(train_sampler))
         t0 = time.perf_counter()
         meter, interrupted = train_one_epoch(
-            model, train_loader, optimizer, scheduler, ctx, cfg.label_smoothing, report.step, should_stop
+            step_model, train_loader, optimizer, scheduler, ctx, cfg.label_smoothing, report.step, should_stop
         )
         seconds = time.perf_counter() - t0
         report.end_epoch()
@@ -438,7 +451,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
             report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
             break
         train = meter.reduced(device).summary()
-        valid, _ = evaluate(model, valid_loader, ctx, num_classes)
+        valid, _ = evaluate(step_model, valid_loader, ctx, num_classes)
         ips = train["images"] / max(seconds, 1e-9)
         train_images, train_seconds = train_images + train["images"], train_seconds + seconds
         improved = valid["acc1"] > best_acc
