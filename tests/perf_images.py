@@ -1,0 +1,35 @@
+"""Test images with photographic structure, shared by the performance tests."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Gradients, hard-edged shapes, fine texture and noise: what makes a photo costly and a
+    resize error visible (flat colour would hide both)."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    img = 40 + 160 * (0.6 * x + 0.4 * y) * rng.uniform(0.5, 1, 3).astype(np.float32)
+    img = img + 25 * np.sin(x * 37 + y * 11) + 10 * np.sin(x * 300) * np.cos(y * 210)  # texture at several scales
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(25):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(15, 220)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        else:
+            draw.rectangle([cx - r, cy - r / 2, cx + r, cy + r / 2], outline=colour, width=int(rng.integers(2, 10)))
+    arr = np.asarray(canvas, np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
