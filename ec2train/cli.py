@@ -75,6 +75,7 @@ def fit(
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format on GPUs. [default: on]"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. [default: off]"),
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (small per-GPU batches). [default: off]"),
+    cache_features: Optional[bool] = typer.Option(None, "--cache-features/--no-cache-features", help="With a frozen backbone: compute its features once (eval transform) and train the head from them; augmentation is off in this mode. [default: off]"),
     output: Optional[str] = typer.Option(None, help="Folder for model.pth, last.pt, metrics.json, config.toml. [default: TrainedModels]"),
     logdir: Optional[str] = typer.Option(None, help="TensorBoard log folder. [default: runs]"),
     resume: Optional[str] = typer.Option(None, help="auto (newest checkpoint in --output, if any) | never | PATH. [default: auto under torchrun, else never]"),
@@ -95,6 +96,7 @@ def fit(
         arch=arch, weights=weights, freeze_backbone=freeze_backbone, backbone_lr_scale=backbone_lr_scale,
         image_size=image_size, augment=augment, workers=workers, seed=seed, amp=_val(amp), device=_val(device),
         channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
+        cache_features=cache_features,
     )
     result = run_fit(cfg, console=console)
     from ec2train import ddp
@@ -269,6 +271,75 @@ def data_fetch(
         task = progress.add_task("download", total=None)
         path = fetch_dataset(url or DOG_IMAGES_URL, dest, progress=lambda done, total: progress.update(task, completed=done, total=total), keep_archive=keep_archive)
     console.print(f"data set ready in {path}; train with: ec2train fit --data {path}")
+
+
+# ---------------------------------------------------------------- performance: data prepare, bench
+
+@data_app.command("prepare")
+def data_prepare(
+    src: Path = typer.Argument(..., help="Data set root to copy (e.g. dogImages)."),
+    dst: Path = typer.Argument(..., help="New folder for the resized copy (e.g. dogImages-256)."),
+    size: int = typer.Option(256, help="Short side of the written images, in pixels (256 suits --image-size 224)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Processes. [default: one per CPU]"),
+    quality: int = typer.Option(90, help="JPEG quality (1-95)."),
+):
+    """Write a resized copy of a data set (same layout; JPEG, short side --size) for fast epochs.
+
+    Parallel over the CPUs; reruns skip finished images, so it is safe to interrupt. Train on
+    it with `ec2train fit --data DST`. Images that cannot be decoded are listed; exit code 1.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ec2train.prepare import check_arguments, prepare_dataset
+
+    check_arguments(src, dst, size, quality)
+    with Progress(TextColumn("resizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        task = progress.add_task("prepare", total=None)
+        report = prepare_dataset(
+            src, dst, size, workers, quality,
+            on_total=lambda n: progress.update(task, total=n),
+            on_done=lambda k: progress.advance(task, k),
+        )
+    console.print(
+        f"{dst}: {report.written} images written, {report.skipped} already done, in {report.seconds:.1f} s; "
+        f"train with: ec2train fit --data {dst}"
+    )
+    for bad in report.corrupt:
+        err_console.print(f"[red]corrupt image (left out):[/red] {bad}", highlight=False)
+    if report.corrupt:
+        err_console.print(f"[red]{len(report.corrupt)} source images could not be decoded[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    data: str = typer.Option("dogImages", help="Data set root (its train/ split is read)."),
+    arch: str = typer.Option("resnet50", help="Architecture to time (random weights: speed does not depend on them)."),
+    batch_size: int = typer.Option(32, min=1, help="Images per step."),
+    workers: int = typer.Option(-1, min=-1, help="Loader workers; -1 = fit's default from the CPUs."),
+    device: Device = typer.Option(Device.auto),
+    image_size: int = typer.Option(224, help="Crop size in pixels."),
+    steps: int = typer.Option(20, min=1, help="Batches timed per measurement."),
+    amp: Amp = typer.Option(Amp.auto, help="Mixed precision, as in fit."),
+    freeze_backbone: bool = typer.Option(True, "--freeze-backbone/--no-freeze-backbone", help="Time the frozen-backbone step (fit's default with pretrained weights)."),
+):
+    """Images/s of the input pipeline, the training step and both; says which bounds the run and what to do."""
+    from ec2train.perf import bench as run_bench
+
+    r = run_bench(
+        data, arch, batch_size, workers, _val(device), image_size, steps, _val(amp), freeze_backbone,
+        log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+    )
+    table = Table(title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers")
+    table.add_column("measurement")
+    table.add_column("images/s", justify="right")
+    table.add_row("input pipeline alone (decode + transform)", f"{r.pipeline_ips:.1f}")
+    table.add_row(f"training step alone ({'frozen backbone' if r.frozen else 'full model'}, synthetic batches)", f"{r.step_ips:.1f}")
+    table.add_row("end to end", f"{r.end_to_end_ips:.1f}")
+    console.print(table)
+    console.print(f"bound by the [bold]{r.bound}[/bold] (training images: median short side {r.median_short_side} px)")
+    for line in r.advice:
+        console.print(f"  - {line}")
 
 
 # ---------------------------------------------------------------- entry point

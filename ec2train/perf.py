@@ -1,0 +1,210 @@
+"""`ec2train bench`: what bounds a training run, the input pipeline or the training step?
+
+Three measurements with fit's own parts: the real loader alone (decode, transform, collate;
+images/s), the real training step alone on synthetic tensors already on the device (with the
+AMP policy, channels_last, GradScaler), and both together. The slower of the first two bounds
+the run; the advice says what to change.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ec2train import ddp, hw
+from ec2train.data import (
+    ImageDataset, TrainSampler, available_cpus, default_workers, make_loader, require_dataset, scan_split,
+)
+from ec2train.errors import UserError
+from ec2train.preprocess import decode_min_side, resize_size, train_transform
+
+
+@dataclass
+class BenchResult:
+    device: str
+    amp: str
+    arch: str
+    batch_size: int
+    image_size: int
+    workers: int
+    frozen: bool
+    pipeline_ips: float  # the loader alone
+    step_ips: float  # the training step alone (synthetic tensors on the device)
+    end_to_end_ips: float  # loader + step, as fit runs them
+    median_short_side: int  # of the training images, in pixels
+    bound: str = ""  # "input pipeline" | "training step"
+    advice: list[str] = field(default_factory=list)
+
+
+def verdict(
+    pipeline_ips: float,
+    step_ips: float,
+    end_to_end_ips: float,
+    *,
+    device_type: str,
+    amp: str,
+    channels_last: bool,
+    frozen: bool,
+    workers: int,
+    cpus: int,
+    median_short_side: int,
+    image_size: int,
+) -> tuple[str, list[str]]:
+    """Which side bounds the run, and what to do about it, in order of payoff. Pure."""
+    advice: list[str] = []
+    if pipeline_ips < step_ips:
+        bound = "input pipeline"
+        if frozen:
+            advice.append(
+                "--cache-features: the backbone is frozen, so its features can be computed once; the epochs then "
+                "skip decoding and the backbone entirely (augmentation is off in that mode)"
+            )
+        if median_short_side >= 2 * resize_size(image_size):
+            size = resize_size(image_size)
+            advice.append(
+                f"`ec2train data prepare DATA DATA-{size} --size {size}` once, then `fit --data DATA-{size}`: the images' "
+                f"short side is about {median_short_side} px, and most of every decode is thrown away at {image_size} px"
+            )
+        if workers < max(0, cpus - 1):
+            advice.append(f"more loader workers: --workers {cpus - 1} (now {workers}; this process can use {cpus} CPUs)")
+        advice.append("an instance with more vCPUs per GPU (e.g. g5.2xlarge: 8 vCPUs) if the above is not enough")
+    else:
+        bound = "training step"
+        if device_type == "cpu":
+            advice.append("the step runs on the CPU: train on a GPU instance (g4dn/g5) with --device auto")
+        else:
+            if amp == "off":
+                advice.append("--amp auto: bf16 on A10G (g5) and newer, fp16 with loss scaling on T4 (g4dn)")
+            if not channels_last:
+                advice.append("--channels-last: tensor-core convolutions want NHWC")
+            advice.append("--compile: torch.compile fuses kernels (minutes of compile time; pays off on long runs)")
+        if frozen:
+            advice.append("--cache-features: with a frozen backbone, its forward pass runs once per image instead of every epoch")
+        advice.append("a smaller --arch or --image-size, or more GPUs (`fit --nproc-per-node auto`)")
+    if end_to_end_ips < 0.7 * min(pipeline_ips, step_ips):
+        advice.append(
+            f"end to end ({end_to_end_ips:.0f} img/s) is well below both parts: the loader workers and the step compete "
+            "for the same CPU cores; try fewer --workers or a GPU"
+        )
+    return bound, advice
+
+
+def median_short_side(samples, limit: int = 200) -> int:
+    """Median short side of (up to `limit`, evenly spread) images, reading headers only."""
+    from PIL import Image
+
+    step = max(1, len(samples) // limit)
+    sides = []
+    for path, _ in samples[::step][:limit]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except OSError:
+            continue
+    return int(statistics.median(sides)) if sides else 0
+
+
+def _batches(loader, sampler: TrainSampler) -> Iterator:
+    """Batches forever, a new epoch's order each pass (small data sets still time `steps` batches)."""
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def bench(
+    data: str | Path,
+    arch: str = "resnet50",
+    batch_size: int = 32,
+    workers: int = -1,
+    device: str = "auto",
+    image_size: int = 224,
+    steps: int = 20,
+    amp: str = "auto",
+    frozen: bool = True,
+    channels_last: bool = True,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> BenchResult:
+    """Images/s of fit's input pipeline, training step and both together on DATA's train split."""
+    from ec2train.loop import StepContext, param_groups, set_train_mode, train_one_epoch
+    from ec2train.model import build_model, find_head, freeze_backbone
+
+    if steps < 1 or batch_size < 1:
+        raise UserError("--steps and --batch-size must be at least 1")
+    if not 16 <= image_size <= 1024:
+        raise UserError(f"--image-size {image_size}: must be between 16 and 1024 pixels")
+    dev = ddp.select_device(device, 0, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    device_type = dev.split(":")[0]
+    capability = hw.device_capability(dev)
+    policy = hw.amp_policy(amp, device_type, capability)
+    hw.configure_backends(device_type, capability)
+    classes = require_dataset(data, ("train",))
+    _, samples = scan_split(data, "train", classes)
+    cpus = available_cpus()
+    workers = workers if workers >= 0 else default_workers(cpus, 1)
+    pin = hw.use_pin_memory(device_type)
+    # The same dataset, transform, sampler and loader settings as fit. The step is timed first,
+    # before loader workers exist, so they do not compete with it for the CPU.
+    dataset = ImageDataset(samples, train_transform(image_size), decode_min_side(image_size, True))
+    sampler = TrainSampler(len(dataset))
+    loader = make_loader(dataset, sampler, batch_size, workers, pin)
+
+    torch.manual_seed(0)
+    net = build_model(arch, len(classes), "none")
+    head_name, _ = find_head(net)
+    if frozen:
+        freeze_backbone(net)
+    use_cl = hw.use_channels_last(channels_last, device_type)
+    net = net.to(dev, memory_format=torch.channels_last) if use_cl else net.to(dev)
+    optimizer = torch.optim.AdamW(param_groups(net, head_name, 1e-3, 1e-4, 1e-4), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    scaler = torch.amp.GradScaler(device_type) if policy.use_scaler else None
+    ctx = StepContext(dev, policy, use_cl, scaler)
+    head = net.get_submodule(head_name)
+    set_train_mode(net, head, frozen)
+
+    log(f"training step: {arch} on {dev}, amp {policy.name}, synthetic batches")
+    x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    y = torch.randint(0, len(classes), (batch_size,), device=dev)
+    warmup = 2
+    train_one_epoch(net, [(x, y)] * warmup, optimizer, scheduler, ctx)
+    _sync(dev)
+    t0 = time.perf_counter()
+    train_one_epoch(net, [(x, y)] * steps, optimizer, scheduler, ctx)
+    _sync(dev)
+    step_ips = steps * batch_size / (time.perf_counter() - t0)
+
+    log(f"input pipeline: {workers} workers, {steps} batches of {batch_size}")
+    batches = _batches(loader, sampler)
+    next(batches)  # worker start-up is not throughput
+    t0 = time.perf_counter()
+    n = sum(len(labels) for _, labels in itertools.islice(batches, steps))
+    pipeline_ips = n / (time.perf_counter() - t0)
+    del batches
+
+    log("end to end: loader + step")
+    batches = _batches(loader, sampler)  # a new pass: nothing prefetched while the others ran
+    next(batches)
+    t0 = time.perf_counter()
+    meter, _ = train_one_epoch(net, itertools.islice(batches, steps), optimizer, scheduler, ctx)
+    _sync(dev)
+    e2e_ips = meter.count / (time.perf_counter() - t0)
+    del batches, loader  # stop the workers
+
+    short = median_short_side(samples)
+    bound, advice = verdict(
+        pipeline_ips, step_ips, e2e_ips, device_type=device_type, amp=policy.name, channels_last=use_cl,
+        frozen=frozen, workers=workers, cpus=cpus, median_short_side=short, image_size=image_size,
+    )
+    return BenchResult(dev, policy.name, arch, batch_size, image_size, workers, frozen, pipeline_ips, step_ips,
+                       e2e_ips, short, bound, advice)

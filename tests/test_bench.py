@@ -1,0 +1,88 @@
+"""`ec2train bench`: three real measurements, and advice that follows from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ec2train.data import make_demo_dataset
+from ec2train.perf import bench, median_short_side, verdict
+from tests.helpers import assert_one_line_error, cli_in_process
+
+BASE = dict(device_type="cuda", amp="fp16", channels_last=True, frozen=False, workers=3, cpus=4,
+            median_short_side=300, image_size=224)
+
+
+def joined(advice: list[str]) -> str:
+    return " | ".join(advice)
+
+
+def test_input_bound_with_big_images_and_a_frozen_backbone():
+    bound, advice = verdict(150, 900, 140, **{**BASE, "frozen": True, "median_short_side": 1200})
+    assert bound == "input pipeline"
+    assert "--cache-features" in advice[0]  # the biggest win first: no decoding after epoch 1
+    assert "ec2train data prepare DATA DATA-256 --size 256" in joined(advice)
+    assert "more loader workers" not in joined(advice)  # 3 workers of 4 CPUs already
+
+
+def test_input_bound_with_idle_cpus_asks_for_workers_not_prepare():
+    bound, advice = verdict(150, 900, 140, **{**BASE, "workers": 0, "cpus": 8, "median_short_side": 300})
+    assert bound == "input pipeline"
+    assert "--workers 7" in joined(advice)
+    assert "data prepare" not in joined(advice)  # images are already small: nothing to gain
+    assert "--cache-features" not in joined(advice)  # the backbone trains: features change
+
+
+def test_step_bound_on_a_gpu_without_amp_asks_for_amp_first():
+    bound, advice = verdict(2000, 300, 290, **{**BASE, "amp": "off", "channels_last": False})
+    assert bound == "training step"
+    assert advice[0].startswith("--amp auto") and "--channels-last" in advice[1]
+    assert "GPU instance" not in joined(advice)
+
+
+def test_step_bound_on_cpu_says_use_a_gpu():
+    bound, advice = verdict(400, 20, 19, **{**BASE, "device_type": "cpu", "amp": "off"})
+    assert bound == "training step"
+    assert "GPU instance" in advice[0] and "--amp" not in joined(advice)
+
+
+def test_poor_overlap_is_called_out():
+    _, advice = verdict(400, 300, 100, **BASE)
+    assert "well below both" in advice[-1]
+    _, advice = verdict(400, 300, 290, **BASE)
+    assert "well below both" not in joined(advice)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("bench") / "d", classes=3, per_class=6, size=48, eval_per_class=1)
+
+
+def test_bench_measures_fit_parts_on_real_data(small_data: Path):
+    r = bench(small_data, arch="resnet18", batch_size=4, workers=0, device="cpu", image_size=32, steps=6)
+    assert r.pipeline_ips > 0 and r.step_ips > 0 and r.end_to_end_ips > 0
+    assert r.device == "cpu" and r.amp == "off" and r.frozen
+    assert r.median_short_side == 48
+    assert r.bound in ("input pipeline", "training step") and r.advice
+
+
+def test_bench_cli_prints_the_three_rates_and_the_verdict(capsys, small_data: Path):
+    code, out, _ = cli_in_process(capsys, "bench", "--data", small_data, "--arch", "resnet18", "--batch-size", "4",
+                                  "--workers", "0", "--device", "cpu", "--image-size", "32", "--steps", "2")
+    assert code == 0
+    text = " ".join(out.split())
+    for row in ("input pipeline alone", "training step alone", "end to end", "bound by the"):
+        assert row in text
+
+
+def test_bench_bad_data_is_a_one_line_error(capsys, tmp_path: Path):
+    code, _, err = cli_in_process(capsys, "bench", "--data", tmp_path / "missing")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_median_short_side_reads_headers(small_data: Path):
+    from ec2train.data import scan_split
+
+    _, samples = scan_split(small_data, "train")
+    assert median_short_side(samples) == 48
