@@ -56,11 +56,11 @@ def test_poor_overlap_is_called_out():
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("bench") / "d", classes=3, per_class=6, size=48, eval_per_class=1)
+    return make_demo_dataset(tmp_path_factory.mktemp("bench") / "d", classes=3, per_class=8, size=48, eval_per_class=1)  # 24 images: whole batches of 4
 
 
 def test_bench_measures_fit_parts_on_real_data(small_data: Path):
-    r = bench(small_data, arch="resnet18", batch_size=4, workers=0, device="cpu", image_size=32, steps=6)
+    r = bench(small_data, arch="resnet18", batch_size=4, workers=0, device="cpu", image_size=32, steps=3)
     assert r.pipeline_ips > 0 and r.step_ips > 0 and r.end_to_end_ips > 0
     assert r.device == "cpu" and r.amp == "off" and r.frozen
     assert r.median_short_side == 48
