@@ -655,6 +655,19 @@ def test_bad_input_fails_before_any_call(recorder, args, expected):
     assert recorder.calls == []
 
 
+def test_help_documents_every_option(recorder):
+    for script in (LAUNCH, TEARDOWN):
+        source = script.read_text()
+        # Every option the argument parser knows, from its `case` labels.
+        options = set(re.findall(r"^\s+((?:-h \| )?--[a-z0-9-]+(?: \| --[a-z0-9-]+)*)\)", source, re.M))
+        options = {o for group in options for o in re.findall(r"--[a-z0-9-]+", group)}
+        assert "--dry-run" in options and "--name" in options
+        result = run(script, "--help", endpoint=recorder.url)
+        assert result.returncode == 0 and result.stderr == ""
+        assert {o for o in options if o not in result.stdout} == set()
+    assert recorder.calls == []
+
+
 def test_missing_s3_uri(recorder):
     result = run(LAUNCH, "--my-ip", MY_IP, endpoint=recorder.url)
     assert_one_line_error(result, "--s3-uri s3://BUCKET/PREFIX is required")
