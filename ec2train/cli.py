@@ -22,8 +22,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Create, fetch and check data sets in the dogImages layout.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class Amp(str, Enum):

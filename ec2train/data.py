@@ -352,6 +352,7 @@ def make_demo_dataset(
 
 def _download_http(url: str, part: Path, progress: Callable[[int, int | None], None] | None, timeout: float) -> None:
     """Download to `part`, resuming a previous partial download with an HTTP Range request."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -370,16 +371,24 @@ def _download_http(url: str, part: Path, progress: Callable[[int, int | None], N
             "or put it in S3 and pass --url s3://bucket/key"
         ) from None
     with resp:
-        if have and resp.status != 206:  # server ignored Range: start over
+        if have and getattr(resp, "status", None) != 206:  # Range ignored (or file://): start over
             have = 0
-        total = resp.length + have if resp.length is not None else None
+        length = resp.headers.get("Content-Length")
+        total = int(length) + have if length is not None else None
+        done = have
         with open(part, "ab" if have else "wb") as f:
-            done = have
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+            try:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+            except (OSError, http.client.HTTPException):
+                pass  # judged by the byte count below
+    if total is not None and done < total:
+        raise DataError(
+            f"download of {url} stopped at {done} of {total} bytes; run the same command again to resume it"
+        )
 
 
 def _download_s3(uri: str, part: Path, progress: Callable[[int, int | None], None] | None) -> None:

@@ -1,0 +1,204 @@
+"""IAM policy templates: least privilege, checked by a linter and by exact assertions."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ec2train import policies
+from ec2train.policies import PolicyTemplateError, render_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+VARS = dict(Partition="aws", Region="us-east-1", AccountId="123456789012",
+            EndpointName="Dog-Breeds-Prod", FunctionName="dog-breeds-front")
+ENDPOINT_ARN = "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dog-breeds-prod"
+LOG_GROUP_ARN = "arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/dog-breeds-front"
+VARIANTS = [
+    VARS,
+    {**VARS, "Partition": "aws-cn", "Region": "cn-north-1", "EndpointName": "a"},
+    {**VARS, "Partition": "aws-us-gov", "Region": "us-gov-west-1", "EndpointName": "x" * 63,
+     "FunctionName": "F" * 64},
+]
+
+
+def _parliament():
+    """parliament 1.6.4 imports pkg_resources at import time only, for `resource_filename`;
+    setuptools >= 82 removed that module (duo-labs/parliament#247), and pinning an older
+    setuptools would pin a release with a published advisory. Lend it a stand-in for the
+    import, then take the stand-in away so nothing else in the session sees it."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = lambda package, name: str(importlib.resources.files(package) / name)
+        sys.modules["pkg_resources"] = shim
+        try:
+            import parliament
+        finally:
+            sys.modules.pop("pkg_resources", None)
+        return parliament
+    import parliament
+    return parliament
+
+
+def lint(document: dict) -> list:
+    parliament = _parliament()
+    policy = parliament.analyze_policy_string(json.dumps(document), include_community_auditors=True)
+    return list(policy.findings)
+
+
+def statements(document: dict) -> list[dict]:
+    found = document["Statement"]
+    return found if isinstance(found, list) else [found]
+
+
+def as_list(value) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+# --------------------------------------------------------------------------- the linter
+
+
+PERMISSION_POLICIES = [n for n in policies.template_names() if not n.endswith("-trust")]
+TRUST_POLICIES = [n for n in policies.template_names() if n.endswith("-trust")]
+
+
+@pytest.mark.parametrize("name", PERMISSION_POLICIES)
+@pytest.mark.parametrize("variables", VARIANTS, ids=["aws", "aws-cn", "aws-us-gov"])
+def test_every_rendered_permission_policy_lints_clean(name, variables):
+    findings = lint(render_policy(name, **variables))
+    assert findings == [], [f"{f.issue}: {f.detail}" for f in findings]
+
+
+@pytest.mark.parametrize("name", TRUST_POLICIES)
+def test_trust_policies_lint_clean_but_for_the_resource_they_must_not_have(name):
+    # parliament lints identity policies; a trust policy has a Principal and, by IAM's rules,
+    # no Resource. parliament checks only the Principal's shape, then reports that one
+    # structural finding; test_only_lambda_may_assume_the_role pins the exact content.
+    findings = lint(render_policy(name, **VARS))
+    assert [(f.issue, f.detail) for f in findings] == [
+        ("MALFORMED", "Statement contains neither Resource nor NotResource")
+    ]
+
+
+def test_the_linter_is_really_checking():
+    # What the old workflow's role effectively had: any SageMaker action on anything.
+    broad = {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "sagemaker:*", "Resource": "*"},
+                           {"Effect": "Allow", "Action": "sagemaker:InvokeEndpoint",
+                            "Resource": "arn:aws:s3:::bucket/key"}]}
+    issues = {f.issue for f in lint(broad)}
+    assert {"RESOURCE_STAR", "RESOURCE_MISMATCH"} <= issues
+
+
+# --------------------------------------------------------------------------- exact rights
+
+
+def test_the_function_gets_exactly_one_endpoint_and_its_own_logs():
+    doc = render_policy("lambda-invoke-endpoint", **VARS)
+    assert doc["Version"] == "2012-10-17"
+    grants: dict[str, set[str]] = {}
+    for st in statements(doc):
+        assert st["Effect"] == "Allow"
+        assert set(st) <= {"Sid", "Effect", "Action", "Resource"}  # no NotAction/NotResource/Principal
+        for action in as_list(st["Action"]):
+            grants.setdefault(action, set()).update(as_list(st["Resource"]))
+    assert grants == {
+        "sagemaker:InvokeEndpoint": {ENDPOINT_ARN},
+        "logs:CreateLogGroup": {LOG_GROUP_ARN, LOG_GROUP_ARN + ":*"},
+        "logs:CreateLogStream": {LOG_GROUP_ARN + ":*"},
+        "logs:PutLogEvents": {LOG_GROUP_ARN + ":*"},
+    }
+    everything = [r for rs in grants.values() for r in rs]
+    assert all("*" not in a for a in grants), "no wildcard action"
+    assert all(r != "*" and "*" not in r.removesuffix(":*") for r in everything), "no wildcard resource"
+
+
+def test_the_endpoint_arn_is_lowercase_because_iam_matches_it_so():
+    doc = render_policy("lambda-invoke-endpoint", **{**VARS, "EndpointName": "DogBreeds-V2"})
+    [sagemaker] = [st for st in statements(doc) if as_list(st["Action"]) == ["sagemaker:InvokeEndpoint"]]
+    assert sagemaker["Resource"] == "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dogbreeds-v2"
+
+
+def test_only_lambda_may_assume_the_role():
+    doc = render_policy("lambda-trust", **VARS)
+    [st] = statements(doc)
+    assert st == {"Sid": "LambdaAssumesThisRole", "Effect": "Allow",
+                  "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
+
+
+# --------------------------------------------------------------------------- rendering rules
+
+
+def test_missing_variables_are_named():
+    with pytest.raises(PolicyTemplateError, match="needs AccountId, FunctionName"):
+        render_policy("lambda-invoke-endpoint", Partition="aws", Region="us-east-1", EndpointName="dogs")
+
+
+@pytest.mark.parametrize(
+    "var,value",
+    [("EndpointName", "-dogs"), ("EndpointName", "dogs-"), ("EndpointName", "dog_breeds"),
+     ("EndpointName", "x" * 64), ("EndpointName", "dog breeds"), ("EndpointName", "dogs/*"),
+     ("EndpointName", "*"), ("EndpointName", ""), ("EndpointName", 'a","Resource":"*'),
+     ("AccountId", "12345678901"), ("AccountId", "*"), ("Region", "us-east-1*"), ("Region", "*"),
+     ("Partition", "gcp"), ("FunctionName", "fn:alias"), ("FunctionName", "f" * 65),
+     ("FunctionName", "*"), ("EndpointName", None)],
+)
+def test_bad_values_are_refused(var, value):
+    with pytest.raises(PolicyTemplateError, match=var):
+        render_policy("lambda-invoke-endpoint", **{**VARS, var: value})
+
+
+def test_endpoint_names_follow_sagemakers_rule():
+    for name in ["a", "dogs", "Dog-Breeds-2", "a--b", "x" * 63]:
+        render_policy("lambda-invoke-endpoint", **{**VARS, "EndpointName": name})
+
+
+def test_unknown_templates_are_refused():
+    with pytest.raises(PolicyTemplateError, match="no policy template named"):
+        render_policy("../../etc/passwd")
+
+
+def test_templates_use_only_known_placeholders_and_leave_none_behind():
+    for name in policies.template_names():
+        assert policies.placeholders(name) <= set(policies._RULES)
+        assert "${" not in json.dumps(render_policy(name, **VARS))
+
+
+# --------------------------------------------------------------------------- one source of truth
+
+
+def test_infra_policies_are_links_to_the_packaged_templates():
+    packaged = {p.name for p in (ROOT / "ec2train" / "_policies").glob("*.json")}
+    linked = {p.name for p in (ROOT / "infra" / "policies").glob("lambda-*.json")}
+    assert packaged == linked == {f"{n}.json" for n in policies.template_names()}
+    for name in linked:
+        link = ROOT / "infra" / "policies" / name
+        assert link.is_symlink(), f"{link} must be a symlink, not a second copy"
+        assert link.resolve() == (ROOT / "ec2train" / "_policies" / name).resolve()
+
+
+def test_the_wheel_ships_the_templates(tmp_path):
+    # Build from a copy so the checkout gets no build/ or egg-info litter.
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / item, src / item)
+    shutil.copytree(ROOT / "ec2train", src / "ec2train", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+        check=True, capture_output=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    [wheel] = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for template in policies.template_names():
+        assert f"ec2train/_policies/{template}.json" in names
