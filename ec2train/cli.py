@@ -315,7 +315,7 @@ def deploy_endpoint_cmd(
     out = deploy_endpoint(spec, region=region, dry_run=dry_run, wait=wait, wait_timeout=wait_timeout, console=console)
     if dry_run:
         return
-    console.print(f"endpoint [bold]{name}[/bold] in {out['region']}: {out['status']} (image {out['image']})", highlight=False)
+    console.print(f"endpoint [bold]{name}[/bold] in {out['region']}: {out['status']} (image {out['image']})", highlight=False, soft_wrap=True)
     if not wait:
         console.print(f"follow it with: ec2train deploy status --name {name}", highlight=False)
     console.print(f"next: ec2train deploy lambda --endpoint {name}", highlight=False)
@@ -415,7 +415,8 @@ def deploy_status_cmd(
         table.add_row("state", f"{fn['state']} ({fn['runtime']}, {fn['memory_mb']} MB, {fn['timeout_s']} s)")
         table.add_row("reserved concurrency", str(fn["reserved_concurrency"]))
         table.add_row("aliases", ", ".join(f"{a} -> {v}" for a, v in fn["aliases"].items()) or "none")
-        table.add_row("provisioned concurrency", "unknown (not readable here)" if fn["provisioned_concurrency"] is None else (str(fn["provisioned_concurrency"]) or "none"))
+        pc = fn["provisioned_concurrency"]
+        table.add_row("provisioned concurrency", "unknown (not readable here)" if pc is None else (", ".join(f"{q}: {n}" for q, n in pc.items()) or "none"))
         console.print(table)
     for line in st["billing"]:
         console.print(f"[yellow]billing:[/yellow] {line}", highlight=False, soft_wrap=True)

@@ -204,45 +204,22 @@ def image_uri_for(region: str, instance_type: str | None, serverless: bool = Fal
 
 def lambda_trust_policy() -> dict:
     """Who may assume the function's role: the Lambda service, nobody else."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "LambdaAssumesThisRole",
-                "Effect": "Allow",
-                "Principal": {"Service": "lambda.amazonaws.com"},
-                "Action": "sts:AssumeRole",
-            }
-        ],
-    }
+    from ec2train.policies import render_policy
+
+    return render_policy("lambda-trust")
 
 
 def lambda_invoke_policy(partition: str, region: str, account: str, endpoint: str, function: str) -> dict:
-    """What the function may do: invoke one endpoint, and write its own log group. Nothing else."""
-    log_group = f"arn:{partition}:logs:{region}:{account}:log-group:{log_group_for(function)}"
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "InvokeOneEndpoint",
-                "Effect": "Allow",
-                "Action": "sagemaker:InvokeEndpoint",
-                "Resource": endpoint_arn(partition, region, account, endpoint),
-            },
-            {
-                "Sid": "CreateOwnLogGroup",
-                "Effect": "Allow",
-                "Action": "logs:CreateLogGroup",
-                "Resource": [log_group, f"{log_group}:*"],
-            },
-            {
-                "Sid": "WriteOwnLogs",
-                "Effect": "Allow",
-                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
-                "Resource": f"{log_group}:*",
-            },
-        ],
-    }
+    """What the function may do: invoke one endpoint (ARN in lowercase), write its own log group."""
+    from ec2train.policies import render_policy
+
+    # A dry run without --account-id shows a placeholder the renderer's 12-digit check would refuse.
+    stand_in = "000000000000" if account == ACCOUNT_PLACEHOLDER else account
+    doc = render_policy("lambda-invoke-endpoint", Partition=partition, Region=region, AccountId=stand_in,
+                        EndpointName=endpoint, FunctionName=function)
+    if stand_in != account:
+        doc = json.loads(json.dumps(doc).replace(f":{stand_in}:", f":{account}:"))
+    return doc
 
 
 # --------------------------------------------------------------------------- plan and runner
@@ -335,6 +312,9 @@ def _display_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summary(params: dict[str, Any]) -> str:
+    qualifier = params.get("Qualifier", params.get("Name") if "FunctionName" in params else None)
+    if "FunctionName" in params and isinstance(qualifier, str):
+        return f"{params['FunctionName']}:{qualifier}"
     for key in ("EndpointName", "EndpointConfigName", "ModelName", "FunctionName", "RoleName", "logGroupName",
                 "ResourceId", "PolicyName", "Name"):
         if key in params and not isinstance(params[key], Ref):
@@ -473,7 +453,7 @@ class Runner:
                     self.sleep(delay)
                     continue
                 if kind == "exists" and step.if_exists:
-                    self.note(f"  {_summary(params)} already exists: updating it")
+                    self.note(f"  {step.api} {_summary(params)}: already exists, so instead:")
                     for alt in step.if_exists:
                         self._execute(alt)
                     return
@@ -689,6 +669,9 @@ def endpoint_requests(spec: EndpointSpec, region: str) -> tuple[dict, dict]:
 def endpoint_plan(spec: EndpointSpec, region: str, current: EndpointNow | None | Any, *, wait: bool = True) -> list[Step]:
     model, config = endpoint_requests(spec, region)
     name, new_config = spec.name, config["EndpointConfigName"]
+    if current not in (None, UNKNOWN) and current.config == new_config and current.status != "Failed":
+        # Already serving exactly this: nothing to create (names carry a hash of the content).
+        return [Step("sagemaker", "wait:endpoint_in_service", {"EndpointName": name, "EndpointConfigName": new_config}, save="endpoint")] if wait else []
     steps = [
         Step("sagemaker", "create_model", model, "the model: container image, model.tar.gz, role", tolerate=frozenset({"exists"})),
         Step("sagemaker", "create_endpoint_config", config, "how it is served", tolerate=frozenset({"exists"})),
@@ -781,11 +764,10 @@ def deploy_endpoint(
             )
         if current is not None and current.status in ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"):
             raise DeployError(f"endpoint {spec.name} is {current.status}; wait until it settles (ec2train deploy status --name {spec.name}) and run again")
-    steps = endpoint_plan(spec, region, current, wait=wait)
-    if current not in (None, UNKNOWN) and current.config == steps[1].params["EndpointConfigName"]:
-        runner.note(f"endpoint {spec.name} already serves this exact configuration; nothing to update")
-    runner.run(steps)
     model, config = endpoint_requests(spec, region)
+    if current not in (None, UNKNOWN) and current.config == config["EndpointConfigName"]:
+        runner.note(f"endpoint {spec.name} already serves this exact configuration; nothing to update")
+    runner.run(endpoint_plan(spec, region, current, wait=wait))
     return {
         "endpoint": spec.name,
         "region": region,
@@ -1009,12 +991,12 @@ def lambda_plan(spec: LambdaSpec, zip_bytes: bytes, *, region: str, account: str
     else:
         steps.append(Step("lambda", "delete_function_concurrency", fn_only, "no reservation", tolerate=frozenset({"missing"})))
     steps += [
-        Step("lambda", "publish_version", {"FunctionName": fn, "Description": desc}, "an immutable version", save="version"),
+        Step("lambda", "publish_version", {"FunctionName": fn, "Description": desc}, "an immutable version", save="lambda:PublishVersion"),
         Step(
             "lambda", "create_alias",
-            {"FunctionName": fn, "Name": spec.alias, "FunctionVersion": Ref("version", ("Version",)), "Description": desc},
+            {"FunctionName": fn, "Name": spec.alias, "FunctionVersion": Ref("lambda:PublishVersion", ("Version",)), "Description": desc},
             "the name callers use",
-            if_exists=[Step("lambda", "update_alias", {"FunctionName": fn, "Name": spec.alias, "FunctionVersion": Ref("version", ("Version",))})],
+            if_exists=[Step("lambda", "update_alias", {"FunctionName": fn, "Name": spec.alias, "FunctionVersion": Ref("lambda:PublishVersion", ("Version",))})],
         ),
     ]
     later = (f"aws lambda put-provisioned-concurrency-config --function-name {fn} --qualifier {spec.alias} "
@@ -1093,7 +1075,7 @@ def deploy_lambda(
     return {
         "function": spec.function_name,
         "alias": spec.alias,
-        "version": (runner.results.get("version") or {}).get("Version"),
+        "version": (runner.results.get("lambda:PublishVersion") or {}).get("Version"),
         "role": role,
         "function_arn": f"arn:{partition}:lambda:{region}:{account}:function:{spec.function_name}:{spec.alias}",
         "code_sha256": base64.b64encode(hashlib.sha256(zip_bytes).digest()).decode(),
@@ -1205,17 +1187,16 @@ def deployment_status(
         check_function_name(function_name, "--lambda-name")
     region = _resolve_region(region)
     function = function_name or _default_function_or_none(name)
-    runner = runner or Runner(region, dry_run=dry_run, console=console)
     steps = status_plan(name, function)
-    if runner.dry_run:
+    if dry_run:
+        runner = runner or Runner(region, dry_run=True, console=console)
         _dry_run_header(runner, f"status of {name}", [])
         runner.run(steps)
         return {}
-    quiet = Runner(region, console=_Silent(), session=runner.session)
-    quiet._clients = runner._clients
-    quiet.run(steps)
-    runner.sent += quiet.sent
-    return summarize_status(name, function, quiet.results)
+    # The reads are shown as tables by the caller, not step by step.
+    runner = runner or Runner(region, console=_Silent())
+    runner.run(steps)
+    return summarize_status(name, function, runner.results)
 
 
 def _default_function_or_none(name: str) -> str | None:
