@@ -290,6 +290,7 @@ def deploy_endpoint_cmd(
     model_data: Optional[str] = typer.Option(None, help="s3://bucket/key/model.tar.gz made by `ec2train export --package`."),
     model: Optional[Path] = typer.Option(None, help="A model.pth to package and upload to --s3-uri first (instead of --model-data)."),
     s3_uri: Optional[str] = typer.Option(None, help="Where --model's package goes: s3://bucket/prefix (model.tar.gz is added)."),
+    kms_key: Optional[str] = typer.Option(None, help="KMS key for the --model upload. [default: SSE-S3]"),
     instance_type: Optional[str] = typer.Option(None, help="Real-time endpoint on this instance type, e.g. ml.g4dn.xlarge (GPU) or ml.m5.large (CPU)."),
     instance_count: int = typer.Option(1, help="Instances behind a real-time endpoint."),
     serverless: bool = typer.Option(False, "--serverless", help="Serverless endpoint (CPU, billed per request) instead of instances."),
@@ -309,7 +310,7 @@ def deploy_endpoint_cmd(
     if model is not None:
         if not s3_uri:
             raise DeployError("--model needs --s3-uri s3://bucket/prefix to upload the package to")
-        model_data = package_and_upload(model, s3_uri, dry_run=dry_run, console=console)
+        model_data = package_and_upload(model, s3_uri, kms_key=kms_key, dry_run=dry_run, console=console)
     spec = EndpointSpec(name=name, role_arn=role, model_data=model_data, instance_type=instance_type, instance_count=instance_count,
                         serverless=serverless, memory_mb=memory, max_concurrency=max_concurrency, image_uri=image_uri)
     out = deploy_endpoint(spec, region=region, dry_run=dry_run, wait=wait, wait_timeout=wait_timeout, console=console)

@@ -713,8 +713,8 @@ def _discover_endpoint(runner: Runner, name: str) -> EndpointNow | None:
     return EndpointNow(d["EndpointStatus"], d["EndpointConfigName"], managed, models, cfg_managed)
 
 
-def package_and_upload(model_path: str | Path, s3_uri: str, *, dry_run: bool, console: Any = None) -> str:
-    """Package model.pth into model.tar.gz and upload it; returns its s3:// URI."""
+def package_and_upload(model_path: str | Path, s3_uri: str, *, kms_key: str | None = None, dry_run: bool, console: Any = None) -> str:
+    """Package model.pth into model.tar.gz and upload it (encrypted); returns its s3:// URI."""
     if not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", s3_uri or ""):
         raise DeployError(f"--s3-uri {s3_uri!r} is not an s3://bucket/prefix URI")
     target = s3_uri if s3_uri.endswith(".tar.gz") else s3_uri.rstrip("/") + "/model.tar.gz"
@@ -724,18 +724,20 @@ def package_and_upload(model_path: str | Path, s3_uri: str, *, dry_run: bool, co
         if console is not None:
             console.print(f"dry run: would package {model_path} into model.tar.gz and upload it to {target}", highlight=False, markup=False)
         return target
+    # The packager (serving) and the uploader (S3 helpers) live in their own modules.
     try:
-        from ec2train.export import package_model, upload_file
+        from ec2train.export import package_model
+        from ec2train.s3 import upload_file
     except ImportError:
         raise DeployError(
-            "this ec2train cannot package models yet; run `ec2train export --package model.tar.gz`, "
+            "this ec2train cannot package and upload models; run `ec2train export --package model.tar.gz`, "
             "upload it, and pass --model-data s3://..."
         ) from None
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         package = package_model(model_path, Path(tmp) / "model.tar.gz")
-        return upload_file(package, target)
+        return str(upload_file(package, target, kms_key))
 
 
 def deploy_endpoint(
