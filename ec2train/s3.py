@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import os
 import re
 import shutil
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ec2train.errors import UserError
-
-log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
 # Files from this size on go up in parts of this size (S3 checks each part's SHA-256).
@@ -119,6 +116,7 @@ def as_s3_error(exc: BaseException, action: str, uri: S3Uri | str, kms_key: str 
     folder = uri.key.rstrip("/") if action == "list" else uri.parent().key
     perm = {
         "upload": "s3:PutObject on arn:aws:s3:::{b}/{p}*",
+        "verify": "s3:GetObject on arn:aws:s3:::{b}/{p}* (to check what it uploaded)",
         "download": "s3:GetObject on arn:aws:s3:::{b}/{p}*",
         "list": "s3:ListBucket on arn:aws:s3:::{b} (prefix {p})",
     }[action].format(b=uri.bucket, p=f"{folder}/" if folder else "")
@@ -154,9 +152,9 @@ def as_s3_error(exc: BaseException, action: str, uri: S3Uri | str, kms_key: str 
             )
         transient = status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout", "InternalError")
         return S3Error(f"cannot {action} {uri}: {code or status}: {message}", permanent=not transient)
-    if isinstance(exc, (BotoCoreError, OSError)):  # connection refused/reset, timeouts, after retries
+    if isinstance(exc, BotoCoreError):  # connection refused/reset, timeouts, after retries
         return S3Error(f"cannot reach S3 to {action} {uri} (after retries): {exc}", permanent=False)
-    return S3Error(f"cannot {action} {uri}: {type(exc).__name__}: {exc}", permanent=False)
+    return S3Error(f"cannot {action} {uri}: {exc}", permanent=False)
 
 
 # ---------------------------------------------------------------- digests
@@ -232,7 +230,7 @@ def upload_file(
     metadata: dict[str, str] | None = None,
 ) -> S3Uri:
     """Upload one file, encrypted (SSE-S3, or SSE-KMS with kms_key) and verified; returns its address."""
-    from boto3.exceptions import S3UploadFailedError
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     uri = s3_uri if isinstance(s3_uri, S3Uri) else parse_uri(s3_uri, need_key=True)
@@ -251,11 +249,14 @@ def upload_file(
             extra.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=kms_key)
         else:
             extra["ServerSideEncryption"] = "AES256"
-        try:
+        try:  # boto3 wraps the ClientError of a failed upload in its own S3UploadFailedError
             s3.upload_file(str(snap), uri.bucket, uri.key, ExtraArgs=extra, Config=_transfer_config())
-            head = s3.head_object(Bucket=uri.bucket, Key=uri.key, ChecksumMode="ENABLED")
-        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
             raise as_s3_error(exc, "upload", uri, kms_key) from None
+        try:
+            head = s3.head_object(Bucket=uri.bucket, Key=uri.key, ChecksumMode="ENABLED")
+        except (BotoCoreError, ClientError) as exc:
+            raise as_s3_error(exc, "verify", uri, kms_key) from None
     finally:
         if temporary:
             snap.unlink(missing_ok=True)
@@ -287,6 +288,7 @@ def download_file(
     client: Any | None = None,
 ) -> Path:
     """Download one object to `local` (all or nothing), checking size and, when recorded, SHA-256."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     uri = s3_uri if isinstance(s3_uri, S3Uri) else parse_uri(s3_uri, need_key=True, option="s3 address")
@@ -306,7 +308,7 @@ def download_file(
                     progress(done, total)
 
             s3.download_file(uri.bucket, uri.key, str(tmp), Callback=on_bytes, Config=_transfer_config())
-        except (BotoCoreError, ClientError, OSError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
             raise as_s3_error(exc, "download", uri) from None
         size = tmp.stat().st_size
         if size != total:

@@ -246,12 +246,15 @@ def safe_fit(
         watcher.stop()
     if sync is not None:
         seconds = sync.finish(result.logdir)
-        say(f"uploaded {result.output} and TensorBoard logs to {sync.prefix} ({sync.uploader.uploads} files, {seconds:.1f} s at exit)")
+        say(f"{result.output} and the TensorBoard logs are in {sync.prefix} ({sync.uploader.uploads} uploads; {seconds:.1f} s at exit)")
     if result.interrupted and main:
         done = len(result.history)
         where = sync.prefix.child(s3.CHECKPOINT_NAME) if sync else Path(cfg.output) / s3.CHECKPOINT_NAME
         took = f" in {time.monotonic() - watcher.notice.seen_at:.1f} s" if watcher.notice else ""
-        what = f"spot interruption notice ({watcher.notice.action} at {watcher.notice.time})" if watcher.notice else "stop request"
+        what = (
+            f"spot interruption notice ({watcher.notice.action} at {watcher.notice.time})" if watcher.notice
+            else "stop request (a spot notice seen by another node, or the caller's should_stop)"
+        )
         kept = f"the checkpoint of epoch {done} is in {where}" if done else "no epoch had finished, so there is no checkpoint yet"
         say(
             f"[bold yellow]stopped by a {what}[/bold yellow]{took}: {done} of {cfg.epochs} epochs done, {kept}. "

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
@@ -139,13 +138,13 @@ def test_watcher_renews_its_token_before_it_expires(imds):
     server = imds()
     watcher = SpotWatcher("on", 0.05, endpoint=server.url, token_ttl=2).start()
     try:
-        time.sleep(4.5)
+        time.sleep(2.8)  # tokens die at 2 s; the watcher renews at 1.6 s
     finally:
         watcher.stop()
     assert not watcher.should_stop()
-    assert server.token_puts >= 3  # renewed about every 1.6 s
-    assert server.expired_gets == 0 and server.tokenless_gets == 0
-    assert server.polls > 20
+    assert server.token_puts >= 2
+    assert server.expired_gets == 0 and server.tokenless_gets == 0  # never sent a dead token
+    assert server.polls > 10
 
 
 def test_watcher_recovers_from_a_revoked_token(imds):
