@@ -101,7 +101,7 @@ def fit(
         _launch_torchrun(nproc_per_node)
         return
     from ec2train.config import resolve
-    from ec2train.spot import EXIT_INTERRUPTED, safe_fit
+    from ec2train.spot import interrupted_exit_status, safe_fit
 
     cfg = resolve(
         config,
@@ -116,7 +116,7 @@ def fit(
     from ec2train import ddp
 
     if result.interrupted:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(interrupted_exit_status())
     if ddp.env_from().is_main:
         _print_fit_summary(result)
 

@@ -204,6 +204,18 @@ class SpotWatcher:
 
 # ---------------------------------------------------------------- fit, spot-safe
 
+def interrupted_exit_status() -> int:
+    """EXIT_INTERRUPTED for the process that uploads (rank 0), 0 for the other ranks.
+
+    torchrun SIGTERMs every worker as soon as one exits non-zero; if the other ranks exited
+    75 first, rank 0 could be killed in the middle of its final upload. Exiting 0 lets torchrun
+    wait for rank 0, whose 75 then becomes the run's root cause.
+    """
+    from ec2train import ddp
+
+    return EXIT_INTERRUPTED if ddp.env_from().is_main else 0
+
+
 def safe_fit(
     cfg: Any,
     *,

@@ -1,14 +1,20 @@
-"""Shared by test_s3.py and test_spot.py: the fit settings and one uninterrupted reference run."""
+"""Shared by test_s3.py and test_spot.py: the fit settings, one uninterrupted reference run,
+and an HTTP proxy in front of moto that injects faults."""
 
 from __future__ import annotations
 
 import functools
+import http.client
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
-from conftest import TINY_FIT
+from conftest import TINY_FIT, free_port
 
 # TINY_FIT with a 1.4M-parameter model: its last.pt is ~6 MB instead of resnet18's ~180 MB,
 # so each test uploads a few MB per epoch. Exact resume does not depend on the architecture.
@@ -44,3 +50,70 @@ def reference_run(data: str, root: str) -> dict[str, Any]:
     result = fit(resolve(data=data, output=str(out / "model"), logdir=str(out / "runs"), **FIT))
     assert not result.interrupted and len(result.history) == FIT["epochs"]
     return {"model": weights(result.model_path), "last": weights(result.output / "last.pt"), "model_path": result.model_path}
+
+
+class FaultyProxy:
+    """Forwards HTTP to moto, except requests that `rule(method, path)` answers with
+    (status, code): e.g. 500 InternalError for the first N requests, or 403 AccessDenied."""
+
+    def __init__(self, upstream: str, rule=None):
+        self.upstream = urlsplit(upstream)
+        self.rule = rule or (lambda method, path: None)
+        self.failed = 0
+        self.forwarded: list[tuple[str, str, bytes]] = []
+        self.hold = None  # (predicate(method, path), threading.Event): block matching requests until set
+        self.holding = threading.Event()  # a request is being held
+        self.delay = None  # (predicate(method, path), seconds): slow matching requests down
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                verdict = proxy.rule(self.command, self.path)
+                if verdict is not None:
+                    proxy.failed += 1
+                    status, code = verdict
+                    payload = f"<Error><Code>{code}</Code><Message>injected {code}</Message></Error>".encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                if proxy.hold and proxy.hold[0](self.command, self.path) and not proxy.hold[1].is_set():
+                    proxy.holding.set()
+                    proxy.hold[1].wait(30)
+                if proxy.delay and proxy.delay[0](self.command, self.path):
+                    time.sleep(proxy.delay[1])
+                proxy.forwarded.append((self.command, self.path, body))
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                # HEAD: the object's length, not the (empty) body's.
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

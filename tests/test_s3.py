@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import os
 import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import free_port
-from s3spot_support import FIT, assert_same_weights, fit_args, reference_run, weights
+from s3spot_support import FIT, FaultyProxy, assert_same_weights, fit_args, reference_run, weights
 
 BUCKET = "ec2train-test"
 
@@ -55,72 +51,6 @@ def sha256(path: Path) -> bytes:
 def keys(client, prefix: str) -> set[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return {o["Key"] for p in pages for o in p.get("Contents", [])}
-
-
-# ---------------------------------------------------------------- a faulty proxy in front of moto
-
-class FaultyProxy:
-    """Forwards HTTP to moto, except requests that `rule(method, path)` answers with
-    (status, code): e.g. 500 InternalError for the first N requests, or 403 AccessDenied."""
-
-    def __init__(self, upstream: str, rule=None):
-        self.upstream = urlsplit(upstream)
-        self.rule = rule or (lambda method, path: None)
-        self.failed = 0
-        self.forwarded: list[tuple[str, str, bytes]] = []
-        self.hold = None  # (predicate(method, path), threading.Event): block matching requests until set
-        self.holding = threading.Event()  # a request is being held
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _handle(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                verdict = proxy.rule(self.command, self.path)
-                if verdict is not None:
-                    proxy.failed += 1
-                    status, code = verdict
-                    payload = f"<Error><Code>{code}</Code><Message>injected {code}</Message></Error>".encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(payload)
-                    return
-                if proxy.hold and proxy.hold[0](self.command, self.path) and not proxy.hold[1].is_set():
-                    proxy.holding.set()
-                    proxy.hold[1].wait(30)
-                proxy.forwarded.append((self.command, self.path, body))
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
-                        self.send_header(k, v)
-                # HEAD: the object's length, not the (empty) body's.
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

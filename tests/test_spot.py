@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import free_port
-from s3spot_support import assert_same_weights, fit_args, reference_run, weights
+from s3spot_support import FaultyProxy, assert_same_weights, fit_args, reference_run, weights
 
 BUCKET = "ec2train-spot"
 NOTICE = {"action": "terminate", "time": "2026-11-22T02:00:00Z"}
@@ -247,3 +247,34 @@ def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_u
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert_same_weights(weights(second / "out" / "model.pth"), reference["model"])
     assert_same_weights(weights(second / "out" / "last.pt"), reference["last"])
+
+
+def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds, demo_data, tmp_path):
+    from ec2train import aws as aws_mod
+    from ec2train.spot import EXIT_INTERRUPTED
+
+    aws_mod.client("s3").create_bucket(Bucket=BUCKET)
+    # Every checkpoint upload takes 3 s more: if the other rank exited with an error first,
+    # torchrun would SIGTERM rank 0 in the middle of it.
+    proxy = FaultyProxy(aws)
+    proxy.delay = (lambda method, path: method == "PUT" and path.startswith(f"/{BUCKET}/ddp/last.pt"), 3.0)
+    out = tmp_path / "out"
+    server = imds(notice_when=lambda: (out / "last.pt").exists())
+    env = {k: v for k, v in os.environ.items() if k != "AWS_EC2_METADATA_DISABLED"}
+    env.update(AWS_ENDPOINT_URL=proxy.url, AWS_EC2_METADATA_SERVICE_ENDPOINT=server.url, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ec2train", "fit", "--nproc-per-node", "2",
+           *fit_args(demo_data, out, tmp_path / "runs", epochs=2, batch_size=8),
+           "--s3-uri", f"s3://{BUCKET}/ddp", "--spot-poll-seconds", "0.1"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        proxy.close()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output  # torchrun reports the stop as a failure...
+    assert f"exitcode  : {EXIT_INTERRUPTED}" in output and "rank      : 0" in output, output  # ...caused by rank 0's 75
+    assert "SIGTERM" not in output, output  # nobody was killed
+    assert output.count("spot interruption notice:") == 1  # rank 0 speaks for all
+    ckpt = out / "last.pt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
+    s3 = aws_mod.client("s3")
+    assert s3.get_object(Bucket=BUCKET, Key="ddp/last.pt")["Body"].read() == ckpt.read_bytes()
