@@ -456,11 +456,15 @@ class BackgroundUploader:
             if self._failed:
                 raise next(iter(self._failed.values()))
 
-    def close(self) -> None:
+    def close(self, discard: bool = False) -> None:
+        """Stop the thread once the queue is empty (discard: drop what is queued, do not wait)."""
         with self._cond:
             self._closed = True
+            if discard:
+                self._pending.clear()
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        if not discard:
+            self._thread.join(timeout=5)
 
     @staticmethod
     def _signature(path: Path) -> tuple[int, int, int] | None:

@@ -250,9 +250,12 @@ def safe_fit(
     try:
         stop = watcher.should_stop if should_stop is None else (lambda: watcher.should_stop() or should_stop())
         result = fit(cfg, console=console, should_stop=stop, on_epoch=sync.on_epoch if sync else None)
-    except Exception as exc:
-        if sync is not None and not isinstance(exc, s3.S3Error):
-            sync.abort()
+    except BaseException as exc:
+        if sync is not None:
+            if isinstance(exc, Exception) and not isinstance(exc, s3.S3Error):
+                sync.abort()  # a crash: still save what the last epoch left
+            else:
+                sync.uploader.close(discard=True)  # S3 itself failed, or Ctrl-C: do not wait on uploads
         raise
     finally:
         watcher.stop()

@@ -18,7 +18,8 @@ from conftest import TINY_FIT, free_port
 
 # TINY_FIT with a 1.4M-parameter model: its last.pt is ~6 MB instead of resnet18's ~180 MB,
 # so each test uploads a few MB per epoch. Exact resume does not depend on the architecture.
-FIT = dict(TINY_FIT, arch="shufflenet_v2_x0_5", epochs=3)
+# CPU even on a GPU box: bitwise-equal weights after a resume need deterministic kernels.
+FIT = dict(TINY_FIT, arch="shufflenet_v2_x0_5", epochs=3, device="cpu")
 
 
 def fit_args(data: Path, output: Path, logdir: Path, **overrides) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import threading
 import zipfile
@@ -87,13 +88,24 @@ def test_fit_uploads_encrypted_verified_artifacts_and_resumes_on_an_empty_disk(s
         assert head["Metadata"]["sha256"] == sha256(local).hex()
     assert sha256(first / "out" / "last.pt") == hashlib.sha256(s3.get_object(Bucket=BUCKET, Key="run1/last.pt")["Body"].read()).digest()
 
+    # Where --resume auto looks: the local checkpoint first, then the S3 prefix.
+    from ec2train.loop import fetch_checkpoint, resume_source
+
+    fresh = tmp_path / "fresh"
+    assert resume_source("auto", first / "out", False, uri) == str(first / "out" / "last.pt")
+    assert resume_source("auto", fresh, False, uri) == f"{uri}/last.pt"
+    assert resume_source("auto", fresh, False, f"s3://{BUCKET}/nothing-here") is None
+    assert fetch_checkpoint(f"{uri}/last.pt", fresh)["epoch"] == 1  # also what --resume s3://... does
+    for name in ("last.pt", "model.pth"):  # the output folder is complete again
+        assert (fresh / name).read_bytes() == (first / "out" / name).read_bytes()
+
     # A new instance: empty disk, same command plus --resume auto.
     second = tmp_path / "instance2"
     args = ["fit", *fit_args(demo_data, second / "out", second / "runs"), "--s3-uri", uri, "--resume", "auto", "--spot-watch", "off"]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     assert f"resuming from {uri}/last.pt: 1 of 3 epochs done" in run.output
-    metrics = __import__("json").loads((second / "out" / "metrics.json").read_text())
+    metrics = json.loads((second / "out" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert_same_weights(weights(second / "out" / "model.pth"), reference["model"])
     assert_same_weights(weights(second / "out" / "last.pt"), reference["last"])

@@ -254,10 +254,10 @@ def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds,
     from ec2train.spot import EXIT_INTERRUPTED
 
     aws_mod.client("s3").create_bucket(Bucket=BUCKET)
-    # Every checkpoint upload takes 3 s more: if the other rank exited with an error first,
+    # Every checkpoint upload takes 2 s more: if the other rank exited with an error first,
     # torchrun would SIGTERM rank 0 in the middle of it.
     proxy = FaultyProxy(aws)
-    proxy.delay = (lambda method, path: method == "PUT" and path.startswith(f"/{BUCKET}/ddp/last.pt"), 3.0)
+    proxy.delay = (lambda method, path: method == "PUT" and path.startswith(f"/{BUCKET}/ddp/last.pt"), 2.0)
     out = tmp_path / "out"
     server = imds(notice_when=lambda: (out / "last.pt").exists())
     env = {k: v for k, v in os.environ.items() if k != "AWS_EC2_METADATA_DISABLED"}
@@ -278,3 +278,12 @@ def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds,
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
     s3 = aws_mod.client("s3")
     assert s3.get_object(Bucket=BUCKET, Key="ddp/last.pt")["Body"].read() == ckpt.read_bytes()
+
+
+def test_fit_help_documents_the_interruption_exit_status():
+    from ec2train.cli import app
+    from ec2train.spot import EXIT_INTERRUPTED
+
+    text = " ".join(CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert f"{EXIT_INTERRUPTED} stopped by a spot interruption notice" in text and "--resume auto" in text
+    assert "--spot-watch" in text and "--s3-uri" in text and "--kms-key" in text
