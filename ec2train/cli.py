@@ -44,6 +44,12 @@ class Optim(str, Enum):
     sgd = "sgd"
 
 
+class SpotWatch(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 def _val(x):
     return x.value if isinstance(x, Enum) else x
 
@@ -77,16 +83,25 @@ def fit(
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (small per-GPU batches). [default: off]"),
     output: Optional[str] = typer.Option(None, help="Folder for model.pth, last.pt, metrics.json, config.toml. [default: TrainedModels]"),
     logdir: Optional[str] = typer.Option(None, help="TensorBoard log folder. [default: runs]"),
-    resume: Optional[str] = typer.Option(None, help="auto (newest checkpoint in --output, if any) | never | PATH. [default: auto under torchrun, else never]"),
+    resume: Optional[str] = typer.Option(None, help="auto (the checkpoint in --output, else under --s3-uri, if any) | never | PATH | s3://bucket/prefix/last.pt. [default: auto under torchrun, else never]"),
+    s3_uri: Optional[str] = typer.Option(None, help="s3://bucket/prefix: upload model.pth, last.pt, config.toml, metrics.json and TensorBoard logs there every epoch and at exit (encrypted, verified)."),
+    kms_key: Optional[str] = typer.Option(None, help="KMS key id/ARN/alias: SSE-KMS for --s3-uri uploads (default: SSE-S3, AES256)."),
+    spot_watch: SpotWatch = typer.Option(SpotWatch.auto, help="Watch for spot interruption notices (IMDSv2): auto = when an instance metadata service answers."),
+    spot_poll_seconds: float = typer.Option(5.0, help="Seconds between spot notice polls (the notice comes 2 minutes ahead)."),
     config: Optional[Path] = typer.Option(None, help="TOML file of settings (keys as above with underscores); options given here override it."),
     nproc_per_node: Optional[str] = typer.Option(None, help="auto|N: start torchrun with N processes on this box (auto: one per GPU)."),
 ):
-    """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth."""
+    """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
+
+    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a
+    spot interruption notice: the last completed epoch's checkpoint is saved (and in S3 with
+    --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C.
+    """
     if nproc_per_node is not None:
         _launch_torchrun(nproc_per_node)
         return
     from ec2train.config import resolve
-    from ec2train.loop import fit as run_fit
+    from ec2train.spot import interrupted_exit_status, safe_fit
 
     cfg = resolve(
         config,
@@ -95,11 +110,14 @@ def fit(
         arch=arch, weights=weights, freeze_backbone=freeze_backbone, backbone_lr_scale=backbone_lr_scale,
         image_size=image_size, augment=augment, workers=workers, seed=seed, amp=_val(amp), device=_val(device),
         channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
+        s3_uri=s3_uri, kms_key=kms_key,
     )
-    result = run_fit(cfg, console=console)
+    result = safe_fit(cfg, console=console, spot_watch=_val(spot_watch), spot_poll_seconds=spot_poll_seconds)
     from ec2train import ddp
 
-    if ddp.env_from().is_main and not result.interrupted:
+    if result.interrupted:
+        raise typer.Exit(interrupted_exit_status())
+    if ddp.env_from().is_main:
         _print_fit_summary(result)
 
 
@@ -208,6 +226,20 @@ def archs():
     console.print(" ".join(classification_archs()))
 
 
+# ---------------------------------------------------------------- export to S3
+
+@app.command("export")
+def export(
+    model: Path = typer.Option(Path("TrainedModels/model.pth"), help="Model file written by `ec2train fit`."),
+    s3_uri: str = typer.Option(..., help="s3://bucket/prefix (uploads prefix/model.pth) or s3://bucket/key.pth."),
+    kms_key: Optional[str] = typer.Option(None, help="KMS key id/ARN/alias for SSE-KMS (default: SSE-S3, AES256)."),
+):
+    """Upload a model file to S3, encrypted, with a verified SHA-256."""
+    from ec2train.s3 import export_to_s3
+
+    console.print(f"uploaded {model} to {export_to_s3(model, s3_uri, kms_key)}")
+
+
 # ---------------------------------------------------------------- data
 
 @data_app.command("demo")
@@ -256,7 +288,7 @@ def data_check(directory: Path = typer.Argument(..., help="Data set root.")):
 
 @data_app.command("fetch")
 def data_fetch(
-    url: Optional[str] = typer.Option(None, help="https://, file:// or s3://bucket/key of a zip in the dogImages layout. [default: the public dogImages.zip]"),
+    url: Optional[str] = typer.Option(None, help="https://, file:// or s3://bucket/key of a zip in the dogImages layout, or an s3://bucket/prefix/ folder of train/ valid/ test/. [default: the public dogImages.zip]"),
     dest: Path = typer.Option(Path("."), help="Folder to unpack into."),
     keep_archive: bool = typer.Option(False, help="Keep the downloaded zip."),
 ):

@@ -391,28 +391,6 @@ def _download_http(url: str, part: Path, progress: Callable[[int, int | None], N
         )
 
 
-def _download_s3(uri: str, part: Path, progress: Callable[[int, int | None], None] | None) -> None:
-    from ec2train import aws
-
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket or not key:
-        raise DataError(f"--url {uri}: expected s3://bucket/key")
-    s3 = aws.client("s3")
-    try:
-        total = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
-        done = 0
-
-        def cb(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total)
-
-        s3.download_file(bucket, key, str(part), Callback=cb)
-    except Exception as exc:  # botocore's ClientError / NoCredentialsError / EndpointConnectionError
-        raise DataError(f"cannot download {uri}: {exc}") from None
-
-
 def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
     dest_resolved = dest.resolve()
     for member in zf.infolist():
@@ -437,7 +415,8 @@ def fetch_dataset(
     timeout: float = 15.0,
     keep_archive: bool = False,
 ) -> Path:
-    """Download a zip of a data set (https, file or s3), verify it and unpack it to DEST/NAME.
+    """Download a zip of a data set (https, file or s3), verify it and unpack it to DEST/NAME;
+    an s3://bucket/prefix/ (trailing slash) is a folder in the dogImages layout, copied as is.
 
     The tree appears under its final name only once fully unpacked (temp folder + rename);
     an interrupted download resumes from its `.part` file.
@@ -448,12 +427,22 @@ def fetch_dataset(
     if target.is_dir() and all((target / s).is_dir() for s in SPLITS):
         return target
     dest.mkdir(parents=True, exist_ok=True)
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "s3" and url.endswith("/"):  # a folder laid out as train/valid/test
+        from ec2train import s3
+
+        tmp = dest / f".{name}.downloading"  # kept on failure: a rerun skips the files it has
+        s3.download_prefix(url, tmp, progress=progress)
+        os.replace(_find_layout_root(tmp), target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
     archive = dest / f"{name}.zip"
     if not archive.exists():
         part = dest / f"{name}.zip.part"
-        scheme = url.split(":", 1)[0].lower()
         if scheme == "s3":
-            _download_s3(url, part, progress)
+            from ec2train import s3
+
+            s3.download_file(url, part, progress=progress)
         elif scheme in ("https", "http", "file"):
             _download_http(url, part, progress, timeout)
         else:

@@ -209,23 +209,40 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     return cfg.lr * world_size if cfg.scale_lr else cfg.lr
 
 
-def resume_source(resume: str, output: Path, torchrun: bool) -> str | None:
+def resume_source(resume: str, output: Path, torchrun: bool, s3_uri: str = "") -> str | None:
     """Which checkpoint to resume from: None for a fresh start.
 
     '' is 'auto' under torchrun (so --max-restarts continues) and 'never' otherwise.
+    auto: output/last.pt, else <s3_uri>/last.pt (a fresh instance with an empty disk).
     """
     mode = resume or ("auto" if torchrun else "never")
     if mode == "never":
         return None
     if mode == "auto":
         local = output / CHECKPOINT_FILE
-        return str(local) if local.is_file() else None
+        if local.is_file():  # written before it is uploaded, so never older than the S3 copy
+            return str(local)
+        if s3_uri:
+            from ec2train import s3
+
+            return s3.find_checkpoint(s3_uri)
+        return None
     if not mode.startswith("s3://") and not Path(mode).is_file():
         raise ResumeError(f"--resume {mode}: no such checkpoint; use --resume auto to start fresh when there is none")
     return mode
 
 
-def fetch_checkpoint(source: str) -> dict[str, Any]:
+def fetch_checkpoint(source: str, output: Path | None = None) -> dict[str, Any]:
+    """Load a checkpoint; an s3:// one is downloaded into output first (with its model.pth)."""
+    if source.startswith("s3://"):
+        from ec2train import s3
+
+        if output is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return load_checkpoint(s3.download_run(source, tmp))
+        source = str(s3.download_run(source, output))
     return load_checkpoint(source)
 
 
@@ -383,9 +400,9 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
     start_epoch, best_acc, best_epoch, stale, history = 0, -1.0, -1, 0, []
     best_state: dict[str, torch.Tensor] | None = None
     run_name = f"{cfg.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    source = ddp.broadcast_object(resume_source(cfg.resume, output, ddp.under_torchrun()) if env.is_main else None)
+    source = ddp.broadcast_object(resume_source(cfg.resume, output, ddp.under_torchrun(), cfg.s3_uri) if env.is_main else None)
     if source:
-        ckpt = ddp.broadcast_object(fetch_checkpoint(source) if env.is_main else None)
+        ckpt = ddp.broadcast_object(fetch_checkpoint(source, output) if env.is_main else None)
         check_compatible(ckpt, cfg, class_folders)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
