@@ -80,7 +80,7 @@ def fit(
     device: Optional[Device] = typer.Option(None, help="auto picks the GPU of this process when there is one. [default: auto]"),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format on GPUs. [default: on]"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. [default: off]"),
-    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (small per-GPU batches). [default: off]"),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes, for small per-GPU batches (CUDA only). [default: off]"),
     output: Optional[str] = typer.Option(None, help="Folder for model.pth, last.pt, metrics.json, config.toml. [default: TrainedModels]"),
     logdir: Optional[str] = typer.Option(None, help="TensorBoard log folder. [default: runs]"),
     resume: Optional[str] = typer.Option(None, help="auto (the checkpoint in --output, else under --s3-uri, if any) | never | PATH | s3://bucket/prefix/last.pt. [default: auto under torchrun, else never]"),
@@ -127,14 +127,19 @@ def _launch_torchrun(nproc_value: str) -> None:
     import torch
 
     from ec2train import ddp
+    from ec2train.data import available_cpus
 
     if ddp.under_torchrun():
         raise typer.BadParameter("--nproc-per-node is for starting torchrun; this process already runs under it")
     n = ddp.resolve_nproc(nproc_value, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    args = ddp.strip_option(sys.argv[sys.argv.index("fit") + 1 :], "--nproc-per-node")
+    argv = _ARGV or sys.argv[1:]
+    args = ddp.strip_option(argv[argv.index("fit") + 1 :], "--nproc-per-node")
     cmd = ddp.torchrun_command(sys.executable, n, args)
-    console.print(f"[dim]$ {' '.join(cmd)}[/dim]")
-    raise typer.Exit(subprocess.call(cmd))
+    env = dict(os.environ)
+    # torchrun would set 1 thread per process; share this box's cores instead (matters on CPU).
+    env.setdefault("OMP_NUM_THREADS", str(ddp.threads_per_process(available_cpus(), n)))
+    console.print(f"[dim]$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {' '.join(cmd)}[/dim]", soft_wrap=True)
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def _print_fit_summary(result) -> None:
@@ -482,9 +487,13 @@ def _one_line(exc: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(exc).__name__
 
 
+_ARGV: list[str] = []  # the arguments main() was given (sys.argv[1:] by default); the launcher relays them
+
+
 def main(argv: list[str] | None = None) -> None:
     from ec2train.errors import UserError
 
+    _ARGV[:] = sys.argv[1:] if argv is None else argv
     try:
         app(args=argv, standalone_mode=True)
     except UserError as exc:

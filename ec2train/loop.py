@@ -246,6 +246,35 @@ def fetch_checkpoint(source: str, output: Path | None = None) -> dict[str, Any]:
     return load_checkpoint(source)
 
 
+def agreed_checkpoint(
+    resume: str, output: Path, env: ddp.DistEnv, s3_uri: str = ""
+) -> tuple[str | None, dict[str, Any] | None]:
+    """(source, checkpoint) that every rank resumes from, read once and broadcast, so nodes need no
+    shared disk. Rank 0 decides, except in auto mode, where each node offers its own newest last.pt
+    and the one with the most epochs wins: after a restart, c10d may put rank 0 on another node
+    (it orders nodes by host name), one without the checkpoint."""
+    torchrun = ddp.under_torchrun()
+    auto = (resume or ("auto" if torchrun else "never")) == "auto"
+    offer = None
+    if env.is_main or (auto and env.local_rank == 0):
+        path = resume_source(resume, output, torchrun, s3_uri)
+        offer = (path, fetch_checkpoint(path, output)) if path else None
+    src = ddp.holder_of_newest(ddp.gather_counts(offer[1]["epoch"] if offer else -1))
+    if src is None:
+        return None, None
+    return ddp.broadcast_object(offer if env.rank == src else None, src=src)
+
+
+def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the per-step lr schedule at `step` of THIS run (its lr and steps per epoch): a resumed
+    job may run with another world size than the one that wrote the checkpoint."""
+    scheduler.last_epoch = step
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * f(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, class_folders: list[str]) -> None:
     old = ckpt.get("config", {})
     for key in ("arch", "image_size"):
@@ -347,14 +376,15 @@ def fit(
     device = ddp.select_device(cfg.device, env.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     device_type = device.split(":")[0]
     amp = hw.amp_policy(cfg.amp, device_type, hw.device_capability(device))
+    sync_bn = ddp.use_sync_bn(cfg.sync_bn, device_type, env.world_size)
     ddp.setup(env, device)
     try:
-        return _fit(cfg, env, device, amp, console, should_stop, on_epoch)
+        return _fit(cfg, env, device, amp, sync_bn, console, should_stop, on_epoch)
     finally:
         ddp.cleanup()
 
 
-def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
+def _fit(cfg, env, device, amp, sync_bn, console, should_stop, on_epoch) -> FitResult:
     t_start = time.perf_counter()
     device_type = device.split(":")[0]
     output = Path(cfg.output)
@@ -391,7 +421,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(len(train_loader), cfg.epochs, cfg.warmup_epochs))
     scaler = torch.amp.GradScaler(device_type) if amp.use_scaler else None
     ctx = StepContext(device, amp, channels_last, scaler)
-    model = ddp.wrap_model(net, device, cfg.sync_bn)
+    model = ddp.wrap_model(net, device, sync_bn)
     if cfg.compile:
         model = torch.compile(model)
     head = net.get_submodule(head_name)
@@ -400,13 +430,12 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
     start_epoch, best_acc, best_epoch, stale, history = 0, -1.0, -1, 0, []
     best_state: dict[str, torch.Tensor] | None = None
     run_name = f"{cfg.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    source = ddp.broadcast_object(resume_source(cfg.resume, output, ddp.under_torchrun(), cfg.s3_uri) if env.is_main else None)
-    if source:
-        ckpt = ddp.broadcast_object(fetch_checkpoint(source, output) if env.is_main else None)
+    source, ckpt = agreed_checkpoint(cfg.resume, output, env, cfg.s3_uri)
+    if ckpt:
         check_compatible(ckpt, cfg, class_folders)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        seek_schedule(scheduler, ckpt["epoch"] * len(train_loader))
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -427,7 +456,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
         f"{cfg.arch} on {device} ({'frozen backbone' if cfg.frozen else 'full fine-tune'}), amp {amp.name}, "
         f"{num_classes} classes, {len(train_ds)} train / {len(valid_ds)} valid images\n"
         f"world size {env.world_size}, per-rank batch {cfg.batch_size}, global batch {cfg.batch_size * env.world_size}, "
-        f"lr {lr:g}, {workers} loader workers per process"
+        f"lr {lr:g}, {workers} loader workers per process{', SyncBatchNorm' if sync_bn else ''}"
     )
 
     def payload(state, metrics):
@@ -467,7 +496,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
         record = {
             "epoch": epoch + 1, "train_loss": train["loss"], "train_acc1": train["acc1"], "valid_loss": valid["loss"],
             "valid_acc1": valid["acc1"], "valid_acc5": valid["acc5"], "lr": optimizer.param_groups[0]["lr"],
-            "images_per_second": ips, "seconds": seconds,
+            "images_per_second": ips, "seconds": seconds, "images_per_rank": ddp.gather_counts(meter.count, device),
         }
         history.append(record)
         report.log(
