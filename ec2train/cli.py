@@ -294,7 +294,7 @@ def data_check(directory: Path = typer.Argument(..., help="Data set root.")):
 @data_app.command("fetch")
 def data_fetch(
     url: Optional[str] = typer.Option(None, help="https://, file:// or s3://bucket/key of a zip in the dogImages layout, or an s3://bucket/prefix/ folder of train/ valid/ test/. [default: the public dogImages.zip]"),
-    dest: Path = typer.Option(Path("."), help="Folder to unpack into."),
+    dest: Path = typer.Option(Path("dogImages"), help="The data set folder to create (train/ valid/ test/ inside)."),
     keep_archive: bool = typer.Option(False, help="Keep the downloaded zip."),
 ):
     """Download, verify and unpack dogImages (resumes an interrupted download)."""

@@ -409,36 +409,36 @@ def _find_layout_root(folder: Path) -> Path:
 
 def fetch_dataset(
     url: str = DOG_IMAGES_URL,
-    dest: str | Path = ".",
-    name: str | None = None,
+    dest: str | Path = "dogImages",
     progress: Callable[[int, int | None], None] | None = None,
     timeout: float = 15.0,
     keep_archive: bool = False,
 ) -> Path:
-    """Download a zip of a data set (https, file or s3), verify it and unpack it to DEST/NAME;
-    an s3://bucket/prefix/ (trailing slash) is a folder in the dogImages layout, copied as is.
+    """Download a zip of a data set (https, file or s3), verify it and unpack it as the folder
+    DEST; an s3://bucket/prefix/ (trailing slash) is a folder in the dogImages layout, copied as is.
 
-    The tree appears under its final name only once fully unpacked (temp folder + rename);
-    an interrupted download resumes from its `.part` file.
+    DEST appears only once fully unpacked (temp folder beside it, then rename); an interrupted
+    download resumes from DEST.zip.part.
     """
-    dest = Path(dest)
-    name = name or Path(url.split("?")[0].rstrip("/")).stem or "dataset"
-    target = dest / name
+    target = Path(dest)
     if target.is_dir() and all((target / s).is_dir() for s in SPLITS):
         return target
-    dest.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        raise DataError(f"--dest {target} exists but is not a data set; remove it or pick another --dest")
+    work, name = target.parent, target.name
+    work.mkdir(parents=True, exist_ok=True)
     scheme = url.split(":", 1)[0].lower()
     if scheme == "s3" and url.endswith("/"):  # a folder laid out as train/valid/test
         from ec2train import s3
 
-        tmp = dest / f".{name}.downloading"  # kept on failure: a rerun skips the files it has
+        tmp = work / f".{name}.downloading"  # kept on failure: a rerun skips the files it has
         s3.download_prefix(url, tmp, progress=progress)
         os.replace(_find_layout_root(tmp), target)
         shutil.rmtree(tmp, ignore_errors=True)
         return target
-    archive = dest / f"{name}.zip"
+    archive = work / f"{name}.zip"
     if not archive.exists():
-        part = dest / f"{name}.zip.part"
+        part = work / f"{name}.zip.part"
         if scheme == "s3":
             from ec2train import s3
 
@@ -451,7 +451,7 @@ def fetch_dataset(
     if not zipfile.is_zipfile(archive):
         archive.unlink()
         raise DataError(f"{url} is not a zip archive (deleted the download); check the URL")
-    tmp = dest / f".{name}.unpacking"
+    tmp = work / f".{name}.unpacking"
     shutil.rmtree(tmp, ignore_errors=True)
     with zipfile.ZipFile(archive) as zf:
         bad = zf.testzip()

@@ -151,18 +151,18 @@ def zip_server(tmp_path):
 
 def test_fetch_over_http_resumes_after_a_dropped_connection(zip_server, tmp_path):
     _RangeHandler.cut_once = True
-    dest = tmp_path / "dest"
+    dest = tmp_path / "dest" / "dogImages"
     with pytest.raises(DataError, match="run the same command again to resume"):
         fetch_dataset(zip_server, dest)
-    assert not (dest / "dogImages").exists(), "a half download must not look like a data set"
-    part = dest / "dogImages.zip.part"
+    assert not dest.exists(), "a half download must not look like a data set"
+    part = dest.parent / "dogImages.zip.part"
     assert 0 < part.stat().st_size < len(_RangeHandler.payload)
     seen = []
     path = fetch_dataset(zip_server, dest, progress=lambda done, total: seen.append((done, total)))
     assert _RangeHandler.requests == [None, f"bytes={len(_RangeHandler.payload) // 2}-"]
     assert check_dataset(path, decode=True).ok
     assert seen[-1][0] == seen[-1][1] == len(_RangeHandler.payload)
-    assert not part.exists() and not (dest / "dogImages.zip").exists()
+    assert path == dest and not part.exists() and not (dest.parent / "dogImages.zip").exists()
     assert fetch_dataset(zip_server, dest) == path  # already there: no download
     assert len(_RangeHandler.requests) == 2
 
@@ -171,7 +171,7 @@ def test_fetch_file_url_and_bad_archives(tmp_path):
     src = make_demo_dataset(tmp_path / "src", classes=2, per_class=2, size=24)
     archive = tmp_path / "dogImages.zip"
     archive.write_bytes(_zip_of(src))
-    assert check_dataset(fetch_dataset(archive.as_uri(), tmp_path / "a")).ok
+    assert check_dataset(fetch_dataset(archive.as_uri(), tmp_path / "a" / "dogImages")).ok
     (tmp_path / "junk.zip").write_bytes(b"nope")
     with pytest.raises(DataError, match="not a zip"):
         fetch_dataset((tmp_path / "junk.zip").as_uri(), tmp_path / "b")
@@ -194,5 +194,5 @@ def test_fetch_offline_fails_fast_with_advice(tmp_path):
         port = s.getsockname()[1]
     t = time.perf_counter()
     with pytest.raises(DataError, match="Offline\\?.*--url"):
-        fetch_dataset(f"http://127.0.0.1:{port}/dogImages.zip", tmp_path, timeout=3)
+        fetch_dataset(f"http://127.0.0.1:{port}/dogImages.zip", tmp_path / "dogImages", timeout=3)
     assert time.perf_counter() - t < 5

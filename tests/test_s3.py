@@ -314,7 +314,7 @@ def test_data_fetch_from_an_s3_prefix_and_an_s3_zip(s3, tmp_path):
     files = sorted(p.relative_to(demo_data).as_posix() for p in demo_data.rglob("*") if p.is_file())
     for rel in files:
         s3.upload_file(str(demo_data / rel), BUCKET, f"datasets/demo/{rel}")
-    run = CliRunner().invoke(app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo/", "--dest", str(tmp_path / "a")])
+    run = CliRunner().invoke(app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo/", "--dest", str(tmp_path / "a" / "demo")])
     assert run.exit_code == 0, run.output
     got = tmp_path / "a" / "demo"
     assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()) == files
@@ -326,6 +326,6 @@ def test_data_fetch_from_an_s3_prefix_and_an_s3_zip(s3, tmp_path):
         for rel in files:
             zf.write(demo_data / rel, f"demo/{rel}")
     upload_file(archive, f"s3://{BUCKET}/datasets/demo.zip")
-    run = CliRunner().invoke(app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo.zip", "--dest", str(tmp_path / "b")])
+    run = CliRunner().invoke(app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo.zip", "--dest", str(tmp_path / "b" / "demo")])
     assert run.exit_code == 0, run.output
     assert sorted(p.relative_to(tmp_path / "b" / "demo").as_posix() for p in (tmp_path / "b" / "demo").rglob("*") if p.is_file()) == files
