@@ -449,6 +449,9 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
             raise
         finally:
             trial.set_user_attr("epochs", best["epochs"])
+            if state == "INTERRUPTED":  # Ctrl-C: Optuna records it as failed; do not count it
+                trial.set_user_attr("interrupted", True)
+                trial.set_user_attr("error", "interrupted; not counted toward --trials")
             if state in ("COMPLETE", "PRUNED"):
                 write_trial_hparams(tb_dir, params, state, best["acc"], best["epochs"], job.space)
             if state == "FAIL":
@@ -574,8 +577,7 @@ def tune(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat stopped
-    TS = optuna.trial.TrialState
-    started = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED, TS.FAIL, TS.RUNNING)))
+    started = counted_trials(study)
     to_run = max(0, trials - started)
     devices = plan_workers(n_workers, gpus, base.device)
     where = "one at a time" if n_workers == 1 else f"{n_workers} at a time"
@@ -609,6 +611,17 @@ def tune(
         # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
         result.final = fit(resolve(result.best_file), console=console)
     return result
+
+
+def counted_trials(study) -> int:
+    """Trials that count toward --trials: all started ones except those stopped by Ctrl-C.
+    (WAITING ones, e.g. enqueued by hand, are run by the next trials started, so they are not added.)"""
+    optuna = _optuna()
+    TS = optuna.trial.TrialState
+    return sum(
+        not t.user_attrs.get("interrupted")
+        for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED, TS.FAIL, TS.RUNNING))
+    )
 
 
 def len_trials(storage, study_name: str) -> int:

@@ -18,6 +18,7 @@ from ec2train.config import resolve, to_toml
 from ec2train.tune import (
     Param,
     TuneError,
+    counted_trials,
     load_space,
     parse_duration,
     plan_workers,
@@ -100,6 +101,17 @@ def test_durations():
     for bad in ("2 hours", "h", "-5m", "1.5.2h", "", "0s"):
         with pytest.raises(TuneError, match="--timeout"):
             parse_duration(bad)
+
+
+def test_trials_stopped_by_ctrl_c_do_not_count():
+    study = optuna.create_study(direction="maximize")
+    make = optuna.trial.create_trial
+    study.add_trial(make(state=TS.COMPLETE, value=0.5))
+    study.add_trial(make(state=TS.PRUNED))
+    study.add_trial(make(state=TS.FAIL, user_attrs={"error": "ValueError: boom"}))  # a real failure counts
+    study.add_trial(make(state=TS.FAIL, user_attrs={"interrupted": True}))
+    study.enqueue_trial({"lr": 1e-3})  # waiting: run by the next trial started, not an extra one
+    assert counted_trials(study) == 3
 
 
 def test_space_file_overrides_defaults_and_rejects_bad_ranges(tmp_path):
