@@ -428,7 +428,8 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
             best["epochs"] = record["epoch"]
             trial.report(acc, record["epoch"])
             say(f"{worker}trial {n} epoch {record['epoch']}/{cfg.epochs}: valid acc {acc:.4f}")
-            if trial.should_prune():
+            # After the last epoch there is nothing left to save: let the trial complete.
+            if record["epoch"] < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"valid acc {best['acc']:.4f} after {record['epoch']} epochs is below the median")
 
         state = "INTERRUPTED"
@@ -448,6 +449,8 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
             trial.set_user_attr("error", _first_line(exc))
             raise
         finally:
+            # Trials never resume, and a big model's last.pt per trial only fills the disk.
+            (job.output / f"trial-{n}" / "last.pt").unlink(missing_ok=True)
             trial.set_user_attr("epochs", best["epochs"])
             if state == "INTERRUPTED":  # Ctrl-C: Optuna records it as failed; do not count it
                 trial.set_user_attr("interrupted", True)

@@ -189,7 +189,8 @@ def test_pruning_failures_and_best_settings(tmp_path, tiny_data):
     assert _writer_threads() == threads_before
     # Each trial ran in its own folder and TensorBoard run, through the ordinary fit.
     assert (out / "trial-0" / "model.pth").is_file() and (out / "trial-0" / "metrics.json").is_file()
-    assert (out / "trial-2" / "last.pt").is_file() and not (out / "trial-2" / "metrics.json").exists()
+    assert (out / "trial-2" / "model.pth").is_file() and not (out / "trial-2" / "metrics.json").exists()
+    assert not list(out.glob("trial-*/last.pt"))  # trials never resume: no checkpoints left to fill the disk
     tb = tmp_path / "runs" / "tune-s"
     assert [s["state"] for s in _hparams_sessions(tb / "trial-0")] == ["COMPLETE"]
     assert [s["state"] for s in _hparams_sessions(tb / "trial-2")] == ["PRUNED"]
@@ -233,16 +234,16 @@ def test_resume_continues_the_count_then_fit_and_fit_config(tmp_path, tiny_data,
     out = tmp_path / "t"
     args = ["tune", "--config", base_toml, "--data", tiny_data, "--epochs", 1, "--study", "r", "--output", out]
 
-    code, stdout, err = cli_in_process(capsys, *args, "--trials", 1)
+    code, stdout, err = cli_in_process(capsys, *args, "--trials", 2)
     assert code == 0, err
-    assert len(_trials(out / "study.db", "r")) == 1
-    assert "study r: 1 trials" in stdout and f"ec2train fit --config {out / 'best.toml'}" in stdout
+    assert len(_trials(out / "study.db", "r")) == 2
+    assert "study r: 2 trials" in stdout and f"ec2train fit --config {out / 'best.toml'}" in stdout
 
-    code, stdout, err = cli_in_process(capsys, *args, "--trials", 3, "--timeout", "1h", "--then-fit")
+    code, stdout, err = cli_in_process(capsys, *args, "--trials", 4, "--timeout", "1h", "--then-fit")
     assert code == 0, err
-    assert "1 trials so far, running 2 more" in stdout
+    assert "2 trials so far, running 2 more" in stdout
     trials = _trials(out / "study.db", "r")
-    assert [t.number for t in trials] == [0, 1, 2]
+    assert [t.number for t in trials] == [0, 1, 2, 3]
     assert all(t.state in (TS.COMPLETE, TS.PRUNED, TS.FAIL) for t in trials)
     best = max((t for t in trials if t.state == TS.COMPLETE), key=lambda t: (t.value, -t.number))
     # --then-fit trained the final model where the base config says, with the best parameters.
@@ -261,7 +262,7 @@ def test_resume_continues_the_count_then_fit_and_fit_config(tmp_path, tiny_data,
     # Continuing the study with a different fixed setting would mix incomparable trials.
     code, _, err = cli_in_process(capsys, *args, "--trials", 5, "--image-size", 48)
     assert_one_line_error(code, err, "study 'r' was run with image_size=32", "use another --study")
-    assert len(_trials(out / "study.db", "r")) == 3
+    assert len(_trials(out / "study.db", "r")) == 4
 
 
 def test_parallel_workers_share_the_study(tmp_path, tiny_data, capsys):
