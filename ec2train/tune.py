@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ec2train.config import FIELDS, ConfigError, TrainConfig, _coerce, resolve, to_toml
+from ec2train.config import ConfigError, TrainConfig, _coerce, resolve, to_toml
 from ec2train.errors import UserError
 
 if sys.version_info >= (3, 11):

@@ -123,6 +123,10 @@ def test_space_file_overrides_defaults_and_rejects_bad_ranges(tmp_path):
     assert space["batch_size"].choices == (8, 16)
     assert space["optimizer"].choices == ("adamw", "sgd")
     assert space["label_smoothing"].low == 0.0  # untouched defaults stay
+    from ec2train.config import FIELDS
+    from ec2train.tune import SEARCHABLE
+
+    assert set(SEARCHABLE) <= set(FIELDS)  # every searchable name is a fit setting
     bad = {
         "[lrate]\nlow = 1e-4\nhigh = 1e-2\n": "unknown parameter 'lrate'; did you mean 'lr'",
         "[lr]\nlow = 0.1\nhigh = 0.001\n": "low 0.1 must be below high 0.001",
