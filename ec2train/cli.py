@@ -244,6 +244,88 @@ def export(
 
     console.print(f"uploaded {model} to {export_to_s3(model, s3_uri, kms_key)}")
 
+# ---------------------------------------------------------------- tune
+
+@app.command()
+def tune(
+    data: Optional[str] = typer.Option(None, help="Data set root with train/ valid/ test/ class folders. \\[default: dogImages]"),
+    trials: int = typer.Option(20, help="Trials the study should hold in all (a resumed study counts its earlier ones)."),
+    timeout: Optional[str] = typer.Option(None, help="Start no new trial after this long: 90s, 30m, 2h, 1h30m (running ones finish)."),
+    study: str = typer.Option("ec2train", help="Study name; run the same command again to continue it."),
+    storage: Optional[str] = typer.Option(None, help="Optuna database URL, e.g. sqlite:///tune.db. \\[default: sqlite file in --output]"),
+    space: Optional[Path] = typer.Option(None, help="TOML file of search ranges (\\[lr] low=1e-4 high=1e-1 log=true ...). \\[default: lr, batch size, weight decay, label smoothing]"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per trial (and in best.toml). \\[default: from --config, else 5]"),
+    output: Optional[Path] = typer.Option(None, help="Folder for trial-N/ folders, study.db and best.toml. \\[default: tune/STUDY]"),
+    parallel: Optional[int] = typer.Option(None, help="Trials at a time, each in its own process. \\[default: one per GPU, one on the CPU]"),
+    then_fit: bool = typer.Option(False, "--then-fit", help="Train the final model with best.toml when the search ends."),
+    prune: bool = typer.Option(True, "--prune/--no-prune", help="Stop trials whose valid accuracy is below the median of finished ones at the same epoch."),
+    prune_startup_trials: Optional[int] = typer.Option(None, help="Finished trials before pruning starts. \\[default: trials/4, at most 5]"),
+    prune_warmup_epochs: int = typer.Option(1, help="Epochs every trial runs before it may be pruned."),
+    config: Optional[Path] = typer.Option(None, help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model."),
+    arch: Optional[str] = typer.Option(None, help="Architecture (fixed for the study). \\[default: resnet50]"),
+    weights: Optional[str] = typer.Option(None, help="imagenet | none | PATH. \\[default: imagenet]"),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone", help="Train the head only. \\[default: frozen with pretrained weights]"),
+    image_size: Optional[int] = typer.Option(None, help="Crop size in pixels. \\[default: 224]"),
+    optimizer: Optional[Optim] = typer.Option(None, help="Optimizer. \\[default: adamw]"),
+    workers: Optional[int] = typer.Option(None, help="Data loader workers per trial; -1 = share the CPUs. \\[default: -1]"),
+    device: Optional[Device] = typer.Option(None, help="auto | cpu | cuda. \\[default: auto]"),
+    amp: Optional[Amp] = typer.Option(None, help="Mixed precision. \\[default: auto]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of every trial's training and of the sampler. \\[default: 0]"),
+    logdir: Optional[str] = typer.Option(None, help="TensorBoard folder; trials go to LOGDIR/tune-STUDY/. \\[default: runs]"),
+):
+    """Search learning rate, batch size, weight decay and label smoothing with Optuna; prune hopeless trials."""
+    from ec2train.config import resolve
+    from ec2train.tune import _optuna, parse_duration, tune as run_tune
+
+    seconds = parse_duration(timeout) if timeout is not None else None
+    base = resolve(
+        config, data=data, epochs=epochs, arch=arch, weights=weights, freeze_backbone=freeze_backbone,
+        image_size=image_size, optimizer=_val(optimizer), workers=workers, device=_val(device), amp=_val(amp),
+        seed=seed, logdir=logdir,
+    )
+    optuna = _optuna()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial event instead
+    try:
+        result = run_tune(
+            base, trials=trials, timeout=seconds, study_name=study, storage=storage, space=space, output=output,
+            parallel=parallel, prune=prune, prune_startup_trials=prune_startup_trials,
+            prune_warmup_epochs=prune_warmup_epochs, then_fit=then_fit, console=console,
+        )
+    except KeyboardInterrupt:
+        err_console.print("interrupted; the finished trials are saved: run the same command again to continue the study")
+        raise typer.Exit(130)
+    _print_tune_table(result)
+    if result.best_file is None:
+        from ec2train.tune import TuneError
+
+        errors = [r["error"] for r in result.rows if r["error"]]
+        raise TuneError(f"no trial completed{f' (first error: {errors[0]})' if errors else ''}; fix it and run the same command again")
+    console.print(
+        f"best: trial {result.best_number}, valid acc {result.best_value:.4f}; settings in {result.best_file}\n"
+        f"train with them: ec2train fit --config {result.best_file}   (all GPUs: add --nproc-per-node auto)\n"
+        f"compare trials: tensorboard --logdir {result.tb_root}   (HParams tab)"
+    )
+    if result.final is not None:
+        _print_fit_summary(result.final)
+
+
+def _print_tune_table(result) -> None:
+    from rich.markup import escape
+
+    colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
+    counts = {s: sum(r["state"] == s for r in result.rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    table = Table(title=f"study {result.study.study_name}: {len(result.rows)} trials, "
+                  f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed")
+    for col, justify in (("trial", "right"), ("state", "left"), ("valid acc", "right"), ("epochs", "right"), ("params", "left")):
+        table.add_column(col, justify=justify)
+    for r in sorted(result.rows, key=lambda r: r["number"]):
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        note = f" [red]{escape(r['error'])}[/red]" if r["error"] else ""
+        mark = " *" if r["number"] == result.best_number else ""
+        acc = "-" if r["valid_acc1"] is None else f"{r['valid_acc1']:.4f}{mark}"
+        table.add_row(str(r["number"]), f"[{colour.get(r['state'], 'white')}]{r['state']}[/]", acc, str(r["epochs"]), params + note)
+    console.print(table)
+
 
 # ---------------------------------------------------------------- data
 
@@ -497,7 +579,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {_one_line(exc)}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; the last completed epoch's checkpoint is intact (resume with --resume auto)")

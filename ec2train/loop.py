@@ -524,7 +524,13 @@ def _fit(cfg, env, device, amp, sync_bn, console, should_stop, on_epoch) -> FitR
             )
         ddp.barrier()
         if on_epoch:
-            on_epoch(epoch, record)
+            try:
+                on_epoch(epoch, record)
+            except BaseException:
+                # The hook may end the run (a pruned tuning trial): do not leak the writer's file and thread.
+                if writer:
+                    writer.close()
+                raise
 
     if interrupted:
         if writer:
