@@ -58,32 +58,32 @@ def _val(x):
 
 @app.command(context_settings={"allow_extra_args": False})
 def fit(
-    data: Optional[str] = typer.Option(None, help="Data set root with train/ valid/ test/ class folders. [default: dogImages]"),
-    epochs: Optional[int] = typer.Option(None, help="Epochs to train. [default: 5]"),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step per process (global batch = this x processes). [default: 32]"),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the head (cosine decay after warm-up). [default: 1e-3]"),
-    scale_lr: Optional[bool] = typer.Option(None, "--scale-lr/--no-scale-lr", help="Multiply --lr by the number of processes (linear scaling rule). [default: off]"),
-    weight_decay: Optional[float] = typer.Option(None, help="Decoupled weight decay (not on biases/norms). [default: 1e-4]"),
-    optimizer: Optional[Optim] = typer.Option(None, help="Optimizer. [default: adamw]"),
-    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing. [default: 0.1]"),
-    warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before cosine decay. [default: 0]"),
-    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better valid accuracy; 0 = never. [default: 0]"),
-    arch: Optional[str] = typer.Option(None, help="Any torchvision classification model (`ec2train archs`). [default: resnet50]"),
-    weights: Optional[str] = typer.Option(None, help="imagenet | none | PATH to a .pth file. [default: imagenet]"),
-    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone", help="Train the head only. [default: frozen with pretrained weights, else full training]"),
-    backbone_lr_scale: Optional[float] = typer.Option(None, help="Backbone lr = lr x this when fine-tuning everything. [default: 0.1]"),
-    image_size: Optional[int] = typer.Option(None, help="Crop size in pixels. [default: 224]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random resized crop + flip for training. [default: on]"),
-    workers: Optional[int] = typer.Option(None, help="Data loader workers per process; -1 = from the CPUs. [default: -1]"),
-    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same result on the same hardware). [default: 0]"),
-    amp: Optional[Amp] = typer.Option(None, help="Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU. [default: auto]"),
-    device: Optional[Device] = typer.Option(None, help="auto picks the GPU of this process when there is one. [default: auto]"),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format on GPUs. [default: on]"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. [default: off]"),
-    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes, for small per-GPU batches (CUDA only). [default: off]"),
-    output: Optional[str] = typer.Option(None, help="Folder for model.pth, last.pt, metrics.json, config.toml. [default: TrainedModels]"),
-    logdir: Optional[str] = typer.Option(None, help="TensorBoard log folder. [default: runs]"),
-    resume: Optional[str] = typer.Option(None, help="auto (the checkpoint in --output, else under --s3-uri, if any) | never | PATH | s3://bucket/prefix/last.pt. [default: auto under torchrun, else never]"),
+    data: Optional[str] = typer.Option(None, help="Data set root with train/ valid/ test/ class folders. \\[default: dogImages]"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs to train. \\[default: 5]"),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step per process (global batch = this x processes). \\[default: 32]"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the head (cosine decay after warm-up). \\[default: 1e-3]"),
+    scale_lr: Optional[bool] = typer.Option(None, "--scale-lr/--no-scale-lr", help="Multiply --lr by the number of processes (linear scaling rule). \\[default: off]"),
+    weight_decay: Optional[float] = typer.Option(None, help="Decoupled weight decay (not on biases/norms). \\[default: 1e-4]"),
+    optimizer: Optional[Optim] = typer.Option(None, help="Optimizer. \\[default: adamw]"),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing. \\[default: 0.1]"),
+    warmup_epochs: Optional[int] = typer.Option(None, help="Linear warm-up epochs before cosine decay. \\[default: 0]"),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better valid accuracy; 0 = never. \\[default: 0]"),
+    arch: Optional[str] = typer.Option(None, help="Any torchvision classification model (`ec2train archs`). \\[default: resnet50]"),
+    weights: Optional[str] = typer.Option(None, help="imagenet | none | PATH to a .pth file. \\[default: imagenet]"),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--no-freeze-backbone", help="Train the head only. \\[default: frozen with pretrained weights, else full training]"),
+    backbone_lr_scale: Optional[float] = typer.Option(None, help="Backbone lr = lr x this when fine-tuning everything. \\[default: 0.1]"),
+    image_size: Optional[int] = typer.Option(None, help="Crop size in pixels. \\[default: 224]"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random resized crop + flip for training. \\[default: on]"),
+    workers: Optional[int] = typer.Option(None, help="Data loader workers per process; -1 = from the CPUs. \\[default: -1]"),
+    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same result on the same hardware). \\[default: 0]"),
+    amp: Optional[Amp] = typer.Option(None, help="Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU. \\[default: auto]"),
+    device: Optional[Device] = typer.Option(None, help="auto picks the GPU of this process when there is one. \\[default: auto]"),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format on GPUs. \\[default: on]"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. \\[default: off]"),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes, for small per-GPU batches (CUDA only). \\[default: off]"),
+    output: Optional[str] = typer.Option(None, help="Folder for model.pth, last.pt, metrics.json, config.toml. \\[default: TrainedModels]"),
+    logdir: Optional[str] = typer.Option(None, help="TensorBoard log folder. \\[default: runs]"),
+    resume: Optional[str] = typer.Option(None, help="auto (the checkpoint in --output, else under --s3-uri, if any) | never | PATH | s3://bucket/prefix/last.pt. \\[default: auto under torchrun, else never]"),
     s3_uri: Optional[str] = typer.Option(None, help="s3://bucket/prefix: upload model.pth, last.pt, config.toml, metrics.json and TensorBoard logs there every epoch and at exit (encrypted, verified)."),
     kms_key: Optional[str] = typer.Option(None, help="KMS key id/ARN/alias: SSE-KMS for --s3-uri uploads (default: SSE-S3, AES256)."),
     spot_watch: SpotWatch = typer.Option(SpotWatch.auto, help="Watch for spot interruption notices (IMDSv2): auto = when an instance metadata service answers."),
@@ -165,7 +165,7 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1),
     workers: int = typer.Option(0, min=0),
     device: Device = typer.Option(Device.auto),
-    out: Optional[Path] = typer.Option(None, help="Folder for evaluation.json, confusion.csv and confusion.png. [default: beside the model]"),
+    out: Optional[Path] = typer.Option(None, help="Folder for evaluation.json, confusion.csv and confusion.png. \\[default: beside the model]"),
 ):
     """Top-1, top-5 and per-class accuracy, and a confusion matrix (PNG and CSV)."""
     from ec2train.export import atomic_write_json, atomic_write_text, write_confusion_png
@@ -375,7 +375,7 @@ def data_check(directory: Path = typer.Argument(..., help="Data set root.")):
 
 @data_app.command("fetch")
 def data_fetch(
-    url: Optional[str] = typer.Option(None, help="https://, file:// or s3://bucket/key of a zip in the dogImages layout, or an s3://bucket/prefix/ folder of train/ valid/ test/. [default: the public dogImages.zip]"),
+    url: Optional[str] = typer.Option(None, help="https://, file:// or s3://bucket/key of a zip in the dogImages layout, or an s3://bucket/prefix/ folder of train/ valid/ test/. \\[default: the public dogImages.zip]"),
     dest: Path = typer.Option(Path("dogImages"), help="The data set folder to create (train/ valid/ test/ inside)."),
     keep_archive: bool = typer.Option(False, help="Keep the downloaded zip."),
 ):
@@ -398,7 +398,7 @@ deploy_app = typer.Typer(
 )
 app.add_typer(deploy_app, name="deploy")
 
-_REGION_HELP = "AWS region. [default: from your AWS configuration]"
+_REGION_HELP = "AWS region. \\[default: from your AWS configuration]"
 _DRY_RUN_HELP = "Print every request (service, operation, parameters, policy documents) and send none."
 
 
@@ -409,13 +409,13 @@ def deploy_endpoint_cmd(
     model_data: Optional[str] = typer.Option(None, help="s3://bucket/key/model.tar.gz made by `ec2train export --package`."),
     model: Optional[Path] = typer.Option(None, help="A model.pth to package and upload to --s3-uri first (instead of --model-data)."),
     s3_uri: Optional[str] = typer.Option(None, help="Where --model's package goes: s3://bucket/prefix (model.tar.gz is added)."),
-    kms_key: Optional[str] = typer.Option(None, help="KMS key for the --model upload. [default: SSE-S3]"),
+    kms_key: Optional[str] = typer.Option(None, help="KMS key for the --model upload. \\[default: SSE-S3]"),
     instance_type: Optional[str] = typer.Option(None, help="Real-time endpoint on this instance type, e.g. ml.g4dn.xlarge (GPU) or ml.m5.large (CPU)."),
     instance_count: int = typer.Option(1, help="Instances behind a real-time endpoint."),
     serverless: bool = typer.Option(False, "--serverless", help="Serverless endpoint (CPU, billed per request) instead of instances."),
     memory: int = typer.Option(2048, help="Serverless memory in MB: 1024-6144 in steps of 1024."),
     max_concurrency: int = typer.Option(5, help="Serverless concurrent requests (1-200)."),
-    image_uri: Optional[str] = typer.Option(None, help="Container image to serve with. [default: the AWS PyTorch inference image for the region]"),
+    image_uri: Optional[str] = typer.Option(None, help="Container image to serve with. \\[default: the AWS PyTorch inference image for the region]"),
     region: Optional[str] = typer.Option(None, help=_REGION_HELP),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the endpoint is InService."),
     wait_timeout: int = typer.Option(1800, help="Seconds to wait for InService before giving up (the endpoint keeps starting)."),
@@ -465,17 +465,17 @@ def deploy_autoscale_cmd(
 @deploy_app.command("lambda")
 def deploy_lambda_cmd(
     endpoint: str = typer.Option(..., help="The SageMaker endpoint the function calls (and the only one it may call)."),
-    function_name: Optional[str] = typer.Option(None, help="Function name. [default: ec2train-ENDPOINT]"),
+    function_name: Optional[str] = typer.Option(None, help="Function name. \\[default: ec2train-ENDPOINT]"),
     reserved_concurrency: int = typer.Option(10, help="Concurrency reserved for (and capping) the function; 0 removes the reservation."),
     provisioned_concurrency: Optional[int] = typer.Option(None, help="Warm instances on the alias (billed per hour); 0 removes them."),
     alias: str = typer.Option("live", help="Alias pointing at the published version; call the function through it."),
     memory: int = typer.Option(256, help="Memory in MB (also scales its CPU)."),
     timeout: int = typer.Option(30, help="Seconds per request (URL fetch + endpoint call)."),
     allow_http: bool = typer.Option(False, "--allow-http", help="Also fetch http:// URLs (https only by default)."),
-    max_image_bytes: Optional[int] = typer.Option(None, help="Image size cap. [default: the function's 5.5 MB; 3.5 MB for a serverless endpoint]"),
+    max_image_bytes: Optional[int] = typer.Option(None, help="Image size cap. \\[default: the function's 5.5 MB; 3.5 MB for a serverless endpoint]"),
     architecture: str = typer.Option("arm64", help="arm64 (cheaper) or x86_64."),
     log_retention_days: int = typer.Option(30, help="Days its logs are kept."),
-    code_dir: Optional[Path] = typer.Option(None, help="Folder with handler.py. [default: the repository's lambda/]"),
+    code_dir: Optional[Path] = typer.Option(None, help="Folder with handler.py. \\[default: the repository's lambda/]"),
     account_id: Optional[str] = typer.Option(None, help="Expected AWS account (checked; fills the ARNs of a --dry-run)."),
     region: Optional[str] = typer.Option(None, help=_REGION_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
@@ -494,7 +494,7 @@ def deploy_lambda_cmd(
 @deploy_app.command("status")
 def deploy_status_cmd(
     name: str = typer.Option(..., help="Endpoint name."),
-    lambda_name: Optional[str] = typer.Option(None, help="Function to report on. [default: ec2train-NAME]"),
+    lambda_name: Optional[str] = typer.Option(None, help="Function to report on. \\[default: ec2train-NAME]"),
     region: Optional[str] = typer.Option(None, help=_REGION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
@@ -545,7 +545,7 @@ def deploy_status_cmd(
 @deploy_app.command("delete")
 def deploy_delete_cmd(
     name: str = typer.Option(..., help="Endpoint name."),
-    lambda_name: Optional[str] = typer.Option(None, help="The Lambda function to remove too. [default: ec2train-NAME, if ec2train made it]"),
+    lambda_name: Optional[str] = typer.Option(None, help="The Lambda function to remove too. \\[default: ec2train-NAME, if ec2train made it]"),
     force: bool = typer.Option(False, "--force", help="Also delete an endpoint that ec2train did not create."),
     region: Optional[str] = typer.Option(None, help=_REGION_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
