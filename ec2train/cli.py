@@ -93,9 +93,7 @@ def fit(
 ):
     """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
 
-    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a
-    spot interruption notice: the last completed epoch's checkpoint is saved (and in S3 with
-    --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C.
+    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C.
     """
     if nproc_per_node is not None:
         _launch_torchrun(nproc_per_node)
