@@ -208,6 +208,38 @@ def archs():
     console.print(" ".join(classification_archs()))
 
 
+# ---------------------------------------------------------------- serve / export
+
+@app.command()
+def serve(
+    model: Path = typer.Option(Path("TrainedModels/model.pth"), help="Model file written by `ec2train fit`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8080, min=1, max=65535),
+    max_batch: int = typer.Option(8, min=1, help="Most requests grouped into one forward pass; 1 turns batching off."),
+    max_wait_ms: float = typer.Option(5.0, min=0, help="How long a batch may wait for requests still being decoded."),
+    workers: int = typer.Option(1, min=1, help="Server processes (each loads the model and batches on its own)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads per process. [default: torch's choice]"),
+    log_level: str = typer.Option("info", help="uvicorn log level: warning hides the access log."),
+):
+    """Serve a model over HTTP like the SageMaker endpoint: GET /ping, POST /invocations."""
+    from ec2train.server import run
+
+    run(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers, threads=threads, log_level=log_level)
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(Path("TrainedModels/model.pth"), help="Model file written by `ec2train fit`."),
+    package: Path = typer.Option(Path("model.tar.gz"), help="Where to write the SageMaker model package."),
+    # --s3-uri (upload the package) belongs here.
+):
+    """Build model.tar.gz for SageMaker: model.pth plus code/inference.py and the modules it needs."""
+    from ec2train.export import package_model
+
+    path = package_model(model, package)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): model.pth, code/inference.py, code/ec2train/")
+
+
 # ---------------------------------------------------------------- data
 
 @data_app.command("demo")
