@@ -24,9 +24,9 @@ CROP_RATIO = 0.875
 
 Source = Union[str, Path, bytes, BinaryIO]
 # Decoders allowed on untrusted bytes (the server, the SageMaker handler): the formats
-# photos come in ("MPO" is how Pillow opens many phone JPEGs). Nothing that can shell out
-# (EPS runs Ghostscript) or that few people send.
-SERVE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP")
+# photos come in (JPEG's opener also returns phone cameras' MPO files). Nothing that can
+# shell out (EPS runs Ghostscript) or that few people send.
+SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
 
 class ImageDecodeError(UserError):
@@ -57,7 +57,7 @@ def load_rgb(
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageDecodeError(f"image is {w}x{h} pixels, more than the limit of {max_pixels}")
-            if min_side and img.format == "JPEG" and min(w, h) > 2 * min_side:
+            if min_side and img.format in ("JPEG", "MPO") and min(w, h) > 2 * min_side:
                 scale = min_side / min(w, h)
                 img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
             img.load()

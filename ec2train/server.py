@@ -176,6 +176,7 @@ def _error_response(status: int, message: str, runtime_api: bool):
     original = json.dumps({"error": message})
     return JSONResponse(
         {
+            "ErrorCode": f"{kind.upper()}_ERROR_FROM_MODEL",
             "Message": f'Received {kind} error ({status}) from primary with message "{original}".',
             "OriginalStatusCode": status,
             "OriginalMessage": original,
