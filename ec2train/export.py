@@ -133,16 +133,10 @@ HANDLER_FILE = "inference.py"
 
 
 def handler_source() -> Path:
-    """serve/inference.py of this checkout (ec2train is installed from source: `pip install -e .`)."""
+    """The handler's source, shipped inside the ec2train package (serve/inference.py links to it)."""
     import ec2train
 
-    path = Path(ec2train.__file__).resolve().parent.parent / "serve" / HANDLER_FILE
-    if not path.is_file():
-        raise UserError(
-            f"cannot find the SageMaker handler at {path}; install ec2train from its source checkout "
-            "(git clone, then `pip install -e .`) so serve/inference.py is available"
-        )
-    return path
+    return Path(ec2train.__file__).resolve().parent / "_serve" / HANDLER_FILE
 
 
 def package_model(model_path: str | Path, out: str | Path) -> Path:

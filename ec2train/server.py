@@ -196,9 +196,12 @@ def create_app(
     device: str | None = None,
     max_bytes: int = MAX_REQUEST_BYTES,
     load: Callable[[], Predictor] | None = None,
+    load_first: bool = False,
 ):
     """The ASGI app. The model loads in the background after start-up (GET /ping says when).
 
+    `load_first` loads it before the server accepts connections instead: with several worker
+    processes on one socket, a worker that is still loading then takes no requests.
     `load` replaces how the Predictor is made (default: `Predictor(model_path, device)`).
     `app.state.stats` holds the batch counters; `app.state.on_load_error`, if set, is
     called with the exception when the model cannot be loaded.
@@ -240,6 +243,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         load_task = asyncio.create_task(start(app))
+        if load_first:
+            await load_task
+            if app.state.load_error is not None:
+                raise app.state.load_error  # uvicorn reports a failed start-up and the worker exits
         try:
             yield
         finally:
@@ -315,7 +322,7 @@ def _prepare(predictor: Predictor, body: bytes, content_type: str | None, attrib
 
 def app_from_env():
     """App factory for `--workers N` (each uvicorn worker process builds its own app)."""
-    return create_app(**json.loads(os.environ[_ENV_CONFIG]))
+    return create_app(**json.loads(os.environ[_ENV_CONFIG]), load_first=True)
 
 
 def run(

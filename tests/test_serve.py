@@ -7,6 +7,8 @@ import base64
 import importlib.util
 import io
 import json
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,6 +236,22 @@ def test_export_package_layout(package, trained_model):
         assert tar.extractfile("code/inference.py").read() == (ROOT / "serve" / "inference.py").read_bytes()
         assert all(m.uid == 0 and m.mtime == 0 for m in tar.getmembers())
     assert not list(package.parent.glob(".*.tmp"))  # written atomically: no temp file left behind
+
+
+def test_handler_ships_inside_the_wheel(tmp_path):
+    link = ROOT / "serve" / "inference.py"
+    assert link.is_symlink() and link.resolve() == (ROOT / "ec2train" / "_serve" / "inference.py").resolve()
+    # An installed (non-editable) ec2train must still be able to build the package.
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / item, src / item)
+    shutil.copytree(ROOT / "ec2train", src / "ec2train", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+                   check=True, capture_output=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    [wheel] = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("ec2train/_serve/inference.py") == link.read_bytes()
 
 
 ISOLATED = r"""
