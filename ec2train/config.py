@@ -35,7 +35,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 32  # per process; the global batch is batch_size * world size
     lr: float = 1e-3
-    scale_lr: bool = False  # lr *= global batch / 256 (the linear scaling rule)
+    scale_lr: bool = False  # lr *= world size (linear scaling: --lr is tuned for one process's batch)
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -352,6 +352,7 @@ def make_demo_dataset(
 
 def _download_http(url: str, part: Path, progress: Callable[[int, int | None], None] | None, timeout: float) -> None:
     """Download to `part`, resuming a previous partial download with an HTTP Range request."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -370,38 +371,24 @@ def _download_http(url: str, part: Path, progress: Callable[[int, int | None], N
             "or put it in S3 and pass --url s3://bucket/key"
         ) from None
     with resp:
-        if have and resp.status != 206:  # server ignored Range: start over
+        if have and getattr(resp, "status", None) != 206:  # Range ignored (or file://): start over
             have = 0
-        total = resp.length + have if resp.length is not None else None
+        length = resp.headers.get("Content-Length")
+        total = int(length) + have if length is not None else None
+        done = have
         with open(part, "ab" if have else "wb") as f:
-            done = have
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-
-
-def _download_s3(uri: str, part: Path, progress: Callable[[int, int | None], None] | None) -> None:
-    from ec2train import aws
-
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket or not key:
-        raise DataError(f"--url {uri}: expected s3://bucket/key")
-    s3 = aws.client("s3")
-    try:
-        total = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
-        done = 0
-
-        def cb(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total)
-
-        s3.download_file(bucket, key, str(part), Callback=cb)
-    except Exception as exc:  # botocore's ClientError / NoCredentialsError / EndpointConnectionError
-        raise DataError(f"cannot download {uri}: {exc}") from None
+            try:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+            except (OSError, http.client.HTTPException):
+                pass  # judged by the byte count below
+    if total is not None and done < total:
+        raise DataError(
+            f"download of {url} stopped at {done} of {total} bytes; run the same command again to resume it"
+        )
 
 
 def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
@@ -422,29 +409,40 @@ def _find_layout_root(folder: Path) -> Path:
 
 def fetch_dataset(
     url: str = DOG_IMAGES_URL,
-    dest: str | Path = ".",
-    name: str | None = None,
+    dest: str | Path = "dogImages",
     progress: Callable[[int, int | None], None] | None = None,
     timeout: float = 15.0,
     keep_archive: bool = False,
 ) -> Path:
-    """Download a zip of a data set (https, file or s3), verify it and unpack it to DEST/NAME.
+    """Download a zip of a data set (https, file or s3), verify it and unpack it as the folder
+    DEST; an s3://bucket/prefix/ (trailing slash) is a folder in the dogImages layout, copied as is.
 
-    The tree appears under its final name only once fully unpacked (temp folder + rename);
-    an interrupted download resumes from its `.part` file.
+    DEST appears only once fully unpacked (temp folder beside it, then rename); an interrupted
+    download resumes from DEST.zip.part.
     """
-    dest = Path(dest)
-    name = name or Path(url.split("?")[0].rstrip("/")).stem or "dataset"
-    target = dest / name
+    target = Path(dest)
     if target.is_dir() and all((target / s).is_dir() for s in SPLITS):
         return target
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / f"{name}.zip"
+    if target.exists():
+        raise DataError(f"--dest {target} exists but is not a data set; remove it or pick another --dest")
+    work, name = target.parent, target.name
+    work.mkdir(parents=True, exist_ok=True)
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "s3" and url.endswith("/"):  # a folder laid out as train/valid/test
+        from ec2train import s3
+
+        tmp = work / f".{name}.downloading"  # kept on failure: a rerun skips the files it has
+        s3.download_prefix(url, tmp, progress=progress)
+        os.replace(_find_layout_root(tmp), target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
+    archive = work / f"{name}.zip"
     if not archive.exists():
-        part = dest / f"{name}.zip.part"
-        scheme = url.split(":", 1)[0].lower()
+        part = work / f"{name}.zip.part"
         if scheme == "s3":
-            _download_s3(url, part, progress)
+            from ec2train import s3
+
+            s3.download_file(url, part, progress=progress)
         elif scheme in ("https", "http", "file"):
             _download_http(url, part, progress, timeout)
         else:
@@ -453,7 +451,7 @@ def fetch_dataset(
     if not zipfile.is_zipfile(archive):
         archive.unlink()
         raise DataError(f"{url} is not a zip archive (deleted the download); check the URL")
-    tmp = dest / f".{name}.unpacking"
+    tmp = work / f".{name}.unpacking"
     shutil.rmtree(tmp, ignore_errors=True)
     with zipfile.ZipFile(archive) as zf:
         bad = zf.testzip()

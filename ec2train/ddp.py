@@ -5,7 +5,9 @@ reductions and the rank-0 helpers. The rest of ec2train asks these helpers, neve
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -13,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ec2train.errors import UserError
+from ec2train.hw import HardwareError
 
 T = TypeVar("T")
 # Rank 0 may spend minutes on evaluation, test and uploads while the others wait.
@@ -73,14 +76,52 @@ def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
+def restart_namespace(environ: dict[str, str] | None = None) -> str | None:
+    """A store prefix that keeps a restarted worker group away from the dead one's keys, or None.
+
+    Since torch 2.4, torchrun's c10d rendezvous lends its workers one TCPStore for the whole job
+    (TORCHELASTIC_USE_AGENT_STORE=True) and torch no longer prefixes keys per restart, so after
+    `--max-restarts` a new worker can read a dead worker's address and fail to connect
+    (pytorch/pytorch#135712). TORCHELASTIC_RESTART_COUNT is the same on every rank only when one
+    agent runs them all, so that is the case fixed here; see restart_warning for several nodes.
+    """
+    e = os.environ if environ is None else environ
+    if e.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or e.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    return f"ec2train/attempt_{e.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def restart_warning(environ: dict[str, str] | None = None) -> str | None:
+    """Several nodes, --max-restarts and the shared store: restarts can fail; say how to fix it."""
+    e = os.environ if environ is None else environ
+    if (
+        e.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and e.get("GROUP_WORLD_SIZE", "1") != "1"
+        and int(e.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+    ):
+        return (
+            "torchrun --max-restarts across nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+            "environment on every node, or a restarted worker may reach a dead worker's address (pytorch#135712)"
+        )
+    return None
+
+
 def setup(env: DistEnv, device: str) -> None:
     """Join the process group (no-op for one process) and bind this process to its GPU."""
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if env.distributed and not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend_for(device), "timeout": BARRIER_TIMEOUT}
-        if device.startswith("cuda"):
+        # device_id (torch >= 2.3) binds NCCL to this GPU up front; older DLAMI torch lacks it.
+        if device.startswith("cuda") and "device_id" in inspect.signature(dist.init_process_group).parameters:
             kwargs["device_id"] = torch.device(device)
+        namespace = restart_namespace()
+        if namespace:
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=BARRIER_TIMEOUT))
+            kwargs.update(store=dist.PrefixStore(namespace, store), rank=rank, world_size=world_size)
+        warning = restart_warning()
+        if warning and env.is_main:
+            warnings.warn(warning, stacklevel=2)
         dist.init_process_group(**kwargs)
 
 
@@ -116,7 +157,23 @@ def any_rank(flag: bool, device: str = "cpu") -> bool:
     return bool(t.item())
 
 
+def gather_counts(count: float, device: str = "cpu") -> list[int]:
+    """Every rank's count, in rank order (e.g. the images each rank trained on)."""
+    if not active():
+        return [int(count)]
+    t = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    t[dist.get_rank()] = count
+    return [int(x) for x in all_reduce_sum(t, device).tolist()]
+
+
+def holder_of_newest(epochs: list[int]) -> int | None:
+    """The rank whose checkpoint has the most epochs (the lowest such rank); None if no rank has one (-1)."""
+    best = max(epochs, default=-1)
+    return None if best < 0 else epochs.index(best)
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
+    """rank src's picklable object on every rank (src is a global rank)."""
     if not active():
         return obj
     box = [obj]
@@ -135,8 +192,24 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     return result
 
 
+def use_sync_bn(requested: bool, device_type: str, world_size: int) -> bool:
+    """--sync-bn: convert BatchNorm to SyncBatchNorm only when several processes share statistics.
+
+    CUDA only: DDP refuses SyncBatchNorm on CPU modules ("SyncBatchNorm layers only work with
+    GPU modules"), so on the CPU it is an error up front rather than a crash after set-up.
+    """
+    if not requested:
+        return False
+    if device_type != "cuda":
+        raise HardwareError(
+            "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
+            "drop --sync-bn to train on the CPU"
+        )
+    return world_size > 1
+
+
 def wrap_model(model: torch.nn.Module, device: str, sync_bn: bool) -> torch.nn.Module:
-    """DDP-wrap for several processes (optionally with SyncBatchNorm); unchanged for one."""
+    """DDP-wrap for several processes (SyncBatchNorm when sync_bn, see use_sync_bn); unchanged for one."""
     if not active():
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -158,6 +231,11 @@ def resolve_nproc(value: str, gpu_count: int) -> int:
     if n < 1:
         raise UserError(f"--nproc-per-node {n}: must be at least 1")
     return n
+
+
+def threads_per_process(cpus: int, nproc: int) -> int:
+    """OpenMP threads per worker so that N processes on one box share its cores instead of fighting."""
+    return max(1, cpus // max(1, nproc))
 
 
 def torchrun_command(python: str, nproc: int, fit_args: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ec2train.errors import UserError
 from ec2train.model import MODEL_FORMAT, ModelError, clean_state_dict
 
 CHECKPOINT_FORMAT = "ec2train.checkpoint/1"
@@ -122,3 +123,55 @@ def write_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: 
     if label_w:
         draw.text((label_w, 4), "rows: true class, columns: predicted", fill="black")
     return atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+# ---------------------------------------------------------------- SageMaker model package
+
+# The part of ec2train the SageMaker handler imports: torch, torchvision and Pillow only.
+PACKAGE_MODULES = ("__init__", "errors", "model", "preprocess", "infer")
+HANDLER_FILE = "inference.py"
+
+
+def handler_source() -> Path:
+    """The handler's source, shipped inside the ec2train package (serve/inference.py links to it)."""
+    import ec2train
+
+    return Path(ec2train.__file__).resolve().parent / "_serve" / HANDLER_FILE
+
+
+def package_model(model_path: str | Path, out: str | Path) -> Path:
+    """Write model.tar.gz in SageMaker's layout, atomically.
+
+    model.pth at the top; code/inference.py (the handler) and code/ec2train/ (the import-free
+    modules it needs). No code/requirements.txt: the AWS PyTorch inference container already
+    has torch, torchvision and Pillow, and nothing else is imported. Entries have fixed
+    owners, modes and times, so the same inputs give the same archive.
+    """
+    import gzip
+    import tarfile
+
+    import ec2train
+    from ec2train.model import read_model_file
+
+    model_path, out = Path(model_path), Path(out)
+    if out.is_dir():
+        raise UserError(f"--package {out} is a folder; give the archive's file name, e.g. {out / 'model.tar.gz'}")
+    read_model_file(model_path)  # refuse a file the endpoint could not load, before uploading anything
+    package_dir = Path(ec2train.__file__).resolve().parent
+    members = [("model.pth", model_path), (f"code/{HANDLER_FILE}", handler_source())]
+    members += [(f"code/ec2train/{name}.py", package_dir / f"{name}.py") for name in PACKAGE_MODULES]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for folder in ("code", "code/ec2train"):
+                    info = tarfile.TarInfo(folder)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                for name, src in members:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode = src.stat().st_size, 0o644
+                    with open(src, "rb") as f:
+                        tar.addfile(info, f)
+
+    return atomic_write(out, write)

@@ -1,36 +1,202 @@
 """Predictions from a model file: top-k class names with probabilities.
 
-Used by `ec2train predict`, the local server and the SageMaker handler alike. Imports only
-torch, torchvision and Pillow (it ships inside the SageMaker model package).
+Used by `ec2train predict`, the local server and the SageMaker handler alike, together with
+the one parser of prediction requests (`parse_request`). Imports only torch, torchvision,
+Pillow and the standard library (it ships inside the SageMaker model package).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from ec2train.errors import UserError
 from ec2train.model import model_from_file
-from ec2train.preprocess import Source, eval_transform, load_rgb, resize_size
+from ec2train.preprocess import (
+    SERVE_FORMATS,
+    ImageDecodeError,
+    Source,
+    eval_transform,
+    load_rgb,
+    refuse_decompression_bombs,
+    resize_size,
+)
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = 40_000_000
+# SageMaker's real-time InvokeEndpoint payload limit; the local server applies the same.
+MAX_REQUEST_BYTES = 6 * 1024 * 1024
+DEFAULT_TOP_K = 5
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
+JSON_TYPE = "application/json"
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+JSON_FIELDS = ("image", "top_k", "logits")
+_DATA_URI = re.compile(r"^data:[\w.+/-]+;base64,", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- requests
+
+class RequestError(UserError):
+    """A prediction request the client must fix; `status` is its HTTP status code."""
+
+    status = 400
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+
+
+class NotAcceptable(RequestError):
+    status = 406
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated prediction request: the image's bytes and what to answer."""
+
+    image: bytes
+    top_k: int = DEFAULT_TOP_K
+    logits: bool = False
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _top_k(value: Any, where: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RequestError(f"{where} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise RequestError(f"{where} must be true or false, got {value!r}")
+
+
+def parse_custom_attributes(value: str | None) -> dict[str, Any]:
+    """`top_k=3` (and `logits=true`) from SageMaker's custom-attributes header.
+
+    The header is opaque to SageMaker and may carry other things (trace ids), so pairs are
+    split on ',' or ';' and keys we do not know are ignored.
+    """
+    out: dict[str, Any] = {}
+    for part in re.split(r"[;,]", value or ""):
+        key, eq, val = part.partition("=")
+        key = key.strip().lower()
+        if not eq:
+            continue
+        if key == "top_k":
+            out["top_k"] = _top_k(val.strip(), f"{CUSTOM_ATTRIBUTES_HEADER} top_k")
+        elif key == "logits":
+            out["logits"] = _flag(val, f"{CUSTOM_ATTRIBUTES_HEADER} logits")
+    return out
+
+
+def _decode_base64(text: Any) -> bytes:
+    if not isinstance(text, str) or not text:
+        raise RequestError('"image" must be a non-empty base64 string of the image file\'s bytes')
+    text = _DATA_URI.sub("", text, count=1)
+    try:
+        # `base64 FILE` wraps lines; whitespace is not data.
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f'"image" is not valid base64 ({exc})') from None
+
+
+def parse_request(
+    body: bytes | str,
+    content_type: str | None,
+    custom_attributes: str | None = None,
+    max_bytes: int = MAX_REQUEST_BYTES,
+) -> Request:
+    """Validate a request body (image bytes or JSON with a base64 image) into a Request.
+
+    Options come from the custom-attributes header, then the JSON body (which wins).
+    The endpoint never fetches URLs: it needs no internet, and the Lambda does that safely.
+    """
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body or b"")
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"request body is {len(raw)} bytes, more than the limit of {max_bytes}; send a smaller image")
+    media = _media_type(content_type)
+    options = parse_custom_attributes(custom_attributes)
+    if media in IMAGE_TYPES:
+        if not raw:
+            raise RequestError("empty request body; send the image file's bytes")
+        return Request(image=raw, **options)
+    if media != JSON_TYPE:
+        raise UnsupportedMediaType(
+            f"unsupported content type {content_type!r}; send one of {', '.join(IMAGE_TYPES + (JSON_TYPE,))}"
+        )
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"body is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise RequestError('JSON body must be an object like {"image": "<base64>", "top_k": 5}')
+    if "url" in doc:
+        raise RequestError('this endpoint does not fetch URLs; send the image base64-encoded in "image"')
+    unknown = sorted(set(doc) - set(JSON_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(JSON_FIELDS)}")
+    if "image" not in doc:
+        raise RequestError('JSON body has no "image" (the image file\'s bytes, base64-encoded)')
+    if "top_k" in doc:
+        options["top_k"] = _top_k(doc["top_k"], '"top_k"')
+    if "logits" in doc:
+        options["logits"] = _flag(doc["logits"], '"logits"')
+    return Request(image=_decode_base64(doc["image"]), **options)
+
+
+def check_accept(accept: str | None) -> None:
+    """Answers are JSON; refuse an Accept header that rules JSON out."""
+    kinds = [_media_type(a) for a in (accept or "").split(",")]
+    if not any(k in ("", "*/*", "application/*", JSON_TYPE) for k in kinds):
+        raise NotAcceptable(f"cannot answer in {accept!r}; answers are {JSON_TYPE}")
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode("utf-8")
+
+
+# ---------------------------------------------------------------- predictor
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Predictor:
     """A model file loaded once, with the preprocessing that travelled inside it."""
 
-    def __init__(self, model_path: str | Path, device: str = "cpu"):
+    def __init__(self, model_path: str | Path, device: str = "cpu", max_pixels: int = MAX_PIXELS):
         self.model, self.meta = model_from_file(model_path)
         self.device = device
         self.model.to(device)
         self.class_names: list[str] = list(self.meta["class_names"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, tuple(self.meta["mean"]), tuple(self.meta["std"]))
+        self.max_pixels = max_pixels
+        refuse_decompression_bombs()
 
     def preprocess(self, source: Source) -> torch.Tensor:
-        img = load_rgb(source, min_side=resize_size(self.image_size), max_pixels=MAX_PIXELS)
+        """Decode (safe formats only, pixel limit) and transform one image; ImageDecodeError if unusable."""
+        img = load_rgb(source, min_side=resize_size(self.image_size), max_pixels=self.max_pixels, formats=SERVE_FORMATS)
         return self.transform(img)
 
     @torch.inference_mode()
@@ -52,3 +218,25 @@ class Predictor:
     def predict(self, sources: Sequence[Source], k: int = 5) -> list[list[dict[str, Any]]]:
         batch = torch.stack([self.preprocess(s) for s in sources])
         return self.top_k(self.logits(batch), k)
+
+    def predict_tensors(self, tensors: Sequence[torch.Tensor], requests: Sequence[Request]) -> list[dict[str, Any]]:
+        """One forward pass over preprocessed images; an answer per request, each with its own top_k/logits."""
+        logits = self.logits(torch.stack(list(tensors)))
+        answers = []
+        for row, req in zip(logits, requests):
+            answer: dict[str, Any] = {"predictions": self.top_k(row[None], req.top_k)[0]}
+            if req.logits:
+                answer["logits"] = [float(x) for x in row.tolist()]
+            answers.append(answer)
+        return answers
+
+    def prepare(self, request: Request) -> torch.Tensor:
+        """A request's image as a model input; an unusable image is the client's error (400)."""
+        try:
+            return self.preprocess(request.image)
+        except ImageDecodeError as exc:
+            raise RequestError(str(exc)) from None
+
+    def answer(self, request: Request) -> dict[str, Any]:
+        """Decode, preprocess and predict one request (no batching: the SageMaker handler's path)."""
+        return self.predict_tensors([self.prepare(request)], [request])[0]

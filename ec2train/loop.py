@@ -209,24 +209,70 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     return cfg.lr * world_size if cfg.scale_lr else cfg.lr
 
 
-def resume_source(resume: str, output: Path, torchrun: bool) -> str | None:
+def resume_source(resume: str, output: Path, torchrun: bool, s3_uri: str = "") -> str | None:
     """Which checkpoint to resume from: None for a fresh start.
 
     '' is 'auto' under torchrun (so --max-restarts continues) and 'never' otherwise.
+    auto: output/last.pt, else <s3_uri>/last.pt (a fresh instance with an empty disk).
     """
     mode = resume or ("auto" if torchrun else "never")
     if mode == "never":
         return None
     if mode == "auto":
         local = output / CHECKPOINT_FILE
-        return str(local) if local.is_file() else None
+        if local.is_file():  # written before it is uploaded, so never older than the S3 copy
+            return str(local)
+        if s3_uri:
+            from ec2train import s3
+
+            return s3.find_checkpoint(s3_uri)
+        return None
     if not mode.startswith("s3://") and not Path(mode).is_file():
         raise ResumeError(f"--resume {mode}: no such checkpoint; use --resume auto to start fresh when there is none")
     return mode
 
 
-def fetch_checkpoint(source: str) -> dict[str, Any]:
+def fetch_checkpoint(source: str, output: Path | None = None) -> dict[str, Any]:
+    """Load a checkpoint; an s3:// one is downloaded into output first (with its model.pth)."""
+    if source.startswith("s3://"):
+        from ec2train import s3
+
+        if output is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return load_checkpoint(s3.download_run(source, tmp))
+        source = str(s3.download_run(source, output))
     return load_checkpoint(source)
+
+
+def agreed_checkpoint(
+    resume: str, output: Path, env: ddp.DistEnv, s3_uri: str = ""
+) -> tuple[str | None, dict[str, Any] | None]:
+    """(source, checkpoint) that every rank resumes from, read once and broadcast, so nodes need no
+    shared disk. Rank 0 decides, except in auto mode, where each node offers its own newest last.pt
+    and the one with the most epochs wins: after a restart, c10d may put rank 0 on another node
+    (it orders nodes by host name), one without the checkpoint."""
+    torchrun = ddp.under_torchrun()
+    auto = (resume or ("auto" if torchrun else "never")) == "auto"
+    offer = None
+    if env.is_main or (auto and env.local_rank == 0):
+        path = resume_source(resume, output, torchrun, s3_uri)
+        offer = (path, fetch_checkpoint(path, output)) if path else None
+    src = ddp.holder_of_newest(ddp.gather_counts(offer[1]["epoch"] if offer else -1))
+    if src is None:
+        return None, None
+    return ddp.broadcast_object(offer if env.rank == src else None, src=src)
+
+
+def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the per-step lr schedule at `step` of THIS run (its lr and steps per epoch): a resumed
+    job may run with another world size than the one that wrote the checkpoint."""
+    scheduler.last_epoch = step
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * f(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, class_folders: list[str]) -> None:
@@ -330,14 +376,15 @@ def fit(
     device = ddp.select_device(cfg.device, env.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     device_type = device.split(":")[0]
     amp = hw.amp_policy(cfg.amp, device_type, hw.device_capability(device))
+    sync_bn = ddp.use_sync_bn(cfg.sync_bn, device_type, env.world_size)
     ddp.setup(env, device)
     try:
-        return _fit(cfg, env, device, amp, console, should_stop, on_epoch)
+        return _fit(cfg, env, device, amp, sync_bn, console, should_stop, on_epoch)
     finally:
         ddp.cleanup()
 
 
-def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
+def _fit(cfg, env, device, amp, sync_bn, console, should_stop, on_epoch) -> FitResult:
     t_start = time.perf_counter()
     device_type = device.split(":")[0]
     output = Path(cfg.output)
@@ -375,7 +422,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
     scaler = torch.amp.GradScaler(device_type) if amp.use_scaler else None
     ctx = StepContext(device, amp, channels_last, scaler)
     # With --cache-features only the head trains (features.py wraps it); the full model only tests.
-    model = net if cfg.cache_features else ddp.wrap_model(net, device, cfg.sync_bn)
+    model = net if cfg.cache_features else ddp.wrap_model(net, device, sync_bn)
     if cfg.compile and not cfg.cache_features:
         model = torch.compile(model)
     head = net.get_submodule(head_name)
@@ -384,13 +431,12 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
     start_epoch, best_acc, best_epoch, stale, history = 0, -1.0, -1, 0, []
     best_state: dict[str, torch.Tensor] | None = None
     run_name = f"{cfg.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    source = ddp.broadcast_object(resume_source(cfg.resume, output, ddp.under_torchrun()) if env.is_main else None)
-    if source:
-        ckpt = ddp.broadcast_object(fetch_checkpoint(source) if env.is_main else None)
+    source, ckpt = agreed_checkpoint(cfg.resume, output, env, cfg.s3_uri)
+    if ckpt:
         check_compatible(ckpt, cfg, class_folders)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        seek_schedule(scheduler, ckpt["epoch"] * len(train_loader))
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -411,7 +457,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
         f"{cfg.arch} on {device} ({'frozen backbone' if cfg.frozen else 'full fine-tune'}), amp {amp.name}, "
         f"{num_classes} classes, {len(train_ds)} train / {len(valid_ds)} valid images\n"
         f"world size {env.world_size}, per-rank batch {cfg.batch_size}, global batch {cfg.batch_size * env.world_size}, "
-        f"lr {lr:g}, {workers} loader workers per process"
+        f"lr {lr:g}, {workers} loader workers per process{', SyncBatchNorm' if sync_bn else ''}"
     )
 
     # ---- frozen backbone fast path: features computed once, the head trains from them
@@ -463,7 +509,7 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
         record = {
             "epoch": epoch + 1, "train_loss": train["loss"], "train_acc1": train["acc1"], "valid_loss": valid["loss"],
             "valid_acc1": valid["acc1"], "valid_acc5": valid["acc5"], "lr": optimizer.param_groups[0]["lr"],
-            "images_per_second": ips, "seconds": seconds,
+            "images_per_second": ips, "seconds": seconds, "images_per_rank": ddp.gather_counts(meter.count, device),
         }
         history.append(record)
         report.log(
@@ -491,7 +537,13 @@ def _fit(cfg, env, device, amp, console, should_stop, on_epoch) -> FitResult:
             )
         ddp.barrier()
         if on_epoch:
-            on_epoch(epoch, record)
+            try:
+                on_epoch(epoch, record)
+            except BaseException:
+                # The hook may end the run (a pruned tuning trial): do not leak the writer's file and thread.
+                if writer:
+                    writer.close()
+                raise
 
     if interrupted:
         if writer:

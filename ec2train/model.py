@@ -137,9 +137,8 @@ def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
     """Drop the prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 

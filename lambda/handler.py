@@ -74,6 +74,15 @@ def reset_client() -> None:
     _client = None
 
 
+def _model_error_reason(original_message) -> str:
+    """The container's {"error": ...} text, bounded; never the raw body of something else."""
+    try:
+        reason = json.loads(original_message)["error"]
+    except (TypeError, ValueError, KeyError):
+        return "it was refused"
+    return str(reason)[:200] if isinstance(reason, str) else "it was refused"
+
+
 def _invoke_endpoint(endpoint: str, image: bytes, top_k: int) -> list[dict]:
     from botocore.exceptions import (
         BotoCoreError,
@@ -96,6 +105,11 @@ def _invoke_endpoint(endpoint: str, image: bytes, top_k: int) -> list[dict]:
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "Unknown")
         if code == "ModelError":
+            # SageMaker passes the container's own status on: a 4xx there is the caller's image.
+            original = exc.response.get("OriginalStatusCode")
+            if isinstance(original, int) and 400 <= original < 500:
+                reason = _model_error_reason(exc.response.get("OriginalMessage"))
+                raise BadRequest(f"the endpoint could not use this image: {reason}", 413 if original == 413 else 400) from None
             raise BadRequest("the model failed on this image (ModelError)", 502) from None
         if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 413:
             raise BadRequest("image is too large for the endpoint", 413) from None

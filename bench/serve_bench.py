@@ -1,0 +1,285 @@
+"""Latency and throughput of `ec2train serve` against the classic endpoint script's way.
+
+Three servers on the same model file, the same HTTP stack (starlette + uvicorn) and the
+same photo-sized JPEGs, each in its own process:
+
+  batched    `ec2train serve --max-batch 8 --max-wait-ms 5` (dynamic batching)
+  unbatched  `ec2train serve --max-batch 1`
+  classic    the starter endpoint script's handler: network and transform rebuilt by hand,
+             full-size decode, one forward pass per request in the request's own thread
+
+Each is driven at concurrency 1, 8 and 32 by keep-alive HTTP clients, in interleaved
+rounds; the table shows requests/s, p50 and p99 latency, and top-1 accuracy as a check
+that all did the same work; ratios against classic follow. Every server gets the same
+torch thread count (--threads, default 1). With no --model, a tiny resnet18 is trained on
+demo data first (and reused on the next run).
+
+    python bench/serve_bench.py                       # 2-3 minutes on 2 cores
+    python bench/serve_bench.py --model TrainedModels/model.pth --image-size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------- the classic handler (baseline)
+
+def classic_app(model_path: str):
+    """The way the classic endpoint script serves: everything by hand, per request."""
+    import torch
+    from PIL import Image
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from torch import nn
+    from torchvision import models, transforms
+
+    # Rebuilt by hand: the architecture, the head and the input size must be typed to match
+    # training (here they are read from the file only so the bench works for any size).
+    saved = torch.load(model_path, map_location="cpu", weights_only=True)
+    size, num_classes = int(saved["image_size"]), int(saved["num_classes"])
+    model = models.resnet18(weights=None)
+    model.fc = nn.Linear(512, num_classes)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+
+    def input_fn(body: bytes):
+        transform = transforms.Compose([
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize(saved["mean"], saved["std"]),  # the original had none; kept for equal answers
+        ])
+        return transform(Image.open(io.BytesIO(body)).convert("RGB")).unsqueeze(0)
+
+    def predict_fn(tensor):
+        with torch.no_grad():
+            return model(tensor)
+
+    def handle(body: bytes) -> str:
+        return json.dumps(predict_fn(input_fn(body)).tolist())  # raw logits, as the original answered
+
+    async def invocations(request):  # each request in its own thread, one forward pass each
+        body = await request.body()
+        return Response(await run_in_threadpool(handle, body), media_type="application/json")
+
+    def ping(request):
+        return Response("{}", media_type="application/json")
+
+    return Starlette(routes=[Route("/ping", ping), Route("/invocations", invocations, methods=["POST"])])
+
+
+def run_classic(model_path: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(classic_app(model_path), host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------- set-up
+
+def tiny_model(workdir: Path, image_size: int) -> Path:
+    """A resnet18 trained briefly on demo data (reused when already there)."""
+    from ec2train.config import resolve
+    from ec2train.data import make_demo_dataset
+    from ec2train.loop import fit
+
+    out = workdir / f"model-{image_size}"
+    if (out / "model.pth").is_file():
+        return out / "model.pth"
+    data = make_demo_dataset(workdir / "demo", classes=4, per_class=32, size=64, seed=1)
+    print(f"training a tiny resnet18 at {image_size} px on {data} ...", flush=True)
+    cfg = resolve(data=str(data), output=str(out), logdir=str(workdir / "runs"), arch="resnet18", weights="none",
+                  image_size=image_size, batch_size=16, lr=3e-3, workers=0, epochs=2)
+    return fit(cfg).model_path
+
+
+def photo_bodies(workdir: Path) -> list[tuple[str, bytes]]:
+    """Demo test images as 500x375 JPEGs (a typical dogImages photo size): (class, bytes)."""
+    from PIL import Image
+
+    out = []
+    for folder in sorted((workdir / "demo" / "test").iterdir()):
+        for path in sorted(folder.iterdir())[:4]:
+            buf = io.BytesIO()
+            Image.open(path).convert("RGB").resize((500, 375)).save(buf, format="JPEG", quality=90)
+            out.append((folder.name.split(".", 1)[1], buf.getvalue()))
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
+    # Every server gets the same torch/OpenMP thread count (see --threads).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {' '.join(cmd)}\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server did not answer /ping: {' '.join(cmd)}")
+
+
+# ---------------------------------------------------------------- load
+
+def drive(port: int, bodies: list[tuple[str, bytes]], labels: list[str], concurrency: int, total: int) -> dict:
+    """`total` requests from `concurrency` keep-alive clients; latency percentiles and rate."""
+    latencies: list[float] = []
+    correct = failures = 0
+    lock = threading.Lock()
+    counter = itertools.count()
+
+    def client() -> None:
+        nonlocal correct, failures
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while (i := next(counter)) < total:
+            label, body = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            conn.request("POST", "/invocations", body, {"Content-Type": "image/jpeg"})
+            resp = conn.getresponse()
+            data = resp.read()
+            dt = time.perf_counter() - t0
+            answer = json.loads(data) if resp.status == 200 else None
+            if isinstance(answer, dict):
+                top = answer["predictions"][0]["label"]
+            elif isinstance(answer, list):  # classic: raw logits
+                row = answer[0]
+                top = labels[max(range(len(row)), key=row.__getitem__)]
+            else:
+                top = None
+            with lock:
+                latencies.append(dt)
+                failures += resp.status != 200
+                correct += top == label
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return {"rps": total / wall, "p50": statistics.median(latencies) * 1000, "p99": pick(0.99),
+            "acc": correct / total, "failures": failures}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model.pth to serve (resnet18; default: train a tiny one)")
+    ap.add_argument("--image-size", type=int, default=96, help="input size of the tiny model trained when no --model")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ec2train-serve-bench"))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=6, help="requests per client at each concurrency (at least 48 in all)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per server process, the same for all three (1: on a small or shared box, "
+                         "multi-threaded ops stall whenever their threads are not scheduled together)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--classic-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.classic_server:
+        return run_classic(args.model, args.classic_server)
+
+    import torch
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else tiny_model(workdir, args.image_size)
+    meta = torch.load(model, map_location="cpu", weights_only=True)
+    if meta.get("arch") != "resnet18":
+        raise SystemExit(f"{model}: the classic baseline rebuilds a resnet18 by hand; this model is {meta.get('arch')}")
+    if not (workdir / "demo" / "test").is_dir():
+        from ec2train.data import make_demo_dataset
+
+        make_demo_dataset(workdir / "demo", classes=4, per_class=32, size=64, seed=1)
+    bodies = photo_bodies(workdir)
+    labels = list(meta["class_names"])
+    if not {label for label, _ in bodies} <= set(labels):
+        print("note: the model's classes are not the demo classes; the accuracy column means nothing")
+    py = sys.executable
+    servers = {
+        "batched": [py, "-m", "ec2train", "serve", "--model", str(model), "--max-batch", str(args.max_batch),
+                    "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"],
+        "unbatched": [py, "-m", "ec2train", "serve", "--model", str(model), "--max-batch", "1", "--log-level", "warning"],
+        "classic": [py, __file__, "--model", str(model), "--classic-server"],
+    }
+    print(f"model {model} ({meta['arch']}, {meta['image_size']} px, {len(labels)} classes); "
+          f"{len(bodies)} JPEGs of 500x375; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"{args.threads} torch thread(s) per server", flush=True)
+    procs, ports = {}, {}
+    try:
+        for name, cmd in servers.items():  # all up at once; only the one being measured is busy
+            ports[name] = port = free_port()
+            port_args = [str(port)] if name == "classic" else ["--port", str(port), "--threads", str(args.threads)]
+            procs[name] = start(cmd + port_args, port, args.threads, workdir / f"{name}.log")
+            drive(port, bodies, labels, 2, 16)  # warm-up
+        # Rounds interleave the servers, so a noisy neighbour on a shared box hits all alike;
+        # each cell keeps its fastest round.
+        results: dict[tuple[str, int], dict] = {}
+        for rnd in range(args.rounds):
+            for c in args.concurrency:
+                for name in servers:
+                    r = drive(ports[name], bodies, labels, c, max(48, c * args.requests))
+                    print(f"  round {rnd + 1} {name:9s} c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  "
+                          f"p99 {r['p99']:7.1f} ms", flush=True)
+                    if (name, c) not in results or r["rps"] > results[name, c]["rps"]:
+                        results[name, c] = r
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['batched']}/stats") as resp:
+            stats = json.loads(resp.read())
+        print(f"batched server: {stats['images']} images in {stats['batches']} forward passes; sizes {stats['batch_sizes']}")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(30)
+
+    print()
+    print("| server | concurrency | req/s | p50 ms | p99 ms | top-1 acc | failures |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (name, c), r in results.items():
+        print(f"| {name} | {c} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['acc']:.2f} | {r['failures']} |")
+    print()
+    print("| concurrency | throughput batched/classic | unbatched/classic | batched/unbatched | p50 classic/batched | p99 classic/batched |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for c in args.concurrency:
+        b, u, k = results["batched", c], results["unbatched", c], results["classic", c]
+        print(f"| {c} | {b['rps'] / k['rps']:.2f}x | {u['rps'] / k['rps']:.2f}x | {b['rps'] / u['rps']:.2f}x | "
+              f"{k['p50'] / b['p50']:.2f}x | {k['p99'] / b['p99']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

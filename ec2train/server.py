@@ -1,0 +1,364 @@
+"""A local HTTP server that behaves like the SageMaker endpoint, with dynamic batching.
+
+Routes: GET /ping (200 once the model is loaded, 503 before), POST /invocations (the
+container contract), POST /endpoints/{name}/invocations (so a boto3 `sagemaker-runtime`
+client with `endpoint_url=` works unchanged; errors come back the way SageMaker returns
+them, as ModelError), GET /stats (batching counters).
+
+Requests are read and decoded off the event loop (thread pool); a single batcher task groups
+the tensors of concurrent requests into one forward pass, run in its own thread so the loop
+keeps accepting requests meanwhile. Built on starlette + uvicorn (the `serve` extra),
+imported lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ec2train.errors import UserError
+from ec2train.infer import (
+    CUSTOM_ATTRIBUTES_HEADER,
+    JSON_TYPE,
+    MAX_REQUEST_BYTES,
+    PayloadTooLarge,
+    Predictor,
+    Request,
+    RequestError,
+    check_accept,
+    default_device,
+    parse_request,
+)
+
+log = logging.getLogger("uvicorn.error")  # shows beside uvicorn's own lines, in its format
+_ENV_CONFIG = "EC2TRAIN_SERVE_CONFIG"  # how `--workers N` hands the settings to each process
+# A body over the limit is still read (and dropped) up to this much, so the client gets
+# the 413 instead of a reset connection; beyond it the connection is cut.
+_DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+def _require_serve_deps():
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise UserError(
+            f"the local server needs starlette and uvicorn ({exc.name} is missing); "
+            "install them with: pip install 'ec2train[serve]'"
+        ) from None
+    return uvicorn
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did: forward passes, images, and how many passes had each size."""
+
+    batches: int = 0
+    images: int = 0
+    sizes: Counter = field(default_factory=Counter)
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.images += size
+        self.sizes[size] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "images": self.images,
+            "max_batch_size": max(self.sizes, default=0),
+            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+        }
+
+
+@dataclass
+class _Item:
+    tensor: Any
+    request: Request
+    future: asyncio.Future
+
+
+class Batcher:
+    """Groups concurrent requests into one forward pass (dynamic batching).
+
+    After the first request arrives it takes every request already queued, and waits up to
+    `max_wait_ms` more only while other requests are still being read or decoded, so a lone
+    request never waits. Under load, requests pile up during each forward pass and the next
+    pass takes them all (up to `max_batch`). `max_batch=1` turns batching off.
+    """
+
+    def __init__(self, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor, stats: BatchStats):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.executor = executor
+        self.stats = stats
+        self.predictor: Predictor | None = None
+        self.preparing = 0  # requests received and still being read/decoded (event-loop only)
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+    async def submit(self, tensor: Any, request: Request) -> dict[str, Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Item(tensor, request, future))
+        return await future
+
+    async def _collect(self) -> list[_Item]:
+        loop = asyncio.get_running_loop()
+        items = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait
+        while len(items) < self.max_batch:
+            if not self.queue.empty():
+                items.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if self.preparing == 0 or remaining <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return [it for it in items if not it.future.done()]  # a client that went away is skipped
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.predictor is not None
+        while True:
+            items = await self._collect()
+            if not items:
+                continue
+            try:
+                answers = await loop.run_in_executor(
+                    self.executor, self.predictor.predict_tensors, [it.tensor for it in items], [it.request for it in items]
+                )
+            except Exception as exc:  # a failed pass fails its requests (500), not the server
+                log.exception("forward pass failed")
+                for it in items:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+                continue
+            self.stats.record(len(items))
+            for it, answer in zip(items, answers):
+                if not it.future.done():
+                    it.future.set_result(answer)
+
+
+async def _read_body(request: Any, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= max_bytes:
+            chunks.append(chunk)
+        elif size > _DRAIN_LIMIT:
+            break
+    if size > max_bytes:
+        shown = declared if declared.isdigit() else f"more than {size}"
+        raise PayloadTooLarge(f"request body is {shown} bytes, more than the limit of {max_bytes}; send a smaller image")
+    return b"".join(chunks)
+
+
+def _error_response(status: int, message: str, runtime_api: bool):
+    """{"error": ...} with the status; on the runtime-API route, wrapped the way SageMaker does it."""
+    from starlette.responses import JSONResponse
+
+    if not runtime_api or status == 413:  # SageMaker refuses oversized payloads itself, with 413
+        return JSONResponse({"error": message}, status_code=status)
+    kind = "client" if status < 500 else "server"
+    original = json.dumps({"error": message})
+    return JSONResponse(
+        {
+            "ErrorCode": f"{kind.upper()}_ERROR_FROM_MODEL",
+            "Message": f'Received {kind} error ({status}) from primary with message "{original}".',
+            "OriginalStatusCode": status,
+            "OriginalMessage": original,
+            "error": message,
+        },
+        status_code=424,
+        headers={"x-amzn-ErrorType": "ModelError"},
+    )
+
+
+def create_app(
+    model_path: str | Path,
+    max_batch: int = 8,
+    max_wait_ms: float = 5.0,
+    *,
+    threads: int | None = None,
+    device: str | None = None,
+    max_bytes: int = MAX_REQUEST_BYTES,
+    load: Callable[[], Predictor] | None = None,
+    load_first: bool = False,
+):
+    """The ASGI app. The model loads in the background after start-up (GET /ping says when).
+
+    `load_first` loads it before the server accepts connections instead: with several worker
+    processes on one socket, a worker that is still loading then takes no requests.
+    `load` replaces how the Predictor is made (default: `Predictor(model_path, device)`).
+    `app.state.stats` holds the batch counters; `app.state.on_load_error`, if set, is
+    called with the exception when the model cannot be loaded.
+    """
+    _require_serve_deps()
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    stats = BatchStats()
+    forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ec2train-forward")
+    batcher = Batcher(max_batch, max_wait_ms, forward_pool, stats)
+    loader = load or (lambda: Predictor(model_path, device=device or default_device()))
+
+    def load_model() -> Predictor:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return loader()
+
+    async def start(app) -> None:
+        state = app.state
+        try:
+            predictor = await asyncio.get_running_loop().run_in_executor(forward_pool, load_model)
+        except Exception as exc:  # a bad model file: /ping stays 503 with the reason
+            state.load_error = exc
+            log.error("cannot load the model: %s", exc)
+            if state.on_load_error:
+                state.on_load_error(exc)
+            return
+        batcher.predictor = predictor
+        state.batch_task = asyncio.create_task(batcher.run())
+        state.predictor = predictor
+        log.info("model %s loaded: %s, %d classes, %d px; max batch %d, max wait %g ms",
+                 model_path, predictor.meta["arch"], len(predictor.class_names), predictor.image_size, max_batch, max_wait_ms)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        load_task = asyncio.create_task(start(app))
+        if load_first:
+            await load_task
+            if app.state.load_error is not None:
+                raise app.state.load_error  # uvicorn reports a failed start-up and the worker exits
+        try:
+            yield
+        finally:
+            load_task.cancel()
+            if app.state.batch_task is not None:
+                app.state.batch_task.cancel()
+            forward_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def ping(request):
+        state = request.app.state
+        if state.predictor is not None:
+            return JSONResponse({"status": "ready"})
+        if state.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(state.load_error)}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    async def invoke(request, runtime_api: bool):
+        state = request.app.state
+        predictor = state.predictor
+        if predictor is None:
+            why = "the model failed to load" if state.load_error is not None else "the model is still loading"
+            return _error_response(503, f"{why}; retry when GET /ping answers 200", runtime_api)
+        try:
+            batcher.preparing += 1
+            try:
+                body = await _read_body(request, max_bytes)
+                check_accept(request.headers.get("accept"))
+                req, tensor = await run_in_threadpool(
+                    _prepare, predictor, body, request.headers.get("content-type"),
+                    request.headers.get(CUSTOM_ATTRIBUTES_HEADER), max_bytes,
+                )
+            finally:
+                batcher.preparing -= 1
+            answer = await batcher.submit(tensor, req)
+        except RequestError as exc:
+            return _error_response(exc.status, str(exc), runtime_api)
+        except Exception as exc:  # never a crash: the client gets a 500 with the reason's type
+            log.exception("invocation failed")
+            return _error_response(500, f"internal error ({type(exc).__name__})", runtime_api)
+        headers = {"x-Amzn-Invoked-Production-Variant": "AllTraffic"} if runtime_api else None
+        return Response(json.dumps(answer), media_type=JSON_TYPE, headers=headers)
+
+    async def invocations(request):
+        return await invoke(request, runtime_api=False)
+
+    async def endpoint_invocations(request):
+        return await invoke(request, runtime_api=True)
+
+    async def stats_route(request):
+        return JSONResponse({**stats.as_dict(), "max_batch": max_batch, "max_wait_ms": max_wait_ms})
+
+    app = Starlette(
+        routes=[
+            Route("/ping", ping, methods=["GET"]),
+            Route("/invocations", invocations, methods=["POST"]),
+            Route("/endpoints/{name}/invocations", endpoint_invocations, methods=["POST"]),
+            Route("/stats", stats_route, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.predictor = None
+    app.state.load_error = None
+    app.state.batch_task = None
+    app.state.on_load_error = None
+    app.state.stats = stats
+    return app
+
+
+def _prepare(predictor: Predictor, body: bytes, content_type: str | None, attributes: str | None, max_bytes: int):
+    request = parse_request(body, content_type, attributes, max_bytes)
+    return request, predictor.prepare(request)
+
+
+def app_from_env():
+    """App factory for `--workers N` (each uvicorn worker process builds its own app)."""
+    return create_app(**json.loads(os.environ[_ENV_CONFIG]), load_first=True)
+
+
+def run(
+    model_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_batch: int = 8,
+    max_wait_ms: float = 5.0,
+    workers: int = 1,
+    threads: int | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve until interrupted. A model that cannot be loaded, or a busy port, is a UserError."""
+    uvicorn = _require_serve_deps()
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise UserError(f"no model file at {model_path}; train one with `ec2train fit` or pass --model PATH")
+    if workers > 1:
+        from ec2train.model import read_model_file
+
+        read_model_file(model_path)  # fail here, once, rather than in every worker
+        settings = dict(model_path=str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads)
+        os.environ[_ENV_CONFIG] = json.dumps(settings)
+        uvicorn.run("ec2train.server:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+        return
+    app = create_app(model_path, max_batch, max_wait_ms, threads=threads)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    app.state.on_load_error = lambda exc: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    except SystemExit:
+        if not server.started:  # uvicorn exits when it cannot bind
+            raise UserError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); pick another --port") from None
+        raise
+    error = app.state.load_error
+    if error is not None:
+        if isinstance(error, UserError):
+            raise error
+        raise UserError(f"cannot load the model {model_path}: {type(error).__name__}: {error}") from error

@@ -1,0 +1,1 @@
+../ec2train/_serve/inference.py

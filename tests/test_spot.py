@@ -1,0 +1,289 @@
+"""Spot interruptions against a real local IMDSv2 server: token handling, quiet switch-off,
+and a `python -m ec2train fit` subprocess stopped mid-training by a notice, resumed from S3
+on a fresh folder to the same final weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import free_port
+from s3spot_support import FaultyProxy, assert_same_weights, fit_args, reference_run, weights
+
+BUCKET = "ec2train-spot"
+NOTICE = {"action": "terminate", "time": "2026-11-22T02:00:00Z"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ImdsServer:
+    """IMDSv2 on 127.0.0.1: PUT /latest/api/token issues tokens that expire after the asked TTL;
+    every GET without a valid token is 401 (no IMDSv1). The spot instance-action answers 404
+    until `notice_when()` is true, then the notice JSON."""
+
+    def __init__(self, notice_when=lambda: False):
+        self.notice_when = notice_when
+        self.tokens: dict[str, float] = {}
+        self.token_puts = 0
+        self.polls = 0
+        self.tokenless_gets = 0  # IMDSv1-style requests
+        self.expired_gets = 0
+        self.notices_sent = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain"):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                if self.path != "/latest/api/token" or not ttl or not 1 <= int(ttl) <= 21600:
+                    return self._send(400)
+                token = uuid.uuid4().hex
+                server.tokens[token] = time.monotonic() + int(ttl)
+                server.token_puts += 1
+                self._send(200, token.encode())
+
+            def do_GET(self):
+                token = self.headers.get("X-aws-ec2-metadata-token")
+                if token is None:
+                    server.tokenless_gets += 1
+                    return self._send(401)
+                if token not in server.tokens:
+                    return self._send(401)
+                if time.monotonic() > server.tokens[token]:
+                    server.expired_gets += 1
+                    return self._send(401)
+                if self.path != "/latest/meta-data/spot/instance-action":
+                    return self._send(404)
+                server.polls += 1
+                if not server.notice_when():
+                    return self._send(404)
+                server.notices_sent += 1
+                self._send(200, json.dumps(NOTICE).encode(), "application/json")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def imds(monkeypatch):
+    # conftest switches the SDKs' metadata lookups off; these tests are about the watcher's.
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+    servers = []
+
+    def start(notice_when=lambda: False):
+        servers.append(ImdsServer(notice_when))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+# ---------------------------------------------------------------- the watcher
+
+def test_watcher_stops_on_a_notice_using_imdsv2_tokens_only(imds):
+    from ec2train.spot import SpotWatcher
+
+    server = imds(notice_when=lambda: server.polls >= 3)
+    lines = []
+    watcher = SpotWatcher("auto", 0.05, endpoint=server.url, log_line=lines.append).start()
+    try:
+        assert watcher.wait_ready(3) in ("watching", "notice")
+        deadline = time.monotonic() + 5
+        while not watcher.should_stop() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.should_stop()
+    finally:
+        watcher.stop()
+    assert server.polls == 3 and server.notices_sent == 1  # no notice before the third poll, none missed after
+    assert (watcher.notice.action, watcher.notice.time) == (NOTICE["action"], NOTICE["time"])
+    assert server.tokenless_gets == 0  # never IMDSv1
+    assert any("terminate" in line and NOTICE["time"] in line for line in lines)
+
+
+def test_watcher_renews_its_token_before_it_expires(imds):
+    from ec2train.spot import SpotWatcher
+
+    server = imds()
+    watcher = SpotWatcher("on", 0.05, endpoint=server.url, token_ttl=2).start()
+    try:
+        time.sleep(2.8)  # tokens die at 2 s; the watcher renews at 1.6 s
+    finally:
+        watcher.stop()
+    assert not watcher.should_stop()
+    assert server.token_puts >= 2
+    assert server.expired_gets == 0 and server.tokenless_gets == 0  # never sent a dead token
+    assert server.polls > 10
+
+
+def test_watcher_recovers_from_a_revoked_token(imds):
+    from ec2train.spot import SpotWatcher
+
+    server = imds()
+    watcher = SpotWatcher("on", 0.05, endpoint=server.url).start()
+    try:
+        assert watcher.wait_ready(3) == "watching"
+        server.tokens.clear()  # e.g. the metadata service restarted
+        polls = server.polls
+        time.sleep(0.5)
+    finally:
+        watcher.stop()
+    assert server.polls > polls + 3 and server.token_puts >= 2
+
+
+@pytest.mark.parametrize("listener", ["closed port", "silent listener"])
+def test_watcher_switches_itself_off_quietly_without_a_metadata_service(listener, caplog, monkeypatch):
+    from ec2train.spot import SpotWatcher
+
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+
+    sock = None
+    if listener == "closed port":
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    else:  # accepts connections, never answers (what a dropped IMDS hop looks like): timeout
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    lines = []
+    caplog.set_level("DEBUG", logger="ec2train.spot")
+    t0 = time.monotonic()
+    watcher = SpotWatcher("auto", 0.05, endpoint=url, log_line=lines.append).start()
+    try:
+        assert watcher.wait_ready(3) == "disabled"
+        assert time.monotonic() - t0 < 3
+    finally:
+        watcher.stop()
+        if sock:
+            sock.close()
+    assert not watcher.should_stop() and lines == []
+    records = [r for r in caplog.records if r.name == "ec2train.spot"]
+    assert [r.levelname for r in records] == ["DEBUG"] and "watcher off" in records[0].getMessage()
+
+
+def test_watch_modes(monkeypatch):
+    from ec2train.errors import UserError
+    from ec2train.spot import SpotWatcher
+
+    assert SpotWatcher("off").start().state == "off"
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # the SDKs' switch
+    assert SpotWatcher("auto").start().state == "off"
+    with pytest.raises(UserError, match="auto, on, off"):
+        SpotWatcher("sometimes")
+
+
+# ---------------------------------------------------------------- fit stopped by a notice, resumed elsewhere
+
+def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_uninterrupted_run(
+    aws, imds, demo_data, tmp_path, tmp_path_factory
+):
+    from ec2train import aws as aws_mod
+    from ec2train.cli import app
+    from ec2train.spot import EXIT_INTERRUPTED
+
+    reference = reference_run(str(demo_data), str(tmp_path_factory.getbasetemp()))
+    s3 = aws_mod.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    uri = f"s3://{BUCKET}/spot-run"
+    first = tmp_path / "instance1"
+    # The notice arrives once the first epoch's checkpoint exists, i.e. during epoch 2 or 3.
+    server = imds(notice_when=lambda: (first / "out" / "last.pt").exists())
+    env = {k: v for k, v in os.environ.items() if k != "AWS_EC2_METADATA_DISABLED"}
+    env.update(AWS_ENDPOINT_URL=aws, AWS_EC2_METADATA_SERVICE_ENDPOINT=server.url, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ec2train", "fit", *fit_args(demo_data, first / "out", first / "runs"),
+           "--s3-uri", uri, "--spot-poll-seconds", "0.1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    output = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
+    print(proc.stdout + proc.stderr)
+    assert proc.returncode == EXIT_INTERRUPTED == 75, output
+    assert "spot interruption notice" in output and "--resume auto" in output
+    assert server.notices_sent >= 1 and server.tokenless_gets == 0
+
+    # The last completed epoch's checkpoint is in S3, identical to the one on the lost disk.
+    local = torch.load(first / "out" / "last.pt", map_location="cpu", weights_only=True)
+    assert 1 <= local["epoch"] < 3
+    body = s3.get_object(Bucket=BUCKET, Key="spot-run/last.pt")["Body"].read()
+    assert body == (first / "out" / "last.pt").read_bytes()
+    assert f"the checkpoint of epoch {local['epoch']} is in {uri}/last.pt" in output
+
+    # A new instance: empty disk, same command plus --resume auto, no notice this time.
+    second = tmp_path / "instance2"
+    run = CliRunner().invoke(app, ["fit", *fit_args(demo_data, second / "out", second / "runs"),
+                                   "--s3-uri", uri, "--resume", "auto", "--spot-watch", "off"])
+    assert run.exit_code == 0, run.output
+    assert f"{local['epoch']} of 3 epochs done" in run.output
+    metrics = json.loads((second / "out" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert_same_weights(weights(second / "out" / "model.pth"), reference["model"])
+    assert_same_weights(weights(second / "out" / "last.pt"), reference["last"])
+
+
+def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds, demo_data, tmp_path):
+    from ec2train import aws as aws_mod
+    from ec2train.spot import EXIT_INTERRUPTED
+
+    aws_mod.client("s3").create_bucket(Bucket=BUCKET)
+    # Every checkpoint upload takes 2 s more: if the other rank exited with an error first,
+    # torchrun would SIGTERM rank 0 in the middle of it.
+    proxy = FaultyProxy(aws)
+    proxy.delay = (lambda method, path: method == "PUT" and path.startswith(f"/{BUCKET}/ddp/last.pt"), 2.0)
+    out = tmp_path / "out"
+    server = imds(notice_when=lambda: (out / "last.pt").exists())
+    env = {k: v for k, v in os.environ.items() if k != "AWS_EC2_METADATA_DISABLED"}
+    env.update(AWS_ENDPOINT_URL=proxy.url, AWS_EC2_METADATA_SERVICE_ENDPOINT=server.url, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ec2train", "fit", "--nproc-per-node", "2",
+           *fit_args(demo_data, out, tmp_path / "runs", epochs=2, batch_size=8),
+           "--s3-uri", f"s3://{BUCKET}/ddp", "--spot-poll-seconds", "0.1"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        proxy.close()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output  # torchrun reports the stop as a failure...
+    assert f"exitcode  : {EXIT_INTERRUPTED}" in output and "rank      : 0" in output, output  # ...caused by rank 0's 75
+    assert "SIGTERM" not in output, output  # nobody was killed
+    assert output.count("spot interruption notice:") == 1  # rank 0 speaks for all
+    ckpt = out / "last.pt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 1
+    s3 = aws_mod.client("s3")
+    assert s3.get_object(Bucket=BUCKET, Key="ddp/last.pt")["Body"].read() == ckpt.read_bytes()
+
+
+def test_fit_help_documents_the_interruption_exit_status():
+    from ec2train.cli import app
+    from ec2train.spot import EXIT_INTERRUPTED
+
+    text = " ".join(CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert f"{EXIT_INTERRUPTED} stopped by a spot interruption notice" in text and "--resume auto" in text
+    assert "--spot-watch" in text and "--s3-uri" in text and "--kms-key" in text
