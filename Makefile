@@ -40,8 +40,10 @@ test: install-dev
 lint: install-dev
 	$(BIN)/shellcheck infra/*.sh
 
+## make bench: the benchmarks in bench/ (each prints ratios against a baseline run alongside; ~15 min on 2 cores)
 bench: install-dev
-	@ls bench/*.py
+	for b in bench_decode bench_prepare bench_cache_features bench_vs_script ddp_bench serve_bench; do \
+		$(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache
