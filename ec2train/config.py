@@ -128,15 +128,20 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def read_toml(path: Path, option: str, error: type[UserError] = ConfigError) -> dict[str, Any]:
+    """A TOML file's tables; a missing or malformed file is a one-line error naming the option."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{option} {path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{option} {path}: not valid TOML ({exc})") from None
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read settings from a TOML file (top level, or a [fit] table); unknown keys are errors."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+    raw = read_toml(path, "--config")
     raw = raw.get("fit", raw)
     out = {}
     for key, value in raw.items():

@@ -28,13 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ec2train.config import ConfigError, TrainConfig, _coerce, resolve, to_toml
+from ec2train.config import ConfigError, TrainConfig, _coerce, read_toml, resolve, to_toml
 from ec2train.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 BEST_FILE = "best.toml"
 STORAGE_FILE = "study.db"
@@ -216,12 +211,7 @@ def load_space(path: str | Path | None, base: TrainConfig) -> list[Param]:
     if path is None:
         return list(space.values())
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise TuneError(f"--space {path}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TuneError(f"--space {path}: not valid TOML ({exc})") from None
+    raw = read_toml(path, "--space", TuneError)
     for key, table in raw.items():
         name = key.replace("-", "_")
         if name not in SEARCHABLE:
