@@ -1175,6 +1175,14 @@ def summarize_status(name: str, function: str | None, r: dict[str, Any]) -> dict
     return out
 
 
+def _deployment_names(name: str, function_name: str | None, region: str | None) -> tuple[str, str | None]:
+    """Validated (region, Lambda function name) for the commands that look at a whole deployment."""
+    check_sagemaker_name(name)
+    if function_name is not None:
+        check_function_name(function_name, "--lambda-name")
+    return _resolve_region(region), function_name or _default_function_or_none(name)
+
+
 def deployment_status(
     name: str,
     *,
@@ -1184,11 +1192,7 @@ def deployment_status(
     console: Any = None,
     runner: Runner | None = None,
 ) -> dict[str, Any]:
-    check_sagemaker_name(name)
-    if function_name is not None:
-        check_function_name(function_name, "--lambda-name")
-    region = _resolve_region(region)
-    function = function_name or _default_function_or_none(name)
+    region, function = _deployment_names(name, function_name, region)
     steps = status_plan(name, function)
     if dry_run:
         runner = runner or Runner(region, dry_run=True, console=console)
@@ -1342,11 +1346,7 @@ def delete_deployment(
     runner: Runner | None = None,
 ) -> dict[str, Any]:
     """Remove the Lambda (+ alias, role, log group), autoscaling, endpoint, configs and models."""
-    check_sagemaker_name(name)
-    if function_name is not None:
-        check_function_name(function_name, "--lambda-name")
-    region = _resolve_region(region)
-    function = function_name or _default_function_or_none(name)
+    region, function = _deployment_names(name, function_name, region)
     runner = runner or Runner(region, dry_run=dry_run, console=console)
     if runner.dry_run:
         _dry_run_header(runner, f"delete {name}", [

@@ -16,6 +16,15 @@ import torch
 
 from conftest import TINY_FIT, free_port
 
+
+def single_torch_thread():
+    """Generator for a module fixture: one intra-op thread. Two cores are shared by several test
+    runs, so one thread is faster and keeps every run (and the reference) on one reduction order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # TINY_FIT with a 1.4M-parameter model: its last.pt is ~6 MB instead of resnet18's ~180 MB,
 # so each test uploads a few MB per epoch. Exact resume does not depend on the architecture.
 # CPU even on a GPU box: bitwise-equal weights after a resume need deterministic kernels.

@@ -16,19 +16,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from s3spot_support import FIT, FaultyProxy, assert_same_weights, fit_args, reference_run, weights
+from s3spot_support import FIT, FaultyProxy, assert_same_weights, fit_args, reference_run, single_torch_thread, weights
 
 BUCKET = "ec2train-test"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two cores shared by several test runs: one intra-op thread is faster and keeps every
-    # run (and the reference) on the same reduction order.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
 
 
 @pytest.fixture

@@ -19,18 +19,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import free_port
-from s3spot_support import FaultyProxy, assert_same_weights, fit_args, reference_run, weights
+from s3spot_support import FaultyProxy, assert_same_weights, fit_args, reference_run, single_torch_thread, weights
 
 BUCKET = "ec2train-spot"
 NOTICE = {"action": "terminate", "time": "2026-11-22T02:00:00Z"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
 
 
 class ImdsServer:
