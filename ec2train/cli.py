@@ -576,7 +576,7 @@ def deploy_lambda_cmd(
     max_image_bytes: Optional[int] = typer.Option(None, help="Image size cap. \\[default: the function's 5.5 MB; 3.5 MB for a serverless endpoint]"),
     architecture: str = typer.Option("arm64", help="arm64 (cheaper) or x86_64."),
     log_retention_days: int = typer.Option(30, help="Days its logs are kept."),
-    code_dir: Optional[Path] = typer.Option(None, help="Folder with handler.py. \\[default: the repository's lambda/]"),
+    code_dir: Optional[Path] = typer.Option(None, help="Folder with handler.py. \\[default: the Lambda source shipped with ec2train]"),
     account_id: Optional[str] = typer.Option(None, help="Expected AWS account (checked; fills the ARNs of a --dry-run)."),
     region: Optional[str] = typer.Option(None, help=_REGION_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
