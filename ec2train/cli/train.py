@@ -109,6 +109,8 @@ def print_fit_summary(result) -> None:
 
     m = result.metrics
     table = Table(title="ec2train fit: done", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # paths wrap whole onto the next line instead of ending in "…"
     table.add_row("best epoch", f"{m['best_epoch']} of {m['epochs_run']}" + (" (early stop)" if m["stopped_early"] else ""))
     table.add_row("valid accuracy", f"{m['valid_acc1']:.4f} (top-5 {m['valid_acc5']:.4f})")
     table.add_row("test accuracy", f"{m['test_acc1']:.4f} (top-5 {m['test_acc5']:.4f}) on {m['test_images']} images")
