@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -74,6 +75,10 @@ Amp = _choices("Amp", AMP_MODES)
 Device = _choices("Device", DEVICES)
 Optim = _choices("Optim", OPTIMIZERS)
 SpotWatch = _choices("SpotWatch", WATCH_MODES)
+
+
+MODEL_HELP = "Model file written by `ec2train fit`."
+DEFAULT_MODEL = Path(FIELDS["output"].default, "model.pth")  # where fit puts the model with its defaults
 
 
 def value(x: Any) -> Any:

@@ -7,13 +7,12 @@ from typing import Optional
 
 import typer
 
-from ec2train.cli._app import app, console
-from ec2train.cli.train import MODEL_HELP
+from ec2train.cli._app import DEFAULT_MODEL, MODEL_HELP, app, console
 
 
 @app.command()
 def serve(
-    model: Path = typer.Option(Path("TrainedModels/model.pth"), help=MODEL_HELP),
+    model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8080, min=1, max=65535),
     max_batch: int = typer.Option(8, min=1, help="Most requests grouped into one forward pass; 1 turns batching off."),
@@ -30,7 +29,7 @@ def serve(
 
 @app.command()
 def export(
-    model: Path = typer.Option(Path("TrainedModels/model.pth"), help=MODEL_HELP),
+    model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     package: Optional[Path] = typer.Option(None, help="Write the SageMaker model package here (e.g. model.tar.gz)."),
     s3_uri: Optional[str] = typer.Option(None, help="Upload to s3://bucket/prefix (prefix/model.pth, or prefix/<package name> with --package) or to s3://bucket/key."),
     kms_key: Optional[str] = typer.Option(None, help="KMS key id/ARN/alias for SSE-KMS. [default: SSE-S3, AES256]"),

@@ -14,7 +14,20 @@ from rich.columns import Columns
 from rich.markup import escape
 from rich.table import Table
 
-from ec2train.cli._app import Amp, Device, Optim, SpotWatch, app, console, default_of, err_console, setting, value
+from ec2train.cli._app import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    Amp,
+    Device,
+    Optim,
+    SpotWatch,
+    app,
+    console,
+    default_of,
+    err_console,
+    setting,
+    value,
+)
 
 # torch and the training modules are imported inside the commands: `ec2train --help` and the
 # light commands start in a fraction of the time.
@@ -124,12 +137,9 @@ def print_fit_summary(result) -> None:
 
 # ---------------------------------------------------------------- evaluate / predict / archs
 
-MODEL_HELP = "Model file written by `ec2train fit`."
-
-
 @app.command()
 def evaluate(
-    model: Path = typer.Option(Path("TrainedModels/model.pth"), help=MODEL_HELP),
+    model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     data: str = typer.Option(default_of("data"), help="Data set root."),
     split: str = typer.Option("test", help="train | valid | test."),
     batch_size: int = typer.Option(64, min=1),
@@ -161,7 +171,7 @@ def evaluate(
 @app.command()
 def predict(
     images: List[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
-    model: Path = typer.Option(Path("TrainedModels/model.pth"), help=MODEL_HELP),
+    model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     top_k: int = typer.Option(5, min=1, help="How many classes to show per image."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
