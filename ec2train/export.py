@@ -175,3 +175,10 @@ def package_model(model_path: str | Path, out: str | Path) -> Path:
                         tar.addfile(info, f)
 
     return atomic_write(out, write)
+
+
+def write_confusion_csv(path: str | Path, confusion: list[list[int]], class_names: list[str]) -> Path:
+    """The confusion matrix as CSV: a header of predicted names, then one row per true class."""
+    lines = ["true\\predicted," + ",".join(json.dumps(n) for n in class_names)]
+    lines += [json.dumps(n) + "," + ",".join(map(str, row)) for n, row in zip(class_names, confusion)]
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -58,14 +58,14 @@ from ec2train.deploy.names import (
     scaling_policy_name,
 )
 from ec2train.deploy.plan import UNKNOWN, Ref, Retry, Runner, Step, wait_for_endpoint
-from ec2train.deploy.status import deployment_status, status_plan, summarize_status
+from ec2train.deploy.status import deployment_status, status_plan, status_tables, summarize_status
 
 __all__ = [
     "DLC_ACCOUNTS", "SERVERLESS_MAX_IMAGE_BYTES", "SERVERLESS_MEMORY_MB", "UNKNOWN",
     "DeployError", "EndpointNow", "EndpointSpec", "Found", "LambdaSpec", "Ref", "Retry", "Runner", "Step",
     "autoscale", "autoscale_plan", "build_lambda_zip", "check_function_name", "check_region", "check_sagemaker_name",
     "default_code_dir", "default_function_name", "delete_deployment", "delete_plan", "deploy_endpoint", "deploy_lambda",
-    "deployment_status", "endpoint_arn", "endpoint_plan", "endpoint_requests", "image_uri_for", "is_gpu_instance",
+    "deployment_status", "status_tables", "endpoint_arn", "endpoint_plan", "endpoint_requests", "image_uri_for", "is_gpu_instance",
     "lambda_invoke_policy", "lambda_plan", "lambda_trust_policy", "log_group_for", "package_and_upload", "partition_of",
     "resource_id", "role_name_for", "scaling_policy_name", "status_plan", "summarize_status", "wait_for_endpoint",
 ]

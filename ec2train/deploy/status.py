@@ -143,3 +143,35 @@ def deployment_status(
     runner = runner or Runner(region, console=_Silent())
     runner.run(steps)
     return summarize_status(name, function, runner.results)
+
+
+
+
+def status_tables(st: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """deployment_status's answer for people: (title, [(label, value), ...]) per table."""
+    tables = []
+    ep = st["endpoint"]
+    if ep is not None:
+        rows = [("status", ep["status"] + (f" ({ep['failure_reason']})" if ep.get("failure_reason") else "")),
+                ("created", str(ep["created"])), ("configuration", ep["config"])]
+        for v in ep["variants"]:
+            if "serverless" in v:
+                sc = v["serverless"]
+                rows.append((f"variant {v['name']}", f"serverless, {sc.get('MemorySizeInMB')} MB, max concurrency {sc.get('MaxConcurrency')}"))
+            else:
+                rows.append((f"variant {v['name']}", f"{v['instance_type']}: {v['current_instances']} running, {v['desired_instances']} desired"))
+        sc = st["autoscaling"]
+        pol = "; ".join(f"{p['name']}: {p.get('target')} {p.get('metric')} (in {p.get('scale_in_cooldown')} s, out {p.get('scale_out_cooldown')} s)"
+                        for p in (sc or {}).get("policies", []))
+        rows.append(("autoscaling", f"{sc['min']}-{sc['max']} instances; {pol or 'no policy'}" if sc else "off"))
+        tables.append((f"endpoint {ep['name']}", rows))
+    fn = st["lambda"]
+    if fn:
+        pc = fn["provisioned_concurrency"]
+        tables.append((f"Lambda {fn['name']}", [
+            ("state", f"{fn['state']} ({fn['runtime']}, {fn['memory_mb']} MB, {fn['timeout_s']} s)"),
+            ("reserved concurrency", str(fn["reserved_concurrency"])),
+            ("aliases", ", ".join(f"{a} -> {v}" for a, v in fn["aliases"].items()) or "none"),
+            ("provisioned concurrency", "unknown (not readable here)" if pc is None else (", ".join(f"{q}: {n}" for q, n in pc.items()) or "none")),
+        ]))
+    return tables
