@@ -150,13 +150,16 @@ def evaluate(
     """Top-1, top-5 and per-class accuracy, and a confusion matrix (PNG and CSV)."""
     import torch
 
-    from ec2train.export import atomic_write_json, write_confusion_csv, write_confusion_png
+    from ec2train.export import atomic_write_json, write_confusion_csv
     from ec2train.loop import evaluate_model_file
+    from ec2train.plots import confused_line, most_confused, write_confusion_png
 
     res = evaluate_model_file(model, data, split, batch_size, workers, value(device))
     out = out or model.parent
     names = res["class_names"]
-    atomic_write_json(out / f"evaluation-{split}.json", {k: v for k, v in res.items() if k != "confusion"})
+    pairs = most_confused(res["confusion"], names, k=5)
+    report = {k: v for k, v in res.items() if k != "confusion"}
+    atomic_write_json(out / f"evaluation-{split}.json", {**report, "most_confused": [p._asdict() for p in pairs]})
     write_confusion_csv(out / f"confusion-{split}.csv", res["confusion"], names)
     write_confusion_png(out / f"confusion-{split}.png", torch.tensor(res["confusion"], dtype=torch.float64), names)
     table = Table(title=f"{split}: top-1 {res['acc1']:.4f}, top-5 {res['acc5']:.4f}, {res['images']} images")
@@ -165,6 +168,9 @@ def evaluate(
     for name, acc in sorted(res["per_class_acc1"].items(), key=lambda kv: (kv[1] is None, kv[1])):
         table.add_row(name, "n/a" if acc is None else f"{acc:.3f}")
     console.print(table)
+    console.print("most confused (true -> predicted):" if pairs else "no confusions: every image was predicted as its true class")
+    for pair in pairs:
+        console.print(f"  {confused_line(pair)}", markup=False, highlight=False)
     console.print(f"wrote {out / f'evaluation-{split}.json'}, confusion-{split}.csv and confusion-{split}.png")
 
 
