@@ -356,7 +356,8 @@ def create_app(
         return await invoke(request, runtime_api=True)
 
     async def stats_route(request):
-        return JSONResponse({**stats.as_dict(), "max_batch": max_batch, "max_wait_ms": max_wait_ms})
+        return JSONResponse({**stats.as_dict(), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                             "in_progress": admission.active, "max_pending": admission.limit})
 
     app = Starlette(
         routes=[

@@ -132,6 +132,8 @@ def _invoke_endpoint(endpoint: str, image: bytes, top_k: int) -> list[dict]:
         if code == "ModelError":
             # SageMaker passes the container's own status on: a 4xx there is the caller's image.
             original = exc.response.get("OriginalStatusCode")
+            if original == 503:  # `ec2train serve` shedding load: the caller may retry later, we don't
+                raise BadRequest("the endpoint is busy; retry in a moment", 503) from None
             if isinstance(original, int) and 400 <= original < 500:
                 reason = _model_error_reason(exc.response.get("OriginalMessage"))
                 raise BadRequest(f"the endpoint could not use this image: {reason}", 413 if original == 413 else 400) from None
