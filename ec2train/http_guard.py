@@ -52,9 +52,16 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def max_connections() -> int:
-    """Connections one server process keeps open: what its file descriptors allow."""
-    return max(16, raise_fd_limit() - FD_RESERVE)
+def connection_budget() -> tuple[int, int]:
+    """(listen backlog, most connections open) that fit this process's file descriptors.
+
+    asyncio accepts up to `backlog` connections in one go before any of them runs, so the
+    descriptors for one such burst are kept free as well; otherwise a flood of connections
+    would still hit "Too many open files" before idle ones could be closed.
+    """
+    soft = raise_fd_limit()
+    backlog = max(16, min(2048, soft // 4))
+    return backlog, max(16, soft - FD_RESERVE - backlog)
 
 
 def header_timeout() -> float:
@@ -67,9 +74,11 @@ def uvicorn_settings() -> dict:
     `limit_concurrency` answers 503 (and closes) once every connection has a request in
     progress; GuardedHTTP keeps idle ones from counting towards it.
     """
+    backlog, connections = connection_budget()
     return dict(
         http="ec2train.http_guard:GuardedHTTP",
-        limit_concurrency=max_connections(),
+        backlog=backlog,
+        limit_concurrency=connections,
         timeout_keep_alive=KEEP_ALIVE_S,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
@@ -85,7 +94,8 @@ class GuardedHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
-        _evict_idle(self.connections, keep=max(1, self.limit_concurrency or max_connections()) - 1, new=self)
+        # Room for this connection's request under uvicorn's limit_concurrency (always set: see uvicorn_settings).
+        _evict_idle(self.connections, keep=max(1, (self.limit_concurrency or 2) - 1), new=self)
 
     def on_response_complete(self) -> None:
         self._arm()  # before super(): a pipelined request that starts inside it counts as progress

@@ -534,7 +534,7 @@ def test_server_error_bodies_carry_no_python_reprs_and_deep_json_is_400(server):
     url = server.url + "/invocations"
     for body, ctype, needle in (
         (b"junk bytes", "image/png", "not a decodable image"),
-        (b"GIF89a" + bytes(20), "image/gif", "not a decodable image"),
+        (b"GIF89a" + bytes(20), "image/png", "not a decodable image"),
         (b"[" * 100_000, "application/json", "nested too deeply"),
         (b'{"image": ' + b"{" * 100_000, "application/json", "nested too deeply"),
         (bomb_png(1, 100_000), "image/png", "more than 20 times"),
