@@ -31,6 +31,8 @@ KEEP_ALIVE_S = 5
 MAX_HEAD_BYTES = 16 * 1024
 # File descriptors kept back from connections: the model file, thread pools, logs, workers' pipes.
 FD_RESERVE = 64
+# Accept bursts that can be in flight before their connections are seen (connection_budget).
+ACCEPT_BURSTS = 4
 # Overrides HEADER_TIMEOUT_S; read in each worker process (tests shorten the wait with it).
 ENV_HEADER_TIMEOUT = "EC2TRAIN_SERVE_HEADER_TIMEOUT"
 
@@ -55,13 +57,14 @@ def raise_fd_limit() -> int:
 def connection_budget() -> tuple[int, int]:
     """(listen backlog, most connections open) that fit this process's file descriptors.
 
-    asyncio accepts up to `backlog` connections in one go before any of them runs, so the
-    descriptors for one such burst are kept free as well; otherwise a flood of connections
-    would still hit "Too many open files" before idle ones could be closed.
+    asyncio accepts up to `backlog` connections in one go, and a connection is only seen
+    (and an idle one closed for it) a few loop turns later; descriptors for ACCEPT_BURSTS
+    such bursts are kept free, or a flood of connections would still hit "Too many open
+    files" before idle ones could be closed.
     """
     soft = raise_fd_limit()
-    backlog = max(16, min(2048, soft // 4))
-    return backlog, max(16, soft - FD_RESERVE - backlog)
+    backlog = max(8, min(2048, soft // 16))
+    return backlog, max(16, soft - FD_RESERVE - ACCEPT_BURSTS * backlog)
 
 
 def header_timeout() -> float:

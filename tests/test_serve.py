@@ -613,13 +613,14 @@ def _server_fd_limit(limit: int):
 
 def test_ping_answers_while_1000_idle_connections_are_held(trained_model):
     # Issue 13.4: under `ulimit -n 1024`, 1,100 idle sockets starved /ping and filled the log
-    # with "Too many open files". Here the server gets 256 descriptors (hard limit too, so it
-    # cannot raise them) and 1,000 clients connect and send nothing, or half a request head.
+    # with "Too many open files". Here the server runs under the same `ulimit -n 1024` (hard
+    # limit too, so it cannot raise it) and 1,000 clients connect and send nothing, or half a
+    # request head.
     import select
     import socket
 
     count = min(1000, _raise_nofile(1300) - 200)
-    proc, url = start_cli_server(trained_model, preexec_fn=_server_fd_limit(256),
+    proc, url = start_cli_server(trained_model, preexec_fn=_server_fd_limit(1024),
                                  env={**os.environ, "EC2TRAIN_SERVE_HEADER_TIMEOUT": "2"})
     port = int(url.rsplit(":", 1)[1])
     idle: list[socket.socket] = []
