@@ -30,7 +30,6 @@ Source = Union[str, Path, bytes, BinaryIO]
 # Decoders allowed: the formats photos come in (JPEG's opener also returns phone cameras' MPO
 # files). Nothing that can shell out (EPS runs Ghostscript) or that few people send.
 SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-SERVE_FORMATS = SAFE_FORMATS  # the name serving code has always imported
 # Refused from the header, before decoding: more pixels than this (decompression bombs) ...
 MAX_PIXELS = 40_000_000
 # ... or a long side more than this many times the short side. Eval resizes the short side to

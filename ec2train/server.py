@@ -7,7 +7,8 @@ them, as ModelError), GET /stats (batching counters).
 
 Requests are read and decoded off the event loop (thread pool); a single batcher task groups
 the tensors of concurrent requests into one forward pass, run in its own thread so the loop
-keeps accepting requests meanwhile. Built on starlette + uvicorn (the `serve` extra),
+keeps accepting requests meanwhile. Misbehaving clients are bounded in two places: connections
+(idle, slow, too many) in http_guard.py, requests in progress by `Admission` (a fast 503). Built on starlette + uvicorn (the `serve` extra),
 imported lazily.
 """
 
@@ -184,7 +185,7 @@ class Admission:
 
     def __init__(self, limit: int):
         if limit < 1:
-            raise UserError("--max-pending must be >= 1")
+            raise UserError(f"max_pending must be >= 1, got {limit}")
         self.limit = limit
         self.active = 0
 
