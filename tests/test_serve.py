@@ -536,7 +536,7 @@ def test_server_error_bodies_carry_no_python_reprs_and_deep_json_is_400(server):
         (b"junk bytes", "image/png", "not a decodable image"),
         (b"GIF89a" + bytes(20), "image/png", "not a decodable image"),
         (b"[" * 100_000, "application/json", "nested too deeply"),
-        (b'{"image": ' + b"{" * 100_000, "application/json", "nested too deeply"),
+        (b'{"image": ' + b"[" * 100_000, "application/json", "nested too deeply"),
         (bomb_png(1, 100_000), "image/png", "more than 20 times"),
     ):
         status, answer = http(url, body, {"Content-Type": ctype})
