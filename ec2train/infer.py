@@ -20,17 +20,14 @@ import torch
 from ec2train.errors import UserError
 from ec2train.model import model_from_file
 from ec2train.preprocess import (
-    SERVE_FORMATS,
+    MAX_PIXELS,
     ImageDecodeError,
     Source,
     eval_transform,
     load_rgb,
-    refuse_decompression_bombs,
     resize_size,
 )
 
-# Refuse images above this many pixels before decoding them (decompression bombs).
-MAX_PIXELS = 40_000_000
 # SageMaker's real-time InvokeEndpoint payload limit; the local server applies the same.
 MAX_REQUEST_BYTES = 6 * 1024 * 1024
 DEFAULT_TOP_K = 5
@@ -148,6 +145,8 @@ def parse_request(
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"body is not valid JSON ({exc})") from None
+    except RecursionError:  # json recurses per nesting level: `[[[[...` is a client error, not a 500
+        raise RequestError('JSON body is nested too deeply; send {"image": "<base64>"}') from None
     if not isinstance(doc, dict):
         raise RequestError('JSON body must be an object like {"image": "<base64>", "top_k": 5}')
     if "url" in doc:
@@ -192,11 +191,10 @@ class Predictor:
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, tuple(self.meta["mean"]), tuple(self.meta["std"]))
         self.max_pixels = max_pixels
-        refuse_decompression_bombs()
 
     def preprocess(self, source: Source) -> torch.Tensor:
-        """Decode (safe formats only, pixel limit) and transform one image; ImageDecodeError if unusable."""
-        img = load_rgb(source, min_side=resize_size(self.image_size), max_pixels=self.max_pixels, formats=SERVE_FORMATS)
+        """Decode (preprocess's decode policy) and transform one image; ImageDecodeError if unusable."""
+        img = load_rgb(source, min_side=resize_size(self.image_size), max_pixels=self.max_pixels)
         return self.transform(img)
 
     @torch.inference_mode()

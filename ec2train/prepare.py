@@ -72,7 +72,8 @@ def is_done(src: Path, out: Path) -> bool:
 
 def prepare_one(src: Path, out: Path, size: int, quality: int) -> str | None:
     """Decode at reduced scale, resize the short side to `size`, write JPEG atomically.
-    Returns None, or why the source cannot be decoded."""
+    Returns None, or why the source cannot be decoded. The decode policy (preprocess.py) also
+    refuses every size JPEG cannot hold (a side over 65,500 px), so the write cannot fail on it."""
     from PIL import Image
 
     from ec2train.export import atomic_write

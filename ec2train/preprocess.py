@@ -7,11 +7,12 @@ package (`ec2train export --package`), where nothing else is installed.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
 from ec2train.errors import UserError
@@ -23,10 +24,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = 0.875
 
 Source = Union[str, Path, bytes, BinaryIO]
-# Decoders allowed on untrusted bytes (the server, the SageMaker handler): the formats
-# photos come in (JPEG's opener also returns phone cameras' MPO files). Nothing that can
-# shell out (EPS runs Ghostscript) or that few people send.
-SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+# The decode policy, in one place, for every image we did not make ourselves: requests to the
+# server and the SageMaker handler, and data sets (training, `data check`, `data prepare`).
+# Decoders allowed: the formats photos come in (JPEG's opener also returns phone cameras' MPO
+# files). Nothing that can shell out (EPS runs Ghostscript) or that few people send.
+SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+# Refused from the header, before decoding: more pixels than this (decompression bombs) ...
+MAX_PIXELS = 40_000_000
+# ... or a long side more than this many times the short side. Eval resizes the short side to
+# 256 px, so a 1 x 100,000 px strip (a 274-byte PNG) would become 256 x 25.6 M px: gigabytes.
+# At 20:1 the resized image is at most 256 x 5,120 (16 MB as float), whatever the file says.
+# lambda/safe_fetch.py applies the same rule (its own copy; tests/test_lambda.py checks they agree).
+MAX_ASPECT_RATIO = 20
+# Pillow's messages name the file object (`<_io.BytesIO object at 0x7f...>`): never show that.
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
 
 
 class ImageDecodeError(UserError):
@@ -37,26 +49,40 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size / CROP_RATIO))
 
 
+def size_problem(width: int, height: int, max_pixels: int | None = MAX_PIXELS) -> str | None:
+    """Why an image of this size (from its header) is refused before decoding, or None."""
+    if width < 1 or height < 1:
+        return f"image is {width}x{height} pixels: not an image"
+    if max_pixels is not None and width * height > max_pixels:
+        return f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"image is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
+                "the other; crop it closer to the subject")
+    return None
+
+
 def load_rgb(
     source: Source,
     min_side: int | None = None,
-    max_pixels: int | None = None,
-    formats: tuple[str, ...] | None = None,
+    max_pixels: int | None = MAX_PIXELS,
+    formats: tuple[str, ...] = SAFE_FORMATS,
 ) -> Image.Image:
-    """Decode an image to RGB.
+    """Decode an image to RGB under the decode policy above.
 
     With `min_side`, JPEGs are decoded at reduced scale (DCT scaling via Pillow's draft
     mode: 1/2, 1/4 or 1/8) as long as the short side stays >= min_side; for a 12 MP photo
     and a 224 px model this is several times faster and visually equivalent after resize.
-    `max_pixels` refuses images larger than that before decoding (decompression bombs).
-    `formats` limits which Pillow decoders may run (untrusted bytes: see SERVE_FORMATS).
+    Sizes that `size_problem` refuses (decompression bombs, extreme aspect ratios) are refused
+    from the header, before decoding. `formats` limits which Pillow decoders may run.
     """
+    refuse_decompression_bombs()
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        with Image.open(fp, formats=list(formats) if formats else None) as img:
+        with Image.open(fp, formats=list(formats)) as img:
             w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageDecodeError(f"image is {w}x{h} pixels, more than the limit of {max_pixels}")
+            problem = size_problem(w, h, max_pixels)
+            if problem:
+                raise ImageDecodeError(problem)
             # Scaled DCT decodes at 1/2, 1/4 or 1/8 only, so it helps once the short side is at
             # least twice min_side; draft() never goes below the requested size.
             if min_side and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:
@@ -67,20 +93,33 @@ def load_rgb(
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Pillow's own guard (its warning becomes an error under refuse_decompression_bombs()).
-        raise ImageDecodeError(f"image has too many pixels (decompression bomb guard): {exc}") from exc
+        # Pillow's own guard (its warning is an error here: see refuse_decompression_bombs()).
+        raise ImageDecodeError(f"image has too many pixels (decompression bomb guard): {_clean(exc)}") from exc
+    except UnidentifiedImageError:  # its message is the file object's repr: say what we allow instead
+        raise ImageDecodeError(f"not a decodable image (not a {', '.join(formats)} file)") from None
     except Exception as exc:  # malformed files make decoders raise many types; all mean "not an image"
-        raise ImageDecodeError(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(f"not a decodable image: {type(exc).__name__}: {_clean(exc)}") from exc
+
+
+def _clean(exc: Exception) -> str:
+    return _OBJECT_REPR.sub("the image", str(exc))
+
+
+_bombs_refused = False
 
 
 def refuse_decompression_bombs() -> None:
-    """Make Pillow's DecompressionBombWarning an error in this process (idempotent).
+    """Make Pillow's DecompressionBombWarning an error in this process (once; load_rgb calls it).
 
-    Pillow only warns between MAX_IMAGE_PIXELS and twice that; a server must refuse instead.
+    Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse instead.
     Process-wide on purpose: warnings filters are global, and a per-call catch_warnings()
-    is not thread-safe (the server decodes in threads).
+    is not thread-safe (the server decodes in threads). Each DataLoader worker process
+    sets it on its first decode.
     """
-    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    global _bombs_refused
+    if not _bombs_refused:
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+        _bombs_refused = True
 
 
 def train_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = True):

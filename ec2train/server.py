@@ -7,7 +7,8 @@ them, as ModelError), GET /stats (batching counters).
 
 Requests are read and decoded off the event loop (thread pool); a single batcher task groups
 the tensors of concurrent requests into one forward pass, run in its own thread so the loop
-keeps accepting requests meanwhile. Built on starlette + uvicorn (the `serve` extra),
+keeps accepting requests meanwhile. Misbehaving clients are bounded in two places: connections
+(idle, slow, too many) in http_guard.py, requests in progress by `Admission` (a fast 503). Built on starlette + uvicorn (the `serve` extra),
 imported lazily.
 """
 
@@ -43,6 +44,11 @@ _ENV_CONFIG = "EC2TRAIN_SERVE_CONFIG"  # how `--workers N` hands the settings to
 # A body over the limit is still read (and dropped) up to this much, so the client gets
 # the 413 instead of a reset connection; beyond it the connection is cut.
 _DRAIN_LIMIT = 64 * 1024 * 1024
+# Seconds a client has to send a whole request body (6 MB in 30 s is 1.6 Mbit/s); then 408.
+BODY_TIMEOUT_S = 30.0
+# Requests being decoded, queued or in a forward pass, per process, as a multiple of
+# --max-batch; beyond it a request gets a fast 503 instead of a long wait (docs/serve.md).
+PENDING_PER_BATCH = 4
 
 
 def _require_serve_deps():
@@ -106,6 +112,15 @@ class Batcher:
         self.preparing = 0  # requests received and still being read/decoded (event-loop only)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
 
+    @contextlib.contextmanager
+    def preparing_one(self):
+        """Counts a request as being read or decoded while inside (event-loop only)."""
+        self.preparing += 1
+        try:
+            yield
+        finally:
+            self.preparing -= 1
+
     async def submit(self, tensor: Any, request: Request) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(_Item(tensor, request, future))
@@ -149,6 +164,48 @@ class Batcher:
             for it, answer in zip(items, answers):
                 if not it.future.done():
                     it.future.set_result(answer)
+
+
+class RequestTimeout(RequestError):
+    status = 408
+
+
+class Overloaded(RequestError):
+    """More requests in progress than the server takes on; the client should retry later."""
+
+    status = 503
+
+
+class Admission:
+    """At most `limit` requests past reading their body; the rest are refused at once (503).
+
+    Event-loop only. /ping never comes here: a /ping that fails makes SageMaker take the
+    instance out of service, which is the opposite of shedding load.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise UserError(f"max_pending must be >= 1, got {limit}")
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.contextmanager
+    def slot(self):
+        if self.active >= self.limit:
+            raise Overloaded(f"server is busy ({self.active} requests in progress); retry in a moment")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+async def _read_body_in_time(request: Any, max_bytes: int, timeout: float) -> bytes:
+    """The body, or RequestTimeout if it does not arrive within `timeout` seconds (slow clients)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, max_bytes), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
 
 
 async def _read_body(request: Any, max_bytes: int) -> bytes:
@@ -197,6 +254,8 @@ def create_app(
     max_bytes: int = MAX_REQUEST_BYTES,
     load: Callable[[], Predictor] | None = None,
     load_first: bool = False,
+    max_pending: int | None = None,
+    body_timeout: float = BODY_TIMEOUT_S,
 ):
     """The ASGI app. The model loads in the background after start-up (GET /ping says when).
 
@@ -204,7 +263,8 @@ def create_app(
     processes on one socket, a worker that is still loading then takes no requests.
     `load` replaces how the Predictor is made (default: `Predictor(model_path, device)`).
     `app.state.stats` holds the batch counters; `app.state.on_load_error`, if set, is
-    called with the exception when the model cannot be loaded.
+    called with the exception when the model cannot be loaded. `max_pending` (default
+    PENDING_PER_BATCH x max_batch) bounds the requests in progress: see `Admission`.
     """
     _require_serve_deps()
     from starlette.applications import Starlette
@@ -215,6 +275,7 @@ def create_app(
     stats = BatchStats()
     forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ec2train-forward")
     batcher = Batcher(max_batch, max_wait_ms, forward_pool, stats)
+    admission = Admission(max_pending or PENDING_PER_BATCH * max_batch)
     loader = load or (lambda: Predictor(model_path, device=device or default_device()))
 
     def load_model() -> Predictor:
@@ -270,17 +331,17 @@ def create_app(
             why = "the model failed to load" if state.load_error is not None else "the model is still loading"
             return _error_response(503, f"{why}; retry when GET /ping answers 200", runtime_api)
         try:
-            batcher.preparing += 1
-            try:
-                body = await _read_body(request, max_bytes)
+            with batcher.preparing_one():
+                body = await _read_body_in_time(request, max_bytes, body_timeout)
                 check_accept(request.headers.get("accept"))
-                req, tensor = await run_in_threadpool(
-                    _prepare, predictor, body, request.headers.get("content-type"),
-                    request.headers.get(CUSTOM_ATTRIBUTES_HEADER), max_bytes,
-                )
-            finally:
-                batcher.preparing -= 1
-            answer = await batcher.submit(tensor, req)
+            # A slow upload costs no slot: only decoding and the forward pass are limited.
+            with admission.slot():
+                with batcher.preparing_one():
+                    req, tensor = await run_in_threadpool(
+                        _prepare, predictor, body, request.headers.get("content-type"),
+                        request.headers.get(CUSTOM_ATTRIBUTES_HEADER), max_bytes,
+                    )
+                answer = await batcher.submit(tensor, req)
         except RequestError as exc:
             return _error_response(exc.status, str(exc), runtime_api)
         except Exception as exc:  # never a crash: the client gets a 500 with the reason's type
@@ -296,7 +357,8 @@ def create_app(
         return await invoke(request, runtime_api=True)
 
     async def stats_route(request):
-        return JSONResponse({**stats.as_dict(), "max_batch": max_batch, "max_wait_ms": max_wait_ms})
+        return JSONResponse({**stats.as_dict(), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                             "in_progress": admission.active, "max_pending": admission.limit})
 
     app = Starlette(
         routes=[
@@ -318,6 +380,13 @@ def create_app(
 def _prepare(predictor: Predictor, body: bytes, content_type: str | None, attributes: str | None, max_bytes: int):
     request = parse_request(body, content_type, attributes, max_bytes)
     return request, predictor.prepare(request)
+
+
+def _connection_limits() -> dict[str, Any]:
+    """uvicorn settings against idle, slow and too many clients (ec2train/http_guard.py)."""
+    from ec2train import http_guard  # imports uvicorn: only once serving starts
+
+    return http_guard.uvicorn_settings()
 
 
 def app_from_env():
@@ -346,10 +415,11 @@ def run(
         read_model_file(model_path)  # fail here, once, rather than in every worker
         settings = dict(model_path=str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads)
         os.environ[_ENV_CONFIG] = json.dumps(settings)
-        uvicorn.run("ec2train.server:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+        uvicorn.run("ec2train.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, **_connection_limits())
         return
     app = create_app(model_path, max_batch, max_wait_ms, threads=threads)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **_connection_limits()))
     app.state.on_load_error = lambda exc: setattr(server, "should_exit", True)
     try:
         server.run()

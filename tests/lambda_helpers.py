@@ -55,17 +55,27 @@ def load_lambda():
 # --------------------------------------------------------------------------- images
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def tiny_png() -> bytes:
     """A real 1x1 PNG."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00\xff\x00\x00")
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG of any size that compresses to a few KB (a decompression bomb)."""
+    rows = bytes(height * (1 + (width + 7) // 8))  # filter byte 0 + packed pixels, per row
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(rows, 9)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 PNG = tiny_png()
+STRIP_PNG = png_of_size(1, 100_000)
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 8 + b"\xff\xd9"
 GIF = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
 WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8 " + bytes(14)
@@ -148,6 +158,8 @@ class ImageHandler(BaseHTTPRequestHandler):
             self._send(200, PNG)
         elif path == "/dog.jpg":
             self._send(200, JPEG, "image/jpeg")
+        elif path == "/strip.png":  # 1 x 100,000 px in 274 bytes (issue 13.1)
+            self._send(200, STRIP_PNG)
         elif path == "/page.html":
             self._send(200, NOT_IMAGE, "text/html")
         elif path == "/missing":
@@ -229,8 +241,9 @@ class EndpointHandler(BaseHTTPRequestHandler):
     """sagemaker-runtime's InvokeEndpoint, as boto3 calls it. Behaviour by endpoint name:
 
     dogs: predictions (JSON)        model-error: 424 ModelError, as SageMaker reports a model crash
-    internal: 500 (retried by boto) slow: answers after MAX_HOSTILE_SECONDS
+    internal: 500 (retried)         slow: answers after MAX_HOSTILE_SECONDS
     not-json: 200 HTML              bad-shape: 200 raw logits, the old endpoint's format
+    busy: 424 ModelError carrying the container's 503 (`ec2train serve` shedding load)
     """
 
     protocol_version = "HTTP/1.1"
@@ -266,6 +279,11 @@ class EndpointHandler(BaseHTTPRequestHandler):
             self._json(424, {"ErrorCode": "CLIENT_ERROR_FROM_MODEL", "OriginalStatusCode": 500,
                              "OriginalMessage": "Traceback: secret model internals",
                              "Message": "Received server error (500) from primary"},
+                       [("x-amzn-ErrorType", "ModelError")])
+        elif name == "busy":
+            self._json(424, {"ErrorCode": "SERVER_ERROR_FROM_MODEL", "OriginalStatusCode": 503,
+                             "OriginalMessage": json.dumps({"error": "server is busy"}),
+                             "Message": "Received server error (503) from primary"},
                        [("x-amzn-ErrorType", "ModelError")])
         elif name == "internal":
             self._json(500, {"message": "internal failure"}, [("x-amzn-ErrorType", "InternalFailure")])

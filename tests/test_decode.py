@@ -1,15 +1,27 @@
-"""Reduced-scale JPEG decode (Pillow draft mode): decodes less, and the model sees the same picture."""
+"""Decoding: reduced-scale JPEG decode (Pillow draft mode) that the model cannot tell apart, and the
+one decode policy (allowed formats, size rule) that serving, training and `data` commands share."""
 
 from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from ec2train.preprocess import decode_min_side, eval_transform, load_rgb, resize_size, train_transform
+from ec2train.preprocess import (
+    MAX_ASPECT_RATIO,
+    MAX_PIXELS,
+    ImageDecodeError,
+    decode_min_side,
+    eval_transform,
+    load_rgb,
+    resize_size,
+    size_problem,
+    train_transform,
+)
 from tests.perf_images import jpeg_bytes, photo_like
 
 
@@ -73,3 +85,78 @@ def test_decode_sizes_leave_room_for_the_transforms():
     img = load_rgb(jpeg_bytes(photo_like(1600, 1200)), min_side=decode_min_side(224, train=True))
     torch.manual_seed(0)
     assert train_transform(224)(img).shape == (3, 224, 224)
+
+
+# ---------------------------------------------------------------- one decode policy everywhere (issue 13.5)
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nshowpage\n"
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path: Path, monkeypatch) -> Path:
+    """A `gs` first on PATH that leaves a marker if anything runs it; returns the marker's path."""
+    from PIL import EpsImagePlugin
+
+    bin_dir, marker = tmp_path / "fake-bin", tmp_path / "ghostscript-ran"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow caches where it found gs
+    return marker
+
+
+def test_eps_named_jpg_is_bad_everywhere_without_running_ghostscript(fake_ghostscript: Path, tmp_path: Path):
+    from ec2train.data import CorruptImageError, ImageDataset, check_dataset, make_demo_dataset
+    from ec2train.prepare import prepare_dataset
+
+    root = make_demo_dataset(tmp_path / "data", classes=2, per_class=2, size=32, eval_per_class=1)
+    ghost = root / "train" / "001.Circle" / "x.jpg"
+    ghost.write_bytes(EPS)
+
+    report = check_dataset(root, decode=True)  # `ec2train data check`
+    assert [c.split(": ", 1)[0] for c in report.corrupt] == [str(ghost)]
+    assert "not a decodable image" in report.corrupt[0]
+    with pytest.raises(CorruptImageError, match="x.jpg"):  # training
+        ImageDataset([(ghost, 0)], transform=lambda img: img)[0]
+    prepared = prepare_dataset(root, tmp_path / "prepared", size=32, workers=1)  # `ec2train data prepare`
+    assert [c.split(": ", 1)[0] for c in prepared.corrupt] == [str(ghost)]
+    assert not fake_ghostscript.exists(), "Pillow ran Ghostscript on an untrusted file"
+
+
+def test_data_prepare_lists_sizes_jpeg_cannot_hold_instead_of_crashing(tmp_path: Path):
+    from ec2train.data import make_demo_dataset
+    from ec2train.prepare import prepare_dataset
+    from tests.lambda_helpers import png_of_size
+
+    root = make_demo_dataset(tmp_path / "data", classes=2, per_class=2, size=32, eval_per_class=1)
+    strip = root / "train" / "002.Square" / "strip.png"
+    strip.write_bytes(png_of_size(1, 70_000))  # JPEG holds at most 65,500 px a side
+    report = prepare_dataset(root, tmp_path / "prepared", size=32, workers=1)
+    assert len(report.corrupt) == 1 and report.corrupt[0].startswith(f"{strip}: image is 1x70000 pixels")
+    assert report.written == report.images > 0
+
+
+def test_the_size_rule_refuses_every_size_jpeg_cannot_hold():
+    # No side can exceed sqrt(MAX_PIXELS * MAX_ASPECT_RATIO) (w * h <= P and long <= R * short).
+    assert math.isqrt(MAX_PIXELS * MAX_ASPECT_RATIO) < 65_500
+    assert size_problem(1414, 28_280) is None  # close to the longest side allowed
+    for w, h in ((65_501, 4_000), (1, 65_501), (65_501, 65_501)):
+        assert size_problem(w, h) is not None
+
+
+@pytest.mark.parametrize("w, h, allowed", [
+    (224, 224, True), (20, 1, True), (21, 1, False), (4000, 199, False), (4000, 200, True),
+    (6324, 6324, True), (6325, 6325, False),  # 40 Mpx
+])
+def test_size_rule(w, h, allowed):
+    assert (size_problem(w, h) is None) == allowed
+    assert (size_problem(h, w) is None) == allowed
+
+
+def test_decode_errors_never_show_python_reprs():
+    for junk in (b"junk", b"GIF89a" + bytes(20), io.BytesIO(b"\x89PNG\r\n\x1a\n" + bytes(40))):
+        with pytest.raises(ImageDecodeError) as exc:
+            load_rgb(junk)
+        assert " at 0x" not in str(exc.value) and "<_io" not in str(exc.value), exc.value

@@ -9,6 +9,7 @@ DNS where a test needs a name.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import socket
 import time
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from lambda_helpers import (
-    FUNCTION_ENV, JPEG, NOT_IMAGE, PNG, PREDICTIONS, EndpointStandIn, ImageServer, b64, load_lambda,
+    FUNCTION_ENV, JPEG, NOT_IMAGE, PNG, PREDICTIONS, STRIP_PNG, EndpointStandIn, ImageServer, b64, load_lambda,
 )
 
 safe_fetch, handler = load_lambda()
@@ -176,6 +177,11 @@ def test_request_id_is_generated_without_a_context(capsys):
         (http_v1(""), "request body is empty: send JSON with url or image, or an image"),
         (http_v2("%%%", b64_encoded=True), "request body is not valid base64-encoded UTF-8"),
         (http_v2(b64(NOT_IMAGE), content_type="image/png", b64_encoded=True), "image is not a JPEG, PNG, GIF, WebP or BMP"),
+        # Issue 13.8: these were 500 "internal error" (ValueError, RecursionError).
+        ({"url": "https://[::1/"}, "url is malformed"),
+        ({"url": "http://127.0.0.1:{port}/redirect?to=https://%5B::1/"}, "redirect refused: url is malformed"),
+        (http_v1("[" * 100_000 + "]" * 100_000), "request body is JSON nested too deeply"),
+        (http_v1('{"image": ' + "[" * 100_000), "request body is JSON nested too deeply"),
     ],
 )
 def test_bad_input_is_400_with_a_reason(capsys, images, event, message):
@@ -190,6 +196,72 @@ def test_a_name_resolving_privately_is_400(capsys, monkeypatch, images):
     monkeypatch.setattr(safe_fetch, "resolve", lambda host, port: ["10.0.0.7"])
     status, body, _, _ = invoke({"url": f"http://intranet.example:{images.port}/dog.png"}, capsys)
     assert (status, body["error"]) == (400, "url host resolves to a private address")
+
+
+# --------------------------------------------------------------------------- the endpoint's size rule
+
+
+STRIP_ERROR = ("image is 1x100000 pixels: one side is more than 20 times the other; "
+               "crop it closer to the subject")
+
+
+@pytest.mark.parametrize("source", ["inline", "raw", "url"])
+def test_extreme_aspect_ratio_is_400_before_invoking_the_endpoint(capsys, images, endpoint, source):
+    # 274 bytes that cost the endpoint 9 s and 2.3 GB (issue 13.1): refused from the header.
+    event = {
+        "inline": {"image": b64(STRIP_PNG)},
+        "raw": http_v2(b64(STRIP_PNG), content_type="image/png", b64_encoded=True),
+        "url": {"url": images.url("/strip.png")},
+    }[source]
+    status, body, _, _ = invoke(event, capsys)
+    assert (status, body["error"]) == (400, STRIP_ERROR)
+    assert endpoint.requests == []
+
+
+def test_size_rule_is_the_endpoints_rule():
+    # The Lambda zip cannot import ec2train: it carries a copy of the rule. Same limits, same answers.
+    from ec2train import preprocess
+
+    assert (safe_fetch.MAX_PIXELS, safe_fetch.MAX_ASPECT_RATIO) == (preprocess.MAX_PIXELS, preprocess.MAX_ASPECT_RATIO)
+    sides = [1, 2, 19, 20, 21, 224, 999, 1000, 6324, 6325, 20_000, 20_001, 65_535]
+    for w in sides:
+        for h in sides:
+            assert safe_fetch.size_problem(w, h) == preprocess.size_problem(w, h), (w, h)
+    assert safe_fetch.size_problem(1, 100_000) == STRIP_ERROR
+
+
+def _encode(img, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, options", [
+    ("JPEG", {}), ("JPEG", {"progressive": True}), ("JPEG", {"exif": b"Exif\x00\x00" + bytes(5000)}),
+    ("PNG", {}), ("GIF", {}), ("BMP", {}),
+    ("WEBP", {"quality": 80}), ("WEBP", {"lossless": True}), ("WEBP_ALPHA", {"quality": 80}),
+])
+def test_header_sizes_match_pillow(fmt, options):
+    from PIL import Image
+
+    for size in ((37, 5), (5, 37), (300, 17), (1, 1), (4000, 3)):
+        mode = "RGBA" if fmt == "WEBP_ALPHA" else "RGB"
+        data = _encode(Image.new(mode, size, "red"), fmt.split("_")[0], **options)
+        with Image.open(io.BytesIO(data)) as img:
+            assert safe_fetch.image_size(data) == img.size == size, (fmt, options, size)
+
+
+def test_unreadable_headers_are_left_to_the_endpoint():
+    for data in (JPEG, b"\xff\xd8\xff", PNG[:20], NOT_IMAGE):
+        assert safe_fetch.image_size(data) in (None, (1, 1))
+    assert safe_fetch.image_size(JPEG) is None  # no frame header: the endpoint's decoder decides
+
+
+def test_busy_endpoint_is_503_and_not_retried(capsys, monkeypatch, endpoint):
+    monkeypatch.setenv("ENDPOINT_NAME", "busy")
+    status, body, _, _ = invoke({"image": b64(PNG)}, capsys)
+    assert (status, body["error"]) == (503, "the endpoint is busy; retry in a moment")
+    assert len(endpoint.requests) == 1
 
 
 # --------------------------------------------------------------------------- 413 too large
@@ -235,13 +307,16 @@ def test_endpoint_failures_are_502(capsys, monkeypatch, endpoint, name, message,
     assert "secret model internals" not in answer["body"] and "secret" not in json.dumps(log)
 
 
-def test_slow_endpoint_is_504_within_the_retry_budget(capsys, monkeypatch, endpoint):
+def test_slow_endpoint_is_504_and_never_sent_the_image_twice(capsys, monkeypatch, endpoint):
+    # A read timeout means the model is still working on the image: another try would double
+    # the load of exactly the requests that are expensive (issue 13.1). botocore's standard
+    # retry mode sent it 3 times.
     monkeypatch.setenv("ENDPOINT_NAME", "slow")
     monkeypatch.setenv("ENDPOINT_READ_TIMEOUT", "0.3")
     start = time.monotonic()
     status, body, _, _ = invoke({"image": b64(PNG)}, capsys)
     assert (status, body["error"]) == (504, "endpoint timed out")
-    assert len(endpoint.requests) == 3  # standard retry mode, max_attempts 3
+    assert len(endpoint.requests) == 1
     assert time.monotonic() - start < 4
 
 

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, free_port
+from lambda_helpers import png_of_size as bomb_png
 from ec2train.errors import UserError
 from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_custom_attributes, parse_request
 
@@ -35,16 +36,6 @@ PACKAGED = {"model.pth", "code", "code/inference.py", "code/ec2train",
 
 
 # ---------------------------------------------------------------- helpers
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of huge dimensions that compresses to a few KB (all black)."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    rows = bytes(height * (1 + (width + 7) // 8))  # filter byte 0 + packed pixels, per row
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
-
 
 def to_png(jpeg: bytes) -> bytes:
     out = io.BytesIO()
@@ -187,6 +178,7 @@ def test_handler_predicts_the_right_classes(handler, model, images):
     (b'{"image": "aGk=", "top_k": 0}', "application/json", 400, "top_k"),
     (b'{"image": "aGk=", "top_k": "many"}', "application/json", 400, "top_k"),
     (b'{"image": "aGk=", "logits": "yes"}', "application/json", 400, "logits"),
+    (b"[" * 100_000, "application/json", 400, "nested too deeply"),  # was a 500 RecursionError
 ])
 def test_bad_requests_are_client_errors(handler, body, ctype, status, needle):
     with pytest.raises(RequestError) as exc:
@@ -376,6 +368,7 @@ def test_server_bad_inputs_get_client_errors(server, images):
     for body, headers, status, needle in cases:
         got, answer = http(url, body, headers)
         assert (got, list(answer)) == (status, ["error"]) and needle in answer["error"].lower(), (needle, got, answer)
+        assert " at 0x" not in answer["error"], answer  # never a Python repr (issue 13.8)
     status, answer = http(url, images["Circle"][0], {"Content-Type": "image/jpeg"})  # still serving
     assert status == 200 and top1(answer) == "Circle"
 
@@ -465,22 +458,29 @@ def test_run_refuses_bad_model_busy_port_and_missing_deps(tmp_path, trained_mode
         server.create_app(trained_model)
 
 
-def test_serve_cli_with_two_workers(trained_model, images, tmp_path):
+def start_cli_server(trained_model, *args: str, **popen) -> tuple[subprocess.Popen, str]:
+    """`ec2train serve` in a subprocess on a free port, once /ping answers 200; (process, url)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ec2train", "serve", "--model", str(trained_model), "--port", str(port),
-                             "--workers", "2", "--threads", "1", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--log-level", "warning", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if http(url + "/ping")[0] == 200:
+                return proc, url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not come up: {proc.communicate(timeout=30)[0]}")
+        time.sleep(0.2)
+
+
+def test_serve_cli_with_two_workers(trained_model, images, tmp_path):
+    proc, url = start_cli_server(trained_model, "--workers", "2", "--threads", "1")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if http(url + "/ping")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda j: http(url + "/invocations", j, {"Content-Type": "image/jpeg"}), images["Square"][:8]))
         assert all(status == 200 for status, _ in answers)
@@ -489,3 +489,170 @@ def test_serve_cli_with_two_workers(trained_model, images, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "Traceback" not in out, out
+
+
+# ---------------------------------------------------------------- hostile inputs and clients (issue 13)
+
+STRIP_PROBE = r"""
+import json, sys, time
+from ec2train.infer import Predictor, RequestError, parse_request
+
+def peak_kb():  # VmHWM: the process's peak resident memory
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+
+predictor = Predictor(sys.argv[1])
+predictor.answer(parse_request(open(sys.argv[2], "rb").read(), "image/jpeg"))  # warm: first pass allocates
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak to the current RSS
+before, started = peak_kb(), time.monotonic()
+try:
+    predictor.answer(parse_request(open(sys.argv[3], "rb").read(), "image/png"))
+    error = None
+except RequestError as exc:
+    error = str(exc)
+print(json.dumps({"seconds": time.monotonic() - started, "peak_growth_mb": (peak_kb() - before) / 1024, "error": error}))
+"""
+
+
+def test_extreme_aspect_ratio_is_refused_fast_with_little_memory(trained_model, demo_data, tmp_path):
+    # Issue 13.1: 274 bytes, 1 x 100,000 px, far under the pixel limit; resizing its short
+    # side to the model's size used to allocate gigabytes.
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(bomb_png(1, 100_000))
+    assert len(strip.read_bytes()) < 300
+    photo = next((demo_data / "test").rglob("*.jpg"))
+    out = subprocess.run([sys.executable, "-c", STRIP_PROBE, str(trained_model), str(photo), str(strip)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    print(f"1 x 100,000 px PNG: {got['seconds'] * 1000:.1f} ms, peak RSS growth {got['peak_growth_mb']:.1f} MB")
+    assert got["error"] and "1x100000 pixels: one side is more than 20 times the other" in got["error"]
+    assert got["seconds"] < 5 and got["peak_growth_mb"] < 300  # measured: about 1 ms and 0 MB
+
+
+def test_server_error_bodies_carry_no_python_reprs_and_deep_json_is_400(server):
+    url = server.url + "/invocations"
+    for body, ctype, needle in (
+        (b"junk bytes", "image/png", "not a decodable image"),
+        (b"GIF89a" + bytes(20), "image/png", "not a decodable image"),
+        (b"[" * 100_000, "application/json", "nested too deeply"),
+        (b'{"image": ' + b"[" * 100_000, "application/json", "nested too deeply"),
+        (bomb_png(1, 100_000), "image/png", "more than 20 times"),
+    ):
+        status, answer = http(url, body, {"Content-Type": ctype})
+        assert status == 400 and needle in answer["error"], answer
+        assert " at 0x" not in answer["error"] and "<_io" not in answer["error"], answer
+
+
+class GatedPredictor(Predictor):
+    """A Predictor whose forward pass waits for the test to open the gate."""
+
+    gate = threading.Event()
+
+    def predict_tensors(self, tensors, requests):
+        assert self.gate.wait(60)
+        return super().predict_tensors(tensors, requests)
+
+
+def test_overload_gets_an_immediate_503_and_ping_stays_ready(trained_model, images):
+    from ec2train.server import create_app
+
+    GatedPredictor.gate.clear()
+    app = create_app(trained_model, max_batch=1, max_pending=2, load=lambda: GatedPredictor(trained_model))
+    jpeg = images["Circle"][0]
+    with ServerThread(app) as srv, ThreadPoolExecutor(2) as pool:
+        srv.wait_ready()
+        admitted = [pool.submit(http, srv.url + "/invocations", jpeg, {"Content-Type": "image/jpeg"}) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while http(srv.url + "/stats")[1]["in_progress"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Both slots are held by requests that cannot finish until the gate opens, so these
+        # answers cannot have waited for them.
+        for _ in range(3):
+            status, answer = http(srv.url + "/invocations", jpeg, {"Content-Type": "image/jpeg"})
+            assert status == 503 and "server is busy" in answer["error"], answer
+        assert http(srv.url + "/ping") == (200, {"status": "ready"})
+        GatedPredictor.gate.set()
+        assert [f.result(timeout=60)[0] for f in admitted] == [200, 200]
+        assert http(srv.url + "/invocations", jpeg, {"Content-Type": "image/jpeg"})[0] == 200
+
+
+def test_a_body_that_stops_arriving_gets_408(trained_model):
+    import socket
+
+    from ec2train.server import create_app
+
+    with ServerThread(create_app(trained_model, body_timeout=0.5)) as srv:
+        srv.wait_ready()
+        port = int(srv.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b"\xff" * 10)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"did not arrive within 0.5 s" in answer
+
+
+def _raise_nofile(wanted: int) -> int:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _server_fd_limit(limit: int):
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
+def test_ping_answers_while_1000_idle_connections_are_held(trained_model):
+    # Issue 13.4: under `ulimit -n 1024`, 1,100 idle sockets starved /ping and filled the log
+    # with "Too many open files". Here the server runs under the same `ulimit -n 1024` (hard
+    # limit too, so it cannot raise it) and 1,000 clients connect and send nothing, or half a
+    # request head.
+    import select
+    import socket
+
+    count = min(1000, _raise_nofile(1300) - 200)
+    proc, url = start_cli_server(trained_model, preexec_fn=_server_fd_limit(1024),
+                                 env={**os.environ, "EC2TRAIN_SERVE_HEADER_TIMEOUT": "2"})
+    port = int(url.rsplit(":", 1)[1])
+    idle: list[socket.socket] = []
+    try:
+        for i in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 2:
+                sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")  # never finished
+            idle.append(sock)
+        started = time.monotonic()
+        status, answer = http(url + "/ping")
+        took = time.monotonic() - started
+        print(f"/ping with {count} idle connections held: {took * 1000:.0f} ms")
+        assert (status, answer) == (200, {"status": "ready"})
+        assert took < 5  # measured: well under a second
+        # Every idle connection is closed by the server: evicted for room, or at the head deadline.
+        open_ = set(idle)
+        deadline = time.monotonic() + 60
+        while open_ and time.monotonic() < deadline:
+            readable, _, _ = select.select(list(open_)[:500], [], [], 1)
+            for sock in readable:
+                try:
+                    data = sock.recv(1024)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    open_.discard(sock)
+        assert not open_, f"{len(open_)} idle connections were never closed"
+        assert http(url + "/ping")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Too many open files" not in out and "Traceback" not in out, out[-3000:]

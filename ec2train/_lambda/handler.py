@@ -11,6 +11,7 @@ import binascii
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -23,6 +24,10 @@ from safe_fetch import ConfigError, FetchError
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 20
 MAX_ENDPOINT_ANSWER_BYTES = 1_000_000
+# Tries of one invocation; only failures that never reached the model are retried (`_retryable`).
+ENDPOINT_ATTEMPTS = 3
+# SageMaker's own throttling and transient errors (not ModelError: that is the container's answer).
+_RETRY_CODES = {"ThrottlingException", "InternalFailure", "ServiceUnavailable"}
 ENDPOINT_CONTENT_TYPE = "application/x-image"  # SageMaker's convention for "any image format"
 # SageMaker's rule for endpoint names.
 _ENDPOINT_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
@@ -48,8 +53,9 @@ def get_client():
     """The container's sagemaker-runtime client, created on first use and then reused.
 
     Endpoint URL comes from boto3's own settings (AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME), which is
-    how tests point it at a local server. Timeouts keep the worst case (3 attempts) inside a
-    30 s function timeout together with the URL fetch.
+    how tests point it at a local server. botocore's retries are off: its standard mode also
+    retries read timeouts, which would send a slow (expensive) image to the model again;
+    `_invoke_endpoint` retries only what never reached the model.
     """
     global _client
     if _client is None:
@@ -61,8 +67,7 @@ def get_client():
             config=Config(
                 connect_timeout=safe_fetch.env_number("ENDPOINT_CONNECT_TIMEOUT", 2.0),
                 read_timeout=safe_fetch.env_number("ENDPOINT_READ_TIMEOUT", 5.0),
-                # 3 attempts in all (Config's "max_attempts" would count retries only: 4 calls).
-                retries={"mode": "standard", "total_max_attempts": 3},
+                retries={"mode": "standard", "total_max_attempts": 1},
             ),
         )
     return _client
@@ -83,6 +88,33 @@ def _model_error_reason(original_message) -> str:
     return str(reason)[:200] if isinstance(reason, str) else "it was refused"
 
 
+def _retryable(exc: Exception) -> bool:
+    """Failures that did not reach the model: safe to try again. Never a read timeout."""
+    from botocore.exceptions import ClientError, ConnectionError
+
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code") in _RETRY_CODES
+    return isinstance(exc, ConnectionError)  # connect timeouts and refused connections
+
+
+def _call_endpoint(endpoint: str, image: bytes, top_k: int) -> bytes:
+    """invoke_endpoint, with up to ENDPOINT_ATTEMPTS tries of what `_retryable` allows."""
+    for attempt in range(1, ENDPOINT_ATTEMPTS + 1):
+        try:
+            answer = get_client().invoke_endpoint(
+                EndpointName=endpoint,
+                ContentType=ENDPOINT_CONTENT_TYPE,
+                Accept="application/json",
+                CustomAttributes=f"top_k={top_k}",
+                Body=image,
+            )
+            return answer["Body"].read(MAX_ENDPOINT_ANSWER_BYTES + 1)
+        except Exception as exc:
+            if attempt == ENDPOINT_ATTEMPTS or not _retryable(exc):
+                raise
+            time.sleep(random.uniform(0, 0.1 * 2**attempt))  # full jitter, as botocore does
+
+
 def _invoke_endpoint(endpoint: str, image: bytes, top_k: int) -> list[dict]:
     from botocore.exceptions import (
         BotoCoreError,
@@ -94,19 +126,14 @@ def _invoke_endpoint(endpoint: str, image: bytes, top_k: int) -> list[dict]:
     )
 
     try:
-        answer = get_client().invoke_endpoint(
-            EndpointName=endpoint,
-            ContentType=ENDPOINT_CONTENT_TYPE,
-            Accept="application/json",
-            CustomAttributes=f"top_k={top_k}",
-            Body=image,
-        )
-        raw = answer["Body"].read(MAX_ENDPOINT_ANSWER_BYTES + 1)
+        raw = _call_endpoint(endpoint, image, top_k)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "Unknown")
         if code == "ModelError":
             # SageMaker passes the container's own status on: a 4xx there is the caller's image.
             original = exc.response.get("OriginalStatusCode")
+            if original == 503:  # `ec2train serve` shedding load: the caller may retry later, we don't
+                raise BadRequest("the endpoint is busy; retry in a moment", 503) from None
             if isinstance(original, int) and 400 <= original < 500:
                 reason = _model_error_reason(exc.response.get("OriginalMessage"))
                 raise BadRequest(f"the endpoint could not use this image: {reason}", 413 if original == 413 else 400) from None
@@ -132,7 +159,7 @@ def _parse_predictions(raw: bytes, top_k: int) -> list[dict]:
         raise unexpected
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("endpoint returned a non-JSON answer", 502) from None
     predictions = doc.get("predictions") if isinstance(doc, dict) else None
     if not isinstance(predictions, list) or not predictions:
@@ -219,6 +246,8 @@ def parse_event(event, max_bytes: int) -> tuple[dict, int]:
             payload = json.loads(body)
         except ValueError:
             raise BadRequest("request body is not valid JSON") from None
+        except RecursionError:  # json recurses once per nesting level
+            raise BadRequest("request body is JSON nested too deeply") from None
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object")
     else:
@@ -294,6 +323,14 @@ def lambda_handler(event, context):
     return _answer(status, body, request_id)
 
 
+def _check_size(image: bytes) -> None:
+    """The endpoint's size rule, from the header: a refused image never costs an invocation."""
+    size = safe_fetch.image_size(image)
+    problem = safe_fetch.size_problem(*size) if size else None
+    if problem:
+        raise BadRequest(problem)
+
+
 def _handle(event, log: dict) -> tuple[int, dict]:
     endpoint = os.environ.get("ENDPOINT_NAME", "").strip()
     if not endpoint:
@@ -320,6 +357,7 @@ def _handle(event, log: dict) -> tuple[int, dict]:
             if safe_fetch.sniff_image(image) is None:
                 raise BadRequest("image is not a JPEG, PNG, GIF, WebP or BMP")
         log["bytes"] = len(image)
+        _check_size(image)
         top = _invoke_endpoint(endpoint, image, top_k)
     except (BadRequest, FetchError) as exc:
         return exc.status, {"error": exc.message}

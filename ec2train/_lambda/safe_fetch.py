@@ -272,7 +272,11 @@ def vet_url(url: str, settings: Settings) -> Target:
         raise UrlRejected(f"url is longer than {MAX_URL_LENGTH} characters")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise UrlRejected("url contains whitespace or control characters")
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        raw_host = parts.hostname
+    except ValueError:  # e.g. "https://[::1/": an unclosed IPv6 bracket
+        raise UrlRejected("url is malformed") from None
     scheme = parts.scheme.lower()
     allowed = ("https", "http") if settings.allow_http else ("https",)
     if scheme not in allowed:
@@ -281,7 +285,6 @@ def vet_url(url: str, settings: Settings) -> Target:
         raise UrlRejected("url must not contain a username or password")
     if "\\" in parts.netloc:
         raise UrlRejected("url host is not a valid hostname")
-    raw_host = parts.hostname
     if not raw_host:
         raise UrlRejected("url has no host")
     try:
@@ -466,7 +469,10 @@ def fetch_image(url: str, *, settings: Settings | None = None,
         if status in _REDIRECT_STATUSES:
             if not location:
                 raise UpstreamError("url answered a redirect without a Location")
-            current = urllib.parse.urljoin(current, location.strip())
+            try:
+                current = urllib.parse.urljoin(current, location.strip())
+            except ValueError:
+                raise UrlRejected("redirect refused: url is malformed") from None
             continue
         if status != 200:
             raise UpstreamError(f"url answered HTTP {status}")
@@ -497,3 +503,78 @@ def sniff_image(data: bytes) -> str | None:
     if len(data) >= 26 and data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in _BMP_DIB_SIZES:
         return "bmp"
     return None
+
+
+# --------------------------------------------------------------------------- image size rule
+
+# The endpoint's decode rule, applied here from the header before invoking it. A copy of
+# ec2train/preprocess.py's constants (this zip has only its own files); tests/test_lambda.py
+# checks that both copies agree. An image whose size cannot be read here is passed on: the
+# endpoint applies the same rule with Pillow's parsers.
+MAX_PIXELS = 40_000_000
+MAX_ASPECT_RATIO = 20
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused (the endpoint's wording), or None."""
+    if width * height > MAX_PIXELS:
+        return f"image is {width}x{height} pixels, more than the limit of {MAX_PIXELS}"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"image is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
+                "the other; crop it closer to the subject")
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the first SOFn segment (baseline, progressive, lossless...)."""
+    at = 2
+    while at + 9 < len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:  # extended: the canvas size
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:  # lossless: 14-bit sides - 1
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":  # lossy key frame
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    if int.from_bytes(data[14:18], "little") == 12:  # OS/2 header: unsigned 16-bit sides
+        return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
+    # A negative height means rows stored top-down.
+    return int.from_bytes(data[18:22], "little", signed=True), abs(int.from_bytes(data[22:26], "little", signed=True))
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a JPEG, PNG, GIF, WebP or BMP; None if unreadable."""
+    kind = sniff_image(data)
+    size = None
+    if kind == "jpeg":
+        size = _jpeg_size(data)
+    elif kind == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
+        size = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    elif kind == "gif" and len(data) >= 10:  # the logical screen, as Pillow reports it
+        size = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    elif kind == "webp":
+        size = _webp_size(data)
+    elif kind == "bmp":
+        size = _bmp_size(data)
+    return size if size is not None and min(size) >= 1 else None
