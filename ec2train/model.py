@@ -16,6 +16,7 @@ from ec2train.errors import UserError
 from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 MODEL_FORMAT = "ec2train.model/1"
+MODEL_FILE = "model.pth"  # the model file's name in a run's output folder and in model.tar.gz
 REQUIRED_KEYS = ("format", "state_dict", "arch", "num_classes", "class_names", "image_size", "mean", "std")
 
 

@@ -396,6 +396,7 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
     def objective(trial) -> float:
         import torch
 
+        from ec2train.checkpoint import CHECKPOINT_FILE
         from ec2train.loop import fit
 
         # Free the previous trial's model before building the next one (matters on a GPU).
@@ -440,7 +441,7 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
             raise
         finally:
             # Trials never resume, and a big model's last.pt per trial only fills the disk.
-            (job.output / f"trial-{n}" / "last.pt").unlink(missing_ok=True)
+            (job.output / f"trial-{n}" / CHECKPOINT_FILE).unlink(missing_ok=True)
             trial.set_user_attr("epochs", best["epochs"])
             if state == "INTERRUPTED":  # Ctrl-C: Optuna records it as failed; do not count it
                 trial.set_user_attr("interrupted", True)
@@ -549,9 +550,9 @@ def tune(
     storage_url = storage or default_storage(output)
     say = (lambda msg: console.print(msg, highlight=False, markup=False)) if console is not None else (lambda msg: None)
 
-    import torch
+    from ec2train import hw  # imports torch: not at module level, so `ec2train --help` stays fast
 
-    gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), hw.cuda_device_count())
     n_workers = worker_count(parallel, gpus, base.device)
     # Trials side by side share the CPUs for data loading; best.toml keeps the user's setting.
     trial_base = dataclasses.replace(base, workers=loader_workers(base.workers, available_cpus(), n_workers))

@@ -205,7 +205,7 @@ def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_u
 ):
     from ec2train import aws as aws_mod
     from ec2train.cli import app
-    from ec2train.spot import EXIT_INTERRUPTED
+    from ec2train.run import EXIT_INTERRUPTED
 
     reference = reference_run(str(demo_data), str(tmp_path_factory.getbasetemp()))
     s3 = aws_mod.client("s3")
@@ -246,7 +246,7 @@ def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_u
 
 def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds, demo_data, tmp_path):
     from ec2train import aws as aws_mod
-    from ec2train.spot import EXIT_INTERRUPTED
+    from ec2train.run import EXIT_INTERRUPTED
 
     aws_mod.client("s3").create_bucket(Bucket=BUCKET)
     # Every checkpoint upload takes 2 s more: if the other rank exited with an error first,
@@ -277,7 +277,7 @@ def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds,
 
 def test_fit_help_documents_the_interruption_exit_status():
     from ec2train.cli import app
-    from ec2train.spot import EXIT_INTERRUPTED
+    from ec2train.run import EXIT_INTERRUPTED
 
     text = " ".join(CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"}).output.split())
     assert f"{EXIT_INTERRUPTED} stopped by a spot interruption notice" in text and "--resume auto" in text
