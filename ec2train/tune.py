@@ -560,17 +560,7 @@ def tune(
     job = Job(study_name, trial_base, params, output.resolve(), (Path(base.logdir) / f"tune-{study_name}").resolve(),
               prune, startup, prune_warmup_epochs)
 
-    rdb = open_storage(storage_url)
-    study = optuna.create_study(
-        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
-        sampler=sampler([base.seed, len_trials(rdb, study_name)]), pruner=job.pruner(),
-    )
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise TuneError(f"study '{study_name}' maximises nothing (it was made elsewhere to minimise); use another --study")
-    check_study_base(study, base, params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat stopped
+    study = _open_study(optuna, study_name, storage_url, base, params, job)
     started = counted_trials(study)
     to_run = max(0, trials - started)
     devices = plan_workers(n_workers, gpus, base.device)
@@ -597,14 +587,35 @@ def tune(
         trial.number if trial else None, storage=storage_url, tb_root=job.tb_root, worker_exits=exits,
     )
     if then_fit:
-        if result.best_file is None:
-            raise TuneError(f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train")
-        from ec2train.loop import fit
-
-        say(f"training the final model with {result.best_file}")
-        # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
-        result.final = fit(resolve(result.best_file), console=console)
+        result.final = _fit_best(result, study_name, console, say)
     return result
+
+
+def _open_study(optuna, study_name: str, storage_url: str, base: TrainConfig, params: list[Param], job: Job):
+    """Create or load the study; refuse one made for another purpose or with other fixed settings."""
+    rdb = open_storage(storage_url)
+    study = optuna.create_study(
+        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
+        sampler=sampler([base.seed, len_trials(rdb, study_name)]), pruner=job.pruner(),
+    )
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise TuneError(f"study '{study_name}' maximises nothing (it was made elsewhere to minimise); use another --study")
+    check_study_base(study, base, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat stopped
+    return study
+
+
+def _fit_best(result: TuneResult, study_name: str, console, say: Callable[[str], None]) -> Any:
+    """--then-fit: train the final model with the best settings."""
+    if result.best_file is None:
+        raise TuneError(f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train")
+    from ec2train.loop import fit
+
+    say(f"training the final model with {result.best_file}")
+    # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
+    return fit(resolve(result.best_file), console=console)
 
 
 def counted_trials(study) -> int:
