@@ -4,8 +4,9 @@ One place for the file names (the model file's own name lives in model.py, which
 ships alone), the checkpoint format (last.pt), and `TrainState`, the counters that go with
 the weights. A checkpoint holds everything an uninterrupted run would still have in memory
 (model, optimizer, scheduler, scaler, RNG, counters, history), so a resumed run ends with
-bitwise the same weights. The best epoch's weights are not stored twice: they are in
-model.pth beside last.pt (written before it), and restored from there.
+bitwise the same weights, and it is self-contained (last.pt alone resumes, e.g. on another
+node). The best epoch's weights are stored once: when the last epoch is the best, they are
+the checkpoint's model, not a second copy (a third of resnet18's last.pt with AdamW).
 
 Nothing here knows about S3: `run.py` downloads a remote checkpoint into --output first.
 """
@@ -28,7 +29,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.toml"
 # What fit leaves in its output folder, small first (the order S3 mirrors them in).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, MODEL_FILE, CHECKPOINT_FILE)
-# /2: the best model is no longer inside last.pt (it is model.pth beside it).
+# /2: best_model is None when it would repeat the model (the last epoch was the best).
 CHECKPOINT_FORMAT = "ec2train.checkpoint/2"
 OLD_FORMATS = ("ec2train.checkpoint/1",)
 
@@ -181,7 +182,7 @@ class TrainState:
     best_epoch: int = -1
     stale_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # CPU copy, not saved in last.pt
+    best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # CPU copy of the best weights
 
     @classmethod
     def fresh(cls, arch: str) -> "TrainState":
@@ -216,6 +217,8 @@ def save_checkpoint(path: Path, state: TrainState, parts: Trainables, **meta: An
     return atomic_torch_save(
         {
             "format": CHECKPOINT_FORMAT, **state.counters(), "model": clean_state_dict(parts.net.state_dict()),
+            # The best weights once: when this epoch is the best they are "model" already.
+            "best_model": None if state.best_epoch == state.epoch else state.best_model,
             "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None, "rng": rng_state(), **meta,
         },
@@ -235,31 +238,7 @@ def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> Tr
         run_name=ckpt["run_name"], epoch=ckpt["epoch"], best_acc=ckpt["best_acc"], best_epoch=ckpt["best_epoch"],
         stale_epochs=ckpt["stale_epochs"], history=ckpt["history"],
     )
-    state.best_model = ckpt.get("best_model") or best_weights(ckpt)
+    state.best_model = ckpt.get("best_model")
+    if state.best_model is None and state.best_epoch == state.epoch >= 1:
+        state.best_model = ckpt["model"]  # the last epoch was the best: stored once, as the model
     return state
-
-
-def best_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The best epoch's weights from the model.pth beside the checkpoint (None before any epoch).
-
-    model.pth is written before last.pt, so after a crash between the two it may hold a newer
-    best than the checkpoint knows: that epoch is trained again (the same, bit for bit, on the
-    same hardware) and becomes the best again, so nothing is lost by starting without it.
-    """
-    if ckpt["best_epoch"] < 1:
-        return None
-    model_file = Path(ckpt.get("source", ".")).parent / MODEL_FILE
-    try:
-        payload = torch.load(model_file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ResumeError(
-            f"{model_file} is missing: it holds the best epoch's weights that {CHECKPOINT_FILE} refers to; "
-            "copy it beside the checkpoint, or start fresh with --resume never"
-        ) from None
-    saved_best = payload.get("metrics", {}).get("best_epoch")
-    if saved_best == ckpt["best_epoch"]:
-        return payload["state_dict"]
-    if isinstance(saved_best, int) and saved_best > ckpt["epoch"]:
-        return None
-    raise ResumeError(f"{model_file} (best epoch {saved_best}) does not belong to {ckpt.get('source')} (best epoch "
-                      f"{ckpt['best_epoch']}); use the run's own output folder, or start fresh with --resume never")

@@ -627,8 +627,7 @@ SCALARS = ("train_loss", "train_acc1", "valid_loss", "valid_acc1", "valid_acc5",
 
 
 def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
-    """Rank 0: TensorBoard scalars, model.pth when the epoch is the best, then last.pt (in
-    that order: see checkpoint.best_weights)."""
+    """Rank 0: TensorBoard scalars, model.pth when the epoch is the best, then last.pt."""
     writer, epoch, state = run.writer.get(), record["epoch"], run.state
     for key in (k for k in SCALARS if k in record):
         group, _, name = key.partition("_")
