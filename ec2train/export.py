@@ -14,10 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ec2train.errors import UserError
-from ec2train.model import MODEL_FORMAT, ModelError, clean_state_dict
-
-CHECKPOINT_FORMAT = "ec2train.checkpoint/1"
-
+from ec2train.model import MODEL_FILE, MODEL_FORMAT, clean_state_dict
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write through a temp file in the same folder, fsync, then os.replace: all or nothing."""
@@ -90,15 +87,6 @@ def save_model_file(path: str | Path, payload: dict[str, Any]) -> Path:
     return atomic_torch_save(payload, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not an ec2train checkpoint; pass a last.pt written by `ec2train fit`")
-    return ckpt
 
 
 # ---------------------------------------------------------------- SageMaker model package
@@ -134,7 +122,7 @@ def package_model(model_path: str | Path, out: str | Path) -> Path:
         raise UserError(f"--package {out} is a folder; give the archive's file name, e.g. {out / 'model.tar.gz'}")
     read_model_file(model_path)  # refuse a file the endpoint could not load, before uploading anything
     package_dir = Path(ec2train.__file__).resolve().parent
-    members = [("model.pth", model_path), (f"code/{HANDLER_FILE}", handler_source())]
+    members = [(MODEL_FILE, model_path), (f"code/{HANDLER_FILE}", handler_source())]
     members += [(f"code/ec2train/{name}.py", package_dir / f"{name}.py") for name in PACKAGE_MODULES]
 
     def write(tmp: Path) -> None:

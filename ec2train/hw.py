@@ -89,3 +89,8 @@ def device_capability(device: str) -> tuple[int, int] | None:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_capability(torch.device(device))
     return None
+
+
+def cuda_device_count() -> int:
+    """GPUs this process can see (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,15 +1,19 @@
-"""The training loop: train one epoch, evaluate, fit. Reads top to bottom; no callbacks.
+"""The training loop: train one epoch, evaluate, fit. Reads top to bottom; no callbacks
+beyond fit's two hooks (should_stop, on_epoch). Knows nothing of AWS: run.py adds that.
 
 fit(cfg) trains on train/, picks the best epoch on valid/, tests it once on test/, and
 writes model.pth, last.pt (every epoch), metrics.json and config.toml under cfg.output.
+It reads as phases: device (make_runtime), loaders (make_data), model and optimizer
+(trainer_for), resume (checkpoint.agreed_checkpoint/restore), epochs (_epochs) and test
+(_test); perf.bench reuses the first three.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,8 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ec2train import ddp, hw
+from ec2train.checkpoint import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    ResumeError,
+    TrainState,
+    Trainables,
+    agreed_checkpoint,
+    check_compatible,
+    finished,
+    restore,
+    save_checkpoint,
+)
 from ec2train.config import TrainConfig, to_toml
-from ec2train.errors import UserError
 from ec2train.data import (
     EvalSampler,
     ImageDataset,
@@ -31,27 +48,10 @@ from ec2train.data import (
     require_dataset,
     scan_split,
 )
-from ec2train.export import (
-    CHECKPOINT_FORMAT,
-    atomic_torch_save,
-    atomic_write_json,
-    atomic_write_text,
-    load_checkpoint,
-    model_payload,
-    save_model_file,
-)
-from ec2train.model import ModelError, build_model, clean_state_dict, find_head, freeze_backbone, normalization_for
+from ec2train.errors import UserError
+from ec2train.export import atomic_write_json, atomic_write_text, model_payload, save_model_file
+from ec2train.model import build_model, find_head, freeze_backbone, normalization_for
 from ec2train.preprocess import decode_min_side, eval_transform, train_transform
-
-MODEL_FILE = "model.pth"
-CHECKPOINT_FILE = "last.pt"
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.toml"
-
-
-class ResumeError(UserError):
-    """The checkpoint to resume from is missing or belongs to a different run."""
-
 
 # ---------------------------------------------------------------- metrics
 
@@ -184,7 +184,8 @@ def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: int) -> Callable
 
 
 def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
-    """Head at lr, backbone at backbone_lr; no weight decay on biases and norm weights."""
+    """Head at lr, backbone at backbone_lr; no weight decay on biases and norm weights.
+    Each group names its role ("head" or "backbone") so the logs can tell the two lrs apart."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -193,15 +194,28 @@ def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr: float
         decay = p.ndim > 1
         groups.setdefault((is_head, decay), []).append(p)
     return [
-        {"params": ps, "lr": lr if is_head else backbone_lr, "weight_decay": weight_decay if decay else 0.0}
+        {"params": ps, "lr": lr if is_head else backbone_lr, "weight_decay": weight_decay if decay else 0.0,
+         "role": "head" if is_head else "backbone"}
         for (is_head, decay), ps in groups.items()
     ]
 
 
-def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, device_type: str) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW, with the multi-tensor update (fused on CUDA): one kernel per
+    group instead of a Python loop over every parameter (AdamW's step was 4x SGD's on CPU)."""
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fast)
+    return torch.optim.AdamW(groups, lr=lr, **fast)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """{"lr": the head's lr, "lr_backbone": the backbone's (when it trains)}."""
+    lrs: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        key = "lr_backbone" if group.get("role") == "backbone" else "lr"
+        lrs.setdefault(key, group["lr"])
+    return lrs
 
 
 def effective_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -209,98 +223,152 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     return cfg.lr * world_size if cfg.scale_lr else cfg.lr
 
 
-def resume_source(resume: str, output: Path, torchrun: bool, s3_uri: str = "") -> str | None:
-    """Which checkpoint to resume from: None for a fresh start.
-
-    '' is 'auto' under torchrun (so --max-restarts continues) and 'never' otherwise.
-    auto: output/last.pt, else <s3_uri>/last.pt (a fresh instance with an empty disk).
-    """
-    mode = resume or ("auto" if torchrun else "never")
-    if mode == "never":
-        return None
-    if mode == "auto":
-        local = output / CHECKPOINT_FILE
-        if local.is_file():  # written before it is uploaded, so never older than the S3 copy
-            return str(local)
-        if s3_uri:
-            from ec2train import s3
-
-            return s3.find_checkpoint(s3_uri)
-        return None
-    if not mode.startswith("s3://") and not Path(mode).is_file():
-        raise ResumeError(f"--resume {mode}: no such checkpoint; use --resume auto to start fresh when there is none")
-    return mode
+def backbone_lr(cfg: TrainConfig, lr: float) -> float:
+    """--backbone-lr-scale protects pretrained features; a backbone trained from scratch
+    (--weights none) has nothing to protect, so every layer trains at lr."""
+    return lr * cfg.backbone_lr_scale if cfg.weights != "none" else lr
 
 
-def fetch_checkpoint(source: str, output: Path | None = None) -> dict[str, Any]:
-    """Load a checkpoint; an s3:// one is downloaded into output first (with its model.pth)."""
-    if source.startswith("s3://"):
-        from ec2train import s3
-
-        if output is None:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                return load_checkpoint(s3.download_run(source, tmp))
-        source = str(s3.download_run(source, output))
-    return load_checkpoint(source)
+def train_dataset(samples, image_size: int, mean, std, augment: str) -> ImageDataset:
+    return ImageDataset(samples, train_transform(image_size, mean, std, augment), decode_min_side(image_size, augment))
 
 
-def agreed_checkpoint(
-    resume: str, output: Path, env: ddp.DistEnv, s3_uri: str = ""
-) -> tuple[str | None, dict[str, Any] | None]:
-    """(source, checkpoint) that every rank resumes from, read once and broadcast, so nodes need no
-    shared disk. Rank 0 decides, except in auto mode, where each node offers its own newest last.pt
-    and the one with the most epochs wins: after a restart, c10d may put rank 0 on another node
-    (it orders nodes by host name), one without the checkpoint."""
-    torchrun = ddp.under_torchrun()
-    auto = (resume or ("auto" if torchrun else "never")) == "auto"
-    offer = None
-    if env.is_main or (auto and env.local_rank == 0):
-        path = resume_source(resume, output, torchrun, s3_uri)
-        offer = (path, fetch_checkpoint(path, output)) if path else None
-    src = ddp.holder_of_newest(ddp.gather_counts(offer[1]["epoch"] if offer else -1))
-    if src is None:
-        return None, None
-    return ddp.broadcast_object(offer if env.rank == src else None, src=src)
+def eval_dataset(samples, image_size: int, mean, std) -> ImageDataset:
+    """The deterministic transform of validation, test, evaluate and the feature cache."""
+    return ImageDataset(samples, eval_transform(image_size, mean, std), decode_min_side(image_size, False))
 
 
-def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put the per-step lr schedule at `step` of THIS run (its lr and steps per epoch): a resumed
-    job may run with another world size than the one that wrote the checkpoint."""
-    scheduler.last_epoch = step
-    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["initial_lr"] = base
-        group["lr"] = base * f(step)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+# ---------------------------------------------------------------- the phases of fit
+
+@dataclass
+class Runtime:
+    """Phase 1, device: where this process runs and how."""
+
+    env: ddp.DistEnv
+    device: str
+    amp: hw.AmpPolicy
+    sync_bn: bool
+    workers: int
+    pin_memory: bool
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
 
 
-def check_compatible(ckpt: dict[str, Any], cfg: TrainConfig, class_folders: list[str]) -> None:
-    old = ckpt.get("config", {})
-    for key in ("arch", "image_size"):
-        if old.get(key) != getattr(cfg, key):
-            raise ResumeError(
-                f"the checkpoint was trained with {key}={old.get(key)!r}, this run asks for {getattr(cfg, key)!r}; "
-                "use another --output or --resume never to start fresh"
-            )
-    if ckpt.get("class_folders") != class_folders:
-        raise ResumeError("the checkpoint's classes differ from this data set's; use another --output or --resume never")
+def make_runtime(device: str, amp: str, workers: int, *, sync_bn: bool = False, env: ddp.DistEnv | None = None) -> Runtime:
+    env = env or ddp.env_from()
+    dev = ddp.select_device(device, env.local_rank, hw.cuda_device_count())
+    device_type = dev.split(":")[0]
+    capability = hw.device_capability(dev)
+    hw.configure_backends(device_type, capability)
+    workers = workers if workers >= 0 else default_workers(available_cpus(), env.local_world_size)
+    return Runtime(
+        env, dev, hw.amp_policy(amp, device_type, capability), ddp.use_sync_bn(sync_bn, device_type, env.world_size),
+        workers, hw.use_pin_memory(device_type),
+    )
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class Data:
+    """Phase 2, loaders: the data set's classes, datasets, sampler and loaders."""
+
+    class_folders: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_samples: list
+    valid_samples: list
+    train_ds: ImageDataset
+    valid_ds: ImageDataset
+    train_sampler: TrainSampler
+    train_loader: Any
+    valid_loader: Any
+
+    @property
+    def class_names(self) -> list[str]:
+        return [class_name(f) for f in self.class_folders]
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
+    class_folders = require_dataset(cfg.data)
+    mean, std = normalization_for(cfg.arch, cfg.weights)
+    _, train_samples = scan_split(cfg.data, "train", class_folders)
+    _, valid_samples = scan_split(cfg.data, "valid", class_folders)
+    train_ds = train_dataset(train_samples, cfg.image_size, mean, std, cfg.augment)
+    valid_ds = eval_dataset(valid_samples, cfg.image_size, mean, std)
+    env = rt.env
+    sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed)
+    train_loader = make_loader(train_ds, sampler, cfg.batch_size, rt.workers, rt.pin_memory)
+    valid_loader = make_loader(
+        valid_ds, EvalSampler(len(valid_ds), env.rank, env.world_size), cfg.batch_size, rt.workers, rt.pin_memory
+    )
+    return Data(class_folders, mean, std, train_samples, valid_samples, train_ds, valid_ds, sampler, train_loader,
+                valid_loader)
 
 
-# ---------------------------------------------------------------- fit
+@dataclass
+class Trainer:
+    """Phase 3, model and optimizer: the network (net), what steps (model: DDP/compiled), its head."""
+
+    net: nn.Module
+    model: nn.Module
+    head_name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ctx: StepContext
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.get_submodule(self.head_name)
+
+    def parts(self) -> Trainables:
+        return Trainables(self.net, self.optimizer, self.scheduler, self.ctx.scaler)
+
+
+def make_trainer(
+    rt: Runtime,
+    arch: str,
+    num_classes: int,
+    *,
+    weights: str,
+    frozen: bool,
+    channels_last: bool,
+    optimizer: str,
+    lr: float,
+    backbone_lr: float,
+    weight_decay: float,
+    momentum: float,
+    lr_at_step: Callable[[int], float],
+    wrap: bool = True,
+    compile: bool = False,
+) -> Trainer:
+    """wrap: DDP-wrap the model (fit does, except with --cache-features where only the head trains)."""
+    net = build_model(arch, num_classes, weights)
+    head_name, _ = find_head(net)
+    if frozen:
+        freeze_backbone(net)
+    use_cl = hw.use_channels_last(channels_last, rt.device_type)
+    net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)
+    opt = make_optimizer(optimizer, param_groups(net, head_name, lr, backbone_lr, weight_decay), lr, momentum,
+                         rt.device_type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at_step)
+    scaler = torch.amp.GradScaler(rt.device_type) if rt.amp.use_scaler else None
+    model = ddp.wrap_model(net, rt.device, rt.sync_bn) if wrap else net
+    if compile:
+        model = torch.compile(model)
+    return Trainer(net, model, head_name, opt, scheduler, StepContext(rt.device, rt.amp, use_cl, scaler))
+
+
+def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
+    torch.manual_seed(cfg.seed)
+    lr = effective_lr(cfg, rt.env.world_size)
+    return make_trainer(
+        rt, cfg.arch, len(data.class_folders), weights=cfg.weights, frozen=cfg.frozen, channels_last=cfg.channels_last,
+        optimizer=cfg.optimizer, lr=lr, backbone_lr=backbone_lr(cfg, lr), weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum, lr_at_step=lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs),
+        wrap=not cfg.cache_features, compile=cfg.compile and not cfg.cache_features,
+    )
+
 
 @dataclass
 class FitResult:
@@ -310,6 +378,7 @@ class FitResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    already_finished: bool = False  # --resume of a finished run: nothing was trained or written
 
 
 class _Reporter:
@@ -358,6 +427,64 @@ class _Reporter:
             self.progress = None
 
 
+class _Writer:
+    """TensorBoard on rank 0, created in a background thread: importing tensorboard takes about
+    a second that the first epoch need not wait for."""
+
+    def __init__(self, logdir: Path | None):
+        self._writer = None
+        self._thread = None
+        if logdir is not None:
+            self._thread = threading.Thread(target=self._open, args=(logdir,), name="ec2train-tensorboard", daemon=True)
+            self._thread.start()
+
+    def _open(self, logdir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(logdir))
+
+    def get(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self._writer
+
+    def close(self) -> None:
+        if self.get() is not None:
+            self._writer.close()
+
+
+@dataclass
+class FitRun:
+    """Everything the epochs and the test phase share."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    data: Data
+    tr: Trainer
+    state: TrainState
+    report: _Reporter
+    writer: _Writer
+    step_model: nn.Module
+    train_loader: Any
+    valid_loader: Any
+
+    @property
+    def output(self) -> Path:
+        return Path(self.cfg.output)
+
+    @property
+    def logdir(self) -> Path:
+        return Path(self.cfg.logdir) / self.state.run_name
+
+    def payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
+        d = self.data
+        return model_payload(
+            state_dict, arch=self.cfg.arch, class_names=d.class_names, image_size=self.cfg.image_size, mean=d.mean,
+            std=d.std, metrics=metrics, config=self.cfg.to_dict(), class_folders=d.class_folders,
+        )
+
+
 def fit(
     cfg: TrainConfig,
     *,
@@ -367,222 +494,189 @@ def fit(
 ) -> FitResult:
     """Train, validate every epoch, test the best epoch once, and export. See module doc.
 
-    should_stop: polled after every step (e.g. a spot interruption notice); when it turns
+    Resumes from a local checkpoint (cfg.resume: auto, never or a path; run.py fetches remote
+    ones first). should_stop: polled after every step (a spot notice, SIGTERM); when it turns
     true on any rank, every rank stops, the last completed epoch's checkpoint stays, and the
     result has interrupted=True. on_epoch(epoch, record) runs on every rank after each epoch.
     """
     cfg = cfg.validate()
-    env = ddp.env_from()
-    device = ddp.select_device(cfg.device, env.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    device_type = device.split(":")[0]
-    amp = hw.amp_policy(cfg.amp, device_type, hw.device_capability(device))
-    sync_bn = ddp.use_sync_bn(cfg.sync_bn, device_type, env.world_size)
-    ddp.setup(env, device)
+    rt = make_runtime(cfg.device, cfg.amp, cfg.workers, sync_bn=cfg.sync_bn)
+    ddp.setup(rt.env, rt.device)
     try:
-        return _fit(cfg, env, device, amp, sync_bn, console, should_stop, on_epoch)
+        return _fit(cfg, rt, console=console, should_stop=should_stop, on_epoch=on_epoch)
     finally:
         ddp.cleanup()
 
 
-def _fit(cfg, env, device, amp, sync_bn, console, should_stop, on_epoch) -> FitResult:
+def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> FitResult:
     t_start = time.perf_counter()
-    device_type = device.split(":")[0]
-    output = Path(cfg.output)
-    report = _Reporter(console, env.is_main)
-    hw.configure_backends(device_type, hw.device_capability(device))
+    report = _Reporter(console, rt.env.is_main)
+    data = make_data(cfg, rt)
+    tr = trainer_for(cfg, rt, data)
+    ckpt = agreed_checkpoint(cfg.resume, Path(cfg.output), rt.env)
+    if ckpt is not None:
+        check_compatible(ckpt, cfg, data.class_folders)
+        if finished(ckpt, cfg) and ckpt.get("final_metrics"):
+            return _already_finished(ckpt, report)
+        state = restore(ckpt, tr.parts(), len(data.train_loader))
+        report.log(f"resuming from {ckpt['source']}: {state.epoch} of {cfg.epochs} epochs done, "
+                   f"best valid acc {state.best_acc:.4f}")
+    else:
+        state = TrainState.fresh(cfg.arch)
+    run = _start_run(cfg, rt, data, tr, state, report)
+    try:
+        interrupted = _epochs(run, should_stop, on_epoch)
+        if interrupted:
+            return FitResult(run.output, run.output / MODEL_FILE, run.logdir, {}, state.history, interrupted=True)
+        return _test(run, time.perf_counter() - t_start)
+    finally:
+        run.writer.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
 
-    # ---- data
-    class_folders = require_dataset(cfg.data)
-    class_names = [class_name(f) for f in class_folders]
-    num_classes = len(class_folders)
-    mean, std = normalization_for(cfg.arch, cfg.weights)
-    _, train_samples = scan_split(cfg.data, "train", class_folders)
-    _, valid_samples = scan_split(cfg.data, "valid", class_folders)
-    train_ds = ImageDataset(
-        train_samples, train_transform(cfg.image_size, mean, std, cfg.augment), decode_min_side(cfg.image_size, cfg.augment)
-    )
-    valid_ds = ImageDataset(valid_samples, eval_transform(cfg.image_size, mean, std), decode_min_side(cfg.image_size, False))
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(available_cpus(), env.local_world_size)
-    pin = hw.use_pin_memory(device_type)
-    train_sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed)
-    train_loader = make_loader(train_ds, train_sampler, cfg.batch_size, workers, pin)
-    valid_loader = make_loader(valid_ds, EvalSampler(len(valid_ds), env.rank, env.world_size), cfg.batch_size, workers, pin)
 
-    # ---- model
-    torch.manual_seed(cfg.seed)
-    net = build_model(cfg.arch, num_classes, cfg.weights)
-    head_name, _ = find_head(net)
-    if cfg.frozen:
-        freeze_backbone(net)
-    channels_last = hw.use_channels_last(cfg.channels_last, device_type)
-    net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
-    lr = effective_lr(cfg, env.world_size)
-    optimizer = make_optimizer(cfg, param_groups(net, head_name, lr, lr * cfg.backbone_lr_scale, cfg.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(len(train_loader), cfg.epochs, cfg.warmup_epochs))
-    scaler = torch.amp.GradScaler(device_type) if amp.use_scaler else None
-    ctx = StepContext(device, amp, channels_last, scaler)
-    # With --cache-features only the head trains (features.py wraps it); the full model only tests.
-    model = net if cfg.cache_features else ddp.wrap_model(net, device, sync_bn)
-    if cfg.compile and not cfg.cache_features:
-        model = torch.compile(model)
-    head = net.get_submodule(head_name)
-
-    # ---- resume
-    start_epoch, best_acc, best_epoch, stale, history = 0, -1.0, -1, 0, []
-    best_state: dict[str, torch.Tensor] | None = None
-    run_name = f"{cfg.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    source, ckpt = agreed_checkpoint(cfg.resume, output, env, cfg.s3_uri)
-    if ckpt:
-        check_compatible(ckpt, cfg, class_folders)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        seek_schedule(scheduler, ckpt["epoch"] * len(train_loader))
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, best_acc, best_epoch = ckpt["epoch"], ckpt["best_acc"], ckpt["best_epoch"]
-        stale, history, run_name = ckpt["stale_epochs"], ckpt["history"], ckpt["run_name"]
-        best_state = ckpt["best_model"]
-        report.log(f"resuming from {source}: {start_epoch} of {cfg.epochs} epochs done, best valid acc {best_acc:.4f}")
-
-    logdir = Path(cfg.logdir) / run_name
-    writer = None
-    if env.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        output.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(logdir))
-        atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
+def _already_finished(ckpt: dict[str, Any], report: _Reporter) -> FitResult:
+    folder = Path(ckpt["source"]).parent
+    metrics = ckpt["final_metrics"]
     report.log(
-        f"{cfg.arch} on {device} ({'frozen backbone' if cfg.frozen else 'full fine-tune'}), amp {amp.name}, "
-        f"{num_classes} classes, {len(train_ds)} train / {len(valid_ds)} valid images\n"
-        f"world size {env.world_size}, per-rank batch {cfg.batch_size}, global batch {cfg.batch_size * env.world_size}, "
-        f"lr {lr:g}, {workers} loader workers per process{', SyncBatchNorm' if sync_bn else ''}"
+        f"{folder} holds a finished run ({ckpt['epoch']} epochs, test acc {metrics.get('test_acc1', float('nan')):.4f}); "
+        f"its model is {folder / MODEL_FILE}. Nothing to do: another --output (or --resume never) trains anew."
     )
+    logdir = Path(ckpt.get("config", {}).get("logdir", "runs")) / ckpt["run_name"]
+    return FitResult(folder, folder / MODEL_FILE, logdir, metrics, ckpt["history"], already_finished=True)
 
-    # ---- frozen backbone fast path: features computed once, the head trains from them
-    step_model = model
+
+def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: TrainState, report: _Reporter) -> FitRun:
+    """Open the logs, write config.toml, print the header; with --cache-features compute the
+    backbone's features once so the epochs train the head from them."""
+    output = Path(cfg.output)
+    if rt.env.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
+    writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
+    env, lr = rt.env, group_lrs(tr.optimizer)
+    lrs = f"lr {lr['lr']:g}" + (f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else "")
+    report.log(
+        f"{cfg.arch} on {rt.device} ({'frozen backbone' if cfg.frozen else 'full fine-tune'}), amp {rt.amp.name}, "
+        f"{len(data.class_folders)} classes, {len(data.train_ds)} train / {len(data.valid_ds)} valid images\n"
+        f"world size {env.world_size}, per-rank batch {cfg.batch_size}, global batch {cfg.batch_size * env.world_size}, "
+        f"{lrs}, {rt.workers} loader workers per process{', SyncBatchNorm' if rt.sync_bn else ''}"
+    )
+    step_model, train_loader, valid_loader = tr.model, data.train_loader, data.valid_loader
     if cfg.cache_features:
-        from ec2train.features import CACHE_DIR, feature_loaders
+        from ec2train.features import CACHE_DIR, feature_loaders  # only this mode needs it
 
-        fixed = {split: ImageDataset(samples, eval_transform(cfg.image_size, mean, std), decode_min_side(cfg.image_size, False))
-                 for split, samples in (("train", train_samples), ("valid", valid_samples))}
+        fixed = {split: eval_dataset(samples, cfg.image_size, data.mean, data.std)
+                 for split, samples in (("train", data.train_samples), ("valid", data.valid_samples))}
         step_model, train_loader, valid_loader = feature_loaders(
-            net, head_name, fixed, train_sampler, ctx, arch=cfg.arch, image_size=cfg.image_size, mean=mean, std=std,
-            batch_size=cfg.batch_size, workers=workers, pin_memory=pin, cache_dir=output / CACHE_DIR, log=report.log,
+            tr.net, tr.head_name, fixed, data.train_sampler, tr.ctx, arch=cfg.arch, image_size=cfg.image_size,
+            mean=data.mean, std=data.std, batch_size=cfg.batch_size, workers=rt.workers, pin_memory=rt.pin_memory,
+            cache_dir=output / CACHE_DIR, log=report.log,
         )
+    return FitRun(cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader)
 
-    def payload(state, metrics):
-        return model_payload(
-            state, arch=cfg.arch, class_names=class_names, image_size=cfg.image_size, mean=mean, std=std,
-            metrics=metrics, config=cfg.to_dict(), class_folders=class_folders,
-        )
 
-    # ---- epochs
-    interrupted = False
-    train_images, train_seconds = 0, 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.patience and stale >= cfg.patience:
+def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
+    """Phase 5: train and validate each remaining epoch; True when a stop request ended it."""
+    cfg, state, tr = run.cfg, run.state, run.tr
+    for epoch in range(state.epoch, cfg.epochs):
+        if cfg.patience and state.stale_epochs >= cfg.patience:
             break
-        train_sampler.set_epoch(epoch)
-        set_train_mode(step_model, head, cfg.frozen)
-        report.start_epoch(epoch, cfg.epochs, len(train_sampler))
+        run.data.train_sampler.set_epoch(epoch)
+        set_train_mode(run.step_model, tr.head, cfg.frozen)
+        run.report.start_epoch(epoch, cfg.epochs, len(run.data.train_sampler))
         t0 = time.perf_counter()
         meter, interrupted = train_one_epoch(
-            step_model, train_loader, optimizer, scheduler, ctx, cfg.label_smoothing, report.step, should_stop
+            run.step_model, run.train_loader, tr.optimizer, tr.scheduler, tr.ctx, cfg.label_smoothing,
+            run.report.step, should_stop,
         )
         seconds = time.perf_counter() - t0
-        report.end_epoch()
+        run.report.end_epoch()
         if interrupted:
-            report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
-            break
-        train = meter.reduced(device).summary()
-        valid, _ = evaluate(step_model, valid_loader, ctx, num_classes)
-        ips = train["images"] / max(seconds, 1e-9)
-        train_images, train_seconds = train_images + train["images"], train_seconds + seconds
-        improved = valid["acc1"] > best_acc
-        if improved:
-            best_acc, best_epoch, stale = valid["acc1"], epoch + 1, 0
-            best_state = {k: v.detach().clone().cpu() for k, v in clean_state_dict(net.state_dict()).items()}
-        else:
-            stale += 1
-        record = {
-            "epoch": epoch + 1, "train_loss": train["loss"], "train_acc1": train["acc1"], "valid_loss": valid["loss"],
-            "valid_acc1": valid["acc1"], "valid_acc5": valid["acc5"], "lr": optimizer.param_groups[0]["lr"],
-            "images_per_second": ips, "seconds": seconds, "images_per_rank": ddp.gather_counts(meter.count, device),
-        }
-        history.append(record)
-        report.log(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {train['loss']:.4f} acc {train['acc1']:.3f} | "
-            f"valid loss {valid['loss']:.4f} acc {valid['acc1']:.3f} top5 {valid['acc5']:.3f} | "
-            f"{ips:.0f} img/s{'  (best)' if improved else ''}"
-        )
-        if env.is_main:
-            for key in ("train_loss", "train_acc1", "valid_loss", "valid_acc1", "valid_acc5", "lr", "images_per_second"):
-                group, _, name = key.partition("_")
-                writer.add_scalar(f"{group}/{name}" if group in ("train", "valid") else key, record[key], epoch + 1)
-            writer.flush()
-            if improved:
-                save_model_file(output / MODEL_FILE, payload(best_state, {"best_epoch": best_epoch, "valid_acc1": best_acc}))
-            atomic_torch_save(
-                {
-                    "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": clean_state_dict(net.state_dict()),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "best_acc": best_acc,
-                    "best_epoch": best_epoch, "best_model": best_state, "stale_epochs": stale, "history": history,
-                    "rng": rng_state(), "config": cfg.to_dict(), "class_folders": class_folders, "run_name": run_name,
-                    "world_size": env.world_size,
-                },
-                output / CHECKPOINT_FILE,
-            )
+            run.report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
+            return True
+        record, improved = _end_epoch(run, epoch + 1, meter, seconds)
+        if run.rt.env.is_main:
+            _save_epoch(run, record, improved)
         ddp.barrier()
         if on_epoch:
-            try:
-                on_epoch(epoch, record)
-            except BaseException:
-                # The hook may end the run (a pruned tuning trial): do not leak the writer's file and thread.
-                if writer:
-                    writer.close()
-                raise
+            on_epoch(epoch, record)
+    return False
 
-    if interrupted:
-        if writer:
-            writer.close()
-        return FitResult(output, output / MODEL_FILE, logdir, {}, history, interrupted=True)
 
-    # ---- test the best epoch once
-    if best_state is None:
-        raise ResumeError("no epoch finished, so there is no model to test")
-    net.load_state_dict(best_state)
-    _, test_samples = scan_split(cfg.data, "test", class_folders)
-    test_ds = ImageDataset(test_samples, eval_transform(cfg.image_size, mean, std), decode_min_side(cfg.image_size, False))
-    test_loader = make_loader(test_ds, EvalSampler(len(test_ds), env.rank, env.world_size), cfg.batch_size, 0, pin)
-    test, _ = evaluate(model, test_loader, ctx, num_classes)
-    best = next((h for h in history if h["epoch"] == best_epoch), {})
-    wall = time.perf_counter() - t_start
-    metrics = {
-        "best_epoch": best_epoch,
-        "valid_acc1": best_acc,
-        "valid_acc5": best.get("valid_acc5"),
-        "test_acc1": test["acc1"],
-        "test_acc5": test["acc5"],
-        "test_loss": test["loss"],
-        "test_images": test["images"],
-        "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs,
-        "wall_seconds": wall,
-        "images_per_second": train_images / train_seconds if train_seconds else None,
-        "world_size": env.world_size,
-        "global_batch": cfg.batch_size * env.world_size,
+def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float) -> tuple[dict[str, Any], bool]:
+    """Validate, count the epoch in the state, log it; returns (history record, improved)."""
+    device = run.rt.device
+    train = meter.reduced(device).summary()
+    valid, _ = evaluate(run.step_model, run.valid_loader, run.tr.ctx, len(run.data.class_folders))
+    ips = train["images"] / max(seconds, 1e-9)
+    improved = run.state.record(epoch, valid["acc1"], run.tr.net)
+    record = {
+        "epoch": epoch, "train_loss": train["loss"], "train_acc1": train["acc1"], "valid_loss": valid["loss"],
+        "valid_acc1": valid["acc1"], "valid_acc5": valid["acc5"], **group_lrs(run.tr.optimizer),
+        "images_per_second": ips, "seconds": seconds, "images_per_rank": ddp.gather_counts(meter.count, device),
     }
-    if env.is_main:
-        save_model_file(output / MODEL_FILE, payload(best_state, metrics))
-        atomic_write_json(output / METRICS_FILE, {**metrics, "history": history})
+    run.state.history.append(record)
+    run.report.log(
+        f"epoch {epoch}/{run.cfg.epochs}: train loss {train['loss']:.4f} acc {train['acc1']:.3f} | "
+        f"valid loss {valid['loss']:.4f} acc {valid['acc1']:.3f} top5 {valid['acc5']:.3f} | "
+        f"{ips:.0f} img/s{'  (best)' if improved else ''}"
+    )
+    return record, improved
+
+
+SCALARS = ("train_loss", "train_acc1", "valid_loss", "valid_acc1", "valid_acc5", "lr", "lr_backbone", "images_per_second")
+
+
+def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
+    """Rank 0: TensorBoard scalars, model.pth when the epoch is the best, then last.pt."""
+    writer, epoch, state = run.writer.get(), record["epoch"], run.state
+    for key in (k for k in SCALARS if k in record):
+        group, _, name = key.partition("_")
+        writer.add_scalar(f"{group}/{name}" if group in ("train", "valid") else key, record[key], epoch)
+    writer.flush()
+    if improved:
+        save_model_file(
+            run.output / MODEL_FILE, run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
+        )
+    save_checkpoint(
+        run.output / CHECKPOINT_FILE, state, run.tr.parts(), config=run.cfg.to_dict(),
+        class_folders=run.data.class_folders, world_size=run.rt.env.world_size,
+    )
+
+
+def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
+    """Phase 6: test the best epoch once, write model.pth (with the metrics) and metrics.json."""
+    cfg, rt, data, state = run.cfg, run.rt, run.data, run.state
+    if state.best_model is None:
+        raise ResumeError("no epoch finished, so there is no model to test")
+    t0 = time.perf_counter()
+    run.tr.net.load_state_dict(state.best_model)
+    _, test_samples = scan_split(cfg.data, "test", data.class_folders)
+    test_ds = eval_dataset(test_samples, cfg.image_size, data.mean, data.std)
+    loader = make_loader(test_ds, EvalSampler(len(test_ds), rt.env.rank, rt.env.world_size), cfg.batch_size,
+                         rt.workers, rt.pin_memory)
+    test, confusion = evaluate(run.tr.model, loader, run.tr.ctx, len(data.class_folders))
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
+    trained = state.history
+    seconds = sum(h["seconds"] for h in trained)
+    metrics = {
+        "best_epoch": state.best_epoch, "valid_acc1": state.best_acc, "valid_acc5": best.get("valid_acc5"),
+        "test_acc1": test["acc1"], "test_acc5": test["acc5"], "test_loss": test["loss"], "test_images": test["images"],
+        "epochs_run": len(state.history), "stopped_early": len(state.history) < cfg.epochs,
+        "wall_seconds": setup_and_train_seconds + time.perf_counter() - t0,
+        "images_per_second": (sum(sum(h["images_per_rank"]) for h in trained) / seconds) if seconds else None,
+        "world_size": rt.env.world_size, "global_batch": cfg.batch_size * rt.env.world_size,
+    }
+    if rt.env.is_main:
+        save_model_file(run.output / MODEL_FILE, run.payload(state.best_model, metrics))
+        atomic_write_json(run.output / METRICS_FILE, {**metrics, "history": state.history})
         hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": best_acc}, run_name=".")
-        writer.close()
+        run.writer.get().add_hparams(hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc},
+                                     run_name=".")
+        from ec2train.plots import log_confusion  # imports matplotlib: paid once, when a run is done
+
+        log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
     ddp.barrier()
-    return FitResult(output, output / MODEL_FILE, logdir, metrics, history)
+    return FitResult(run.output, run.output / MODEL_FILE, run.logdir, metrics, state.history)
 
 
 # ---------------------------------------------------------------- evaluate a model file
@@ -607,11 +701,9 @@ def evaluate_model_file(
             "evaluate on the data set the model was trained on"
         )
     _, samples = scan_split(data, split, folders)
-    dev = ddp.select_device(device, 0, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    dev = ddp.select_device(device, 0, hw.cuda_device_count())
     ctx = StepContext(dev, hw.amp_policy("off", dev.split(":")[0]), False)
-    ds = ImageDataset(
-        samples, eval_transform(meta["image_size"], meta["mean"], meta["std"]), decode_min_side(meta["image_size"], False)
-    )
+    ds = eval_dataset(samples, meta["image_size"], meta["mean"], meta["std"])
     loader = make_loader(ds, EvalSampler(len(ds)), batch_size, workers, hw.use_pin_memory(dev.split(":")[0]))
     summary, confusion = evaluate(net.to(dev), loader, ctx, meta["num_classes"])
     totals = confusion.sum(dim=1)

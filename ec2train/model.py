@@ -16,6 +16,7 @@ from ec2train.errors import UserError
 from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 MODEL_FORMAT = "ec2train.model/1"
+MODEL_FILE = "model.pth"  # the model file's name in a run's output folder and in model.tar.gz
 REQUIRED_KEYS = ("format", "state_dict", "arch", "num_classes", "class_names", "image_size", "mean", "std")
 
 
@@ -177,12 +178,8 @@ def _torch_load(path: Path) -> Any:
 
 def _refuse_checkpoint(path: Path, obj: dict[str, Any]) -> None:
     """A training checkpoint (last.pt) where a model file belongs: name the model file beside it."""
-    # Imported here: export and loop import this module. (The SageMaker package ships without
-    # them, but serves only the model.pth that package_model checked, so never gets here.)
-    from ec2train.export import CHECKPOINT_FORMAT
-    from ec2train.loop import MODEL_FILE
-
-    if obj.get("format") == CHECKPOINT_FORMAT:
+    # Any version of checkpoint.CHECKPOINT_FORMAT (not imported: checkpoint imports this module).
+    if str(obj.get("format", "")).startswith("ec2train.checkpoint/"):
         raise ModelError(
             f"{path} is a training checkpoint (for --resume), not a model file; "
             f"pass the model file beside it: --model {path.with_name(MODEL_FILE)}"

@@ -17,12 +17,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from ec2train import ddp, hw
-from ec2train.data import (
-    ImageDataset, TrainSampler, available_cpus, default_workers, make_loader, require_dataset, scan_split,
-)
+from ec2train import ddp
+from ec2train.data import TrainSampler, available_cpus, make_loader, require_dataset, scan_split
 from ec2train.errors import UserError
-from ec2train.preprocess import decode_min_side, resize_size, train_transform
+from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
 
 @dataclass
@@ -136,42 +134,30 @@ def bench(
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BenchResult:
     """Images/s of fit's input pipeline, training step and both together on DATA's train split."""
-    from ec2train.loop import StepContext, param_groups, set_train_mode, train_one_epoch
-    from ec2train.model import build_model, find_head, freeze_backbone
+    from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_dataset, train_one_epoch
 
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be at least 1")
     if not 16 <= image_size <= 1024:
         raise UserError(f"--image-size {image_size}: must be between 16 and 1024 pixels")
-    dev = ddp.select_device(device, 0, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    device_type = dev.split(":")[0]
-    capability = hw.device_capability(dev)
-    policy = hw.amp_policy(amp, device_type, capability)
-    hw.configure_backends(device_type, capability)
+    # fit's own phases (device, loaders, model and optimizer), one process, constant lr.
+    rt = make_runtime(device, amp, workers, env=ddp.DistEnv())
+    dev, device_type, policy, workers = rt.device, rt.device_type, rt.amp, rt.workers
     classes = require_dataset(data, ("train",))
     _, samples = scan_split(data, "train", classes)
     cpus = available_cpus()
-    workers = workers if workers >= 0 else default_workers(cpus, 1)
-    pin = hw.use_pin_memory(device_type)
-    # The same dataset, transform, sampler and loader settings as fit. The step is timed first,
-    # before loader workers exist, so they do not compete with it for the CPU.
-    dataset = ImageDataset(samples, train_transform(image_size), decode_min_side(image_size, True))
+    # The step is timed first, before loader workers exist, so they do not compete with it for the CPU.
+    dataset = train_dataset(samples, image_size, IMAGENET_MEAN, IMAGENET_STD, True)
     sampler = TrainSampler(len(dataset))
-    loader = make_loader(dataset, sampler, batch_size, workers, pin)
+    loader = make_loader(dataset, sampler, batch_size, workers, rt.pin_memory)
 
     torch.manual_seed(0)
-    net = build_model(arch, len(classes), "none")
-    head_name, _ = find_head(net)
-    if frozen:
-        freeze_backbone(net)
-    use_cl = hw.use_channels_last(channels_last, device_type)
-    net = net.to(dev, memory_format=torch.channels_last) if use_cl else net.to(dev)
-    optimizer = torch.optim.AdamW(param_groups(net, head_name, 1e-3, 1e-4, 1e-4), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
-    scaler = torch.amp.GradScaler(device_type) if policy.use_scaler else None
-    ctx = StepContext(dev, policy, use_cl, scaler)
-    head = net.get_submodule(head_name)
-    set_train_mode(net, head, frozen)
+    tr = make_trainer(
+        rt, arch, len(classes), weights="none", frozen=frozen, channels_last=channels_last, optimizer="adamw",
+        lr=1e-3, backbone_lr=1e-4, weight_decay=1e-4, momentum=0.0, lr_at_step=lambda _step: 1.0, wrap=False,
+    )
+    net, optimizer, scheduler, ctx, use_cl = tr.net, tr.optimizer, tr.scheduler, tr.ctx, tr.ctx.channels_last
+    set_train_mode(net, tr.head, frozen)
 
     log(f"training step: {arch} on {dev}, amp {policy.name}, synthetic batches")
     x = torch.randn(batch_size, 3, image_size, image_size, device=dev)

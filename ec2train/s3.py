@@ -25,16 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE, RUN_FILES
 from ec2train.errors import UserError
 
 MB = 1024 * 1024
 # Files from this size on go up in parts of this size (S3 checks each part's SHA-256).
 PART_SIZE = 16 * MB
 DIGEST_KEY = "sha256"  # object metadata (x-amz-meta-sha256): hex SHA-256 of the whole file
-CHECKPOINT_NAME = "last.pt"
-MODEL_NAME = "model.pth"
-# What fit mirrors from its output folder, small first; TensorBoard files go under runs/.
-RUN_FILES = ("config.toml", "metrics.json", MODEL_NAME, CHECKPOINT_NAME)
+# TensorBoard files go under runs/ beside the output folder's files (checkpoint.RUN_FILES).
 RUNS_PREFIX = "runs"
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -379,7 +377,7 @@ def download_prefix(
 def find_checkpoint(s3_uri: str | S3Uri, *, client: Any | None = None) -> str | None:
     """s3://.../last.pt under the run prefix, or None when there is none yet."""
     prefix = s3_uri if isinstance(s3_uri, S3Uri) else parse_uri(s3_uri)
-    target = prefix.child(CHECKPOINT_NAME)
+    target = prefix.child(CHECKPOINT_FILE)
     for o in _list(_s3(client), target, prefix):
         if o["Key"] == target.key:
             return str(target)
@@ -392,10 +390,10 @@ def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any |
     uri = checkpoint_uri if isinstance(checkpoint_uri, S3Uri) else parse_uri(checkpoint_uri, need_key=True, option="--resume")
     s3 = _s3(client)
     dest = Path(dest)
-    local = download_file(uri, dest / CHECKPOINT_NAME, client=s3)
-    model = uri.parent().child(MODEL_NAME)
+    local = download_file(uri, dest / CHECKPOINT_FILE, client=s3)
+    model = uri.parent().child(MODEL_FILE)
     if any(o["Key"] == model.key for o in _list(s3, model)):
-        download_file(model, dest / MODEL_NAME, client=s3)
+        download_file(model, dest / MODEL_FILE, client=s3)
     return local
 
 
@@ -405,7 +403,7 @@ def export_to_s3(model_path: str | Path, s3_uri: str, kms_key: str | None = None
 
     read_model_file(model_path)
     uri = parse_uri(s3_uri)
-    target = uri if uri.key.endswith(".pth") else uri.child(MODEL_NAME)
+    target = uri if uri.key.endswith(".pth") else uri.child(MODEL_FILE)
     return upload_file(model_path, target, kms_key or None)
 
 

@@ -1,10 +1,6 @@
 """Spot interruptions: watch the instance metadata service (IMDSv2 only) for the two-minute
-notice, and run fit so that a notice costs nothing.
-
-On a notice, fit finishes the current step, abandons the partial epoch and keeps the last
-completed epoch's checkpoint; with --s3-uri that checkpoint is in S3 before the process
-exits with EXIT_INTERRUPTED (75). `ec2train fit ... --resume auto` on a new instance
-continues from it and ends with the same weights as an uninterrupted run.
+notice. What a notice does to a run (stop at the next step, keep the checkpoint, exit 75)
+is run.py's business.
 """
 
 from __future__ import annotations
@@ -16,16 +12,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 from ec2train.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# Exit status of `ec2train fit` stopped by a spot interruption notice: EX_TEMPFAIL from
-# sysexits.h, "try again later" - which is exactly what --resume auto does.
-EXIT_INTERRUPTED = 75
 
 ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # the AWS SDKs' name for it
 DEFAULT_ENDPOINT = "http://169.254.169.254"
@@ -200,80 +192,3 @@ class SpotWatcher:
                 )
                 return
             self._stop.wait(self.poll_seconds)
-
-
-# ---------------------------------------------------------------- fit, spot-safe
-
-def interrupted_exit_status() -> int:
-    """EXIT_INTERRUPTED for the process that uploads (rank 0), 0 for the other ranks.
-
-    torchrun SIGTERMs every worker as soon as one exits non-zero; if the other ranks exited
-    75 first, rank 0 could be killed in the middle of its final upload. Exiting 0 lets torchrun
-    wait for rank 0, whose 75 then becomes the run's root cause.
-    """
-    from ec2train import ddp
-
-    return EXIT_INTERRUPTED if ddp.env_from().is_main else 0
-
-
-def safe_fit(
-    cfg: Any,
-    *,
-    console: Any = None,
-    spot_watch: str = "auto",
-    spot_poll_seconds: float = 5.0,
-    should_stop: Callable[[], bool] | None = None,
-) -> Any:
-    """loop.fit with the spot watcher and, with cfg.s3_uri, the S3 mirror (rank 0 uploads).
-
-    Returns fit's FitResult; interrupted=True means a notice (or should_stop) stopped it: the
-    last completed epoch's checkpoint is on disk (and in S3, uploaded before this returns).
-    """
-    from pathlib import Path
-
-    from ec2train import ddp, s3
-    from ec2train.loop import fit
-
-    main = ddp.env_from().is_main
-    say = console.print if (console is not None and main) else (lambda msg: None)
-    if cfg.kms_key and not cfg.s3_uri:
-        raise UserError("--kms-key encrypts what --s3-uri uploads; add --s3-uri s3://bucket/prefix")
-    sync = None
-    if cfg.s3_uri and main:
-        sync = s3.RunSync(cfg.s3_uri, cfg.output, cfg.logdir, cfg.kms_key or None, log=say)
-        try:
-            sync.preflight(cfg.resume, ddp.under_torchrun())
-        except BaseException:
-            sync.uploader.close()
-            raise
-    watcher = SpotWatcher(spot_watch, spot_poll_seconds, log_line=say).start()
-    try:
-        stop = watcher.should_stop if should_stop is None else (lambda: watcher.should_stop() or should_stop())
-        result = fit(cfg, console=console, should_stop=stop, on_epoch=sync.on_epoch if sync else None)
-    except BaseException as exc:
-        if sync is not None:
-            if isinstance(exc, Exception) and not isinstance(exc, s3.S3Error):
-                sync.abort()  # a crash: still save what the last epoch left
-            else:
-                sync.uploader.close(discard=True)  # S3 itself failed, or Ctrl-C: do not wait on uploads
-        raise
-    finally:
-        watcher.stop()
-    if sync is not None:
-        seconds = sync.finish(result.logdir)
-        say(f"{result.output} and the TensorBoard logs are in {sync.prefix} ({sync.uploader.uploads} uploads; {seconds:.1f} s at exit)")
-    if result.interrupted and main:
-        done = len(result.history)
-        where = sync.prefix.child(s3.CHECKPOINT_NAME) if sync else Path(cfg.output) / s3.CHECKPOINT_NAME
-        took = f" in {time.monotonic() - watcher.notice.seen_at:.1f} s" if watcher.notice else ""
-        what = (
-            f"spot interruption notice ({watcher.notice.action} at {watcher.notice.time})" if watcher.notice
-            else "stop request (a spot notice seen by another node, or the caller's should_stop)"
-        )
-        kept = f"the checkpoint of epoch {done} is in {where}" if done else "no epoch had finished, so there is no checkpoint yet"
-        say(
-            f"[bold yellow]stopped by a {what}[/bold yellow]{took}: {done} of {cfg.epochs} epochs done, {kept}. "
-            f"Exit code {EXIT_INTERRUPTED}. Continue on any instance with the same command plus --resume auto"
-            + (f" (settings: {sync.prefix.child('config.toml')})" if sync else "")
-        )
-    return result

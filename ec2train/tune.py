@@ -396,6 +396,7 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
     def objective(trial) -> float:
         import torch
 
+        from ec2train.checkpoint import CHECKPOINT_FILE
         from ec2train.loop import fit
 
         # Free the previous trial's model before building the next one (matters on a GPU).
@@ -440,7 +441,7 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
             raise
         finally:
             # Trials never resume, and a big model's last.pt per trial only fills the disk.
-            (job.output / f"trial-{n}" / "last.pt").unlink(missing_ok=True)
+            (job.output / f"trial-{n}" / CHECKPOINT_FILE).unlink(missing_ok=True)
             trial.set_user_attr("epochs", best["epochs"])
             if state == "INTERRUPTED":  # Ctrl-C: Optuna records it as failed; do not count it
                 trial.set_user_attr("interrupted", True)
@@ -549,9 +550,9 @@ def tune(
     storage_url = storage or default_storage(output)
     say = (lambda msg: console.print(msg, highlight=False, markup=False)) if console is not None else (lambda msg: None)
 
-    import torch
+    from ec2train import hw  # imports torch: not at module level, so `ec2train --help` stays fast
 
-    gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), hw.cuda_device_count())
     n_workers = worker_count(parallel, gpus, base.device)
     # Trials side by side share the CPUs for data loading; best.toml keeps the user's setting.
     trial_base = dataclasses.replace(base, workers=loader_workers(base.workers, available_cpus(), n_workers))
@@ -559,17 +560,7 @@ def tune(
     job = Job(study_name, trial_base, params, output.resolve(), (Path(base.logdir) / f"tune-{study_name}").resolve(),
               prune, startup, prune_warmup_epochs)
 
-    rdb = open_storage(storage_url)
-    study = optuna.create_study(
-        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
-        sampler=sampler([base.seed, len_trials(rdb, study_name)]), pruner=job.pruner(),
-    )
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise TuneError(f"study '{study_name}' maximises nothing (it was made elsewhere to minimise); use another --study")
-    check_study_base(study, base, params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat stopped
+    study = _open_study(optuna, study_name, storage_url, base, params, job)
     started = counted_trials(study)
     to_run = max(0, trials - started)
     devices = plan_workers(n_workers, gpus, base.device)
@@ -596,14 +587,35 @@ def tune(
         trial.number if trial else None, storage=storage_url, tb_root=job.tb_root, worker_exits=exits,
     )
     if then_fit:
-        if result.best_file is None:
-            raise TuneError(f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train")
-        from ec2train.loop import fit
-
-        say(f"training the final model with {result.best_file}")
-        # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
-        result.final = fit(resolve(result.best_file), console=console)
+        result.final = _fit_best(result, study_name, console, say)
     return result
+
+
+def _open_study(optuna, study_name: str, storage_url: str, base: TrainConfig, params: list[Param], job: Job):
+    """Create or load the study; refuse one made for another purpose or with other fixed settings."""
+    rdb = open_storage(storage_url)
+    study = optuna.create_study(
+        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
+        sampler=sampler([base.seed, len_trials(rdb, study_name)]), pruner=job.pruner(),
+    )
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise TuneError(f"study '{study_name}' maximises nothing (it was made elsewhere to minimise); use another --study")
+    check_study_base(study, base, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of a killed run whose heartbeat stopped
+    return study
+
+
+def _fit_best(result: TuneResult, study_name: str, console, say: Callable[[str], None]) -> Any:
+    """--then-fit: train the final model with the best settings."""
+    if result.best_file is None:
+        raise TuneError(f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train")
+    from ec2train.loop import fit
+
+    say(f"training the final model with {result.best_file}")
+    # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
+    return fit(resolve(result.best_file), console=console)
 
 
 def counted_trials(study) -> int:

@@ -29,7 +29,8 @@ from ec2train.cli import main
 from ec2train.config import TrainConfig, resolve
 from ec2train.data import EvalSampler, TrainSampler, make_demo_dataset, mix_seed
 from ec2train.errors import UserError
-from ec2train.loop import effective_lr, evaluate_model_file, fit, lr_lambda, seek_schedule
+from ec2train.checkpoint import seek_schedule
+from ec2train.loop import effective_lr, evaluate_model_file, fit, lr_lambda
 from ec2train.model import build_model
 
 PROBE = Path(__file__).with_name("ddp_probe.py")

@@ -60,13 +60,13 @@ def proxy(aws, monkeypatch):
 def test_fit_uploads_encrypted_verified_artifacts_and_resumes_on_an_empty_disk(s3, demo_data, reference, tmp_path):
     from ec2train.cli import app
     from ec2train.config import resolve
-    from ec2train.spot import safe_fit
+    from ec2train.run import fit_run
 
     uri = f"s3://{BUCKET}/run1"
     first = tmp_path / "instance1"
     cfg = resolve(data=str(demo_data), output=str(first / "out"), logdir=str(first / "runs"), s3_uri=uri, **FIT)
     # Stop like a spot notice would, during epoch 2 (the first step after epoch 1's checkpoint).
-    result = safe_fit(cfg, spot_watch="off", should_stop=lambda: (first / "out" / "last.pt").exists())
+    result = fit_run(cfg, spot_watch="off", should_stop=lambda: (first / "out" / "last.pt").exists())
     assert result.interrupted and len(result.history) == 1
 
     names = keys(s3, "run1/")
@@ -81,23 +81,32 @@ def test_fit_uploads_encrypted_verified_artifacts_and_resumes_on_an_empty_disk(s
         assert head["Metadata"]["sha256"] == sha256(local).hex()
     assert sha256(first / "out" / "last.pt") == hashlib.sha256(s3.get_object(Bucket=BUCKET, Key="run1/last.pt")["Body"].read()).digest()
 
-    # Where --resume auto looks: the local checkpoint first, then the S3 prefix.
-    from ec2train.loop import fetch_checkpoint, resume_source
+    # Where --resume auto looks: the local checkpoint first, then (run.py) the S3 prefix.
+    from ec2train.checkpoint import load_checkpoint, resume_source
+    from ec2train.run import fetch_remote_checkpoint
+
+    def settings(out: Path, **kw):
+        return resolve(data=str(demo_data), output=str(out), logdir=str(tmp_path / "r"), **{**FIT, **kw})
 
     fresh = tmp_path / "fresh"
-    assert resume_source("auto", first / "out", False, uri) == str(first / "out" / "last.pt")
-    assert resume_source("auto", fresh, False, uri) == f"{uri}/last.pt"
-    assert resume_source("auto", fresh, False, f"s3://{BUCKET}/nothing-here") is None
-    assert fetch_checkpoint(f"{uri}/last.pt", fresh)["epoch"] == 1  # also what --resume s3://... does
+    assert resume_source("auto", first / "out", False) == str(first / "out" / "last.pt")
+    assert resume_source("auto", fresh, False) is None  # fit itself reads local files only
+    fetch_remote_checkpoint(settings(tmp_path / "none", resume="auto", s3_uri=f"s3://{BUCKET}/nothing-here"), print)
+    assert not (tmp_path / "none").exists()
+    assert fetch_remote_checkpoint(settings(fresh, resume="auto", s3_uri=uri), print).resume == "auto"
     for name in ("last.pt", "model.pth"):  # the output folder is complete again
         assert (fresh / name).read_bytes() == (first / "out" / name).read_bytes()
+    explicit = fetch_remote_checkpoint(settings(tmp_path / "explicit", resume=f"{uri}/last.pt"), print)
+    assert explicit.resume == str(tmp_path / "explicit" / "last.pt")  # what --resume s3://... does
+    assert load_checkpoint(explicit.resume)["epoch"] == 1
 
     # A new instance: empty disk, same command plus --resume auto.
     second = tmp_path / "instance2"
     args = ["fit", *fit_args(demo_data, second / "out", second / "runs"), "--s3-uri", uri, "--resume", "auto", "--spot-watch", "off"]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
-    assert f"resuming from {uri}/last.pt: 1 of 3 epochs done" in run.output
+    output = " ".join(run.output.split())
+    assert f"downloading {uri}/last.pt" in output and "resuming from" in output and ": 1 of 3 epochs done" in output
     metrics = json.loads((second / "out" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert_same_weights(weights(second / "out" / "model.pth"), reference["model"])
@@ -127,12 +136,12 @@ def test_fit_with_kms_key_encrypts_every_upload_with_that_key(s3, demo_data, tmp
 def test_existing_run_in_s3_is_not_overwritten_without_a_resume_choice(s3, demo_data, tmp_path):
     from ec2train.config import resolve
     from ec2train.s3 import S3Error
-    from ec2train.spot import safe_fit
+    from ec2train.run import fit_run
 
     s3.put_object(Bucket=BUCKET, Key="taken/last.pt", Body=b"an earlier run")
     cfg = resolve(data=str(demo_data), output=str(tmp_path / "out"), logdir=str(tmp_path / "runs"), s3_uri=f"s3://{BUCKET}/taken", **FIT)
     with pytest.raises(S3Error, match="--resume auto"):
-        safe_fit(cfg, spot_watch="off")
+        fit_run(cfg, spot_watch="off")
     assert not (tmp_path / "out").exists()
     assert s3.get_object(Bucket=BUCKET, Key="taken/last.pt")["Body"].read() == b"an earlier run"
 

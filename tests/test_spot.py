@@ -205,7 +205,7 @@ def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_u
 ):
     from ec2train import aws as aws_mod
     from ec2train.cli import app
-    from ec2train.spot import EXIT_INTERRUPTED
+    from ec2train.run import EXIT_INTERRUPTED
 
     reference = reference_run(str(demo_data), str(tmp_path_factory.getbasetemp()))
     s3 = aws_mod.client("s3")
@@ -246,7 +246,7 @@ def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_u
 
 def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds, demo_data, tmp_path):
     from ec2train import aws as aws_mod
-    from ec2train.spot import EXIT_INTERRUPTED
+    from ec2train.run import EXIT_INTERRUPTED
 
     aws_mod.client("s3").create_bucket(Bucket=BUCKET)
     # Every checkpoint upload takes 2 s more: if the other rank exited with an error first,
@@ -275,9 +275,41 @@ def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds,
     assert s3.get_object(Bucket=BUCKET, Key="ddp/last.pt")["Body"].read() == ckpt.read_bytes()
 
 
+def test_sigterm_stops_like_a_notice_keeps_the_checkpoint_and_flushes_s3(aws, demo_data, tmp_path):
+    import signal
+
+    from ec2train import aws as aws_mod
+    from ec2train.run import EXIT_INTERRUPTED
+
+    s3 = aws_mod.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    out = tmp_path / "out"
+    env = dict(os.environ, AWS_ENDPOINT_URL=aws, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ec2train", "fit", *fit_args(demo_data, out, tmp_path / "runs"),
+           "--s3-uri", f"s3://{BUCKET}/term", "--spot-watch", "off"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "last.pt").exists():  # the first epoch's checkpoint: epoch 2 is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # what docker stop / systemd / a shutdown send
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        proc.kill()
+    text = " ".join(output.split())
+    assert proc.returncode == EXIT_INTERRUPTED, output
+    assert "stopped by SIGTERM" in text and "--resume auto" in text and "Traceback" not in output, text
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert 1 <= ckpt["epoch"] < 3
+    assert f"the checkpoint of epoch {ckpt['epoch']} is in s3://{BUCKET}/term/last.pt" in text
+    # The S3 mirror was flushed before the exit: it holds exactly the local checkpoint.
+    assert s3.get_object(Bucket=BUCKET, Key="term/last.pt")["Body"].read() == (out / "last.pt").read_bytes()
+
+
 def test_fit_help_documents_the_interruption_exit_status():
     from ec2train.cli import app
-    from ec2train.spot import EXIT_INTERRUPTED
+    from ec2train.run import EXIT_INTERRUPTED
 
     text = " ".join(CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "200"}).output.split())
     assert f"{EXIT_INTERRUPTED} stopped by a spot interruption notice" in text and "--resume auto" in text

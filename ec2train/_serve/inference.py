@@ -29,8 +29,8 @@ from ec2train.infer import (
     default_device,
     parse_request,
 )
+from ec2train.model import MODEL_FILE
 
-MODEL_FILE = "model.pth"
 _PHRASES = {400: "Bad Request", 406: "Not Acceptable", 413: "Payload Too Large", 415: "Unsupported Media Type"}
 
 

@@ -74,13 +74,13 @@ def fit(
 ):
     """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
 
-    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C.
+    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice or SIGTERM: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C.
     """
     if nproc_per_node is not None:
         raise typer.Exit(_launch_torchrun(nproc_per_node, ctx.obj.argv if ctx.obj else tuple(sys.argv[1:])))
     from ec2train import ddp
     from ec2train.config import resolve
-    from ec2train.spot import interrupted_exit_status, safe_fit
+    from ec2train.run import fit_run, interrupted_exit_status
 
     cfg = resolve(
         config,
@@ -91,23 +91,23 @@ def fit(
         channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
         s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features,
     )
-    result = safe_fit(cfg, console=console, spot_watch=value(spot_watch), spot_poll_seconds=spot_poll_seconds)
+    result = fit_run(cfg, console=console, spot_watch=value(spot_watch), spot_poll_seconds=spot_poll_seconds)
     if result.interrupted:
         raise typer.Exit(interrupted_exit_status())
+    if result.already_finished:
+        return
     if ddp.env_from().is_main:
         print_fit_summary(result)
 
 
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     """Run this same `fit` command line (argv: main()'s arguments) under torchrun; its exit status."""
-    import torch
-
-    from ec2train import ddp
+    from ec2train import ddp, hw
     from ec2train.data import available_cpus
 
     if ddp.under_torchrun():
         raise typer.BadParameter("--nproc-per-node is for starting torchrun; this process already runs under it")
-    n = ddp.resolve_nproc(nproc_value, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    n = ddp.resolve_nproc(nproc_value, hw.cuda_device_count())
     args = ddp.strip_option(list(argv[argv.index("fit") + 1 :]), "--nproc-per-node")
     cmd = ddp.torchrun_command(sys.executable, n, args)
     env = dict(os.environ)
@@ -118,7 +118,7 @@ def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
 
 
 def print_fit_summary(result) -> None:
-    from ec2train.loop import CHECKPOINT_FILE
+    from ec2train.checkpoint import CHECKPOINT_FILE
 
     m = result.metrics
     table = Table(title="ec2train fit: done", show_header=False)

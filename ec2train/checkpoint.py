@@ -1,0 +1,244 @@
+"""A run's files and its resume state: what fit writes under --output, and how it continues.
+
+One place for the file names (the model file's own name lives in model.py, which serving
+ships alone), the checkpoint format (last.pt), and `TrainState`, the counters that go with
+the weights. A checkpoint holds everything an uninterrupted run would still have in memory
+(model, optimizer, scheduler, scaler, RNG, counters, history), so a resumed run ends with
+bitwise the same weights, and it is self-contained (last.pt alone resumes, e.g. on another
+node). The best epoch's weights are stored once: when the last epoch is the best, they are
+the checkpoint's model, not a second copy (a third of resnet18's last.pt with AdamW).
+
+Nothing here knows about S3: `run.py` downloads a remote checkpoint into --output first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ec2train.errors import UserError
+from ec2train.export import atomic_torch_save
+from ec2train.model import MODEL_FILE, ModelError, clean_state_dict
+
+CHECKPOINT_FILE = "last.pt"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.toml"
+# What fit leaves in its output folder, small first (the order S3 mirrors them in).
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, MODEL_FILE, CHECKPOINT_FILE)
+# /2: best_model is None when it would repeat the model (the last epoch was the best).
+CHECKPOINT_FORMAT = "ec2train.checkpoint/2"
+OLD_FORMATS = ("ec2train.checkpoint/1",)
+
+__all__ = [
+    "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "CONFIG_FILE", "METRICS_FILE", "MODEL_FILE", "RUN_FILES",
+    "ResumeError", "TrainState", "agreed_checkpoint", "check_compatible", "load_checkpoint", "resume_mode", "resume_source",
+]
+
+
+class ResumeError(UserError):
+    """The checkpoint to resume from is missing or belongs to a different run."""
+
+
+# ---------------------------------------------------------------- where to resume from
+
+def resume_mode(resume: str, torchrun: bool) -> str:
+    """'' is 'auto' under torchrun (so --max-restarts continues) and 'never' otherwise."""
+    return resume or ("auto" if torchrun else "never")
+
+
+def resume_source(resume: str, output: Path, torchrun: bool) -> str | None:
+    """The local checkpoint to resume from, None for a fresh start, or an s3:// address as given
+    (run.py downloads those; fit only ever reads local files)."""
+    mode = resume_mode(resume, torchrun)
+    if mode == "never":
+        return None
+    if mode == "auto":
+        local = Path(output) / CHECKPOINT_FILE
+        return str(local) if local.is_file() else None
+    if not mode.startswith("s3://") and not Path(mode).is_file():
+        raise ResumeError(f"--resume {mode}: no such checkpoint; use --resume auto to start fresh when there is none")
+    return mode
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, *OLD_FORMATS):
+        raise ModelError(f"{path} is not an ec2train checkpoint; pass a last.pt written by `ec2train fit`")
+    ckpt["source"] = str(path)
+    return ckpt
+
+
+def fetch_checkpoint(source: str) -> dict[str, Any]:
+    """A local checkpoint, loaded (an s3:// one must be downloaded first: see run.py)."""
+    if source.startswith("s3://"):
+        raise ResumeError(f"--resume {source}: S3 checkpoints are resumed through `ec2train fit` (run.fit_run)")
+    return load_checkpoint(source)
+
+
+def agreed_checkpoint(resume: str, output: Path, env: Any) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from (None: a fresh start), read once and broadcast,
+    so nodes need no shared disk. Rank 0 decides, except in auto mode, where each node offers
+    its own newest last.pt and the one with the most epochs wins: after a restart, c10d may
+    put rank 0 on another node (it orders nodes by host name), one without the checkpoint."""
+    from ec2train import ddp
+
+    torchrun = ddp.under_torchrun()
+    auto = resume_mode(resume, torchrun) == "auto"
+    offer = None
+    if env.is_main or (auto and env.local_rank == 0):
+        path = resume_source(resume, Path(output), torchrun)
+        offer = _with_final_metrics(fetch_checkpoint(path)) if path else None
+    src = ddp.holder_of_newest(ddp.gather_counts(offer["epoch"] if offer else -1))
+    if src is None:
+        return None
+    return ddp.broadcast_object(offer if env.rank == src else None, src=src)
+
+
+def _with_final_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Attach the metrics.json beside the checkpoint when it describes the same, tested run
+    (a finished run is then reported, not trained or tested again)."""
+    import json
+
+    path = Path(ckpt["source"]).parent / METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ckpt
+    if isinstance(metrics, dict) and metrics.get("history") == ckpt.get("history"):
+        ckpt["final_metrics"] = {k: v for k, v in metrics.items() if k != "history"}
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], cfg: Any, class_folders: list[str]) -> None:
+    old = ckpt.get("config", {})
+    for key in ("arch", "image_size"):
+        if old.get(key) != getattr(cfg, key):
+            raise ResumeError(
+                f"the checkpoint was trained with {key}={old.get(key)!r}, this run asks for {getattr(cfg, key)!r}; "
+                "use another --output or --resume never to start fresh"
+            )
+    if ckpt.get("class_folders") != class_folders:
+        raise ResumeError("the checkpoint's classes differ from this data set's; use another --output or --resume never")
+
+
+def finished(ckpt: dict[str, Any], cfg: Any) -> bool:
+    """Whether the checkpoint's run trained all its epochs (or stopped on patience).
+
+    A finished run asked for more epochs is refused: its cosine schedule already reached zero,
+    and stretching it over more epochs would jump the lr back up mid-way.
+    """
+    done, stale = ckpt["epoch"], ckpt.get("stale_epochs", 0)
+    old = ckpt.get("config", {})
+    old_epochs, patience = old.get("epochs", cfg.epochs), old.get("patience", 0)
+    over = done >= old_epochs or bool(patience and stale >= patience)
+    if over and cfg.epochs > done and not (cfg.patience and stale >= cfg.patience):
+        raise ResumeError(
+            f"{ckpt.get('source', 'the checkpoint')} is a finished run ({done} of {old_epochs} epochs, its lr schedule "
+            f"already ended); --epochs {cfg.epochs} cannot extend it. Train a new run: another --output, or --resume never"
+        )
+    return over or done >= cfg.epochs
+
+
+def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the per-step lr schedule at `step` of THIS run (its lr and steps per epoch): a resumed
+    job may run with another world size than the one that wrote the checkpoint."""
+    scheduler.last_epoch = step
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * f(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- the state that goes with the weights
+
+@dataclass
+class TrainState:
+    """The counters of a run: where it is, its best epoch so far, and its history."""
+
+    run_name: str
+    epoch: int = 0  # epochs completed
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # CPU copy of the best weights
+
+    @classmethod
+    def fresh(cls, arch: str) -> "TrainState":
+        return cls(run_name=f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+    def record(self, epoch: int, valid_acc: float, net: torch.nn.Module) -> bool:
+        """Count a finished epoch; True when it is the best so far (its weights are kept)."""
+        self.epoch = epoch
+        if valid_acc > self.best_acc:
+            self.best_acc, self.best_epoch, self.stale_epochs = valid_acc, epoch, 0
+            self.best_model = {k: v.detach().clone().cpu() for k, v in clean_state_dict(net.state_dict()).items()}
+            return True
+        self.stale_epochs += 1
+        return False
+
+    def counters(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "best_model"}
+
+
+@dataclass
+class Trainables:
+    """What a checkpoint restores besides the counters."""
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any = None  # torch.amp.GradScaler or None
+
+
+def save_checkpoint(path: Path, state: TrainState, parts: Trainables, **meta: Any) -> Path:
+    """last.pt: weights, optimizer, schedule, scaler, RNG and counters (meta: config, classes, ...)."""
+    return atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT, **state.counters(), "model": clean_state_dict(parts.net.state_dict()),
+            # The best weights once: when this epoch is the best they are "model" already.
+            "best_model": None if state.best_epoch == state.epoch else state.best_model,
+            "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None, "rng": rng_state(), **meta,
+        },
+        path,
+    )
+
+
+def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> TrainState:
+    """Load a checkpoint into the model, optimizer, schedule, scaler and RNG; returns its counters."""
+    parts.net.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    seek_schedule(parts.scheduler, ckpt["epoch"] * steps_per_epoch)
+    if parts.scaler is not None and ckpt.get("scaler"):
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    state = TrainState(
+        run_name=ckpt["run_name"], epoch=ckpt["epoch"], best_acc=ckpt["best_acc"], best_epoch=ckpt["best_epoch"],
+        stale_epochs=ckpt["stale_epochs"], history=ckpt["history"],
+    )
+    state.best_model = ckpt.get("best_model")
+    if state.best_model is None and state.best_epoch == state.epoch >= 1:
+        state.best_model = ckpt["model"]  # the last epoch was the best: stored once, as the model
+    return state

@@ -1,0 +1,94 @@
+"""The run's files and resume state (checkpoint.py): a finished run is reported, not redone;
+more epochs on a finished run are refused; last.pt holds the best model once; the
+lrs are logged per role and the backbone scale applies to pretrained backbones only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ec2train.config import resolve
+from ec2train.loop import fit
+from tests.conftest import TINY_FIT
+from tests.helpers import assert_one_line_error, cli_in_process
+
+# shufflenet: 6 MB checkpoints; CPU for exact, repeatable runs.
+SMALL = {**TINY_FIT, "arch": "shufflenet_v2_x0_5", "epochs": 2, "device": "cpu"}
+
+
+def _cli_args(data: Path, out: Path, **kw) -> list[str]:
+    settings = {**SMALL, "data": str(data), "output": str(out / "model"), "logdir": str(out / "runs"), **kw}
+    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    result = fit(resolve(data=str(demo_data), output=str(root / "model"), logdir=str(root / "runs"), **SMALL))
+    assert not result.interrupted and result.metrics["epochs_run"] == 2
+    return root
+
+
+def test_resume_auto_on_a_finished_run_reports_it_and_touches_nothing(finished_run: Path, demo_data, capsys):
+    before = _snapshot(finished_run)
+    code, out, err = cli_in_process(capsys, "fit", *_cli_args(demo_data, finished_run), "--resume", "auto")
+    assert code == 0, out + err
+    text = " ".join(out.split())
+    assert "finished run" in text and str(finished_run / "model" / "model.pth") in text, text
+    assert "Traceback" not in out + err and "resuming" not in text
+    assert _snapshot(finished_run) == before  # same files, same bytes, same mtimes: no new TensorBoard run either
+
+
+def test_more_epochs_on_a_finished_run_are_refused_with_the_fix(finished_run: Path, demo_data, capsys):
+    before = _snapshot(finished_run)
+    code, _, err = cli_in_process(capsys, "fit", *_cli_args(demo_data, finished_run, epochs=4), "--resume", "auto")
+    assert_one_line_error(code, err, "finished run", "--resume never")
+    assert _snapshot(finished_run) == before
+
+
+def test_last_pt_stores_the_best_model_once(finished_run: Path, demo_data, tmp_path):
+    ckpt = torch.load(finished_run / "model" / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "ec2train.checkpoint/2"
+    if ckpt["best_epoch"] == ckpt["epoch"]:  # the best weights are the model: no second copy
+        assert ckpt["best_model"] is None
+    else:
+        assert not all(torch.equal(ckpt["model"][k], ckpt["best_model"][k]) for k in ckpt["model"])
+    # Non-improving epochs keep their own copy of the best: lr ~0 from epoch 2 on never beats epoch 1.
+    out = tmp_path / "flat"
+    fit(resolve(data=str(demo_data), output=str(out), logdir=str(tmp_path / "runs"), **{**SMALL, "lr": 1e-9}))
+    flat = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert (flat["best_epoch"], flat["epoch"]) == (1, 2)
+    best = torch.load(out / "model.pth", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(best[k], flat["best_model"][k]) for k in best)
+
+
+def test_scratch_training_uses_lr_everywhere_and_logs_lr_per_role(finished_run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = json.loads((finished_run / "model" / "metrics.json").read_text())["history"]
+    # --weights none: the backbone trains at --lr too (no 0.1 scale), so both logged lrs agree.
+    assert all(h["lr"] == h["lr_backbone"] for h in history)
+    (run,) = [p for p in (finished_run / "runs").iterdir() if p.is_dir()]
+    tags = set(EventAccumulator(str(run)).Reload().Tags()["scalars"])
+    assert {"lr", "lr_backbone"} <= tags
+
+
+def test_pretrained_backbone_is_scaled_and_lr_is_the_heads(demo_data, tmp_path):
+    import torchvision.models as tvm
+
+    from ec2train.loop import backbone_lr
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(tvm.get_model("shufflenet_v2_x0_5", weights=None).state_dict(), weights)
+    cfg = resolve(data=str(demo_data), output=str(tmp_path / "out"), logdir=str(tmp_path / "runs"),
+                  **{**SMALL, "weights": str(weights), "freeze_backbone": False, "backbone_lr_scale": 0.5})
+    assert backbone_lr(cfg, 1.0) == 0.5 and backbone_lr(resolve(weights="none"), 1.0) == 1.0
+    record = fit(cfg).history[0]  # mid-schedule: the last epoch's lrs are both 0
+    assert record["lr"] == pytest.approx(SMALL["lr"] * 0.5) and record["lr_backbone"] == pytest.approx(record["lr"] * 0.5)
