@@ -196,3 +196,148 @@ def test_fetch_offline_fails_fast_with_advice(tmp_path):
     with pytest.raises(DataError, match="Offline\\?.*--url"):
         fetch_dataset(f"http://127.0.0.1:{port}/dogImages.zip", tmp_path / "dogImages", timeout=3)
     assert time.perf_counter() - t < 5
+
+
+# ---------------------------------------------------------------- hostile archives
+
+
+def _bomb(path: Path, size: int = 30 << 20) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dogImages/train/001.A/a.jpg", b"x")
+        with zf.open("dogImages/train/001.A/zeros.jpg", "w") as f:
+            for _ in range(size >> 20):
+                f.write(bytes(1 << 20))
+    return path
+
+
+def _no_leftovers(folder: Path, *keep: str) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(keep), "partial output left behind"
+
+
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    bomb = _bomb(tmp_path / "bomb.zip")
+    assert bomb.stat().st_size < 100_000  # 30 MiB of zeros in a few kB
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"zeros.jpg.*expands \d+x \(limit 100x\); a zip bomb\? \(deleted the download\)"):
+        fetch_dataset(bomb.as_uri(), out / "dogImages")
+    _no_leftovers(out)
+
+
+def test_unpack_limits_total_entries_and_free_disk(tmp_path, monkeypatch):
+    import shutil
+
+    from ec2train.data import UnpackLimits
+
+    src = make_demo_dataset(tmp_path / "src", classes=2, per_class=4, size=24)
+    archive = tmp_path / "d.zip"
+    archive.write_bytes(_zip_of(src))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataError, match="entries, over the limit of 5"):
+        fetch_dataset(archive.as_uri(), out / "a", limits=UnpackLimits(max_entries=5))
+    with pytest.raises(DataError, match="expands to .* GiB.*refusing"):
+        fetch_dataset(archive.as_uri(), out / "b", limits=UnpackLimits(max_bytes=1000))
+    free = shutil.disk_usage(out).free
+    with pytest.raises(DataError, match=rf"needs .* GiB spare in {out}, which has .* GiB free; free some space"):
+        fetch_dataset(archive.as_uri(), out / "c", limits=UnpackLimits(disk_margin=free))
+    _no_leftovers(out, "c.zip")  # refused for space only: the download stays for the rerun
+    assert check_dataset(fetch_dataset(archive.as_uri(), out / "d")).ok  # the defaults let a real data set through
+
+
+def _zip_with(path: Path, *entries: tuple[str, int | None, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("dogImages/train/001.A/a.jpg", b"x")
+        for name, mode, data in entries:
+            info = zipfile.ZipInfo(name)
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "entries,problem",
+    [
+        ([("dogImages/valid", 0o120777, b"/etc")], "is a symbolic link"),
+        # the case that used to end in NotADirectoryError: a link (unpacked as a file) with entries below it
+        ([("dogImages/valid", 0o120777, b"train"), ("dogImages/valid/001.A/b.jpg", None, b"y")], "symbolic link"),
+        ([("dogImages/test", 0o010644, b"")], "not a plain file or folder"),  # a FIFO
+        ([("dogImages/test", None, b"f"), ("dogImages/test/001.A/c.jpg", None, b"y")], "a file and a folder of that name"),
+        ([("dogImages/train/001.A/a.jpg", None, b"again")], "holds it twice"),
+    ],
+)
+def test_odd_members_are_one_line_and_leave_nothing(tmp_path, entries, problem):
+    archive = _zip_with(tmp_path / "odd.zip", *entries)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=problem):
+        fetch_dataset(archive.as_uri(), out / "dogImages", keep_archive=True)
+    _no_leftovers(out)  # neither a .unpacking folder nor the refused download
+
+
+def test_sha256_is_checked_before_unpacking(tmp_path):
+    import hashlib
+
+    src = make_demo_dataset(tmp_path / "src", classes=2, per_class=2, size=24)
+    archive = tmp_path / "d.zip"
+    archive.write_bytes(_zip_of(src))
+    good = hashlib.sha256(archive.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=f"has sha256 {good}, not the expected {'0' * 64}"):
+        fetch_dataset(archive.as_uri(), out / "dogImages", sha256="0" * 64)
+    _no_leftovers(out)  # the wrong download is deleted, so a rerun fetches anew
+    assert check_dataset(fetch_dataset(archive.as_uri(), out / "dogImages", sha256=good.upper())).ok
+
+
+@pytest.mark.parametrize(
+    "old,new,ok",
+    [
+        ("https://a.example/x.zip", "https://b.example/y.zip", True),
+        ("http://a.example/x.zip", "https://b.example/y.zip", True),
+        ("http://a.example/x.zip", "http://b.example/y.zip", True),
+        ("https://a.example/x.zip", "http://a.example/x.zip", False),
+        ("HTTPS://a.example/x.zip", "Http://a.example/x.zip", False),
+        ("https://a.example/x.zip", "file:///etc/passwd", False),
+        ("http://a.example/x.zip", "ftp://a.example/x.zip", False),
+    ],
+)
+def test_redirect_policy_keeps_tls(old, new, ok):
+    from ec2train.data import check_redirect
+
+    if ok:
+        check_redirect(old, new)
+    else:
+        with pytest.raises(DataError, match="refusing the redirect"):
+            check_redirect(old, new)
+
+
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    location = ""
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(302)
+        self.send_header("Location", type(self).location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_fetch_follows_a_real_redirect_through_the_policy(zip_server, tmp_path, monkeypatch):
+    import ec2train.data as data
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    start = f"http://127.0.0.1:{server.server_address[1]}/dogImages.zip"
+    seen = []
+    real = data.check_redirect
+    monkeypatch.setattr(data, "check_redirect", lambda old, new: (seen.append((old, new)), real(old, new)))
+    try:
+        _Redirect.location = zip_server
+        assert check_dataset(fetch_dataset(start, tmp_path / "a" / "dogImages")).ok
+        assert seen == [(start, zip_server)]
+        _Redirect.location = "ftp://127.0.0.1/dogImages.zip"
+        with pytest.raises(DataError, match="refusing the redirect"):
+            fetch_dataset(start, tmp_path / "b" / "dogImages")
+    finally:
+        server.shutdown()
