@@ -142,10 +142,98 @@ def check_dataset(
 def require_dataset(root: str | Path, splits: Sequence[str] = SPLITS) -> list[str]:
     """Fail fast (before any training) on a bad layout; returns the class folders."""
     report = check_dataset(root, splits)
+    if report.problems and looks_unsplit(root):
+        raise DataError(
+            f"missing split 'train': {root} holds class folders, not train/ valid/ test/; "
+            f"split it with `ec2train data split {root} {root}-split`, then train with --data {root}-split"
+        )
     if report.problems:
         more = f" (and {len(report.problems) - 1} more; run `ec2train data check {root}`)" if len(report.problems) > 1 else ""
         raise DataError(report.problems[0] + more)
     return report.class_folders
+
+
+def looks_unsplit(root: str | Path) -> bool:
+    """A folder of class folders with images (no split folders): what `split_dataset` takes."""
+    root = Path(root)
+    if not root.is_dir() or any((root / s).is_dir() for s in SPLITS):
+        return False
+    return any(_images_in(root / folder) for folder in class_folders(root))
+
+
+@dataclass
+class SplitResult:
+    root: Path
+    counts: dict[str, dict[str, int]]  # split -> class folder -> images
+    copied: int  # files copied because a hard link was not possible (or mode="copy")
+
+
+def split_dataset(
+    src: str | Path, dst: str | Path, valid: float = 0.1, test: float = 0.1, seed: int = 0, mode: str = "link"
+) -> SplitResult:
+    """Split SRC/<class>/<image> into DST/{train,valid,test}/<class>/<image>, stratified per class.
+
+    Deterministic for a given seed; every class gets at least one image in each split. Images are
+    hard-linked (copied where the file system cannot link) or, with mode="copy", copied. DST is
+    built in a temp folder beside it and renamed, and never overwritten.
+    """
+    src, dst = Path(src), Path(dst)
+    plan = _split_plan(src, dst, valid, test, seed, mode)
+    tmp = dst.parent / f".{dst.name}.splitting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    copied = 0
+    try:
+        for split, folder, images in plan:
+            (tmp / split / folder).mkdir(parents=True)
+            for image in images:
+                copied += _link_or_copy(image, tmp / split / folder / image.name, mode)
+            counts[split][folder] = len(images)
+        if dst.exists():  # made by someone else while we worked
+            raise DataError(f"{dst} already exists; pick a new DST (data split never overwrites)")
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return SplitResult(dst, counts, copied)
+
+
+def _split_plan(src: Path, dst: Path, valid: float, test: float, seed: int, mode: str) -> list[tuple[str, str, list[Path]]]:
+    """[(split, class folder, images)], after checking the arguments; writes nothing."""
+    if mode not in ("link", "copy"):
+        raise DataError(f"mode {mode!r}: use 'link' or 'copy'")
+    if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):
+        raise DataError(f"--valid {valid} --test {test}: each must be above 0, and together below 1")
+    if dst.exists():
+        raise DataError(f"{dst} already exists; pick a new DST (data split never overwrites)")
+    if not looks_unsplit(src):
+        why = "is already split (it has train/ valid/ test/)" if any((src / s).is_dir() for s in SPLITS) else "holds no class folders with images"
+        raise DataError(f"{src} {why}; data split takes SRC/<class>/<image>")
+    plan = []
+    for folder in class_folders(src):
+        images = _images_in(src / folder)
+        if not images:
+            continue
+        if len(images) < 3:
+            raise DataError(f"class {folder} has {len(images)} images; each class needs at least 3 (one per split)")
+        random.Random(f"{seed}:{folder}").shuffle(images)  # str seed: the same on every Python
+        n = len(images)  # at least one image each for valid and test, and one left for train
+        n_valid = min(max(1, int(n * valid + 0.5)), n - 2)
+        n_test = min(max(1, int(n * test + 0.5)), n - 1 - n_valid)
+        parts = {"valid": images[:n_valid], "test": images[n_valid : n_valid + n_test], "train": images[n_valid + n_test :]}
+        plan.extend((split, folder, sorted(parts[split])) for split in SPLITS)
+    return plan
+
+
+def _link_or_copy(src: Path, dst: Path, mode: str) -> int:
+    """1 if the file was copied, 0 if hard-linked."""
+    if mode == "link":
+        try:
+            os.link(src, dst)
+            return 0
+        except OSError:  # another file system (EXDEV) or one without hard links
+            pass
+    shutil.copy2(src, dst)
+    return 1
 
 
 def mix_seed(*parts: int) -> int:

@@ -341,3 +341,87 @@ def test_fetch_follows_a_real_redirect_through_the_policy(zip_server, tmp_path, 
             fetch_dataset(start, tmp_path / "b" / "dogImages")
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------- data split
+
+
+@pytest.fixture
+def unsplit(tmp_path):
+    """A folder of class folders (40, 7 and 3 images), as most downloaded data sets come."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for folder, n in (("001.Akita", 40), ("002.Boxer", 7), ("Corgi", 3)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (40, 40), (i * 5, 0, 0)).save(root / folder / f"{folder}_{i:02d}.jpg")
+    (root / "001.Akita" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _tree(root: Path) -> dict[str, list[str]]:
+    return {str(p.relative_to(root)): sorted(f.name for f in p.iterdir()) for p in sorted(root.glob("*/*"))}
+
+
+def test_split_is_stratified_deterministic_and_linked(unsplit, tmp_path):
+    from ec2train.data import split_dataset
+
+    result = split_dataset(unsplit, tmp_path / "a", valid=0.1, test=0.2, seed=3)
+    assert result.counts == {
+        "train": {"001.Akita": 28, "002.Boxer": 5, "Corgi": 1},
+        "valid": {"001.Akita": 4, "002.Boxer": 1, "Corgi": 1},
+        "test": {"001.Akita": 8, "002.Boxer": 1, "Corgi": 1},  # 7 x 0.2 = 1.4 -> 1
+    }
+    report = check_dataset(tmp_path / "a", decode=True)
+    assert report.ok and report.class_folders == ["001.Akita", "002.Boxer", "Corgi"]
+    for folder in ("001.Akita", "002.Boxer", "Corgi"):  # each image in exactly one split
+        names = [n for split in ("train", "valid", "test") for n in _tree(tmp_path / "a")[f"{split}/{folder}"]]
+        assert sorted(names) == sorted(p.name for p in (unsplit / folder).glob("*.jpg"))
+    some = next((tmp_path / "a" / "train" / "Corgi").iterdir())
+    assert some.stat().st_ino == (unsplit / "Corgi" / some.name).stat().st_ino and result.copied == 0  # hard links
+    assert _tree(split_dataset(unsplit, tmp_path / "b", valid=0.1, test=0.2, seed=3).root) == _tree(tmp_path / "a")
+    assert _tree(split_dataset(unsplit, tmp_path / "c", valid=0.1, test=0.2, seed=4).root) != _tree(tmp_path / "a")
+    copied = split_dataset(unsplit, tmp_path / "d", valid=0.1, test=0.2, seed=3, mode="copy")
+    assert copied.copied == 50 and _tree(copied.root) == _tree(tmp_path / "a")
+    assert (copied.root / "train" / "Corgi" / some.name).stat().st_ino != some.stat().st_ino
+
+
+def test_split_links_fall_back_to_copies_across_file_systems(unsplit, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ec2train.data import split_dataset
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    result = split_dataset(unsplit, tmp_path / "x")
+    assert result.copied == 50 and check_dataset(result.root).ok
+
+
+def test_split_refuses_overwrite_and_bad_input_leaving_nothing(unsplit, tmp_path):
+    from ec2train.data import split_dataset
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(DataError, match="already exists.*never overwrites"):
+        split_dataset(unsplit, tmp_path / "taken")
+    with pytest.raises(DataError, match="together below 1"):
+        split_dataset(unsplit, tmp_path / "y", valid=0.5, test=0.5)
+    split = split_dataset(unsplit, tmp_path / "ok").root
+    with pytest.raises(DataError, match="already split"):
+        split_dataset(split, tmp_path / "again")
+    (unsplit / "Dingo").mkdir()
+    (unsplit / "Corgi" / "Corgi_00.jpg").rename(unsplit / "Dingo" / "d.jpg")
+    with pytest.raises(DataError, match="class Corgi has 2 images; each class needs at least 3"):
+        split_dataset(unsplit, tmp_path / "z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "photos", "taken"]
+
+
+def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys):
+    from tests.helpers import assert_one_line_error, cli_in_process
+
+    code, _, err = cli_in_process(capsys, "fit", "--data", unsplit, "--output", tmp_path / "out", "--weights", "none")
+    assert_one_line_error(code, err, "missing split 'train'", f"ec2train data split {unsplit} {unsplit}-split")
+    assert not (tmp_path / "out").exists()

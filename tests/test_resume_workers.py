@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -19,6 +20,7 @@ def _run(data: Path, out: Path, **kw):
     return resolve(data=str(data), output=str(out), logdir=str(out / "runs"), **settings)
 
 
+@pytest.mark.timeout(900)  # three small fits with worker processes; slow on a shared 2-core box
 def test_resume_with_workers_and_dropout_equals_uninterrupted(tmp_path: Path):
     demo_data = make_demo_dataset(tmp_path / "data", classes=2, per_class=16, size=32)
     full = fit(_run(demo_data, tmp_path / "full"))
