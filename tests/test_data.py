@@ -425,3 +425,18 @@ def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys
     code, _, err = cli_in_process(capsys, "fit", "--data", unsplit, "--output", tmp_path / "out", "--weights", "none")
     assert_one_line_error(code, err, "missing split 'train'", f"ec2train data split {unsplit} {unsplit}-split")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_data_split_and_fetch_sha256(unsplit, tmp_path, capsys):
+    from tests.helpers import assert_one_line_error, cli_in_process
+
+    code, out, err = cli_in_process(capsys, "data", "split", unsplit, tmp_path / "s", "--valid", "0.2", "--test", "0.1", "--seed", "1")
+    assert code == 0, err
+    assert "train 34, valid 10, test 6 images in 3 classes" in " ".join(out.split())
+    code, _, err = cli_in_process(capsys, "data", "split", unsplit, tmp_path / "s")
+    assert_one_line_error(code, err, "already exists", "never overwrites")
+    archive = tmp_path / "d.zip"
+    archive.write_bytes(_zip_of(tmp_path / "s"))
+    code, _, err = cli_in_process(capsys, "data", "fetch", "--url", archive.as_uri(), "--dest", tmp_path / "f", "--sha256", "ab" * 32)
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 2 and "Traceback" not in err and last.startswith("error:") and "not the expected " + "ab" * 32 in last, err
