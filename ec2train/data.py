@@ -550,8 +550,10 @@ def check_archive(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = Unpack
         folders.update(str(p) for p in Path(name).parents if str(p) != ".")
         if member.is_dir():
             folders.add(name)
-        elif files.setdefault(name, member.filename) is not member.filename:
+        elif name in files:
             raise DataError(f"refusing to unpack {member.filename!r}: the archive holds it twice")
+        else:
+            files[name] = member.filename
         ratio = member.file_size / max(1, member.compress_size)
         if member.file_size > (1 << 20) and ratio > limits.max_ratio:
             raise DataError(
