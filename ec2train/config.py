@@ -21,6 +21,13 @@ class ConfigError(UserError):
     """A setting is missing, unknown or out of range."""
 
 
+# The allowed values of the choice settings: validate() checks them, the CLI offers them.
+OPTIMIZERS = ("adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "amp": AMP_MODES}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # data and model
@@ -84,12 +91,7 @@ class TrainConfig:
             raise bad("image_size", "must be between 16 and 1024 pixels")
         if self.workers < -1:
             raise bad("workers", "must be -1 (auto) or 0 or more")
-        choices = {
-            "optimizer": ("adamw", "sgd"),
-            "device": ("auto", "cpu", "cuda"),
-            "amp": ("auto", "fp16", "bf16", "off"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
         if self.cache_features and not self.frozen:

@@ -118,30 +118,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def write_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: list[str]) -> Path:
-    """A heat map of the row-normalised confusion matrix (rows: true class, columns: predicted)."""
-    from PIL import Image, ImageDraw
-
-    n = confusion.shape[0]
-    cell = max(4, min(24, 800 // max(n, 1)))
-    label_w = 140 if n <= 40 else 0
-    img = Image.new("RGB", (label_w + n * cell + 1, label_w + n * cell + 1), "white")
-    draw = ImageDraw.Draw(img)
-    rows = confusion / confusion.sum(dim=1, keepdim=True).clamp(min=1)
-    for i in range(n):
-        for j in range(n):
-            v = float(rows[i, j])
-            shade = int(255 * (1 - v))
-            color = (shade, shade, 255) if i == j else (255, shade, shade)
-            x, y = label_w + j * cell, label_w + i * cell
-            draw.rectangle([x, y, x + cell, y + cell], fill=color, outline=(220, 220, 220))
-        if label_w:
-            draw.text((2, label_w + i * cell + cell // 2 - 5), class_names[i][:22], fill="black")
-    if label_w:
-        draw.text((label_w, 4), "rows: true class, columns: predicted", fill="black")
-    return atomic_write(path, lambda p: img.save(p, format="PNG"))
-
-
 # ---------------------------------------------------------------- SageMaker model package
 
 # The part of ec2train the SageMaker handler imports: torch, torchvision and Pillow only.
@@ -192,3 +168,10 @@ def package_model(model_path: str | Path, out: str | Path) -> Path:
                         tar.addfile(info, f)
 
     return atomic_write(out, write)
+
+
+def write_confusion_csv(path: str | Path, confusion: list[list[int]], class_names: list[str]) -> Path:
+    """The confusion matrix as CSV: a header of predicted names, then one row per true class."""
+    lines = ["true\\predicted," + ",".join(json.dumps(n) for n in class_names)]
+    lines += [json.dumps(n) + "," + ",".join(map(str, row)) for n, row in zip(class_names, confusion)]
+    return atomic_write_text(path, "\n".join(lines) + "\n")

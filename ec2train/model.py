@@ -175,12 +175,28 @@ def _torch_load(path: Path) -> Any:
         ) from exc
 
 
+def _refuse_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    """A training checkpoint (last.pt) where a model file belongs: name the model file beside it."""
+    # Imported here: export and loop import this module. (The SageMaker package ships without
+    # them, but serves only the model.pth that package_model checked, so never gets here.)
+    from ec2train.export import CHECKPOINT_FORMAT
+    from ec2train.loop import MODEL_FILE
+
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        raise ModelError(
+            f"{path} is a training checkpoint (for --resume), not a model file; "
+            f"pass the model file beside it: --model {path.with_name(MODEL_FILE)}"
+        )
+
+
 def read_model_file(path: str | Path) -> dict[str, Any]:
     """Load and validate an ec2train model file (weights_only=True: no code can run)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"no model file at {path}; train one with `ec2train fit` or pass --model PATH")
     obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") != MODEL_FORMAT:
+        _refuse_checkpoint(path, obj)
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         raise ModelError(
             f"{path} is not an ec2train model file (expected format {MODEL_FORMAT}); "

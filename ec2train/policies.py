@@ -15,15 +15,22 @@ from typing import Any
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z][A-Za-z0-9]*)\}")
 
+# The rules of the names a template may carry; ec2train.deploy checks its options against them too.
+PARTITION_RE = re.compile(r"^aws(-[a-z]+)*$")
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+ACCOUNT_ID_RE = re.compile(r"^[0-9]{12}$")
+# SageMaker's own rule for endpoint names.
+ENDPOINT_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+# Lambda's rule for a plain function name (no ARN, no alias).
+FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
 # Every placeholder a template may use, with the rule its value must follow.
 _RULES: dict[str, tuple[re.Pattern[str], str]] = {
-    "Partition": (re.compile(r"^aws(-[a-z]+)*$"), "an AWS partition such as aws, aws-cn or aws-us-gov"),
-    "Region": (re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"), "an AWS region such as us-east-1"),
-    "AccountId": (re.compile(r"^[0-9]{12}$"), "a 12-digit AWS account id"),
-    # SageMaker's own rule for endpoint names.
-    "EndpointName": (re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"), "a SageMaker endpoint name"),
-    # Lambda's rule for a plain function name (no ARN, no alias).
-    "FunctionName": (re.compile(r"^[a-zA-Z0-9_-]{1,64}$"), "a Lambda function name"),
+    "Partition": (PARTITION_RE, "an AWS partition such as aws, aws-cn or aws-us-gov"),
+    "Region": (REGION_RE, "an AWS region such as us-east-1"),
+    "AccountId": (ACCOUNT_ID_RE, "a 12-digit AWS account id"),
+    "EndpointName": (ENDPOINT_NAME_RE, "a SageMaker endpoint name"),
+    "FunctionName": (FUNCTION_NAME_RE, "a Lambda function name"),
 }
 
 

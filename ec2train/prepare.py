@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ec2train.data import IMAGE_EXTS, DataError, available_cpus
 
@@ -135,8 +135,16 @@ def check_arguments(src: str | Path, dst: str | Path, size: int, quality: int) -
         raise DataError(f"{dst} exists and is not a prepared data set; pick a new or empty folder")
     if marker is not None and marker.get("params") != params:
         raise DataError(
-            f"{dst} was prepared with {marker.get('params')}, not {params}; pick another folder or delete it"
+            f"{dst} was prepared with {_as_options(marker.get('params'))}, not {_as_options(params)}; "
+            "pick another folder or delete it"
         )
+
+
+def _as_options(params: Any) -> str:
+    """{'size': 256, 'quality': 90} as the options that set them: --size 256 --quality 90."""
+    if not isinstance(params, dict):
+        return "unknown settings"
+    return " ".join(f"--{k} {v}" for k, v in sorted(params.items()))
 
 
 def prepare_dataset(

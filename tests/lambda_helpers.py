@@ -1,7 +1,7 @@
 """Real local servers and loaders for the Lambda function's tests (loopback only).
 
-- `load_lambda()`: the function's modules, imported from lambda/ the way the Lambda runtime does
-  (its folder on sys.path; `lambda` itself is a Python keyword, so it is never a package).
+- `load_lambda()`: the function's modules, imported from ec2train/_lambda/ (lambda/ links to it) the
+  way the Lambda runtime does: its folder on sys.path, not as a package.
 - `ImageServer`: an http.server on 127.0.0.1 with well-behaved and hostile routes.
 - `EndpointStandIn`: speaks sagemaker-runtime's `POST /endpoints/<name>/invocations`; the
   endpoint name picks its behaviour (see `EndpointHandler`).
@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAMBDA_DIR = ROOT / "lambda"
+LAMBDA_DIR = ROOT / "ec2train" / "_lambda"  # the source `deploy lambda` zips
 
 # Every environment variable the function reads; tests start from none of them set.
 FUNCTION_ENV = (
@@ -38,10 +38,10 @@ FUNCTION_ENV = (
 
 
 def load_lambda():
-    """(safe_fetch, handler) modules from lambda/, loaded once per test session."""
+    """(safe_fetch, handler) modules from the packaged Lambda source, loaded once per test session."""
     if str(LAMBDA_DIR) not in sys.path:
         sys.path.insert(0, str(LAMBDA_DIR))
-    import safe_fetch  # noqa: E402  (resolved through lambda/ on sys.path, as in Lambda)
+    import safe_fetch  # noqa: E402  (resolved through its folder on sys.path, as in Lambda)
 
     name = "ec2train_lambda_handler"  # not "handler": too generic a module name to claim
     if name not in sys.modules:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.resources
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import types
 import zipfile
 from pathlib import Path
@@ -15,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ec2train import policies
+from ec2train.config import read_toml
 from ec2train.policies import PolicyTemplateError, render_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,18 +192,96 @@ def test_infra_policies_are_links_to_the_packaged_templates():
         assert link.resolve() == (ROOT / "ec2train" / "_policies" / name).resolve()
 
 
-def test_the_wheel_ships_the_templates(tmp_path):
-    # Build from a copy so the checkout gets no build/ or egg-info litter.
-    src = tmp_path / "src"
+# --------------------------------------------------------------------------- what the sdist and the wheel ship
+
+
+def _pip(*args: str) -> None:
+    # No index is needed: no build isolation, no dependencies.
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True,
+                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> Path:
+    """The sdist, built (as `python -m build` does) from a copy, so the checkout gets no egg-info litter."""
+    tmp = tmp_path_factory.mktemp("sdist")
+    src = tmp / "src"
     src.mkdir()
-    for item in ("pyproject.toml", "README.md"):
+    for item in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
         shutil.copy(ROOT / item, src / item)
-    shutil.copytree(ROOT / "ec2train", src / "ec2train", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
-        check=True, capture_output=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-    )
-    [wheel] = tmp_path.glob("*.whl")
+    for folder in ("ec2train", "tests"):  # tests/ too: the sdist must leave it out
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))")
+    name = subprocess.run([sys.executable, "-c", code, str(tmp)], cwd=src, check=True, capture_output=True,
+                          text=True).stdout.strip().splitlines()[-1]
+    return tmp / name
+
+
+@pytest.fixture(scope="module")
+def wheel(sdist, tmp_path_factory) -> Path:
+    """The wheel pip builds from that sdist: what `pip install ec2train` gets either way."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp / "unpacked", filter="data")
+    [src] = (tmp / "unpacked").iterdir()
+    _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(src))
+    [built] = tmp.glob("*.whl")
+    return built
+
+
+def test_package_data_names_only_files_that_exist():
+    patterns = read_toml(ROOT / "pyproject.toml", "pyproject.toml")["tool"]["setuptools"]["package-data"]["ec2train"]
+    for pattern in patterns:
+        assert list((ROOT / "ec2train").glob(pattern)), f"package-data {pattern!r} matches no file"
+
+
+def test_the_sdist_has_the_package_and_no_tests_it_cannot_run(sdist):
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert not any(n.startswith("tests") for n in names), sorted(n for n in names if n.startswith("tests"))
+    for shipped in ("ec2train/py.typed", "ec2train/_lambda/handler.py", "ec2train/_lambda/safe_fetch.py",
+                    "ec2train/_serve/inference.py", "ec2train/deploy/plan.py"):
+        assert shipped in names
+
+
+def test_the_wheel_ships_the_templates(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for template in policies.template_names():
         assert f"ec2train/_policies/{template}.json" in names
+    assert "ec2train/py.typed" in names
+
+
+def test_deploy_lambda_works_from_an_installed_wheel(wheel, tmp_path):
+    """The old layout kept the function in the repository's lambda/ only: from a pip install,
+    `ec2train deploy lambda` found no code. Installed alone, the package zips its own copy,
+    byte for byte the zip a checkout makes."""
+    site = tmp_path / "site"
+    _pip("install", "-q", "--no-deps", "--target", str(site), str(wheel))
+    probe = ("import base64, hashlib, sys, ec2train; from ec2train import deploy; "
+             "assert ec2train.__file__.startswith(sys.argv[1]), ec2train.__file__; "
+             "sys.stdout.buffer.write(deploy.build_lambda_zip(deploy.default_code_dir()))")
+    # Only the installed copy on the path: not the checkout (cwd, PYTHONPATH), not the editable install.
+    env = {**os.environ, "PYTHONPATH": str(site), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    got = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, env=env, capture_output=True)
+    assert got.returncode == 0, got.stderr.decode()
+    zipped = got.stdout
+    with zipfile.ZipFile(io.BytesIO(zipped)) as zf:
+        assert {"handler.py", "safe_fetch.py"} <= set(zf.namelist())
+        assert "def lambda_handler" in zf.read("handler.py").decode()
+    from ec2train import deploy
+
+    assert zipped == deploy.build_lambda_zip(ROOT / "lambda"), "the wheel's Lambda differs from the repository's"
+    out = subprocess.run([sys.executable, "-m", "ec2train", "deploy", "lambda", "--endpoint", "dogs", "--dry-run",
+                          "--account-id", "123456789012", "--region", "us-east-1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    digest = base64.b64encode(hashlib.sha256(zipped).digest()).decode()
+    assert f"<zip archive: {len(zipped)} bytes, CodeSha256 {digest}>" in out.stdout
+
+
+def test_lambda_folder_is_a_link_to_the_packaged_source():
+    link = ROOT / "lambda"
+    assert link.is_symlink(), "lambda/ must link to ec2train/_lambda, not hold a second copy"
+    assert link.resolve() == (ROOT / "ec2train" / "_lambda").resolve()
+    assert (link / "README.md").is_file()

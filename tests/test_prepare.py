@@ -133,4 +133,5 @@ def test_other_settings_into_the_same_folder_are_refused(capsys, src: Path, tmp_
     shutil.rmtree(src / "test")
     prepare_dataset(src, tmp_path / "dst", size=64, workers=1)
     code, _, err = cli_in_process(capsys, "data", "prepare", src, tmp_path / "dst", "--size", "128")
-    assert_one_line_error(code, err, "'size': 64", "another folder")
+    assert_one_line_error(code, err, "prepared with --quality 90 --size 64, not --quality 90 --size 128", "another folder")
+    assert "{" not in err

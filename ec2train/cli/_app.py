@@ -1,0 +1,108 @@
+"""What every command module shares: the typer app, the consoles, choice enums, option builders."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from typer.core import TyperCommand
+
+from ec2train.config import AMP_MODES, DEVICES, FIELDS, OPTIMIZERS
+from ec2train.spot import WATCH_MODES
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What main() was called with, handed to commands as typer's ctx.obj."""
+
+    argv: tuple[str, ...]
+
+
+class SuggestingCommand(TyperCommand):
+    """Suggests the options closest to a misspelt one, compared without their leading dashes.
+
+    click compares whole strings, so the shared "--" made `--epoch` also suggest `--spot-watch`.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:  # click's NoSuchOption, matched by its fields: typer may vendor click
+            name = getattr(exc, "option_name", None)
+            if isinstance(name, str) and name.startswith("--") and hasattr(exc, "possibilities"):
+                names = [o[2:] for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+                exc.possibilities = ["--" + n for n in difflib.get_close_matches(name[2:], names)]
+            raise
+
+
+class App(typer.Typer):
+    """A typer app whose commands suggest the closest option for a typo."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", SuggestingCommand)
+        return super().command(*args, **kwargs)
+
+
+# Plain (click) help, not rich panels: at 80 columns rich squeezed option names to `--no-freeze-bac…`.
+app = App(
+    help="Train image classifiers on EC2 GPU boxes in plain PyTorch, and ship them to a secure endpoint.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def group(name: str, help: str) -> App:
+    """A command group (`ec2train NAME ...`) added to the app."""
+    sub = App(help=help, no_args_is_help=True, rich_markup_mode=None)
+    app.add_typer(sub, name=name)
+    return sub
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    return Enum(name, [(v, v) for v in values], type=str)  # type: ignore[return-value]
+
+
+Amp = _choices("Amp", AMP_MODES)
+Device = _choices("Device", DEVICES)
+Optim = _choices("Optim", OPTIMIZERS)
+SpotWatch = _choices("SpotWatch", WATCH_MODES)
+
+
+MODEL_HELP = "Model file written by `ec2train fit`."
+DEFAULT_MODEL = Path(FIELDS["output"].default, "model.pth")  # where fit puts the model with its defaults
+
+
+def value(x: Any) -> Any:
+    """An enum option's plain value (None stays None)."""
+    return x.value if isinstance(x, Enum) else x
+
+
+def default_of(name: str) -> Any:
+    """TrainConfig's default for a setting: the one place defaults are written."""
+    return FIELDS[name].default
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return "" if default is None else str(default)
+
+
+def setting(name: str, help: str, *flags: str, shown: str = "{}", **kwargs: Any) -> Any:
+    """An option for TrainConfig's field `name`, default None (not given: --config, then the dataclass).
+
+    Its help ends with the dataclass default; `shown` words it, with {} standing for the value.
+    """
+    text = shown.format(_shown(default_of(name)))
+    return typer.Option(None, *flags, help=f"{help} [default: {text}]" if text else help, **kwargs)

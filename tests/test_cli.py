@@ -1,0 +1,129 @@
+"""The command line itself: help at 80 columns, typo suggestions, defaults from TrainConfig,
+archs layout, the torchrun relay, and the messages a new user meets first."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from ec2train.cli import app, main
+from ec2train.cli._app import Amp, Device, Optim
+from ec2train.config import AMP_MODES, DEVICES, FIELDS, OPTIMIZERS, ConfigError, resolve
+from tests.conftest import TINY_FIT
+from tests.helpers import assert_one_line_error, cli_in_process, run_cli
+
+
+def _commands(cmd, path=()):
+    """Every leaf command of the CLI with its argv path: (("fit",), cmd), (("data", "demo"), cmd), ..."""
+    subs = getattr(cmd, "commands", None)
+    if not subs:
+        yield path, cmd
+        return
+    for name, sub in subs.items():
+        yield from _commands(sub, (*path, name))
+
+
+ROOT = get_command(app)
+COMMANDS = dict(_commands(ROOT))
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_help_at_80_columns_shows_every_option_name_whole(path):
+    res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output, res.output
+    assert max(map(len, res.output.splitlines())) <= 80, res.output
+    for param in COMMANDS[path].params:
+        for name in (*param.opts, *param.secondary_opts):
+            if name.startswith("--"):
+                assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", res.output), (name, res.output)
+
+
+def test_a_misspelt_option_suggests_the_closest_one_only(capsys):
+    code, _, err = cli_in_process(capsys, "fit", "--epoch", "3")
+    assert code == 2 and "--epochs" in err, err
+    assert "--spot-watch" not in err and "--warmup-epochs" not in err, err
+    code, _, err = cli_in_process(capsys, "deploy", "status", "--nam", "x")
+    assert code == 2 and "--name" in err, err
+
+
+def test_option_help_shows_the_dataclass_defaults():
+    """Each fit option that is a TrainConfig field states that field's default, written once."""
+    fit = COMMANDS[("fit",)]
+    checked = 0
+    for param in fit.params:
+        field = FIELDS.get(param.name)
+        default = getattr(field, "default", None)
+        if field is None or default in (None, "") or param.name == "kms_key":
+            continue
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        else:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+        assert param.help.endswith(f"[default: {shown}]"), (param.name, param.help)
+        assert param.default is None  # not given: --config, then the dataclass decide
+        checked += 1
+    assert checked >= 25
+
+
+def test_choice_options_offer_what_validate_accepts():
+    for enum, allowed in ((Amp, AMP_MODES), (Device, DEVICES), (Optim, OPTIMIZERS)):
+        assert tuple(e.value for e in enum) == allowed
+    with pytest.raises(ConfigError, match="auto, fp16, bf16, off"):
+        resolve(amp="fp8")
+
+
+def test_archs_prints_columns_that_fit_the_terminal():
+    from ec2train.model import classification_archs
+
+    res = run_cli("archs", env={**os.environ, "COLUMNS": "80"})
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and len(lines) > 5, res.stdout
+    assert max(map(len, lines)) <= 80, res.stdout
+    assert sorted(res.stdout.split()) == sorted(classification_archs())
+
+
+def test_nproc_per_node_relays_the_arguments_main_was_given(monkeypatch, capsys):
+    """main(argv) in a process whose sys.argv says something else: torchrun gets argv's fit options."""
+    import ec2train.cli.train as train_cli
+
+    calls = []
+    monkeypatch.setattr(train_cli.subprocess, "call", lambda cmd, env: calls.append(cmd) or 0)
+    monkeypatch.setattr(sys, "argv", ["ec2train", "archs"])
+    for epochs in ("1", "2"):  # a second call must not see the first one's arguments
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--nproc-per-node", "2", "--epochs", epochs, "--data", "d"])
+        assert exc.value.code == 0
+    first, second = calls
+    assert "--nproc-per-node" not in first and first[-4:] == ["--epochs", "1", "--data", "d"], first
+    assert second[-4:] == ["--epochs", "2", "--data", "d"], second
+
+
+def test_fit_summary_lists_last_pt_and_predict_calls_it_a_checkpoint(capsys, demo_data, tmp_path):
+    settings = {**TINY_FIT, "epochs": 1}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    out_dir = tmp_path / "out"
+    code, out, err = cli_in_process(capsys, "fit", "--data", demo_data, "--output", out_dir, "--logdir", tmp_path / "runs", *args)
+    assert code == 0, err
+    cells = re.sub(r"[\s│]", "", out)  # the table's cells, long paths folded back together
+    assert f"checkpoint{out_dir / 'last.pt'}" in cells and f"model{out_dir / 'model.pth'}" in cells, out
+
+    image = sorted((demo_data / "test" / "001.Circle").glob("*.jpg"))[0]
+    code, _, err = cli_in_process(capsys, "predict", "--model", out_dir / "last.pt", image)
+    assert_one_line_error(code, err, "training checkpoint", f"--model {out_dir / 'model.pth'}")
+    assert "state_dict" not in err
+
+
+def test_console_script_entry_point_is_the_package_main():
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'ec2train = "ec2train.cli:main"' in text
+    res = subprocess.run([sys.executable, "-c", "from ec2train.cli import main; main(['--help'])"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "fit" in res.stdout and "deploy" in res.stdout, res.stderr
