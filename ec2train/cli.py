@@ -56,6 +56,9 @@ def _val(x):
 
 # ---------------------------------------------------------------- fit
 
+_THREADS_HELP = "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its loader workers. \\[default: 0]"
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def fit(
     data: Optional[str] = typer.Option(None, help="Data set root with train/ valid/ test/ class folders. \\[default: dogImages]"),
@@ -91,6 +94,7 @@ def fit(
     spot_poll_seconds: float = typer.Option(5.0, help="Seconds between spot notice polls (the notice comes 2 minutes ahead)."),
     config: Optional[Path] = typer.Option(None, help="TOML file of settings (keys as above with underscores); options given here override it."),
     nproc_per_node: Optional[str] = typer.Option(None, help="auto|N: start torchrun with N processes on this box (auto: one per GPU)."),
+    threads: Optional[int] = typer.Option(None, min=0, help=_THREADS_HELP),
 ):
     """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
 
@@ -109,7 +113,7 @@ def fit(
         arch=arch, weights=weights, freeze_backbone=freeze_backbone, backbone_lr_scale=backbone_lr_scale,
         image_size=image_size, augment=augment, workers=workers, seed=seed, amp=_val(amp), device=_val(device),
         channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
-        s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features,
+        s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features, threads=threads,
     )
     result = safe_fit(cfg, console=console, spot_watch=_val(spot_watch), spot_poll_seconds=spot_poll_seconds)
     from ec2train import ddp
@@ -156,6 +160,14 @@ def _print_fit_summary(result) -> None:
 
 # ---------------------------------------------------------------- evaluate / predict / archs
 
+def _apply_threads(threads: int, workers: int, quiet: bool = False) -> None:
+    from ec2train import hw
+
+    plan = hw.apply_threads(hw.plan_threads(workers=workers, override=threads))
+    if not quiet:
+        err_console.print(f"[dim]{plan.describe()}[/dim]")
+
+
 @app.command()
 def evaluate(
     model: Path = typer.Option(Path("TrainedModels/model.pth"), help="Model file written by `ec2train fit`."),
@@ -165,6 +177,7 @@ def evaluate(
     workers: int = typer.Option(0, min=0),
     device: Device = typer.Option(Device.auto),
     out: Optional[Path] = typer.Option(None, help="Folder for evaluation.json, confusion.csv and confusion.png. \\[default: beside the model]"),
+    threads: int = typer.Option(0, min=0, help=_THREADS_HELP),
 ):
     """Top-1, top-5 and per-class accuracy, and a confusion matrix (PNG and CSV)."""
     from ec2train.export import atomic_write_json, atomic_write_text, write_confusion_png
@@ -172,6 +185,7 @@ def evaluate(
 
     import torch
 
+    _apply_threads(threads, workers)
     res = evaluate_model_file(model, data, split, batch_size, workers, _val(device))
     out = out or model.parent
     names = res["class_names"]
@@ -195,6 +209,7 @@ def predict(
     model: Path = typer.Option(Path("TrainedModels/model.pth"), help="Model file written by `ec2train fit`."),
     top_k: int = typer.Option(5, min=1, help="How many classes to show per image."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    threads: int = typer.Option(0, min=0, help=_THREADS_HELP),
 ):
     """Class names with probabilities for each image."""
     from ec2train.infer import Predictor
@@ -203,6 +218,7 @@ def predict(
     for p in images:
         if not p.is_file():
             raise typer.BadParameter(f"no such image file: {p}", param_hint="IMAGES")
+    _apply_threads(threads, 0, quiet=as_json)
     predictor = Predictor(model)
     results = []
     for p in images:
@@ -258,6 +274,7 @@ def tune(
     amp: Optional[Amp] = typer.Option(None, help="Mixed precision. \\[default: auto]"),
     seed: Optional[int] = typer.Option(None, help="Seed of every trial's training and of the sampler. \\[default: 0]"),
     logdir: Optional[str] = typer.Option(None, help="TensorBoard folder; trials go to LOGDIR/tune-STUDY/. \\[default: runs]"),
+    threads: Optional[int] = typer.Option(None, min=0, help=_THREADS_HELP + " Per trial process."),
 ):
     """Search learning rate, batch size, weight decay and label smoothing with Optuna; prune hopeless trials."""
     from ec2train.config import resolve
@@ -267,7 +284,7 @@ def tune(
     base = resolve(
         config, data=data, epochs=epochs, arch=arch, weights=weights, freeze_backbone=freeze_backbone,
         image_size=image_size, optimizer=_val(optimizer), workers=workers, device=_val(device), amp=_val(amp),
-        seed=seed, logdir=logdir,
+        seed=seed, logdir=logdir, threads=threads,
     )
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial event instead
@@ -321,7 +338,7 @@ def serve(
     max_batch: int = typer.Option(8, min=1, help="Most requests grouped into one forward pass; 1 turns batching off."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="How long a batch may wait for requests still being decoded."),
     workers: int = typer.Option(1, min=1, help="Server processes (each loads the model and batches on its own)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads per process. [default: torch's choice]"),
+    threads: Optional[int] = typer.Option(None, min=0, help=_THREADS_HELP),
     log_level: str = typer.Option("info", help="uvicorn log level: warning hides the access log."),
 ):
     """Serve a model over HTTP like the SageMaker endpoint: GET /ping, POST /invocations."""
@@ -471,12 +488,13 @@ def bench(
     steps: int = typer.Option(20, min=1, help="Batches timed per measurement."),
     amp: Amp = typer.Option(Amp.auto, help="Mixed precision, as in fit."),
     freeze_backbone: bool = typer.Option(True, "--freeze-backbone/--no-freeze-backbone", help="Time the frozen-backbone step (fit's default with pretrained weights)."),
+    threads: int = typer.Option(0, min=0, help=_THREADS_HELP),
 ):
     """Images/s of the input pipeline, the training step and both; says which bounds the run and what to do."""
     from ec2train.perf import bench as run_bench
 
     r = run_bench(
-        data, arch, batch_size, workers, _val(device), image_size, steps, _val(amp), freeze_backbone,
+        data, arch, batch_size, workers, _val(device), image_size, steps, _val(amp), freeze_backbone, threads=threads,
         log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
     )
     table = Table(title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers")

@@ -128,7 +128,7 @@ def write_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: 
 # ---------------------------------------------------------------- SageMaker model package
 
 # The part of ec2train the SageMaker handler imports: torch, torchvision and Pillow only.
-PACKAGE_MODULES = ("__init__", "errors", "model", "preprocess", "infer")
+PACKAGE_MODULES = ("__init__", "errors", "hw", "model", "preprocess", "infer")
 HANDLER_FILE = "inference.py"
 
 

@@ -373,6 +373,8 @@ def fit(
     """
     cfg = cfg.validate()
     env = ddp.env_from()
+    threads = hw.apply_threads(hw.fit_thread_plan(cfg.threads, cfg.workers, env.local_world_size))
+    _Reporter(console, env.is_main).log(threads.describe())  # the header's first line
     device = ddp.select_device(cfg.device, env.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     device_type = device.split(":")[0]
     amp = hw.amp_policy(cfg.amp, device_type, hw.device_capability(device))

@@ -133,6 +133,7 @@ def bench(
     amp: str = "auto",
     frozen: bool = True,
     channels_last: bool = True,
+    threads: int = 0,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BenchResult:
     """Images/s of fit's input pipeline, training step and both together on DATA's train split."""
@@ -152,6 +153,7 @@ def bench(
     _, samples = scan_split(data, "train", classes)
     cpus = available_cpus()
     workers = workers if workers >= 0 else default_workers(cpus, 1)
+    log(hw.apply_threads(hw.plan_threads(1, workers, 0, threads)).describe())  # as fit would run
     pin = hw.use_pin_memory(device_type)
     # The same dataset, transform, sampler and loader settings as fit. The step is timed first,
     # before loader workers exist, so they do not compete with it for the CPU.
