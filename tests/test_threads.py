@@ -15,7 +15,7 @@ import torch
 
 from ec2train import ddp, hw
 from tests.conftest import PYTHON, TINY_FIT, free_port
-from tests.helpers import assert_one_line_error, cli_in_process
+from tests.helpers import cli_in_process
 
 
 @pytest.mark.parametrize(
@@ -80,10 +80,10 @@ def test_describe_names_the_numbers_and_the_reasons():
     assert "set by --threads" in hw.thread_plan(4, 1, 2, 0, override=3).describe()
 
 
-def test_negative_threads_is_a_one_line_error(capsys, demo_data):
+def test_negative_threads_is_a_one_line_error(capsys, tmp_path):
     with pytest.raises(hw.HardwareError, match="--threads -1"):
         hw.thread_plan(2, override=-1)
-    code, _, err = cli_in_process(capsys, "fit", "--data", demo_data, "--threads", "-1", "--epochs", "1")
+    code, _, err = cli_in_process(capsys, "fit", "--data", tmp_path, "--threads", "-1", "--epochs", "1")
     assert code == 2 and "Traceback" not in err and "--threads" in err
 
 
@@ -93,9 +93,9 @@ def _env_without_omp(**extra) -> dict[str, str]:
     return env
 
 
-def _run_fit(demo_data: Path, out: Path, env: dict[str, str], **settings) -> str:
+def _run_fit(data: Path, out: Path, env: dict[str, str], **settings) -> str:
     """A real `ec2train fit` process; an on_epoch hook prints what torch really runs with."""
-    cfg = {**TINY_FIT, "epochs": 1, "data": str(demo_data), "output": str(out / "m"), "logdir": str(out / "r")}
+    cfg = {**TINY_FIT, "epochs": 1, "batch_size": 4, "data": str(data), "output": str(out / "m"), "logdir": str(out / "r")}
     code = textwrap.dedent(f"""
         import torch
         from rich.console import Console
@@ -109,22 +109,41 @@ def _run_fit(demo_data: Path, out: Path, env: dict[str, str], **settings) -> str
     return proc.stdout
 
 
-def test_fit_process_applies_and_prints_the_plan(demo_data, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from ec2train.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("threads") / "d", classes=2, per_class=4, size=32, eval_per_class=1)
+
+
+@pytest.fixture(scope="module")
+def model_file(tiny_data, tmp_path_factory) -> Path:
+    """An untrained resnet18 model file for tiny_data's classes: thread counts do not need a trained one."""
+    from ec2train.data import class_name, require_dataset
+    from ec2train.export import model_payload, save_model_file
+    from ec2train.model import build_model
+
+    folders = require_dataset(tiny_data)
+    payload = model_payload(build_model("resnet18", len(folders)).state_dict(), arch="resnet18",
+                            class_names=[class_name(f) for f in folders], class_folders=folders, image_size=32,
+                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return save_model_file(tmp_path_factory.mktemp("model") / "model.pth", payload)
+
+
+def test_fit_process_applies_and_prints_the_plan(tiny_data, tmp_path):
     cpus = hw.available_cpus()
-    out = _run_fit(demo_data, tmp_path / "auto", _env_without_omp())  # TINY_FIT: no loader workers
+    out = _run_fit(tiny_data, tmp_path / "auto", _env_without_omp())  # TINY_FIT: no loader workers
     assert f"threads: torch {cpus} intra-op" in out and f"LIVE {cpus}" in out, out
-    # A launcher's share (as torchrun gives each rank) caps it; --threads overrides everything.
-    out = _run_fit(demo_data, tmp_path / "omp", _env_without_omp(OMP_NUM_THREADS="1"))
-    assert "threads: torch 1 intra-op" in out and "LIVE 1" in out, out
-    out = _run_fit(demo_data, tmp_path / "flag", _env_without_omp(), threads=3)
+    # --threads overrides the plan, and a launcher's OMP_NUM_THREADS (torchrun's share) does not limit it.
+    out = _run_fit(tiny_data, tmp_path / "flag", _env_without_omp(OMP_NUM_THREADS="1"), threads=3)
     assert "threads: torch 3 intra-op, 1 inter-op (set by --threads)" in out and "LIVE 3" in out, out
 
 
-def test_each_serve_worker_applies_its_share(trained_model):
+def test_each_serve_worker_applies_its_share(model_file):
     """serve --workers 2 on this box: each process's share is cpus // 2, less one decode thread."""
     port = free_port()
     proc = subprocess.Popen(
-        [PYTHON, "-m", "ec2train", "serve", "--model", str(trained_model), "--port", str(port), "--workers", "2",
+        [PYTHON, "-m", "ec2train", "serve", "--model", str(model_file), "--port", str(port), "--workers", "2",
          "--log-level", "info"],
         env=_env_without_omp(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -146,7 +165,7 @@ def test_each_serve_worker_applies_its_share(trained_model):
     assert "Traceback" not in rest, rest
 
 
-def test_sagemaker_handler_splits_cores_between_model_server_workers(trained_model, tmp_path):
+def test_sagemaker_handler_splits_cores_between_model_server_workers(model_file, tmp_path):
     """The container knows its worker count: SAGEMAKER_MODEL_SERVER_WORKERS (unset: one per CPU)."""
     from ec2train._serve import inference
 
@@ -158,17 +177,17 @@ def test_sagemaker_handler_splits_cores_between_model_server_workers(trained_mod
     code = ("import torch, sys; from ec2train._serve.inference import model_fn; "
             "model_fn(sys.argv[1]); print('LIVE', torch.get_num_threads())")
     env = _env_without_omp(SAGEMAKER_MODEL_SERVER_WORKERS="1")
-    out = subprocess.run([PYTHON, "-c", code, str(trained_model.parent)], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([PYTHON, "-c", code, str(model_file.parent)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and f"LIVE {cpus}" in out.stdout, out.stdout + out.stderr
 
 
-def test_predict_and_evaluate_apply_the_flag(capsys, trained_model, demo_data, tmp_path):
+def test_predict_and_evaluate_apply_the_flag(capsys, model_file, tiny_data, tmp_path):
     before = torch.get_num_threads()
     try:
-        image = next((demo_data / "test").rglob("*.jpg"))
-        code, out, _ = cli_in_process(capsys, "predict", image, "--model", trained_model, "--threads", "1", "--json")
+        image = next((tiny_data / "test").rglob("*.jpg"))
+        code, out, _ = cli_in_process(capsys, "predict", image, "--model", model_file, "--threads", "1", "--json")
         assert code == 0 and torch.get_num_threads() == 1, out
-        code, _, err = cli_in_process(capsys, "evaluate", "--model", trained_model, "--data", demo_data,
+        code, _, err = cli_in_process(capsys, "evaluate", "--model", model_file, "--data", tiny_data,
                                       "--out", tmp_path, "--threads", "3")
         assert code == 0 and torch.get_num_threads() == 3 and "threads: torch 3" in " ".join(err.split()), err
     finally:
