@@ -106,7 +106,7 @@ def spinning(n: int):
     """N processes that spin on a CPU each for the duration (n=0: nothing)."""
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
-        yield
+        yield procs
     finally:
         for p in procs:
             p.kill()
