@@ -56,7 +56,7 @@ def _val(x):
 
 # ---------------------------------------------------------------- fit
 
-_THREADS_HELP = "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its loader workers. \\[default: 0]"
+_THREADS_HELP = "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its loader workers or decode thread (docs/performance.md). \\[default: 0]"
 
 
 @app.command(context_settings={"allow_extra_args": False})
