@@ -326,13 +326,6 @@ def default_workers(cpus: int | None, procs_per_node: int) -> int:
     return max(0, min(8, cpus // max(1, procs_per_node) - 1))
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader with a generator of its own, seeded from the sampler's seed.
 

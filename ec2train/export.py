@@ -109,7 +109,7 @@ def save_model_file(path: str | Path, payload: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- SageMaker model package
 
 # The part of ec2train the SageMaker handler imports: torch, torchvision and Pillow only.
-PACKAGE_MODULES = ("__init__", "errors", "model", "preprocess", "infer")
+PACKAGE_MODULES = ("__init__", "errors", "hw", "model", "preprocess", "infer")
 HANDLER_FILE = "inference.py"
 
 
