@@ -122,7 +122,8 @@ def test_scaler_state_is_checkpointed_and_restored(tiny_data: Path, tmp_path: Pa
     monkeypatch.setattr(hw, "amp_policy", lambda *args, **kwargs: fp16)
     settings = dict(TINY_FIT, data=str(tiny_data), output=str(tmp_path / "out"), logdir=str(tmp_path / "runs"),
                     batch_size=8, freeze_backbone=True, augment=False)
-    fit(resolve(**dict(settings, epochs=1)))
+    stop: list[int] = []  # stopped in epoch 2, so the run is unfinished and can resume
+    fit(resolve(**dict(settings, epochs=2)), on_epoch=lambda e, r: stop.append(e), should_stop=lambda: bool(stop))
     ckpt_path = tmp_path / "out" / "last.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     fresh = torch.amp.GradScaler("cpu").state_dict()

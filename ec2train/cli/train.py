@@ -194,7 +194,7 @@ def predict(
     for p in images:
         if not p.is_file():
             raise typer.BadParameter(f"no such image file: {p}", param_hint="IMAGES")
-    apply_threads(threads, 0, quiet=as_json)
+    apply_threads(threads, 0, quiet=True)  # stdout is the answer; the plan is noise here
     predictor = Predictor(model)
     results = []
     for p in images:
