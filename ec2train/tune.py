@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ec2train.config import ConfigError, TrainConfig, _coerce, read_toml, resolve, to_toml
+from ec2train.config import ConfigError, TrainConfig, coerce_setting, read_toml, resolve, to_toml
 from ec2train.errors import UserError
 
 BEST_FILE = "best.toml"
@@ -61,7 +61,8 @@ class TuneError(UserError):
     """A bad search space, storage, timeout or study; the message names the fix."""
 
 
-def _optuna():
+def require_optuna():
+    """The optuna module, or a TuneError saying how to install it (it is an optional dependency)."""
     try:
         import optuna
     except ImportError:
@@ -165,7 +166,7 @@ def _param_from_table(where: str, name: str, table: dict[str, Any], base: TrainC
         if not isinstance(raw, list) or not raw:
             raise TuneError(f"{where}: choices must be a non-empty list, e.g. choices = [16, 32, 64]")
         try:
-            values = tuple(_coerce(name, v) for v in raw)
+            values = tuple(coerce_setting(name, v) for v in raw)
         except ConfigError as exc:
             raise TuneError(f"{where}: {exc}") from None
         if len(set(values)) != len(values):
@@ -275,7 +276,7 @@ def shown_url(url: str) -> str:
 
 def open_storage(url: str):
     """An Optuna RDBStorage: heartbeats mark trials of a killed run as failed; sqlite waits for its lock."""
-    optuna = _optuna()
+    optuna = require_optuna()
     if "://" not in url:
         raise TuneError(f"--storage {url!r}: not a database URL; use e.g. sqlite:///tune.db")
     kwargs: dict[str, Any] = {}
@@ -341,7 +342,7 @@ class Job:
                    d["prune"], d["prune_startup_trials"], d["prune_warmup_epochs"])
 
     def pruner(self):
-        optuna = _optuna()
+        optuna = require_optuna()
         if not self.prune:
             return optuna.pruners.NopPruner()
         # Steps are 1-based epochs; a trial is first judged after prune_warmup_epochs + 1 epochs.
@@ -354,7 +355,7 @@ def sampler(seed_parts: list[int]):
     """TPE, seeded per process and per run so a resumed or parallel run does not redraw the same trials."""
     import numpy as np
 
-    optuna = _optuna()
+    optuna = require_optuna()
     seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
     # constant_liar: running trials count as bad guesses, so parallel workers spread out.
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
@@ -391,7 +392,7 @@ def write_trial_hparams(logdir: Path, params: dict[str, Any], state: str, valid_
 
 def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Callable:
     """The Optuna objective: one `loop.fit` with the trial's settings; returns the best valid accuracy."""
-    optuna = _optuna()
+    optuna = require_optuna()
 
     def objective(trial) -> float:
         import torch
@@ -475,7 +476,7 @@ def trial_rows(study) -> list[dict[str, Any]]:
 
 def best_trial(study):
     """The complete trial with the highest valid accuracy (the earliest on a tie), or None."""
-    optuna = _optuna()
+    optuna = require_optuna()
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
@@ -536,7 +537,7 @@ def tune(
     """
     from ec2train.data import available_cpus, require_dataset
 
-    optuna = _optuna()
+    optuna = require_optuna()
     base = base.validate()
     check_study_name(study_name)
     if trials < 1:
@@ -621,7 +622,7 @@ def _fit_best(result: TuneResult, study_name: str, console, say: Callable[[str],
 def counted_trials(study) -> int:
     """Trials that count toward --trials: all started ones except those stopped by Ctrl-C.
     (WAITING ones, e.g. enqueued by hand, are run by the next trials started, so they are not added.)"""
-    optuna = _optuna()
+    optuna = require_optuna()
     TS = optuna.trial.TrialState
     return sum(
         not t.user_attrs.get("interrupted")
@@ -646,7 +647,7 @@ def _run_parallel(job: Job, storage_url: str, to_run: int, devices: list[str | N
     so a crash or CUDA error ends one trial, not the search) until `to_run` trials have started."""
     from ec2train.export import atomic_write_text
 
-    optuna = _optuna()
+    optuna = require_optuna()
     job_file = atomic_write_text(job.output / JOB_FILE.format(pid=os.getpid()), job.to_json())
     lock = threading.Lock()
     state = {"left": to_run, "seq": 0}
@@ -716,7 +717,7 @@ def _worker_main(argv: list[str]) -> int:
 
     console = Console(soft_wrap=True)
     try:
-        optuna = _optuna()
+        optuna = require_optuna()
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         job_file, label, seq = argv
         job = Job.from_json(Path(job_file).read_text())
