@@ -7,7 +7,9 @@ end. The study lives in an RDB storage (a sqlite file in the output folder by de
 a stopped search continues where it left off, and parallel trials (one per GPU, each in
 its own process pinned with CUDA_VISIBLE_DEVICES) share it.
 
-Optuna is an optional dependency (`pip install 'ec2train[tune]'`), imported lazily.
+Optuna (and SQLAlchemy, which it brings) is an optional dependency (`pip install 'ec2train[tune]'`),
+imported inside functions (`require_optuna`) so a missing one is a one-line error; tensorboard is
+imported where it writes, as in loop.py.
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+from rich.console import Console
+
+from ec2train import hw, loop
+from ec2train.checkpoint import CHECKPOINT_FILE
 from ec2train.config import ConfigError, TrainConfig, coerce_setting, read_toml, resolve, to_toml
+from ec2train.data import available_cpus, default_workers, require_dataset
 from ec2train.errors import UserError
+from ec2train.export import atomic_write_text
 
 BEST_FILE = "best.toml"
 STORAGE_FILE = "study.db"
@@ -253,8 +263,6 @@ def plan_workers(workers: int, gpus: list[str], device: str) -> list[str | None]
 
 def loader_workers(requested: int, cpus: int, workers: int) -> int:
     """Data-loader processes per trial when trials share the box's CPUs."""
-    from ec2train.data import default_workers
-
     return requested if requested >= 0 else default_workers(cpus, workers)
 
 
@@ -353,8 +361,6 @@ class Job:
 
 def sampler(seed_parts: list[int]):
     """TPE, seeded per process and per run so a resumed or parallel run does not redraw the same trials."""
-    import numpy as np
-
     optuna = require_optuna()
     seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
     # constant_liar: running trials count as bad guesses, so parallel workers spread out.
@@ -395,11 +401,6 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
     optuna = require_optuna()
 
     def objective(trial) -> float:
-        import torch
-
-        from ec2train.checkpoint import CHECKPOINT_FILE
-        from ec2train.loop import fit
-
         # Free the previous trial's model before building the next one (matters on a GPU).
         gc.collect()
         if torch.cuda.is_available():
@@ -431,7 +432,7 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
                 job.base, **params, output=str(job.output / f"trial-{n}"), logdir=str(tb_dir), resume="never"
             ).validate()
             say(f"{worker}trial {n} started: {_fmt_params(params)}")
-            result = fit(cfg, on_epoch=on_epoch)
+            result = loop.fit(cfg, on_epoch=on_epoch)  # looked up per call: tests replace loop.fit
             state = "COMPLETE"
         except optuna.TrialPruned:
             state = "PRUNED"
@@ -483,8 +484,6 @@ def best_trial(study):
 
 def write_best(study, base: TrainConfig, path: Path) -> tuple[TrainConfig, Any] | None:
     """best.toml: the fixed settings plus the best trial's parameters, as `fit --config` reads them."""
-    from ec2train.export import atomic_write_text
-
     trial = best_trial(study)
     if trial is None:
         return None
@@ -535,8 +534,6 @@ def tune(
     base: the fixed fit settings (its output/logdir are where --then-fit writes the final model).
     timeout: seconds after which no new trial starts (running ones finish).
     """
-    from ec2train.data import available_cpus, require_dataset
-
     optuna = require_optuna()
     base = base.validate()
     check_study_name(study_name)
@@ -550,8 +547,6 @@ def tune(
     output.mkdir(parents=True, exist_ok=True)
     storage_url = storage or default_storage(output)
     say = (lambda msg: console.print(msg, highlight=False, markup=False)) if console is not None else (lambda msg: None)
-
-    from ec2train import hw  # imports torch: not at module level, so `ec2train --help` stays fast
 
     gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), hw.cuda_device_count())
     n_workers = worker_count(parallel, gpus, base.device)
@@ -612,11 +607,9 @@ def _fit_best(result: TuneResult, study_name: str, console, say: Callable[[str],
     """--then-fit: train the final model with the best settings."""
     if result.best_file is None:
         raise TuneError(f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train")
-    from ec2train.loop import fit
-
     say(f"training the final model with {result.best_file}")
     # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
-    return fit(resolve(result.best_file), console=console)
+    return loop.fit(resolve(result.best_file), console=console)
 
 
 def counted_trials(study) -> int:
@@ -645,8 +638,6 @@ def _run_parallel(job: Job, storage_url: str, to_run: int, devices: list[str | N
                   say: Callable[[str], None]) -> list[int]:
     """One thread per worker slot; each starts trial processes one after another (one trial per process,
     so a crash or CUDA error ends one trial, not the search) until `to_run` trials have started."""
-    from ec2train.export import atomic_write_text
-
     optuna = require_optuna()
     job_file = atomic_write_text(job.output / JOB_FILE.format(pid=os.getpid()), job.to_json())
     lock = threading.Lock()
@@ -713,8 +704,6 @@ def _fail_orphans(optuna, job: Job, storage_url: str, pid: int) -> None:
 
 def _worker_main(argv: list[str]) -> int:
     """`python -m ec2train.tune JOB_FILE LABEL SEQ`: run one trial of the study in this process."""
-    from rich.console import Console
-
     console = Console(soft_wrap=True)
     try:
         optuna = require_optuna()
