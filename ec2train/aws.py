@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# boto3 is imported inside the functions: s3.py imports this module on every fit (through run.py),
+# and a fit that does not talk to AWS must not pay for boto3.
+
 
 def client(
     service: str,

@@ -13,6 +13,7 @@ Nothing here knows about S3: `run.py` downloads a remote checkpoint into --outpu
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ec2train import ddp
 from ec2train.errors import UserError
 from ec2train.export import atomic_torch_save
 from ec2train.model import MODEL_FILE, ModelError, clean_state_dict
@@ -88,8 +90,6 @@ def agreed_checkpoint(resume: str, output: Path, env: Any) -> dict[str, Any] | N
     so nodes need no shared disk. Rank 0 decides, except in auto mode, where each node offers
     its own newest last.pt and the one with the most epochs wins: after a restart, c10d may
     put rank 0 on another node (it orders nodes by host name), one without the checkpoint."""
-    from ec2train import ddp
-
     torchrun = ddp.under_torchrun()
     auto = resume_mode(resume, torchrun) == "auto"
     offer = None
@@ -105,8 +105,6 @@ def agreed_checkpoint(resume: str, output: Path, env: Any) -> dict[str, Any] | N
 def _with_final_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Attach the metrics.json beside the checkpoint when it describes the same, tested run
     (a finished run is then reported, not trained or tested again)."""
-    import json
-
     path = Path(ckpt["source"]).parent / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())

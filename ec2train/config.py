@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import sys
 from dataclasses import dataclass, fields
@@ -120,7 +121,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce_setting(name: str, value: Any) -> Any:
+    """`value` (from TOML) as setting `name`'s type (an int is a valid float); ConfigError if it is not."""
     default = FIELDS[name].default
     if default is None or isinstance(default, bool):
         if not isinstance(value, bool):
@@ -152,12 +154,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in FIELDS:
-            import difflib
-
             close = difflib.get_close_matches(name, FIELDS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"--config {path}: unknown setting '{key}'{hint}")
-        out[name] = _coerce(name, value)
+        out[name] = coerce_setting(name, value)
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ec2train.errors import UserError
 from ec2train.hw import HardwareError, thread_plan
@@ -212,8 +213,6 @@ def wrap_model(model: torch.nn.Module, device: str, sync_bn: bool) -> torch.nn.M
     """DDP-wrap for several processes (SyncBatchNorm when sync_bn, see use_sync_bn); unchanged for one."""
     if not active():
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [torch.device(device).index] if device.startswith("cuda") else None

@@ -1,22 +1,27 @@
-"""The model.pth format (writing; reading lives in model.py so serving can use it),
-atomic file writes and checkpoints.
+"""The model.pth format (writing; reading lives in model.py so serving can use it), atomic
+file writes, the SageMaker model package (`export --package`) and the confusion matrix CSV.
 """
 
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import platform
 import secrets
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torchvision
 
+import ec2train
 from ec2train.errors import UserError
-from ec2train.model import MODEL_FILE, MODEL_FORMAT, clean_state_dict
+from ec2train.model import MODEL_FILE, MODEL_FORMAT, clean_state_dict, read_model_file
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write through a temp file in the same folder, fsync, then os.replace: all or nothing.
@@ -64,11 +69,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def versions() -> dict[str, str]:
-    import torchvision
-
-    from ec2train import __version__
-
-    return {"ec2train": str(__version__), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+    return {"ec2train": str(ec2train.__version__), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": platform.python_version()}
 
 
 def model_payload(
@@ -115,8 +116,6 @@ HANDLER_FILE = "inference.py"
 
 def handler_source() -> Path:
     """The handler's source, shipped inside the ec2train package (serve/inference.py links to it)."""
-    import ec2train
-
     return Path(ec2train.__file__).resolve().parent / "_serve" / HANDLER_FILE
 
 
@@ -128,12 +127,6 @@ def package_model(model_path: str | Path, out: str | Path) -> Path:
     has torch, torchvision and Pillow, and nothing else is imported. Entries have fixed
     owners, modes and times, so the same inputs give the same archive.
     """
-    import gzip
-    import tarfile
-
-    import ec2train
-    from ec2train.model import read_model_file
-
     model_path, out = Path(model_path), Path(out)
     if out.is_dir():
         raise UserError(f"--package {out} is a folder; give the archive's file name, e.g. {out / 'model.tar.gz'}")

@@ -23,7 +23,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ec2train import ddp
+from ec2train.data import EvalSampler, make_loader
 from ec2train.errors import UserError
+from ec2train.export import atomic_torch_save
 
 CACHE_FORMAT = "ec2train.features/1"
 CACHE_DIR = "feature-cache"
@@ -154,9 +156,6 @@ def split_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of one split: from the disk cache when it matches, else computed
     (sharded over ranks) and written to the cache by rank 0."""
-    from ec2train.data import EvalSampler, make_loader
-    from ec2train.export import atomic_torch_save
-
     key = cache_key(net, head_name, dataset.samples, arch=arch, image_size=image_size, mean=mean, std=std,
                     precision=f"{ctx.device.split(':')[0]}-{ctx.amp.name}")
     path = cache_dir / f"{split}-{key[:24]}.pt" if cache_dir else None
@@ -204,8 +203,6 @@ def feature_loaders(
     loader uses fit's own TrainSampler (same sharding, order and steps per epoch); the model
     to train is the head, DDP-wrapped when there are several processes.
     """
-    from ec2train.data import EvalSampler, make_loader
-
     log("--cache-features: the backbone runs once per image (eval transform, no augmentation); "
         "the epochs train the head from the cached features")
     common = dict(arch=arch, image_size=image_size, mean=mean, std=std, batch_size=batch_size, workers=workers,

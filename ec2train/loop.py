@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from ec2train import ddp, hw
@@ -49,7 +50,9 @@ from ec2train.data import (
 )
 from ec2train.errors import UserError
 from ec2train.export import atomic_write_json, atomic_write_text, model_payload, save_model_file
-from ec2train.model import build_model, find_head, freeze_backbone, normalization_for
+from ec2train.features import CACHE_DIR, feature_loaders
+from ec2train.model import build_model, find_head, freeze_backbone, model_from_file, normalization_for
+from ec2train.plots import log_confusion  # draws with matplotlib, which it imports only when called
 from ec2train.preprocess import decode_min_side, eval_transform, train_transform
 
 # ---------------------------------------------------------------- metrics
@@ -401,8 +404,6 @@ class _Reporter:
     def start_epoch(self, epoch: int, epochs: int, total: int) -> None:
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{epochs}"),
             BarColumn(),
@@ -567,8 +568,6 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
     )
     step_model, train_loader, valid_loader = tr.model, data.train_loader, data.valid_loader
     if cfg.cache_features:
-        from ec2train.features import CACHE_DIR, feature_loaders  # only this mode needs it
-
         fixed = {split: eval_dataset(samples, cfg.image_size, data.mean, data.std)
                  for split, samples in (("train", data.train_samples), ("valid", data.valid_samples))}
         step_model, train_loader, valid_loader = feature_loaders(
@@ -677,8 +676,6 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
         hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
         run.writer.get().add_hparams(hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc},
                                      run_name=".")
-        from ec2train.plots import log_confusion  # imports matplotlib: paid once, when a run is done
-
         log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
     ddp.barrier()
     return FitResult(run.output, run.output / MODEL_FILE, run.logdir, metrics, state.history)
@@ -695,8 +692,6 @@ def evaluate_model_file(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Top-1/top-5, per-class accuracy and the confusion matrix of a model file on one split."""
-    from ec2train.model import model_from_file
-
     net, meta = model_from_file(model_path)
     folders = meta.get("class_folders") or meta["class_names"]
     found, samples = scan_split(data, split)

@@ -6,10 +6,14 @@ so the endpoint rebuilds the network from model.pth exactly as training built it
 
 from __future__ import annotations
 
+import difflib
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision.models as tvm
 from torch import nn
 
 from ec2train.errors import UserError
@@ -25,16 +29,12 @@ class ModelError(UserError):
 
 
 def classification_archs() -> list[str]:
-    import torchvision.models as tvm
-
     return sorted(tvm.list_models(module=tvm))
 
 
 def _check_arch(arch: str) -> None:
     archs = classification_archs()
     if arch not in archs:
-        import difflib
-
         close = difflib.get_close_matches(arch, archs, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " See `ec2train archs` for the list."
         raise ModelError(f"unknown --arch '{arch}': not a torchvision classification model.{hint}")
@@ -73,7 +73,6 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
 
 def imagenet_weights(arch: str):
     """torchvision's default ImageNet weights enum for `arch` (no download yet)."""
-    import torchvision.models as tvm
 
     try:
         return tvm.get_model_weights(arch).DEFAULT
@@ -92,7 +91,6 @@ def normalization_for(arch: str, weights: str) -> tuple[tuple[float, ...], tuple
 
 def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
     """A torchvision model with a `num_classes` head. weights: imagenet | none | path to a file."""
-    import torchvision.models as tvm
 
     _check_arch(arch)
     if weights == "imagenet":
@@ -155,7 +153,6 @@ def freeze_backbone(model: nn.Module) -> str:
 
 
 def _first_line(exc: Exception) -> str:
-    import re
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     line = text.splitlines()[0] if text else type(exc).__name__
@@ -163,8 +160,6 @@ def _first_line(exc: Exception) -> str:
 
 
 def _torch_load(path: Path) -> Any:
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path} is not a PyTorch file; pass a model.pth written by `ec2train fit`")
     try:

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 
 from ec2train import ddp
 from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split
 from ec2train.hw import available_cpus
 from ec2train.errors import UserError
+from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_dataset, train_one_epoch
 from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
 
@@ -96,8 +98,6 @@ def verdict(
 
 def median_short_side(samples, limit: int = 200) -> int:
     """Median short side of (up to `limit`, evenly spread) images, reading headers only."""
-    from PIL import Image
-
     step = max(1, len(samples) // limit)
     sides = []
     for path, _ in samples[::step][:limit]:
@@ -136,8 +136,6 @@ def bench(
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BenchResult:
     """Images/s of fit's input pipeline, training step and both together on DATA's train split."""
-    from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_dataset, train_one_epoch
-
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be at least 1")
     if not 16 <= image_size <= 1024:

@@ -12,7 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+
+from ec2train.export import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -187,8 +191,6 @@ def render(fig: Figure, pad_in: float = 0.25):
     """The figure drawn once by Agg (no pyplot, no display), cropped to what was drawn: a PIL RGB image.
     Like savefig(bbox_inches="tight"), which draws twice, seconds more for 133 classes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
-
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     box = fig.get_tightbbox(canvas.get_renderer()).padded(pad_in)  # inches, origin bottom left
@@ -202,8 +204,6 @@ def render(fig: Figure, pad_in: float = 0.25):
 
 def write_confusion_png(path: str | Path, confusion: Any, class_names: Sequence[str], title: str | None = None) -> Path:
     """confusion_figure saved as a PNG, atomically."""
-    from ec2train.export import atomic_write
-
     image = render(confusion_figure(confusion, class_names, title))
     return atomic_write(path, lambda p: image.save(p, format="PNG"))
 
@@ -227,8 +227,6 @@ def log_confusion(writer: Any, confusion: Any, class_names: Sequence[str], step:
     """Log the confusion figure (`<tag>/confusion_matrix`, an image), per-class accuracy
     (`<tag>/per_class_accuracy`, a text table) and the most confused pairs (`<tag>/most_confused`)
     to a TensorBoard SummaryWriter."""
-    import numpy as np
-
     m = _matrix(confusion, class_names)
     # add_image of the Agg rendering is what add_figure does, minus its import of pyplot and its
     # uncropped canvas.

@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from PIL import Image
+
 from ec2train.data import IMAGE_EXTS, DataError
+from ec2train.export import atomic_write, atomic_write_json
 from ec2train.hw import available_cpus
+from ec2train.preprocess import ImageDecodeError, load_rgb
 
 MARKER = ".ec2train-prepared.json"
 FORMAT = "ec2train.prepared/1"
@@ -75,11 +79,6 @@ def prepare_one(src: Path, out: Path, size: int, quality: int) -> str | None:
     """Decode at reduced scale, resize the short side to `size`, write JPEG atomically.
     Returns None, or why the source cannot be decoded. The decode policy (preprocess.py) also
     refuses every size JPEG cannot hold (a side over 65,500 px), so the write cannot fail on it."""
-    from PIL import Image
-
-    from ec2train.export import atomic_write
-    from ec2train.preprocess import ImageDecodeError, load_rgb
-
     try:
         img = load_rgb(src, min_side=size)
     except ImageDecodeError as exc:
@@ -115,8 +114,6 @@ def _read_marker(dst: Path) -> dict | None:
 
 
 def _write_marker(dst: Path, info: dict) -> None:
-    from ec2train.export import atomic_write_json
-
     atomic_write_json(dst / MARKER, {"format": FORMAT, **info})
 
 

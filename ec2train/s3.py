@@ -25,8 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ec2train import aws
 from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE, RUN_FILES
 from ec2train.errors import UserError
+from ec2train.model import read_model_file
+
+# boto3, botocore and s3transfer are imported inside functions: run.py imports this module for
+# every fit, and a fit without --s3-uri must not pay for them.
 
 MB = 1024 * 1024
 # Files from this size on go up in parts of this size (S3 checks each part's SHA-256).
@@ -86,8 +91,6 @@ def parse_uri(uri: str, *, need_key: bool = False, option: str = "--s3-uri") -> 
 def _s3(client: Any | None) -> Any:
     if client is not None:
         return client
-    from ec2train import aws
-
     return aws.client("s3")
 
 
@@ -399,8 +402,6 @@ def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any |
 
 def export_to_s3(model_path: str | Path, s3_uri: str, kms_key: str | None = None) -> S3Uri:
     """Upload a model file (checked first) to s3_uri: a key ending in .pth, or a prefix (then prefix/model.pth)."""
-    from ec2train.model import read_model_file
-
     read_model_file(model_path)
     uri = parse_uri(s3_uri)
     target = uri if uri.key.endswith(".pth") else uri.child(MODEL_FILE)

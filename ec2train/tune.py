@@ -7,7 +7,9 @@ end. The study lives in an RDB storage (a sqlite file in the output folder by de
 a stopped search continues where it left off, and parallel trials (one per GPU, each in
 its own process pinned with CUDA_VISIBLE_DEVICES) share it.
 
-Optuna is an optional dependency (`pip install 'ec2train[tune]'`), imported lazily.
+Optuna (and SQLAlchemy, which it brings) is an optional dependency (`pip install 'ec2train[tune]'`),
+imported inside functions (`require_optuna`) so a missing one is a one-line error; tensorboard is
+imported where it writes, as in loop.py.
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ec2train.config import ConfigError, TrainConfig, _coerce, read_toml, resolve, to_toml
+import numpy as np
+import torch
+from rich.console import Console
+
+from ec2train import hw, loop
+from ec2train.hw import available_cpus
+from ec2train.checkpoint import CHECKPOINT_FILE
+from ec2train.config import ConfigError, TrainConfig, coerce_setting, read_toml, resolve, to_toml
+from ec2train.data import default_workers, require_dataset
 from ec2train.errors import UserError
+from ec2train.export import atomic_write_text
 
 BEST_FILE = "best.toml"
 STORAGE_FILE = "study.db"
@@ -61,7 +72,8 @@ class TuneError(UserError):
     """A bad search space, storage, timeout or study; the message names the fix."""
 
 
-def _optuna():
+def require_optuna():
+    """The optuna module, or a TuneError saying how to install it (it is an optional dependency)."""
     try:
         import optuna
     except ImportError:
@@ -165,7 +177,7 @@ def _param_from_table(where: str, name: str, table: dict[str, Any], base: TrainC
         if not isinstance(raw, list) or not raw:
             raise TuneError(f"{where}: choices must be a non-empty list, e.g. choices = [16, 32, 64]")
         try:
-            values = tuple(_coerce(name, v) for v in raw)
+            values = tuple(coerce_setting(name, v) for v in raw)
         except ConfigError as exc:
             raise TuneError(f"{where}: {exc}") from None
         if len(set(values)) != len(values):
@@ -252,8 +264,6 @@ def plan_workers(workers: int, gpus: list[str], device: str) -> list[str | None]
 
 def loader_workers(requested: int, cpus: int, workers: int) -> int:
     """Data-loader processes per trial when trials share the box's CPUs."""
-    from ec2train.data import default_workers
-
     return requested if requested >= 0 else default_workers(cpus, workers)
 
 
@@ -275,7 +285,7 @@ def shown_url(url: str) -> str:
 
 def open_storage(url: str):
     """An Optuna RDBStorage: heartbeats mark trials of a killed run as failed; sqlite waits for its lock."""
-    optuna = _optuna()
+    optuna = require_optuna()
     if "://" not in url:
         raise TuneError(f"--storage {url!r}: not a database URL; use e.g. sqlite:///tune.db")
     kwargs: dict[str, Any] = {}
@@ -341,7 +351,7 @@ class Job:
                    d["prune"], d["prune_startup_trials"], d["prune_warmup_epochs"])
 
     def pruner(self):
-        optuna = _optuna()
+        optuna = require_optuna()
         if not self.prune:
             return optuna.pruners.NopPruner()
         # Steps are 1-based epochs; a trial is first judged after prune_warmup_epochs + 1 epochs.
@@ -352,9 +362,7 @@ class Job:
 
 def sampler(seed_parts: list[int]):
     """TPE, seeded per process and per run so a resumed or parallel run does not redraw the same trials."""
-    import numpy as np
-
-    optuna = _optuna()
+    optuna = require_optuna()
     seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
     # constant_liar: running trials count as bad guesses, so parallel workers spread out.
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
@@ -391,14 +399,9 @@ def write_trial_hparams(logdir: Path, params: dict[str, Any], state: str, valid_
 
 def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Callable:
     """The Optuna objective: one `loop.fit` with the trial's settings; returns the best valid accuracy."""
-    optuna = _optuna()
+    optuna = require_optuna()
 
     def objective(trial) -> float:
-        import torch
-
-        from ec2train.checkpoint import CHECKPOINT_FILE
-        from ec2train.loop import fit
-
         # Free the previous trial's model before building the next one (matters on a GPU).
         gc.collect()
         if torch.cuda.is_available():
@@ -430,7 +433,7 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
                 job.base, **params, output=str(job.output / f"trial-{n}"), logdir=str(tb_dir), resume="never"
             ).validate()
             say(f"{worker}trial {n} started: {_fmt_params(params)}")
-            result = fit(cfg, on_epoch=on_epoch)
+            result = loop.fit(cfg, on_epoch=on_epoch)  # looked up per call: tests replace loop.fit
             state = "COMPLETE"
         except optuna.TrialPruned:
             state = "PRUNED"
@@ -475,15 +478,13 @@ def trial_rows(study) -> list[dict[str, Any]]:
 
 def best_trial(study):
     """The complete trial with the highest valid accuracy (the earliest on a tie), or None."""
-    optuna = _optuna()
+    optuna = require_optuna()
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
 def write_best(study, base: TrainConfig, path: Path) -> tuple[TrainConfig, Any] | None:
     """best.toml: the fixed settings plus the best trial's parameters, as `fit --config` reads them."""
-    from ec2train.export import atomic_write_text
-
     trial = best_trial(study)
     if trial is None:
         return None
@@ -534,10 +535,7 @@ def tune(
     base: the fixed fit settings (its output/logdir are where --then-fit writes the final model).
     timeout: seconds after which no new trial starts (running ones finish).
     """
-    from ec2train.data import require_dataset
-    from ec2train.hw import available_cpus
-
-    optuna = _optuna()
+    optuna = require_optuna()
     base = base.validate()
     check_study_name(study_name)
     if trials < 1:
@@ -550,8 +548,6 @@ def tune(
     output.mkdir(parents=True, exist_ok=True)
     storage_url = storage or default_storage(output)
     say = (lambda msg: console.print(msg, highlight=False, markup=False)) if console is not None else (lambda msg: None)
-
-    from ec2train import hw  # imports torch: not at module level, so `ec2train --help` stays fast
 
     gpus = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), hw.cuda_device_count())
     n_workers = worker_count(parallel, gpus, base.device)
@@ -612,17 +608,15 @@ def _fit_best(result: TuneResult, study_name: str, console, say: Callable[[str],
     """--then-fit: train the final model with the best settings."""
     if result.best_file is None:
         raise TuneError(f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train")
-    from ec2train.loop import fit
-
     say(f"training the final model with {result.best_file}")
     # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
-    return fit(resolve(result.best_file), console=console)
+    return loop.fit(resolve(result.best_file), console=console)
 
 
 def counted_trials(study) -> int:
     """Trials that count toward --trials: all started ones except those stopped by Ctrl-C.
     (WAITING ones, e.g. enqueued by hand, are run by the next trials started, so they are not added.)"""
-    optuna = _optuna()
+    optuna = require_optuna()
     TS = optuna.trial.TrialState
     return sum(
         not t.user_attrs.get("interrupted")
@@ -645,9 +639,7 @@ def _run_parallel(job: Job, storage_url: str, to_run: int, devices: list[str | N
                   say: Callable[[str], None]) -> list[int]:
     """One thread per worker slot; each starts trial processes one after another (one trial per process,
     so a crash or CUDA error ends one trial, not the search) until `to_run` trials have started."""
-    from ec2train.export import atomic_write_text
-
-    optuna = _optuna()
+    optuna = require_optuna()
     job_file = atomic_write_text(job.output / JOB_FILE.format(pid=os.getpid()), job.to_json())
     lock = threading.Lock()
     state = {"left": to_run, "seq": 0}
@@ -713,11 +705,9 @@ def _fail_orphans(optuna, job: Job, storage_url: str, pid: int) -> None:
 
 def _worker_main(argv: list[str]) -> int:
     """`python -m ec2train.tune JOB_FILE LABEL SEQ`: run one trial of the study in this process."""
-    from rich.console import Console
-
     console = Console(soft_wrap=True)
     try:
-        optuna = _optuna()
+        optuna = require_optuna()
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         job_file, label, seq = argv
         job = Job.from_json(Path(job_file).read_text())

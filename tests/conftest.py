@@ -1,15 +1,18 @@
-"""Shared fixtures: generated data, a tiny trained model, a real moto server on loopback."""
+"""Fixtures (generated data, a tiny trained model, a real moto server on loopback) and the test
+session's environment. Shared code that is not a fixture lives in tests/support/."""
 
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.aws import reset_moto, start_moto_server
+from tests.support.paths import ROOT
+from tests.support.training import TINY_FIT
+
 # Subprocesses (torchrun, `python -m ec2train`) must import this checkout, not another install.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -22,41 +25,32 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def moto_server():
-    """A real moto HTTP server on 127.0.0.1; yields its URL. Reset it with `moto_reset`."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
+    """A real moto HTTP server on 127.0.0.1; yields its URL. Tests take `aws`, which resets it."""
+    server, url = start_moto_server()
+    yield url
     server.stop()
 
 
 @pytest.fixture
 def aws(moto_server, monkeypatch):
     """Point boto3 and the AWS CLI at a freshly reset moto server; yields its URL."""
-    import urllib.request
-
-    urllib.request.urlopen(
-        urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"), timeout=10
-    ).read()
+    reset_moto(moto_server)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     return moto_server
 
 
-# Small and learnable: 4 classes, 48 training images each, 40 px JPEGs.
-TINY_FIT = dict(arch="resnet18", weights="none", image_size=32, batch_size=16, lr=3e-3, workers=0, epochs=4)
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures(...)`). Two cores
+    are shared by several test runs, so one thread is faster and keeps every run (and the
+    reference) on one reduction order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

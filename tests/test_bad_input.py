@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import assert_one_line_error, cli_in_process, run_cli
+from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
 
 FAST = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--epochs", "1"]
 

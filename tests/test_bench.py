@@ -8,7 +8,7 @@ import pytest
 
 from ec2train.data import make_demo_dataset
 from ec2train.perf import bench, median_short_side, verdict
-from tests.helpers import assert_one_line_error, cli_in_process
+from tests.support.cli import assert_one_line_error, cli_in_process
 
 BASE = dict(device_type="cuda", amp="fp16", channels_last=True, frozen=False, workers=3, cpus=4,
             median_short_side=300, image_size=224)

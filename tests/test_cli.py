@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from ec2train.cli import app, main
 from ec2train.cli._app import Amp, Device, Optim
 from ec2train.config import AMP_MODES, DEVICES, FIELDS, OPTIMIZERS, ConfigError, resolve
-from tests.conftest import TINY_FIT
-from tests.helpers import assert_one_line_error, cli_in_process, run_cli
+from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
+from tests.support.training import TINY_FIT
 
 
 def _commands(cmd, path=()):

@@ -22,6 +22,7 @@ from ec2train.data import (
     scan_split,
 )
 from ec2train.preprocess import eval_transform, train_transform
+from tests.support.cli import assert_one_line_error, cli_in_process
 
 
 @pytest.mark.parametrize(
@@ -420,7 +421,6 @@ def test_split_refuses_overwrite_and_bad_input_leaving_nothing(unsplit, tmp_path
 
 
 def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys):
-    from tests.helpers import assert_one_line_error, cli_in_process
 
     code, _, err = cli_in_process(capsys, "fit", "--data", unsplit, "--output", tmp_path / "out", "--weights", "none")
     assert_one_line_error(code, err, "missing split 'train'", f"ec2train data split {unsplit} {unsplit}-split")
@@ -428,7 +428,6 @@ def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys
 
 
 def test_cli_data_split_and_fetch_sha256(unsplit, tmp_path, capsys):
-    from tests.helpers import assert_one_line_error, cli_in_process
 
     code, out, err = cli_in_process(capsys, "data", "split", unsplit, tmp_path / "s", "--valid", "0.2", "--test", "0.1", "--seed", "1")
     assert code == 0, err

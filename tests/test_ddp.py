@@ -4,7 +4,7 @@ Each torchrun launch costs seconds of imports on a shared box, so each one serve
 through a module-scoped fixture:
 - `cli_run`: `python -m ec2train fit --nproc-per-node 2` (log, equivalence, exact odd-split metrics);
 - `two_nodes`: two 1-process torchrun "nodes" rendezvousing with c10d, each with its own --output,
-  running tests/ddp_probe.py (the real fit, recording which images each rank trained on);
+  running tests/support/ddp_probe.py (the real fit, recording which images each rank trained on);
 - the worker-kill test under --max-restarts 1.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from tests.support.net import free_port
+from tests.support.paths import ROOT
 from ec2train import ddp
 from ec2train.cli import main
 from ec2train.config import TrainConfig, resolve
@@ -33,7 +34,7 @@ from ec2train.checkpoint import seek_schedule
 from ec2train.loop import effective_lr, evaluate_model_file, fit, lr_lambda
 from ec2train.model import build_model
 
-PROBE = Path(__file__).with_name("ddp_probe.py")
+PROBE = ROOT / "tests" / "support" / "ddp_probe.py"  # run by path, as torchrun runs a script
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # One OpenMP thread per worker so the processes do not fight over the cores; wide lines so rich
 # does not wrap the paths we look for in the log.

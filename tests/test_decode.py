@@ -22,7 +22,7 @@ from ec2train.preprocess import (
     size_problem,
     train_transform,
 )
-from tests.perf_images import jpeg_bytes, photo_like
+from tests.support.images import jpeg_bytes, photo_like, png_of_size
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,6 @@ def test_eps_named_jpg_is_bad_everywhere_without_running_ghostscript(fake_ghosts
 def test_data_prepare_lists_sizes_jpeg_cannot_hold_instead_of_crashing(tmp_path: Path):
     from ec2train.data import make_demo_dataset
     from ec2train.prepare import prepare_dataset
-    from tests.lambda_helpers import png_of_size
 
     root = make_demo_dataset(tmp_path / "data", classes=2, per_class=2, size=32, eval_per_class=1)
     strip = root / "train" / "002.Square" / "strip.png"

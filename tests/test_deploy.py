@@ -19,7 +19,7 @@ import zipfile
 import boto3
 import pytest
 
-from conftest import free_port
+from tests.support.net import free_port
 from ec2train import deploy
 from ec2train.cli import main
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.lambda_helpers import FUNCTION_ENV, load_lambda
+from tests.support.cli import run_cli
+from tests.support.lambda_env import FUNCTION_ENV, load_lambda
+from tests.support.net import free_port
 
 _, handler = load_lambda()
 
@@ -114,8 +115,6 @@ def test_export_package_and_deploy_from_a_model_file(aws, trained_model, tmp_pat
     """`export --package --s3-uri` uploads the tarball; `deploy endpoint --model --s3-uri`
     packages, uploads and points the SageMaker model at it."""
     import boto3
-
-    from tests.helpers import run_cli
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="models")

@@ -16,8 +16,9 @@ from ec2train.features import CACHE_DIR, FeatureCacheError, cache_key
 from ec2train.infer import Predictor
 from ec2train.loop import fit
 from ec2train.model import build_model, find_head, read_model_file
-from tests.conftest import TINY_FIT
-from tests.helpers import assert_one_line_error, cli_in_process
+from tests.support.cli import assert_one_line_error, cli_in_process
+from tests.support.net import free_port
+from tests.support.training import TINY_FIT
 
 SETTINGS = dict(TINY_FIT, epochs=3, batch_size=8, lr=0.03, freeze_backbone=True)  # a random frozen backbone needs a bold head
 
@@ -183,8 +184,6 @@ def _features_on_rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_features_are_sharded_over_ranks_and_assembled_whole(tmp_path: Path):
     import torch.multiprocessing as mp
-
-    from tests.conftest import free_port
 
     mp.start_processes(_features_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))

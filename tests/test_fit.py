@@ -13,8 +13,8 @@ from ec2train.config import resolve
 from ec2train.infer import Predictor
 from ec2train.loop import fit
 from ec2train.model import MODEL_FORMAT
-from tests.conftest import TINY_FIT
-from tests.helpers import cli_in_process, run_cli, state_dicts_equal
+from tests.support.cli import cli_in_process, run_cli
+from tests.support.training import TINY_FIT, state_dicts_equal
 
 
 def test_training_learns_and_writes_everything(trained_model: Path):

@@ -11,8 +11,8 @@ import torch
 from ec2train import hw
 from ec2train.data import default_workers
 
-from tests.conftest import TINY_FIT
-from tests.helpers import assert_one_line_error, cli_in_process
+from tests.support.cli import assert_one_line_error, cli_in_process
+from tests.support.training import TINY_FIT
 
 T4, A10G, V100, H100 = (7, 5), (8, 6), (7, 0), (9, 0)
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lambda_helpers import (
+from tests.support.lambda_env import (
     FUNCTION_ENV, JPEG, NOT_IMAGE, PNG, PREDICTIONS, STRIP_PNG, EndpointStandIn, ImageServer, b64, load_lambda,
 )
 

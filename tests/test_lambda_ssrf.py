@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from conftest import free_port
-from lambda_helpers import FUNCTION_ENV, JPEG, PNG, ImageServer, load_lambda, make_tls_material
+from tests.support.lambda_env import FUNCTION_ENV, JPEG, PNG, ImageServer, load_lambda, make_tls_material
+from tests.support.net import free_port
 
 safe_fetch, _ = load_lambda()
 UrlRejected = safe_fetch.UrlRejected

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ec2train.plots import Confusion, confusion_figure, most_confused, per_class_accuracy, write_confusion_png
-from tests.helpers import cli_in_process
+from tests.support.cli import cli_in_process
 
 SHAPES = ["Circle", "Square", "Triangle", "Cross"]
 # rows: true class, columns: predicted

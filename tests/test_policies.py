@@ -21,8 +21,8 @@ import pytest
 from ec2train import policies
 from ec2train.config import read_toml
 from ec2train.policies import PolicyTemplateError, render_policy
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 VARS = dict(Partition="aws", Region="us-east-1", AccountId="123456789012",
             EndpointName="Dog-Breeds-Prod", FunctionName="dog-breeds-front")
 ENDPOINT_ARN = "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dog-breeds-prod"

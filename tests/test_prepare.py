@@ -11,9 +11,9 @@ from PIL import Image
 
 from ec2train.data import check_dataset, make_demo_dataset
 from ec2train.prepare import MARKER, prepare_dataset
-from tests.conftest import TINY_FIT
-from tests.helpers import assert_one_line_error, cli_in_process
-from tests.perf_images import photo_like
+from tests.support.cli import assert_one_line_error, cli_in_process
+from tests.support.images import photo_like
+from tests.support.training import TINY_FIT
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import torch
 
 from ec2train.config import resolve
 from ec2train.loop import fit
-from tests.conftest import TINY_FIT
-from tests.helpers import assert_one_line_error, cli_in_process
+from tests.support.cli import assert_one_line_error, cli_in_process
+from tests.support.training import TINY_FIT
 
 # shufflenet: 6 MB checkpoints; CPU for exact, repeatable runs.
 SMALL = {**TINY_FIT, "arch": "shufflenet_v2_x0_5", "epochs": 2, "device": "cpu"}

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ec2train.config import resolve
 from ec2train.data import EvalSampler, TrainSampler, make_demo_dataset, make_loader
 from ec2train.loop import fit
-from tests.conftest import TINY_FIT
+from tests.support.training import TINY_FIT
 
 
 def _run(data: Path, out: Path, **kw):

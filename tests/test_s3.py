@@ -16,12 +16,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from s3spot_support import FIT, FaultyProxy, assert_same_weights, fit_args, reference_run, single_torch_thread, weights
+from tests.support.aws import FaultyProxy
+from tests.support.training import FIT, assert_same_weights, fit_args, reference_run, weights
 
 BUCKET = "ec2train-test"
 
-
-one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

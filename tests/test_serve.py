@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, free_port
-from lambda_helpers import png_of_size as bomb_png
+from tests.support.cli import assert_one_line_error, cli_in_process
+from tests.support.images import png_of_size as bomb_png
+from tests.support.net import free_port
+from tests.support.paths import ROOT
 from ec2train.errors import UserError
 from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_custom_attributes, parse_request
 
@@ -327,8 +329,6 @@ def test_packaged_handler_under_the_sagemaker_toolkit(package, images, demo_data
 
 
 def test_export_cli(trained_model, tmp_path, capsys):
-    from helpers import assert_one_line_error, cli_in_process
-
     code, out, err = cli_in_process(capsys, "export", "--model", trained_model, "--package", tmp_path / "out" / "model.tar.gz")
     assert code == 0 and "model.tar.gz" in out, err
     assert set(tarfile.open(tmp_path / "out" / "model.tar.gz").getnames()) == PACKAGED

@@ -9,85 +9,19 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import free_port
-from s3spot_support import FaultyProxy, assert_same_weights, fit_args, reference_run, single_torch_thread, weights
+from tests.support.aws import NOTICE, FaultyProxy, ImdsServer
+from tests.support.net import free_port
+from tests.support.training import assert_same_weights, fit_args, reference_run, weights
 
 BUCKET = "ec2train-spot"
-NOTICE = {"action": "terminate", "time": "2026-11-22T02:00:00Z"}
 
-
-one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
-
-
-class ImdsServer:
-    """IMDSv2 on 127.0.0.1: PUT /latest/api/token issues tokens that expire after the asked TTL;
-    every GET without a valid token is 401 (no IMDSv1). The spot instance-action answers 404
-    until `notice_when()` is true, then the notice JSON."""
-
-    def __init__(self, notice_when=lambda: False):
-        self.notice_when = notice_when
-        self.tokens: dict[str, float] = {}
-        self.token_puts = 0
-        self.polls = 0
-        self.tokenless_gets = 0  # IMDSv1-style requests
-        self.expired_gets = 0
-        self.notices_sent = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain"):
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_PUT(self):
-                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-                if self.path != "/latest/api/token" or not ttl or not 1 <= int(ttl) <= 21600:
-                    return self._send(400)
-                token = uuid.uuid4().hex
-                server.tokens[token] = time.monotonic() + int(ttl)
-                server.token_puts += 1
-                self._send(200, token.encode())
-
-            def do_GET(self):
-                token = self.headers.get("X-aws-ec2-metadata-token")
-                if token is None:
-                    server.tokenless_gets += 1
-                    return self._send(401)
-                if token not in server.tokens:
-                    return self._send(401)
-                if time.monotonic() > server.tokens[token]:
-                    server.expired_gets += 1
-                    return self._send(401)
-                if self.path != "/latest/meta-data/spot/instance-action":
-                    return self._send(404)
-                server.polls += 1
-                if not server.notice_when():
-                    return self._send(404)
-                server.notices_sent += 1
-                self._send(200, json.dumps(NOTICE).encode(), "application/json")
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

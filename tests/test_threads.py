@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from ec2train import ddp, hw
-from tests.conftest import PYTHON, TINY_FIT, free_port
-from tests.helpers import cli_in_process
+from tests.support.cli import cli_in_process
+from tests.support.net import free_port
+from tests.support.training import TINY_FIT
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ def _run_fit(data: Path, out: Path, env: dict[str, str], **settings) -> str:
         cfg = resolve(**{cfg!r}, **{settings!r})
         fit(cfg, console=Console(width=300), on_epoch=lambda e, r: print("LIVE", torch.get_num_threads(), flush=True))
     """)
-    proc = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -143,7 +144,7 @@ def test_each_serve_worker_applies_its_share(model_file):
     """serve --workers 2 on this box: each process's share is cpus // 2, less one decode thread."""
     port = free_port()
     proc = subprocess.Popen(
-        [PYTHON, "-m", "ec2train", "serve", "--model", str(model_file), "--port", str(port), "--workers", "2",
+        [sys.executable, "-m", "ec2train", "serve", "--model", str(model_file), "--port", str(port), "--workers", "2",
          "--log-level", "info"],
         env=_env_without_omp(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -177,7 +178,7 @@ def test_sagemaker_handler_splits_cores_between_model_server_workers(model_file,
     code = ("import torch, sys; from ec2train._serve.inference import model_fn; "
             "model_fn(sys.argv[1]); print('LIVE', torch.get_num_threads())")
     env = _env_without_omp(SAGEMAKER_MODEL_SERVER_WORKERS="1")
-    out = subprocess.run([PYTHON, "-c", code, str(model_file.parent)], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(model_file.parent)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and f"LIVE {cpus}" in out.stdout, out.stdout + out.stderr
 
 

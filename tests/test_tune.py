@@ -26,7 +26,7 @@ from ec2train.tune import (
     visible_gpus,
     worker_count,
 )
-from tests.helpers import assert_one_line_error, cli_in_process
+from tests.support.cli import assert_one_line_error, cli_in_process
 
 TS = optuna.trial.TrialState
 FIXED = dict(arch="squeezenet1_0", weights="none", image_size=32, workers=0, augment=False)

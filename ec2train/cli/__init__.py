@@ -12,7 +12,10 @@ import importlib
 import pkgutil
 import sys
 
+from rich.markup import escape
+
 from ec2train.cli._app import Invocation, app, err_console
+from ec2train.errors import UserError
 
 
 def _register_commands() -> None:
@@ -35,15 +38,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ec2train.errors import UserError
-
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         # The arguments travel in the context: `fit --nproc-per-node` relays them to torchrun.
         app(args=args, obj=Invocation(tuple(args)), standalone_mode=True)
     except UserError as exc:
-        from rich.markup import escape
-
         err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

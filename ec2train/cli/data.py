@@ -19,6 +19,9 @@ from rich.table import Table
 
 from ec2train.cli._app import console, default_of, err_console, group
 
+# ec2train.data and ec2train.prepare are imported inside the commands: they import torch, which
+# `ec2train --help` must not pay for.
+
 data_app = group("data", help="Create, fetch and check data sets in the dogImages layout.")
 
 

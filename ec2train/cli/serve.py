@@ -8,6 +8,10 @@ from typing import Optional
 import typer
 
 from ec2train.cli._app import DEFAULT_MODEL, MODEL_HELP, THREADS_HELP, app, console
+from ec2train.errors import UserError
+
+# The server, export and s3 modules are imported inside the commands: they import torch (and
+# boto3), which `ec2train --help` must not pay for.
 
 
 @app.command()
@@ -35,8 +39,6 @@ def export(
     kms_key: Optional[str] = typer.Option(None, help="KMS key id/ARN/alias for SSE-KMS. [default: SSE-S3, AES256]"),
 ):
     """Build model.tar.gz for SageMaker (model.pth + code/inference.py) and/or upload to S3, encrypted and verified."""
-    from ec2train.errors import UserError
-
     if package is None and s3_uri is None:
         raise UserError("export needs --package model.tar.gz, --s3-uri s3://bucket/prefix, or both")
     if package is not None:

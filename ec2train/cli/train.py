@@ -256,7 +256,7 @@ def tune(
 ):
     """Search learning rate, batch size, weight decay and label smoothing with Optuna; prune hopeless trials."""
     from ec2train.config import resolve
-    from ec2train.tune import TuneError, _optuna, parse_duration
+    from ec2train.tune import TuneError, parse_duration, require_optuna
     from ec2train.tune import tune as run_tune
 
     seconds = parse_duration(timeout) if timeout is not None else None
@@ -265,7 +265,7 @@ def tune(
         image_size=image_size, optimizer=value(optimizer), workers=workers, device=value(device), amp=value(amp),
         seed=seed, logdir=logdir, threads=threads,
     )
-    optuna = _optuna()
+    optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial event instead
     try:
         result = run_tune(

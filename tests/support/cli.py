@@ -1,4 +1,4 @@
-"""Small helpers shared by test modules."""
+"""The real CLI, run as a subprocess or in this process, and its one-line error contract."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
@@ -36,6 +35,3 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     for needle in needles:
         assert needle.lower() in text.lower(), (needle, err)
 
-
-def state_dicts_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

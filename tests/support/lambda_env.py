@@ -21,11 +21,12 @@ import sys
 import threading
 import time
 import urllib.parse
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.images import png_of_size, tiny_png
+from tests.support.paths import ROOT
+
 LAMBDA_DIR = ROOT / "ec2train" / "_lambda"  # the source `deploy lambda` zips
 
 # Every environment variable the function reads; tests start from none of them set.
@@ -53,25 +54,6 @@ def load_lambda():
 
 
 # --------------------------------------------------------------------------- images
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def tiny_png() -> bytes:
-    """A real 1x1 PNG."""
-    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00\xff\x00\x00")
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def png_of_size(width: int, height: int) -> bytes:
-    """A valid all-black 1-bit PNG of any size that compresses to a few KB (a decompression bomb)."""
-    rows = bytes(height * (1 + (width + 7) // 8))  # filter byte 0 + packed pixels, per row
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(rows, 9)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 PNG = tiny_png()

@@ -1,65 +1,97 @@
-"""Shared by test_s3.py and test_spot.py: the fit settings, one uninterrupted reference run,
-and an HTTP proxy in front of moto that injects faults."""
+"""AWS stand-ins on 127.0.0.1: moto's server, an IMDSv2 server that can send a spot
+interruption notice, and a proxy in front of moto that injects faults."""
 
 from __future__ import annotations
 
-import functools
 import http.client
+import json
 import threading
 import time
+import urllib.request
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-import torch
+from tests.support.net import free_port
 
-from conftest import TINY_FIT, free_port
-
-
-def single_torch_thread():
-    """Generator for a module fixture: one intra-op thread. Two cores are shared by several test
-    runs, so one thread is faster and keeps every run (and the reference) on one reduction order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-# TINY_FIT with a 1.4M-parameter model: its last.pt is ~6 MB instead of resnet18's ~180 MB,
-# so each test uploads a few MB per epoch. Exact resume does not depend on the architecture.
-# CPU even on a GPU box: bitwise-equal weights after a resume need deterministic kernels.
-FIT = dict(TINY_FIT, arch="shufflenet_v2_x0_5", epochs=3, device="cpu")
+NOTICE = {"action": "terminate", "time": "2026-11-22T02:00:00Z"}  # what ImdsServer sends
 
 
-def fit_args(data: Path, output: Path, logdir: Path, **overrides) -> list[str]:
-    """`ec2train fit` options for FIT (overrides win)."""
-    settings = {**FIT, "data": str(data), "output": str(output), "logdir": str(logdir), **overrides}
-    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+def start_moto_server():
+    """A real moto HTTP server on 127.0.0.1: (server, its URL). Stop it with `server.stop()`."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict inside model.pth or last.pt."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return obj["state_dict"] if "state_dict" in obj else obj["model"]
+def reset_moto(url: str) -> None:
+    """Forget every resource the moto server at `url` holds."""
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).read()
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+class ImdsServer:
+    """IMDSv2 on 127.0.0.1: PUT /latest/api/token issues tokens that expire after the asked TTL;
+    every GET without a valid token is 401 (no IMDSv1). The spot instance-action answers 404
+    until `notice_when()` is true, then the notice JSON."""
 
+    def __init__(self, notice_when=lambda: False):
+        self.notice_when = notice_when
+        self.tokens: dict[str, float] = {}
+        self.token_puts = 0
+        self.polls = 0
+        self.tokenless_gets = 0  # IMDSv1-style requests
+        self.expired_gets = 0
+        self.notices_sent = 0
+        server = self
 
-@functools.lru_cache(maxsize=None)
-def reference_run(data: str, root: str) -> dict[str, Any]:
-    """Final model.pth and last.pt weights of an uninterrupted FIT run (once per session),
-    and the path of its model.pth."""
-    from ec2train.config import resolve
-    from ec2train.loop import fit
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
 
-    out = Path(root) / "reference"
-    result = fit(resolve(data=data, output=str(out / "model"), logdir=str(out / "runs"), **FIT))
-    assert not result.interrupted and len(result.history) == FIT["epochs"]
-    return {"model": weights(result.model_path), "last": weights(result.output / "last.pt"), "model_path": result.model_path}
+            def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain"):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                if self.path != "/latest/api/token" or not ttl or not 1 <= int(ttl) <= 21600:
+                    return self._send(400)
+                token = uuid.uuid4().hex
+                server.tokens[token] = time.monotonic() + int(ttl)
+                server.token_puts += 1
+                self._send(200, token.encode())
+
+            def do_GET(self):
+                token = self.headers.get("X-aws-ec2-metadata-token")
+                if token is None:
+                    server.tokenless_gets += 1
+                    return self._send(401)
+                if token not in server.tokens:
+                    return self._send(401)
+                if time.monotonic() > server.tokens[token]:
+                    server.expired_gets += 1
+                    return self._send(401)
+                if self.path != "/latest/meta-data/spot/instance-action":
+                    return self._send(404)
+                server.polls += 1
+                if not server.notice_when():
+                    return self._send(404)
+                server.notices_sent += 1
+                self._send(200, json.dumps(NOTICE).encode(), "application/json")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 class FaultyProxy:

@@ -1,8 +1,11 @@
-"""Test images with photographic structure, shared by the performance tests."""
+"""Test images: photo-like ones with the structure that makes decoding and resizing costly, and
+hand-made PNGs of any declared size (decompression bombs)."""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -33,3 +36,22 @@ def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def tiny_png() -> bytes:
+    """A real 1x1 PNG."""
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00\xff\x00\x00")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG of any size that compresses to a few KB (a decompression bomb)."""
+    rows = bytes(height * (1 + (width + 7) // 8))  # filter byte 0 + packed pixels, per row
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(rows, 9)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
