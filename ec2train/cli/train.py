@@ -74,13 +74,11 @@ def fit(
 ):
     """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
 
-    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice or SIGTERM: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C.
+    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice or SIGTERM: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C: the first stops at the next step the same way (checkpoint kept, S3 flushed), a second one quits at once.
     """
     if nproc_per_node is not None:
         raise typer.Exit(_launch_torchrun(nproc_per_node, ctx.obj.argv if ctx.obj else tuple(sys.argv[1:])))
-    from ec2train import ddp
     from ec2train.config import resolve
-    from ec2train.run import fit_run, interrupted_exit_status
 
     cfg = resolve(
         config,
@@ -91,13 +89,41 @@ def fit(
         channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
         s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features,
     )
-    result = fit_run(cfg, console=console, spot_watch=value(spot_watch), spot_poll_seconds=spot_poll_seconds)
+    try:
+        from ec2train.run import fit_run  # torch: seconds, and Ctrl-C may come meanwhile
+
+        result = fit_run(cfg, console=console, spot_watch=value(spot_watch), spot_poll_seconds=spot_poll_seconds)
+    except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
+        raise typer.Exit(_ctrl_c_exit(cfg.output, exc)) from None
+    from ec2train import ddp
+    from ec2train.run import interrupted_exit_status
+
     if result.interrupted:
         raise typer.Exit(interrupted_exit_status())
     if result.already_finished:
         return
     if ddp.env_from().is_main:
         print_fit_summary(result)
+
+
+def _ctrl_c_exit(output: str, exc: KeyboardInterrupt) -> int:
+    """Say where the run stands after Ctrl-C (rank 0); the exit status (130, see interrupted_exit_status).
+
+    After a second Ctrl-C (anything but the clean StoppedByCtrlC) the process ends here: an S3
+    upload still running in boto3's transfer threads would otherwise hold the interpreter's
+    exit until it finished, and the user asked to quit now. Files are safe: every write is atomic.
+    """
+    from ec2train import ddp
+    from ec2train.run import EXIT_CTRL_C, StoppedByCtrlC, interrupted_exit_status, interrupted_hint
+
+    status = interrupted_exit_status(EXIT_CTRL_C)
+    if ddp.env_from().is_main:
+        err_console.print(interrupted_hint(output), highlight=False)
+    if not isinstance(exc, StoppedByCtrlC):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
