@@ -6,7 +6,9 @@ interleaved rounds, so a busy machine slows both sides alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,3 +87,77 @@ def pretrained_backbone(root: Path = DEFAULT_ROOT, arch: str = "resnet18") -> Pa
                 epochs=3, lr=3e-3, batch_size=16))
     print(f"pre-trained a {arch} backbone on {demo} in {time.perf_counter() - t0:.0f} s")
     return out / "model.pth"
+
+
+# ---------------------------------------------------------------- idle and busy box
+
+def add_busy_option(parser) -> None:
+    parser.add_argument("--busy", type=int, default=1, metavar="N",
+                        help="also measure with N CPU-spinning processes on the box (a noisy neighbour); "
+                             "0: idle only. [default: 1, so one run measures idle and busy]")
+
+
+def busy_levels(busy: int) -> list[int]:
+    return [0, busy] if busy > 0 else [0]
+
+
+@contextlib.contextmanager
+def spinning(n: int):
+    """N processes that spin on a CPU each for the duration (n=0: nothing)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def load_note() -> str:
+    """The box's load when a measurement starts: other jobs on a shared box slow every number."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def level_name(busy: int) -> str:
+    return "idle box" if busy == 0 else f"{busy} busy process{'es' * (busy > 1)}"
+
+
+def run_arm(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, dict]:
+    """Wall seconds of one process (imports and start-up included, as a user pays them) and the
+    JSON object its last output line holds."""
+    import json
+
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    base["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env={**base, **(env or {})}, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    try:
+        return seconds, json.loads(last)
+    except ValueError:  # not one of ours (e.g. `ec2train fit`): its last line says enough
+        return seconds, {"last line": " ".join(last.split())[:80]}
+
+
+def compare_processes(arms: dict[str, list[str]], busy: int, rounds: int, baseline: str) -> dict[tuple[int, str], float]:
+    """Each arm as its own process, interleaved (A B A B), idle and then beside `busy` spinning
+    processes; prints every run, then each arm's best time and its speed against `baseline`."""
+    best: dict[tuple[int, str], float] = {}
+    for level in busy_levels(busy):
+        with spinning(level):
+            print(f"{level_name(level)}: {load_note()}", flush=True)
+            for rnd in range(rounds):
+                for name, cmd in arms.items():
+                    seconds, out = run_arm(cmd)
+                    print(f"  round {rnd + 1} {name:<34} {seconds:7.1f} s  {out}", flush=True)
+                    best[level, name] = min(best.get((level, name), float("inf")), seconds)
+    print()
+    print(f"| box | run | best wall s | speed vs {baseline} |")
+    print("|---|---|---:|---:|")
+    for (level, name), seconds in best.items():
+        print(f"| {level_name(level)} | {name} | {seconds:.1f} | {best[level, baseline] / seconds:.2f}x |")
+    return best

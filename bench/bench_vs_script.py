@@ -5,26 +5,29 @@ on train/, validates under no_grad, counts images): torchvision ImageFolder, bat
 no loader workers, fp32, every photo decoded at full size every epoch, the frozen backbone
 left in train() mode (so its BatchNorm statistics drift to the new photos; fit keeps a frozen
 backbone in eval mode, so its features stay those of the weights). Both train the same model (the same frozen backbone, a linear head)
-on the same ~1600x1200 photos for the same epochs, validate every epoch and test once.
+for the same epochs, validate every epoch and test once: on 32 px images (fixed costs show: start-up,
+TensorBoard, checkpoints, the test pass) and on ~1600x1200 photos (decoding dominates). Each run is
+a fresh process, interleaved, on the idle box and beside --busy N CPU-spinning processes.
 
     python bench/bench_vs_script.py
+    python bench/bench_vs_script.py --sets small --busy 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import shutil
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision import transforms as T
 
-from _common import DEFAULT_ROOT, big_data, pretrained_backbone
-
-from ec2train.config import resolve
-from ec2train.loop import fit
+from _common import DEFAULT_ROOT, add_busy_option, big_data, compare_processes, pretrained_backbone
 
 
 def classic_script(data, weights, image_size: int, epochs: int, lr: float = 1e-3) -> dict:
@@ -68,32 +71,51 @@ def classic_script(data, weights, image_size: int, epochs: int, lr: float = 1e-3
     return {"valid_acc1": valid, "test_acc1": accuracy(loaders["test"])}
 
 
+def small_data(root: Path = DEFAULT_ROOT) -> Path:
+    """32 px images, as many as the big set: here decoding is cheap and fixed costs show."""
+    from ec2train.data import make_demo_dataset
+
+    return make_demo_dataset(root / "small32", classes=4, per_class=50, size=32, eval_per_class=25)
+
+
+def arms(data: Path, weights: Path, image_size: int, epochs: int, out: Path, cache: bool) -> dict[str, list[str]]:
+    py, me = sys.executable, str(Path(__file__).resolve())
+    fit = [py, "-m", "ec2train", "fit", "--data", str(data), "--arch", "resnet18", "--weights", str(weights),
+           "--image-size", str(image_size), "--epochs", str(epochs), "--logdir", str(out / "runs"), "--resume", "never"]
+    out_arms = {
+        "classic script loop": [py, me, "--arm", "classic", "--data", str(data), "--weights", str(weights),
+                                "--image-size", str(image_size), "--epochs", str(epochs)],
+        "ec2train fit (defaults)": fit + ["--output", str(out / "fit")],
+    }
+    if cache:  # a fresh output folder each run: the feature cache is built inside the timed run
+        cmd = fit + ["--cache-features", "--output", str(out / "cache")]
+        out_arms["ec2train fit --cache-features"] = ["sh", "-c", f"rm -rf {shlex.quote(str(out / 'cache'))} && exec {shlex.join(cmd)}"]
+    return out_arms
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--image-size", type=int, default=112)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image-size", type=int, default=None, help="[default: 112 on the photos, 32 on the small images]")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--sets", nargs="+", choices=("big", "small"), default=["small", "big"])
+    add_busy_option(ap)
+    ap.add_argument("--arm", choices=("classic",), help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    data = big_data()
+    if a.arm:
+        print(json.dumps(classic_script(a.data, a.weights, a.image_size, a.epochs)))
+        return
     weights = pretrained_backbone()
-    print(f"benchmark 4: ec2train fit vs a classic script, resnet18 (frozen, from {weights.name}), "
-          f"{a.epochs} epochs, --image-size {a.image_size}, {data}")
-    t0 = time.perf_counter()
-    m = classic_script(data, weights, a.image_size, a.epochs)
-    t_classic = time.perf_counter() - t0
-    print(f"  {'classic script loop':<34} {t_classic:7.1f} s  valid acc {m['valid_acc1']:.3f}  test acc {m['test_acc1']:.3f}")
-    times = {}
-    for name, extra in (("ec2train fit (defaults)", {}), ("ec2train fit --cache-features", {"cache_features": True})):
-        out = DEFAULT_ROOT / "runs" / ("vs-cache" if extra else "vs-default")
-        cfg = resolve(data=str(data), output=str(out), logdir=str(DEFAULT_ROOT / "runs" / "tb"), arch="resnet18",
-                      weights=str(weights), image_size=a.image_size, epochs=a.epochs, resume="never", **extra)
-        assert cfg.frozen  # fit's default with starting weights: the backbone stays frozen, as in the script
-        shutil.rmtree(out, ignore_errors=True)  # a cold start: no feature cache from earlier runs
-        t0 = time.perf_counter()
-        r = fit(cfg)
-        times[name] = time.perf_counter() - t0
-        print(f"  {name:<34} {times[name]:7.1f} s  valid acc {r.metrics['valid_acc1']:.3f}  test acc {r.metrics['test_acc1']:.3f}")
-    ratios = ", ".join(f"{name}: {t_classic / t:.1f}x" for name, t in times.items())
-    print(f"RESULT vs classic script: {ratios} faster")
+    for name in a.sets:
+        data, size = (big_data(), a.image_size or 112) if name == "big" else (small_data(), a.image_size or 32)
+        print(f"\nec2train fit vs a classic script, resnet18 (frozen, from {weights.name}), {a.epochs} epochs, "
+              f"--image-size {size}, {data}", flush=True)
+        out = DEFAULT_ROOT / "vs-script" / name
+        shutil.rmtree(out, ignore_errors=True)
+        compare_processes(arms(data, weights, size, a.epochs, out, cache=name == "big"), a.busy, a.rounds,
+                          baseline="classic script loop")
 
 
 if __name__ == "__main__":

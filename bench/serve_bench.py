@@ -1,20 +1,24 @@
-"""Latency and throughput of `ec2train serve` against the classic endpoint script's way.
+"""Latency and throughput of `ec2train serve` at its defaults against the classic endpoint script's way.
 
-Three servers on the same model file, the same HTTP stack (starlette + uvicorn) and the
-same photo-sized JPEGs, each in its own process:
+Four servers on the same model file, the same HTTP stack (starlette + uvicorn) and the same
+photo-sized JPEGs, each in its own process:
 
-  batched    `ec2train serve --max-batch 8 --max-wait-ms 5` (dynamic batching)
-  unbatched  `ec2train serve --max-batch 1`
-  classic    the starter endpoint script's handler: network and transform rebuilt by hand,
-             full-size decode, one forward pass per request in the request's own thread
+  ec2train    `ec2train serve --model M`: every setting at its default (batching, thread plan)
+  unbatched   `ec2train serve --max-batch 1` (the thread plan still applies)
+  classic     the starter endpoint script's handler: network and transform rebuilt by hand,
+              full-size decode, one forward pass per request in the request's own thread,
+              torch's default threads (as the script ships)
+  classic-1t  the same handler pinned to OMP_NUM_THREADS=1: the classic script at its best on a
+              small or shared box (hand-tuned; the defaults above are what users get)
 
-Each is driven at concurrency 1, 8 and 32 by keep-alive HTTP clients, in interleaved
-rounds; the table shows requests/s, p50 and p99 latency, and top-1 accuracy as a check
-that all did the same work; ratios against classic follow. Every server gets the same
-torch thread count (--threads, default 1). With no --model, a tiny resnet18 is trained on
-demo data first (and reused on the next run).
+Each is driven at concurrency 1 and 8 by keep-alive HTTP clients, in interleaved rounds,
+first on the idle box and then with --busy N CPU-spinning processes beside it (one run
+measures both); the tables show requests/s, p50/p99 latency and top-1 accuracy (a check
+that all did the same work), then ratios against both classic servers. With no --model, a
+tiny resnet18 at 64 px is trained on demo data first (and reused on the next run).
 
-    python bench/serve_bench.py                       # 2-3 minutes on 2 cores
+    python bench/serve_bench.py                       # 3-5 minutes on 2 cores
+    python bench/serve_bench.py --busy 3              # a heavier neighbour
     python bench/serve_bench.py --model TrainedModels/model.pth --image-size 224
 """
 
@@ -37,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import add_busy_option, busy_levels, level_name, load_note, spinning  # noqa: E402
 
 
 # ---------------------------------------------------------------- the classic handler (baseline)
@@ -131,11 +138,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
-    # Every server gets the same torch/OpenMP thread count (see --threads).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def start(cmd: list[str], port: int, threads: int | None, log: Path) -> subprocess.Popen:
+    """A server process. threads=None: no OMP_NUM_THREADS, so the server's defaults decide."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited: {' '.join(cmd)}\n{log.read_text()}")
@@ -196,21 +206,67 @@ def drive(port: int, bodies: list[tuple[str, bytes]], labels: list[str], concurr
             "acc": correct / total, "failures": failures}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model.pth to serve (resnet18; default: train a tiny one)")
-    ap.add_argument("--image-size", type=int, default=96, help="input size of the tiny model trained when no --model")
+    ap.add_argument("--image-size", type=int, default=64, help="input size of the tiny model trained when no --model")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ec2train-serve-bench"))
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--requests", type=int, default=6, help="requests per client at each concurrency (at least 48 in all)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per server process, the same for all three (1: on a small or shared box, "
-                         "multi-threaded ops stall whenever their threads are not scheduled together)")
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="pass --threads N to the ec2train servers (default: none, so their defaults are measured)")
+    add_busy_option(ap)
     ap.add_argument("--classic-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def servers(model: Path, threads: int | None) -> dict[str, tuple[list[str], int | None]]:
+    """name -> (command without its port, OMP_NUM_THREADS or None)."""
+    py = sys.executable
+    ours = [py, "-m", "ec2train", "serve", "--model", str(model), "--log-level", "warning"]
+    ours += ["--threads", str(threads)] if threads else []
+    classic = [py, __file__, "--model", str(model), "--classic-server"]
+    return {"ec2train": (ours, None), "unbatched": (ours + ["--max-batch", "1"], None),
+            "classic": (classic, None), "classic-1t": (classic, 1)}
+
+
+def measure(ports, bodies, labels, args) -> dict[tuple[int, str, int], dict]:
+    """(busy, server, concurrency) -> the fastest round's result; rounds interleave the servers."""
+    results: dict[tuple[int, str, int], dict] = {}
+    for busy in busy_levels(args.busy):
+        with spinning(busy):
+            print(f"{level_name(busy)}: {load_note()}", flush=True)
+            for rnd in range(args.rounds):
+                for c in args.concurrency:
+                    for name, port in ports.items():
+                        r = drive(port, bodies, labels, c, max(48, c * args.requests))
+                        print(f"  round {rnd + 1} {name:10s} c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  "
+                              f"p99 {r['p99']:7.1f} ms", flush=True)
+                        if (busy, name, c) not in results or r["rps"] > results[busy, name, c]["rps"]:
+                            results[busy, name, c] = r
+    return results
+
+
+def report(results: dict[tuple[int, str, int], dict], args) -> None:
+    print()
+    print("| box | server | concurrency | req/s | p50 ms | p99 ms | top-1 acc | failures |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (busy, name, c), r in results.items():
+        print(f"| {level_name(busy)} | {name} | {c} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+              f"{r['acc']:.2f} | {r['failures']} |")
+    print()
+    print("| box | concurrency | ec2train/classic req/s | ec2train/classic-1t | unbatched/classic | p50 classic/ec2train |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for busy in busy_levels(args.busy):
+        for c in args.concurrency:
+            e, u, k, k1 = (results[busy, n, c] for n in ("ec2train", "unbatched", "classic", "classic-1t"))
+            print(f"| {level_name(busy)} | {c} | {e['rps'] / k['rps']:.2f}x | {e['rps'] / k1['rps']:.2f}x | "
+                  f"{u['rps'] / k['rps']:.2f}x | {k['p50'] / e['p50']:.2f}x |")
+
+
+def main() -> None:
+    args = parse_args()
     if args.classic_server:
         return run_classic(args.model, args.classic_server)
 
@@ -230,55 +286,26 @@ def main() -> None:
     labels = list(meta["class_names"])
     if not {label for label, _ in bodies} <= set(labels):
         print("note: the model's classes are not the demo classes; the accuracy column means nothing")
-    py = sys.executable
-    servers = {
-        "batched": [py, "-m", "ec2train", "serve", "--model", str(model), "--max-batch", str(args.max_batch),
-                    "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"],
-        "unbatched": [py, "-m", "ec2train", "serve", "--model", str(model), "--max-batch", "1", "--log-level", "warning"],
-        "classic": [py, __file__, "--model", str(model), "--classic-server"],
-    }
     print(f"model {model} ({meta['arch']}, {meta['image_size']} px, {len(labels)} classes); "
-          f"{len(bodies)} JPEGs of 500x375; torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{args.threads} torch thread(s) per server", flush=True)
+          f"{len(bodies)} JPEGs of 500x375; torch {torch.__version__}, {os.cpu_count()} CPUs; "
+          f"ec2train servers at {'--threads ' + str(args.threads) if args.threads else 'their defaults'}", flush=True)
     procs, ports = {}, {}
     try:
-        for name, cmd in servers.items():  # all up at once; only the one being measured is busy
+        for name, (cmd, threads) in servers(model, args.threads).items():  # all up; only the measured one is busy
             ports[name] = port = free_port()
-            port_args = [str(port)] if name == "classic" else ["--port", str(port), "--threads", str(args.threads)]
-            procs[name] = start(cmd + port_args, port, args.threads, workdir / f"{name}.log")
+            port_args = [str(port)] if name.startswith("classic") else ["--port", str(port)]
+            procs[name] = start(cmd + port_args, port, threads, workdir / f"{name}.log")
             drive(port, bodies, labels, 2, 16)  # warm-up
-        # Rounds interleave the servers, so a noisy neighbour on a shared box hits all alike;
-        # each cell keeps its fastest round.
-        results: dict[tuple[str, int], dict] = {}
-        for rnd in range(args.rounds):
-            for c in args.concurrency:
-                for name in servers:
-                    r = drive(ports[name], bodies, labels, c, max(48, c * args.requests))
-                    print(f"  round {rnd + 1} {name:9s} c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  "
-                          f"p99 {r['p99']:7.1f} ms", flush=True)
-                    if (name, c) not in results or r["rps"] > results[name, c]["rps"]:
-                        results[name, c] = r
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports['batched']}/stats") as resp:
+        results = measure(ports, bodies, labels, args)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['ec2train']}/stats") as resp:
             stats = json.loads(resp.read())
-        print(f"batched server: {stats['images']} images in {stats['batches']} forward passes; sizes {stats['batch_sizes']}")
+        print(f"ec2train server: {stats['images']} images in {stats['batches']} forward passes; sizes {stats['batch_sizes']}")
     finally:
         for proc in procs.values():
             proc.terminate()
         for proc in procs.values():
             proc.wait(30)
-
-    print()
-    print("| server | concurrency | req/s | p50 ms | p99 ms | top-1 acc | failures |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for (name, c), r in results.items():
-        print(f"| {name} | {c} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['acc']:.2f} | {r['failures']} |")
-    print()
-    print("| concurrency | throughput batched/classic | unbatched/classic | batched/unbatched | p50 classic/batched | p99 classic/batched |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for c in args.concurrency:
-        b, u, k = results["batched", c], results["unbatched", c], results["classic", c]
-        print(f"| {c} | {b['rps'] / k['rps']:.2f}x | {u['rps'] / k['rps']:.2f}x | {b['rps'] / u['rps']:.2f}x | "
-              f"{k['p50'] / b['p50']:.2f}x | {k['p99'] / b['p99']:.2f}x |")
+    report(results, args)
 
 
 if __name__ == "__main__":

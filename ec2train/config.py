@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | fp16 | bf16 | off
     workers: int = -1  # -1: from the CPUs available per process
+    threads: int = 0  # torch CPU threads per process; 0: hw.thread_plan decides (never more than the free cores)
     channels_last: bool = True  # applied on CUDA only
     compile: bool = False
     sync_bn: bool = False
@@ -91,6 +92,8 @@ class TrainConfig:
             raise bad("image_size", "must be between 16 and 1024 pixels")
         if self.workers < -1:
             raise bad("workers", "must be -1 (auto) or 0 or more")
+        if self.threads < 0:
+            raise bad("threads", "must be 0 (auto) or a positive number of threads")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")

@@ -22,6 +22,7 @@ from ec2train.preprocess import ImageDecodeError, load_rgb
 
 SPLITS = ("train", "valid", "test")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+LOADER_SEED_TAG = 0x10AD  # keeps the loader's stream apart from the sampler's (seed, epoch) ones
 DOG_IMAGES_URL = "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
 
 
@@ -141,10 +142,98 @@ def check_dataset(
 def require_dataset(root: str | Path, splits: Sequence[str] = SPLITS) -> list[str]:
     """Fail fast (before any training) on a bad layout; returns the class folders."""
     report = check_dataset(root, splits)
+    if report.problems and looks_unsplit(root):
+        raise DataError(
+            f"missing split 'train': {root} holds class folders, not train/ valid/ test/; "
+            f"split it with `ec2train data split {root} {root}-split`, then train with --data {root}-split"
+        )
     if report.problems:
         more = f" (and {len(report.problems) - 1} more; run `ec2train data check {root}`)" if len(report.problems) > 1 else ""
         raise DataError(report.problems[0] + more)
     return report.class_folders
+
+
+def looks_unsplit(root: str | Path) -> bool:
+    """A folder of class folders with images (no split folders): what `split_dataset` takes."""
+    root = Path(root)
+    if not root.is_dir() or any((root / s).is_dir() for s in SPLITS):
+        return False
+    return any(_images_in(root / folder) for folder in class_folders(root))
+
+
+@dataclass
+class SplitResult:
+    root: Path
+    counts: dict[str, dict[str, int]]  # split -> class folder -> images
+    copied: int  # files copied because a hard link was not possible (or mode="copy")
+
+
+def split_dataset(
+    src: str | Path, dst: str | Path, valid: float = 0.1, test: float = 0.1, seed: int = 0, mode: str = "link"
+) -> SplitResult:
+    """Split SRC/<class>/<image> into DST/{train,valid,test}/<class>/<image>, stratified per class.
+
+    Deterministic for a given seed; every class gets at least one image in each split. Images are
+    hard-linked (copied where the file system cannot link) or, with mode="copy", copied. DST is
+    built in a temp folder beside it and renamed, and never overwritten.
+    """
+    src, dst = Path(src), Path(dst)
+    plan = _split_plan(src, dst, valid, test, seed, mode)
+    tmp = dst.parent / f".{dst.name}.splitting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    copied = 0
+    try:
+        for split, folder, images in plan:
+            (tmp / split / folder).mkdir(parents=True)
+            for image in images:
+                copied += _link_or_copy(image, tmp / split / folder / image.name, mode)
+            counts[split][folder] = len(images)
+        if dst.exists():  # made by someone else while we worked
+            raise DataError(f"{dst} already exists; pick a new DST (data split never overwrites)")
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return SplitResult(dst, counts, copied)
+
+
+def _split_plan(src: Path, dst: Path, valid: float, test: float, seed: int, mode: str) -> list[tuple[str, str, list[Path]]]:
+    """[(split, class folder, images)], after checking the arguments; writes nothing."""
+    if mode not in ("link", "copy"):
+        raise DataError(f"mode {mode!r}: use 'link' or 'copy'")
+    if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):
+        raise DataError(f"--valid {valid} --test {test}: each must be above 0, and together below 1")
+    if dst.exists():
+        raise DataError(f"{dst} already exists; pick a new DST (data split never overwrites)")
+    if not looks_unsplit(src):
+        why = "is already split (it has train/ valid/ test/)" if any((src / s).is_dir() for s in SPLITS) else "holds no class folders with images"
+        raise DataError(f"{src} {why}; data split takes SRC/<class>/<image>")
+    plan = []
+    for folder in class_folders(src):
+        images = _images_in(src / folder)
+        if not images:
+            continue
+        if len(images) < 3:
+            raise DataError(f"class {folder} has {len(images)} images; each class needs at least 3 (one per split)")
+        random.Random(f"{seed}:{folder}").shuffle(images)  # str seed: the same on every Python
+        n = len(images)  # at least one image each for valid and test, and one left for train
+        n_valid = min(max(1, int(n * valid + 0.5)), n - 2)
+        n_test = min(max(1, int(n * test + 0.5)), n - 1 - n_valid)
+        parts = {"valid": images[:n_valid], "test": images[n_valid : n_valid + n_test], "train": images[n_valid + n_test :]}
+        plan.extend((split, folder, sorted(parts[split])) for split in SPLITS)
+    return plan
+
+
+def _link_or_copy(src: Path, dst: Path, mode: str) -> int:
+    """1 if the file was copied, 0 if hard-linked."""
+    if mode == "link":
+        try:
+            os.link(src, dst)
+            return 0
+        except OSError:  # another file system (EXDEV) or one without hard links
+            pass
+    shutil.copy2(src, dst)
+    return 1
 
 
 def mix_seed(*parts: int) -> int:
@@ -237,14 +326,15 @@ def default_workers(cpus: int | None, procs_per_node: int) -> int:
     return max(0, min(8, cpus // max(1, procs_per_node) - 1))
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader with a generator of its own, seeded from the sampler's seed.
+
+    Without one, every new iterator draws its workers' base seed from the global RNG; a resumed
+    run makes new iterators where an uninterrupted one reuses its persistent workers, so the
+    global RNG (dropout) would drift and resume would not be bit-exact. Worker seeds do not
+    change the samples: each sample's augmentation is seeded by (seed, epoch, index).
+    """
+    generator = torch.Generator().manual_seed(mix_seed(getattr(sampler, "seed", 0), LOADER_SEED_TAG))
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -253,6 +343,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        generator=generator,
     )
 
 
@@ -359,7 +450,7 @@ def _download_http(url: str, part: Path, progress: Callable[[int, int | None], N
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        resp = urllib.request.build_opener(_redirect_handler()).open(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # already complete
             return
@@ -391,13 +482,96 @@ def _download_http(url: str, part: Path, progress: Callable[[int, int | None], N
         )
 
 
-def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
-    dest_resolved = dest.resolve()
-    for member in zf.infolist():
-        target = (dest / member.filename).resolve()
-        if dest_resolved != target and dest_resolved not in target.parents:
-            raise DataError(f"refusing to unpack {member.filename!r}: it points outside {dest}")
-    zf.extractall(dest)
+def check_redirect(old_url: str, new_url: str) -> None:
+    """Follow a redirect only if it keeps TLS: an https download never continues over http."""
+    old_scheme, new_scheme = (u.split(":", 1)[0].lower() for u in (old_url, new_url))
+    if new_scheme not in ("http", "https") or (old_scheme == "https" and new_scheme != "https"):
+        raise DataError(f"refusing the redirect from {old_url} to {new_url}: it leaves https; use the https address directly")
+
+
+def _redirect_handler():
+    import urllib.request
+
+    class NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            check_redirect(req.full_url, newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    return NoDowngradeRedirects
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """What an archive may expand to; checked from its directory before anything is written.
+
+    dogImages.zip: 1.1 GB -> 1.1 GB (JPEGs do not compress), about 8,500 entries.
+    """
+
+    max_bytes: int = 64 << 30  # uncompressed total
+    max_entries: int = 200_000
+    max_ratio: float = 100.0  # uncompressed / compressed, for any entry over 1 MiB and for the whole
+    disk_margin: int = 1 << 30  # left free after unpacking
+
+
+def _member_problem(member: zipfile.ZipInfo, dest: Path) -> str | None:
+    """Why one entry cannot be unpacked as a plain file or folder under dest (None: it can)."""
+    import stat
+
+    mode = member.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no type recorded (writestr, Windows)
+        return "is not a plain file or folder"
+    target, root = (dest / member.filename).resolve(), dest.resolve()
+    if target != root and root not in target.parents:
+        return f"points outside {dest}"
+    return None
+
+
+def check_archive(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = UnpackLimits()) -> None:
+    """Refuse zip bombs, links, odd and clashing members with one line each, before unpacking."""
+    members = zf.infolist()
+    if len(members) > limits.max_entries:
+        raise DataError(f"the archive has {len(members)} entries, over the limit of {limits.max_entries}; refusing to unpack it")
+    files: dict[str, str] = {}
+    folders: set[str] = set()
+    for member in members:
+        problem = _member_problem(member, dest)
+        if problem:
+            raise DataError(f"refusing to unpack {member.filename!r}: it {problem}")
+        name = member.filename.rstrip("/")
+        folders.update(str(p) for p in Path(name).parents if str(p) != ".")
+        if member.is_dir():
+            folders.add(name)
+        elif name in files:
+            raise DataError(f"refusing to unpack {member.filename!r}: the archive holds it twice")
+        else:
+            files[name] = member.filename
+        ratio = member.file_size / max(1, member.compress_size)
+        if member.file_size > (1 << 20) and ratio > limits.max_ratio:
+            raise DataError(
+                f"refusing to unpack {member.filename!r}: it expands {ratio:.0f}x (limit {limits.max_ratio:.0f}x); a zip bomb?"
+            )
+    clash = sorted(folders & files.keys())
+    if clash:
+        raise DataError(f"refusing to unpack {files[clash[0]]!r}: the archive has a file and a folder of that name")
+    total = sum(m.file_size for m in members)
+    packed = sum(m.compress_size for m in members)
+    if total > limits.max_bytes or (total > (1 << 20) and total / max(1, packed) > limits.max_ratio):
+        raise DataError(
+            f"the archive expands to {total / 2**30:.2f} GiB from {packed / 2**30:.2f} GiB "
+            f"(limits {limits.max_bytes / 2**30:.0f} GiB, {limits.max_ratio:.0f}x); refusing to unpack it"
+        )
+
+
+def check_free_disk(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = UnpackLimits()) -> None:
+    total = sum(m.file_size for m in zf.infolist())
+    free = shutil.disk_usage(dest.parent).free
+    if total + limits.disk_margin > free:
+        raise DataError(
+            f"unpacking needs {total / 2**30:.2f} GiB plus {limits.disk_margin / 2**30:.1f} GiB spare in {dest.parent}, "
+            f"which has {free / 2**30:.2f} GiB free; free some space or pick another --dest"
+        )
 
 
 def _find_layout_root(folder: Path) -> Path:
@@ -413,12 +587,15 @@ def fetch_dataset(
     progress: Callable[[int, int | None], None] | None = None,
     timeout: float = 15.0,
     keep_archive: bool = False,
+    sha256: str | None = None,
+    limits: UnpackLimits = UnpackLimits(),
 ) -> Path:
     """Download a zip of a data set (https, file or s3), verify it and unpack it as the folder
     DEST; an s3://bucket/prefix/ (trailing slash) is a folder in the dogImages layout, copied as is.
 
     DEST appears only once fully unpacked (temp folder beside it, then rename); an interrupted
-    download resumes from DEST.zip.part.
+    download resumes from DEST.zip.part. With sha256 the zip must have that digest. The
+    archive's directory is checked against `limits` and the free disk before anything is unpacked.
     """
     target = Path(dest)
     if target.is_dir() and all((target / s).is_dir() for s in SPLITS):
@@ -431,6 +608,8 @@ def fetch_dataset(
     if scheme == "s3" and url.endswith("/"):  # a folder laid out as train/valid/test
         from ec2train import s3
 
+        if sha256:
+            raise DataError("--sha256 checks a zip archive; an s3://bucket/prefix/ folder has none")
         tmp = work / f".{name}.downloading"  # kept on failure: a rerun skips the files it has
         s3.download_prefix(url, tmp, progress=progress)
         os.replace(_find_layout_root(tmp), target)
@@ -438,30 +617,63 @@ def fetch_dataset(
         return target
     archive = work / f"{name}.zip"
     if not archive.exists():
-        part = work / f"{name}.zip.part"
-        if scheme == "s3":
-            from ec2train import s3
-
-            s3.download_file(url, part, progress=progress)
-        elif scheme in ("https", "http", "file"):
-            _download_http(url, part, progress, timeout)
-        else:
-            raise DataError(f"--url {url}: unsupported scheme; use https://, file:// or s3://")
-        os.replace(part, archive)
-    if not zipfile.is_zipfile(archive):
-        archive.unlink()
-        raise DataError(f"{url} is not a zip archive (deleted the download); check the URL")
-    tmp = work / f".{name}.unpacking"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(archive) as zf:
-        bad = zf.testzip()
-        if bad is not None:
-            archive.unlink()
-            raise DataError(f"{archive} is corrupt (bad CRC in {bad}); deleted it, run the fetch again")
-        _safe_extract(zf, tmp)
-    layout = _find_layout_root(tmp)
-    os.replace(layout, target)
-    shutil.rmtree(tmp, ignore_errors=True)
+        _download(url, scheme, work / f"{name}.zip.part", progress, timeout)
+        os.replace(work / f"{name}.zip.part", archive)
+    _verify_archive(archive, url, sha256)
+    _unpack(archive, target, limits)
     if not keep_archive:
         archive.unlink()
     return target
+
+
+def _download(url: str, scheme: str, part: Path, progress, timeout: float) -> None:
+    if scheme == "s3":
+        from ec2train import s3
+
+        s3.download_file(url, part, progress=progress)
+    elif scheme in ("https", "http", "file"):
+        _download_http(url, part, progress, timeout)
+    else:
+        raise DataError(f"--url {url}: unsupported scheme; use https://, file:// or s3://")
+
+
+def _verify_archive(archive: Path, url: str, sha256: str | None) -> None:
+    """The download is a zip (and has the expected digest); a bad one is deleted so a rerun fetches anew."""
+    if sha256:
+        import hashlib
+
+        with open(archive, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != sha256.strip().lower():
+            archive.unlink()
+            raise DataError(f"{url} has sha256 {digest}, not the expected {sha256} (deleted the download); check the URL and --sha256")
+    if not zipfile.is_zipfile(archive):
+        archive.unlink()
+        raise DataError(f"{url} is not a zip archive (deleted the download); check the URL")
+
+
+def _unpack(archive: Path, target: Path, limits: UnpackLimits) -> None:
+    """Unpack into a temp folder beside target, then rename its dogImages-layout root to target."""
+    tmp = target.parent / f".{target.name}.unpacking"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            try:
+                check_archive(zf, tmp, limits)
+            except DataError as exc:  # hostile or broken: a rerun must not reuse it
+                archive.unlink()
+                raise DataError(f"{exc} (deleted the download)") from None
+            check_free_disk(zf, tmp, limits)  # the archive stays: free space and rerun
+            bad = zf.testzip()
+            if bad is not None:
+                archive.unlink()
+                raise DataError(f"{archive} is corrupt (bad CRC in {bad}); deleted it, run the fetch again")
+            try:
+                zf.extractall(tmp)
+            except OSError as exc:  # the disk filled meanwhile, permissions, ...
+                raise DataError(f"cannot unpack {archive.name} into {target.parent}: {exc.strerror or exc}") from None
+        os.replace(_find_layout_root(tmp), target)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{archive} is not a readable zip ({exc}); delete it and run the fetch again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # partial output never stays behind

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ec2train.errors import UserError
-from ec2train.hw import HardwareError
+from ec2train.hw import HardwareError, thread_plan
 
 T = TypeVar("T")
 # Rank 0 may spend minutes on evaluation, test and uploads while the others wait.
@@ -234,8 +234,9 @@ def resolve_nproc(value: str, gpu_count: int) -> int:
 
 
 def threads_per_process(cpus: int, nproc: int) -> int:
-    """OpenMP threads per worker so that N processes on one box share its cores instead of fighting."""
-    return max(1, cpus // max(1, nproc))
+    """Each of N processes' share of the box's cores (hw.thread_plan): torchrun passes it to every
+    rank as OMP_NUM_THREADS, and each rank's plan then leaves cores for its own loader workers."""
+    return thread_plan(cpus, max(1, nproc)).share
 
 
 def torchrun_command(python: str, nproc: int, fit_args: list[str]) -> list[str]:

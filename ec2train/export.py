@@ -4,10 +4,12 @@ atomic file writes and checkpoints.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,17 +19,32 @@ from ec2train.errors import UserError
 from ec2train.model import MODEL_FILE, MODEL_FORMAT, clean_state_dict
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temp file in the same folder, fsync, then os.replace: all or nothing."""
+    """Write through a temp file in the same folder, fsync, then os.replace: all or nothing.
+
+    The file gets the mode any new file gets (0666 less the umask). A full disk is one line
+    naming the folder and its free space, whatever the writer raised (torch.save says
+    "unexpected pos"); the temp file is always removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 applies the umask as open() does; mkstemp would force 0600.
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:
+        # Measured before the temp file goes: that is the state the writer failed in.
+        free = shutil.disk_usage(path.parent).free
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or free < (1 << 20):
+            raise UserError(
+                f"disk full: cannot write {path.name} in {path.parent} ({free / 2**20:.1f} MiB free); "
+                "free some space or choose another output folder"
+            ) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -92,7 +109,7 @@ def save_model_file(path: str | Path, payload: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- SageMaker model package
 
 # The part of ec2train the SageMaker handler imports: torch, torchvision and Pillow only.
-PACKAGE_MODULES = ("__init__", "errors", "model", "preprocess", "infer")
+PACKAGE_MODULES = ("__init__", "errors", "hw", "model", "preprocess", "infer")
 HANDLER_FILE = "inference.py"
 
 

@@ -94,3 +94,137 @@ def device_capability(device: str) -> tuple[int, int] | None:
 def cuda_device_count() -> int:
     """GPUs this process can see (0 without CUDA)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ---------------------------------------------------------------- CPU threads
+# torch's intra-op (OpenMP) pool defaults to every core of the box. Loader workers, the server's
+# decode threads, other ranks and other programs want those cores too, and spinning OpenMP threads
+# that are not all scheduled at once stall each other: on a 2-core box with one busy process a
+# resnet18 step ran 6x slower with 2 threads than with 1. So the plan gives torch only the cores
+# left after everything else this process starts.
+
+THREADS_ENV = "OMP_NUM_THREADS"  # set by launchers (torchrun, `fit --nproc-per-node`, tune) to a process's share
+
+
+def parse_cgroup_quota(cpu_max: str | None = None, quota_us: str | None = None, period_us: str | None = None) -> float | None:
+    """CPUs a cgroup quota allows: v2 `cpu.max` ("150000 100000" -> 1.5, "max 100000" -> None)
+    or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: no limit). None when there is no limit."""
+    try:
+        if cpu_max is not None:
+            quota, _, period = cpu_max.strip().partition(" ")
+            if quota == "max":
+                return None
+            return int(quota) / int(period or 100000)
+        if quota_us is not None and period_us is not None and int(quota_us) > 0:
+            return int(quota_us) / int(period_us)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """This process's container CPU limit (Docker --cpus, ECS/Kubernetes limits), if any."""
+    import os
+
+    def read(path: str) -> str | None:
+        try:
+            with open(os.path.join(root, path)) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")
+    if v2 is not None:
+        return parse_cgroup_quota(cpu_max=v2)
+    return parse_cgroup_quota(quota_us=read("cpu/cpu.cfs_quota_us") or read("cpu.cfs_quota_us"),
+                              period_us=read("cpu/cpu.cfs_period_us") or read("cpu.cfs_period_us"))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, cut to its cgroup quota (rounded up)."""
+    import math
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    cpus: int  # CPUs this process may use (affinity, cgroup quota)
+    share: int  # of them, this process's share: cpus / processes on the box, capped by OMP_NUM_THREADS
+    procs: int
+    workers: int  # loader worker processes (torch runs them with 1 thread each)
+    decode_threads: int  # server threads that decode while a forward pass runs
+    intra_op: int  # torch.set_num_threads
+    inter_op: int  # torch.set_num_interop_threads (eager mode barely uses them)
+    source: str  # "auto" or "--threads"
+
+    def describe(self) -> str:
+        others = [f"{self.workers} loader worker{'s' * (self.workers != 1)}"] if self.workers else []
+        others += [f"{self.decode_threads} decode thread{'s' * (self.decode_threads != 1)}"] if self.decode_threads else []
+        why = f"{self.share} of {self.cpus} CPUs for this process ({self.procs} on the box)"
+        why += f", {' + '.join(others)}" if others else ""
+        if self.source != "auto":
+            why = f"set by {self.source}"
+        return f"threads: torch {self.intra_op} intra-op, {self.inter_op} inter-op ({why})"
+
+    def env(self) -> dict[str, str]:
+        """For a process this one starts with its own plan: its share of the cores."""
+        return {THREADS_ENV: str(self.intra_op)}
+
+
+def thread_plan(
+    cpus: int,
+    procs: int = 1,
+    workers: int = 0,
+    decode_threads: int = 0,
+    override: int = 0,
+    launcher_share: int | None = None,
+) -> ThreadPlan:
+    """Torch's threads: this process's share of the CPUs minus its loader workers and decode
+    threads, at least 1; `override` (--threads N, N > 0) wins. `launcher_share` is the
+    OMP_NUM_THREADS a launcher (torchrun, tune) or the user gave this process: a cap on its share. Pure."""
+    if override < 0:
+        raise HardwareError(f"--threads {override}: use 0 (auto) or a positive number of threads")
+    if workers < 0 or decode_threads < 0 or procs < 1:
+        raise ValueError(f"thread_plan: workers {workers}, decode threads {decode_threads}, processes {procs}")
+    cpus = max(1, cpus)
+    share = max(1, cpus // procs)
+    if launcher_share and launcher_share > 0:  # a launcher's (or the user's) OMP_NUM_THREADS caps the share
+        share = min(share, launcher_share)
+    intra = override or max(1, share - workers - decode_threads)
+    return ThreadPlan(cpus, share, procs, workers, decode_threads, intra, 1, "--threads" if override else "auto")
+
+
+def launcher_share_from_env(environ=None) -> int | None:
+    import os
+
+    value = (os.environ if environ is None else environ).get(THREADS_ENV, "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else None
+
+
+def plan_threads(procs: int = 1, workers: int = 0, decode_threads: int = 0, override: int = 0) -> ThreadPlan:
+    """The plan for this process, from its CPUs and the launcher's OMP_NUM_THREADS."""
+    return thread_plan(available_cpus(), procs, workers, decode_threads, override or 0, launcher_share_from_env())
+
+
+def fit_thread_plan(threads: int, workers: int, procs: int) -> ThreadPlan:
+    """fit/tune/evaluate: loader workers as fit resolves them (-1: from the CPUs), then the plan."""
+    from ec2train.data import default_workers  # data imports this module
+
+    workers = workers if workers >= 0 else default_workers(available_cpus(), procs)
+    return plan_threads(procs, workers, 0, threads)
+
+
+def apply_threads(plan: ThreadPlan) -> ThreadPlan:
+    torch.set_num_threads(plan.intra_op)
+    try:
+        torch.set_num_interop_threads(plan.inter_op)
+    except RuntimeError:  # only allowed once, before any inter-op work; the intra-op count is what matters
+        pass
+    return plan

@@ -41,7 +41,6 @@ from ec2train.data import (
     EvalSampler,
     ImageDataset,
     TrainSampler,
-    available_cpus,
     class_name,
     default_workers,
     make_loader,
@@ -250,22 +249,27 @@ class Runtime:
     sync_bn: bool
     workers: int
     pin_memory: bool
+    threads: hw.ThreadPlan
 
     @property
     def device_type(self) -> str:
         return self.device.split(":")[0]
 
 
-def make_runtime(device: str, amp: str, workers: int, *, sync_bn: bool = False, env: ddp.DistEnv | None = None) -> Runtime:
+def make_runtime(
+    device: str, amp: str, workers: int, *, threads: int = 0, sync_bn: bool = False, env: ddp.DistEnv | None = None
+) -> Runtime:
+    """Device, AMP, loader workers and the CPU thread plan (applied here, before any torch work)."""
     env = env or ddp.env_from()
     dev = ddp.select_device(device, env.local_rank, hw.cuda_device_count())
     device_type = dev.split(":")[0]
     capability = hw.device_capability(dev)
     hw.configure_backends(device_type, capability)
-    workers = workers if workers >= 0 else default_workers(available_cpus(), env.local_world_size)
+    workers = workers if workers >= 0 else default_workers(hw.available_cpus(), env.local_world_size)
+    plan = hw.apply_threads(hw.plan_threads(env.local_world_size, workers, 0, threads))
     return Runtime(
         env, dev, hw.amp_policy(amp, device_type, capability), ddp.use_sync_bn(sync_bn, device_type, env.world_size),
-        workers, hw.use_pin_memory(device_type),
+        workers, hw.use_pin_memory(device_type), plan,
     )
 
 
@@ -500,7 +504,8 @@ def fit(
     result has interrupted=True. on_epoch(epoch, record) runs on every rank after each epoch.
     """
     cfg = cfg.validate()
-    rt = make_runtime(cfg.device, cfg.amp, cfg.workers, sync_bn=cfg.sync_bn)
+    rt = make_runtime(cfg.device, cfg.amp, cfg.workers, threads=cfg.threads, sync_bn=cfg.sync_bn)
+    _Reporter(console, rt.env.is_main).log(rt.threads.describe())  # the header's first line
     ddp.setup(rt.env, rt.device)
     try:
         return _fit(cfg, rt, console=console, should_stop=should_stop, on_epoch=on_epoch)

@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 import torch
 
 from ec2train import ddp
-from ec2train.data import TrainSampler, available_cpus, make_loader, require_dataset, scan_split
+from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split
+from ec2train.hw import available_cpus
 from ec2train.errors import UserError
 from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
@@ -131,6 +132,7 @@ def bench(
     amp: str = "auto",
     frozen: bool = True,
     channels_last: bool = True,
+    threads: int = 0,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BenchResult:
     """Images/s of fit's input pipeline, training step and both together on DATA's train split."""
@@ -141,11 +143,12 @@ def bench(
     if not 16 <= image_size <= 1024:
         raise UserError(f"--image-size {image_size}: must be between 16 and 1024 pixels")
     # fit's own phases (device, loaders, model and optimizer), one process, constant lr.
-    rt = make_runtime(device, amp, workers, env=ddp.DistEnv())
+    rt = make_runtime(device, amp, workers, threads=threads, env=ddp.DistEnv())
     dev, device_type, policy, workers = rt.device, rt.device_type, rt.amp, rt.workers
     classes = require_dataset(data, ("train",))
     _, samples = scan_split(data, "train", classes)
     cpus = available_cpus()
+    log(rt.threads.describe())  # as fit would run
     # The step is timed first, before loader workers exist, so they do not compete with it for the CPU.
     dataset = train_dataset(samples, image_size, IMAGENET_MEAN, IMAGENET_STD, True)
     sampler = TrainSampler(len(dataset))

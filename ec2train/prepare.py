@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ec2train.data import IMAGE_EXTS, DataError, available_cpus
+from ec2train.data import IMAGE_EXTS, DataError
+from ec2train.hw import available_cpus
 
 MARKER = ".ec2train-prepared.json"
 FORMAT = "ec2train.prepared/1"

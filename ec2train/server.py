@@ -250,6 +250,7 @@ def create_app(
     max_wait_ms: float = 5.0,
     *,
     threads: int | None = None,
+    procs: int = 1,
     device: str | None = None,
     max_bytes: int = MAX_REQUEST_BYTES,
     load: Callable[[], Predictor] | None = None,
@@ -279,10 +280,7 @@ def create_app(
     loader = load or (lambda: Predictor(model_path, device=device or default_device()))
 
     def load_model() -> Predictor:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        _apply_thread_plan(threads, procs)
         return loader()
 
     async def start(app) -> None:
@@ -377,6 +375,17 @@ def create_app(
     return app
 
 
+def _apply_thread_plan(threads: int | None, procs: int) -> None:
+    """Torch's threads in this server process (hw.thread_plan): its share of the box's cores (one
+    of `procs` workers), less one for decoding requests while a forward pass runs; --threads wins."""
+    import torch
+
+    from ec2train import hw
+
+    plan = hw.apply_threads(hw.plan_threads(procs=procs, decode_threads=1, override=threads or 0))
+    log.info("%s; torch.get_num_threads() = %d", plan.describe(), torch.get_num_threads())
+
+
 def _prepare(predictor: Predictor, body: bytes, content_type: str | None, attributes: str | None, max_bytes: int):
     request = parse_request(body, content_type, attributes, max_bytes)
     return request, predictor.prepare(request)
@@ -413,7 +422,7 @@ def run(
         from ec2train.model import read_model_file
 
         read_model_file(model_path)  # fail here, once, rather than in every worker
-        settings = dict(model_path=str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads)
+        settings = dict(model_path=str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads, procs=workers)
         os.environ[_ENV_CONFIG] = json.dumps(settings)
         uvicorn.run("ec2train.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, **_connection_limits())

@@ -534,7 +534,8 @@ def tune(
     base: the fixed fit settings (its output/logdir are where --then-fit writes the final model).
     timeout: seconds after which no new trial starts (running ones finish).
     """
-    from ec2train.data import available_cpus, require_dataset
+    from ec2train.data import require_dataset
+    from ec2train.hw import available_cpus
 
     optuna = _optuna()
     base = base.validate()

@@ -86,3 +86,42 @@ def test_median_short_side_reads_headers(small_data: Path):
 
     _, samples = scan_split(small_data, "train")
     assert median_short_side(samples) == 48
+
+
+def test_gpu_check_says_no_cuda_in_one_line_on_a_cpu_box():
+    import subprocess
+    import sys
+
+    import torch
+
+    assert not torch.cuda.is_available()  # the build machines have no GPU; this test is for them
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines() == [
+        "no CUDA device: bench/gpu_check.py needs an NVIDIA GPU (torch.cuda.is_available() is False here)"
+    ], proc.stdout
+    assert proc.stderr == ""
+
+
+def test_busy_spinners_run_for_the_duration_and_stop():
+    """bench/_common.spinning: N real CPU-bound processes while the block runs, none after."""
+    import os
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from _common import busy_levels, spinning
+
+    def cpu_ticks(pid: int) -> int:  # user + system time, from /proc
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    with spinning(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+        start = [cpu_ticks(p.pid) for p in procs]
+        time.sleep(1.0)
+        spent = [cpu_ticks(p.pid) - s for p, s in zip(procs, start)]
+        assert all(t >= os.sysconf("SC_CLK_TCK") // 20 for t in spent), spent  # they spin, not sleep
+    assert all(p.poll() is not None for p in procs)  # killed and reaped
+    assert busy_levels(1) == [0, 1] and busy_levels(0) == [0]

@@ -196,3 +196,247 @@ def test_fetch_offline_fails_fast_with_advice(tmp_path):
     with pytest.raises(DataError, match="Offline\\?.*--url"):
         fetch_dataset(f"http://127.0.0.1:{port}/dogImages.zip", tmp_path / "dogImages", timeout=3)
     assert time.perf_counter() - t < 5
+
+
+# ---------------------------------------------------------------- hostile archives
+
+
+def _bomb(path: Path, size: int = 30 << 20) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dogImages/train/001.A/a.jpg", b"x")
+        with zf.open("dogImages/train/001.A/zeros.jpg", "w") as f:
+            for _ in range(size >> 20):
+                f.write(bytes(1 << 20))
+    return path
+
+
+def _no_leftovers(folder: Path, *keep: str) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(keep), "partial output left behind"
+
+
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    bomb = _bomb(tmp_path / "bomb.zip")
+    assert bomb.stat().st_size < 100_000  # 30 MiB of zeros in a few kB
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"zeros.jpg.*expands \d+x \(limit 100x\); a zip bomb\? \(deleted the download\)"):
+        fetch_dataset(bomb.as_uri(), out / "dogImages")
+    _no_leftovers(out)
+
+
+def test_unpack_limits_total_entries_and_free_disk(tmp_path, monkeypatch):
+    import shutil
+
+    from ec2train.data import UnpackLimits
+
+    src = make_demo_dataset(tmp_path / "src", classes=2, per_class=4, size=24)
+    archive = tmp_path / "d.zip"
+    archive.write_bytes(_zip_of(src))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataError, match="entries, over the limit of 5"):
+        fetch_dataset(archive.as_uri(), out / "a", limits=UnpackLimits(max_entries=5))
+    with pytest.raises(DataError, match="expands to .* GiB.*refusing"):
+        fetch_dataset(archive.as_uri(), out / "b", limits=UnpackLimits(max_bytes=1000))
+    free = shutil.disk_usage(out).free
+    with pytest.raises(DataError, match=rf"needs .* GiB spare in {out}, which has .* GiB free; free some space"):
+        fetch_dataset(archive.as_uri(), out / "c", limits=UnpackLimits(disk_margin=free))
+    _no_leftovers(out, "c.zip")  # refused for space only: the download stays for the rerun
+    assert check_dataset(fetch_dataset(archive.as_uri(), out / "d")).ok  # the defaults let a real data set through
+
+
+def _zip_with(path: Path, *entries: tuple[str, int | None, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("dogImages/train/001.A/a.jpg", b"x")
+        for name, mode, data in entries:
+            info = zipfile.ZipInfo(name)
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "entries,problem",
+    [
+        ([("dogImages/valid", 0o120777, b"/etc")], "is a symbolic link"),
+        # the case that used to end in NotADirectoryError: a link (unpacked as a file) with entries below it
+        ([("dogImages/valid", 0o120777, b"train"), ("dogImages/valid/001.A/b.jpg", None, b"y")], "symbolic link"),
+        ([("dogImages/test", 0o010644, b"")], "not a plain file or folder"),  # a FIFO
+        ([("dogImages/test", None, b"f"), ("dogImages/test/001.A/c.jpg", None, b"y")], "a file and a folder of that name"),
+        ([("dogImages/train/001.A/a.jpg", None, b"again")], "holds it twice"),
+    ],
+)
+def test_odd_members_are_one_line_and_leave_nothing(tmp_path, entries, problem):
+    archive = _zip_with(tmp_path / "odd.zip", *entries)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=problem):
+        fetch_dataset(archive.as_uri(), out / "dogImages", keep_archive=True)
+    _no_leftovers(out)  # neither a .unpacking folder nor the refused download
+
+
+def test_sha256_is_checked_before_unpacking(tmp_path):
+    import hashlib
+
+    src = make_demo_dataset(tmp_path / "src", classes=2, per_class=2, size=24)
+    archive = tmp_path / "d.zip"
+    archive.write_bytes(_zip_of(src))
+    good = hashlib.sha256(archive.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=f"has sha256 {good}, not the expected {'0' * 64}"):
+        fetch_dataset(archive.as_uri(), out / "dogImages", sha256="0" * 64)
+    _no_leftovers(out)  # the wrong download is deleted, so a rerun fetches anew
+    assert check_dataset(fetch_dataset(archive.as_uri(), out / "dogImages", sha256=good.upper())).ok
+
+
+@pytest.mark.parametrize(
+    "old,new,ok",
+    [
+        ("https://a.example/x.zip", "https://b.example/y.zip", True),
+        ("http://a.example/x.zip", "https://b.example/y.zip", True),
+        ("http://a.example/x.zip", "http://b.example/y.zip", True),
+        ("https://a.example/x.zip", "http://a.example/x.zip", False),
+        ("HTTPS://a.example/x.zip", "Http://a.example/x.zip", False),
+        ("https://a.example/x.zip", "file:///etc/passwd", False),
+        ("http://a.example/x.zip", "ftp://a.example/x.zip", False),
+    ],
+)
+def test_redirect_policy_keeps_tls(old, new, ok):
+    from ec2train.data import check_redirect
+
+    if ok:
+        check_redirect(old, new)
+    else:
+        with pytest.raises(DataError, match="refusing the redirect"):
+            check_redirect(old, new)
+
+
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    location = ""
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(302)
+        self.send_header("Location", type(self).location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_fetch_follows_a_real_redirect_through_the_policy(zip_server, tmp_path, monkeypatch):
+    import ec2train.data as data
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    start = f"http://127.0.0.1:{server.server_address[1]}/dogImages.zip"
+    seen = []
+    real = data.check_redirect
+    monkeypatch.setattr(data, "check_redirect", lambda old, new: (seen.append((old, new)), real(old, new)))
+    try:
+        _Redirect.location = zip_server
+        assert check_dataset(fetch_dataset(start, tmp_path / "a" / "dogImages")).ok
+        assert seen == [(start, zip_server)]
+        _Redirect.location = "ftp://127.0.0.1/dogImages.zip"
+        with pytest.raises(DataError, match="refusing the redirect"):
+            fetch_dataset(start, tmp_path / "b" / "dogImages")
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------- data split
+
+
+@pytest.fixture
+def unsplit(tmp_path):
+    """A folder of class folders (40, 7 and 3 images), as most downloaded data sets come."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for folder, n in (("001.Akita", 40), ("002.Boxer", 7), ("Corgi", 3)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (40, 40), (i * 5, 0, 0)).save(root / folder / f"{folder}_{i:02d}.jpg")
+    (root / "001.Akita" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _tree(root: Path) -> dict[str, list[str]]:
+    return {str(p.relative_to(root)): sorted(f.name for f in p.iterdir()) for p in sorted(root.glob("*/*"))}
+
+
+def test_split_is_stratified_deterministic_and_linked(unsplit, tmp_path):
+    from ec2train.data import split_dataset
+
+    result = split_dataset(unsplit, tmp_path / "a", valid=0.1, test=0.2, seed=3)
+    assert result.counts == {
+        "train": {"001.Akita": 28, "002.Boxer": 5, "Corgi": 1},
+        "valid": {"001.Akita": 4, "002.Boxer": 1, "Corgi": 1},
+        "test": {"001.Akita": 8, "002.Boxer": 1, "Corgi": 1},  # 7 x 0.2 = 1.4 -> 1
+    }
+    report = check_dataset(tmp_path / "a", decode=True)
+    assert report.ok and report.class_folders == ["001.Akita", "002.Boxer", "Corgi"]
+    for folder in ("001.Akita", "002.Boxer", "Corgi"):  # each image in exactly one split
+        names = [n for split in ("train", "valid", "test") for n in _tree(tmp_path / "a")[f"{split}/{folder}"]]
+        assert sorted(names) == sorted(p.name for p in (unsplit / folder).glob("*.jpg"))
+    some = next((tmp_path / "a" / "train" / "Corgi").iterdir())
+    assert some.stat().st_ino == (unsplit / "Corgi" / some.name).stat().st_ino and result.copied == 0  # hard links
+    assert _tree(split_dataset(unsplit, tmp_path / "b", valid=0.1, test=0.2, seed=3).root) == _tree(tmp_path / "a")
+    assert _tree(split_dataset(unsplit, tmp_path / "c", valid=0.1, test=0.2, seed=4).root) != _tree(tmp_path / "a")
+    copied = split_dataset(unsplit, tmp_path / "d", valid=0.1, test=0.2, seed=3, mode="copy")
+    assert copied.copied == 50 and _tree(copied.root) == _tree(tmp_path / "a")
+    assert (copied.root / "train" / "Corgi" / some.name).stat().st_ino != some.stat().st_ino
+
+
+def test_split_links_fall_back_to_copies_across_file_systems(unsplit, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ec2train.data import split_dataset
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    result = split_dataset(unsplit, tmp_path / "x")
+    assert result.copied == 50 and check_dataset(result.root).ok
+
+
+def test_split_refuses_overwrite_and_bad_input_leaving_nothing(unsplit, tmp_path):
+    from ec2train.data import split_dataset
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(DataError, match="already exists.*never overwrites"):
+        split_dataset(unsplit, tmp_path / "taken")
+    with pytest.raises(DataError, match="together below 1"):
+        split_dataset(unsplit, tmp_path / "y", valid=0.5, test=0.5)
+    split = split_dataset(unsplit, tmp_path / "ok").root
+    with pytest.raises(DataError, match="already split"):
+        split_dataset(split, tmp_path / "again")
+    (unsplit / "Dingo").mkdir()
+    (unsplit / "Corgi" / "Corgi_00.jpg").rename(unsplit / "Dingo" / "d.jpg")
+    with pytest.raises(DataError, match="class Corgi has 2 images; each class needs at least 3"):
+        split_dataset(unsplit, tmp_path / "z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "photos", "taken"]
+
+
+def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys):
+    from tests.helpers import assert_one_line_error, cli_in_process
+
+    code, _, err = cli_in_process(capsys, "fit", "--data", unsplit, "--output", tmp_path / "out", "--weights", "none")
+    assert_one_line_error(code, err, "missing split 'train'", f"ec2train data split {unsplit} {unsplit}-split")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_data_split_and_fetch_sha256(unsplit, tmp_path, capsys):
+    from tests.helpers import assert_one_line_error, cli_in_process
+
+    code, out, err = cli_in_process(capsys, "data", "split", unsplit, tmp_path / "s", "--valid", "0.2", "--test", "0.1", "--seed", "1")
+    assert code == 0, err
+    assert "train 34, valid 10, test 6 images in 3 classes" in " ".join(out.split())
+    code, _, err = cli_in_process(capsys, "data", "split", unsplit, tmp_path / "s")
+    assert_one_line_error(code, err, "already exists", "never overwrites")
+    archive = tmp_path / "d.zip"
+    archive.write_bytes(_zip_of(tmp_path / "s"))
+    code, _, err = cli_in_process(capsys, "data", "fetch", "--url", archive.as_uri(), "--dest", tmp_path / "f", "--sha256", "ab" * 32)
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 2 and "Traceback" not in err and last.startswith("error:") and "not the expected " + "ab" * 32 in last, err

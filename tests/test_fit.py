@@ -104,7 +104,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(demo_data: Path, tmp_path
 
 
 def test_resume_explicit_path_and_mismatch(demo_data: Path, tmp_path: Path, capsys):
-    fit(_small(demo_data, tmp_path / "a", epochs=1))
+    stop: list[int] = []  # an unfinished run: stopped in epoch 2 (a finished one cannot be extended)
+    fit(_small(demo_data, tmp_path / "a", epochs=2), on_epoch=lambda e, r: stop.append(e), should_stop=lambda: bool(stop))
     ckpt = tmp_path / "a" / "last.pt"
     done = fit(_small(demo_data, tmp_path / "b", epochs=2, resume=str(ckpt)))
     assert [h["epoch"] for h in done.history] == [1, 2]

@@ -32,7 +32,7 @@ from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_cus
 
 CLASSES = ("Circle", "Square", "Triangle", "Cross")
 PACKAGED = {"model.pth", "code", "code/inference.py", "code/ec2train",
-            *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "model", "preprocess", "infer"))}
+            *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "hw", "model", "preprocess", "infer"))}
 
 
 # ---------------------------------------------------------------- helpers

@@ -2,7 +2,7 @@
 
 Runs inside the AWS PyTorch inference container, where only torch, torchvision and Pillow
 exist: `ec2train export --package` ships this file as code/inference.py beside the small,
-import-free part of ec2train it needs (code/ec2train/{errors,model,preprocess,infer}.py).
+import-free part of ec2train it needs (code/ec2train/{errors,hw,model,preprocess,infer}.py).
 It also runs unchanged locally; `ec2train serve` uses the same parser and Predictor.
 It lives in ec2train/_serve/ so an installed ec2train can package it; serve/inference.py
 is a link to it.
@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any
 
+from ec2train.hw import ThreadPlan, apply_threads, available_cpus, launcher_share_from_env, thread_plan
 from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
     JSON_TYPE,
@@ -62,8 +63,19 @@ def _header(context: Any, name: str) -> str | None:
     return None
 
 
+def container_thread_plan(environ=None) -> ThreadPlan:
+    """Torch's threads in one model-server worker: the container runs SAGEMAKER_MODEL_SERVER_WORKERS
+    of them (unset: the toolkit starts one per CPU), each decoding and predicting in one thread."""
+    environ = os.environ if environ is None else environ
+    cpus = available_cpus()
+    workers = environ.get("SAGEMAKER_MODEL_SERVER_WORKERS", "")
+    procs = int(workers) if workers.strip().isdigit() and int(workers) > 0 else cpus
+    return thread_plan(cpus, procs, launcher_share=launcher_share_from_env(environ))
+
+
 def model_fn(model_dir: str, context: Any = None) -> Predictor:
     """Load model.pth (weights_only=True) once per worker; the network is rebuilt from its metadata."""
+    apply_threads(container_thread_plan())
     return Predictor(os.path.join(model_dir, MODEL_FILE), device=default_device())
 
 

@@ -78,6 +78,10 @@ SpotWatch = _choices("SpotWatch", WATCH_MODES)
 
 
 MODEL_HELP = "Model file written by `ec2train fit`."
+THREADS_HELP = (
+    "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its "
+    "loader workers or decode thread (docs/performance.md)."
+)
 DEFAULT_MODEL = Path(FIELDS["output"].default, "model.pth")  # where fit puts the model with its defaults
 
 
@@ -106,3 +110,12 @@ def setting(name: str, help: str, *flags: str, shown: str = "{}", **kwargs: Any)
     """
     text = shown.format(_shown(default_of(name)))
     return typer.Option(None, *flags, help=f"{help} [default: {text}]" if text else help, **kwargs)
+
+
+def apply_threads(threads: int, workers: int, quiet: bool = False) -> None:
+    """evaluate/predict: apply the CPU thread plan (hw.plan_threads) and show it on stderr."""
+    from ec2train import hw
+
+    plan = hw.apply_threads(hw.plan_threads(workers=workers, override=threads))
+    if not quiet:
+        err_console.print(f"[dim]{plan.describe()}[/dim]")

@@ -69,6 +69,7 @@ def data_fetch(
     url: Optional[str] = typer.Option(None, help="https://, file:// or s3://bucket/key of a zip in the dogImages layout, or an s3://bucket/prefix/ folder of train/ valid/ test/. [default: the public dogImages.zip]"),
     dest: Path = typer.Option(Path(default_of("data")), help="The data set folder to create (train/ valid/ test/ inside)."),
     keep_archive: bool = typer.Option(False, help="Keep the downloaded zip."),
+    sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of the zip (hex); a mismatch deletes the download."),
 ):
     """Download, verify and unpack dogImages (resumes an interrupted download)."""
     from ec2train.data import DOG_IMAGES_URL, fetch_dataset
@@ -76,8 +77,25 @@ def data_fetch(
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console) as progress:
         task = progress.add_task("download", total=None)
-        path = fetch_dataset(url or DOG_IMAGES_URL, dest, progress=lambda done, total: progress.update(task, completed=done, total=total), keep_archive=keep_archive)
+        path = fetch_dataset(url or DOG_IMAGES_URL, dest, progress=lambda done, total: progress.update(task, completed=done, total=total), keep_archive=keep_archive, sha256=sha256)
     console.print(f"data set ready in {path}; train with: ec2train fit --data {path}")
+
+
+@data_app.command("split")
+def data_split(
+    src: Path = typer.Argument(..., help="Folder of class folders: SRC/<class>/<image>."),
+    dst: Path = typer.Argument(..., help="New data set folder (train/ valid/ test/ inside); never overwritten."),
+    valid: float = typer.Option(0.1, help="Share of each class for valid/."),
+    test: float = typer.Option(0.1, help="Share of each class for test/."),
+    seed: int = typer.Option(0, help="Shuffle seed; the same seed gives the same split."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the images instead of hard-linking them."),
+):
+    """Split a folder of class folders into train/ valid/ test/, stratified per class."""
+    from ec2train.data import split_dataset
+
+    result = split_dataset(src, dst, valid, test, seed, "copy" if copy else "link")
+    sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
+    console.print(f"{dst}: {sizes} images in {len(result.counts['train'])} classes; train with: ec2train fit --data {dst}")
 
 
 @data_app.command("prepare")

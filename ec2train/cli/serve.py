@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ec2train.cli._app import DEFAULT_MODEL, MODEL_HELP, app, console
+from ec2train.cli._app import DEFAULT_MODEL, MODEL_HELP, THREADS_HELP, app, console
 
 
 @app.command()
@@ -18,7 +18,7 @@ def serve(
     max_batch: int = typer.Option(8, min=1, help="Most requests grouped into one forward pass; 1 turns batching off."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="How long a batch may wait for requests still being decoded."),
     workers: int = typer.Option(1, min=1, help="Server processes (each loads the model and batches on its own)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads per process. [default: torch's choice]"),
+    threads: Optional[int] = typer.Option(None, min=0, help=THREADS_HELP),
     log_level: str = typer.Option("info", help="uvicorn log level: warning hides the access log."),
 ):
     """Serve a model over HTTP like the SageMaker endpoint: GET /ping, POST /invocations."""

@@ -17,6 +17,7 @@ from rich.table import Table
 from ec2train.cli._app import (
     DEFAULT_MODEL,
     MODEL_HELP,
+    THREADS_HELP,
     Amp,
     Device,
     Optim,
@@ -26,6 +27,7 @@ from ec2train.cli._app import (
     default_of,
     err_console,
     setting,
+    apply_threads,
     value,
 )
 
@@ -71,6 +73,7 @@ def fit(
     spot_poll_seconds: float = typer.Option(5.0, help="Seconds between spot notice polls (the notice comes 2 minutes ahead)."),
     config: Optional[Path] = typer.Option(None, help="TOML file of settings (keys as above with underscores); options given here override it."),
     nproc_per_node: Optional[str] = typer.Option(None, help="auto|N: start torchrun with N processes on this box (auto: one per GPU)."),
+    threads: Optional[int] = setting("threads", THREADS_HELP, min=0),
 ):
     """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
 
@@ -87,7 +90,7 @@ def fit(
         arch=arch, weights=weights, freeze_backbone=freeze_backbone, backbone_lr_scale=backbone_lr_scale,
         image_size=image_size, augment=augment, workers=workers, seed=seed, amp=value(amp), device=value(device),
         channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
-        s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features,
+        s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features, threads=threads,
     )
     try:
         from ec2train.run import fit_run  # torch: seconds, and Ctrl-C may come meanwhile
@@ -129,7 +132,7 @@ def _ctrl_c_exit(output: str, exc: KeyboardInterrupt) -> int:
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     """Run this same `fit` command line (argv: main()'s arguments) under torchrun; its exit status."""
     from ec2train import ddp, hw
-    from ec2train.data import available_cpus
+    from ec2train.hw import available_cpus
 
     if ddp.under_torchrun():
         raise typer.BadParameter("--nproc-per-node is for starting torchrun; this process already runs under it")
@@ -170,6 +173,7 @@ def evaluate(
     split: str = typer.Option("test", help="train | valid | test."),
     batch_size: int = typer.Option(64, min=1),
     workers: int = typer.Option(0, min=0),
+    threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     device: Device = typer.Option("auto"),
     out: Optional[Path] = typer.Option(None, help="Folder for evaluation.json, confusion.csv and confusion.png. [default: beside the model]"),
 ):
@@ -180,6 +184,7 @@ def evaluate(
     from ec2train.loop import evaluate_model_file
     from ec2train.plots import confused_line, most_confused, write_confusion_png
 
+    apply_threads(threads, workers)
     res = evaluate_model_file(model, data, split, batch_size, workers, value(device))
     out = out or model.parent
     names = res["class_names"]
@@ -209,6 +214,7 @@ def predict(
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file, one row per image: image, label, probability (top-1), top_k (JSON list of {label, index, probability}), error."),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: Device = typer.Option("auto", help="auto picks the GPU when there is one."),
+    threads: int = typer.Option(0, min=0, help=THREADS_HELP),
 ):
     """Class names with probabilities for each image (folders: every image under them).
 
@@ -217,6 +223,7 @@ def predict(
     from ec2train.infer import Predictor, default_device, image_files
 
     files = image_files(images)
+    apply_threads(threads, 0, quiet=as_json)
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
     answers = _predict_with_progress(predictor, files, top_k, batch_size)
     if csv_path is not None:
@@ -323,6 +330,7 @@ def tune(
     image_size: Optional[int] = setting("image_size", "Crop size in pixels."),
     optimizer: Optional[Optim] = setting("optimizer", "Optimizer."),
     workers: Optional[int] = setting("workers", "Data loader workers per trial; -1 = share the CPUs."),
+    threads: Optional[int] = setting("threads", THREADS_HELP + " Per trial process.", min=0),
     device: Optional[Device] = setting("device", "Device."),
     amp: Optional[Amp] = setting("amp", "Mixed precision."),
     seed: Optional[int] = setting("seed", "Seed of every trial's training and of the sampler."),
@@ -337,7 +345,7 @@ def tune(
     base = resolve(
         config, data=data, epochs=epochs, arch=arch, weights=weights, freeze_backbone=freeze_backbone,
         image_size=image_size, optimizer=value(optimizer), workers=workers, device=value(device), amp=value(amp),
-        seed=seed, logdir=logdir,
+        seed=seed, logdir=logdir, threads=threads,
     )
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial event instead
@@ -388,6 +396,7 @@ def bench(
     arch: str = typer.Option(default_of("arch"), help="Architecture to time (random weights: speed does not depend on them)."),
     batch_size: int = typer.Option(default_of("batch_size"), min=1, help="Images per step."),
     workers: int = typer.Option(default_of("workers"), min=-1, help="Loader workers; -1 = fit's default from the CPUs."),
+    threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     device: Device = typer.Option(default_of("device")),
     image_size: int = typer.Option(default_of("image_size"), help="Crop size in pixels."),
     steps: int = typer.Option(20, min=1, help="Batches timed per measurement."),
@@ -398,7 +407,7 @@ def bench(
     from ec2train.perf import bench as run_bench
 
     r = run_bench(
-        data, arch, batch_size, workers, value(device), image_size, steps, value(amp), freeze_backbone,
+        data, arch, batch_size, workers, value(device), image_size, steps, value(amp), freeze_backbone, threads=threads,
         log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
     )
     table = Table(title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers")

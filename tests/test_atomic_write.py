@@ -1,0 +1,91 @@
+"""The atomic writer: files get the umask's mode, and a full disk is one line with no temp file left."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ec2train.errors import UserError
+from ec2train.export import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, mask, mode):
+    with umask(mask):
+        files = [
+            atomic_write_text(tmp_path / "a.txt", "x"),
+            atomic_write_json(tmp_path / "metrics.json", {"a": 1}),
+            atomic_torch_save({"w": torch.zeros(3)}, tmp_path / "model.pth"),
+        ]
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what any other program would create
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode), f
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root and a kernel that lets us mount)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; test_full_disk_from_any_writer_is_one_line covers the logic")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)  # lazy: a failed torch.save may hold its fd a while
+
+
+def test_torch_save_on_a_real_full_disk_is_one_line(tiny_disk):
+    old = atomic_write_text(tiny_disk / "model.pth", "previous model")
+    with pytest.raises(UserError) as exc:
+        atomic_torch_save({"w": torch.zeros(1_000_000)}, tiny_disk / "model.pth")  # 4 MB into 1 MiB
+    msg = str(exc.value)
+    assert "disk full" in msg and str(tiny_disk) in msg and "MiB free" in msg and "\n" not in msg
+    assert "unexpected pos" not in msg
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["model.pth"], "temp file left behind"
+    assert old.read_text() == "previous model"  # all or nothing
+
+
+def _fill_then_fail(exc: BaseException):
+    def write(p: Path) -> None:
+        p.write_bytes(b"x" * 1000)
+        raise exc
+
+    return write
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")])
+def test_full_disk_from_any_writer_is_one_line(tmp_path, exc):
+    with pytest.raises(UserError, match=rf"disk full: cannot write model.pth in {tmp_path} \(.* MiB free\)"):
+        atomic_write(tmp_path / "model.pth", _fill_then_fail(exc))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_style_failure_is_disk_full_only_when_the_disk_is(tmp_path, monkeypatch):
+    import shutil
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space: not ours to rename
+        atomic_write(tmp_path / "model.pth", _fill_then_fail(torch_error))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 4096))
+    with pytest.raises(UserError, match="disk full"):
+        atomic_write(tmp_path / "model.pth", _fill_then_fail(torch_error))
+    assert list(tmp_path.iterdir()) == []

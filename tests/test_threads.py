@@ -1,0 +1,201 @@
+"""The thread plan (hw.thread_plan): its decisions as a pure function, and real processes
+(fit, serve --workers, the SageMaker handler, the CLI commands) that apply it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ec2train import ddp, hw
+from tests.conftest import PYTHON, TINY_FIT, free_port
+from tests.helpers import cli_in_process
+
+
+@pytest.mark.parametrize(
+    "cpus, procs, workers, decode, override, share, intra",
+    [
+        (2, 1, 1, 0, 0, 2, 1),  # fit on a 2-core box: its loader worker keeps one core
+        (2, 1, 0, 0, 0, 2, 2),  # no loader workers: torch may use both
+        (2, 1, 0, 1, 0, 2, 1),  # serve: one core decodes the next requests during a forward pass
+        (16, 1, 8, 0, 0, 16, 8),  # a g5.4xlarge-sized box, 8 loader workers
+        (16, 4, 3, 0, 0, 4, 1),  # 4 ranks x (3 workers + 1 for torch)
+        (16, 4, 0, 1, 0, 4, 3),  # serve --workers 4
+        (2, 4, 0, 1, 0, 1, 1),  # more processes than cores: never 0 threads
+        (2, 8, 7, 1, 0, 1, 1),  # workers beyond the share: still at least one thread
+        (2, 1, 1, 0, 6, 2, 6),  # --threads 6 wins, even above the cores
+    ],
+)
+def test_plan_gives_torch_only_the_cores_left(cpus, procs, workers, decode, override, share, intra):
+    plan = hw.thread_plan(cpus, procs, workers, decode, override)
+    assert (plan.share, plan.intra_op, plan.inter_op) == (share, intra, 1)
+    assert plan.source == ("--threads" if override else "auto")
+
+
+def test_a_launchers_omp_num_threads_caps_the_share():
+    # torchrun's OMP_NUM_THREADS=1, or tune's cores per trial: the process's share, then less its workers.
+    assert hw.thread_plan(16, 1, 3, launcher_share=4).intra_op == 1
+    assert hw.thread_plan(16, 1, 0, launcher_share=4).intra_op == 4
+    # A global OMP_NUM_THREADS larger than a worker's share does not undo the split between processes.
+    assert hw.thread_plan(8, 4, 0, 1, launcher_share=8).intra_op == 1
+    assert hw.launcher_share_from_env({"OMP_NUM_THREADS": "3"}) == 3
+    assert hw.launcher_share_from_env({"OMP_NUM_THREADS": "junk"}) is None
+    assert hw.launcher_share_from_env({}) is None
+
+
+def test_torchrun_share_comes_from_the_plan():
+    # `fit --nproc-per-node N` gives each rank plan.share as OMP_NUM_THREADS.
+    assert ddp.threads_per_process(16, 4) == hw.thread_plan(16, 4).share == 4
+    assert ddp.threads_per_process(2, 4) == 1
+
+
+@pytest.mark.parametrize(
+    "text, cpus",
+    [("max 100000\n", None), ("150000 100000\n", 1.5), ("200000 100000", 2.0), ("50000", 0.5), ("garbage", None)],
+)
+def test_cgroup_v2_quota(text, cpus):
+    assert hw.parse_cgroup_quota(cpu_max=text) == cpus
+
+
+def test_cgroup_v1_quota_and_the_cpu_count_it_caps(tmp_path, monkeypatch):
+    assert hw.parse_cgroup_quota(quota_us="-1", period_us="100000") is None
+    assert hw.parse_cgroup_quota(quota_us="300000", period_us="100000") == 3.0
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # docker --cpus 0.5
+    assert hw.cgroup_cpu_quota(str(tmp_path)) == 0.5
+    monkeypatch.setattr(hw, "cgroup_cpu_quota", lambda: 0.5)
+    assert hw.available_cpus() == 1  # rounded up, never 0
+    monkeypatch.setattr(hw, "cgroup_cpu_quota", lambda: None)
+    assert hw.available_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_describe_names_the_numbers_and_the_reasons():
+    text = hw.thread_plan(4, 1, 2, 0).describe()
+    assert text == "threads: torch 2 intra-op, 1 inter-op (4 of 4 CPUs for this process (1 on the box), 2 loader workers)"
+    assert "set by --threads" in hw.thread_plan(4, 1, 2, 0, override=3).describe()
+
+
+def test_negative_threads_is_a_one_line_error(capsys, tmp_path):
+    with pytest.raises(hw.HardwareError, match="--threads -1"):
+        hw.thread_plan(2, override=-1)
+    code, _, err = cli_in_process(capsys, "fit", "--data", tmp_path, "--threads", "-1", "--epochs", "1")
+    assert code == 2 and "Traceback" not in err and "--threads" in err
+
+
+def _env_without_omp(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(extra)
+    return env
+
+
+def _run_fit(data: Path, out: Path, env: dict[str, str], **settings) -> str:
+    """A real `ec2train fit` process; an on_epoch hook prints what torch really runs with."""
+    cfg = {**TINY_FIT, "epochs": 1, "batch_size": 4, "data": str(data), "output": str(out / "m"), "logdir": str(out / "r")}
+    code = textwrap.dedent(f"""
+        import torch
+        from rich.console import Console
+        from ec2train.config import resolve
+        from ec2train.loop import fit
+        cfg = resolve(**{cfg!r}, **{settings!r})
+        fit(cfg, console=Console(width=300), on_epoch=lambda e, r: print("LIVE", torch.get_num_threads(), flush=True))
+    """)
+    proc = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from ec2train.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("threads") / "d", classes=2, per_class=4, size=32, eval_per_class=1)
+
+
+@pytest.fixture(scope="module")
+def model_file(tiny_data, tmp_path_factory) -> Path:
+    """An untrained resnet18 model file for tiny_data's classes: thread counts do not need a trained one."""
+    from ec2train.data import class_name, require_dataset
+    from ec2train.export import model_payload, save_model_file
+    from ec2train.model import build_model
+
+    folders = require_dataset(tiny_data)
+    payload = model_payload(build_model("resnet18", len(folders)).state_dict(), arch="resnet18",
+                            class_names=[class_name(f) for f in folders], class_folders=folders, image_size=32,
+                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return save_model_file(tmp_path_factory.mktemp("model") / "model.pth", payload)
+
+
+def test_fit_process_applies_and_prints_the_plan(tiny_data, tmp_path):
+    cpus = hw.available_cpus()
+    out = _run_fit(tiny_data, tmp_path / "auto", _env_without_omp())  # TINY_FIT: no loader workers
+    assert f"threads: torch {cpus} intra-op" in out and f"LIVE {cpus}" in out, out
+    # --threads overrides the plan, and a launcher's OMP_NUM_THREADS (torchrun's share) does not limit it.
+    out = _run_fit(tiny_data, tmp_path / "flag", _env_without_omp(OMP_NUM_THREADS="1"), threads=3)
+    assert "threads: torch 3 intra-op, 1 inter-op (set by --threads)" in out and "LIVE 3" in out, out
+
+
+def test_each_serve_worker_applies_its_share(model_file):
+    """serve --workers 2 on this box: each process's share is cpus // 2, less one decode thread."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "ec2train", "serve", "--model", str(model_file), "--port", str(port), "--workers", "2",
+         "--log-level", "info"],
+        env=_env_without_omp(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    expected = hw.thread_plan(hw.available_cpus(), 2, 0, 1).intra_op
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(lines) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            if "threads: torch" in line:
+                lines.append(line)
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[0]
+    assert len(lines) == 2, rest
+    for line in lines:
+        assert f"threads: torch {expected} intra-op" in line and f"torch.get_num_threads() = {expected}" in line, line
+        assert "(2 on the box)" in line and "1 decode thread" in line, line
+    assert "Traceback" not in rest, rest
+
+
+def test_sagemaker_handler_splits_cores_between_model_server_workers(model_file, tmp_path):
+    """The container knows its worker count: SAGEMAKER_MODEL_SERVER_WORKERS (unset: one per CPU)."""
+    from ec2train._serve import inference
+
+    cpus = hw.available_cpus()
+    assert inference.container_thread_plan({"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}).intra_op == cpus
+    assert inference.container_thread_plan({"SAGEMAKER_MODEL_SERVER_WORKERS": str(cpus)}).intra_op == 1
+    assert inference.container_thread_plan({}).intra_op == 1
+    # model_fn applies it, in a fresh process as each model-server worker is.
+    code = ("import torch, sys; from ec2train._serve.inference import model_fn; "
+            "model_fn(sys.argv[1]); print('LIVE', torch.get_num_threads())")
+    env = _env_without_omp(SAGEMAKER_MODEL_SERVER_WORKERS="1")
+    out = subprocess.run([PYTHON, "-c", code, str(model_file.parent)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and f"LIVE {cpus}" in out.stdout, out.stdout + out.stderr
+
+
+def test_predict_and_evaluate_apply_the_flag(capsys, model_file, tiny_data, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        image = next((tiny_data / "test").rglob("*.jpg"))
+        code, out, _ = cli_in_process(capsys, "predict", image, "--model", model_file, "--threads", "1", "--json")
+        assert code == 0 and torch.get_num_threads() == 1, out
+        code, _, err = cli_in_process(capsys, "evaluate", "--model", model_file, "--data", tiny_data,
+                                      "--out", tmp_path, "--threads", "3")
+        assert code == 0 and torch.get_num_threads() == 3 and "threads: torch 3" in " ".join(err.split()), err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_config_refuses_negative_threads():
+    from ec2train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--threads -2"):
+        TrainConfig(threads=-2).validate()
