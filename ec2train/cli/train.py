@@ -223,8 +223,8 @@ def predict(
     from ec2train.infer import Predictor, default_device, image_files
 
     files = image_files(images)
-    apply_threads(threads, 0, quiet=as_json)
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
+    apply_threads(threads, 0, quiet=as_json)  # after loading: a bad model file stays a one-line error
     answers = _predict_with_progress(predictor, files, top_k, batch_size)
     if csv_path is not None:
         _write_predictions_csv(csv_path, answers)
