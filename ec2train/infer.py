@@ -11,9 +11,10 @@ import base64
 import binascii
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -238,3 +239,68 @@ class Predictor:
     def answer(self, request: Request) -> dict[str, Any]:
         """Decode, preprocess and predict one request (no batching: the SageMaker handler's path)."""
         return self.predict_tensors([self.prepare(request)], [request])[0]
+
+
+# ---------------------------------------------------------------- many files
+
+@dataclass(frozen=True)
+class FileAnswer:
+    """One image file's answer: its top-k predictions, or why it could not be read."""
+
+    path: str
+    predictions: list[dict[str, Any]] | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.path, **({"error": self.error} if self.error else {"predictions": self.predictions})}
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; each folder replaced by the images under it (recursively, sorted).
+
+    Only names with an image extension are picked up inside folders (a README there is no
+    error); a folder without any stays in the list, and predict_paths reports it.
+    """
+    # data.py is imported here, not at the top: infer.py ships in the SageMaker package without it.
+    from ec2train.data import IMAGE_EXTS
+
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file()) if p.is_dir() else []
+        files += found or [p]
+    return files
+
+
+def _read(predictor: Predictor, path: Path) -> torch.Tensor | str:
+    """The model input for one file, or the one-line reason it has none."""
+    if path.is_dir():
+        return "no image files in this folder"
+    if not path.is_file():
+        return "no such file"
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        return predictor.preprocess(path)
+    except ImageDecodeError as exc:
+        return str(exc)
+    except OSError as exc:  # unreadable (permissions, a vanished file)
+        return f"cannot read it: {exc.strerror or exc}"
+
+
+def predict_paths(
+    predictor: Predictor, paths: Sequence[str | Path], k: int = DEFAULT_TOP_K, batch_size: int = 32, threads: int = 4
+) -> Iterator[FileAnswer]:
+    """A FileAnswer per path, in order, batch_size images per forward pass.
+
+    Images are decoded in `threads` threads (Pillow releases the GIL while decoding). A file
+    that cannot be read gets its error and the others in its batch still get their answers.
+    Expand folders first with image_files().
+    """
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = [Path(p) for p in paths[start : start + batch_size]]
+            inputs = list(pool.map(lambda p: _read(predictor, p), chunk))
+            good = [x for x in inputs if isinstance(x, torch.Tensor)]
+            answers = iter(predictor.top_k(predictor.logits(torch.stack(good)), k) if good else [])
+            for path, x in zip(chunk, inputs):
+                yield FileAnswer(str(path), next(answers)) if isinstance(x, torch.Tensor) else FileAnswer(str(path), error=x)

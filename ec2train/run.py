@@ -8,12 +8,14 @@
   systemd, instance shutdown) stops fit at the next step; the last completed epoch's
   checkpoint stays (and is in S3 before the process exits) and the process exits with
   EXIT_INTERRUPTED. `ec2train fit ... --resume auto` continues from it, on any instance,
-  and ends with the same weights as an uninterrupted run.
+  and ends with the same weights as an uninterrupted run. Ctrl-C stops the same way and
+  then raises StoppedByCtrlC (the CLI exits 130); a second Ctrl-C ends the run at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -32,39 +34,93 @@ from ec2train.spot import SpotWatcher
 # SIGTERM): the run did not die, it stopped at a step boundary and kept its checkpoint, and a
 # supervisor can tell this from a kill (systemd: RestartForceExitStatus=75).
 EXIT_INTERRUPTED = 75
+EXIT_CTRL_C = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
-def interrupted_exit_status() -> int:
-    """EXIT_INTERRUPTED for the process that uploads (rank 0), 0 for the other ranks.
+def interrupted_exit_status(status: int = EXIT_INTERRUPTED) -> int:
+    """`status` for the process that uploads (rank 0), 0 for the other ranks.
 
     torchrun SIGTERMs every worker as soon as one exits non-zero; if the other ranks exited
     75 first, rank 0 could be killed in the middle of its final upload. Exiting 0 lets torchrun
     wait for rank 0, whose 75 then becomes the run's root cause.
     """
-    return EXIT_INTERRUPTED if ddp.env_from().is_main else 0
+    return status if ddp.env_from().is_main else 0
 
 
-class StopOnSigterm:
-    """While active, SIGTERM asks fit to stop at the next step instead of killing the process;
-    a second SIGTERM kills it as usual. Only the main thread can install signal handlers: in
-    any other thread (a tuning worker) this does nothing."""
+class StoppedByCtrlC(KeyboardInterrupt):
+    """Ctrl-C stopped fit_run cleanly: at a step boundary, the last completed epoch's checkpoint
+    kept and S3 flushed. A KeyboardInterrupt, so a Python caller ends as Ctrl-C always ends it;
+    `result` is what fit returned."""
 
-    def __init__(self) -> None:
-        self.received = threading.Event()
-        self._previous: Any = None
+    def __init__(self, result: FitResult):
+        super().__init__("stopped by Ctrl-C")
+        self.result = result
 
-    def _handle(self, signum, frame) -> None:
-        self.received.set()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next one ends the process at once
 
-    def __enter__(self) -> "StopOnSigterm":
+class StopOnSignals:
+    """While active, SIGTERM and the first Ctrl-C (SIGINT) ask fit to stop at the next step
+    instead of ending the process where it stands. Then a second SIGTERM kills the process as
+    usual and a second Ctrl-C raises KeyboardInterrupt at once.
+
+    The handler only records the signal (a flag, polled after every step, cannot be lost the way
+    a KeyboardInterrupt raised inside a __del__ or a broad except is); a helper thread says what
+    happens (printing inside a handler can hit "reentrant call" on a half-written stdout).
+    Only this process reacts: DataLoader workers forked from it inherit the handler and ignore
+    both signals, although a terminal sends Ctrl-C to the whole process group and systemd
+    SIGTERMs the whole cgroup (a worker that died of it would break the clean stop with
+    "DataLoader worker exited unexpectedly"). Only the main thread can install handlers: in any
+    other thread (a tuning worker) this does nothing.
+    """
+
+    def __init__(self, say: Callable[[str], None] = lambda msg: None) -> None:
+        self.signum: int | None = None  # the first signal received
+        self._say = say
+        self._pid = os.getpid()
+        self._seen = threading.Event()
+        self._previous: dict[int, Any] = {}
+        self._announcer: threading.Thread | None = None
+
+    def received(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def ctrl_c(self) -> bool:
+        return self.signum == signal.SIGINT
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: this process decides
+        if self.signum is None:
+            self.signum = signum
+            self._seen.set()
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # die of it, as an unhandled SIGTERM does
+
+    def _announce(self) -> None:
+        self._seen.wait()
+        if self.signum is not None:
+            what = "Ctrl-C" if self.ctrl_c else "SIGTERM"
+            again = "Ctrl-C again to quit at once" if self.ctrl_c else "a second SIGTERM kills it"
+            self._say(f"[bold yellow]{what}[/bold yellow]: stopping at the next step; the last completed "
+                      f"epoch's checkpoint stays ({again})")
+
+    def __enter__(self) -> "StopOnSignals":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+            self._announcer = threading.Thread(target=self._announce, name="ec2train-stop-signal", daemon=True)
+            self._announcer.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._seen.set()  # ends the announcer; it prints first if a signal came
+        if self._announcer is not None:
+            self._announcer.join(timeout=5)
 
 
 def fetch_remote_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> TrainConfig:
@@ -111,54 +167,78 @@ def fit_run(
     spot_poll_seconds: float = 5.0,
     should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
-    """loop.fit with remote resume, the S3 mirror, and the spot/SIGTERM stop (see module doc).
+    """loop.fit with remote resume, the S3 mirror, and the spot/SIGTERM/Ctrl-C stop (see module doc).
 
     interrupted=True in the result: a notice, SIGTERM or should_stop stopped it; the last
     completed epoch's checkpoint is on disk (and in S3, uploaded before this returns).
+    Ctrl-C stops the same way, then raises StoppedByCtrlC (a KeyboardInterrupt); a second
+    Ctrl-C raises KeyboardInterrupt at once.
     """
     say = console.print if (console is not None and ddp.env_from().is_main) else (lambda msg: None)
     sync = _open_sync(cfg, say)
     watcher = SpotWatcher(spot_watch, spot_poll_seconds, log_line=say)
-    try:
-        cfg = fetch_remote_checkpoint(cfg, say)
-        watcher.start()
-        with StopOnSigterm() as sigterm:
-            stops = [watcher.should_stop, sigterm.received.is_set, *([should_stop] if should_stop else [])]
+    with StopOnSignals(say) as signals:
+        try:
+            cfg = fetch_remote_checkpoint(cfg, say)
+            watcher.start()
+            stops = [watcher.should_stop, signals.received, *([should_stop] if should_stop else [])]
             result = fit(cfg, console=console, should_stop=lambda: any(f() for f in stops),
                          on_epoch=sync.on_epoch if sync else None)
-    except BaseException as exc:
-        if sync is not None:
-            if isinstance(exc, Exception) and not isinstance(exc, s3.S3Error):
-                sync.abort()  # a crash: still save what the last epoch left
-            else:
-                sync.uploader.close(discard=True)  # S3 itself failed, or Ctrl-C: do not wait on uploads
-        raise
-    finally:
-        watcher.stop()
-    if sync is not None and result.already_finished:
-        sync.uploader.close(discard=True)  # nothing changed: nothing to upload
-    elif sync is not None:
-        seconds = sync.finish(result.logdir)
-        say(f"{result.output} and the TensorBoard logs are in {sync.prefix} ({sync.uploader.uploads} uploads; {seconds:.1f} s at exit)")
+        except BaseException as exc:
+            if sync is not None:
+                if isinstance(exc, Exception) and not isinstance(exc, s3.S3Error):
+                    sync.abort()  # a crash: still save what the last epoch left
+                else:
+                    sync.uploader.close(discard=True)  # S3 itself failed, or Ctrl-C twice: do not wait on uploads
+            raise
+        finally:
+            watcher.stop()
+        _finish_sync(sync, result, say, signals.ctrl_c)
     if result.interrupted:
-        say(_stopped_line(cfg, result, watcher, sigterm.received.is_set(), sync))
+        say(_stopped_line(cfg, result, watcher, signals.signum, sync))
+    if signals.ctrl_c:
+        if not result.interrupted:
+            say(f"Ctrl-C came after the last training step: the run had finished; its model is {result.model_path}")
+        raise StoppedByCtrlC(result)
     return result
 
 
-def _stopped_line(cfg: TrainConfig, result: FitResult, watcher: SpotWatcher, sigterm: bool, sync) -> str:
+def _finish_sync(sync: s3.RunSync | None, result: FitResult, say: Callable[[str], None], ctrl_c: bool) -> None:
+    """The final S3 upload (a second Ctrl-C skips it)."""
+    if sync is None:
+        return
+    if result.already_finished:
+        sync.uploader.close(discard=True)  # nothing changed: nothing to upload
+        return
+    if ctrl_c:
+        say(f"uploading the run's last files to {sync.prefix} (Ctrl-C again to skip)")
+    seconds = sync.finish(result.logdir)
+    say(f"{result.output} and the TensorBoard logs are in {sync.prefix} ({sync.uploader.uploads} uploads; {seconds:.1f} s at exit)")
+
+
+def _stopped_line(cfg: TrainConfig, result: FitResult, watcher: SpotWatcher, signum: int | None, sync) -> str:
     done = len(result.history)
     where = sync.prefix.child(CHECKPOINT_FILE) if sync else Path(cfg.output) / CHECKPOINT_FILE
     notice = watcher.notice
     took = f" in {time.monotonic() - notice.seen_at:.1f} s" if notice else ""
     if notice:
         what = f"a spot interruption notice ({notice.action} at {notice.time})"
-    elif sigterm:
-        what = "SIGTERM"
+    elif signum is not None:
+        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
     else:
         what = "a stop request (a spot notice or SIGTERM seen by another process, or the caller's should_stop)"
     kept = f"the checkpoint of epoch {done} is in {where}" if done else "no epoch had finished, so there is no checkpoint yet"
+    line = f"[bold yellow]stopped by {what}[/bold yellow]{took}: {done} of {cfg.epochs} epochs done, {kept}."
+    if signum == signal.SIGINT:
+        return line  # the CLI's hint follows, with its exit code
     return (
-        f"[bold yellow]stopped by {what}[/bold yellow]{took}: {done} of {cfg.epochs} epochs done, {kept}. "
-        f"Exit code {EXIT_INTERRUPTED}. Continue on any instance with the same command plus --resume auto"
+        f"{line} Exit code {EXIT_INTERRUPTED}. Continue on any instance with the same command plus --resume auto"
         + (f" (settings: {sync.prefix.child(CONFIG_FILE)})" if sync else "")
     )
+
+
+def interrupted_hint(output: str | Path) -> str:
+    """What `ec2train fit` prints when Ctrl-C ended it (exit 130)."""
+    if (Path(output) / CHECKPOINT_FILE).is_file():
+        return "interrupted; the last completed epoch's checkpoint is intact (resume with --resume auto)"
+    return "interrupted before the first epoch finished: there is no checkpoint yet (run the same command to start again)"

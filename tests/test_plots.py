@@ -11,8 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ec2train.plots import Confusion, confusion_figure, most_confused, per_class_accuracy, write_confusion_png
+from ec2train.plots import (
+    Confusion,
+    confusion_figure,
+    most_confused,
+    per_class_accuracy,
+    write_confusion_png,
+)
 from tests.support.cli import cli_in_process
+from tests.support.training import untrained_model_file
 
 SHAPES = ["Circle", "Square", "Triangle", "Cross"]
 # rows: true class, columns: predicted
@@ -124,17 +131,7 @@ def test_log_confusion_writes_image_and_tables(tmp_path: Path):
 @pytest.fixture
 def untrained_model(demo_data: Path, tmp_path: Path) -> Path:
     """A real model file with untrained weights: evaluating it is quick and sure to confuse classes."""
-    from ec2train.export import model_payload, save_model_file
-    from ec2train.model import build_model
-
-    torch.manual_seed(0)
-    folders = sorted(p.name for p in (demo_data / "test").iterdir())
-    payload = model_payload(
-        build_model("shufflenet_v2_x0_5", len(folders)).state_dict(), arch="shufflenet_v2_x0_5",
-        class_names=[f.split(".", 1)[1] for f in folders], class_folders=folders, image_size=32,
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-    )
-    return save_model_file(tmp_path / "model" / "model.pth", payload)
+    return untrained_model_file(demo_data, tmp_path / "model" / "model.pth")
 
 
 def test_evaluate_prints_and_saves_most_confused(untrained_model: Path, demo_data: Path, tmp_path: Path, capsys):

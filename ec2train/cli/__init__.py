@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; the last completed epoch's checkpoint is intact (resume with --resume auto)")
+        # Inside a command typer turns Ctrl-C into exit 130 itself (fit says where its run
+        # stands first); this is Ctrl-C outside one, such as while an error is printed.
         sys.exit(130)
 
 

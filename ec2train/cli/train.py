@@ -77,13 +77,11 @@ def fit(
 ):
     """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
 
-    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice or SIGTERM: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C.
+    Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice or SIGTERM: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C: the first stops at the next step the same way (checkpoint kept, S3 flushed), a second one quits at once.
     """
     if nproc_per_node is not None:
         raise typer.Exit(_launch_torchrun(nproc_per_node, ctx.obj.argv if ctx.obj else tuple(sys.argv[1:])))
-    from ec2train import ddp
     from ec2train.config import resolve
-    from ec2train.run import fit_run, interrupted_exit_status
 
     cfg = resolve(
         config,
@@ -94,13 +92,41 @@ def fit(
         channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
         s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features, threads=threads,
     )
-    result = fit_run(cfg, console=console, spot_watch=value(spot_watch), spot_poll_seconds=spot_poll_seconds)
+    try:
+        from ec2train.run import fit_run  # torch: seconds, and Ctrl-C may come meanwhile
+
+        result = fit_run(cfg, console=console, spot_watch=value(spot_watch), spot_poll_seconds=spot_poll_seconds)
+    except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
+        raise typer.Exit(_ctrl_c_exit(cfg.output, exc)) from None
+    from ec2train import ddp
+    from ec2train.run import interrupted_exit_status
+
     if result.interrupted:
         raise typer.Exit(interrupted_exit_status())
     if result.already_finished:
         return
     if ddp.env_from().is_main:
         print_fit_summary(result)
+
+
+def _ctrl_c_exit(output: str, exc: KeyboardInterrupt) -> int:
+    """Say where the run stands after Ctrl-C (rank 0); the exit status (130, see interrupted_exit_status).
+
+    After a second Ctrl-C (anything but the clean StoppedByCtrlC) the process ends here: an S3
+    upload still running in boto3's transfer threads would otherwise hold the interpreter's
+    exit until it finished, and the user asked to quit now. Files are safe: every write is atomic.
+    """
+    from ec2train import ddp
+    from ec2train.run import EXIT_CTRL_C, StoppedByCtrlC, interrupted_exit_status, interrupted_hint
+
+    status = interrupted_exit_status(EXIT_CTRL_C)
+    if ddp.env_from().is_main:
+        err_console.print(interrupted_hint(output), highlight=False)
+    if not isinstance(exc, StoppedByCtrlC):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
@@ -181,37 +207,93 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: List[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...)."),
+    images: List[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...) and folders: every image under a folder, recursively."),
     model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     top_k: int = typer.Option(5, min=1, help="How many classes to show per image."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table: an object for one image file, else a list; an unreadable file has \"error\" instead of \"predictions\"."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file, one row per image: image, label, probability (top-1), top_k (JSON list of {label, index, probability}), error."),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
+    device: Device = typer.Option("auto", help="auto picks the GPU when there is one."),
     threads: int = typer.Option(0, min=0, help=THREADS_HELP),
 ):
-    """Class names with probabilities for each image."""
-    from ec2train.infer import Predictor
-    from ec2train.preprocess import ImageDecodeError
+    """Class names with probabilities for each image (folders: every image under them).
 
-    for p in images:
-        if not p.is_file():
-            raise typer.BadParameter(f"no such image file: {p}", param_hint="IMAGES")
-    apply_threads(threads, 0, quiet=True)  # stdout is the answer; the plan is noise here
-    predictor = Predictor(model)
-    results = []
-    for p in images:
-        try:
-            results.append({"image": str(p), "predictions": predictor.predict([p], top_k)[0]})
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"{p}: {exc}") from None
+    Exit status: 0 every image answered; 1 some file could not be read (it is reported with its error, the others are answered); 2 bad input or settings.
+    """
+    from ec2train.infer import Predictor, default_device, image_files
+
+    files = image_files(images)
+    predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
+    apply_threads(threads, 0, quiet=True)  # after loading (a bad model file stays a one-line error); stdout is the answer
+    answers = _predict_with_progress(predictor, files, top_k, batch_size)
+    if csv_path is not None:
+        _write_predictions_csv(csv_path, answers)
     if as_json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
-        return
-    for r in results:
-        table = Table(title=r["image"])
+        docs = [a.as_dict() for a in answers]
+        one = len(images) == 1 and images[0].is_file()
+        print(json.dumps(docs[0] if one else docs, indent=2))
+    else:
+        _print_predictions(answers)
+    failed = [a for a in answers if a.error]
+    if failed:
+        err_console.print(f"[bold red]{len(failed)} of {len(answers)} images could not be read[/bold red] "
+                          f"(first: {escape(failed[0].path)}: {escape(failed[0].error)})", highlight=False)
+        raise typer.Exit(1)
+
+
+def _predict_with_progress(predictor, files: list, top_k: int, batch_size: int) -> list:
+    """predict_paths with a progress bar on stderr (stdout stays clean for --json)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ec2train.infer import predict_paths
+
+    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True, disable=len(files) < 2) as progress:
+        task = progress.add_task("predict", total=len(files))
+        answers = []
+        for answer in predict_paths(predictor, files, top_k, batch_size):
+            answers.append(answer)
+            progress.advance(task)
+    return answers
+
+
+def _write_predictions_csv(path: Path, answers: list) -> None:
+    import csv
+    import io
+
+    from ec2train.export import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "label", "probability", "top_k", "error"])
+    for a in answers:
+        top = a.predictions or []
+        writer.writerow([a.path, top[0]["label"] if top else "", f"{top[0]['probability']:.6f}" if top else "",
+                         json.dumps(top) if top else "", a.error or ""])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _print_predictions(answers: list) -> None:
+    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after."""
+    if len(answers) == 1 and not answers[0].error:
+        table = Table(title=answers[0].path)
         table.add_column("class")
         table.add_column("probability", justify="right")
-        for pred in r["predictions"]:
-            table.add_row(pred["label"], f"{pred['probability']:.4f}")
+        for pred in answers[0].predictions:
+            table.add_row(escape(pred["label"]), f"{pred['probability']:.4f}")
         console.print(table)
+        return
+    table = Table()
+    for name, justify in (("image", "left"), ("class", "left"), ("probability", "right"), ("next", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for a in answers:
+        if a.error:
+            table.add_row(escape(a.path), f"[red]error: {escape(a.error)}[/red]", "", "")
+            continue
+        top, *rest = a.predictions
+        table.add_row(escape(a.path), escape(top["label"]), f"{top['probability']:.4f}",
+                      escape(", ".join(f"{p['label']} {p['probability']:.2f}" for p in rest)))
+    console.print(table)
 
 
 @app.command()

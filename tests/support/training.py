@@ -52,3 +52,19 @@ def reference_run(data: str, root: str) -> dict[str, Any]:
     result = fit(resolve(data=data, output=str(out / "model"), logdir=str(out / "runs"), **FIT))
     assert not result.interrupted and len(result.history) == FIT["epochs"]
     return {"model": weights(result.model_path), "last": weights(result.output / "last.pt"), "model_path": result.model_path}
+
+
+def untrained_model_file(data: Path, dest: Path) -> Path:
+    """A real model file with untrained weights for DATA's classes, at DEST: quick to make, and
+    its answers need not be right to be checked (and surely confuse classes)."""
+    from ec2train.export import model_payload, save_model_file
+    from ec2train.model import build_model
+
+    torch.manual_seed(0)
+    folders = sorted(p.name for p in (data / "test").iterdir())
+    payload = model_payload(
+        build_model("shufflenet_v2_x0_5", len(folders)).state_dict(), arch="shufflenet_v2_x0_5",
+        class_names=[f.split(".", 1)[1] for f in folders], class_folders=folders, image_size=32,
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+    )
+    return save_model_file(dest, payload)
