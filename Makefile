@@ -37,7 +37,10 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest -q
 
+## make lint: ruff (lint + format check) on the code, tests and benchmarks; shellcheck on infra/
 lint: install-dev
+	$(BIN)/ruff check ec2train tests bench
+	$(BIN)/ruff format --check ec2train tests bench
 	$(BIN)/shellcheck infra/*.sh
 
 ## make bench: the benchmarks in bench/ (each prints ratios against a baseline run alongside; ~15 min on 2 cores)
