@@ -24,6 +24,10 @@ _RULES: dict[str, tuple[re.Pattern[str], str]] = {
     "EndpointName": (re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"), "a SageMaker endpoint name"),
     # Lambda's rule for a plain function name (no ARN, no alias).
     "FunctionName": (re.compile(r"^[a-zA-Z0-9_-]{1,64}$"), "a Lambda function name"),
+    # S3's bucket naming rule; a key prefix of plain characters only, no leading, trailing or
+    # doubled '/': a wildcard (* ?) or a quote could widen the policy or break it.
+    "Bucket": (re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"), "an S3 bucket name"),
+    "Prefix": (re.compile(r"^(?!.*//)[A-Za-z0-9._=-]+(/[A-Za-z0-9._=-]+)*$"), "an S3 key prefix of letters, digits, . _ - = and / (no * ?, no empty segment)"),
 }
 
 

@@ -180,7 +180,7 @@ fi
 # --- IAM: a role EC2 may assume, allowed one S3 prefix and nothing else ---------------------
 # Policies are sent inline as one line of JSON, so each printed call stands alone.
 render_policy() {
-  sed -e "s|{{PARTITION}}|$PARTITION|g" -e "s|{{BUCKET}}|$BUCKET|g" -e "s|{{PREFIX}}|$PREFIX|g" \
+  sed -e "s|[$]{Partition}|$PARTITION|g" -e "s|[$]{Bucket}|$BUCKET|g" -e "s|[$]{Prefix}|$PREFIX|g" \
     -e 's/^[[:space:]]*//' "$HERE/policies/$1" | tr -d '\n'
 }
 TAGS="Key=$TAG_KEY,Value=$NAME"

@@ -331,8 +331,8 @@ def assert_never_open_to_world(group: dict):
 
 
 def assert_role_reaches_only(iam, name: str, bucket: str, prefix: str):
-    """The instance profile's role: EC2 may assume it; it may list `prefix` and read, write and
-    delete objects under `prefix/`, in `bucket` only, and nothing else."""
+    """The instance profile's role: EC2 may assume it; it may list and read and write objects
+    under `prefix/` (not a sibling like `prefix-secret/`), in `bucket` only, and nothing else."""
     profile = iam.get_instance_profile(InstanceProfileName=f"ec2train-{name}")["InstanceProfile"]
     [role] = profile["Roles"]
     trust = role["AssumeRolePolicyDocument"]
@@ -347,9 +347,9 @@ def assert_role_reaches_only(iam, name: str, bucket: str, prefix: str):
     listing = statements.pop("ListOnlyUnderThePrefix")
     assert listing["Action"] == "s3:ListBucket"
     assert listing["Resource"] == f"arn:aws:s3:::{bucket}"
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}}
     objects = statements.pop("ReadWriteObjectsUnderThePrefix")
-    assert set(objects["Action"]) == {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    assert set(objects["Action"]) == {"s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"}
     assert objects["Resource"] == f"arn:aws:s3:::{bucket}/{prefix}/*"
     assert statements == {}  # nothing else
     return role
