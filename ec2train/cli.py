@@ -498,6 +498,8 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(deploy_app, name="deploy")
+from ec2train.job.commands import job_app  # noqa: E402 - issue 16; the lead moves it into ec2train/cli/
+app.add_typer(job_app, name="job")
 
 _REGION_HELP = "AWS region. \\[default: from your AWS configuration]"
 _DRY_RUN_HELP = "Print every request (service, operation, parameters, policy documents) and send none."

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import http.client
+import io
 import itertools
 import json
 import os
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+import zipfile
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -426,11 +429,20 @@ def test_single_node_is_locked_down(recorder, account):
     ]
 
     script = user_data(ec2, inst["InstanceId"])
-    assert script.startswith("#!/bin/bash\nINSTALL_SPEC=ec2train\nLOGIN_USER=ubuntu\n")
-    assert "PYTORCH_ENV=/opt/pytorch\n" in script and 'source "${activate[@]}"' in script
+    settings = dict(line.split("=", 1) for line in script.splitlines()[1:7])
+    # Issue 13.2: by default the box installs the wheel of this checkout, by hash, from the
+    # run's own prefix; never a name pip would resolve against the public index.
+    assert settings["INSTALL_SPEC"] == "''" and settings["AUTOSTOP_MINUTES"] == "0"
+    wheel_key = f"dogs/run1/_dist/{settings['WHEEL_SHA256'][:16]}/ec2train-0.1.0-py3-none-any.whl"
+    assert settings["WHEEL_URI"] == f"s3://{BUCKET}/{wheel_key}"
+    body = account["s3"].get_object(Bucket=BUCKET, Key=wheel_key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == settings["WHEEL_SHA256"]
+    assert "ec2train/job/runner.py" in zipfile.ZipFile(io.BytesIO(body)).namelist()
+    assert "PYTORCH_ENV=${PYTORCH_ENV:-/opt/pytorch}" in script and 'source "${activate[@]}"' in script
     # pip installs into the AMI's env with its torch pinned, so it is never replaced
     assert ('python -m pip install --no-input --upgrade-strategy only-if-needed '
-            '-c "$constraints" "$INSTALL_SPEC"') in script
+            '-c "$constraints" "$target"') in script
+    assert inst.get("InstanceInitiatedShutdownBehavior", "stop") == "stop"
     for secret in (ACCESS_KEY, SECRET_KEY, "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"):
         assert secret not in script
 
@@ -470,8 +482,9 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
     assert run_params["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"] == "terminate"
     tagged_types = {v for k, v in run_params.items() if re.fullmatch(r"TagSpecification\.\d+\.ResourceType", k)}
     assert tagged_types == {"instance", "volume", "spot-instances-request"}
-    assert user_data(ec2, nodes[0]["InstanceId"]).startswith(
-        "#!/bin/bash\nINSTALL_SPEC=git+https://github.com/example/ec2train@main\n")
+    assert "\nINSTALL_SPEC=git+https://github.com/example/ec2train@main\n" in user_data(ec2, nodes[0]["InstanceId"])
+    assert "\nWHEEL_URI=''\n" in user_data(ec2, nodes[0]["InstanceId"])  # an explicit spec: no wheel
+    assert run_params["InstanceInitiatedShutdownBehavior"] == "terminate"  # autostop's power-off ends a spot box
     group = stack_group(ec2, "duo")
     rules = sorted(group["IpPermissions"], key=lambda r: r["IpProtocol"])
     assert [(r["IpProtocol"], r.get("FromPort")) for r in rules] == [("-1", None), ("tcp", 22)]

@@ -1,0 +1,1 @@
+"""Unattended training jobs on EC2 (see docs/jobs.md)."""
