@@ -34,6 +34,7 @@ job_setup_failed() {
   aws s3 cp --only-show-errors "$SETUP_LOG" "$JOB_URI/_job/logs/setup-failed-$(imds instance-id).log"
   aws autoscaling set-desired-capacity --auto-scaling-group-name "$JOB_GROUP" --desired-capacity 0
   poweroff
+  exit 1  # poweroff returns at once; nothing after the failure may run
 }
 if [[ -n $JOB_URI ]]; then trap job_setup_failed ERR; fi
 
@@ -118,9 +119,10 @@ echo "ec2train setup: done $(date -Is)"
 # (the runner counts failed attempts and ends the job after its limit).
 if [[ -n $JOB_URI ]]; then
   trap - ERR
-  mkdir -p /opt/ec2train-job
+  workdir=${JOB_WORKDIR:-/opt/ec2train-job}  # overridable for tests only
+  mkdir -p "$workdir"
   status=0
-  python -m ec2train.job.runner --job-uri "$JOB_URI" --workdir /opt/ec2train-job || status=$?
+  python -m ec2train.job.runner --job-uri "$JOB_URI" --workdir "$workdir" || status=$?
   echo "ec2train job runner: exit $status $(date -Is)"
   case $status in
     0 | 75) ;;
