@@ -392,7 +392,7 @@ def nothing_left(clients: dict, recorder: AwsRecorder, name: str):
 def test_single_node_is_locked_down(recorder, account):
     ec2, iam = account["ec2"], account["iam"]
     result = launch(recorder, "--name", "solo", "--key-name", "ec2train-test", "--disk-gb", "123",
-                    "--region", REGION)
+                    "--region", REGION, "--autostop", "30")
 
     [inst] = stack_instances(ec2, "solo")
     assert inst["ImageId"] == DLAMI_ID  # resolved through the DLAMI's SSM parameter
@@ -432,17 +432,19 @@ def test_single_node_is_locked_down(recorder, account):
     settings = dict(line.split("=", 1) for line in script.splitlines()[1:7])
     # Issue 13.2: by default the box installs the wheel of this checkout, by hash, from the
     # run's own prefix; never a name pip would resolve against the public index.
-    assert settings["INSTALL_SPEC"] == "''" and settings["AUTOSTOP_MINUTES"] == "0"
+    assert settings["INSTALL_SPEC"] == "''" and settings["AUTOSTOP_MINUTES"] == "30"
     wheel_key = f"dogs/run1/_dist/{settings['WHEEL_SHA256'][:16]}/ec2train-0.1.0-py3-none-any.whl"
     assert settings["WHEEL_URI"] == f"s3://{BUCKET}/{wheel_key}"
     body = account["s3"].get_object(Bucket=BUCKET, Key=wheel_key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == settings["WHEEL_SHA256"]
-    assert "ec2train/job/runner.py" in zipfile.ZipFile(io.BytesIO(body)).namelist()
+    assert {"ec2train/job/runner.py", "ec2train/job/user_data.sh"} <= set(zipfile.ZipFile(io.BytesIO(body)).namelist())
     assert "PYTORCH_ENV=${PYTORCH_ENV:-/opt/pytorch}" in script and 'source "${activate[@]}"' in script
     # pip installs into the AMI's env with its torch pinned, so it is never replaced
     assert ('python -m pip install --no-input --upgrade-strategy only-if-needed '
             '-c "$constraints" "$target"') in script
-    assert inst.get("InstanceInitiatedShutdownBehavior", "stop") == "stop"
+    # Autostop powers the box off; on demand, that stops it (spot: terminates, see the spot test).
+    assert recorder.params("RunInstances")["InstanceInitiatedShutdownBehavior"] == "stop"
+    assert "Autostop: after 30 idle minutes (no training process, no SSH session) the box powers off:" in result.stdout
     for secret in (ACCESS_KEY, SECRET_KEY, "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"):
         assert secret not in script
 
@@ -615,6 +617,10 @@ def test_dry_run_prints_every_call_and_makes_none(recorder, account, checkip):
                 "MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}",
                 "GroupName=ec2train-dry"):
         assert arg in run_instances
+    assert "WHEEL_URI=s3://" in run_instances[run_instances.index("--user-data") + 1]
+    # The wheel is built and uploaded by Python, not the AWS CLI: the dry run says so, and does neither.
+    [wheel_line] = [line for line in result.stdout.splitlines() if "ec2train.job.dist" in line]
+    assert wheel_line.startswith("# then: ") and f"--s3-uri s3://{BUCKET}/dogs " in wheel_line
     policy = json.loads(by_op["iam put-role-policy"][-1])
     assert policy["Statement"][1]["Resource"] == f"arn:aws:s3:::{BUCKET}/dogs/*"
     assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in by_op["iam attach-role-policy"]
@@ -654,6 +660,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str):
         (["--disk-gb"], "--disk-gb needs a value"),
         (["--my-ip", "300.1.2.3"], "invalid --my-ip"),
         (["--name", "has space"], "invalid --name"),
+        (["--autostop", "soon"], "invalid --autostop 'soon'"),
         (["--frobnicate"], "unknown option '--frobnicate'"),
     ],
 )

@@ -215,8 +215,8 @@ def _find(runner: Runner, name: str, prefix: s3.S3Uri | None) -> Found:
     groups = runner.call("autoscaling", "describe_auto_scaling_groups", AutoScalingGroupNames=[rname])["AutoScalingGroups"]
     if groups:
         found.group, found.instances = True, [i["InstanceId"] for i in groups[0].get("Instances", [])]
-    found.template = bool(runner.read("ec2", "describe_launch_templates", Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [name]}])
-                          ["LaunchTemplates"])
+    templates = runner.call("ec2", "describe_launch_templates", Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [name]}])
+    found.template = any(t["LaunchTemplateName"] == rname for t in templates["LaunchTemplates"])
     found.security_groups = [g["GroupId"] for g in runner.call(
         "ec2", "describe_security_groups", Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [name]}])["SecurityGroups"]]
     profile = runner.read("iam", "get_instance_profile", InstanceProfileName=rname)
