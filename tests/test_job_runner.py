@@ -168,7 +168,7 @@ def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tm
     assert st["cost"]["usd"] is not None and st["cost"]["hours"] > 0 and st["prices_as_of"]
 
 
-def test_a_failing_fit_ends_failed_with_its_exit_code_and_log_tail(job, tmp_path):
+def test_a_failing_fit_ends_failed_with_its_exit_code_and_log_tail(job, tmp_path, capsys):
     """Run as the user data runs it: `python -m ec2train.job.runner`, a subprocess."""
     job(fit_args=["fit", "--arch", "no-such-arch", "--weights", "none"], max_failures=1)
     imds = job.instance("i-00000000000000f1", lifecycle="on-demand")
@@ -181,6 +181,19 @@ def test_a_failing_fit_ends_failed_with_its_exit_code_and_log_tail(job, tmp_path
     assert "fit exited 2" in st["reason"]
     assert any("no-such-arch" in line for line in st["log_tail"]), st["log_tail"]
     assert desired() == 0
+
+    # What the user sees: `job status` (state, exit code, cost estimate with its date, log tail), `job logs`.
+    from tests.helpers import cli_in_process
+
+    code, out, err = cli_in_process(capsys, "job", "status", "demo", "--region", REGION)
+    assert code == 0, err
+    words = out.split()  # rich may wrap the table's long cells: check words, not phrases
+    for word in ("failed", "i-00000000000000f1", "on-demand", "estimate", "2025-06", "no-such-arch"):
+        assert word in words or any(word in w for w in words), word
+    lines = []
+    api.logs("demo", region=REGION, write=lines.append)
+    assert lines[0] == "==> attempt-001-i-00000000000000f1.log <=="
+    assert "running: -m ec2train fit --arch no-such-arch" in lines[1] and "fit ended: exit 2" in lines[1]
 
 
 def test_after_max_failures_no_relaunch(job, tmp_path):
