@@ -12,7 +12,6 @@ import platform
 import secrets
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ import torchvision
 import ec2train
 from ec2train.errors import UserError
 from ec2train.model import MODEL_FILE, MODEL_FORMAT, clean_state_dict, read_model_file
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write through a temp file in the same folder, fsync, then os.replace: all or nothing.

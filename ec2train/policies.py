@@ -31,6 +31,10 @@ _RULES: dict[str, tuple[re.Pattern[str], str]] = {
     "AccountId": (ACCOUNT_ID_RE, "a 12-digit AWS account id"),
     "EndpointName": (ENDPOINT_NAME_RE, "a SageMaker endpoint name"),
     "FunctionName": (FUNCTION_NAME_RE, "a Lambda function name"),
+    # S3's bucket naming rule; a key prefix of plain characters only, no leading, trailing or
+    # doubled '/': a wildcard (* ?) or a quote could widen the policy or break it.
+    "Bucket": (re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"), "an S3 bucket name"),
+    "Prefix": (re.compile(r"^(?!.*//)[A-Za-z0-9._=-]+(/[A-Za-z0-9._=-]+)*$"), "an S3 key prefix of letters, digits, . _ - = and / (no * ?, no empty segment)"),
 }
 
 

@@ -27,13 +27,8 @@ from ec2train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, resume_mode
 from ec2train.config import TrainConfig
 from ec2train.errors import UserError
 from ec2train.loop import FitResult, fit
-from ec2train.spot import SpotWatcher
+from ec2train.spot import EXIT_INTERRUPTED, SpotWatcher
 
-# Exit status of `ec2train fit` stopped by a spot notice or SIGTERM: EX_TEMPFAIL from
-# sysexits.h, "try again later", which is exactly what --resume auto does. Not 143 (killed by
-# SIGTERM): the run did not die, it stopped at a step boundary and kept its checkpoint, and a
-# supervisor can tell this from a kill (systemd: RestartForceExitStatus=75).
-EXIT_INTERRUPTED = 75
 EXIT_CTRL_C = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 

@@ -323,7 +323,7 @@ def download_file(
     return local
 
 
-def _list(s3: Any, uri: S3Uri, action_uri: S3Uri | None = None) -> Iterable[dict[str, Any]]:
+def list_objects(s3: Any, uri: S3Uri, action_uri: S3Uri | None = None) -> Iterable[dict[str, Any]]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -349,7 +349,7 @@ def download_prefix(
         uri = S3Uri(uri.bucket, uri.key + "/")
     dest = Path(dest)
     s3 = _s3(client)
-    objects = [o for o in _list(s3, uri) if not o["Key"].endswith("/")]
+    objects = [o for o in list_objects(s3, uri) if not o["Key"].endswith("/")]
     if not objects:
         raise S3Error(f"nothing under {uri}; check the prefix (aws s3 ls {uri})")
     root = dest.resolve()
@@ -381,7 +381,7 @@ def find_checkpoint(s3_uri: str | S3Uri, *, client: Any | None = None) -> str | 
     """s3://.../last.pt under the run prefix, or None when there is none yet."""
     prefix = s3_uri if isinstance(s3_uri, S3Uri) else parse_uri(s3_uri)
     target = prefix.child(CHECKPOINT_FILE)
-    for o in _list(_s3(client), target, prefix):
+    for o in list_objects(_s3(client), target, prefix):
         if o["Key"] == target.key:
             return str(target)
     return None
@@ -395,7 +395,7 @@ def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any |
     dest = Path(dest)
     local = download_file(uri, dest / CHECKPOINT_FILE, client=s3)
     model = uri.parent().child(MODEL_FILE)
-    if any(o["Key"] == model.key for o in _list(s3, model)):
+    if any(o["Key"] == model.key for o in list_objects(s3, model)):
         download_file(model, dest / MODEL_FILE, client=s3)
     return local
 

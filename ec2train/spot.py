@@ -19,6 +19,12 @@ from ec2train.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# Exit status of `ec2train fit` stopped (run.py) by a spot notice or SIGTERM: EX_TEMPFAIL from
+# sysexits.h, "try again later", which is exactly what --resume auto does. Not 143 (killed by
+# SIGTERM): the run did not die, it stopped at a step boundary and kept its checkpoint, and a
+# supervisor can tell this from a kill (systemd: RestartForceExitStatus=75).
+EXIT_INTERRUPTED = 75
+
 ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # the AWS SDKs' name for it
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"

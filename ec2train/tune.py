@@ -35,12 +35,12 @@ import torch
 from rich.console import Console
 
 from ec2train import hw, loop
-from ec2train.hw import available_cpus
 from ec2train.checkpoint import CHECKPOINT_FILE
 from ec2train.config import ConfigError, TrainConfig, coerce_setting, read_toml, resolve, to_toml
 from ec2train.data import default_workers, require_dataset
 from ec2train.errors import UserError
 from ec2train.export import atomic_write_text
+from ec2train.hw import available_cpus
 
 BEST_FILE = "best.toml"
 STORAGE_FILE = "study.db"

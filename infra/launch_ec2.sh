@@ -39,8 +39,12 @@ Options:
   --ami AMI_ID          AMI to launch (default: read from --ami-ssm-param)
   --ami-ssm-param NAME  public SSM parameter holding the AMI id (default:
                         ${DEFAULT_AMI_SSM_PARAM})
-  --install-spec SPEC   what pip installs into the AMI's PyTorch env (default: ec2train;
-                        e.g. 'git+https://github.com/ORG/ec2train@main'); torch is kept
+  --install-spec SPEC   what pip installs into the AMI's PyTorch env instead of the default:
+                        a wheel of this checkout, built here, uploaded to S3-URI/_dist/ and
+                        installed only if its SHA-256 matches (e.g. 'ec2train==0.1.0' or
+                        'git+https://github.com/ORG/ec2train@main'); torch is kept
+  --autostop MINUTES    power the box off after MINUTES idle (no training process, no SSH
+                        session): on-demand boxes stop, spot boxes terminate (default: off)
   --ssh-user USER       the AMI's login user (default: ubuntu)
   --data DIR            dataset folder used in the printed commands (default: dogImages)
   --dry-run             print every AWS CLI call, one per line, and make none
@@ -49,8 +53,12 @@ EOF
 }
 
 NAME=default TYPE=g4dn.xlarge COUNT=1 SPOT=0 DISK_GB=100 KEY_NAME="" SSM=0 MY_IP=""
-REGION="" SUBNET_ID="" AMI="" AMI_SSM_PARAM=$DEFAULT_AMI_SSM_PARAM INSTALL_SPEC=ec2train
-SSH_USER=ubuntu DATA_DIR=dogImages S3_URI=""
+REGION="" SUBNET_ID="" AMI="" AMI_SSM_PARAM=$DEFAULT_AMI_SSM_PARAM INSTALL_SPEC=""
+SSH_USER=ubuntu DATA_DIR=dogImages S3_URI="" AUTOSTOP=0
+ROOT=$(cd "$HERE/.." && pwd)   # the checkout whose wheel the box installs
+# The Python that builds and uploads that wheel: the checkout's venv (make install) if there is one.
+PYTHON=${EC2TRAIN_PYTHON:-$ROOT/.venv/bin/python}
+[[ -x $PYTHON ]] || PYTHON=python3
 
 need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"; }
 while (($#)); do
@@ -61,7 +69,7 @@ while (($#)); do
     --ssm) SSM=1; shift; continue ;;
     --dry-run) DRY_RUN=1; shift; continue ;;
     --s3-uri | --name | --type | --count | --disk-gb | --key-name | --my-ip | --region | --subnet-id | \
-      --ami | --ami-ssm-param | --install-spec | --ssh-user | --data) need_value "$@" ;;
+      --ami | --ami-ssm-param | --install-spec | --ssh-user | --data | --autostop) need_value "$@" ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
   case $1 in
@@ -79,6 +87,7 @@ while (($#)); do
     --install-spec) INSTALL_SPEC=$2 ;;
     --ssh-user) SSH_USER=$2 ;;
     --data) DATA_DIR=$2 ;;
+    --autostop) AUTOSTOP=$2 ;;
   esac
   shift 2
 done
@@ -113,6 +122,8 @@ MY_IP=${MY_IP%/32}
 [[ -z $SUBNET_ID || $SUBNET_ID =~ ^subnet-[0-9a-f]+$ ]] || die "invalid --subnet-id '$SUBNET_ID'"
 [[ -z $AMI || $AMI =~ ^ami-[0-9a-f]+$ ]] || die "invalid --ami '$AMI'"
 [[ $SSH_USER =~ ^[a-z_][a-z0-9_-]*$ ]] || die "invalid --ssh-user '$SSH_USER'"
+int_between "$AUTOSTOP" 0 100000 || die "invalid --autostop '$AUTOSTOP': whole minutes, e.g. 30 (0: off)"
+AUTOSTOP=$((10#$AUTOSTOP))
 
 [[ -n $REGION ]] && AWS+=(--region "$REGION")
 REGION_ARG=${REGION:+ --region $REGION}
@@ -177,10 +188,26 @@ if [[ -n $SUBNET_ID ]]; then
   VPC_ARGS=(--vpc-id "$VPC_ID")
 fi
 
+# --- What the box installs: this checkout's wheel, by hash (never an index name by default) ---
+WHEEL_URI="" WHEEL_SHA256=""
+if [[ -z $INSTALL_SPEC ]]; then
+  DIST=("$PYTHON" -m ec2train.job.dist --s3-uri "$S3_URI")
+  if ((DRY_RUN)); then
+    echo "# then: $(quote_cmd "${DIST[@]}")  (builds a wheel of $ROOT, uploads it to $S3_URI/_dist/<sha256>/)"
+    WHEEL_URI="$S3_URI/_dist/<sha256>/<wheel>" WHEEL_SHA256="<sha256>"
+  else
+    say "building a wheel of $ROOT and uploading it to $S3_URI/_dist/ ..."
+    make_temp DIST_ERR
+    WHEEL_INFO=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" AWS_DEFAULT_REGION="${REGION:-${AWS_DEFAULT_REGION:-}}" \
+      "${DIST[@]}" 2>"$DIST_ERR") || die "could not publish the wheel: $(tail -n 1 "$DIST_ERR" | sed 's/^error: //')"
+    read -r WHEEL_URI WHEEL_SHA256 <<<"$WHEEL_INFO"
+  fi
+fi
+
 # --- IAM: a role EC2 may assume, allowed one S3 prefix and nothing else ---------------------
 # Policies are sent inline as one line of JSON, so each printed call stands alone.
 render_policy() {
-  sed -e "s|{{PARTITION}}|$PARTITION|g" -e "s|{{BUCKET}}|$BUCKET|g" -e "s|{{PREFIX}}|$PREFIX|g" \
+  sed -e "s|[$]{Partition}|$PARTITION|g" -e "s|[$]{Bucket}|$BUCKET|g" -e "s|[$]{Prefix}|$PREFIX|g" \
     -e 's/^[[:space:]]*//' "$HERE/policies/$1" | tr -d '\n'
 }
 TAGS="Key=$TAG_KEY,Value=$NAME"
@@ -225,21 +252,26 @@ RUN=(ec2 run-instances --image-id "$AMI" --instance-type "$TYPE" --count "$COUNT
 if [[ -n $SUBNET_ID ]]; then RUN+=(--subnet-id "$SUBNET_ID"); fi
 if [[ -n $KEY_NAME ]]; then RUN+=(--key-name "$KEY_NAME"); fi
 if ((COUNT > 1)); then RUN+=(--placement "GroupName=$STACK"); fi
+# A power-off from inside (autostop) stops an on-demand box; a one-time spot box cannot be
+# stopped, so it terminates.
 if ((SPOT)); then
-  RUN+=(--instance-market-options
+  RUN+=(--instance-initiated-shutdown-behavior terminate --instance-market-options
     'MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}')
   TAG_SPECS+=("ResourceType=spot-instances-request,$EC2_TAGS")
+else
+  RUN+=(--instance-initiated-shutdown-behavior stop)
 fi
 RUN+=(--tag-specifications "${TAG_SPECS[@]}")
 
 if ((DRY_RUN)); then
-  RUN+=(--user-data "file://<user-data: infra/user-data.sh with INSTALL_SPEC=$INSTALL_SPEC>")
+  RUN+=(--user-data "file://<user-data: infra/user-data.sh with ${INSTALL_SPEC:+INSTALL_SPEC=$INSTALL_SPEC}${WHEEL_URI:+WHEEL_URI=$WHEEL_URI WHEEL_SHA256=$WHEEL_SHA256} AUTOSTOP_MINUTES=$AUTOSTOP>")
 else
   # User data: the settings, then infra/user-data.sh. No credentials: the role provides them.
   make_temp USER_DATA
   {
     echo '#!/bin/bash'
-    printf 'INSTALL_SPEC=%q\nLOGIN_USER=%q\n' "$INSTALL_SPEC" "$SSH_USER"
+    printf 'WHEEL_URI=%q\nWHEEL_SHA256=%q\nINSTALL_SPEC=%q\nLOGIN_USER=%q\nAUTOSTOP_MINUTES=%q\nREGION=%q\n' \
+      "$WHEEL_URI" "$WHEEL_SHA256" "$INSTALL_SPEC" "$SSH_USER" "$AUTOSTOP" "$REGION"
     tail -n +2 "$HERE/user-data.sh"
   } >"$USER_DATA"
   RUN+=(--user-data "file://$USER_DATA")
@@ -328,6 +360,11 @@ if ((SPOT)); then
   echo
   echo "Spot: an interruption terminates the node. Checkpoints are in $S3_URI; relaunch and run"
   echo "the same command: --resume auto continues from the newest one."
+fi
+if ((AUTOSTOP)); then
+  echo
+  echo "Autostop: after $AUTOSTOP idle minutes (no training process, no SSH session) the box powers off:"
+  if ((SPOT)); then echo "  a spot box terminates."; else echo "  an on-demand box stops (its disk is kept and still bills; start it again in the console)."; fi
 fi
 echo
 echo "Tear down when done (instances bill by the second until then):"

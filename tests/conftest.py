@@ -70,3 +70,11 @@ def trained_model(demo_data, tmp_path_factory) -> Path:
     result = fit(resolve(data=str(demo_data), output=str(out / "model"), logdir=str(out / "runs"), **TINY_FIT))
     assert result.metrics["valid_acc1"] >= 0.8, result.metrics
     return result.model_path
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """One wheel of this checkout per session (building takes seconds)."""
+    from ec2train.job import dist
+
+    return dist.build_wheel(dest=tmp_path_factory.mktemp("wheel"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.s3spot_support import FaultyProxy
+from tests.support.aws import FaultyProxy
 
 HINT = "interrupted; the last completed epoch's checkpoint is intact (resume with --resume auto)"
 EPOCHS = 40  # far more than the tests wait for: the run must not end by itself first

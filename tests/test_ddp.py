@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.net import free_port
-from tests.support.paths import ROOT
 from ec2train import ddp
+from ec2train.checkpoint import seek_schedule
 from ec2train.cli import main
 from ec2train.config import TrainConfig, resolve
 from ec2train.data import EvalSampler, TrainSampler, make_demo_dataset, mix_seed
 from ec2train.errors import UserError
-from ec2train.checkpoint import seek_schedule
 from ec2train.loop import effective_lr, evaluate_model_file, fit, lr_lambda
 from ec2train.model import build_model
+from tests.support.net import free_port
+from tests.support.paths import ROOT
 
 PROBE = ROOT / "tests" / "support" / "ddp_probe.py"  # run by path, as torchrun runs a script
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

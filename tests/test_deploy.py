@@ -19,9 +19,9 @@ import zipfile
 import boto3
 import pytest
 
-from tests.support.net import free_port
 from ec2train import deploy
 from ec2train.cli import main
+from tests.support.net import free_port
 
 ROLE = "arn:aws:iam::123456789012:role/sagemaker-exec"
 MODEL_DATA = "s3://dog-models/run-1/model.tar.gz"

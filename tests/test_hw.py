@@ -10,7 +10,6 @@ import torch
 
 from ec2train import hw
 from ec2train.data import default_workers
-
 from tests.support.cli import assert_one_line_error, cli_in_process
 from tests.support.training import TINY_FIT
 

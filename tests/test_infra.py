@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import io
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+import zipfile
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +28,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests.support.aws import DLAMI_ID
 from tests.support.aws_recorder import AwsRecorder
 from tests.support.net import free_port
 from tests.support.paths import ROOT
@@ -37,7 +41,6 @@ DLAMI_PARAM = (
     "/aws/service/deeplearning/ami/x86_64/"
     "oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04/latest/ami-id"
 )
-DLAMI_ID = "ami-dca37ea5"  # in moto's image catalog: "Deep Learning AMI Ubuntu Linux - 2.4_Oct2017"
 BUCKET = "ec2train-test-bucket"
 MY_IP = "203.0.113.7"
 # Distinctive fake credentials, so a test can prove they never reach user data or output.
@@ -141,8 +144,8 @@ def assert_never_open_to_world(group: dict):
 
 
 def assert_role_reaches_only(iam, name: str, bucket: str, prefix: str):
-    """The instance profile's role: EC2 may assume it; it may list `prefix` and read, write and
-    delete objects under `prefix/`, in `bucket` only, and nothing else."""
+    """The instance profile's role: EC2 may assume it; it may list and read and write objects
+    under `prefix/` (not a sibling like `prefix-secret/`), in `bucket` only, and nothing else."""
     profile = iam.get_instance_profile(InstanceProfileName=f"ec2train-{name}")["InstanceProfile"]
     [role] = profile["Roles"]
     trust = role["AssumeRolePolicyDocument"]
@@ -157,9 +160,9 @@ def assert_role_reaches_only(iam, name: str, bucket: str, prefix: str):
     listing = statements.pop("ListOnlyUnderThePrefix")
     assert listing["Action"] == "s3:ListBucket"
     assert listing["Resource"] == f"arn:aws:s3:::{bucket}"
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}}
     objects = statements.pop("ReadWriteObjectsUnderThePrefix")
-    assert set(objects["Action"]) == {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    assert set(objects["Action"]) == {"s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"}
     assert objects["Resource"] == f"arn:aws:s3:::{bucket}/{prefix}/*"
     assert statements == {}  # nothing else
     return role
@@ -199,7 +202,7 @@ def nothing_left(clients: dict, recorder: AwsRecorder, name: str):
 def test_single_node_is_locked_down(recorder, account):
     ec2, iam = account["ec2"], account["iam"]
     result = launch(recorder, "--name", "solo", "--key-name", "ec2train-test", "--disk-gb", "123",
-                    "--region", REGION)
+                    "--region", REGION, "--autostop", "30")
 
     [inst] = stack_instances(ec2, "solo")
     assert inst["ImageId"] == DLAMI_ID  # resolved through the DLAMI's SSM parameter
@@ -236,11 +239,22 @@ def test_single_node_is_locked_down(recorder, account):
     ]
 
     script = user_data(ec2, inst["InstanceId"])
-    assert script.startswith("#!/bin/bash\nINSTALL_SPEC=ec2train\nLOGIN_USER=ubuntu\n")
-    assert "PYTORCH_ENV=/opt/pytorch\n" in script and 'source "${activate[@]}"' in script
+    settings = dict(line.split("=", 1) for line in script.splitlines()[1:7])
+    # Issue 13.2: by default the box installs the wheel of this checkout, by hash, from the
+    # run's own prefix; never a name pip would resolve against the public index.
+    assert settings["INSTALL_SPEC"] == "''" and settings["AUTOSTOP_MINUTES"] == "30"
+    wheel_key = f"dogs/run1/_dist/{settings['WHEEL_SHA256'][:16]}/ec2train-0.1.0-py3-none-any.whl"
+    assert settings["WHEEL_URI"] == f"s3://{BUCKET}/{wheel_key}"
+    body = account["s3"].get_object(Bucket=BUCKET, Key=wheel_key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == settings["WHEEL_SHA256"]
+    assert {"ec2train/job/runner.py", "ec2train/job/user_data.sh"} <= set(zipfile.ZipFile(io.BytesIO(body)).namelist())
+    assert "PYTORCH_ENV=${PYTORCH_ENV:-/opt/pytorch}" in script and 'source "${activate[@]}"' in script
     # pip installs into the AMI's env with its torch pinned, so it is never replaced
     assert ('python -m pip install --no-input --upgrade-strategy only-if-needed '
-            '-c "$constraints" "$INSTALL_SPEC"') in script
+            '-c "$constraints" "$target"') in script
+    # Autostop powers the box off; on demand, that stops it (spot: terminates, see the spot test).
+    assert recorder.params("RunInstances")["InstanceInitiatedShutdownBehavior"] == "stop"
+    assert "Autostop: after 30 idle minutes (no training process, no SSH session) the box powers off:" in result.stdout
     for secret in (ACCESS_KEY, SECRET_KEY, "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"):
         assert secret not in script
 
@@ -280,8 +294,9 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
     assert run_params["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"] == "terminate"
     tagged_types = {v for k, v in run_params.items() if re.fullmatch(r"TagSpecification\.\d+\.ResourceType", k)}
     assert tagged_types == {"instance", "volume", "spot-instances-request"}
-    assert user_data(ec2, nodes[0]["InstanceId"]).startswith(
-        "#!/bin/bash\nINSTALL_SPEC=git+https://github.com/example/ec2train@main\n")
+    assert "\nINSTALL_SPEC=git+https://github.com/example/ec2train@main\n" in user_data(ec2, nodes[0]["InstanceId"])
+    assert "\nWHEEL_URI=''\n" in user_data(ec2, nodes[0]["InstanceId"])  # an explicit spec: no wheel
+    assert run_params["InstanceInitiatedShutdownBehavior"] == "terminate"  # autostop's power-off ends a spot box
     group = stack_group(ec2, "duo")
     rules = sorted(group["IpPermissions"], key=lambda r: r["IpProtocol"])
     assert [(r["IpProtocol"], r.get("FromPort")) for r in rules] == [("-1", None), ("tcp", 22)]
@@ -412,6 +427,10 @@ def test_dry_run_prints_every_call_and_makes_none(recorder, account, checkip):
                 "MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}",
                 "GroupName=ec2train-dry"):
         assert arg in run_instances
+    assert "WHEEL_URI=s3://" in run_instances[run_instances.index("--user-data") + 1]
+    # The wheel is built and uploaded by Python, not the AWS CLI: the dry run says so, and does neither.
+    [wheel_line] = [line for line in result.stdout.splitlines() if "ec2train.job.dist" in line]
+    assert wheel_line.startswith("# then: ") and f"--s3-uri s3://{BUCKET}/dogs " in wheel_line
     policy = json.loads(by_op["iam put-role-policy"][-1])
     assert policy["Statement"][1]["Resource"] == f"arn:aws:s3:::{BUCKET}/dogs/*"
     assert "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore" in by_op["iam attach-role-policy"]
@@ -451,6 +470,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str):
         (["--disk-gb"], "--disk-gb needs a value"),
         (["--my-ip", "300.1.2.3"], "invalid --my-ip"),
         (["--name", "has space"], "invalid --name"),
+        (["--autostop", "soon"], "invalid --autostop 'soon'"),
         (["--frobnicate"], "unknown option '--frobnicate'"),
     ],
 )

@@ -18,7 +18,16 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support.lambda_env import (
-    FUNCTION_ENV, JPEG, NOT_IMAGE, PNG, PREDICTIONS, STRIP_PNG, EndpointStandIn, ImageServer, b64, load_lambda,
+    FUNCTION_ENV,
+    JPEG,
+    NOT_IMAGE,
+    PNG,
+    PREDICTIONS,
+    STRIP_PNG,
+    EndpointStandIn,
+    ImageServer,
+    b64,
+    load_lambda,
 )
 
 safe_fetch, handler = load_lambda()

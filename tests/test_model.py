@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from ec2train.config import ConfigError, TrainConfig, load_toml, resolve, to_toml
 from ec2train.model import ModelError, build_model, clean_state_dict, find_head, freeze_backbone

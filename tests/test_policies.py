@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.resources
 import io
 import json
 import os
@@ -12,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import types
 import zipfile
 from pathlib import Path
 
@@ -21,10 +19,12 @@ import pytest
 from ec2train import policies
 from ec2train.config import read_toml
 from ec2train.policies import PolicyTemplateError, render_policy
+from tests.support.iam import lint
 from tests.support.paths import ROOT
 
 VARS = dict(Partition="aws", Region="us-east-1", AccountId="123456789012",
-            EndpointName="Dog-Breeds-Prod", FunctionName="dog-breeds-front")
+            EndpointName="Dog-Breeds-Prod", FunctionName="dog-breeds-front",
+            Bucket="my-bucket", Prefix="runs/dog")
 ENDPOINT_ARN = "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dog-breeds-prod"
 LOG_GROUP_ARN = "arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/dog-breeds-front"
 VARIANTS = [
@@ -35,30 +35,6 @@ VARIANTS = [
 ]
 
 
-def _parliament():
-    """parliament 1.6.4 imports pkg_resources at import time only, for `resource_filename`;
-    setuptools >= 82 removed that module (duo-labs/parliament#247), and pinning an older
-    setuptools would pin a release with a published advisory. Lend it a stand-in for the
-    import, then take the stand-in away so nothing else in the session sees it."""
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        shim = types.ModuleType("pkg_resources")
-        shim.resource_filename = lambda package, name: str(importlib.resources.files(package) / name)
-        sys.modules["pkg_resources"] = shim
-        try:
-            import parliament
-        finally:
-            sys.modules.pop("pkg_resources", None)
-        return parliament
-    import parliament
-    return parliament
-
-
-def lint(document: dict) -> list:
-    parliament = _parliament()
-    policy = parliament.analyze_policy_string(json.dumps(document), include_community_auditors=True)
-    return list(policy.findings)
 
 
 def statements(document: dict) -> list[dict]:
@@ -134,6 +110,37 @@ def test_the_endpoint_arn_is_lowercase_because_iam_matches_it_so():
     assert sagemaker["Resource"] == "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dogbreeds-v2"
 
 
+def test_the_instance_role_reaches_its_prefix_and_no_sibling():
+    """Issue 13.9: `runs/dog` must not also list or read `runs/dog-secret/`; nothing deletes."""
+    from fnmatch import fnmatchcase
+
+    doc = render_policy("ec2-s3-access", **VARS)
+    listing, objects = statements(doc)
+    assert listing["Action"] == "s3:ListBucket" and listing["Resource"] == "arn:aws:s3:::my-bucket"
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["runs/dog/", "runs/dog/*"]}}
+    allowed = listing["Condition"]["StringLike"]["s3:prefix"]
+    # IAM's StringLike is a glob on the whole value, like fnmatchcase.
+    for prefix in ("runs/dog/", "runs/dog/last.pt", "runs/dog/runs/x"):
+        assert any(fnmatchcase(prefix, p) for p in allowed), prefix
+    for prefix in ("runs/dog", "runs/dog-secret/", "runs/dog-secret/last.pt", "runs/do", ""):
+        assert not any(fnmatchcase(prefix, p) for p in allowed), prefix
+    assert set(objects["Action"]) == {"s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"}
+    assert objects["Resource"] == "arn:aws:s3:::my-bucket/runs/dog/*"
+
+
+@pytest.mark.parametrize("var,value", [("Prefix", "runs/*"), ("Prefix", "runs//dog"), ("Prefix", "/runs"),
+                                       ("Prefix", "runs/"), ("Prefix", 'a"b'), ("Prefix", ""),
+                                       ("Bucket", "My_Bucket"), ("Bucket", "b*")])
+def test_bucket_and_prefix_cannot_widen_the_policy(var, value):
+    with pytest.raises(PolicyTemplateError, match=var):
+        render_policy("ec2-s3-access", **{**VARS, var: value})
+
+
+def test_only_ec2_may_assume_the_instance_role():
+    [st] = statements(render_policy("ec2-trust", **VARS))
+    assert st["Principal"] == {"Service": "ec2.amazonaws.com"} and st["Action"] == "sts:AssumeRole"
+
+
 def test_only_lambda_may_assume_the_role():
     doc = render_policy("lambda-trust", **VARS)
     [st] = statements(doc)
@@ -184,7 +191,7 @@ def test_templates_use_only_known_placeholders_and_leave_none_behind():
 
 def test_infra_policies_are_links_to_the_packaged_templates():
     packaged = {p.name for p in (ROOT / "ec2train" / "_policies").glob("*.json")}
-    linked = {p.name for p in (ROOT / "infra" / "policies").glob("lambda-*.json")}
+    linked = {p.name for p in (ROOT / "infra" / "policies").glob("*.json")}
     assert packaged == linked == {f"{n}.json" for n in policies.template_names()}
     for name in linked:
         link = ROOT / "infra" / "policies" / name

@@ -135,8 +135,8 @@ def test_fit_with_kms_key_encrypts_every_upload_with_that_key(s3, demo_data, tmp
 
 def test_existing_run_in_s3_is_not_overwritten_without_a_resume_choice(s3, demo_data, tmp_path):
     from ec2train.config import resolve
-    from ec2train.s3 import S3Error
     from ec2train.run import fit_run
+    from ec2train.s3 import S3Error
 
     s3.put_object(Bucket=BUCKET, Key="taken/last.pt", Body=b"an earlier run")
     cfg = resolve(data=str(demo_data), output=str(tmp_path / "out"), logdir=str(tmp_path / "runs"), s3_uri=f"s3://{BUCKET}/taken", **FIT)

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -18,19 +17,18 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from ec2train.errors import UserError
+from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_custom_attributes, parse_request
 from tests.support.cli import assert_one_line_error, cli_in_process
 from tests.support.images import png_of_size as bomb_png
 from tests.support.net import free_port
 from tests.support.paths import ROOT
-from ec2train.errors import UserError
-from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_custom_attributes, parse_request
 
 CLASSES = ("Circle", "Square", "Triangle", "Cross")
 PACKAGED = {"model.pth", "code", "code/inference.py", "code/ec2train",

@@ -23,11 +23,11 @@ from ec2train.cli._app import (
     Optim,
     SpotWatch,
     app,
+    apply_threads,
     console,
     default_of,
     err_console,
     setting,
-    apply_threads,
     value,
 )
 

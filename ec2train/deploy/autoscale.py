@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ec2train.deploy.names import VARIANT, DeployError, check_sagemaker_name, resource_id, scalable_target, scaling_policy_name
+from ec2train.deploy.names import (
+    VARIANT,
+    DeployError,
+    check_sagemaker_name,
+    resource_id,
+    scalable_target,
+    scaling_policy_name,
+)
 from ec2train.deploy.plan import Runner, Step, dry_run_header, resolve_region
 
 

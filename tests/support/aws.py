@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from tests.support.net import free_port
 
+DLAMI_ID = "ami-dca37ea5"  # in moto's image catalog: "Deep Learning AMI Ubuntu Linux - 2.4_Oct2017"
 NOTICE = {"action": "terminate", "time": "2026-11-22T02:00:00Z"}  # what ImdsServer sends
 
 
