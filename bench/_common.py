@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -83,18 +83,35 @@ def pretrained_backbone(root: Path = DEFAULT_ROOT, arch: str = "resnet18") -> Pa
         return out / "model.pth"
     t0 = time.perf_counter()
     demo = make_demo_dataset(root / "demo64", classes=BIG["classes"], per_class=32, size=64)
-    fit(resolve(data=str(demo), output=str(out), logdir=str(root / "runs"), arch=arch, weights="none", image_size=64,
-                epochs=3, lr=3e-3, batch_size=16))
+    fit(
+        resolve(
+            data=str(demo),
+            output=str(out),
+            logdir=str(root / "runs"),
+            arch=arch,
+            weights="none",
+            image_size=64,
+            epochs=3,
+            lr=3e-3,
+            batch_size=16,
+        )
+    )
     print(f"pre-trained a {arch} backbone on {demo} in {time.perf_counter() - t0:.0f} s")
     return out / "model.pth"
 
 
 # ---------------------------------------------------------------- idle and busy box
 
+
 def add_busy_option(parser) -> None:
-    parser.add_argument("--busy", type=int, default=1, metavar="N",
-                        help="also measure with N CPU-spinning processes on the box (a noisy neighbour); "
-                             "0: idle only. [default: 1, so one run measures idle and busy]")
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also measure with N CPU-spinning processes on the box (a noisy neighbour); "
+        "0: idle only. [default: 1, so one run measures idle and busy]",
+    )
 
 
 def busy_levels(busy: int) -> list[int]:
@@ -143,7 +160,9 @@ def run_arm(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, d
         return seconds, {"last line": " ".join(last.split())[:80]}
 
 
-def compare_processes(arms: dict[str, list[str]], busy: int, rounds: int, baseline: str) -> dict[tuple[int, str], float]:
+def compare_processes(
+    arms: dict[str, list[str]], busy: int, rounds: int, baseline: str
+) -> dict[tuple[int, str], float]:
     """Each arm as its own process, interleaved (A B A B), idle and then beside `busy` spinning
     processes; prints every run, then each arm's best time and its speed against `baseline`."""
     best: dict[tuple[int, str], float] = {}

@@ -38,19 +38,32 @@ def main() -> None:
     for name, cache, augment in variants:
         out = DEFAULT_ROOT / "runs" / f"cache-{cache}-{augment}"
         shutil.rmtree(out, ignore_errors=True)  # a cold start: no feature cache from earlier runs
-        cfg = resolve(data=str(data), output=str(out), logdir=str(DEFAULT_ROOT / "runs" / "tb"), arch=a.arch,
-                      weights=str(weights), freeze_backbone=True, image_size=a.image_size, epochs=a.epochs,
-                      cache_features=cache, augment=augment)
+        cfg = resolve(
+            data=str(data),
+            output=str(out),
+            logdir=str(DEFAULT_ROOT / "runs" / "tb"),
+            arch=a.arch,
+            weights=str(weights),
+            freeze_backbone=True,
+            image_size=a.image_size,
+            epochs=a.epochs,
+            cache_features=cache,
+            augment=augment,
+        )
         t0 = time.perf_counter()
         result = fit(cfg)
         runs[name] = (time.perf_counter() - t0, result.metrics)
         m = result.metrics
-        print(f"  {name:<26} {runs[name][0]:7.1f} s  valid acc {m['valid_acc1']:.3f}  test acc {m['test_acc1']:.3f}"
-              f"  ({m['valid_acc1'] * 100:.0f}/{m['test_acc1'] * 100:.0f} points on {m['test_images']} images)")
+        print(
+            f"  {name:<26} {runs[name][0]:7.1f} s  valid acc {m['valid_acc1']:.3f}  test acc {m['test_acc1']:.3f}"
+            f"  ({m['valid_acc1'] * 100:.0f}/{m['test_acc1'] * 100:.0f} points on {m['test_images']} images)"
+        )
     (t_plain, m_plain), (t_cache, m_cache) = list(runs.values())[:2]
-    print(f"RESULT cache-features: {t_plain / t_cache:.1f}x faster (target >= 3x); valid accuracy "
-          f"{100 * (m_cache['valid_acc1'] - m_plain['valid_acc1']):+.1f} points, test accuracy "
-          f"{100 * (m_cache['test_acc1'] - m_plain['test_acc1']):+.1f} points (target: within 1)")
+    print(
+        f"RESULT cache-features: {t_plain / t_cache:.1f}x faster (target >= 3x); valid accuracy "
+        f"{100 * (m_cache['valid_acc1'] - m_plain['valid_acc1']):+.1f} points, test accuracy "
+        f"{100 * (m_cache['test_acc1'] - m_plain['test_acc1']):+.1f} points (target: within 1)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import best_of, big_data, drain, row
 
 from ec2train.data import ImageDataset, scan_split
@@ -32,8 +31,10 @@ def main() -> None:
     n, s = len(samples), a.image_size
     print(f"benchmark 1: reduced-scale decode, {n} JPEGs of {a.width}x{a.width * 3 // 4}, --image-size {s}")
     ratios = {}
-    for name, transform, train in (("train (random resized crop)", train_transform(s), True),
-                                   ("eval (resize + center crop)", eval_transform(s), False)):
+    for name, transform, train in (
+        ("train (random resized crop)", train_transform(s), True),
+        ("eval (resize + center crop)", eval_transform(s), False),
+    ):
         plain = ImageDataset(samples, transform, min_side=None)
         reduced = ImageDataset(samples, transform, min_side=decode_min_side(s, train))
         t_plain, t_reduced = best_of(a.rounds, drain(plain), drain(reduced), cpu=True)
@@ -42,8 +43,10 @@ def main() -> None:
         ratios[name] = t_plain / t_reduced
     for name, r in ratios.items():
         print(f"  speed-up, {name}: {r:.1f}x")
-    print(f"RESULT decode: train {ratios['train (random resized crop)']:.1f}x, eval {ratios['eval (resize + center crop)']:.1f}x "
-          "(target >= 3x)")
+    print(
+        f"RESULT decode: train {ratios['train (random resized crop)']:.1f}x, eval {ratios['eval (resize + center crop)']:.1f}x "
+        "(target >= 3x)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import shutil
 import time
 
 import torch
-
 from _common import DEFAULT_ROOT, best_of, big_data, drain, row
 
 from ec2train.data import ImageDataset, available_cpus, scan_split
@@ -35,8 +34,10 @@ def main() -> None:
     t0 = time.perf_counter()
     report = prepare_dataset(raw_root, prepared_root, size=a.size)
     prep_seconds = time.perf_counter() - t0
-    print(f"benchmark 2: prepared vs raw; `ec2train data prepare --size {a.size}` of {report.written} photos took "
-          f"{prep_seconds:.1f} s wall on {available_cpus()} CPUs ({report.written / prep_seconds:.0f} img/s, once)")
+    print(
+        f"benchmark 2: prepared vs raw; `ec2train data prepare --size {a.size}` of {report.written} photos took "
+        f"{prep_seconds:.1f} s wall on {available_cpus()} CPUs ({report.written / prep_seconds:.0f} img/s, once)"
+    )
 
     torch.set_num_threads(1)
     s = a.image_size
@@ -62,8 +63,10 @@ def main() -> None:
         ratios[name] = (t_raw / t_prep, t_plain / t_prep)
     for name, (vs_fit, vs_plain) in ratios.items():
         print(f"  speed-up, {name}: {vs_fit:.1f}x vs raw with reduced-scale decode, {vs_plain:.1f}x vs raw full decode")
-    print(f"RESULT prepare: train {ratios['train'][0]:.1f}x, eval {ratios['eval'][0]:.1f}x vs raw through fit's loader; "
-          f"{ratios['train'][1]:.1f}x / {ratios['eval'][1]:.1f}x vs full decode (target >= 5x)")
+    print(
+        f"RESULT prepare: train {ratios['train'][0]:.1f}x, eval {ratios['eval'][0]:.1f}x vs raw through fit's loader; "
+        f"{ratios['train'][1]:.1f}x / {ratios['eval'][1]:.1f}x vs full decode (target >= 5x)"
+    )
 
 
 if __name__ == "__main__":

@@ -43,18 +43,40 @@ def reference(data: Path, epochs: int, crop: int, batch_size: int, workers: int)
 
     device = torch.device("cpu")
     resize = int(crop * 256 / 224)  # its default 256/224 ratio, for a 64 px crop: 73
-    train_tf = T.Compose([T.RandomResizedCrop(crop, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                          T.RandomHorizontalFlip(0.5), T.PILToTensor(), T.ConvertImageDtype(torch.float),
-                          T.Normalize(MEAN, STD)])
-    eval_tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                         T.CenterCrop(crop), T.PILToTensor(), T.ConvertImageDtype(torch.float), T.Normalize(MEAN, STD)])
+    train_tf = T.Compose(
+        [
+            T.RandomResizedCrop(crop, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.RandomHorizontalFlip(0.5),
+            T.PILToTensor(),
+            T.ConvertImageDtype(torch.float),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+    eval_tf = T.Compose(
+        [
+            T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(crop),
+            T.PILToTensor(),
+            T.ConvertImageDtype(torch.float),
+            T.Normalize(MEAN, STD),
+        ]
+    )
     dataset = torchvision.datasets.ImageFolder(str(data / "train"), train_tf)
     dataset_test = torchvision.datasets.ImageFolder(str(data / "valid"), eval_tf)  # its "val"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=torch.utils.data.RandomSampler(dataset),
-                                         num_workers=workers, pin_memory=True)
-    loader_test = torch.utils.data.DataLoader(dataset_test, batch_size=batch_size,
-                                              sampler=torch.utils.data.SequentialSampler(dataset_test),
-                                              num_workers=workers, pin_memory=True)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=torch.utils.data.RandomSampler(dataset),
+        num_workers=workers,
+        pin_memory=True,
+    )
+    loader_test = torch.utils.data.DataLoader(
+        dataset_test,
+        batch_size=batch_size,
+        sampler=torch.utils.data.SequentialSampler(dataset_test),
+        num_workers=workers,
+        pin_memory=True,
+    )
     model = torchvision.models.resnet18(weights=None, num_classes=len(dataset.classes)).to(device)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -64,7 +86,7 @@ def reference(data: Path, epochs: int, crop: int, batch_size: int, workers: int)
         maxk = min(max(topk), output.shape[1])
         _, pred = output.topk(maxk, 1, True, True)
         correct = pred.t().eq(target[None])
-        return [correct[:min(k, maxk)].flatten().sum(dtype=torch.float32) * (100.0 / target.size(0)) for k in topk]
+        return [correct[: min(k, maxk)].flatten().sum(dtype=torch.float32) * (100.0 / target.size(0)) for k in topk]
 
     acc1 = 0.0
     for _epoch in range(epochs):
@@ -103,10 +125,30 @@ def arms(data: Path, epochs: int, out: Path) -> dict[str, list[str]]:
     py, me = sys.executable, str(Path(__file__).resolve())
     return {
         "torchvision reference recipe": [py, me, "--arm", "reference", "--data", str(data), "--epochs", str(epochs)],
-        "ec2train fit (defaults)": [py, "-m", "ec2train", "fit", "--data", str(data), "--arch", "resnet18",
-                                    "--weights", "none", "--image-size", "64", "--batch-size", "32",
-                                    "--epochs", str(epochs), "--output", str(out / "fit"),
-                                    "--logdir", str(out / "runs"), "--resume", "never"],
+        "ec2train fit (defaults)": [
+            py,
+            "-m",
+            "ec2train",
+            "fit",
+            "--data",
+            str(data),
+            "--arch",
+            "resnet18",
+            "--weights",
+            "none",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "32",
+            "--epochs",
+            str(epochs),
+            "--output",
+            str(out / "fit"),
+            "--logdir",
+            str(out / "runs"),
+            "--resume",
+            "never",
+        ],
     }
 
 
@@ -126,13 +168,19 @@ def main() -> None:
         return
     import torch
 
-    print(f"ec2train fit vs torchvision's reference recipe: resnet18, no pretrained weights, 64 px, batch 32, "
-          f"{a.epochs} epochs, CPU; torch {torch.__version__}")
+    print(
+        f"ec2train fit vs torchvision's reference recipe: resnet18, no pretrained weights, 64 px, batch 32, "
+        f"{a.epochs} epochs, CPU; torch {torch.__version__}"
+    )
     for name in a.sets:
         data = big_data() if name == "big" else small_data()
         print(f"\n{'1600x1200 photos' if name == 'big' else '64 px images'}: {data}", flush=True)
-        compare_processes(arms(data, a.epochs, DEFAULT_ROOT / "vs-reference" / name), a.busy, a.rounds,
-                          baseline="torchvision reference recipe")
+        compare_processes(
+            arms(data, a.epochs, DEFAULT_ROOT / "vs-reference" / name),
+            a.busy,
+            a.rounds,
+            baseline="torchvision reference recipe",
+        )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision import transforms as T
-
 from _common import DEFAULT_ROOT, add_busy_option, big_data, compare_processes, pretrained_backbone
+from torchvision import transforms as T
 
 
 def classic_script(data, weights, image_size: int, epochs: int, lr: float = 1e-3) -> dict:
@@ -80,16 +79,50 @@ def small_data(root: Path = DEFAULT_ROOT) -> Path:
 
 def arms(data: Path, weights: Path, image_size: int, epochs: int, out: Path, cache: bool) -> dict[str, list[str]]:
     py, me = sys.executable, str(Path(__file__).resolve())
-    fit = [py, "-m", "ec2train", "fit", "--data", str(data), "--arch", "resnet18", "--weights", str(weights),
-           "--image-size", str(image_size), "--epochs", str(epochs), "--logdir", str(out / "runs"), "--resume", "never"]
+    fit = [
+        py,
+        "-m",
+        "ec2train",
+        "fit",
+        "--data",
+        str(data),
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--image-size",
+        str(image_size),
+        "--epochs",
+        str(epochs),
+        "--logdir",
+        str(out / "runs"),
+        "--resume",
+        "never",
+    ]
     out_arms = {
-        "classic script loop": [py, me, "--arm", "classic", "--data", str(data), "--weights", str(weights),
-                                "--image-size", str(image_size), "--epochs", str(epochs)],
+        "classic script loop": [
+            py,
+            me,
+            "--arm",
+            "classic",
+            "--data",
+            str(data),
+            "--weights",
+            str(weights),
+            "--image-size",
+            str(image_size),
+            "--epochs",
+            str(epochs),
+        ],
         "ec2train fit (defaults)": fit + ["--output", str(out / "fit")],
     }
     if cache:  # a fresh output folder each run: the feature cache is built inside the timed run
         cmd = fit + ["--cache-features", "--output", str(out / "cache")]
-        out_arms["ec2train fit --cache-features"] = ["sh", "-c", f"rm -rf {shlex.quote(str(out / 'cache'))} && exec {shlex.join(cmd)}"]
+        out_arms["ec2train fit --cache-features"] = [
+            "sh",
+            "-c",
+            f"rm -rf {shlex.quote(str(out / 'cache'))} && exec {shlex.join(cmd)}",
+        ]
     return out_arms
 
 
@@ -110,12 +143,19 @@ def main() -> None:
     weights = pretrained_backbone()
     for name in a.sets:
         data, size = (big_data(), a.image_size or 112) if name == "big" else (small_data(), a.image_size or 32)
-        print(f"\nec2train fit vs a classic script, resnet18 (frozen, from {weights.name}), {a.epochs} epochs, "
-              f"--image-size {size}, {data}", flush=True)
+        print(
+            f"\nec2train fit vs a classic script, resnet18 (frozen, from {weights.name}), {a.epochs} epochs, "
+            f"--image-size {size}, {data}",
+            flush=True,
+        )
         out = DEFAULT_ROOT / "vs-script" / name
         shutil.rmtree(out, ignore_errors=True)
-        compare_processes(arms(data, weights, size, a.epochs, out, cache=name == "big"), a.busy, a.rounds,
-                          baseline="classic script loop")
+        compare_processes(
+            arms(data, weights, size, a.epochs, out, cache=name == "big"),
+            a.busy,
+            a.rounds,
+            baseline="classic script loop",
+        )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def backends_on(device: str) -> tuple[bool, str]:
     hw.configure_backends("cuda", hw.device_capability(device))
     cl = hw.use_channels_last(True, "cuda")
     images, _ = StepContext(device, hw.amp_policy("auto", "cuda", hw.device_capability(device)), cl).to_device(
-        torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+        torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    )
     nhwc = images.is_contiguous(memory_format=torch.channels_last)
     ok = cl and nhwc and torch.backends.cudnn.benchmark
     return ok, f"channels_last input {nhwc}, cudnn.benchmark {torch.backends.cudnn.benchmark}"
@@ -73,7 +74,9 @@ def backends_on(device: str) -> tuple[bool, str]:
 
 def run_fit(args: list[str], work: Path) -> tuple[bool, str, dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "ec2train", "fit", *args], env=env, capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ec2train", "fit", *args], env=env, capture_output=True, text=True, timeout=150
+    )
     metrics_file = Path(args[args.index("--output") + 1]) / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
@@ -86,17 +89,43 @@ def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
     from ec2train.data import make_demo_dataset
 
     data = make_demo_dataset(work / "demo", classes=4, per_class=32, size=64)
-    base = ["--data", str(data), "--arch", "resnet18", "--weights", "none", "--image-size", "64", "--epochs", "2",
-            "--device", "cuda", "--logdir", str(work / "runs"), "--resume", "never"]
+    base = [
+        "--data",
+        str(data),
+        "--arch",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--epochs",
+        "2",
+        "--device",
+        "cuda",
+        "--logdir",
+        str(work / "runs"),
+        "--resume",
+        "never",
+    ]
     out = []
     ok, line, m = run_fit(base + ["--freeze-backbone", "--cache-features", "--output", str(work / "cache")], work)
-    out.append(("fit --cache-features on the GPU", ok and (work / "cache" / "model.pth").is_file(),
-                f"valid acc {m.get('valid_acc1', '?')}; {line}"))
+    out.append(
+        (
+            "fit --cache-features on the GPU",
+            ok and (work / "cache" / "model.pth").is_file(),
+            f"valid acc {m.get('valid_acc1', '?')}; {line}",
+        )
+    )
     gpus = torch.cuda.device_count()
     ok, line, m = run_fit(base + ["--nproc-per-node", "auto", "--output", str(work / "ddp")], work)
     world = m.get("world_size", "?")
-    out.append((f"fit --nproc-per-node auto: torchrun, NCCL, {gpus} process(es)", ok and world == gpus,
-                f"world size {world}; {line}"))
+    out.append(
+        (
+            f"fit --nproc-per-node auto: torchrun, NCCL, {gpus} process(es)",
+            ok and world == gpus,
+            f"world size {world}; {line}",
+        )
+    )
     return out
 
 
@@ -108,8 +137,12 @@ def throughput(work: Path) -> list[str]:
     rows = ["| resnet50 224 px, batch 64 | amp | step img/s | end to end img/s |", "|---|---|---:|---:|"]
     for frozen in (True, False):
         for amp in ("auto", "off"):
-            r = bench(data, arch="resnet50", batch_size=64, device="cuda", image_size=224, steps=10, amp=amp, frozen=frozen)
-            rows.append(f"| {'frozen backbone' if frozen else 'full fine-tune'} | {r.amp} | {r.step_ips:.0f} | {r.end_to_end_ips:.0f} |")
+            r = bench(
+                data, arch="resnet50", batch_size=64, device="cuda", image_size=224, steps=10, amp=amp, frozen=frozen
+            )
+            rows.append(
+                f"| {'frozen backbone' if frozen else 'full fine-tune'} | {r.amp} | {r.step_ips:.0f} | {r.end_to_end_ips:.0f} |"
+            )
     return rows
 
 
@@ -122,7 +155,9 @@ def main() -> None:
     t0 = time.perf_counter()
     device = "cuda:0"
     cap = hw.device_capability(device)
-    print(f"{torch.cuda.get_device_name(0)} (sm_{cap[0]}{cap[1]}), {torch.cuda.device_count()} GPU(s), torch {torch.__version__}")
+    print(
+        f"{torch.cuda.get_device_name(0)} (sm_{cap[0]}{cap[1]}), {torch.cuda.device_count()} GPU(s), torch {torch.__version__}"
+    )
     checks = [("fp16 + GradScaler steps reduce the loss", *loss_falls("fp16", "fp16", device))]
     if hw.supports_bf16(cap):
         checks.append(("bf16 steps reduce the loss", *loss_falls("bf16", "bf16", device)))

@@ -26,7 +26,9 @@ from ec2train.data import DEMO_SHAPES, _draw_demo
 
 def _noise_field(width: int, height: int, cell: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Smooth random field (luminance-heavy, like real shading) at a scale of `cell` pixels."""
-    small = rng.normal(0, sigma, (height // cell + 2, width // cell + 2, 1)) + rng.normal(0, sigma / 4, (height // cell + 2, width // cell + 2, 3))
+    small = rng.normal(0, sigma, (height // cell + 2, width // cell + 2, 1)) + rng.normal(
+        0, sigma / 4, (height // cell + 2, width // cell + 2, 3)
+    )
     small = Image.fromarray(np.clip(small + 128, 0, 255).astype(np.uint8))
     return np.asarray(small.resize((width, height), Image.BICUBIC), np.float32) - 128
 
@@ -34,15 +36,23 @@ def _noise_field(width: int, height: int, cell: int, sigma: float, rng: np.rando
 def _scene(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """A colour gradient with shading at several scales and a few hard-edged objects."""
     a, b = rng.uniform(40, 200, 3).astype(np.float32), rng.uniform(40, 200, 3).astype(np.float32)
-    t = np.linspace(0, 1, width, dtype=np.float32)[None, :, None] * rng.uniform(0.3, 1) + np.linspace(0, 1, height, dtype=np.float32)[:, None, None] * rng.uniform(0.3, 1)
+    t = np.linspace(0, 1, width, dtype=np.float32)[None, :, None] * rng.uniform(0.3, 1) + np.linspace(
+        0, 1, height, dtype=np.float32
+    )[:, None, None] * rng.uniform(0.3, 1)
     img = a * (1 - t / t.max()) + b * (t / t.max())
-    img += _noise_field(width, height, 160, 30, rng) + _noise_field(width, height, 24, 14, rng) + _noise_field(width, height, 4, 6, rng)
+    img += (
+        _noise_field(width, height, 160, 30, rng)
+        + _noise_field(width, height, 24, 14, rng)
+        + _noise_field(width, height, 4, 6, rng)
+    )
     clutter = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(clutter)
     for _ in range(int(rng.integers(6, 14))):  # neutral-coloured objects: edges, not class cues
         x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, 160)
         grey = int(rng.integers(20, 235))
-        draw.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], outline=(grey,) * 3, width=int(rng.integers(2, 9)))
+        draw.ellipse(
+            [x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], outline=(grey,) * 3, width=int(rng.integers(2, 9))
+        )
     return np.asarray(clutter, np.float32)
 
 
@@ -63,11 +73,27 @@ def _write(job) -> None:
     big_image(cls, width, height, seed).save(path, quality=quality)
 
 
-def make_big_dataset(root: str | Path, classes: int = 4, per_class: int = 40, eval_per_class: int = 10,
-                     width: int = 1600, height: int = 1200, quality: int = 90, seed: int = 0) -> Path:
+def make_big_dataset(
+    root: str | Path,
+    classes: int = 4,
+    per_class: int = 40,
+    eval_per_class: int = 10,
+    width: int = 1600,
+    height: int = 1200,
+    quality: int = 90,
+    seed: int = 0,
+) -> Path:
     """Idempotent: the same call on an existing folder does nothing."""
     root = Path(root)
-    params = dict(classes=classes, per_class=per_class, eval_per_class=eval_per_class, width=width, height=height, quality=quality, seed=seed)
+    params = dict(
+        classes=classes,
+        per_class=per_class,
+        eval_per_class=eval_per_class,
+        width=width,
+        height=height,
+        quality=quality,
+        seed=seed,
+    )
     marker = root / ".big-images.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
@@ -78,7 +104,10 @@ def make_big_dataset(root: str | Path, classes: int = 4, per_class: int = 40, ev
         for c in range(classes):
             folder = tmp / split / f"{c + 1:03d}.{DEMO_SHAPES[c]}"
             folder.mkdir(parents=True)
-            jobs += [(c, width, height, seed * 1_000_003 + len(jobs) + i, folder / f"{split}_{i:04d}.jpg", quality) for i in range(count)]
+            jobs += [
+                (c, width, height, seed * 1_000_003 + len(jobs) + i, folder / f"{split}_{i:04d}.jpg", quality)
+                for i in range(count)
+            ]
     with ProcessPoolExecutor() as pool:
         list(pool.map(_write, jobs, chunksize=8))
     (tmp / marker.name).write_text(json.dumps(params))

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_busy_option, busy_levels, level_name, load_note, spinning  # noqa: E402
 
-
 # ---------------------------------------------------------------- the classic handler (baseline)
+
 
 def classic_app(model_path: str):
     """The way the classic endpoint script serves: everything by hand, per request."""
@@ -69,11 +69,13 @@ def classic_app(model_path: str):
     model.eval()
 
     def input_fn(body: bytes):
-        transform = transforms.Compose([
-            transforms.Resize((size, size)),
-            transforms.ToTensor(),
-            transforms.Normalize(saved["mean"], saved["std"]),  # the original had none; kept for equal answers
-        ])
+        transform = transforms.Compose(
+            [
+                transforms.Resize((size, size)),
+                transforms.ToTensor(),
+                transforms.Normalize(saved["mean"], saved["std"]),  # the original had none; kept for equal answers
+            ]
+        )
         return transform(Image.open(io.BytesIO(body)).convert("RGB")).unsqueeze(0)
 
     def predict_fn(tensor):
@@ -101,6 +103,7 @@ def run_classic(model_path: str, port: int) -> None:
 
 # ---------------------------------------------------------------- set-up
 
+
 def tiny_model(workdir: Path, image_size: int) -> Path:
     """A resnet18 trained briefly on demo data (reused when already there)."""
     from ec2train.config import resolve
@@ -112,8 +115,18 @@ def tiny_model(workdir: Path, image_size: int) -> Path:
         return out / "model.pth"
     data = make_demo_dataset(workdir / "demo", classes=4, per_class=32, size=64, seed=1)
     print(f"training a tiny resnet18 at {image_size} px on {data} ...", flush=True)
-    cfg = resolve(data=str(data), output=str(out), logdir=str(workdir / "runs"), arch="resnet18", weights="none",
-                  image_size=image_size, batch_size=16, lr=3e-3, workers=0, epochs=2)
+    cfg = resolve(
+        data=str(data),
+        output=str(out),
+        logdir=str(workdir / "runs"),
+        arch="resnet18",
+        weights="none",
+        image_size=image_size,
+        batch_size=16,
+        lr=3e-3,
+        workers=0,
+        epochs=2,
+    )
     return fit(cfg).model_path
 
 
@@ -144,7 +157,8 @@ def start(cmd: list[str], port: int, threads: int | None, log: Path) -> subproce
     env["PYTHONPATH"] = str(ROOT)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+    with open(log, "w") as log_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -161,6 +175,7 @@ def start(cmd: list[str], port: int, threads: int | None, log: Path) -> subproce
 
 
 # ---------------------------------------------------------------- load
+
 
 def drive(port: int, bodies: list[tuple[str, bytes]], labels: list[str], concurrency: int, total: int) -> dict:
     """`total` requests from `concurrency` keep-alive clients; latency percentiles and rate."""
@@ -202,8 +217,13 @@ def drive(port: int, bodies: list[tuple[str, bytes]], labels: list[str], concurr
     wall = time.perf_counter() - t0
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-    return {"rps": total / wall, "p50": statistics.median(latencies) * 1000, "p99": pick(0.99),
-            "acc": correct / total, "failures": failures}
+    return {
+        "rps": total / wall,
+        "p50": statistics.median(latencies) * 1000,
+        "p99": pick(0.99),
+        "acc": correct / total,
+        "failures": failures,
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -212,10 +232,16 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, default=64, help="input size of the tiny model trained when no --model")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ec2train-serve-bench"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--requests", type=int, default=6, help="requests per client at each concurrency (at least 48 in all)")
+    ap.add_argument(
+        "--requests", type=int, default=6, help="requests per client at each concurrency (at least 48 in all)"
+    )
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="pass --threads N to the ec2train servers (default: none, so their defaults are measured)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="pass --threads N to the ec2train servers (default: none, so their defaults are measured)",
+    )
     add_busy_option(ap)
     ap.add_argument("--classic-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -227,8 +253,12 @@ def servers(model: Path, threads: int | None) -> dict[str, tuple[list[str], int 
     ours = [py, "-m", "ec2train", "serve", "--model", str(model), "--log-level", "warning"]
     ours += ["--threads", str(threads)] if threads else []
     classic = [py, __file__, "--model", str(model), "--classic-server"]
-    return {"ec2train": (ours, None), "unbatched": (ours + ["--max-batch", "1"], None),
-            "classic": (classic, None), "classic-1t": (classic, 1)}
+    return {
+        "ec2train": (ours, None),
+        "unbatched": (ours + ["--max-batch", "1"], None),
+        "classic": (classic, None),
+        "classic-1t": (classic, 1),
+    }
 
 
 def measure(ports, bodies, labels, args) -> dict[tuple[int, str, int], dict]:
@@ -241,8 +271,11 @@ def measure(ports, bodies, labels, args) -> dict[tuple[int, str, int], dict]:
                 for c in args.concurrency:
                     for name, port in ports.items():
                         r = drive(port, bodies, labels, c, max(48, c * args.requests))
-                        print(f"  round {rnd + 1} {name:10s} c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  "
-                              f"p99 {r['p99']:7.1f} ms", flush=True)
+                        print(
+                            f"  round {rnd + 1} {name:10s} c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  "
+                            f"p99 {r['p99']:7.1f} ms",
+                            flush=True,
+                        )
                         if (busy, name, c) not in results or r["rps"] > results[busy, name, c]["rps"]:
                             results[busy, name, c] = r
     return results
@@ -253,16 +286,22 @@ def report(results: dict[tuple[int, str, int], dict], args) -> None:
     print("| box | server | concurrency | req/s | p50 ms | p99 ms | top-1 acc | failures |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (busy, name, c), r in results.items():
-        print(f"| {level_name(busy)} | {name} | {c} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
-              f"{r['acc']:.2f} | {r['failures']} |")
+        print(
+            f"| {level_name(busy)} | {name} | {c} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+            f"{r['acc']:.2f} | {r['failures']} |"
+        )
     print()
-    print("| box | concurrency | ec2train/classic req/s | ec2train/classic-1t | unbatched/classic | p50 classic/ec2train |")
+    print(
+        "| box | concurrency | ec2train/classic req/s | ec2train/classic-1t | unbatched/classic | p50 classic/ec2train |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for busy in busy_levels(args.busy):
         for c in args.concurrency:
             e, u, k, k1 = (results[busy, n, c] for n in ("ec2train", "unbatched", "classic", "classic-1t"))
-            print(f"| {level_name(busy)} | {c} | {e['rps'] / k['rps']:.2f}x | {e['rps'] / k1['rps']:.2f}x | "
-                  f"{u['rps'] / k['rps']:.2f}x | {k['p50'] / e['p50']:.2f}x |")
+            print(
+                f"| {level_name(busy)} | {c} | {e['rps'] / k['rps']:.2f}x | {e['rps'] / k1['rps']:.2f}x | "
+                f"{u['rps'] / k['rps']:.2f}x | {k['p50'] / e['p50']:.2f}x |"
+            )
 
 
 def main() -> None:
@@ -286,9 +325,12 @@ def main() -> None:
     labels = list(meta["class_names"])
     if not {label for label, _ in bodies} <= set(labels):
         print("note: the model's classes are not the demo classes; the accuracy column means nothing")
-    print(f"model {model} ({meta['arch']}, {meta['image_size']} px, {len(labels)} classes); "
-          f"{len(bodies)} JPEGs of 500x375; torch {torch.__version__}, {os.cpu_count()} CPUs; "
-          f"ec2train servers at {'--threads ' + str(args.threads) if args.threads else 'their defaults'}", flush=True)
+    print(
+        f"model {model} ({meta['arch']}, {meta['image_size']} px, {len(labels)} classes); "
+        f"{len(bodies)} JPEGs of 500x375; torch {torch.__version__}, {os.cpu_count()} CPUs; "
+        f"ec2train servers at {'--threads ' + str(args.threads) if args.threads else 'their defaults'}",
+        flush=True,
+    )
     procs, ports = {}, {}
     try:
         for name, (cmd, threads) in servers(model, args.threads).items():  # all up; only the measured one is busy
@@ -299,7 +341,9 @@ def main() -> None:
         results = measure(ports, bodies, labels, args)
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['ec2train']}/stats") as resp:
             stats = json.loads(resp.read())
-        print(f"ec2train server: {stats['images']} images in {stats['batches']} forward passes; sizes {stats['batch_sizes']}")
+        print(
+            f"ec2train server: {stats['images']} images in {stats['batches']} forward passes; sizes {stats['batch_sizes']}"
+        )
     finally:
         for proc in procs.values():
             proc.terminate()

@@ -36,8 +36,19 @@ CHECKPOINT_FORMAT = "ec2train.checkpoint/2"
 OLD_FORMATS = ("ec2train.checkpoint/1",)
 
 __all__ = [
-    "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "CONFIG_FILE", "METRICS_FILE", "MODEL_FILE", "RUN_FILES",
-    "ResumeError", "TrainState", "agreed_checkpoint", "check_compatible", "load_checkpoint", "resume_mode", "resume_source",
+    "CHECKPOINT_FILE",
+    "CHECKPOINT_FORMAT",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "RUN_FILES",
+    "ResumeError",
+    "TrainState",
+    "agreed_checkpoint",
+    "check_compatible",
+    "load_checkpoint",
+    "resume_mode",
+    "resume_source",
 ]
 
 
@@ -46,6 +57,7 @@ class ResumeError(UserError):
 
 
 # ---------------------------------------------------------------- where to resume from
+
 
 def resume_mode(resume: str, torchrun: bool) -> str:
     """'' is 'auto' under torchrun (so --max-restarts continues) and 'never' otherwise."""
@@ -124,7 +136,9 @@ def check_compatible(ckpt: dict[str, Any], cfg: Any, class_folders: list[str]) -
                 "use another --output or --resume never to start fresh"
             )
     if ckpt.get("class_folders") != class_folders:
-        raise ResumeError("the checkpoint's classes differ from this data set's; use another --output or --resume never")
+        raise ResumeError(
+            "the checkpoint's classes differ from this data set's; use another --output or --resume never"
+        )
 
 
 def finished(ckpt: dict[str, Any], cfg: Any) -> bool:
@@ -170,6 +184,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- the state that goes with the weights
 
+
 @dataclass
 class TrainState:
     """The counters of a run: where it is, its best epoch so far, and its history."""
@@ -183,7 +198,7 @@ class TrainState:
     best_model: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # CPU copy of the best weights
 
     @classmethod
-    def fresh(cls, arch: str) -> "TrainState":
+    def fresh(cls, arch: str) -> TrainState:
         return cls(run_name=f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
     def record(self, epoch: int, valid_acc: float, net: torch.nn.Module) -> bool:
@@ -214,11 +229,16 @@ def save_checkpoint(path: Path, state: TrainState, parts: Trainables, **meta: An
     """last.pt: weights, optimizer, schedule, scaler, RNG and counters (meta: config, classes, ...)."""
     return atomic_torch_save(
         {
-            "format": CHECKPOINT_FORMAT, **state.counters(), "model": clean_state_dict(parts.net.state_dict()),
+            "format": CHECKPOINT_FORMAT,
+            **state.counters(),
+            "model": clean_state_dict(parts.net.state_dict()),
             # The best weights once: when this epoch is the best they are "model" already.
             "best_model": None if state.best_epoch == state.epoch else state.best_model,
-            "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
-            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None, "rng": rng_state(), **meta,
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+            "rng": rng_state(),
+            **meta,
         },
         path,
     )
@@ -233,8 +253,12 @@ def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> Tr
         parts.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     state = TrainState(
-        run_name=ckpt["run_name"], epoch=ckpt["epoch"], best_acc=ckpt["best_acc"], best_epoch=ckpt["best_epoch"],
-        stale_epochs=ckpt["stale_epochs"], history=ckpt["history"],
+        run_name=ckpt["run_name"],
+        epoch=ckpt["epoch"],
+        best_acc=ckpt["best_acc"],
+        best_epoch=ckpt["best_epoch"],
+        stale_epochs=ckpt["stale_epochs"],
+        history=ckpt["history"],
     )
     state.best_model = ckpt.get("best_model")
     if state.best_model is None and state.best_epoch == state.epoch >= 1:

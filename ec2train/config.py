@@ -67,7 +67,7 @@ class TrainConfig:
     s3_uri: str = ""
     kms_key: str = ""
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
 

@@ -10,9 +10,9 @@ import os
 import random
 import shutil
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -42,14 +42,18 @@ def class_name(folder: str) -> str:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    )
 
 
 def class_folders(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan_split(root: str | Path, split: str, classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+def scan_split(
+    root: str | Path, split: str, classes: Sequence[str] | None = None
+) -> tuple[list[str], list[tuple[Path, int]]]:
     """(class folders, [(image path, label)]) for one split; labels follow `classes` when given."""
     split_dir = Path(root) / split
     if not split_dir.is_dir():
@@ -93,7 +97,9 @@ def check_dataset(
     root = Path(root)
     report = DataReport(root=root)
     if not root.is_dir():
-        report.problems.append(f"data folder {root} does not exist (run `ec2train data fetch` or `ec2train data demo {root}`)")
+        report.problems.append(
+            f"data folder {root} does not exist (run `ec2train data fetch` or `ec2train data demo {root}`)"
+        )
         return report
     listed: dict[str, list[str]] = {}
     for split in splits:
@@ -148,7 +154,11 @@ def require_dataset(root: str | Path, splits: Sequence[str] = SPLITS) -> list[st
             f"split it with `ec2train data split {root} {root}-split`, then train with --data {root}-split"
         )
     if report.problems:
-        more = f" (and {len(report.problems) - 1} more; run `ec2train data check {root}`)" if len(report.problems) > 1 else ""
+        more = (
+            f" (and {len(report.problems) - 1} more; run `ec2train data check {root}`)"
+            if len(report.problems) > 1
+            else ""
+        )
         raise DataError(report.problems[0] + more)
     return report.class_folders
 
@@ -197,7 +207,9 @@ def split_dataset(
     return SplitResult(dst, counts, copied)
 
 
-def _split_plan(src: Path, dst: Path, valid: float, test: float, seed: int, mode: str) -> list[tuple[str, str, list[Path]]]:
+def _split_plan(
+    src: Path, dst: Path, valid: float, test: float, seed: int, mode: str
+) -> list[tuple[str, str, list[Path]]]:
     """[(split, class folder, images)], after checking the arguments; writes nothing."""
     if mode not in ("link", "copy"):
         raise DataError(f"mode {mode!r}: use 'link' or 'copy'")
@@ -206,7 +218,11 @@ def _split_plan(src: Path, dst: Path, valid: float, test: float, seed: int, mode
     if dst.exists():
         raise DataError(f"{dst} already exists; pick a new DST (data split never overwrites)")
     if not looks_unsplit(src):
-        why = "is already split (it has train/ valid/ test/)" if any((src / s).is_dir() for s in SPLITS) else "holds no class folders with images"
+        why = (
+            "is already split (it has train/ valid/ test/)"
+            if any((src / s).is_dir() for s in SPLITS)
+            else "holds no class folders with images"
+        )
         raise DataError(f"{src} {why}; data split takes SRC/<class>/<image>")
     plan = []
     for folder in class_folders(src):
@@ -219,7 +235,11 @@ def _split_plan(src: Path, dst: Path, valid: float, test: float, seed: int, mode
         n = len(images)  # at least one image each for valid and test, and one left for train
         n_valid = min(max(1, int(n * valid + 0.5)), n - 2)
         n_test = min(max(1, int(n * test + 0.5)), n - 1 - n_valid)
-        parts = {"valid": images[:n_valid], "test": images[n_valid : n_valid + n_test], "train": images[n_valid + n_test :]}
+        parts = {
+            "valid": images[:n_valid],
+            "test": images[n_valid : n_valid + n_test],
+            "train": images[n_valid + n_test :],
+        }
         plan.extend((split, folder, sorted(parts[split])) for split in SPLITS)
     return plan
 
@@ -441,6 +461,7 @@ def make_demo_dataset(
 
 # ---------------------------------------------------------------- fetch
 
+
 def _download_http(url: str, part: Path, progress: Callable[[int, int | None], None] | None, timeout: float) -> None:
     """Download to `part`, resuming a previous partial download with an HTTP Range request."""
     import http.client
@@ -486,7 +507,9 @@ def check_redirect(old_url: str, new_url: str) -> None:
     """Follow a redirect only if it keeps TLS: an https download never continues over http."""
     old_scheme, new_scheme = (u.split(":", 1)[0].lower() for u in (old_url, new_url))
     if new_scheme not in ("http", "https") or (old_scheme == "https" and new_scheme != "https"):
-        raise DataError(f"refusing the redirect from {old_url} to {new_url}: it leaves https; use the https address directly")
+        raise DataError(
+            f"refusing the redirect from {old_url} to {new_url}: it leaves https; use the https address directly"
+        )
 
 
 def _redirect_handler():
@@ -532,7 +555,9 @@ def check_archive(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = Unpack
     """Refuse zip bombs, links, odd and clashing members with one line each, before unpacking."""
     members = zf.infolist()
     if len(members) > limits.max_entries:
-        raise DataError(f"the archive has {len(members)} entries, over the limit of {limits.max_entries}; refusing to unpack it")
+        raise DataError(
+            f"the archive has {len(members)} entries, over the limit of {limits.max_entries}; refusing to unpack it"
+        )
     files: dict[str, str] = {}
     folders: set[str] = set()
     for member in members:
@@ -646,7 +671,9 @@ def _verify_archive(archive: Path, url: str, sha256: str | None) -> None:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         if digest != sha256.strip().lower():
             archive.unlink()
-            raise DataError(f"{url} has sha256 {digest}, not the expected {sha256} (deleted the download); check the URL and --sha256")
+            raise DataError(
+                f"{url} has sha256 {digest}, not the expected {sha256} (deleted the download); check the URL and --sha256"
+            )
     if not zipfile.is_zipfile(archive):
         archive.unlink()
         raise DataError(f"{url} is not a zip archive (deleted the download); check the URL")

@@ -8,8 +8,9 @@ import datetime
 import inspect
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -240,7 +241,17 @@ def threads_per_process(cpus: int, nproc: int) -> int:
 
 def torchrun_command(python: str, nproc: int, fit_args: list[str]) -> list[str]:
     """The torchrun line that `ec2train fit --nproc-per-node N` runs on this one node."""
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "ec2train", "fit", *fit_args]
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "ec2train",
+        "fit",
+        *fit_args,
+    ]
 
 
 def strip_option(args: list[str], name: str) -> list[str]:

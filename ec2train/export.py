@@ -12,8 +12,9 @@ import platform
 import secrets
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -69,7 +70,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def versions() -> dict[str, str]:
-    return {"ec2train": str(ec2train.__version__), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+    return {
+        "ec2train": str(ec2train.__version__),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def model_payload(
@@ -103,8 +109,6 @@ def model_payload(
 
 def save_model_file(path: str | Path, payload: dict[str, Any]) -> Path:
     return atomic_torch_save(payload, path)
-
-
 
 
 # ---------------------------------------------------------------- SageMaker model package

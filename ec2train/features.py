@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,8 +64,18 @@ def cache_key(
     """A digest of everything the features depend on: the backbone's weights (not the head's),
     each image's path, label, size and mtime, and the preprocessing and precision."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": CACHE_FORMAT, "arch": arch, "image_size": image_size, "mean": list(mean),
-                         "std": list(std), "precision": precision}).encode())
+    h.update(
+        json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "arch": arch,
+                "image_size": image_size,
+                "mean": list(mean),
+                "std": list(std),
+                "precision": precision,
+            }
+        ).encode()
+    )
     for name, tensor in sorted(net.state_dict().items()):
         if name.startswith(head_name + "."):
             continue
@@ -94,7 +105,11 @@ def _forward_shard(net: nn.Module, head: nn.Module, loader, ctx) -> tuple[list[t
                     # The cache is only valid if the head is the network's last operation
                     # (not so for e.g. squeezenet, whose head is followed by ReLU and pooling).
                     again = head(captured[0]) if len(captured) == 1 else None
-                    if again is None or again.shape != logits.shape or not torch.allclose(again.float(), logits.float(), rtol=1e-3, atol=1e-4):
+                    if (
+                        again is None
+                        or again.shape != logits.shape
+                        or not torch.allclose(again.float(), logits.float(), rtol=1e-3, atol=1e-4)
+                    ):
                         raise FeatureCacheError(
                             f"--cache-features does not work with {type(net).__name__}: its classifier layer is not the "
                             "model's last operation; train without --cache-features"
@@ -156,8 +171,16 @@ def split_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of one split: from the disk cache when it matches, else computed
     (sharded over ranks) and written to the cache by rank 0."""
-    key = cache_key(net, head_name, dataset.samples, arch=arch, image_size=image_size, mean=mean, std=std,
-                    precision=f"{ctx.device.split(':')[0]}-{ctx.amp.name}")
+    key = cache_key(
+        net,
+        head_name,
+        dataset.samples,
+        arch=arch,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        precision=f"{ctx.device.split(':')[0]}-{ctx.amp.name}",
+    )
     path = cache_dir / f"{split}-{key[:24]}.pt" if cache_dir else None
     cached = _load(path, key) if path and path.is_file() else None
     # Every rank must take the same branch (the computation below is collective); on several
@@ -172,7 +195,9 @@ def split_features(
     feats, labels = compute_features(net, net.get_submodule(head_name), loader, ctx, len(dataset))
     del loader  # stop its workers
     seconds = time.perf_counter() - t0
-    log(f"{split}: computed features of {len(dataset)} images once in {seconds:.1f} s ({len(dataset) / max(seconds, 1e-9):.0f} img/s)")
+    log(
+        f"{split}: computed features of {len(dataset)} images once in {seconds:.1f} s ({len(dataset) / max(seconds, 1e-9):.0f} img/s)"
+    )
     if path and env.is_main:
         for old in cache_dir.glob(f"{split}-*.pt"):  # features of older weights or data
             old.unlink(missing_ok=True)
@@ -203,10 +228,21 @@ def feature_loaders(
     loader uses fit's own TrainSampler (same sharding, order and steps per epoch); the model
     to train is the head, DDP-wrapped when there are several processes.
     """
-    log("--cache-features: the backbone runs once per image (eval transform, no augmentation); "
-        "the epochs train the head from the cached features")
-    common = dict(arch=arch, image_size=image_size, mean=mean, std=std, batch_size=batch_size, workers=workers,
-                  pin_memory=pin_memory, cache_dir=cache_dir, log=log)
+    log(
+        "--cache-features: the backbone runs once per image (eval transform, no augmentation); "
+        "the epochs train the head from the cached features"
+    )
+    common = dict(
+        arch=arch,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+        workers=workers,
+        pin_memory=pin_memory,
+        cache_dir=cache_dir,
+        log=log,
+    )
     train = FeatureDataset(*split_features("train", net, head_name, datasets["train"], ctx, **common))
     valid = FeatureDataset(*split_features("valid", net, head_name, datasets["valid"], ctx, **common))
     env = ddp.env_from()

@@ -132,7 +132,8 @@ def _evict_idle(connections, keep: int, new) -> None:
     excess = len(live) - keep
     if excess <= 0:
         return
-    idle = sorted((c for c in live if c is not new and isinstance(c, GuardedHTTP) and c.is_idle()),
-                  key=lambda c: c._idle_since)
+    idle = sorted(
+        (c for c in live if c is not new and isinstance(c, GuardedHTTP) and c.is_idle()), key=lambda c: c._idle_since
+    )
     for conn in idle[:excess]:
         conn.transport.close()

@@ -6,7 +6,6 @@ They run on CPU in the tests; on a GPU the trainer calls them with the real capa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ class HardwareError(UserError):
 @dataclass(frozen=True)
 class AmpPolicy:
     enabled: bool
-    dtype: Optional[torch.dtype]
+    dtype: torch.dtype | None
     use_scaler: bool  # GradScaler: only for fp16, whose small exponent range underflows gradients
 
     @property
@@ -47,7 +46,11 @@ def amp_policy(amp: str, device_type: str, capability: tuple[int, int] | None = 
             return fp16
         if amp == "bf16":
             if not supports_bf16(capability):
-                raise HardwareError(f"--amp bf16 needs an Ampere or newer GPU (this one is sm_{capability[0]}{capability[1]}); use --amp fp16 or auto" if capability else "--amp bf16 needs a GPU that supports bf16")
+                raise HardwareError(
+                    f"--amp bf16 needs an Ampere or newer GPU (this one is sm_{capability[0]}{capability[1]}); use --amp fp16 or auto"
+                    if capability
+                    else "--amp bf16 needs a GPU that supports bf16"
+                )
             return bf16
     else:
         if amp == "auto":
@@ -106,7 +109,9 @@ def cuda_device_count() -> int:
 THREADS_ENV = "OMP_NUM_THREADS"  # set by launchers (torchrun, `fit --nproc-per-node`, tune) to a process's share
 
 
-def parse_cgroup_quota(cpu_max: str | None = None, quota_us: str | None = None, period_us: str | None = None) -> float | None:
+def parse_cgroup_quota(
+    cpu_max: str | None = None, quota_us: str | None = None, period_us: str | None = None
+) -> float | None:
     """CPUs a cgroup quota allows: v2 `cpu.max` ("150000 100000" -> 1.5, "max 100000" -> None)
     or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: no limit). None when there is no limit."""
     try:
@@ -136,8 +141,10 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     v2 = read("cpu.max")
     if v2 is not None:
         return parse_cgroup_quota(cpu_max=v2)
-    return parse_cgroup_quota(quota_us=read("cpu/cpu.cfs_quota_us") or read("cpu.cfs_quota_us"),
-                              period_us=read("cpu/cpu.cfs_period_us") or read("cpu.cfs_period_us"))
+    return parse_cgroup_quota(
+        quota_us=read("cpu/cpu.cfs_quota_us") or read("cpu.cfs_quota_us"),
+        period_us=read("cpu/cpu.cfs_period_us") or read("cpu.cfs_period_us"),
+    )
 
 
 def available_cpus() -> int:
@@ -166,7 +173,9 @@ class ThreadPlan:
 
     def describe(self) -> str:
         others = [f"{self.workers} loader worker{'s' * (self.workers != 1)}"] if self.workers else []
-        others += [f"{self.decode_threads} decode thread{'s' * (self.decode_threads != 1)}"] if self.decode_threads else []
+        others += (
+            [f"{self.decode_threads} decode thread{'s' * (self.decode_threads != 1)}"] if self.decode_threads else []
+        )
         why = f"{self.share} of {self.cpus} CPUs for this process ({self.procs} on the box)"
         why += f", {' + '.join(others)}" if others else ""
         if self.source != "auto":

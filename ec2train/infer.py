@@ -11,10 +11,11 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ _DATA_URI = re.compile(r"^data:[\w.+/-]+;base64,", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- requests
+
 
 class RequestError(UserError):
     """A prediction request the client must fix; `status` is its HTTP status code."""
@@ -131,7 +133,9 @@ def parse_request(
     """
     raw = body.encode("utf-8") if isinstance(body, str) else bytes(body or b"")
     if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"request body is {len(raw)} bytes, more than the limit of {max_bytes}; send a smaller image")
+        raise PayloadTooLarge(
+            f"request body is {len(raw)} bytes, more than the limit of {max_bytes}; send a smaller image"
+        )
     media = _media_type(content_type)
     options = parse_custom_attributes(custom_attributes)
     if media in IMAGE_TYPES:
@@ -176,6 +180,7 @@ def error_body(message: str) -> bytes:
 
 
 # ---------------------------------------------------------------- predictor
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -243,6 +248,7 @@ class Predictor:
 
 # ---------------------------------------------------------------- many files
 
+
 @dataclass(frozen=True)
 class FileAnswer:
     """One image file's answer: its top-k predictions, or why it could not be read."""
@@ -303,4 +309,8 @@ def predict_paths(
             good = [x for x in inputs if isinstance(x, torch.Tensor)]
             answers = iter(predictor.top_k(predictor.logits(torch.stack(good)), k) if good else [])
             for path, x in zip(chunk, inputs):
-                yield FileAnswer(str(path), next(answers)) if isinstance(x, torch.Tensor) else FileAnswer(str(path), error=x)
+                yield (
+                    FileAnswer(str(path), next(answers))
+                    if isinstance(x, torch.Tensor)
+                    else FileAnswer(str(path), error=x)
+                )

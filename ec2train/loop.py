@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ from ec2train.preprocess import decode_min_side, eval_transform, train_transform
 
 # ---------------------------------------------------------------- metrics
 
+
 @dataclass
 class Meter:
     """Sums over images (not batches), reduced exactly across ranks."""
@@ -72,7 +74,7 @@ class Meter:
         self.correct5 += correct5
         self.count += n
 
-    def reduced(self, device: str = "cpu") -> "Meter":
+    def reduced(self, device: str = "cpu") -> Meter:
         t = ddp.all_reduce_sum([self.loss, self.correct1, self.correct5, self.count], device)
         return Meter(*t.tolist())
 
@@ -89,6 +91,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 
 # ---------------------------------------------------------------- one epoch
+
 
 @dataclass
 class StepContext:
@@ -171,6 +174,7 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, num_classes: int) -> tu
 
 # ---------------------------------------------------------------- set-up pieces
 
+
 def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to zero, per optimizer step."""
     total = max(1, steps_per_epoch * epochs)
@@ -196,13 +200,19 @@ def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr: float
         decay = p.ndim > 1
         groups.setdefault((is_head, decay), []).append(p)
     return [
-        {"params": ps, "lr": lr if is_head else backbone_lr, "weight_decay": weight_decay if decay else 0.0,
-         "role": "head" if is_head else "backbone"}
+        {
+            "params": ps,
+            "lr": lr if is_head else backbone_lr,
+            "weight_decay": weight_decay if decay else 0.0,
+            "role": "head" if is_head else "backbone",
+        }
         for (is_head, decay), ps in groups.items()
     ]
 
 
-def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float, device_type: str) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float, device_type: str
+) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW, with the multi-tensor update (fused on CUDA): one kernel per
     group instead of a Python loop over every parameter (AdamW's step was 4x SGD's on CPU)."""
     fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
@@ -242,6 +252,7 @@ def eval_dataset(samples, image_size: int, mean, std) -> ImageDataset:
 
 # ---------------------------------------------------------------- the phases of fit
 
+
 @dataclass
 class Runtime:
     """Phase 1, device: where this process runs and how."""
@@ -271,8 +282,13 @@ def make_runtime(
     workers = workers if workers >= 0 else default_workers(hw.available_cpus(), env.local_world_size)
     plan = hw.apply_threads(hw.plan_threads(env.local_world_size, workers, 0, threads))
     return Runtime(
-        env, dev, hw.amp_policy(amp, device_type, capability), ddp.use_sync_bn(sync_bn, device_type, env.world_size),
-        workers, hw.use_pin_memory(device_type), plan,
+        env,
+        dev,
+        hw.amp_policy(amp, device_type, capability),
+        ddp.use_sync_bn(sync_bn, device_type, env.world_size),
+        workers,
+        hw.use_pin_memory(device_type),
+        plan,
     )
 
 
@@ -309,8 +325,9 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
     valid_loader = make_loader(
         valid_ds, EvalSampler(len(valid_ds), env.rank, env.world_size), cfg.batch_size, rt.workers, rt.pin_memory
     )
-    return Data(class_folders, mean, std, train_samples, valid_samples, train_ds, valid_ds, sampler, train_loader,
-                valid_loader)
+    return Data(
+        class_folders, mean, std, train_samples, valid_samples, train_ds, valid_ds, sampler, train_loader, valid_loader
+    )
 
 
 @dataclass
@@ -356,8 +373,9 @@ def make_trainer(
         freeze_backbone(net)
     use_cl = hw.use_channels_last(channels_last, rt.device_type)
     net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)
-    opt = make_optimizer(optimizer, param_groups(net, head_name, lr, backbone_lr, weight_decay), lr, momentum,
-                         rt.device_type)
+    opt = make_optimizer(
+        optimizer, param_groups(net, head_name, lr, backbone_lr, weight_decay), lr, momentum, rt.device_type
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at_step)
     scaler = torch.amp.GradScaler(rt.device_type) if rt.amp.use_scaler else None
     model = ddp.wrap_model(net, rt.device, rt.sync_bn) if wrap else net
@@ -370,10 +388,20 @@ def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
     torch.manual_seed(cfg.seed)
     lr = effective_lr(cfg, rt.env.world_size)
     return make_trainer(
-        rt, cfg.arch, len(data.class_folders), weights=cfg.weights, frozen=cfg.frozen, channels_last=cfg.channels_last,
-        optimizer=cfg.optimizer, lr=lr, backbone_lr=backbone_lr(cfg, lr), weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum, lr_at_step=lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs),
-        wrap=not cfg.cache_features, compile=cfg.compile and not cfg.cache_features,
+        rt,
+        cfg.arch,
+        len(data.class_folders),
+        weights=cfg.weights,
+        frozen=cfg.frozen,
+        channels_last=cfg.channels_last,
+        optimizer=cfg.optimizer,
+        lr=lr,
+        backbone_lr=backbone_lr(cfg, lr),
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        lr_at_step=lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs),
+        wrap=not cfg.cache_features,
+        compile=cfg.compile and not cfg.cache_features,
     )
 
 
@@ -485,8 +513,15 @@ class FitRun:
     def payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
         d = self.data
         return model_payload(
-            state_dict, arch=self.cfg.arch, class_names=d.class_names, image_size=self.cfg.image_size, mean=d.mean,
-            std=d.std, metrics=metrics, config=self.cfg.to_dict(), class_folders=d.class_folders,
+            state_dict,
+            arch=self.cfg.arch,
+            class_names=d.class_names,
+            image_size=self.cfg.image_size,
+            mean=d.mean,
+            std=d.std,
+            metrics=metrics,
+            config=self.cfg.to_dict(),
+            class_folders=d.class_folders,
         )
 
 
@@ -525,8 +560,10 @@ def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> Fi
         if finished(ckpt, cfg) and ckpt.get("final_metrics"):
             return _already_finished(ckpt, report)
         state = restore(ckpt, tr.parts(), len(data.train_loader))
-        report.log(f"resuming from {ckpt['source']}: {state.epoch} of {cfg.epochs} epochs done, "
-                   f"best valid acc {state.best_acc:.4f}")
+        report.log(
+            f"resuming from {ckpt['source']}: {state.epoch} of {cfg.epochs} epochs done, "
+            f"best valid acc {state.best_acc:.4f}"
+        )
     else:
         state = TrainState.fresh(cfg.arch)
     run = _start_run(cfg, rt, data, tr, state, report)
@@ -559,7 +596,9 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
     writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
     env, lr = rt.env, group_lrs(tr.optimizer)
-    lrs = f"lr {lr['lr']:g}" + (f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else "")
+    lrs = f"lr {lr['lr']:g}" + (
+        f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else ""
+    )
     report.log(
         f"{cfg.arch} on {rt.device} ({'frozen backbone' if cfg.frozen else 'full fine-tune'}), amp {rt.amp.name}, "
         f"{len(data.class_folders)} classes, {len(data.train_ds)} train / {len(data.valid_ds)} valid images\n"
@@ -568,12 +607,25 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
     )
     step_model, train_loader, valid_loader = tr.model, data.train_loader, data.valid_loader
     if cfg.cache_features:
-        fixed = {split: eval_dataset(samples, cfg.image_size, data.mean, data.std)
-                 for split, samples in (("train", data.train_samples), ("valid", data.valid_samples))}
+        fixed = {
+            split: eval_dataset(samples, cfg.image_size, data.mean, data.std)
+            for split, samples in (("train", data.train_samples), ("valid", data.valid_samples))
+        }
         step_model, train_loader, valid_loader = feature_loaders(
-            tr.net, tr.head_name, fixed, data.train_sampler, tr.ctx, arch=cfg.arch, image_size=cfg.image_size,
-            mean=data.mean, std=data.std, batch_size=cfg.batch_size, workers=rt.workers, pin_memory=rt.pin_memory,
-            cache_dir=output / CACHE_DIR, log=report.log,
+            tr.net,
+            tr.head_name,
+            fixed,
+            data.train_sampler,
+            tr.ctx,
+            arch=cfg.arch,
+            image_size=cfg.image_size,
+            mean=data.mean,
+            std=data.std,
+            batch_size=cfg.batch_size,
+            workers=rt.workers,
+            pin_memory=rt.pin_memory,
+            cache_dir=output / CACHE_DIR,
+            log=report.log,
         )
     return FitRun(cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader)
 
@@ -589,8 +641,14 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
         run.report.start_epoch(epoch, cfg.epochs, len(run.data.train_sampler))
         t0 = time.perf_counter()
         meter, interrupted = train_one_epoch(
-            run.step_model, run.train_loader, tr.optimizer, tr.scheduler, tr.ctx, cfg.label_smoothing,
-            run.report.step, should_stop,
+            run.step_model,
+            run.train_loader,
+            tr.optimizer,
+            tr.scheduler,
+            tr.ctx,
+            cfg.label_smoothing,
+            run.report.step,
+            should_stop,
         )
         seconds = time.perf_counter() - t0
         run.report.end_epoch()
@@ -614,9 +672,16 @@ def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float) -> tuple[d
     ips = train["images"] / max(seconds, 1e-9)
     improved = run.state.record(epoch, valid["acc1"], run.tr.net)
     record = {
-        "epoch": epoch, "train_loss": train["loss"], "train_acc1": train["acc1"], "valid_loss": valid["loss"],
-        "valid_acc1": valid["acc1"], "valid_acc5": valid["acc5"], **group_lrs(run.tr.optimizer),
-        "images_per_second": ips, "seconds": seconds, "images_per_rank": ddp.gather_counts(meter.count, device),
+        "epoch": epoch,
+        "train_loss": train["loss"],
+        "train_acc1": train["acc1"],
+        "valid_loss": valid["loss"],
+        "valid_acc1": valid["acc1"],
+        "valid_acc5": valid["acc5"],
+        **group_lrs(run.tr.optimizer),
+        "images_per_second": ips,
+        "seconds": seconds,
+        "images_per_rank": ddp.gather_counts(meter.count, device),
     }
     run.state.history.append(record)
     run.report.log(
@@ -627,7 +692,16 @@ def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float) -> tuple[d
     return record, improved
 
 
-SCALARS = ("train_loss", "train_acc1", "valid_loss", "valid_acc1", "valid_acc5", "lr", "lr_backbone", "images_per_second")
+SCALARS = (
+    "train_loss",
+    "train_acc1",
+    "valid_loss",
+    "valid_acc1",
+    "valid_acc5",
+    "lr",
+    "lr_backbone",
+    "images_per_second",
+)
 
 
 def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
@@ -639,11 +713,16 @@ def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
     writer.flush()
     if improved:
         save_model_file(
-            run.output / MODEL_FILE, run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
+            run.output / MODEL_FILE,
+            run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc}),
         )
     save_checkpoint(
-        run.output / CHECKPOINT_FILE, state, run.tr.parts(), config=run.cfg.to_dict(),
-        class_folders=run.data.class_folders, world_size=run.rt.env.world_size,
+        run.output / CHECKPOINT_FILE,
+        state,
+        run.tr.parts(),
+        config=run.cfg.to_dict(),
+        class_folders=run.data.class_folders,
+        world_size=run.rt.env.world_size,
     )
 
 
@@ -656,32 +735,42 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
     run.tr.net.load_state_dict(state.best_model)
     _, test_samples = scan_split(cfg.data, "test", data.class_folders)
     test_ds = eval_dataset(test_samples, cfg.image_size, data.mean, data.std)
-    loader = make_loader(test_ds, EvalSampler(len(test_ds), rt.env.rank, rt.env.world_size), cfg.batch_size,
-                         rt.workers, rt.pin_memory)
+    loader = make_loader(
+        test_ds, EvalSampler(len(test_ds), rt.env.rank, rt.env.world_size), cfg.batch_size, rt.workers, rt.pin_memory
+    )
     test, confusion = evaluate(run.tr.model, loader, run.tr.ctx, len(data.class_folders))
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     trained = state.history
     seconds = sum(h["seconds"] for h in trained)
     metrics = {
-        "best_epoch": state.best_epoch, "valid_acc1": state.best_acc, "valid_acc5": best.get("valid_acc5"),
-        "test_acc1": test["acc1"], "test_acc5": test["acc5"], "test_loss": test["loss"], "test_images": test["images"],
-        "epochs_run": len(state.history), "stopped_early": len(state.history) < cfg.epochs,
+        "best_epoch": state.best_epoch,
+        "valid_acc1": state.best_acc,
+        "valid_acc5": best.get("valid_acc5"),
+        "test_acc1": test["acc1"],
+        "test_acc5": test["acc5"],
+        "test_loss": test["loss"],
+        "test_images": test["images"],
+        "epochs_run": len(state.history),
+        "stopped_early": len(state.history) < cfg.epochs,
         "wall_seconds": setup_and_train_seconds + time.perf_counter() - t0,
         "images_per_second": (sum(sum(h["images_per_rank"]) for h in trained) / seconds) if seconds else None,
-        "world_size": rt.env.world_size, "global_batch": cfg.batch_size * rt.env.world_size,
+        "world_size": rt.env.world_size,
+        "global_batch": cfg.batch_size * rt.env.world_size,
     }
     if rt.env.is_main:
         save_model_file(run.output / MODEL_FILE, run.payload(state.best_model, metrics))
         atomic_write_json(run.output / METRICS_FILE, {**metrics, "history": state.history})
         hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        run.writer.get().add_hparams(hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc},
-                                     run_name=".")
+        run.writer.get().add_hparams(
+            hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc}, run_name="."
+        )
         log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
     ddp.barrier()
     return FitResult(run.output, run.output / MODEL_FILE, run.logdir, metrics, state.history)
 
 
 # ---------------------------------------------------------------- evaluate a model file
+
 
 def evaluate_model_file(
     model_path: str | Path,
@@ -710,4 +799,10 @@ def evaluate_model_file(
     per_class = {
         name: (float(confusion[i, i] / totals[i]) if totals[i] else None) for i, name in enumerate(meta["class_names"])
     }
-    return {"split": split, **summary, "per_class_acc1": per_class, "confusion": confusion.long().tolist(), "class_names": meta["class_names"]}
+    return {
+        "split": split,
+        **summary,
+        "per_class_acc1": per_class,
+        "confusion": confusion.long().tolist(),
+        "class_names": meta["class_names"],
+    }

@@ -11,9 +11,9 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -73,7 +73,9 @@ def verdict(
                 f"short side is about {median_short_side} px, and most of every decode is thrown away at {image_size} px"
             )
         if workers < max(0, cpus - 1):
-            advice.append(f"more loader workers: --workers {cpus - 1} (now {workers}; this process can use {cpus} CPUs)")
+            advice.append(
+                f"more loader workers: --workers {cpus - 1} (now {workers}; this process can use {cpus} CPUs)"
+            )
         advice.append("an instance with more vCPUs per GPU (e.g. g5.2xlarge: 8 vCPUs) if the above is not enough")
     else:
         bound = "training step"
@@ -86,7 +88,9 @@ def verdict(
                 advice.append("--channels-last: tensor-core convolutions want NHWC")
             advice.append("--compile: torch.compile fuses kernels (minutes of compile time; pays off on long runs)")
         if frozen:
-            advice.append("--cache-features: with a frozen backbone, its forward pass runs once per image instead of every epoch")
+            advice.append(
+                "--cache-features: with a frozen backbone, its forward pass runs once per image instead of every epoch"
+            )
         advice.append("a smaller --arch or --image-size, or more GPUs (`fit --nproc-per-node auto`)")
     if end_to_end_ips < 0.7 * min(pipeline_ips, step_ips):
         advice.append(
@@ -154,8 +158,19 @@ def bench(
 
     torch.manual_seed(0)
     tr = make_trainer(
-        rt, arch, len(classes), weights="none", frozen=frozen, channels_last=channels_last, optimizer="adamw",
-        lr=1e-3, backbone_lr=1e-4, weight_decay=1e-4, momentum=0.0, lr_at_step=lambda _step: 1.0, wrap=False,
+        rt,
+        arch,
+        len(classes),
+        weights="none",
+        frozen=frozen,
+        channels_last=channels_last,
+        optimizer="adamw",
+        lr=1e-3,
+        backbone_lr=1e-4,
+        weight_decay=1e-4,
+        momentum=0.0,
+        lr_at_step=lambda _step: 1.0,
+        wrap=False,
     )
     net, optimizer, scheduler, ctx, use_cl = tr.net, tr.optimizer, tr.scheduler, tr.ctx, tr.ctx.channels_last
     set_train_mode(net, tr.head, frozen)
@@ -190,8 +205,30 @@ def bench(
 
     short = median_short_side(samples)
     bound, advice = verdict(
-        pipeline_ips, step_ips, e2e_ips, device_type=device_type, amp=policy.name, channels_last=use_cl,
-        frozen=frozen, workers=workers, cpus=cpus, median_short_side=short, image_size=image_size,
+        pipeline_ips,
+        step_ips,
+        e2e_ips,
+        device_type=device_type,
+        amp=policy.name,
+        channels_last=use_cl,
+        frozen=frozen,
+        workers=workers,
+        cpus=cpus,
+        median_short_side=short,
+        image_size=image_size,
     )
-    return BenchResult(dev, policy.name, arch, batch_size, image_size, workers, frozen, pipeline_ips, step_ips,
-                       e2e_ips, short, bound, advice)
+    return BenchResult(
+        dev,
+        policy.name,
+        arch,
+        batch_size,
+        image_size,
+        workers,
+        frozen,
+        pipeline_ips,
+        step_ips,
+        e2e_ips,
+        short,
+        bound,
+        advice,
+    )

@@ -9,8 +9,9 @@ works without a display and leaves no global figure state behind in a training p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,10 +58,7 @@ def most_confused(confusion: Any, class_names: Sequence[str], k: int = TOP_K) ->
     totals = m.sum(dim=1)
     cells = [(i, j) for i, j in torch.nonzero(m > 0).tolist() if i != j]
     cells.sort(key=lambda c: (-m[c].item(), -(m[c] / totals[c[0]]).item(), c))
-    return [
-        Confusion(class_names[i], class_names[j], int(m[i, j]), float(m[i, j] / totals[i]))
-        for i, j in cells[:k]
-    ]
+    return [Confusion(class_names[i], class_names[j], int(m[i, j]), float(m[i, j] / totals[i])) for i, j in cells[:k]]
 
 
 def per_class_accuracy(confusion: Any, class_names: Sequence[str]) -> dict[str, float | None]:
@@ -76,6 +74,7 @@ def confused_line(pair: Confusion) -> str:
 
 
 # ---------------------------------------------------------------- the figure
+
 
 def _short(name: str) -> str:
     return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "\u2026"
@@ -113,16 +112,27 @@ def _draw_matrix(ax: Axes, m: torch.Tensor, class_names: Sequence[str], lay: _La
     # The most confused cells get a red frame, so the list beside the matrix can be found in it.
     for i, j in top:
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=1.5))
-    ax.set_yticks(range(n), [_short(c) if lay.names_on_columns else f"{_short(c)} [{i}]" for i, c in enumerate(class_names)],
-                  fontsize=lay.font_pt)
+    ax.set_yticks(
+        range(n),
+        [_short(c) if lay.names_on_columns else f"{_short(c)} [{i}]" for i, c in enumerate(class_names)],
+        fontsize=lay.font_pt,
+    )
     if lay.names_on_columns:
-        ax.set_xticks(range(n), [_short(c) for c in class_names], fontsize=lay.font_pt, rotation=45,
-                      ha="right", rotation_mode="anchor")
+        ax.set_xticks(
+            range(n),
+            [_short(c) for c in class_names],
+            fontsize=lay.font_pt,
+            rotation=45,
+            ha="right",
+            rotation_mode="anchor",
+        )
     else:
         ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=lay.font_pt - 1, rotation=90)
         ax.tick_params(axis="x", top=True, labeltop=True)  # a tall matrix: column numbers at both ends
     ax.set_ylabel("true class", fontsize=11)
-    ax.set_xlabel("predicted class" + ("" if lay.names_on_columns else " (number in [ ] beside each true class)"), fontsize=11)
+    ax.set_xlabel(
+        "predicted class" + ("" if lay.names_on_columns else " (number in [ ] beside each true class)"), fontsize=11
+    )
     # Cell borders as two line sets, not as minor-tick grid lines: 266 minor ticks for 133 classes
     # cost seconds to lay out.
     edges = [x - 0.5 for x in range(1, n)]
@@ -152,12 +162,22 @@ def _draw_pairs(ax: Axes, pairs: list[Confusion], side_in: float, index: dict[st
     if pairs:
         lines = ["Most confused (true \u2192 predicted)", ""]
         for rank, p in enumerate(pairs, 1):
-            lines += [f"{rank:>2}. {name(p.true)}",
-                      f"     \u2192 {name(p.predicted)}:  {p.count} of {p.true_images} ({p.fraction_of_true:.0%})"]
+            lines += [
+                f"{rank:>2}. {name(p.true)}",
+                f"     \u2192 {name(p.predicted)}:  {p.count} of {p.true_images} ({p.fraction_of_true:.0%})",
+            ]
     else:
         lines = ["No confusions: every image", "was predicted as its true class."]
-    ax.text(_inches_right_of(side_in, 1.3), 1.0, "\n".join(lines), transform=ax.transAxes, va="top", ha="left",
-            fontsize=9.5, linespacing=1.45)
+    ax.text(
+        _inches_right_of(side_in, 1.3),
+        1.0,
+        "\n".join(lines),
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=9.5,
+        linespacing=1.45,
+    )
 
 
 def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | None = None, k: int = TOP_K) -> Figure:
@@ -182,8 +202,9 @@ def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | No
     # A fixed title height above the column numbers: matplotlib's automatic placement measures
     # all 133 top tick labels on every draw.
     above = {} if lay.names_on_columns else {"y": 1 + 0.3 / side}
-    ax.set_title(title or f"Confusion matrix: {total} images, {n} classes, accuracy {accuracy:.1%}",
-                 fontsize=13, pad=12, **above)
+    ax.set_title(
+        title or f"Confusion matrix: {total} images, {n} classes, accuracy {accuracy:.1%}", fontsize=13, pad=12, **above
+    )
     return fig
 
 
@@ -191,14 +212,19 @@ def render(fig: Figure, pad_in: float = 0.25):
     """The figure drawn once by Agg (no pyplot, no display), cropped to what was drawn: a PIL RGB image.
     Like savefig(bbox_inches="tight"), which draws twice, seconds more for 133 classes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     box = fig.get_tightbbox(canvas.get_renderer()).padded(pad_in)  # inches, origin bottom left
     width, height = canvas.get_width_height()
     image = Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
     dpi = fig.dpi
-    crop = (max(0, int(box.x0 * dpi)), max(0, int(height - box.y1 * dpi)),
-            min(width, int(box.x1 * dpi + 1)), min(height, int(height - box.y0 * dpi + 1)))
+    crop = (
+        max(0, int(box.x0 * dpi)),
+        max(0, int(height - box.y1 * dpi)),
+        min(width, int(box.x1 * dpi + 1)),
+        min(height, int(height - box.y0 * dpi + 1)),
+    )
     return image.crop(crop).convert("RGB")
 
 
@@ -209,6 +235,7 @@ def write_confusion_png(path: str | Path, confusion: Any, class_names: Sequence[
 
 
 # ---------------------------------------------------------------- TensorBoard
+
 
 def per_class_markdown(confusion: Any, class_names: Sequence[str]) -> str:
     """A markdown table of per-class accuracy, worst first (TensorBoard's text tab renders it)."""

@@ -34,7 +34,10 @@ _RULES: dict[str, tuple[re.Pattern[str], str]] = {
     # S3's bucket naming rule; a key prefix of plain characters only, no leading, trailing or
     # doubled '/': a wildcard (* ?) or a quote could widen the policy or break it.
     "Bucket": (re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"), "an S3 bucket name"),
-    "Prefix": (re.compile(r"^(?!.*//)[A-Za-z0-9._=-]+(/[A-Za-z0-9._=-]+)*$"), "an S3 key prefix of letters, digits, . _ - = and / (no * ?, no empty segment)"),
+    "Prefix": (
+        re.compile(r"^(?!.*//)[A-Za-z0-9._=-]+(/[A-Za-z0-9._=-]+)*$"),
+        "an S3 key prefix of letters, digits, . _ - = and / (no * ?, no empty segment)",
+    ),
 }
 
 
@@ -83,6 +86,7 @@ def render_policy(name: str, **variables: Any) -> dict:
     if missing:
         raise PolicyTemplateError(f"policy {name!r} needs {', '.join(missing)}")
     values = {var: _check(var, variables[var]) for var in needed}
+
     # Substitute inside the parsed document, string by string: values can never change its shape.
     def fill(node: Any) -> Any:
         if isinstance(node, str):

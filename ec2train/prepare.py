@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
@@ -188,15 +189,23 @@ def prepare_dataset(
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             try:
-                _collect(pool.map(_prepare_chunk, chunks, [size] * len(chunks), [quality] * len(chunks)), report, on_done)
+                _collect(
+                    pool.map(_prepare_chunk, chunks, [size] * len(chunks), [quality] * len(chunks)), report, on_done
+                )
             except BaseException:  # Ctrl-C: drop the queued work; finished files stay done
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     report.seconds = time.perf_counter() - t0
-    _write_marker(dst, {
-        "params": params, "source": str(src.resolve()), "complete": True, "images": report.images,
-        "corrupt": report.corrupt,
-    })
+    _write_marker(
+        dst,
+        {
+            "params": params,
+            "source": str(src.resolve()),
+            "complete": True,
+            "images": report.images,
+            "corrupt": report.corrupt,
+        },
+    )
     return report
 
 

@@ -10,7 +10,7 @@ import io
 import re
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
@@ -23,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (torchvision's and timm's convention: 224 -> resize 256 -> crop 224).
 CROP_RATIO = 0.875
 
-Source = Union[str, Path, bytes, BinaryIO]
+Source = str | Path | bytes | BinaryIO
 
 # The decode policy, in one place, for every image we did not make ourselves: requests to the
 # server and the SageMaker handler, and data sets (training, `data check`, `data prepare`).
@@ -56,8 +56,10 @@ def size_problem(width: int, height: int, max_pixels: int | None = MAX_PIXELS) -
     if max_pixels is not None and width * height > max_pixels:
         return f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        return (f"image is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
-                "the other; crop it closer to the subject")
+        return (
+            f"image is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
+            "the other; crop it closer to the subject"
+        )
     return None
 
 

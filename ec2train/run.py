@@ -19,8 +19,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ec2train import ddp, s3
 from ec2train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, resume_mode
@@ -99,10 +100,12 @@ class StopOnSignals:
         if self.signum is not None:
             what = "Ctrl-C" if self.ctrl_c else "SIGTERM"
             again = "Ctrl-C again to quit at once" if self.ctrl_c else "a second SIGTERM kills it"
-            self._say(f"[bold yellow]{what}[/bold yellow]: stopping at the next step; the last completed "
-                      f"epoch's checkpoint stays ({again})")
+            self._say(
+                f"[bold yellow]{what}[/bold yellow]: stopping at the next step; the last completed "
+                f"epoch's checkpoint stays ({again})"
+            )
 
-    def __enter__(self) -> "StopOnSignals":
+    def __enter__(self) -> StopOnSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -177,8 +180,12 @@ def fit_run(
             cfg = fetch_remote_checkpoint(cfg, say)
             watcher.start()
             stops = [watcher.should_stop, signals.received, *([should_stop] if should_stop else [])]
-            result = fit(cfg, console=console, should_stop=lambda: any(f() for f in stops),
-                         on_epoch=sync.on_epoch if sync else None)
+            result = fit(
+                cfg,
+                console=console,
+                should_stop=lambda: any(f() for f in stops),
+                on_epoch=sync.on_epoch if sync else None,
+            )
         except BaseException as exc:
             if sync is not None:
                 if isinstance(exc, Exception) and not isinstance(exc, s3.S3Error):
@@ -208,7 +215,9 @@ def _finish_sync(sync: s3.RunSync | None, result: FitResult, say: Callable[[str]
     if ctrl_c:
         say(f"uploading the run's last files to {sync.prefix} (Ctrl-C again to skip)")
     seconds = sync.finish(result.logdir)
-    say(f"{result.output} and the TensorBoard logs are in {sync.prefix} ({sync.uploader.uploads} uploads; {seconds:.1f} s at exit)")
+    say(
+        f"{result.output} and the TensorBoard logs are in {sync.prefix} ({sync.uploader.uploads} uploads; {seconds:.1f} s at exit)"
+    )
 
 
 def _stopped_line(cfg: TrainConfig, result: FitResult, watcher: SpotWatcher, signum: int | None, sync) -> str:
@@ -222,13 +231,16 @@ def _stopped_line(cfg: TrainConfig, result: FitResult, watcher: SpotWatcher, sig
         what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
     else:
         what = "a stop request (a spot notice or SIGTERM seen by another process, or the caller's should_stop)"
-    kept = f"the checkpoint of epoch {done} is in {where}" if done else "no epoch had finished, so there is no checkpoint yet"
+    kept = (
+        f"the checkpoint of epoch {done} is in {where}"
+        if done
+        else "no epoch had finished, so there is no checkpoint yet"
+    )
     line = f"[bold yellow]stopped by {what}[/bold yellow]{took}: {done} of {cfg.epochs} epochs done, {kept}."
     if signum == signal.SIGINT:
         return line  # the CLI's hint follows, with its exit code
-    return (
-        f"{line} Exit code {EXIT_INTERRUPTED}. Continue on any instance with the same command plus --resume auto"
-        + (f" (settings: {sync.prefix.child(CONFIG_FILE)})" if sync else "")
+    return f"{line} Exit code {EXIT_INTERRUPTED}. Continue on any instance with the same command plus --resume auto" + (
+        f" (settings: {sync.prefix.child(CONFIG_FILE)})" if sync else ""
     )
 
 
@@ -236,4 +248,6 @@ def interrupted_hint(output: str | Path) -> str:
     """What `ec2train fit` prints when Ctrl-C ended it (exit 130)."""
     if (Path(output) / CHECKPOINT_FILE).is_file():
         return "interrupted; the last completed epoch's checkpoint is intact (resume with --resume auto)"
-    return "interrupted before the first epoch finished: there is no checkpoint yet (run the same command to start again)"
+    return (
+        "interrupted before the first epoch finished: there is no checkpoint yet (run the same command to start again)"
+    )

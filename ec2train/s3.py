@@ -20,10 +20,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ec2train import aws
 from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE, RUN_FILES
@@ -41,7 +42,13 @@ DIGEST_KEY = "sha256"  # object metadata (x-amz-meta-sha256): hex SHA-256 of the
 RUNS_PREFIX = "runs"
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+}
 
 
 class S3Error(UserError):
@@ -54,6 +61,7 @@ class S3Error(UserError):
 
 # ---------------------------------------------------------------- addresses
 
+
 @dataclass(frozen=True)
 class S3Uri:
     bucket: str
@@ -62,12 +70,12 @@ class S3Uri:
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
-    def child(self, name: str) -> "S3Uri":
+    def child(self, name: str) -> S3Uri:
         """`prefix/name` (the key is treated as a folder)."""
         prefix = self.key.rstrip("/")
         return S3Uri(self.bucket, f"{prefix}/{name}" if prefix else name)
 
-    def parent(self) -> "S3Uri":
+    def parent(self) -> S3Uri:
         return S3Uri(self.bucket, self.key.rstrip("/").rpartition("/")[0])
 
 
@@ -75,7 +83,7 @@ def parse_uri(uri: str, *, need_key: bool = False, option: str = "--s3-uri") -> 
     """Validate s3://bucket[/key]; need_key: an object, not a bucket."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise S3Error(f"{option} {uri!r}: not an S3 address; use s3://bucket/prefix")
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not _BUCKET_RE.match(bucket) or ".." in bucket or re.fullmatch(r"[\d.]+", bucket):
         raise S3Error(
             f"{option} {uri!r}: {bucket!r} is not a valid bucket name "
@@ -95,6 +103,7 @@ def _s3(client: Any | None) -> Any:
 
 
 # ---------------------------------------------------------------- errors
+
 
 def _client_error(exc: BaseException) -> Any | None:
     """The botocore ClientError behind exc (boto3's transfer layer wraps it), if any."""
@@ -145,7 +154,9 @@ def as_s3_error(exc: BaseException, action: str, uri: S3Uri | str, kms_key: str 
                 "check the key id/ARN and that the role has kms:GenerateDataKey and kms:Decrypt on it"
             )
         if code in _CREDENTIAL_CODES:
-            return S3Error(f"AWS rejected the credentials ({code}) to {action} {uri}; refresh them (`aws configure`, or the instance profile)")
+            return S3Error(
+                f"AWS rejected the credentials ({code}) to {action} {uri}; refresh them (`aws configure`, or the instance profile)"
+            )
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
             extra = " and kms:GenerateDataKey/kms:Decrypt on the key" if kms_key else ""
             return S3Error(
@@ -159,6 +170,7 @@ def as_s3_error(exc: BaseException, action: str, uri: S3Uri | str, kms_key: str 
 
 
 # ---------------------------------------------------------------- digests
+
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
@@ -188,7 +200,12 @@ def file_digest(path: Path) -> FileDigest:
             whole.update(chunk)
             parts.append(hashlib.sha256(chunk).digest())
     multipart = size >= PART_SIZE
-    return FileDigest(size, whole.hexdigest(), _b64(whole.digest()), _b64(hashlib.sha256(b"".join(parts)).digest()) if multipart else None)
+    return FileDigest(
+        size,
+        whole.hexdigest(),
+        _b64(whole.digest()),
+        _b64(hashlib.sha256(b"".join(parts)).digest()) if multipart else None,
+    )
 
 
 def _transfer_config():
@@ -221,6 +238,7 @@ def _snapshot(path: Path) -> tuple[Path, bool]:
 
 
 # ---------------------------------------------------------------- single objects
+
 
 def upload_file(
     local: str | Path,
@@ -355,7 +373,7 @@ def download_prefix(
     root = dest.resolve()
     jobs = []
     for o in objects:
-        target = (dest / o["Key"][len(uri.key):]).resolve()
+        target = (dest / o["Key"][len(uri.key) :]).resolve()
         if root not in target.parents:  # keys like '../x' must not write outside dest
             raise S3Error(f"refusing to download {o['Key']!r}: it points outside {dest}")
         jobs.append((o, target))
@@ -390,7 +408,11 @@ def find_checkpoint(s3_uri: str | S3Uri, *, client: Any | None = None) -> str | 
 def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any | None = None) -> Path:
     """Fetch a run's checkpoint into dest/last.pt, and its model.pth beside it when there is one,
     so a fresh instance's output folder is complete. Returns the local checkpoint."""
-    uri = checkpoint_uri if isinstance(checkpoint_uri, S3Uri) else parse_uri(checkpoint_uri, need_key=True, option="--resume")
+    uri = (
+        checkpoint_uri
+        if isinstance(checkpoint_uri, S3Uri)
+        else parse_uri(checkpoint_uri, need_key=True, option="--resume")
+    )
     s3 = _s3(client)
     dest = Path(dest)
     local = download_file(uri, dest / CHECKPOINT_FILE, client=s3)
@@ -410,6 +432,7 @@ def export_to_s3(model_path: str | Path, s3_uri: str, kms_key: str | None = None
 
 # ---------------------------------------------------------------- background uploads
 
+
 class BackgroundUploader:
     """One thread that uploads the newest version of each submitted file.
 
@@ -420,7 +443,9 @@ class BackgroundUploader:
     raised by the next submit() too, so training stops instead of running unsaved for hours.
     """
 
-    def __init__(self, kms_key: str | None = None, *, client: Any | None = None, log: Callable[[str], None] | None = None):
+    def __init__(
+        self, kms_key: str | None = None, *, client: Any | None = None, log: Callable[[str], None] | None = None
+    ):
         self.kms_key = kms_key or None
         self._client = client
         self._log = log or (lambda msg: None)
@@ -496,7 +521,9 @@ class BackgroundUploader:
                 self._failed[uri] = exc
                 if exc.permanent:
                     self._fatal = self._fatal or exc
-                self._log(f"[yellow]S3 upload failed[/yellow] ({'stopping' if exc.permanent else 'will retry next epoch'}): {exc}")
+                self._log(
+                    f"[yellow]S3 upload failed[/yellow] ({'stopping' if exc.permanent else 'will retry next epoch'}): {exc}"
+                )
             except Exception as exc:  # never let the thread die silently
                 self._failed[uri] = as_s3_error(exc, "upload", uri, self.kms_key)
                 self._log(f"[yellow]S3 upload failed[/yellow]: {self._failed[uri]}")
@@ -510,8 +537,16 @@ class RunSync:
     """Mirrors a fit to s3://bucket/prefix on rank 0: the output folder's files and the run's
     TensorBoard events every epoch (in the background), and everything at exit (flushed)."""
 
-    def __init__(self, s3_uri: str, output: str | Path, logdir: str | Path, kms_key: str | None = None, *,
-                 client: Any | None = None, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        s3_uri: str,
+        output: str | Path,
+        logdir: str | Path,
+        kms_key: str | None = None,
+        *,
+        client: Any | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.prefix = parse_uri(s3_uri)
         self.output = Path(output)
         self.logdir = Path(logdir)
@@ -536,7 +571,9 @@ class RunSync:
         return [p for p in self.logdir.rglob("events.out.tfevents.*") if tag in p.name] if self.logdir.is_dir() else []
 
     def _files(self, run_dir: Path | None = None) -> list[tuple[Path, S3Uri]]:
-        events = sorted(run_dir.rglob("events.out.tfevents.*")) if run_dir and run_dir.is_dir() else self._own_event_files()
+        events = (
+            sorted(run_dir.rglob("events.out.tfevents.*")) if run_dir and run_dir.is_dir() else self._own_event_files()
+        )
         files = [(p, self.prefix.child(f"{RUNS_PREFIX}/{p.relative_to(self.logdir).as_posix()}")) for p in events]
         files += [(self.output / name, self.prefix.child(name)) for name in RUN_FILES if (self.output / name).is_file()]
         return files

@@ -20,10 +20,11 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ec2train.errors import UserError
 from ec2train.infer import (
@@ -152,7 +153,10 @@ class Batcher:
                 continue
             try:
                 answers = await loop.run_in_executor(
-                    self.executor, self.predictor.predict_tensors, [it.tensor for it in items], [it.request for it in items]
+                    self.executor,
+                    self.predictor.predict_tensors,
+                    [it.tensor for it in items],
+                    [it.request for it in items],
                 )
             except Exception as exc:  # a failed pass fails its requests (500), not the server
                 log.exception("forward pass failed")
@@ -219,7 +223,9 @@ async def _read_body(request: Any, max_bytes: int) -> bytes:
             break
     if size > max_bytes:
         shown = declared if declared.isdigit() else f"more than {size}"
-        raise PayloadTooLarge(f"request body is {shown} bytes, more than the limit of {max_bytes}; send a smaller image")
+        raise PayloadTooLarge(
+            f"request body is {shown} bytes, more than the limit of {max_bytes}; send a smaller image"
+        )
     return b"".join(chunks)
 
 
@@ -296,8 +302,15 @@ def create_app(
         batcher.predictor = predictor
         state.batch_task = asyncio.create_task(batcher.run())
         state.predictor = predictor
-        log.info("model %s loaded: %s, %d classes, %d px; max batch %d, max wait %g ms",
-                 model_path, predictor.meta["arch"], len(predictor.class_names), predictor.image_size, max_batch, max_wait_ms)
+        log.info(
+            "model %s loaded: %s, %d classes, %d px; max batch %d, max wait %g ms",
+            model_path,
+            predictor.meta["arch"],
+            len(predictor.class_names),
+            predictor.image_size,
+            max_batch,
+            max_wait_ms,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -336,8 +349,12 @@ def create_app(
             with admission.slot():
                 with batcher.preparing_one():
                     req, tensor = await run_in_threadpool(
-                        _prepare, predictor, body, request.headers.get("content-type"),
-                        request.headers.get(CUSTOM_ATTRIBUTES_HEADER), max_bytes,
+                        _prepare,
+                        predictor,
+                        body,
+                        request.headers.get("content-type"),
+                        request.headers.get(CUSTOM_ATTRIBUTES_HEADER),
+                        max_bytes,
                     )
                 answer = await batcher.submit(tensor, req)
         except RequestError as exc:
@@ -355,8 +372,15 @@ def create_app(
         return await invoke(request, runtime_api=True)
 
     async def stats_route(request):
-        return JSONResponse({**stats.as_dict(), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                             "in_progress": admission.active, "max_pending": admission.limit})
+        return JSONResponse(
+            {
+                **stats.as_dict(),
+                "max_batch": max_batch,
+                "max_wait_ms": max_wait_ms,
+                "in_progress": admission.active,
+                "max_pending": admission.limit,
+            }
+        )
 
     app = Starlette(
         routes=[
@@ -422,19 +446,32 @@ def run(
         from ec2train.model import read_model_file
 
         read_model_file(model_path)  # fail here, once, rather than in every worker
-        settings = dict(model_path=str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads, procs=workers)
+        settings = dict(
+            model_path=str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads, procs=workers
+        )
         os.environ[_ENV_CONFIG] = json.dumps(settings)
-        uvicorn.run("ec2train.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, **_connection_limits())
+        uvicorn.run(
+            "ec2train.server:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            **_connection_limits(),
+        )
         return
     app = create_app(model_path, max_batch, max_wait_ms, threads=threads)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **_connection_limits()))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **_connection_limits())
+    )
     app.state.on_load_error = lambda exc: setattr(server, "should_exit", True)
     try:
         server.run()
     except SystemExit:
         if not server.started:  # uvicorn exits when it cannot bind
-            raise UserError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); pick another --port") from None
+            raise UserError(
+                f"cannot listen on {host}:{port} (in use, or not an address of this machine); pick another --port"
+            ) from None
         raise
     error = app.state.load_error
     if error is not None:

@@ -11,8 +11,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import urlsplit
 
 from ec2train.errors import UserError
@@ -74,7 +74,9 @@ class Imds:
         """The session token, fetched again well before it expires."""
         now = time.monotonic()
         if self._token is None or now >= self._token_expires:
-            status, body = self._request("PUT", TOKEN_PATH, {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl)})
+            status, body = self._request(
+                "PUT", TOKEN_PATH, {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl)}
+            )
             if status != 200 or not body:
                 raise ImdsError(f"IMDSv2 token request answered HTTP {status}")
             self._token = body.decode("ascii", "replace").strip()
@@ -136,7 +138,9 @@ class SpotWatcher:
         if mode not in WATCH_MODES:
             raise UserError(f"--spot-watch {mode!r}: must be one of {', '.join(WATCH_MODES)}")
         if not poll_seconds > 0:
-            raise UserError(f"--spot-poll-seconds {poll_seconds}: must be greater than 0 (the notice comes 2 minutes ahead; 5 is plenty)")
+            raise UserError(
+                f"--spot-poll-seconds {poll_seconds}: must be greater than 0 (the notice comes 2 minutes ahead; 5 is plenty)"
+            )
         self.mode = mode
         self.poll_seconds = float(poll_seconds)
         self._endpoint, self._timeout, self._token_ttl = endpoint, timeout, token_ttl
@@ -147,7 +151,7 @@ class SpotWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "SpotWatcher":
+    def start(self) -> SpotWatcher:
         if self.mode == "off" or (self.mode == "auto" and metadata_disabled()):
             return self
         self.imds = Imds(self._endpoint, self._timeout, self._token_ttl)
@@ -181,7 +185,9 @@ class SpotWatcher:
                 log.debug("no IMDSv2 at %s (%s): spot interruption watcher off", self.imds.endpoint, exc)
                 self.state = "disabled"
                 return
-            self._log_line(f"[yellow]--spot-watch on, but no IMDSv2 answered at {self.imds.endpoint} ({exc}); still trying[/yellow]")
+            self._log_line(
+                f"[yellow]--spot-watch on, but no IMDSv2 answered at {self.imds.endpoint} ({exc}); still trying[/yellow]"
+            )
         self.state = "watching"
         while not self._stop.is_set():
             try:

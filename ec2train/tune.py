@@ -26,9 +26,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,6 +110,7 @@ def check_study_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------- search space
+
 
 @dataclass(frozen=True)
 class Param:
@@ -212,12 +214,12 @@ def _param_from_table(where: str, name: str, table: dict[str, Any], base: TrainC
 def load_space(path: str | Path | None, base: TrainConfig) -> list[Param]:
     """The default space, with the parameters named in a TOML space file replaced by its tables.
 
-        [lr]
-        low = 1e-4
-        high = 1e-1
-        log = true
-        [batch_size]
-        choices = [16, 32, 64]
+    [lr]
+    low = 1e-4
+    high = 1e-1
+    log = true
+    [batch_size]
+    choices = [16, 32, 64]
     """
     space = {p.name: p for p in default_space(base)}
     if path is None:
@@ -237,6 +239,7 @@ def load_space(path: str | Path | None, base: TrainConfig) -> list[Param]:
 
 
 # ---------------------------------------------------------------- parallel dispatch (pure)
+
 
 def visible_gpus(cuda_visible_devices: str | None, device_count: int) -> list[str]:
     """The GPU ids this process may hand out: CUDA_VISIBLE_DEVICES's entries, else 0..count-1."""
@@ -269,6 +272,7 @@ def loader_workers(requested: int, cpus: int, workers: int) -> int:
 
 # ---------------------------------------------------------------- storage and study
 
+
 def default_storage(output: Path) -> str:
     return f"sqlite:///{(output / STORAGE_FILE).resolve()}"
 
@@ -298,7 +302,9 @@ def open_storage(url: str):
             return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **kwargs)
         except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use this storage"
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TuneError(f"--storage {shown_url(url)}: cannot open it ({msg}); check the URL and that its folder exists") from None
+            raise TuneError(
+                f"--storage {shown_url(url)}: cannot open it ({msg}); check the URL and that its folder exists"
+            ) from None
 
 
 def _comparable(cfg: TrainConfig, searched: set[str]) -> dict[str, Any]:
@@ -323,6 +329,7 @@ def check_study_base(study, base: TrainConfig, space: list[Param]) -> None:
 
 # ---------------------------------------------------------------- one trial
 
+
 @dataclass
 class Job:
     """Everything a trial needs, also written as JSON for worker processes."""
@@ -337,18 +344,35 @@ class Job:
     prune_warmup_epochs: int = 1
 
     def to_json(self) -> str:
-        return json.dumps({
-            "study": self.study, "base": self.base.to_dict(), "space": [dataclasses.asdict(p) for p in self.space],
-            "output": str(self.output), "tb_root": str(self.tb_root), "prune": self.prune,
-            "prune_startup_trials": self.prune_startup_trials, "prune_warmup_epochs": self.prune_warmup_epochs,
-        })
+        return json.dumps(
+            {
+                "study": self.study,
+                "base": self.base.to_dict(),
+                "space": [dataclasses.asdict(p) for p in self.space],
+                "output": str(self.output),
+                "tb_root": str(self.tb_root),
+                "prune": self.prune,
+                "prune_startup_trials": self.prune_startup_trials,
+                "prune_warmup_epochs": self.prune_warmup_epochs,
+            }
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Job":
+    def from_json(cls, text: str) -> Job:
         d = json.loads(text)
-        space = [Param(**{**p, "choices": tuple(p["choices"]) if p["choices"] is not None else None}) for p in d["space"]]
-        return cls(d["study"], TrainConfig(**d["base"]), space, Path(d["output"]), Path(d["tb_root"]),
-                   d["prune"], d["prune_startup_trials"], d["prune_warmup_epochs"])
+        space = [
+            Param(**{**p, "choices": tuple(p["choices"]) if p["choices"] is not None else None}) for p in d["space"]
+        ]
+        return cls(
+            d["study"],
+            TrainConfig(**d["base"]),
+            space,
+            Path(d["output"]),
+            Path(d["tb_root"]),
+            d["prune"],
+            d["prune_startup_trials"],
+            d["prune_warmup_epochs"],
+        )
 
     def pruner(self):
         optuna = require_optuna()
@@ -381,8 +405,9 @@ def _fmt_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def write_trial_hparams(logdir: Path, params: dict[str, Any], state: str, valid_acc1: float, epochs: int,
-                        space: list[Param]) -> None:
+def write_trial_hparams(
+    logdir: Path, params: dict[str, Any], state: str, valid_acc1: float, epochs: int, space: list[Param]
+) -> None:
     """One TensorBoard hparams entry per trial, so the HParams tab compares every trial, pruned ones too."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -424,7 +449,9 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
             say(f"{worker}trial {n} epoch {record['epoch']}/{cfg.epochs}: valid acc {acc:.4f}")
             # After the last epoch there is nothing left to save: let the trial complete.
             if record["epoch"] < cfg.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"valid acc {best['acc']:.4f} after {record['epoch']} epochs is below the median")
+                raise optuna.TrialPruned(
+                    f"valid acc {best['acc']:.4f} after {record['epoch']} epochs is below the median"
+                )
 
         state = "INTERRUPTED"
         try:
@@ -464,15 +491,24 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
 
 # ---------------------------------------------------------------- results
 
+
 def trial_rows(study) -> list[dict[str, Any]]:
     """One dict per trial: number, state, params, valid_acc1 (best so far for pruned), epochs, error."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        acc = t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
-        rows.append({
-            "number": t.number, "state": t.state.name, "params": dict(t.params), "valid_acc1": acc,
-            "epochs": len(t.intermediate_values), "error": t.user_attrs.get("error", ""),
-        })
+        acc = (
+            t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
+        )
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "params": dict(t.params),
+                "valid_acc1": acc,
+                "epochs": len(t.intermediate_values),
+                "error": t.user_attrs.get("error", ""),
+            }
+        )
     return rows
 
 
@@ -514,6 +550,7 @@ class TuneResult:
 
 # ---------------------------------------------------------------- the search
 
+
 def tune(
     base: TrainConfig,
     *,
@@ -554,8 +591,16 @@ def tune(
     # Trials side by side share the CPUs for data loading; best.toml keeps the user's setting.
     trial_base = dataclasses.replace(base, workers=loader_workers(base.workers, available_cpus(), n_workers))
     startup = prune_startup_trials if prune_startup_trials is not None else min(5, max(1, trials // 4))
-    job = Job(study_name, trial_base, params, output.resolve(), (Path(base.logdir) / f"tune-{study_name}").resolve(),
-              prune, startup, prune_warmup_epochs)
+    job = Job(
+        study_name,
+        trial_base,
+        params,
+        output.resolve(),
+        (Path(base.logdir) / f"tune-{study_name}").resolve(),
+        prune,
+        startup,
+        prune_warmup_epochs,
+    )
 
     study = _open_study(optuna, study_name, storage_url, base, params, job)
     started = counted_trials(study)
@@ -580,8 +625,15 @@ def tune(
     best = write_best(study, base, output / BEST_FILE)
     cfg, trial = best if best is not None else (None, None)
     result = TuneResult(
-        study, trial_rows(study), cfg, output / BEST_FILE if cfg else None, trial.value if trial else None,
-        trial.number if trial else None, storage=storage_url, tb_root=job.tb_root, worker_exits=exits,
+        study,
+        trial_rows(study),
+        cfg,
+        output / BEST_FILE if cfg else None,
+        trial.value if trial else None,
+        trial.number if trial else None,
+        storage=storage_url,
+        tb_root=job.tb_root,
+        worker_exits=exits,
     )
     if then_fit:
         result.final = _fit_best(result, study_name, console, say)
@@ -592,11 +644,17 @@ def _open_study(optuna, study_name: str, storage_url: str, base: TrainConfig, pa
     """Create or load the study; refuse one made for another purpose or with other fixed settings."""
     rdb = open_storage(storage_url)
     study = optuna.create_study(
-        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
-        sampler=sampler([base.seed, len_trials(rdb, study_name)]), pruner=job.pruner(),
+        study_name=study_name,
+        storage=rdb,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=sampler([base.seed, len_trials(rdb, study_name)]),
+        pruner=job.pruner(),
     )
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise TuneError(f"study '{study_name}' maximises nothing (it was made elsewhere to minimise); use another --study")
+        raise TuneError(
+            f"study '{study_name}' maximises nothing (it was made elsewhere to minimise); use another --study"
+        )
     check_study_base(study, base, params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -607,7 +665,9 @@ def _open_study(optuna, study_name: str, storage_url: str, base: TrainConfig, pa
 def _fit_best(result: TuneResult, study_name: str, console, say: Callable[[str], None]) -> Any:
     """--then-fit: train the final model with the best settings."""
     if result.best_file is None:
-        raise TuneError(f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train")
+        raise TuneError(
+            f"--then-fit: no trial of study '{study_name}' completed, so there are no best settings to train"
+        )
     say(f"training the final model with {result.best_file}")
     # Read back the file just written: the final model is exactly what `fit --config best.toml` trains.
     return loop.fit(resolve(result.best_file), console=console)
@@ -635,8 +695,15 @@ def len_trials(storage, study_name: str) -> int:
 
 # ---------------------------------------------------------------- parallel workers
 
-def _run_parallel(job: Job, storage_url: str, to_run: int, devices: list[str | None], deadline: float | None,
-                  say: Callable[[str], None]) -> list[int]:
+
+def _run_parallel(
+    job: Job,
+    storage_url: str,
+    to_run: int,
+    devices: list[str | None],
+    deadline: float | None,
+    say: Callable[[str], None],
+) -> list[int]:
     """One thread per worker slot; each starts trial processes one after another (one trial per process,
     so a crash or CUDA error ends one trial, not the search) until `to_run` trials have started."""
     optuna = require_optuna()
@@ -712,8 +779,10 @@ def _worker_main(argv: list[str]) -> int:
         job_file, label, seq = argv
         job = Job.from_json(Path(job_file).read_text())
         study = optuna.load_study(
-            study_name=job.study, storage=open_storage(os.environ[STORAGE_ENV]),
-            sampler=sampler([job.base.seed, int(seq), os.getpid()]), pruner=job.pruner(),
+            study_name=job.study,
+            storage=open_storage(os.environ[STORAGE_ENV]),
+            sampler=sampler([job.base.seed, int(seq), os.getpid()]),
+            pruner=job.pruner(),
         )
         say = lambda msg: console.print(msg, highlight=False, markup=False)  # noqa: E731
         study.optimize(make_objective(job, say, label), n_trials=1, catch=(Exception,))

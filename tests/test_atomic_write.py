@@ -72,7 +72,9 @@ def _fill_then_fail(exc: BaseException):
     return write
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")])
+@pytest.mark.parametrize(
+    "exc", [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")]
+)
 def test_full_disk_from_any_writer_is_one_line(tmp_path, exc):
     with pytest.raises(UserError, match=rf"disk full: cannot write model.pth in {tmp_path} \(.* MiB free\)"):
         atomic_write(tmp_path / "model.pth", _fill_then_fail(exc))

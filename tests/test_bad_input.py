@@ -21,7 +21,9 @@ def data_copy(demo_data: Path, tmp_path: Path) -> Path:
 
 
 def fit_err(capsys, data, tmp_path, *extra):
-    return cli_in_process(capsys, "fit", "--data", data, "--output", tmp_path / "out", "--logdir", tmp_path / "runs", *FAST, *extra)
+    return cli_in_process(
+        capsys, "fit", "--data", data, "--output", tmp_path / "out", "--logdir", tmp_path / "runs", *FAST, *extra
+    )
 
 
 def test_missing_data_folder(capsys, tmp_path):
@@ -72,8 +74,14 @@ def test_data_check_clean(capsys, demo_data):
 
 @pytest.mark.parametrize(
     "option,value,needle",
-    [("--epochs", "0", "at least 1"), ("--lr", "0", "greater than 0"), ("--lr", "-1", "greater than 0"),
-     ("--batch-size", "0", "at least 1"), ("--label-smoothing", "1.5", "[0, 1)"), ("--warmup-epochs", "9", "fewer than")],
+    [
+        ("--epochs", "0", "at least 1"),
+        ("--lr", "0", "greater than 0"),
+        ("--lr", "-1", "greater than 0"),
+        ("--batch-size", "0", "at least 1"),
+        ("--label-smoothing", "1.5", "[0, 1)"),
+        ("--warmup-epochs", "9", "fewer than"),
+    ],
 )
 def test_invalid_numbers(capsys, demo_data, tmp_path, option, value, needle):
     code, _, err = fit_err(capsys, demo_data, tmp_path, option, value)
@@ -82,7 +90,9 @@ def test_invalid_numbers(capsys, demo_data, tmp_path, option, value, needle):
 
 
 def test_unknown_arch(capsys, demo_data, tmp_path):
-    assert_one_line_error(*fit_err(capsys, demo_data, tmp_path, "--arch", "resnet51")[:3:2], "unknown --arch", "resnet50")
+    assert_one_line_error(
+        *fit_err(capsys, demo_data, tmp_path, "--arch", "resnet51")[:3:2], "unknown --arch", "resnet50"
+    )
 
 
 def test_no_network_for_imagenet_weights(capsys, demo_data, tmp_path, monkeypatch):
@@ -108,8 +118,12 @@ def test_unreadable_and_foreign_model_files(capsys, demo_data, tmp_path, trained
             return (print, ("pwned",))
 
     torch.save({"format": "ec2train.model/1", "x": Evil()}, evil)
-    for path, needle in ((tmp_path / "missing.pth", "no model file"), (junk, "not a pytorch file"),
-                         (bare, "not an ec2train model file"), (evil, "untrusted pickles are refused")):
+    for path, needle in (
+        (tmp_path / "missing.pth", "no model file"),
+        (junk, "not a pytorch file"),
+        (bare, "not an ec2train model file"),
+        (evil, "untrusted pickles are refused"),
+    ):
         code, out, err = cli_in_process(capsys, "predict", "--model", path, image)
         assert_one_line_error(code, err, needle)
         assert "pwned" not in out
@@ -118,7 +132,9 @@ def test_unreadable_and_foreign_model_files(capsys, demo_data, tmp_path, trained
 def test_bad_config_file(capsys, demo_data, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[fit]\nlearning_rate = 0.1\n")
-    assert_one_line_error(*fit_err(capsys, demo_data, tmp_path, "--config", cfg)[:3:2], "unknown setting 'learning_rate'")
+    assert_one_line_error(
+        *fit_err(capsys, demo_data, tmp_path, "--config", cfg)[:3:2], "unknown setting 'learning_rate'"
+    )
     cfg.write_text("epochs = 'three'\n")
     assert_one_line_error(*fit_err(capsys, demo_data, tmp_path, "--config", cfg)[:3:2], "'epochs' must be a int")
     cfg.write_text("epochs = [\n")
@@ -126,7 +142,9 @@ def test_bad_config_file(capsys, demo_data, tmp_path):
 
 
 def test_resume_path_missing(capsys, demo_data, tmp_path):
-    assert_one_line_error(*fit_err(capsys, demo_data, tmp_path, "--resume", tmp_path / "last.pt")[:3:2], "no such checkpoint")
+    assert_one_line_error(
+        *fit_err(capsys, demo_data, tmp_path, "--resume", tmp_path / "last.pt")[:3:2], "no such checkpoint"
+    )
 
 
 def test_real_entry_point_bad_input_has_no_traceback(tmp_path):

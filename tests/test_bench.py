@@ -10,8 +10,16 @@ from ec2train.data import make_demo_dataset
 from ec2train.perf import bench, median_short_side, verdict
 from tests.support.cli import assert_one_line_error, cli_in_process
 
-BASE = dict(device_type="cuda", amp="fp16", channels_last=True, frozen=False, workers=3, cpus=4,
-            median_short_side=300, image_size=224)
+BASE = dict(
+    device_type="cuda",
+    amp="fp16",
+    channels_last=True,
+    frozen=False,
+    workers=3,
+    cpus=4,
+    median_short_side=300,
+    image_size=224,
+)
 
 
 def joined(advice: list[str]) -> str:
@@ -56,7 +64,9 @@ def test_poor_overlap_is_called_out():
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("bench") / "d", classes=3, per_class=8, size=48, eval_per_class=1)  # 24 images: whole batches of 4
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("bench") / "d", classes=3, per_class=8, size=48, eval_per_class=1
+    )  # 24 images: whole batches of 4
 
 
 def test_bench_measures_fit_parts_on_real_data(small_data: Path):
@@ -68,8 +78,24 @@ def test_bench_measures_fit_parts_on_real_data(small_data: Path):
 
 
 def test_bench_cli_prints_the_three_rates_and_the_verdict(capsys, small_data: Path):
-    code, out, _ = cli_in_process(capsys, "bench", "--data", small_data, "--arch", "resnet18", "--batch-size", "4",
-                                  "--workers", "0", "--device", "cpu", "--image-size", "32", "--steps", "2")
+    code, out, _ = cli_in_process(
+        capsys,
+        "bench",
+        "--data",
+        small_data,
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--steps",
+        "2",
+    )
     assert code == 0
     text = " ".join(out.split())
     for row in ("input pipeline alone", "training step alone", "end to end", "bound by the"):

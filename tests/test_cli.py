@@ -110,7 +110,9 @@ def test_fit_summary_lists_last_pt_and_predict_calls_it_a_checkpoint(capsys, dem
     settings = {**TINY_FIT, "epochs": 1}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     out_dir = tmp_path / "out"
-    code, out, err = cli_in_process(capsys, "fit", "--data", demo_data, "--output", out_dir, "--logdir", tmp_path / "runs", *args)
+    code, out, err = cli_in_process(
+        capsys, "fit", "--data", demo_data, "--output", out_dir, "--logdir", tmp_path / "runs", *args
+    )
     assert code == 0, err
     cells = re.sub(r"[\s│]", "", out)  # the table's cells, long paths folded back together
     assert f"checkpoint{out_dir / 'last.pt'}" in cells and f"model{out_dir / 'model.pth'}" in cells, out
@@ -124,6 +126,10 @@ def test_fit_summary_lists_last_pt_and_predict_calls_it_a_checkpoint(capsys, dem
 def test_console_script_entry_point_is_the_package_main():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'ec2train = "ec2train.cli:main"' in text
-    res = subprocess.run([sys.executable, "-c", "from ec2train.cli import main; main(['--help'])"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", "from ec2train.cli import main; main(['--help'])"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and "fit" in res.stdout and "deploy" in res.stdout, res.stderr

@@ -28,8 +28,12 @@ class FitProcess:
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
         env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ec2train", "fit", *args], env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "ec2train", "fit", *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -76,9 +80,28 @@ class FitProcess:
 
 
 def fit_args(data: Path, tmp: Path, workers: int) -> list[str]:
-    return ["--data", str(data), "--output", str(tmp / "out"), "--logdir", str(tmp / "runs"),
-            "--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "16",
-            "--epochs", str(EPOCHS), "--workers", str(workers), "--spot-watch", "off"]
+    return [
+        "--data",
+        str(data),
+        "--output",
+        str(tmp / "out"),
+        "--logdir",
+        str(tmp / "runs"),
+        "--arch",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--epochs",
+        str(EPOCHS),
+        "--workers",
+        str(workers),
+        "--spot-watch",
+        "off",
+    ]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -99,7 +122,10 @@ def test_ctrl_c_stops_at_the_next_step_keeps_the_checkpoint_and_says_how_to_resu
     assert "DataLoader worker" not in output, output  # the workers ignored the terminal's Ctrl-C
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # intact, loadable as --resume reads it
     assert 1 <= state["epoch"] < EPOCHS
-    assert f"stopped by Ctrl-C: {state['epoch']} of {EPOCHS} epochs done, the checkpoint of epoch {state['epoch']} is in" in text
+    assert (
+        f"stopped by Ctrl-C: {state['epoch']} of {EPOCHS} epochs done, the checkpoint of epoch {state['epoch']} is in"
+        in text
+    )
     assert not list(ckpt.parent.glob("*.tmp*")), list(ckpt.parent.iterdir())  # no half-written file left
     assert fit.group_gone(), "DataLoader workers outlived the run"
 
@@ -111,8 +137,10 @@ def test_a_second_ctrl_c_quits_at_once_even_while_the_final_s3_upload_hangs(aws,
     proxy = FaultyProxy(aws)
     # Every upload of last.pt hangs for 10 minutes: the flush after the first Ctrl-C cannot end.
     proxy.delay = (lambda method, path: method == "PUT" and "last.pt" in path, 600.0)
-    fit = FitProcess([*fit_args(demo_data, tmp_path, 0), "--s3-uri", "s3://ec2train-ctrl-c/run"],
-                     env=dict(os.environ, AWS_ENDPOINT_URL=proxy.url))
+    fit = FitProcess(
+        [*fit_args(demo_data, tmp_path, 0), "--s3-uri", "s3://ec2train-ctrl-c/run"],
+        env=dict(os.environ, AWS_ENDPOINT_URL=proxy.url),
+    )
     try:
         fit.wait_for((tmp_path / "out" / "last.pt").exists, "epoch 1's checkpoint")
         fit.ctrl_c()

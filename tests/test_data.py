@@ -27,8 +27,13 @@ from tests.support.cli import assert_one_line_error, cli_in_process
 
 @pytest.mark.parametrize(
     "folder,name",
-    [("001.Affenpinscher", "Affenpinscher"), ("124.Poodle", "Poodle"), ("035.Bull_terrier", "Bull terrier"),
-     ("Great_Dane", "Great Dane"), ("v2.model", "v2.model")],
+    [
+        ("001.Affenpinscher", "Affenpinscher"),
+        ("124.Poodle", "Poodle"),
+        ("035.Bull_terrier", "Bull terrier"),
+        ("Great_Dane", "Great Dane"),
+        ("v2.model", "v2.model"),
+    ],
 )
 def test_class_names_are_human(folder, name):
     assert class_name(folder) == name
@@ -38,7 +43,11 @@ def test_demo_data_layout_and_idempotence(tmp_path):
     root = make_demo_dataset(tmp_path / "d", classes=3, per_class=8, size=32)
     report = check_dataset(root, decode=True)
     assert report.ok
-    assert {s: (r.classes, r.images) for s, r in report.splits.items()} == {"train": (3, 24), "valid": (3, 9), "test": (3, 9)}
+    assert {s: (r.classes, r.images) for s, r in report.splits.items()} == {
+        "train": (3, 24),
+        "valid": (3, 9),
+        "test": (3, 9),
+    }
     stamp = (root / "train" / "001.Circle").stat().st_mtime_ns
     assert make_demo_dataset(root, classes=3, per_class=8, size=32) == root  # same call: nothing rewritten
     assert (root / "train" / "001.Circle").stat().st_mtime_ns == stamp
@@ -219,7 +228,9 @@ def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
     bomb = _bomb(tmp_path / "bomb.zip")
     assert bomb.stat().st_size < 100_000  # 30 MiB of zeros in a few kB
     out = tmp_path / "out"
-    with pytest.raises(DataError, match=r"zeros.jpg.*expands \d+x \(limit 100x\); a zip bomb\? \(deleted the download\)"):
+    with pytest.raises(
+        DataError, match=r"zeros.jpg.*expands \d+x \(limit 100x\); a zip bomb\? \(deleted the download\)"
+    ):
         fetch_dataset(bomb.as_uri(), out / "dogImages")
     _no_leftovers(out)
 
@@ -263,7 +274,10 @@ def _zip_with(path: Path, *entries: tuple[str, int | None, bytes]) -> Path:
         # the case that used to end in NotADirectoryError: a link (unpacked as a file) with entries below it
         ([("dogImages/valid", 0o120777, b"train"), ("dogImages/valid/001.A/b.jpg", None, b"y")], "symbolic link"),
         ([("dogImages/test", 0o010644, b"")], "not a plain file or folder"),  # a FIFO
-        ([("dogImages/test", None, b"f"), ("dogImages/test/001.A/c.jpg", None, b"y")], "a file and a folder of that name"),
+        (
+            [("dogImages/test", None, b"f"), ("dogImages/test/001.A/c.jpg", None, b"y")],
+            "a file and a folder of that name",
+        ),
         ([("dogImages/train/001.A/a.jpg", None, b"again")], "holds it twice"),
     ],
 )
@@ -429,13 +443,19 @@ def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys
 
 def test_cli_data_split_and_fetch_sha256(unsplit, tmp_path, capsys):
 
-    code, out, err = cli_in_process(capsys, "data", "split", unsplit, tmp_path / "s", "--valid", "0.2", "--test", "0.1", "--seed", "1")
+    code, out, err = cli_in_process(
+        capsys, "data", "split", unsplit, tmp_path / "s", "--valid", "0.2", "--test", "0.1", "--seed", "1"
+    )
     assert code == 0, err
     assert "train 34, valid 10, test 6 images in 3 classes" in " ".join(out.split())
     code, _, err = cli_in_process(capsys, "data", "split", unsplit, tmp_path / "s")
     assert_one_line_error(code, err, "already exists", "never overwrites")
     archive = tmp_path / "d.zip"
     archive.write_bytes(_zip_of(tmp_path / "s"))
-    code, _, err = cli_in_process(capsys, "data", "fetch", "--url", archive.as_uri(), "--dest", tmp_path / "f", "--sha256", "ab" * 32)
+    code, _, err = cli_in_process(
+        capsys, "data", "fetch", "--url", archive.as_uri(), "--dest", tmp_path / "f", "--sha256", "ab" * 32
+    )
     last = err.strip().splitlines()[-1]  # after the progress bar
-    assert code == 2 and "Traceback" not in err and last.startswith("error:") and "not the expected " + "ab" * 32 in last, err
+    assert (
+        code == 2 and "Traceback" not in err and last.startswith("error:") and "not the expected " + "ab" * 32 in last
+    ), err

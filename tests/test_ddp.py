@@ -46,8 +46,15 @@ TIMEOUT = 240
 # and no augmentation make the step a function of the images alone; SGD keeps the update linear
 # in the gradient, so float noise stays float noise.
 COMMON = dict(
-    arch="resnet18", weights="none", image_size=32, workers=0, epochs=2, augment=False,
-    freeze_backbone=True, optimizer="sgd", lr=0.05,
+    arch="resnet18",
+    weights="none",
+    image_size=32,
+    workers=0,
+    epochs=2,
+    augment=False,
+    freeze_backbone=True,
+    optimizer="sgd",
+    lr=0.05,
 )
 
 
@@ -64,7 +71,9 @@ def cli_args(**settings) -> list[str]:
 
 def run(cmd: list[str], timeout: float = TIMEOUT, **kw) -> subprocess.CompletedProcess:
     """Run to completion in its own process group, which is killed if it overruns."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    proc = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -83,7 +92,9 @@ def state_dicts_close(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     """4 classes x 16 train images; valid and test 4 x 3 + 1 = 13 images (odd: 7 + 6 over 2 ranks)."""
-    root = make_demo_dataset(tmp_path_factory.mktemp("ddp") / "data", classes=4, per_class=16, size=32, eval_per_class=3)
+    root = make_demo_dataset(
+        tmp_path_factory.mktemp("ddp") / "data", classes=4, per_class=16, size=32, eval_per_class=3
+    )
     for split in ("valid", "test"):
         folder = root / split / "002.Square"
         first = sorted(folder.iterdir())[0]
@@ -92,6 +103,7 @@ def small_data(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- pure pieces
+
 
 @pytest.mark.parametrize("n", [10, 11, 13])
 def test_train_sampler_shards_are_disjoint_and_cover_the_split(n):
@@ -158,16 +170,26 @@ def test_scale_lr_multiplies_by_world_size_and_launcher_pieces():
     with pytest.raises(UserError):
         ddp.resolve_nproc("two", 0)
     assert ddp.threads_per_process(16, 4) == 4 and ddp.threads_per_process(2, 4) == 1
-    args = ddp.strip_option(["--data", "d", "--nproc-per-node", "2", "--nproc-per-node=2", "--epochs", "3"], "--nproc-per-node")
+    args = ddp.strip_option(
+        ["--data", "d", "--nproc-per-node", "2", "--nproc-per-node=2", "--epochs", "3"], "--nproc-per-node"
+    )
     assert args == ["--data", "d", "--epochs", "3"]
-    assert ddp.torchrun_command("py", 2, args)[:5] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert ddp.torchrun_command("py", 2, args)[:5] == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+    ]
 
 
 def test_restarted_workers_get_a_fresh_store_namespace_on_one_node():
     one_node = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1", "TORCHELASTIC_RESTART_COUNT": "2"}
     assert ddp.restart_namespace(one_node) == "ec2train/attempt_2"
     assert ddp.restart_namespace({**one_node, "TORCHELASTIC_RESTART_COUNT": "0"}) != ddp.restart_namespace(one_node)
-    assert ddp.restart_namespace({**one_node, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # torch's own store per round
+    assert (
+        ddp.restart_namespace({**one_node, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    )  # torch's own store per round
     # Restart counts differ between nodes' agents, so several nodes keep torch's keys and get a warning instead.
     nodes = {**one_node, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3"}
     assert ddp.restart_namespace(nodes) is None
@@ -193,11 +215,21 @@ def test_newest_checkpoint_wins_and_schedule_follows_this_runs_steps():
 
 # ---------------------------------------------------------------- `ec2train fit --nproc-per-node 2`
 
+
 @pytest.fixture(scope="module")
 def cli_run(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
-    proc = run([sys.executable, "-m", "ec2train", "fit", "--nproc-per-node", "2", *cli_args(
-        data=small_data, output=out / "model", logdir=out / "runs", batch_size=8, **COMMON)])
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "ec2train",
+            "fit",
+            "--nproc-per-node",
+            "2",
+            *cli_args(data=small_data, output=out / "model", logdir=out / "runs", batch_size=8, **COMMON),
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     return out, proc.stdout
 
@@ -216,7 +248,11 @@ def test_nproc_per_node_launches_two_ranks_and_logs_the_batches(cli_run):
 
 def test_two_ranks_with_batch_b_equal_one_process_with_batch_2b(cli_run, small_data, tmp_path):
     out, _ = cli_run
-    single = fit(resolve(data=str(small_data), output=str(tmp_path / "one"), logdir=str(tmp_path / "runs"), batch_size=16, **COMMON))
+    single = fit(
+        resolve(
+            data=str(small_data), output=str(tmp_path / "one"), logdir=str(tmp_path / "runs"), batch_size=16, **COMMON
+        )
+    )
     assert single.metrics["world_size"] == 1
     for name in ("last.pt", "model.pth"):
         key = "model" if name == "last.pt" else "state_dict"
@@ -243,6 +279,7 @@ def test_metrics_over_an_odd_split_are_exact(cli_run, small_data):
 
 # ---------------------------------------------------------------- two nodes, no shared disk
 
+
 @pytest.fixture(scope="module")
 def two_nodes(cli_run, small_data, tmp_path_factory):
     """Node B holds a 2-epoch checkpoint (cli_run's); node A has nothing. They rendezvous with
@@ -257,10 +294,32 @@ def two_nodes(cli_run, small_data, tmp_path_factory):
     procs = {}
     try:
         for node in ("A", "B"):  # A starts first, so it has the lower pid: c10d makes it rank 0
-            cmd = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, str(PROBE), str(root / node / "seen"), "fit",
-                   *cli_args(data=small_data, output=root / node / "out", logdir=root / node / "runs", scale_lr=True, **{**settings, "epochs": 4})]
-            procs[node] = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            cmd = [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                run_id,
+                str(PROBE),
+                str(root / node / "seen"),
+                "fit",
+                *cli_args(
+                    data=small_data,
+                    output=root / node / "out",
+                    logdir=root / node / "runs",
+                    scale_lr=True,
+                    **{**settings, "epochs": 4},
+                ),
+            ]
+            procs[node] = subprocess.Popen(
+                cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
         logs = {node: p.communicate(timeout=TIMEOUT)[0] for node, p in procs.items()}
     finally:
         for p in procs.values():
@@ -313,6 +372,7 @@ def test_two_nodes_trained_on_disjoint_shards_covering_the_split(two_nodes):
 
 # ---------------------------------------------------------------- fault tolerance
 
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -337,8 +397,20 @@ def _rank_of(pid: int) -> int | None:
 def test_killed_worker_restarts_and_finishes_every_epoch_once(small_data, tmp_path):
     epochs = 4
     out = tmp_path / "out"
-    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "ec2train", "fit",
-           *cli_args(data=small_data, output=out, logdir=tmp_path / "runs", **{**COMMON, "epochs": epochs, "batch_size": 8})]
+    cmd = [
+        *TORCHRUN,
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "-m",
+        "ec2train",
+        "fit",
+        *cli_args(
+            data=small_data, output=out, logdir=tmp_path / "runs", **{**COMMON, "epochs": epochs, "batch_size": 8}
+        ),
+    ]
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -359,7 +431,9 @@ def test_killed_worker_restarts_and_finishes_every_epoch_once(small_data, tmp_pa
     log = log_path.read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     # The restarted workers continued from a checkpoint of at least one finished epoch ...
-    done = [int(line.split(": ", 1)[1].split(" of ")[0]) for line in log.splitlines() if line.startswith("resuming from ")]
+    done = [
+        int(line.split(": ", 1)[1].split(" of ")[0]) for line in log.splitlines() if line.startswith("resuming from ")
+    ]
     assert len(done) == 1 and 1 <= done[0] < epochs, log[-4000:]
     # ... and every epoch ran to the end exactly once.
     assert metrics["epochs_run"] == epochs

@@ -145,10 +145,18 @@ def test_the_size_rule_refuses_every_size_jpeg_cannot_hold():
         assert size_problem(w, h) is not None
 
 
-@pytest.mark.parametrize("w, h, allowed", [
-    (224, 224, True), (20, 1, True), (21, 1, False), (4000, 199, False), (4000, 200, True),
-    (6324, 6324, True), (6325, 6325, False),  # 40 Mpx
-])
+@pytest.mark.parametrize(
+    "w, h, allowed",
+    [
+        (224, 224, True),
+        (20, 1, True),
+        (21, 1, False),
+        (4000, 199, False),
+        (4000, 200, True),
+        (6324, 6324, True),
+        (6325, 6325, False),  # 40 Mpx
+    ],
+)
 def test_size_rule(w, h, allowed):
     assert (size_problem(w, h) is None) == allowed
     assert (size_problem(h, w) is None) == allowed

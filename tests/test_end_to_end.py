@@ -28,9 +28,23 @@ def served(trained_model):
     """`python -m ec2train serve` on a free loopback port, until the module's tests end."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ec2train", "serve", "--model", str(trained_model), "--port", str(port),
-         "--log-level", "warning", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ec2train",
+            "serve",
+            "--model",
+            str(trained_model),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -98,9 +112,13 @@ def test_lambda_base64_and_api_gateway_events_through_the_server(lambda_env, dem
     image = sorted((demo_data / "test" / "003.Triangle").glob("*.jpg"))[0].read_bytes()
     status, body = call({"image": base64.b64encode(image).decode()})
     assert status == 200 and body["breed"] in {"Circle", "Square", "Triangle", "Cross"}
-    event = {"version": "2.0", "headers": {"content-type": "application/json"}, "isBase64Encoded": False,
-             "requestContext": {"http": {"method": "POST"}, "requestId": "r-1"},
-             "body": json.dumps({"image": base64.b64encode(image).decode(), "top_k": 2})}
+    event = {
+        "version": "2.0",
+        "headers": {"content-type": "application/json"},
+        "isBase64Encoded": False,
+        "requestContext": {"http": {"method": "POST"}, "requestId": "r-1"},
+        "body": json.dumps({"image": base64.b64encode(image).decode(), "top_k": 2}),
+    }
     status, body2 = call(event)
     assert status == 200 and len(body2["top_k"]) == 2 and body2["breed"] == body["breed"]
 
@@ -117,8 +135,16 @@ def test_export_package_and_deploy_from_a_model_file(aws, trained_model, tmp_pat
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="models")
-    res = run_cli("export", "--model", trained_model, "--package", tmp_path / "model.tar.gz", "--s3-uri", "s3://models/dogs",
-                  env={**__import__("os").environ, "AWS_ENDPOINT_URL": aws})
+    res = run_cli(
+        "export",
+        "--model",
+        trained_model,
+        "--package",
+        tmp_path / "model.tar.gz",
+        "--s3-uri",
+        "s3://models/dogs",
+        env={**__import__("os").environ, "AWS_ENDPOINT_URL": aws},
+    )
     assert res.returncode == 0, res.stderr
     head = s3.head_object(Bucket="models", Key="dogs/model.tar.gz")
     assert head["ServerSideEncryption"] == "AES256"
@@ -128,14 +154,28 @@ def test_export_package_and_deploy_from_a_model_file(aws, trained_model, tmp_pat
 
     from ec2train.cli import app
 
-    run = CliRunner().invoke(app, [
-        "deploy", "endpoint", "--name", "dog-breeds", "--role", "arn:aws:iam::123456789012:role/sm",
-        "--model", str(trained_model), "--s3-uri", "s3://models/run1", "--instance-type", "ml.m5.large", "--no-wait",
-    ])
+    run = CliRunner().invoke(
+        app,
+        [
+            "deploy",
+            "endpoint",
+            "--name",
+            "dog-breeds",
+            "--role",
+            "arn:aws:iam::123456789012:role/sm",
+            "--model",
+            str(trained_model),
+            "--s3-uri",
+            "s3://models/run1",
+            "--instance-type",
+            "ml.m5.large",
+            "--no-wait",
+        ],
+    )
     assert run.exit_code == 0, run.output
     sm = boto3.client("sagemaker")
     (model,) = sm.list_models()["Models"]
     data_url = sm.describe_model(ModelName=model["ModelName"])["PrimaryContainer"]["ModelDataUrl"]
     assert data_url.startswith("s3://models/run1/") and data_url.endswith(".tar.gz")
-    key = data_url[len("s3://models/"):]
+    key = data_url[len("s3://models/") :]
     assert s3.head_object(Bucket="models", Key=key)["ServerSideEncryption"] == "AES256"

@@ -20,7 +20,9 @@ from tests.support.cli import assert_one_line_error, cli_in_process
 from tests.support.net import free_port
 from tests.support.training import TINY_FIT
 
-SETTINGS = dict(TINY_FIT, epochs=3, batch_size=8, lr=0.03, freeze_backbone=True)  # a random frozen backbone needs a bold head
+SETTINGS = dict(
+    TINY_FIT, epochs=3, batch_size=8, lr=0.03, freeze_backbone=True
+)  # a random frozen backbone needs a bold head
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,10 @@ def data(tmp_path_factory) -> Path:
 
 def run(data: Path, out: Path, **kw):
     log = io.StringIO()
-    result = fit(resolve(data=str(data), output=str(out), logdir=str(out / "runs"), **{**SETTINGS, **kw}),
-                 console=Console(file=log, width=200))
+    result = fit(
+        resolve(data=str(data), output=str(out), logdir=str(out / "runs"), **{**SETTINGS, **kw}),
+        console=Console(file=log, width=200),
+    )
     return result, log.getvalue()
 
 
@@ -117,8 +121,9 @@ def test_cache_key_follows_backbone_data_and_preprocessing_not_head(data: Path):
 
 
 def test_cache_features_needs_a_frozen_backbone(capsys, data: Path, tmp_path: Path):
-    code, _, err = cli_in_process(capsys, "fit", "--data", data, "--output", tmp_path, "--weights", "none",
-                                  "--cache-features")
+    code, _, err = cli_in_process(
+        capsys, "fit", "--data", data, "--output", tmp_path, "--weights", "none", "--cache-features"
+    )
     assert_one_line_error(code, err, "--cache-features", "--freeze-backbone")
 
 
@@ -149,7 +154,9 @@ class _Images(torch.utils.data.Dataset):
 
 def _tiny_net() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    )
 
 
 def _features_on_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -170,14 +177,27 @@ def _features_on_rank(rank: int, world: int, port: int, out: str) -> None:
         ctx = StepContext("cpu", hw.amp_policy("off", "cpu"), False)
         sampler = TrainSampler(len(ds), rank, world, seed=0)
         model, train_loader, _ = feature_loaders(
-            net, "3", {"train": ds, "valid": ds}, sampler, ctx, arch="tiny", image_size=8, mean=(0,) * 3,
-            std=(1,) * 3, batch_size=2, workers=0, pin_memory=False, cache_dir=None,
+            net,
+            "3",
+            {"train": ds, "valid": ds},
+            sampler,
+            ctx,
+            arch="tiny",
+            image_size=8,
+            mean=(0,) * 3,
+            std=(1,) * 3,
+            batch_size=2,
+            workers=0,
+            pin_memory=False,
+            cache_dir=None,
         )
         feats = train_loader.dataset.features.clone()
         opt = torch.optim.SGD(net[3].parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
         train_one_epoch(model, train_loader, opt, sched, ctx)
-        torch.save({"features": feats, "labels": train_loader.dataset.labels, "head": net[3].state_dict()}, f"{out}/{rank}.pt")
+        torch.save(
+            {"features": feats, "labels": train_loader.dataset.labels, "head": net[3].state_dict()}, f"{out}/{rank}.pt"
+        )
     finally:
         ddp.cleanup()
 

@@ -105,13 +105,33 @@ def test_interrupted_then_resumed_equals_uninterrupted(demo_data: Path, tmp_path
 
 def test_resume_explicit_path_and_mismatch(demo_data: Path, tmp_path: Path, capsys):
     stop: list[int] = []  # an unfinished run: stopped in epoch 2 (a finished one cannot be extended)
-    fit(_small(demo_data, tmp_path / "a", epochs=2), on_epoch=lambda e, r: stop.append(e), should_stop=lambda: bool(stop))
+    fit(
+        _small(demo_data, tmp_path / "a", epochs=2),
+        on_epoch=lambda e, r: stop.append(e),
+        should_stop=lambda: bool(stop),
+    )
     ckpt = tmp_path / "a" / "last.pt"
     done = fit(_small(demo_data, tmp_path / "b", epochs=2, resume=str(ckpt)))
     assert [h["epoch"] for h in done.history] == [1, 2]
     code, _, err = cli_in_process(
-        capsys, "fit", "--data", demo_data, "--output", tmp_path / "a", "--resume", "auto",
-        "--arch", "resnet18", "--weights", "none", "--epochs", "2", "--image-size", "32", "--workers", "0",
+        capsys,
+        "fit",
+        "--data",
+        demo_data,
+        "--output",
+        tmp_path / "a",
+        "--resume",
+        "auto",
+        "--arch",
+        "resnet18",
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
     )
     assert code == 2 and "arch" in err and "Traceback" not in err
 

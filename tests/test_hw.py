@@ -60,7 +60,14 @@ def test_amp_policy_refuses_what_the_device_cannot_do(amp, device, cap, needle):
 
 
 def test_bf16_support_starts_at_ampere():
-    assert [hw.supports_bf16(c) for c in (None, V100, T4, (8, 0), A10G, H100)] == [False, False, False, True, True, True]
+    assert [hw.supports_bf16(c) for c in (None, V100, T4, (8, 0), A10G, H100)] == [
+        False,
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
 
 
 def test_memory_format_pinning_and_kernel_choice_only_on_cuda():
@@ -106,8 +113,20 @@ def test_default_workers_from_cpus_per_process(cpus, procs, workers):
 
 
 def test_cli_refuses_fp16_on_cpu(capsys, demo_data: Path, tmp_path: Path):
-    code, _, err = cli_in_process(capsys, "fit", "--data", demo_data, "--output", tmp_path, "--weights", "none",
-                                  "--device", "cpu", "--amp", "fp16")
+    code, _, err = cli_in_process(
+        capsys,
+        "fit",
+        "--data",
+        demo_data,
+        "--output",
+        tmp_path,
+        "--weights",
+        "none",
+        "--device",
+        "cpu",
+        "--amp",
+        "fp16",
+    )
     assert_one_line_error(code, err, "--amp fp16", "bf16")
 
 
@@ -119,8 +138,15 @@ def test_scaler_state_is_checkpointed_and_restored(tiny_data: Path, tmp_path: Pa
 
     fp16 = hw.AmpPolicy(True, torch.float16, True)
     monkeypatch.setattr(hw, "amp_policy", lambda *args, **kwargs: fp16)
-    settings = dict(TINY_FIT, data=str(tiny_data), output=str(tmp_path / "out"), logdir=str(tmp_path / "runs"),
-                    batch_size=8, freeze_backbone=True, augment=False)
+    settings = dict(
+        TINY_FIT,
+        data=str(tiny_data),
+        output=str(tmp_path / "out"),
+        logdir=str(tmp_path / "runs"),
+        batch_size=8,
+        freeze_backbone=True,
+        augment=False,
+    )
     stop: list[int] = []  # stopped in epoch 2, so the run is unfinished and can resume
     fit(resolve(**dict(settings, epochs=2)), on_epoch=lambda e, r: stop.append(e), should_stop=lambda: bool(stop))
     ckpt_path = tmp_path / "out" / "last.pt"

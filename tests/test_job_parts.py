@@ -20,8 +20,17 @@ USER_DATA = ROOT / "ec2train" / "job" / "user_data.sh"
 
 
 def spec(**changes) -> JobSpec:
-    base = dict(name="dogs", s3_uri="s3://b/dogs", data="s3://b/d.zip", fit_args=[], region="us-east-1",
-                group="ec2train-job-dogs", submitted_at=1000.0, max_hours=1.0, max_failures=2)
+    base = dict(
+        name="dogs",
+        s3_uri="s3://b/dogs",
+        data="s3://b/d.zip",
+        fit_args=[],
+        region="us-east-1",
+        group="ec2train-job-dogs",
+        submitted_at=1000.0,
+        max_hours=1.0,
+        max_failures=2,
+    )
     return JobSpec(**{**base, **changes})
 
 
@@ -29,6 +38,7 @@ ME = {"instance": "i-1", "instance_type": "g4dn.xlarge", "lifecycle": "spot"}
 
 
 # --------------------------------------------------------------------------- status decisions
+
 
 def test_attempts_interruptions_and_the_failure_cap():
     s, d = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
@@ -68,6 +78,7 @@ def test_progress_reads_fits_epoch_lines():
 
 # --------------------------------------------------------------------------- cost
 
+
 def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller():
     assert cost.spot_types("g4dn.xlarge") == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge", "g4dn.8xlarge"]
     assert cost.spot_types("g5.12xlarge") == ["g5.12xlarge", "g5.24xlarge"]  # 4 GPUs each
@@ -75,10 +86,12 @@ def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller():
 
 
 def test_cost_estimate_prices_each_attempt_by_its_type_and_market():
-    st = {"attempts": [
-        {"instance_type": "g4dn.xlarge", "lifecycle": "spot", "started_at": 0, "ended_at": 3600},
-        {"instance_type": "g4dn.xlarge", "lifecycle": "on-demand", "started_at": 3600, "ended_at": None},
-    ]}
+    st = {
+        "attempts": [
+            {"instance_type": "g4dn.xlarge", "lifecycle": "spot", "started_at": 0, "ended_at": 3600},
+            {"instance_type": "g4dn.xlarge", "lifecycle": "on-demand", "started_at": 3600, "ended_at": None},
+        ]
+    }
     est = cost.estimate(st, now=5400)
     assert est["hours"] == pytest.approx(1.5)
     assert est["usd"] == pytest.approx(cost.PRICES["g4dn.xlarge"][2] + 0.5 * cost.PRICES["g4dn.xlarge"][1])
@@ -86,6 +99,7 @@ def test_cost_estimate_prices_each_attempt_by_its_type_and_market():
 
 
 # --------------------------------------------------------------------------- autostop
+
 
 def fake_proc(tmp_path: Path, *cmdlines: str) -> Path:
     proc = tmp_path / "proc"
@@ -104,10 +118,20 @@ def test_autostop_decision():
 
 
 def test_autostop_sees_training_and_sessions(tmp_path):
-    idle = fake_proc(tmp_path / "a", "/usr/sbin/sshd -D", "sshd: ubuntu [priv]", "/usr/bin/python3 -m ec2train.job.autostop --idle-minutes 30")
+    idle = fake_proc(
+        tmp_path / "a",
+        "/usr/sbin/sshd -D",
+        "sshd: ubuntu [priv]",
+        "/usr/bin/python3 -m ec2train.job.autostop --idle-minutes 30",
+    )
     assert autostop.busy_reasons(idle) == []
-    for line in ("/opt/pytorch/bin/python /opt/pytorch/bin/ec2train fit --epochs 5", "/opt/pytorch/bin/torchrun --nnodes 2 -m ec2train fit",
-                 "sshd: ubuntu@pts/0", "sshd: ubuntu@notty", "/usr/bin/ssm-session-worker sess-1"):
+    for line in (
+        "/opt/pytorch/bin/python /opt/pytorch/bin/ec2train fit --epochs 5",
+        "/opt/pytorch/bin/torchrun --nnodes 2 -m ec2train fit",
+        "sshd: ubuntu@pts/0",
+        "sshd: ubuntu@notty",
+        "/usr/bin/ssm-session-worker sess-1",
+    ):
         assert autostop.busy_reasons(fake_proc(tmp_path / str(hash(line)), line)), line
 
 
@@ -117,12 +141,28 @@ def test_autostop_check_keeps_state_and_the_command_powers_off_only_when_idle_lo
     assert autostop.check(30, state=state_file, proc=proc, now=1000 + 30 * 60 - 1)[0] is False
     assert autostop.check(30, state=state_file, proc=proc, now=1000 + 30 * 60)[0] is True
     state_file.write_text(str(0))
-    out = subprocess.run([sys.executable, "-m", "ec2train.job.autostop", "--idle-minutes", "1", "--state", str(state_file),
-                          "--proc", str(proc), "--dry-run"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ec2train.job.autostop",
+            "--idle-minutes",
+            "1",
+            "--state",
+            str(state_file),
+            "--proc",
+            str(proc),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "powering off" in out.stdout
 
 
 # --------------------------------------------------------------------------- fit arguments
+
 
 def test_fit_args():
     assert check_fit_args(["fit", "--epochs", "3"]) == ["--epochs", "3"] == check_fit_args(["--epochs", "3"])
@@ -133,6 +173,7 @@ def test_fit_args():
 
 # --------------------------------------------------------------------------- the wheel
 
+
 def test_publish_puts_the_wheel_under_its_hash_and_the_module_prints_it(aws, tmp_path):
     import boto3
 
@@ -142,13 +183,25 @@ def test_publish_puts_the_wheel_under_its_hash_and_the_module_prints_it(aws, tmp
     wheel = tmp_path / "ec2train-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK not really a wheel, but bytes with a hash")
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    out = subprocess.run([sys.executable, "-m", "ec2train.job.dist", "--s3-uri", "s3://ec2train-dist/run", "--wheel", str(wheel)],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "AWS_ENDPOINT_URL": aws})
+    out = subprocess.run(
+        [sys.executable, "-m", "ec2train.job.dist", "--s3-uri", "s3://ec2train-dist/run", "--wheel", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "AWS_ENDPOINT_URL": aws},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"s3://ec2train-dist/run/_dist/{sha[:16]}/{wheel.name}", sha]
-    body = boto3.client("s3").get_object(Bucket="ec2train-dist", Key=f"run/_dist/{sha[:16]}/{wheel.name}")["Body"].read()
+    body = (
+        boto3.client("s3").get_object(Bucket="ec2train-dist", Key=f"run/_dist/{sha[:16]}/{wheel.name}")["Body"].read()
+    )
     assert body == wheel.read_bytes()
-    bad = subprocess.run([sys.executable, "-m", "ec2train.job.dist", "--s3-uri", "https://x/y"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ec2train.job.dist", "--s3-uri", "https://x/y"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     with pytest.raises(dist.DistError, match="not a wheel"):
         dist.publish_wheel("s3://ec2train-dist/run", wheel=tmp_path / "nope.tar.gz")
@@ -186,13 +239,30 @@ def sandbox(tmp_path):
 
     def run(settings: dict[str, str], **env: str):
         script = tmp_path / "user-data"
-        script.write_text("#!/bin/bash\n" + "".join(f"{k}={v}\n" for k, v in settings.items()) + USER_DATA.read_text().split("\n", 1)[1])
+        script.write_text(
+            "#!/bin/bash\n"
+            + "".join(f"{k}={v}\n" for k, v in settings.items())
+            + USER_DATA.read_text().split("\n", 1)[1]
+        )
         calls = tmp_path / "calls"
         calls.write_text("")
-        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, env={
-            "PATH": f"{stubs}:/usr/bin:/bin", "CALLS": str(calls), "FAKE_S3": str(fake_s3), "PYTORCH_ENV": str(env_dir),
-            "SETUP_LOG": str(tmp_path / "setup.log"), "SYSTEMD_DIR": str(tmp_path / "units"), "JOB_WORKDIR": str(tmp_path / "job"),
-            "REGION": "us-east-1", **env})
+        done = subprocess.run(
+            ["bash", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                "PATH": f"{stubs}:/usr/bin:/bin",
+                "CALLS": str(calls),
+                "FAKE_S3": str(fake_s3),
+                "PYTORCH_ENV": str(env_dir),
+                "SETUP_LOG": str(tmp_path / "setup.log"),
+                "SYSTEMD_DIR": str(tmp_path / "units"),
+                "JOB_WORKDIR": str(tmp_path / "job"),
+                "REGION": "us-east-1",
+                **env,
+            },
+        )
         return done, calls.read_text().splitlines()
 
     run.wheel, run.units = wheel, tmp_path / "units"

@@ -31,8 +31,25 @@ REGION = "us-east-1"
 PREFIX = f"s3://{BUCKET}/demo"
 GROUP = "ec2train-job-demo"
 NOTICE = {"action": "terminate", "time": "2026-11-29T12:00:00Z"}
-FIT_ARGS = ["fit", "--arch", FIT["arch"], "--weights", "none", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-            "--workers", "0", "--device", "cpu", "--spot-poll-seconds", "0.2"]
+FIT_ARGS = [
+    "fit",
+    "--arch",
+    FIT["arch"],
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--spot-poll-seconds",
+    "0.2",
+]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,8 +60,12 @@ class FakeInstance:
 
     def __init__(self, instance_id: str, lifecycle: str = "spot", notice_when=lambda: False):
         self.notice_when, self.tokens, self.tokenless_gets = notice_when, set(), 0
-        meta = {"instance-id": instance_id, "instance-type": "g4dn.xlarge", "instance-life-cycle": lifecycle,
-                "tags/instance/aws:autoscaling:groupName": GROUP}
+        meta = {
+            "instance-id": instance_id,
+            "instance-type": "g4dn.xlarge",
+            "instance-life-cycle": lifecycle,
+            "tags/instance/aws:autoscaling:groupName": GROUP,
+        }
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -104,8 +125,15 @@ def job(aws, monkeypatch, small_data, wheel, tmp_path):  # noqa: F811 - wheel is
     servers = []
 
     def submit(**changes):
-        req = dict(name="demo", s3_uri=PREFIX, data=f"s3://{BUCKET}/data/demo.zip", fit_args=FIT_ARGS, ami=DLAMI_ID,
-                   wheel=str(wheel), sync_seconds=0.5)
+        req = dict(
+            name="demo",
+            s3_uri=PREFIX,
+            data=f"s3://{BUCKET}/data/demo.zip",
+            fit_args=FIT_ARGS,
+            ami=DLAMI_ID,
+            wheel=str(wheel),
+            sync_seconds=0.5,
+        )
         api.submit(api.SubmitRequest(**{**req, **changes}), region=REGION, console=Quiet())
 
     def instance(*args, **kwargs):
@@ -120,16 +148,25 @@ def job(aws, monkeypatch, small_data, wheel, tmp_path):  # noqa: F811 - wheel is
 
 
 def status() -> dict:
-    return json.loads(boto3.client("s3", region_name=REGION).get_object(Bucket=BUCKET, Key="demo/_job/status.json")["Body"].read())
+    return json.loads(
+        boto3.client("s3", region_name=REGION).get_object(Bucket=BUCKET, Key="demo/_job/status.json")["Body"].read()
+    )
 
 
 def desired() -> int:
-    [g] = boto3.client("autoscaling", region_name=REGION).describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"]
+    [g] = boto3.client("autoscaling", region_name=REGION).describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])[
+        "AutoScalingGroups"
+    ]
     return g["DesiredCapacity"]
 
 
 def keys(prefix: str) -> list[str]:
-    return [o["Key"] for o in boto3.client("s3", region_name=REGION).list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+    return [
+        o["Key"]
+        for o in boto3.client("s3", region_name=REGION)
+        .list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+        .get("Contents", [])
+    ]
 
 
 def log_of(key_part: str) -> str:
@@ -158,8 +195,12 @@ def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tm
     st = status()
     assert (st["state"], st["epoch"], st["epochs"], st["exit_code"]) == ("succeeded", 2, 2, 0)
     assert [(a["instance"], a["outcome"]) for a in st["attempts"]] == [
-        ("i-0000000000000001", "interrupted"), ("i-0000000000000002", "succeeded")]
-    metrics = json.loads(boto3.client("s3", region_name=REGION).get_object(Bucket=BUCKET, Key="demo/metrics.json")["Body"].read())
+        ("i-0000000000000001", "interrupted"),
+        ("i-0000000000000002", "succeeded"),
+    ]
+    metrics = json.loads(
+        boto3.client("s3", region_name=REGION).get_object(Bucket=BUCKET, Key="demo/metrics.json")["Body"].read()
+    )
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]  # epoch 1 came from the first instance
     assert "resuming from" in log_of("attempt-002") and "1 of 2 epochs done" in log_of("attempt-002")
     assert desired() == 0  # the job ended itself: the group terminates the instance
@@ -172,9 +213,13 @@ def test_a_failing_fit_ends_failed_with_its_exit_code_and_log_tail(job, tmp_path
     """Run as the user data runs it: `python -m ec2train.job.runner`, a subprocess."""
     job(fit_args=["fit", "--arch", "no-such-arch", "--weights", "none"], max_failures=1)
     imds = job.instance("i-00000000000000f1", lifecycle="on-demand")
-    done = subprocess.run([sys.executable, "-m", "ec2train.job.runner", "--job-uri", PREFIX, "--workdir", str(tmp_path / "w")],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url})
+    done = subprocess.run(
+        [sys.executable, "-m", "ec2train.job.runner", "--job-uri", PREFIX, "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url},
+    )
     assert done.returncode == 0, done.stderr  # the job is over: nothing for the user data to do
     st = status()
     assert (st["state"], st["exit_code"], st["failures"]) == ("failed", 2, 1)
@@ -212,8 +257,24 @@ def test_after_max_failures_no_relaunch(job, tmp_path):
 
 
 def test_max_hours_stops_a_fit_that_would_run_on(job, tmp_path):
-    job(fit_args=["fit", "--arch", FIT["arch"], "--weights", "none", "--image-size", "32", "--epochs", "500",
-                  "--workers", "0", "--device", "cpu"], max_hours=8 / 3600)
+    job(
+        fit_args=[
+            "fit",
+            "--arch",
+            FIT["arch"],
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--epochs",
+            "500",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        max_hours=8 / 3600,
+    )
     imds = job.instance("i-00000000000000b1", lifecycle="on-demand")
     t0 = time.monotonic()
     assert runner.run_job(PREFIX, tmp_path / "b1", imds_endpoint=imds.url, grace=20) == 0

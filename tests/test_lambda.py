@@ -81,17 +81,30 @@ def invoke(event, capsys, context=CONTEXT):
 
 
 def http_v1(body: str, content_type="application/json", b64_encoded=False, query=None):
-    return {"resource": "/predict", "path": "/predict", "httpMethod": "POST",
-            "headers": {"Content-Type": content_type}, "queryStringParameters": query,
-            "requestContext": {"requestId": "apigw-1", "stage": "prod"},
-            "body": body, "isBase64Encoded": b64_encoded}
+    return {
+        "resource": "/predict",
+        "path": "/predict",
+        "httpMethod": "POST",
+        "headers": {"Content-Type": content_type},
+        "queryStringParameters": query,
+        "requestContext": {"requestId": "apigw-1", "stage": "prod"},
+        "body": body,
+        "isBase64Encoded": b64_encoded,
+    }
 
 
 def http_v2(body: str, content_type="application/json", b64_encoded=False, query=None):
-    return {"version": "2.0", "routeKey": "$default", "rawPath": "/", "rawQueryString": "",
-            "headers": {"content-type": content_type}, "queryStringParameters": query,
-            "requestContext": {"http": {"method": "POST", "path": "/"}, "requestId": "url-1"},
-            "body": body, "isBase64Encoded": b64_encoded}
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/",
+        "rawQueryString": "",
+        "headers": {"content-type": content_type},
+        "queryStringParameters": query,
+        "requestContext": {"http": {"method": "POST", "path": "/"}, "requestId": "url-1"},
+        "body": body,
+        "isBase64Encoded": b64_encoded,
+    }
 
 
 EXPECTED_TOP = sorted(PREDICTIONS, key=lambda p: p["probability"], reverse=True)
@@ -121,7 +134,7 @@ def test_direct_base64_event_with_top_k(capsys, endpoint):
 
 
 def test_data_uri_and_wrapped_base64_are_accepted(capsys, endpoint):
-    wrapped = "\n".join(b64(PNG)[i:i + 76] for i in range(0, len(b64(PNG)), 76))
+    wrapped = "\n".join(b64(PNG)[i : i + 76] for i in range(0, len(b64(PNG)), 76))
     status, _, _, _ = invoke({"image": "data:image/png;base64," + wrapped}, capsys)
     assert status == 200 and endpoint.requests[-1]["body"] == PNG
 
@@ -179,13 +192,19 @@ def test_request_id_is_generated_without_a_context(capsys):
         ({"image": b64(PNG), "top_k": True}, "top_k must be an integer from 1 to 20"),
         ({"image": b64(PNG), "top_k": 2.5}, "top_k must be an integer from 1 to 20"),
         ({"url": "file:///etc/passwd"}, "url scheme must be https or http"),
-        ({"url": "http://169.254.169.254:{port}/latest/meta-data/"}, "url host resolves to the instance metadata address"),
+        (
+            {"url": "http://169.254.169.254:{port}/latest/meta-data/"},
+            "url host resolves to the instance metadata address",
+        ),
         ([1, 2], "event must be a JSON object"),
         (http_v1("not json"), "request body is not valid JSON"),
         (http_v1("[1, 2]"), "request body must be a JSON object"),
         (http_v1(""), "request body is empty: send JSON with url or image, or an image"),
         (http_v2("%%%", b64_encoded=True), "request body is not valid base64-encoded UTF-8"),
-        (http_v2(b64(NOT_IMAGE), content_type="image/png", b64_encoded=True), "image is not a JPEG, PNG, GIF, WebP or BMP"),
+        (
+            http_v2(b64(NOT_IMAGE), content_type="image/png", b64_encoded=True),
+            "image is not a JPEG, PNG, GIF, WebP or BMP",
+        ),
         # Issue 13.8: these were 500 "internal error" (ValueError, RecursionError).
         ({"url": "https://[::1/"}, "url is malformed"),
         ({"url": "http://127.0.0.1:{port}/redirect?to=https://%5B::1/"}, "redirect refused: url is malformed"),
@@ -210,8 +229,7 @@ def test_a_name_resolving_privately_is_400(capsys, monkeypatch, images):
 # --------------------------------------------------------------------------- the endpoint's size rule
 
 
-STRIP_ERROR = ("image is 1x100000 pixels: one side is more than 20 times the other; "
-               "crop it closer to the subject")
+STRIP_ERROR = "image is 1x100000 pixels: one side is more than 20 times the other; crop it closer to the subject"
 
 
 @pytest.mark.parametrize("source", ["inline", "raw", "url"])
@@ -245,11 +263,20 @@ def _encode(img, fmt: str, **options) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("fmt, options", [
-    ("JPEG", {}), ("JPEG", {"progressive": True}), ("JPEG", {"exif": b"Exif\x00\x00" + bytes(5000)}),
-    ("PNG", {}), ("GIF", {}), ("BMP", {}),
-    ("WEBP", {"quality": 80}), ("WEBP", {"lossless": True}), ("WEBP_ALPHA", {"quality": 80}),
-])
+@pytest.mark.parametrize(
+    "fmt, options",
+    [
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("JPEG", {"exif": b"Exif\x00\x00" + bytes(5000)}),
+        ("PNG", {}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("WEBP", {"quality": 80}),
+        ("WEBP", {"lossless": True}),
+        ("WEBP_ALPHA", {"quality": 80}),
+    ],
+)
 def test_header_sizes_match_pillow(fmt, options):
     from PIL import Image
 
@@ -358,8 +385,9 @@ def test_missing_endpoint_name_is_a_clear_500(capsys, monkeypatch):
     assert log["level"] == "ERROR"
 
 
-@pytest.mark.parametrize("env,value", [("ENDPOINT_NAME", "dogs_v2!"), ("MAX_IMAGE_BYTES", "lots"),
-                                       ("ALLOWED_PORTS", "https")])
+@pytest.mark.parametrize(
+    "env,value", [("ENDPOINT_NAME", "dogs_v2!"), ("MAX_IMAGE_BYTES", "lots"), ("ALLOWED_PORTS", "https")]
+)
 def test_bad_settings_are_500_and_name_the_setting(capsys, monkeypatch, env, value):
     monkeypatch.setenv(env, value)
     status, body, _, _ = invoke({"image": b64(PNG)}, capsys)
@@ -386,7 +414,7 @@ def test_logs_carry_no_image_data_query_strings_or_secrets(capsys, monkeypatch, 
     encoded = b64(big)
     _, _, log, _ = invoke({"image": encoded}, capsys)
     text = json.dumps(log)
-    assert all(encoded[i:i + 24] not in text for i in range(0, len(encoded) - 24, 24))
+    assert all(encoded[i : i + 24] not in text for i in range(0, len(encoded) - 24, 24))
     assert set(log) >= {"request_id", "source", "bytes", "status", "latency_ms"}
     assert log["bytes"] == len(big) and isinstance(log["latency_ms"], float)
 

@@ -195,9 +195,17 @@ def test_a_public_name_is_vetted_to_its_first_address_without_connecting(dns):
 
 @pytest.mark.parametrize(
     "url",
-    ["file:///etc/passwd", "ftp://example.com/dog.png", "gopher://127.0.0.1:70/_GET",
-     "http://example.com/dog.png", "data:image/png;base64,iVBORw0KGgo=", "javascript:alert(1)",
-     "//example.com/dog.png", "dog.png", "dict://127.0.0.1:11211/"],
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/dog.png",
+        "gopher://127.0.0.1:70/_GET",
+        "http://example.com/dog.png",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "javascript:alert(1)",
+        "//example.com/dog.png",
+        "dog.png",
+        "dict://127.0.0.1:11211/",
+    ],
 )
 def test_only_https_by_default(url):
     assert rejected(url) == "url scheme must be https"
@@ -211,8 +219,12 @@ def test_http_needs_the_explicit_setting(monkeypatch):
 
 @pytest.mark.parametrize(
     "url",
-    ["https://user:pass@example.com/dog.png", "https://user@example.com/dog.png",
-     "https://example.com@127.0.0.1/dog.png", "https://:@example.com/dog.png"],
+    [
+        "https://user:pass@example.com/dog.png",
+        "https://user@example.com/dog.png",
+        "https://example.com@127.0.0.1/dog.png",
+        "https://:@example.com/dog.png",
+    ],
 )
 def test_userinfo_is_refused(url):
     assert rejected(url) == "url must not contain a username or password"
@@ -263,11 +275,14 @@ def test_the_test_switch_is_ignored_inside_a_real_lambda(local, monkeypatch):
     assert rejected(local.url("/dog.png")) == "url host resolves to a loopback address"
 
 
-@pytest.mark.parametrize("address,problem", [
-    ("10.0.0.1", "a private address"),
-    ("169.254.169.254", "the instance metadata address"),
-    ("::ffff:127.0.0.1", "a loopback address inside an IPv4-mapped IPv6 address"),
-])
+@pytest.mark.parametrize(
+    "address,problem",
+    [
+        ("10.0.0.1", "a private address"),
+        ("169.254.169.254", "the instance metadata address"),
+        ("::ffff:127.0.0.1", "a loopback address inside an IPv4-mapped IPv6 address"),
+    ],
+)
 def test_the_test_switch_relaxes_plain_loopback_only(local, address, problem):
     host = f"[{address}]" if ":" in address else address
     assert rejected(f"http://{host}:{local.port}/dog.png") == f"url host resolves to {problem}"
@@ -320,7 +335,10 @@ def test_redirects_can_be_switched_off(local, monkeypatch):
         ("http://[fd00:ec2::254]:{port}/latest/meta-data/", "url host resolves to the instance metadata address"),
         ("http://10.0.0.1:{port}/admin", "url host resolves to a private address"),
         ("http://0xa9fea9fe:{port}/", "url host resolves to the instance metadata address"),
-        ("http://[::ffff:7f00:1]:{port}/", "url host resolves to a loopback address inside an IPv4-mapped IPv6 address"),
+        (
+            "http://[::ffff:7f00:1]:{port}/",
+            "url host resolves to a loopback address inside an IPv4-mapped IPv6 address",
+        ),
         ("file:///etc/passwd", "url scheme must be https or http"),
         ("http://user:pw@127.0.0.1:{port}/dog.png", "url must not contain a username or password"),
         ("http://127.0.0.1:22/", "url port 22 is not allowed"),
@@ -402,10 +420,20 @@ def test_refused_connection_is_an_upstream_error(local, monkeypatch):
 
 @pytest.mark.parametrize(
     "data,kind",
-    [(PNG, "png"), (JPEG, "jpeg"), (b"GIF87a\x01\x00", "gif"), (b"GIF89a\x01\x00", "gif"),
-     (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "webp"), (b"BM" + bytes(12) + (40).to_bytes(4, "little") + bytes(8), "bmp"),
-     (b"", None), (b"BM not a bitmap, just text....", None), (b"RIFF\x10\x00\x00\x00WAVEfmt ", None),
-     (b"<svg xmlns='http://www.w3.org/2000/svg'/>", None), (b"%PDF-1.7", None), (b"\xff\xd8", None)],
+    [
+        (PNG, "png"),
+        (JPEG, "jpeg"),
+        (b"GIF87a\x01\x00", "gif"),
+        (b"GIF89a\x01\x00", "gif"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "webp"),
+        (b"BM" + bytes(12) + (40).to_bytes(4, "little") + bytes(8), "bmp"),
+        (b"", None),
+        (b"BM not a bitmap, just text....", None),
+        (b"RIFF\x10\x00\x00\x00WAVEfmt ", None),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", None),
+        (b"%PDF-1.7", None),
+        (b"\xff\xd8", None),
+    ],
 )
 def test_magic_bytes(data, kind):
     assert safe_fetch.sniff_image(data) == kind
@@ -440,8 +468,9 @@ def tls_env(tls, dns, monkeypatch):
 
 
 def test_https_verifies_the_hostname_while_connecting_to_the_pinned_ip(tls_env):
-    got = safe_fetch.fetch_image(tls_env.url("/dog.png", host="images.test", scheme="https"),
-                                 ssl_context=tls_env.client_ctx)
+    got = safe_fetch.fetch_image(
+        tls_env.url("/dog.png", host="images.test", scheme="https"), ssl_context=tls_env.client_ctx
+    )
     assert got.data == PNG
     assert tls_env.sni[-1] == "images.test"
     assert tls_env.requests[-1]["host"] == f"images.test:{tls_env.port}"
@@ -449,8 +478,9 @@ def test_https_verifies_the_hostname_while_connecting_to_the_pinned_ip(tls_env):
 
 def test_https_refuses_a_certificate_for_another_name(tls_env):
     with pytest.raises(safe_fetch.UpstreamError, match="certificate could not be verified"):
-        safe_fetch.fetch_image(tls_env.url("/dog.png", host="other.test", scheme="https"),
-                               ssl_context=tls_env.client_ctx)
+        safe_fetch.fetch_image(
+            tls_env.url("/dog.png", host="other.test", scheme="https"), ssl_context=tls_env.client_ctx
+        )
 
 
 def test_https_refuses_an_untrusted_ca_by_default(tls_env):

@@ -11,9 +11,15 @@ from ec2train.model import ModelError, build_model, clean_state_dict, find_head,
 
 @pytest.mark.parametrize(
     "arch,head",
-    [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("efficientnet_b0", "classifier.1"),
-     ("squeezenet1_0", "classifier.1"), ("vit_b_16", "heads.head"), ("densenet121", "classifier"),
-     ("convnext_tiny", "classifier.2")],
+    [
+        ("resnet18", "fc"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("efficientnet_b0", "classifier.1"),
+        ("squeezenet1_0", "classifier.1"),
+        ("vit_b_16", "heads.head"),
+        ("densenet121", "classifier"),
+        ("convnext_tiny", "classifier.2"),
+    ],
 )
 def test_head_is_replaced_whatever_it_is_called(arch, head):
     model = build_model(arch, 7, "none")
@@ -45,7 +51,11 @@ def test_weights_from_a_local_file_keep_the_backbone(tmp_path):
 
 def test_clean_state_dict_strips_ddp_and_compile_prefixes():
     t = torch.zeros(1)
-    assert list(clean_state_dict({"module._orig_mod.fc.weight": t, "_orig_mod.module.x": t, "y": t})) == ["fc.weight", "x", "y"]
+    assert list(clean_state_dict({"module._orig_mod.fc.weight": t, "_orig_mod.module.x": t, "y": t})) == [
+        "fc.weight",
+        "x",
+        "y",
+    ]
 
 
 def test_config_layers_defaults_file_and_cli(tmp_path):

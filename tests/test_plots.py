@@ -135,7 +135,9 @@ def untrained_model(demo_data: Path, tmp_path: Path) -> Path:
 
 
 def test_evaluate_prints_and_saves_most_confused(untrained_model: Path, demo_data: Path, tmp_path: Path, capsys):
-    code, out, err = cli_in_process(capsys, "evaluate", "--model", untrained_model, "--data", demo_data, "--out", tmp_path)
+    code, out, err = cli_in_process(
+        capsys, "evaluate", "--model", untrained_model, "--data", demo_data, "--out", tmp_path
+    )
     assert code == 0, err
     with open(tmp_path / "confusion-test.csv", newline="") as f:
         rows = list(csv.reader(f))

@@ -22,19 +22,22 @@ from ec2train.policies import PolicyTemplateError, render_policy
 from tests.support.iam import lint
 from tests.support.paths import ROOT
 
-VARS = dict(Partition="aws", Region="us-east-1", AccountId="123456789012",
-            EndpointName="Dog-Breeds-Prod", FunctionName="dog-breeds-front",
-            Bucket="my-bucket", Prefix="runs/dog")
+VARS = dict(
+    Partition="aws",
+    Region="us-east-1",
+    AccountId="123456789012",
+    EndpointName="Dog-Breeds-Prod",
+    FunctionName="dog-breeds-front",
+    Bucket="my-bucket",
+    Prefix="runs/dog",
+)
 ENDPOINT_ARN = "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dog-breeds-prod"
 LOG_GROUP_ARN = "arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/dog-breeds-front"
 VARIANTS = [
     VARS,
     {**VARS, "Partition": "aws-cn", "Region": "cn-north-1", "EndpointName": "a"},
-    {**VARS, "Partition": "aws-us-gov", "Region": "us-gov-west-1", "EndpointName": "x" * 63,
-     "FunctionName": "F" * 64},
+    {**VARS, "Partition": "aws-us-gov", "Region": "us-gov-west-1", "EndpointName": "x" * 63, "FunctionName": "F" * 64},
 ]
-
-
 
 
 def statements(document: dict) -> list[dict]:
@@ -73,10 +76,13 @@ def test_trust_policies_lint_clean_but_for_the_resource_they_must_not_have(name)
 
 def test_the_linter_is_really_checking():
     # What the old workflow's role effectively had: any SageMaker action on anything.
-    broad = {"Version": "2012-10-17",
-             "Statement": [{"Effect": "Allow", "Action": "sagemaker:*", "Resource": "*"},
-                           {"Effect": "Allow", "Action": "sagemaker:InvokeEndpoint",
-                            "Resource": "arn:aws:s3:::bucket/key"}]}
+    broad = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "sagemaker:*", "Resource": "*"},
+            {"Effect": "Allow", "Action": "sagemaker:InvokeEndpoint", "Resource": "arn:aws:s3:::bucket/key"},
+        ],
+    }
     issues = {f.issue for f in lint(broad)}
     assert {"RESOURCE_STAR", "RESOURCE_MISMATCH"} <= issues
 
@@ -128,9 +134,19 @@ def test_the_instance_role_reaches_its_prefix_and_no_sibling():
     assert objects["Resource"] == "arn:aws:s3:::my-bucket/runs/dog/*"
 
 
-@pytest.mark.parametrize("var,value", [("Prefix", "runs/*"), ("Prefix", "runs//dog"), ("Prefix", "/runs"),
-                                       ("Prefix", "runs/"), ("Prefix", 'a"b'), ("Prefix", ""),
-                                       ("Bucket", "My_Bucket"), ("Bucket", "b*")])
+@pytest.mark.parametrize(
+    "var,value",
+    [
+        ("Prefix", "runs/*"),
+        ("Prefix", "runs//dog"),
+        ("Prefix", "/runs"),
+        ("Prefix", "runs/"),
+        ("Prefix", 'a"b'),
+        ("Prefix", ""),
+        ("Bucket", "My_Bucket"),
+        ("Bucket", "b*"),
+    ],
+)
 def test_bucket_and_prefix_cannot_widen_the_policy(var, value):
     with pytest.raises(PolicyTemplateError, match=var):
         render_policy("ec2-s3-access", **{**VARS, var: value})
@@ -144,8 +160,12 @@ def test_only_ec2_may_assume_the_instance_role():
 def test_only_lambda_may_assume_the_role():
     doc = render_policy("lambda-trust", **VARS)
     [st] = statements(doc)
-    assert st == {"Sid": "LambdaAssumesThisRole", "Effect": "Allow",
-                  "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
+    assert st == {
+        "Sid": "LambdaAssumesThisRole",
+        "Effect": "Allow",
+        "Principal": {"Service": "lambda.amazonaws.com"},
+        "Action": "sts:AssumeRole",
+    }
 
 
 # --------------------------------------------------------------------------- rendering rules
@@ -158,12 +178,26 @@ def test_missing_variables_are_named():
 
 @pytest.mark.parametrize(
     "var,value",
-    [("EndpointName", "-dogs"), ("EndpointName", "dogs-"), ("EndpointName", "dog_breeds"),
-     ("EndpointName", "x" * 64), ("EndpointName", "dog breeds"), ("EndpointName", "dogs/*"),
-     ("EndpointName", "*"), ("EndpointName", ""), ("EndpointName", 'a","Resource":"*'),
-     ("AccountId", "12345678901"), ("AccountId", "*"), ("Region", "us-east-1*"), ("Region", "*"),
-     ("Partition", "gcp"), ("FunctionName", "fn:alias"), ("FunctionName", "f" * 65),
-     ("FunctionName", "*"), ("EndpointName", None)],
+    [
+        ("EndpointName", "-dogs"),
+        ("EndpointName", "dogs-"),
+        ("EndpointName", "dog_breeds"),
+        ("EndpointName", "x" * 64),
+        ("EndpointName", "dog breeds"),
+        ("EndpointName", "dogs/*"),
+        ("EndpointName", "*"),
+        ("EndpointName", ""),
+        ("EndpointName", 'a","Resource":"*'),
+        ("AccountId", "12345678901"),
+        ("AccountId", "*"),
+        ("Region", "us-east-1*"),
+        ("Region", "*"),
+        ("Partition", "gcp"),
+        ("FunctionName", "fn:alias"),
+        ("FunctionName", "f" * 65),
+        ("FunctionName", "*"),
+        ("EndpointName", None),
+    ],
 )
 def test_bad_values_are_refused(var, value):
     with pytest.raises(PolicyTemplateError, match=var):
@@ -204,8 +238,12 @@ def test_infra_policies_are_links_to_the_packaged_templates():
 
 def _pip(*args: str) -> None:
     # No index is needed: no build isolation, no dependencies.
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True,
-                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    subprocess.run(
+        [sys.executable, "-m", "pip", *args],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +256,12 @@ def sdist(tmp_path_factory) -> Path:
         shutil.copy(ROOT / item, src / item)
     for folder in ("ec2train", "tests"):  # tests/ too: the sdist must leave it out
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import sys; from setuptools import build_meta; "
-            "print(build_meta.build_sdist(sys.argv[1]))")
-    name = subprocess.run([sys.executable, "-c", code, str(tmp)], cwd=src, check=True, capture_output=True,
-                          text=True).stdout.strip().splitlines()[-1]
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    name = (
+        subprocess.run([sys.executable, "-c", code, str(tmp)], cwd=src, check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     return tmp / name
 
 
@@ -247,8 +287,13 @@ def test_the_sdist_has_the_package_and_no_tests_it_cannot_run(sdist):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert not any(n.startswith("tests") for n in names), sorted(n for n in names if n.startswith("tests"))
-    for shipped in ("ec2train/py.typed", "ec2train/_lambda/handler.py", "ec2train/_lambda/safe_fetch.py",
-                    "ec2train/_serve/inference.py", "ec2train/deploy/plan.py"):
+    for shipped in (
+        "ec2train/py.typed",
+        "ec2train/_lambda/handler.py",
+        "ec2train/_lambda/safe_fetch.py",
+        "ec2train/_serve/inference.py",
+        "ec2train/deploy/plan.py",
+    ):
         assert shipped in names
 
 
@@ -265,9 +310,11 @@ def test_deploy_lambda_works_from_an_installed_wheel(wheel, tmp_path):
     byte for byte the zip a checkout makes."""
     site = tmp_path / "site"
     _pip("install", "-q", "--no-deps", "--target", str(site), str(wheel))
-    probe = ("import base64, hashlib, sys, ec2train; from ec2train import deploy; "
-             "assert ec2train.__file__.startswith(sys.argv[1]), ec2train.__file__; "
-             "sys.stdout.buffer.write(deploy.build_lambda_zip(deploy.default_code_dir()))")
+    probe = (
+        "import base64, hashlib, sys, ec2train; from ec2train import deploy; "
+        "assert ec2train.__file__.startswith(sys.argv[1]), ec2train.__file__; "
+        "sys.stdout.buffer.write(deploy.build_lambda_zip(deploy.default_code_dir()))"
+    )
     # Only the installed copy on the path: not the checkout (cwd, PYTHONPATH), not the editable install.
     env = {**os.environ, "PYTHONPATH": str(site), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     got = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, env=env, capture_output=True)
@@ -279,9 +326,26 @@ def test_deploy_lambda_works_from_an_installed_wheel(wheel, tmp_path):
     from ec2train import deploy
 
     assert zipped == deploy.build_lambda_zip(ROOT / "lambda"), "the wheel's Lambda differs from the repository's"
-    out = subprocess.run([sys.executable, "-m", "ec2train", "deploy", "lambda", "--endpoint", "dogs", "--dry-run",
-                          "--account-id", "123456789012", "--region", "us-east-1"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ec2train",
+            "deploy",
+            "lambda",
+            "--endpoint",
+            "dogs",
+            "--dry-run",
+            "--account-id",
+            "123456789012",
+            "--region",
+            "us-east-1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     digest = base64.b64encode(hashlib.sha256(zipped).digest()).decode()
     assert f"<zip archive: {len(zipped)} bytes, CodeSha256 {digest}>" in out.stdout

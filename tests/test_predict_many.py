@@ -45,8 +45,20 @@ def _good(folder: Path) -> list[str]:
 
 def test_folder_answers_every_image_reports_bad_files_and_exits_1(capsys, model_file, folder, tmp_path):
     out_csv = tmp_path / "answers.csv"
-    code, out, err = cli_in_process(capsys, "predict", "--model", model_file, folder, "--json", "--csv", out_csv,
-                                    "--top-k", "2", "--batch-size", "4")
+    code, out, err = cli_in_process(
+        capsys,
+        "predict",
+        "--model",
+        model_file,
+        folder,
+        "--json",
+        "--csv",
+        out_csv,
+        "--top-k",
+        "2",
+        "--batch-size",
+        "4",
+    )
     assert code == 1, err
     assert "Traceback" not in err and "2 of 8 images could not be read" in " ".join(err.split()), err
     docs = json.loads(out)
@@ -57,7 +69,9 @@ def test_folder_answers_every_image_reports_bad_files_and_exits_1(capsys, model_
         assert len(preds) == 2 and preds[0]["label"] in CLASSES and preds[0]["probability"] >= preds[1]["probability"]
     assert "empty" in by_path[str(folder / "empty.jpg")]["error"]
     assert "not a decodable image" in by_path[str(folder / "nested" / "notes.png")]["error"]
-    assert all("predictions" not in by_path[p] for p in (str(folder / "empty.jpg"), str(folder / "nested" / "notes.png")))
+    assert all(
+        "predictions" not in by_path[p] for p in (str(folder / "empty.jpg"), str(folder / "nested" / "notes.png"))
+    )
 
     # The CSV holds the same answers: top-1 columns, the top-k as a JSON cell, the error column.
     rows = {r["image"]: r for r in csv.DictReader(out_csv.open(newline=""))}

@@ -78,7 +78,7 @@ def test_interrupted_run_leaves_only_whole_files_and_a_rerun_finishes(src: Path,
         prepare_dataset(src, dst, size=64, workers=2, on_done=interrupt)
     assert json.loads((dst / MARKER).read_text())["complete"] is False
     done = [p for p in dst.rglob("*.jp*g")]
-    assert 0 < len(done)
+    assert len(done) > 0
     assert not list(dst.rglob(".*.tmp"))
     for p in done:
         Image.open(p).load()  # every file present is complete
@@ -133,5 +133,7 @@ def test_other_settings_into_the_same_folder_are_refused(capsys, src: Path, tmp_
     shutil.rmtree(src / "test")
     prepare_dataset(src, tmp_path / "dst", size=64, workers=1)
     code, _, err = cli_in_process(capsys, "data", "prepare", src, tmp_path / "dst", "--size", "128")
-    assert_one_line_error(code, err, "prepared with --quality 90 --size 64, not --quality 90 --size 128", "another folder")
+    assert_one_line_error(
+        code, err, "prepared with --quality 90 --size 64, not --quality 90 --size 128", "another folder"
+    )
     assert "{" not in err

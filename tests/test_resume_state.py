@@ -25,7 +25,11 @@ def _cli_args(data: Path, out: Path, **kw) -> list[str]:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +91,14 @@ def test_pretrained_backbone_is_scaled_and_lr_is_the_heads(demo_data, tmp_path):
 
     weights = tmp_path / "backbone.pth"
     torch.save(tvm.get_model("shufflenet_v2_x0_5", weights=None).state_dict(), weights)
-    cfg = resolve(data=str(demo_data), output=str(tmp_path / "out"), logdir=str(tmp_path / "runs"),
-                  **{**SMALL, "weights": str(weights), "freeze_backbone": False, "backbone_lr_scale": 0.5})
+    cfg = resolve(
+        data=str(demo_data),
+        output=str(tmp_path / "out"),
+        logdir=str(tmp_path / "runs"),
+        **{**SMALL, "weights": str(weights), "freeze_backbone": False, "backbone_lr_scale": 0.5},
+    )
     assert backbone_lr(cfg, 1.0) == 0.5 and backbone_lr(resolve(weights="none"), 1.0) == 1.0
     record = fit(cfg).history[0]  # mid-schedule: the last epoch's lrs are both 0
-    assert record["lr"] == pytest.approx(SMALL["lr"] * 0.5) and record["lr_backbone"] == pytest.approx(record["lr"] * 0.5)
+    assert record["lr"] == pytest.approx(SMALL["lr"] * 0.5) and record["lr_backbone"] == pytest.approx(
+        record["lr"] * 0.5
+    )

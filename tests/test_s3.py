@@ -57,6 +57,7 @@ def proxy(aws, monkeypatch):
 
 # ---------------------------------------------------------------- fit --s3-uri, resume from S3
 
+
 def test_fit_uploads_encrypted_verified_artifacts_and_resumes_on_an_empty_disk(s3, demo_data, reference, tmp_path):
     from ec2train.cli import app
     from ec2train.config import resolve
@@ -73,13 +74,18 @@ def test_fit_uploads_encrypted_verified_artifacts_and_resumes_on_an_empty_disk(s
     assert {"run1/last.pt", "run1/model.pth", "run1/config.toml"} <= names
     assert any(k.startswith("run1/runs/") and "tfevents" in k for k in names), names
     for key in names:
-        local = first / "out" / key.split("/", 1)[1] if not key.startswith("run1/runs/") else first / key.split("/", 1)[1]
+        local = (
+            first / "out" / key.split("/", 1)[1] if not key.startswith("run1/runs/") else first / key.split("/", 1)[1]
+        )
         head = s3.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
         assert head["ServerSideEncryption"] == "AES256"
         # S3 checked the SHA-256 on arrival and reports the local file's; the hex copy is for downloads.
         assert base64.b64decode(head["ChecksumSHA256"].split("-")[0]) == sha256(local), key
         assert head["Metadata"]["sha256"] == sha256(local).hex()
-    assert sha256(first / "out" / "last.pt") == hashlib.sha256(s3.get_object(Bucket=BUCKET, Key="run1/last.pt")["Body"].read()).digest()
+    assert (
+        sha256(first / "out" / "last.pt")
+        == hashlib.sha256(s3.get_object(Bucket=BUCKET, Key="run1/last.pt")["Body"].read()).digest()
+    )
 
     # Where --resume auto looks: the local checkpoint first, then (run.py) the S3 prefix.
     from ec2train.checkpoint import load_checkpoint, resume_source
@@ -102,7 +108,16 @@ def test_fit_uploads_encrypted_verified_artifacts_and_resumes_on_an_empty_disk(s
 
     # A new instance: empty disk, same command plus --resume auto.
     second = tmp_path / "instance2"
-    args = ["fit", *fit_args(demo_data, second / "out", second / "runs"), "--s3-uri", uri, "--resume", "auto", "--spot-watch", "off"]
+    args = [
+        "fit",
+        *fit_args(demo_data, second / "out", second / "runs"),
+        "--s3-uri",
+        uri,
+        "--resume",
+        "auto",
+        "--spot-watch",
+        "off",
+    ]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     output = " ".join(run.output.split())
@@ -124,7 +139,9 @@ def test_fit_with_kms_key_encrypts_every_upload_with_that_key(s3, demo_data, tmp
 
     key_id = aws.client("kms").create_key(Description="ec2train test")["KeyMetadata"]["Arn"]
     args = ["fit", *fit_args(demo_data, tmp_path / "out", tmp_path / "runs", epochs=1)]
-    run = CliRunner().invoke(app, [*args, "--s3-uri", f"s3://{BUCKET}/kms-run", "--kms-key", key_id, "--spot-watch", "off"])
+    run = CliRunner().invoke(
+        app, [*args, "--s3-uri", f"s3://{BUCKET}/kms-run", "--kms-key", key_id, "--spot-watch", "off"]
+    )
     assert run.exit_code == 0, run.output
     names = keys(s3, "kms-run/")
     assert {"kms-run/model.pth", "kms-run/last.pt", "kms-run/metrics.json", "kms-run/config.toml"} <= names
@@ -139,7 +156,13 @@ def test_existing_run_in_s3_is_not_overwritten_without_a_resume_choice(s3, demo_
     from ec2train.s3 import S3Error
 
     s3.put_object(Bucket=BUCKET, Key="taken/last.pt", Body=b"an earlier run")
-    cfg = resolve(data=str(demo_data), output=str(tmp_path / "out"), logdir=str(tmp_path / "runs"), s3_uri=f"s3://{BUCKET}/taken", **FIT)
+    cfg = resolve(
+        data=str(demo_data),
+        output=str(tmp_path / "out"),
+        logdir=str(tmp_path / "runs"),
+        s3_uri=f"s3://{BUCKET}/taken",
+        **FIT,
+    )
     with pytest.raises(S3Error, match="--resume auto"):
         fit_run(cfg, spot_watch="off")
     assert not (tmp_path / "out").exists()
@@ -147,6 +170,7 @@ def test_existing_run_in_s3_is_not_overwritten_without_a_resume_choice(s3, demo_
 
 
 # ---------------------------------------------------------------- single objects
+
 
 def test_multipart_upload_is_verified_and_a_damaged_object_is_refused_on_download(s3, tmp_path):
     from ec2train.s3 import PART_SIZE, S3Error, download_file, upload_file
@@ -156,7 +180,9 @@ def test_multipart_upload_is_verified_and_a_damaged_object_is_refused_on_downloa
     upload_file(big, f"s3://{BUCKET}/blobs/big.bin")
     head = s3.head_object(Bucket=BUCKET, Key="blobs/big.bin", ChecksumMode="ENABLED")
     data = big.read_bytes()
-    parts = hashlib.sha256(hashlib.sha256(data[:PART_SIZE]).digest() + hashlib.sha256(data[PART_SIZE:]).digest()).digest()
+    parts = hashlib.sha256(
+        hashlib.sha256(data[:PART_SIZE]).digest() + hashlib.sha256(data[PART_SIZE:]).digest()
+    ).digest()
     assert base64.b64decode(head["ChecksumSHA256"].split("-")[0]) == parts  # S3's composite of the parts
     assert head["ServerSideEncryption"] == "AES256" and head["ContentLength"] == len(data)
 
@@ -164,7 +190,9 @@ def test_multipart_upload_is_verified_and_a_damaged_object_is_refused_on_downloa
     assert back.read_bytes() == data
 
     # Same recorded digest, different bytes: the download must refuse it and leave the old file alone.
-    s3.put_object(Bucket=BUCKET, Key="blobs/big.bin", Body=b"x" * 100, Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+    s3.put_object(
+        Bucket=BUCKET, Key="blobs/big.bin", Body=b"x" * 100, Metadata={"sha256": hashlib.sha256(data).hexdigest()}
+    )
     with pytest.raises(S3Error, match="does not match its recorded SHA-256"):
         download_file(f"s3://{BUCKET}/blobs/big.bin", back)
     assert back.read_bytes() == data
@@ -187,6 +215,7 @@ def test_bad_s3_addresses_are_one_line_errors(uri, message):
 
 
 # ---------------------------------------------------------------- background uploader
+
 
 def test_background_uploader_skips_stale_versions_and_flush_waits_for_the_newest(s3, proxy, tmp_path):
     from ec2train.export import atomic_write_text
@@ -245,6 +274,7 @@ def test_a_permanent_upload_failure_is_raised_by_flush_and_by_the_next_submit(s3
 
 # ---------------------------------------------------------------- transient and permanent errors
 
+
 def test_transient_500s_are_retried_until_the_upload_succeeds(s3, proxy, tmp_path):
     from ec2train.s3 import upload_file
 
@@ -295,7 +325,16 @@ def test_fit_without_put_permission_stops_with_exit_2_and_keeps_local_files(s3, 
     proxy.rule = lambda method, path: (403, "AccessDenied") if method in ("PUT", "POST") else None
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *fit_args(demo_data, out, tmp_path / "runs", epochs=1), "--s3-uri", f"s3://{BUCKET}/denied", "--spot-watch", "off"])
+        main(
+            [
+                "fit",
+                *fit_args(demo_data, out, tmp_path / "runs", epochs=1),
+                "--s3-uri",
+                f"s3://{BUCKET}/denied",
+                "--spot-watch",
+                "off",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "access denied to upload" in err and "s3:PutObject" in err and "Traceback" not in err
@@ -307,6 +346,7 @@ def test_fit_without_put_permission_stops_with_exit_2_and_keeps_local_files(s3, 
 
 # ---------------------------------------------------------------- data fetch from S3
 
+
 def test_data_fetch_from_an_s3_prefix_and_an_s3_zip(s3, tmp_path):
     from ec2train.cli import app
     from ec2train.data import check_dataset, make_demo_dataset
@@ -316,7 +356,9 @@ def test_data_fetch_from_an_s3_prefix_and_an_s3_zip(s3, tmp_path):
     files = sorted(p.relative_to(demo_data).as_posix() for p in demo_data.rglob("*") if p.is_file())
     for rel in files:
         s3.upload_file(str(demo_data / rel), BUCKET, f"datasets/demo/{rel}")
-    run = CliRunner().invoke(app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo/", "--dest", str(tmp_path / "a" / "demo")])
+    run = CliRunner().invoke(
+        app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo/", "--dest", str(tmp_path / "a" / "demo")]
+    )
     assert run.exit_code == 0, run.output
     got = tmp_path / "a" / "demo"
     assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()) == files
@@ -328,6 +370,15 @@ def test_data_fetch_from_an_s3_prefix_and_an_s3_zip(s3, tmp_path):
         for rel in files:
             zf.write(demo_data / rel, f"demo/{rel}")
     upload_file(archive, f"s3://{BUCKET}/datasets/demo.zip")
-    run = CliRunner().invoke(app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo.zip", "--dest", str(tmp_path / "b" / "demo")])
+    run = CliRunner().invoke(
+        app, ["data", "fetch", "--url", f"s3://{BUCKET}/datasets/demo.zip", "--dest", str(tmp_path / "b" / "demo")]
+    )
     assert run.exit_code == 0, run.output
-    assert sorted(p.relative_to(tmp_path / "b" / "demo").as_posix() for p in (tmp_path / "b" / "demo").rglob("*") if p.is_file()) == files
+    assert (
+        sorted(
+            p.relative_to(tmp_path / "b" / "demo").as_posix()
+            for p in (tmp_path / "b" / "demo").rglob("*")
+            if p.is_file()
+        )
+        == files
+    )

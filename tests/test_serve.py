@@ -31,11 +31,17 @@ from tests.support.net import free_port
 from tests.support.paths import ROOT
 
 CLASSES = ("Circle", "Square", "Triangle", "Cross")
-PACKAGED = {"model.pth", "code", "code/inference.py", "code/ec2train",
-            *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "hw", "model", "preprocess", "infer"))}
+PACKAGED = {
+    "model.pth",
+    "code",
+    "code/inference.py",
+    "code/ec2train",
+    *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "hw", "model", "preprocess", "infer")),
+}
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def to_png(jpeg: bytes) -> bytes:
     out = io.BytesIO()
@@ -72,7 +78,9 @@ class ServerThread:
         self.app = app
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -135,12 +143,15 @@ def top1(answer: dict) -> str:
 
 # ---------------------------------------------------------------- handler functions
 
+
 def test_handler_predicts_the_right_classes(handler, model, images):
     correct = 0
     for label, jpegs in images.items():
         hits = 0
         for jpeg in jpegs:
-            body, ctype = handler.output_fn(handler.predict_fn(handler.input_fn(jpeg, "image/jpeg"), model), "application/json")
+            body, ctype = handler.output_fn(
+                handler.predict_fn(handler.input_fn(jpeg, "image/jpeg"), model), "application/json"
+            )
             answer = json.loads(body)
             assert ctype == "application/json"
             hits += top1(answer) == label
@@ -164,22 +175,25 @@ def test_handler_predicts_the_right_classes(handler, model, images):
     assert answer["predictions"][0]["label"] == preds[0]["label"]  # PNG and JPEG of one image agree
 
 
-@pytest.mark.parametrize("body, ctype, status, needle", [
-    (b"hello", "text/plain", 415, "unsupported content type"),
-    (b"hello", None, 415, "send one of image/jpeg"),
-    (b"", "image/jpeg", 400, "empty request body"),
-    (b"x" * (MAX_REQUEST_BYTES + 1), "image/jpeg", 413, "more than the limit"),
-    (b"{not json", "application/json", 400, "not valid json"),
-    (b"[1, 2]", "application/json", 400, "must be an object"),
-    (b'{"url": "http://169.254.169.254/"}', "application/json", 400, "does not fetch urls"),
-    (b'{"image": "aGk=", "topk": 3}', "application/json", 400, "unknown field(s) 'topk'"),
-    (b'{"top_k": 3}', "application/json", 400, 'has no "image"'),
-    (b'{"image": "%%%not base64"}', "application/json", 400, "not valid base64"),
-    (b'{"image": "aGk=", "top_k": 0}', "application/json", 400, "top_k"),
-    (b'{"image": "aGk=", "top_k": "many"}', "application/json", 400, "top_k"),
-    (b'{"image": "aGk=", "logits": "yes"}', "application/json", 400, "logits"),
-    (b"[" * 100_000, "application/json", 400, "nested too deeply"),  # was a 500 RecursionError
-])
+@pytest.mark.parametrize(
+    "body, ctype, status, needle",
+    [
+        (b"hello", "text/plain", 415, "unsupported content type"),
+        (b"hello", None, 415, "send one of image/jpeg"),
+        (b"", "image/jpeg", 400, "empty request body"),
+        (b"x" * (MAX_REQUEST_BYTES + 1), "image/jpeg", 413, "more than the limit"),
+        (b"{not json", "application/json", 400, "not valid json"),
+        (b"[1, 2]", "application/json", 400, "must be an object"),
+        (b'{"url": "http://169.254.169.254/"}', "application/json", 400, "does not fetch urls"),
+        (b'{"image": "aGk=", "topk": 3}', "application/json", 400, "unknown field(s) 'topk'"),
+        (b'{"top_k": 3}', "application/json", 400, 'has no "image"'),
+        (b'{"image": "%%%not base64"}', "application/json", 400, "not valid base64"),
+        (b'{"image": "aGk=", "top_k": 0}', "application/json", 400, "top_k"),
+        (b'{"image": "aGk=", "top_k": "many"}', "application/json", 400, "top_k"),
+        (b'{"image": "aGk=", "logits": "yes"}', "application/json", 400, "logits"),
+        (b"[" * 100_000, "application/json", 400, "nested too deeply"),  # was a 500 RecursionError
+    ],
+)
 def test_bad_requests_are_client_errors(handler, body, ctype, status, needle):
     with pytest.raises(RequestError) as exc:
         handler.input_fn(body, ctype)
@@ -220,6 +234,7 @@ def test_undecodable_images_and_decompression_bombs_are_refused(handler, model, 
 
 # ---------------------------------------------------------------- the model package
 
+
 def test_export_package_layout(package, trained_model):
     with tarfile.open(package) as tar:
         names = set(tar.getnames())
@@ -239,8 +254,23 @@ def test_handler_ships_inside_the_wheel(tmp_path):
     for item in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / item, src / item)
     shutil.copytree(ROOT / "ec2train", src / "ec2train", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
-                   check=True, capture_output=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     [wheel] = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("ec2train/_serve/inference.py") == link.read_bytes()
@@ -297,8 +327,13 @@ def run_isolated(package: Path, tmp_path: Path, image_dir: Path, *extra: str) ->
         tar.extractall(tmp_path / "model", filter="data")
     code_dir = tmp_path / "model" / "code"
     # -I: no PYTHONPATH, no user site, not even the current folder; only the venv's packages.
-    res = subprocess.run([sys.executable, "-I", "-c", ISOLATED, str(code_dir), str(image_dir), *extra],
-                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-I", "-c", ISOLATED, str(code_dir), str(image_dir), *extra],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out.pop("__file__").startswith(str(code_dir))  # the packaged copy, not this checkout
@@ -308,7 +343,9 @@ def run_isolated(package: Path, tmp_path: Path, image_dir: Path, *extra: str) ->
 def test_packaged_code_runs_in_isolation(package, demo_data, tmp_path):
     out = run_isolated(package, tmp_path, demo_data / "test", "plain")
     modules = out.pop("modules")
-    assert set(modules) <= {"ec2train", "ec2train.errors", "ec2train.model", "ec2train.preprocess", "ec2train.infer"}, modules
+    assert set(modules) <= {"ec2train", "ec2train.errors", "ec2train.model", "ec2train.preprocess", "ec2train.infer"}, (
+        modules
+    )
     hits = sum(Path(path).parent.name.split(".", 1)[1] == label for path, label in out.items())
     assert len(out) == 48 and hits / len(out) >= 0.75, (hits, len(out))
 
@@ -327,9 +364,12 @@ def test_packaged_handler_under_the_sagemaker_toolkit(package, images, demo_data
 
 
 def test_export_cli(trained_model, tmp_path, capsys):
-    code, out, err = cli_in_process(capsys, "export", "--model", trained_model, "--package", tmp_path / "out" / "model.tar.gz")
+    code, out, err = cli_in_process(
+        capsys, "export", "--model", trained_model, "--package", tmp_path / "out" / "model.tar.gz"
+    )
     assert code == 0 and "model.tar.gz" in out, err
-    assert set(tarfile.open(tmp_path / "out" / "model.tar.gz").getnames()) == PACKAGED
+    with tarfile.open(tmp_path / "out" / "model.tar.gz") as tar:
+        assert set(tar.getnames()) == PACKAGED
     junk = tmp_path / "junk.pth"
     junk.write_text("not a model")
     code, out, err = cli_in_process(capsys, "export", "--model", junk, "--package", tmp_path / "bad.tar.gz")
@@ -341,14 +381,19 @@ def test_export_cli(trained_model, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the local server
 
+
 def test_server_answers_every_input_kind(server, images):
     url = server.url + "/invocations"
     jpeg = images["Triangle"][1]
     for body, ctype in ((jpeg, "image/jpeg"), (to_png(jpeg), "image/png"), (jpeg, "application/x-image")):
         status, answer = http(url, body, {"Content-Type": ctype, "X-Amzn-SageMaker-Custom-Attributes": "top_k=3"})
         assert status == 200 and top1(answer) == "Triangle" and len(answer["predictions"]) == 3
-    status, answer = http(url, json.dumps({"image": b64(jpeg), "top_k": 1, "logits": True}).encode(), {"Content-Type": "application/json"})
-    assert status == 200 and top1(answer) == "Triangle" and len(answer["predictions"]) == 1 and len(answer["logits"]) == 4
+    status, answer = http(
+        url, json.dumps({"image": b64(jpeg), "top_k": 1, "logits": True}).encode(), {"Content-Type": "application/json"}
+    )
+    assert (
+        status == 200 and top1(answer) == "Triangle" and len(answer["predictions"]) == 1 and len(answer["logits"]) == 4
+    )
 
 
 def test_server_bad_inputs_get_client_errors(server, images):
@@ -360,8 +405,18 @@ def test_server_bad_inputs_get_client_errors(server, images):
         (b'{"url": "https://example.com/dog.jpg"}', {"Content-Type": "application/json"}, 400, "does not fetch urls"),
         (b"\0" * (MAX_REQUEST_BYTES + 1), {"Content-Type": "image/jpeg"}, 413, "more than the limit"),
         (bomb_png(20_000, 20_000), {"Content-Type": "image/png"}, 400, "pixels"),
-        (images["Circle"][0], {"Content-Type": "image/jpeg", "Accept": "text/csv"}, 406, "answers are application/json"),
-        (images["Circle"][0], {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=x"}, 400, "top_k"),
+        (
+            images["Circle"][0],
+            {"Content-Type": "image/jpeg", "Accept": "text/csv"},
+            406,
+            "answers are application/json",
+        ),
+        (
+            images["Circle"][0],
+            {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=x"},
+            400,
+            "top_k",
+        ),
     ]
     for body, headers, status, needle in cases:
         got, answer = http(url, body, headers)
@@ -376,8 +431,13 @@ def test_boto3_sagemaker_runtime_client_works_unchanged(server, images):
     from botocore.exceptions import ClientError
 
     runtime = boto3.client("sagemaker-runtime", endpoint_url=server.url, region_name="us-east-1")
-    resp = runtime.invoke_endpoint(EndpointName="dog-breeds", ContentType="application/x-image", Accept="application/json",
-                                   CustomAttributes="top_k=3", Body=images["Cross"][2])
+    resp = runtime.invoke_endpoint(
+        EndpointName="dog-breeds",
+        ContentType="application/x-image",
+        Accept="application/json",
+        CustomAttributes="top_k=3",
+        Body=images["Cross"][2],
+    )
     answer = json.loads(resp["Body"].read())
     assert resp["ContentType"] == "application/json" and resp["InvokedProductionVariant"] == "AllTraffic"
     assert top1(answer) == "Cross" and len(answer["predictions"]) == 3
@@ -389,7 +449,9 @@ def test_boto3_sagemaker_runtime_client_works_unchanged(server, images):
     assert err["OriginalStatusCode"] == 400 and "not a decodable image" in json.loads(err["OriginalMessage"])["error"]
     assert err["ResponseMetadata"]["HTTPStatusCode"] == 424
     with pytest.raises(ClientError) as exc:  # payloads over 6 MB: 413, as SageMaker refuses them
-        runtime.invoke_endpoint(EndpointName="dog-breeds", ContentType="image/jpeg", Body=b"\0" * (MAX_REQUEST_BYTES + 10))
+        runtime.invoke_endpoint(
+            EndpointName="dog-breeds", ContentType="image/jpeg", Body=b"\0" * (MAX_REQUEST_BYTES + 10)
+        )
     assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
 
 
@@ -404,7 +466,7 @@ def test_concurrent_requests_are_batched_and_correct(server, images, model):
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(call, jobs * 3))
-    for (label, jpeg), status, answer in results:
+    for (_label, jpeg), status, answer in results:
         assert status == 200
         want = expected[jpeg]["predictions"]
         assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in want]
@@ -459,9 +521,25 @@ def test_run_refuses_bad_model_busy_port_and_missing_deps(tmp_path, trained_mode
 def start_cli_server(trained_model, *args: str, **popen) -> tuple[subprocess.Popen, str]:
     """`ec2train serve` in a subprocess on a free port, once /ping answers 200; (process, url)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ec2train", "serve", "--model", str(trained_model), "--port", str(port),
-                             "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ec2train",
+            "serve",
+            "--model",
+            str(trained_model),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -480,7 +558,9 @@ def test_serve_cli_with_two_workers(trained_model, images, tmp_path):
     proc, url = start_cli_server(trained_model, "--workers", "2", "--threads", "1")
     try:
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda j: http(url + "/invocations", j, {"Content-Type": "image/jpeg"}), images["Square"][:8]))
+            answers = list(
+                pool.map(lambda j: http(url + "/invocations", j, {"Content-Type": "image/jpeg"}), images["Square"][:8])
+            )
         assert all(status == 200 for status, _ in answers)
         assert sum(top1(a) == "Square" for _, a in answers) >= 6
     finally:
@@ -519,8 +599,12 @@ def test_extreme_aspect_ratio_is_refused_fast_with_little_memory(trained_model, 
     strip.write_bytes(bomb_png(1, 100_000))
     assert len(strip.read_bytes()) < 300
     photo = next((demo_data / "test").rglob("*.jpg"))
-    out = subprocess.run([sys.executable, "-c", STRIP_PROBE, str(trained_model), str(photo), str(strip)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", STRIP_PROBE, str(trained_model), str(photo), str(strip)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.splitlines()[-1])
     print(f"1 x 100,000 px PNG: {got['seconds'] * 1000:.1f} ms, peak RSS growth {got['peak_growth_mb']:.1f} MB")
@@ -585,8 +669,10 @@ def test_a_body_that_stops_arriving_gets_408(trained_model):
         srv.wait_ready()
         port = int(srv.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                         b"Content-Length: 1000\r\n\r\n" + b"\xff" * 10)
+            sock.sendall(
+                b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b"\xff" * 10
+            )
             answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"did not arrive within 0.5 s" in answer
@@ -606,6 +692,7 @@ def _server_fd_limit(limit: int):
         import resource
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
     return apply
 
 
@@ -618,8 +705,9 @@ def test_ping_answers_while_1000_idle_connections_are_held(trained_model):
     import socket
 
     count = min(1000, _raise_nofile(1300) - 200)
-    proc, url = start_cli_server(trained_model, preexec_fn=_server_fd_limit(1024),
-                                 env={**os.environ, "EC2TRAIN_SERVE_HEADER_TIMEOUT": "2"})
+    proc, url = start_cli_server(
+        trained_model, preexec_fn=_server_fd_limit(1024), env={**os.environ, "EC2TRAIN_SERVE_HEADER_TIMEOUT": "2"}
+    )
     port = int(url.rsplit(":", 1)[1])
     idle: list[socket.socket] = []
     try:

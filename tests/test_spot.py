@@ -41,6 +41,7 @@ def imds(monkeypatch):
 
 # ---------------------------------------------------------------- the watcher
 
+
 def test_watcher_stops_on_a_notice_using_imdsv2_tokens_only(imds):
     from ec2train.spot import SpotWatcher
 
@@ -134,6 +135,7 @@ def test_watch_modes(monkeypatch):
 
 # ---------------------------------------------------------------- fit stopped by a notice, resumed elsewhere
 
+
 def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_uninterrupted_run(
     aws, imds, demo_data, tmp_path, tmp_path_factory
 ):
@@ -150,8 +152,17 @@ def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_u
     server = imds(notice_when=lambda: (first / "out" / "last.pt").exists())
     env = {k: v for k, v in os.environ.items() if k != "AWS_EC2_METADATA_DISABLED"}
     env.update(AWS_ENDPOINT_URL=aws, AWS_EC2_METADATA_SERVICE_ENDPOINT=server.url, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "ec2train", "fit", *fit_args(demo_data, first / "out", first / "runs"),
-           "--s3-uri", uri, "--spot-poll-seconds", "0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ec2train",
+        "fit",
+        *fit_args(demo_data, first / "out", first / "runs"),
+        "--s3-uri",
+        uri,
+        "--spot-poll-seconds",
+        "0.1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     output = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
     print(proc.stdout + proc.stderr)
@@ -168,8 +179,19 @@ def test_fit_subprocess_stops_on_a_notice_and_resume_auto_elsewhere_matches_an_u
 
     # A new instance: empty disk, same command plus --resume auto, no notice this time.
     second = tmp_path / "instance2"
-    run = CliRunner().invoke(app, ["fit", *fit_args(demo_data, second / "out", second / "runs"),
-                                   "--s3-uri", uri, "--resume", "auto", "--spot-watch", "off"])
+    run = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            *fit_args(demo_data, second / "out", second / "runs"),
+            "--s3-uri",
+            uri,
+            "--resume",
+            "auto",
+            "--spot-watch",
+            "off",
+        ],
+    )
     assert run.exit_code == 0, run.output
     assert f"{local['epoch']} of 3 epochs done" in run.output
     metrics = json.loads((second / "out" / "metrics.json").read_text())
@@ -191,9 +213,19 @@ def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds,
     server = imds(notice_when=lambda: (out / "last.pt").exists())
     env = {k: v for k, v in os.environ.items() if k != "AWS_EC2_METADATA_DISABLED"}
     env.update(AWS_ENDPOINT_URL=proxy.url, AWS_EC2_METADATA_SERVICE_ENDPOINT=server.url, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "ec2train", "fit", "--nproc-per-node", "2",
-           *fit_args(demo_data, out, tmp_path / "runs", epochs=2, batch_size=8),
-           "--s3-uri", f"s3://{BUCKET}/ddp", "--spot-poll-seconds", "0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ec2train",
+        "fit",
+        "--nproc-per-node",
+        "2",
+        *fit_args(demo_data, out, tmp_path / "runs", epochs=2, batch_size=8),
+        "--s3-uri",
+        f"s3://{BUCKET}/ddp",
+        "--spot-poll-seconds",
+        "0.1",
+    ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     finally:
@@ -219,8 +251,17 @@ def test_sigterm_stops_like_a_notice_keeps_the_checkpoint_and_flushes_s3(aws, de
     s3.create_bucket(Bucket=BUCKET)
     out = tmp_path / "out"
     env = dict(os.environ, AWS_ENDPOINT_URL=aws, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "ec2train", "fit", *fit_args(demo_data, out, tmp_path / "runs"),
-           "--s3-uri", f"s3://{BUCKET}/term", "--spot-watch", "off"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ec2train",
+        "fit",
+        *fit_args(demo_data, out, tmp_path / "runs"),
+        "--s3-uri",
+        f"s3://{BUCKET}/term",
+        "--spot-watch",
+        "off",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240

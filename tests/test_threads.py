@@ -77,7 +77,9 @@ def test_cgroup_v1_quota_and_the_cpu_count_it_caps(tmp_path, monkeypatch):
 
 def test_describe_names_the_numbers_and_the_reasons():
     text = hw.thread_plan(4, 1, 2, 0).describe()
-    assert text == "threads: torch 2 intra-op, 1 inter-op (4 of 4 CPUs for this process (1 on the box), 2 loader workers)"
+    assert (
+        text == "threads: torch 2 intra-op, 1 inter-op (4 of 4 CPUs for this process (1 on the box), 2 loader workers)"
+    )
     assert "set by --threads" in hw.thread_plan(4, 1, 2, 0, override=3).describe()
 
 
@@ -96,7 +98,14 @@ def _env_without_omp(**extra) -> dict[str, str]:
 
 def _run_fit(data: Path, out: Path, env: dict[str, str], **settings) -> str:
     """A real `ec2train fit` process; an on_epoch hook prints what torch really runs with."""
-    cfg = {**TINY_FIT, "epochs": 1, "batch_size": 4, "data": str(data), "output": str(out / "m"), "logdir": str(out / "r")}
+    cfg = {
+        **TINY_FIT,
+        "epochs": 1,
+        "batch_size": 4,
+        "data": str(data),
+        "output": str(out / "m"),
+        "logdir": str(out / "r"),
+    }
     code = textwrap.dedent(f"""
         import torch
         from rich.console import Console
@@ -114,7 +123,9 @@ def _run_fit(data: Path, out: Path, env: dict[str, str], **settings) -> str:
 def tiny_data(tmp_path_factory) -> Path:
     from ec2train.data import make_demo_dataset
 
-    return make_demo_dataset(tmp_path_factory.mktemp("threads") / "d", classes=2, per_class=4, size=32, eval_per_class=1)
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("threads") / "d", classes=2, per_class=4, size=32, eval_per_class=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +136,15 @@ def model_file(tiny_data, tmp_path_factory) -> Path:
     from ec2train.model import build_model
 
     folders = require_dataset(tiny_data)
-    payload = model_payload(build_model("resnet18", len(folders)).state_dict(), arch="resnet18",
-                            class_names=[class_name(f) for f in folders], class_folders=folders, image_size=32,
-                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    payload = model_payload(
+        build_model("resnet18", len(folders)).state_dict(),
+        arch="resnet18",
+        class_names=[class_name(f) for f in folders],
+        class_folders=folders,
+        image_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
     return save_model_file(tmp_path_factory.mktemp("model") / "model.pth", payload)
 
 
@@ -144,9 +161,24 @@ def test_each_serve_worker_applies_its_share(model_file):
     """serve --workers 2 on this box: each process's share is cpus // 2, less one decode thread."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ec2train", "serve", "--model", str(model_file), "--port", str(port), "--workers", "2",
-         "--log-level", "info"],
-        env=_env_without_omp(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ec2train",
+            "serve",
+            "--model",
+            str(model_file),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--log-level",
+            "info",
+        ],
+        env=_env_without_omp(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     expected = hw.thread_plan(hw.available_cpus(), 2, 0, 1).intra_op
     lines: list[str] = []
@@ -175,10 +207,14 @@ def test_sagemaker_handler_splits_cores_between_model_server_workers(model_file,
     assert inference.container_thread_plan({"SAGEMAKER_MODEL_SERVER_WORKERS": str(cpus)}).intra_op == 1
     assert inference.container_thread_plan({}).intra_op == 1
     # model_fn applies it, in a fresh process as each model-server worker is.
-    code = ("import torch, sys; from ec2train._serve.inference import model_fn; "
-            "model_fn(sys.argv[1]); print('LIVE', torch.get_num_threads())")
+    code = (
+        "import torch, sys; from ec2train._serve.inference import model_fn; "
+        "model_fn(sys.argv[1]); print('LIVE', torch.get_num_threads())"
+    )
     env = _env_without_omp(SAGEMAKER_MODEL_SERVER_WORKERS="1")
-    out = subprocess.run([sys.executable, "-c", code, str(model_file.parent)], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_file.parent)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and f"LIVE {cpus}" in out.stdout, out.stdout + out.stderr
 
 
@@ -188,8 +224,9 @@ def test_predict_and_evaluate_apply_the_flag(capsys, model_file, tiny_data, tmp_
         image = next((tiny_data / "test").rglob("*.jpg"))
         code, out, _ = cli_in_process(capsys, "predict", image, "--model", model_file, "--threads", "1", "--json")
         assert code == 0 and torch.get_num_threads() == 1, out
-        code, _, err = cli_in_process(capsys, "evaluate", "--model", model_file, "--data", tiny_data,
-                                      "--out", tmp_path, "--threads", "3")
+        code, _, err = cli_in_process(
+            capsys, "evaluate", "--model", model_file, "--data", tiny_data, "--out", tmp_path, "--threads", "3"
+        )
         assert code == 0 and torch.get_num_threads() == 3 and "threads: torch 3" in " ".join(err.split()), err
     finally:
         torch.set_num_threads(before)

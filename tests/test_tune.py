@@ -65,7 +65,9 @@ def _hparams_sessions(folder: Path) -> list[dict]:
         for ev in EventFileLoader(str(f)).Load():
             for v in ev.summary.value:
                 if v.tag == "_hparams_/session_start_info":
-                    info = plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content).session_start_info
+                    info = plugin_data_pb2.HParamsPluginData.FromString(
+                        v.metadata.plugin_data.content
+                    ).session_start_info
                     sessions.append({k: x.string_value or x.number_value for k, x in info.hparams.items()})
     return sessions
 
@@ -75,6 +77,7 @@ def _writer_threads() -> int:
 
 
 # ---------------------------------------------------------------- pure parts
+
 
 def test_each_worker_gets_its_gpu():
     assert visible_gpus(None, 4) == ["0", "1", "2", "3"]
@@ -117,7 +120,9 @@ def test_trials_stopped_by_ctrl_c_do_not_count():
 def test_space_file_overrides_defaults_and_rejects_bad_ranges(tmp_path):
     base = resolve(**FIXED, epochs=3)
     f = tmp_path / "space.toml"
-    f.write_text("[lr]\nlow = 1e-4\nhigh = 1e-1\nlog = true\n[batch_size]\nchoices = [8, 16]\n[optimizer]\nchoices = ['adamw', 'sgd']\n")
+    f.write_text(
+        "[lr]\nlow = 1e-4\nhigh = 1e-1\nlog = true\n[batch_size]\nchoices = [8, 16]\n[optimizer]\nchoices = ['adamw', 'sgd']\n"
+    )
     space = {p.name: p for p in load_space(f, base)}
     assert space["lr"] == Param("lr", 1e-4, 1e-1, log=True)
     assert space["batch_size"].choices == (8, 16)
@@ -163,6 +168,7 @@ def test_bad_space_and_timeout_are_one_line_cli_errors(tmp_path, tiny_data, caps
 
 # ---------------------------------------------------------------- real studies
 
+
 @pytest.mark.filterwarnings("ignore:Fixed parameter label_smoothing with value 1.5 is out of range")
 def test_pruning_failures_and_best_settings(tmp_path, tiny_data):
     """Enqueued trials make it deterministic: a good lr completes, a broken setting fails without
@@ -175,11 +181,15 @@ def test_pruning_failures_and_best_settings(tmp_path, tiny_data):
     study.enqueue_trial({**good, "label_smoothing": 1.5})  # fit rejects it: the trial fails
     study.enqueue_trial({**good, "lr": 1e-7})
     threads_before = _writer_threads()
-    base = resolve(data=str(tiny_data), epochs=3, logdir=str(tmp_path / "runs"), output=str(tmp_path / "final"), **FIXED)
+    base = resolve(
+        data=str(tiny_data), epochs=3, logdir=str(tmp_path / "runs"), output=str(tmp_path / "final"), **FIXED
+    )
 
     space = load_space(None, base)[1:] + [Param("lr", 1e-8, 1e-2, log=True)]
     # Judged from epoch 2 on (one warm-up epoch), against the one complete trial.
-    result = tune(base, trials=3, study_name="s", space=space, output=out, prune_startup_trials=1, prune_warmup_epochs=1)
+    result = tune(
+        base, trials=3, study_name="s", space=space, output=out, prune_startup_trials=1, prune_warmup_epochs=1
+    )
 
     trials = _trials(db, "s")
     assert [t.state for t in trials] == [TS.COMPLETE, TS.FAIL, TS.PRUNED], [(t.state, t.user_attrs) for t in trials]
@@ -204,7 +214,9 @@ def test_pruning_failures_and_best_settings(tmp_path, tiny_data):
     # best.toml: the fixed settings plus the winning parameters; fit reads it.
     assert result.best_number == 0 and result.best_file == out / "best.toml"
     best = resolve(result.best_file)
-    assert best == resolve(data=str(tiny_data), epochs=3, logdir=str(tmp_path / "runs"), output=str(tmp_path / "final"), **FIXED, **good)
+    assert best == resolve(
+        data=str(tiny_data), epochs=3, logdir=str(tmp_path / "runs"), output=str(tmp_path / "final"), **FIXED, **good
+    )
     assert [r["state"] for r in result.rows] == ["COMPLETE", "FAIL", "PRUNED"]
     assert not list(out.glob(".*.tmp"))
 
@@ -272,9 +284,31 @@ def test_resume_continues_the_count_then_fit_and_fit_config(tmp_path, tiny_data,
 def test_parallel_workers_share_the_study(tmp_path, tiny_data, capsys):
     """--parallel 2 on the CPU: two trial processes at once, one study in one sqlite file."""
     code, stdout, err = cli_in_process(
-        capsys, "tune", "--data", tiny_data, "--trials", 2, "--epochs", 1, "--parallel", 2, "--study", "p",
-        "--output", tmp_path / "t", "--logdir", tmp_path / "runs", "--arch", "squeezenet1_0", "--weights", "none",
-        "--image-size", 32, "--workers", 0, "--no-prune",
+        capsys,
+        "tune",
+        "--data",
+        tiny_data,
+        "--trials",
+        2,
+        "--epochs",
+        1,
+        "--parallel",
+        2,
+        "--study",
+        "p",
+        "--output",
+        tmp_path / "t",
+        "--logdir",
+        tmp_path / "runs",
+        "--arch",
+        "squeezenet1_0",
+        "--weights",
+        "none",
+        "--image-size",
+        32,
+        "--workers",
+        0,
+        "--no-prune",
     )
     assert code == 0, err
     assert "2 at a time" in stdout

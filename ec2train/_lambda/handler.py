@@ -136,7 +136,9 @@ def _invoke_endpoint(endpoint: str, image: bytes, top_k: int) -> list[dict]:
                 raise BadRequest("the endpoint is busy; retry in a moment", 503) from None
             if isinstance(original, int) and 400 <= original < 500:
                 reason = _model_error_reason(exc.response.get("OriginalMessage"))
-                raise BadRequest(f"the endpoint could not use this image: {reason}", 413 if original == 413 else 400) from None
+                raise BadRequest(
+                    f"the endpoint could not use this image: {reason}", 413 if original == 413 else 400
+                ) from None
             raise BadRequest("the model failed on this image (ModelError)", 502) from None
         if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 413:
             raise BadRequest("image is too large for the endpoint", 413) from None
@@ -171,8 +173,10 @@ def _parse_predictions(raw: bytes, top_k: int) -> list[dict]:
         label, index, prob = p.get("label"), p.get("index"), p.get("probability")
         if (
             not isinstance(label, str)
-            or not isinstance(index, int) or isinstance(index, bool)
-            or not isinstance(prob, (int, float)) or isinstance(prob, bool)
+            or not isinstance(index, int)
+            or isinstance(index, bool)
+            or not isinstance(prob, (int, float))
+            or isinstance(prob, bool)
             or not math.isfinite(prob)
         ):
             raise unexpected

@@ -102,7 +102,7 @@ class Settings:
     max_redirects: int = DEFAULT_MAX_REDIRECTS
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         """Read per request (cheap), so a configuration change needs no code change."""
         allow_http = _env_flag("ALLOW_HTTP")
         raw_ports = os.environ.get("ALLOWED_PORTS", "").strip()
@@ -408,7 +408,10 @@ def _get(target: Target, settings: Settings, deadline: float, ssl_context: ssl.S
     timeout = min(settings.connect_timeout, remaining)
     if target.scheme == "https":
         conn = PinnedHTTPSConnection(
-            target.host, target.port, pinned_ip=target.ip, timeout=timeout,
+            target.host,
+            target.port,
+            pinned_ip=target.ip,
+            timeout=timeout,
             context=ssl_context or ssl.create_default_context(),
         )
     else:
@@ -452,8 +455,7 @@ def _get(target: Target, settings: Settings, deadline: float, ssl_context: ssl.S
         conn.close()
 
 
-def fetch_image(url: str, *, settings: Settings | None = None,
-                ssl_context: ssl.SSLContext | None = None) -> Fetched:
+def fetch_image(url: str, *, settings: Settings | None = None, ssl_context: ssl.SSLContext | None = None) -> Fetched:
     """GET `url` under the SSRF guard; return its bytes if they are an image within the cap."""
     settings = settings or Settings.from_env()
     deadline = time.monotonic() + settings.total_timeout
@@ -520,8 +522,10 @@ def size_problem(width: int, height: int) -> str | None:
     if width * height > MAX_PIXELS:
         return f"image is {width}x{height} pixels, more than the limit of {MAX_PIXELS}"
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        return (f"image is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
-                "the other; crop it closer to the subject")
+        return (
+            f"image is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
+            "the other; crop it closer to the subject"
+        )
     return None
 
 
@@ -539,8 +543,8 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             at += 2
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
-            return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
-        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+            return int.from_bytes(data[at + 7 : at + 9], "big"), int.from_bytes(data[at + 5 : at + 7], "big")
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
     return None
 
 

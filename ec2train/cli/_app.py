@@ -38,7 +38,9 @@ class SuggestingCommand(TyperCommand):
         except Exception as exc:  # click's NoSuchOption, matched by its fields: typer may vendor click
             name = getattr(exc, "option_name", None)
             if isinstance(name, str) and name.startswith("--") and hasattr(exc, "possibilities"):
-                names = [o[2:] for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+                names = [
+                    o[2:] for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o.startswith("--")
+                ]
                 exc.possibilities = ["--" + n for n in difflib.get_close_matches(name[2:], names)]
             raise
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import (
@@ -55,7 +54,9 @@ def data_check(directory: Path = typer.Argument(..., help="Data set root.")):
         table.add_column(col)
     for split in SPLITS:
         sr = report.splits.get(split)
-        table.add_row(split, *(("-", "-", "-") if sr is None else (str(sr.classes), str(sr.images), str(len(sr.empty_classes)))))
+        table.add_row(
+            split, *(("-", "-", "-") if sr is None else (str(sr.classes), str(sr.images), str(len(sr.empty_classes))))
+        )
     console.print(table)
     for problem in report.problems:
         err_console.print(f"[red]problem:[/red] {problem}")
@@ -69,18 +70,35 @@ def data_check(directory: Path = typer.Argument(..., help="Data set root.")):
 
 @data_app.command("fetch")
 def data_fetch(
-    url: Optional[str] = typer.Option(None, help="https://, file:// or s3://bucket/key of a zip in the dogImages layout, or an s3://bucket/prefix/ folder of train/ valid/ test/. [default: the public dogImages.zip]"),
-    dest: Path = typer.Option(Path(default_of("data")), help="The data set folder to create (train/ valid/ test/ inside)."),
+    url: str | None = typer.Option(
+        None,
+        help="https://, file:// or s3://bucket/key of a zip in the dogImages layout, or an s3://bucket/prefix/ folder of train/ valid/ test/. [default: the public dogImages.zip]",
+    ),
+    dest: Path = typer.Option(
+        Path(default_of("data")), help="The data set folder to create (train/ valid/ test/ inside)."
+    ),
     keep_archive: bool = typer.Option(False, help="Keep the downloaded zip."),
-    sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of the zip (hex); a mismatch deletes the download."),
+    sha256: str | None = typer.Option(None, help="Expected SHA-256 of the zip (hex); a mismatch deletes the download."),
 ):
     """Download, verify and unpack dogImages (resumes an interrupted download)."""
     from ec2train.data import DOG_IMAGES_URL, fetch_dataset
 
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err_console) as progress:
         task = progress.add_task("download", total=None)
-        path = fetch_dataset(url or DOG_IMAGES_URL, dest, progress=lambda done, total: progress.update(task, completed=done, total=total), keep_archive=keep_archive, sha256=sha256)
+        path = fetch_dataset(
+            url or DOG_IMAGES_URL,
+            dest,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            keep_archive=keep_archive,
+            sha256=sha256,
+        )
     console.print(f"data set ready in {path}; train with: ec2train fit --data {path}")
 
 
@@ -98,7 +116,9 @@ def data_split(
 
     result = split_dataset(src, dst, valid, test, seed, "copy" if copy else "link")
     sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
-    console.print(f"{dst}: {sizes} images in {len(result.counts['train'])} classes; train with: ec2train fit --data {dst}")
+    console.print(
+        f"{dst}: {sizes} images in {len(result.counts['train'])} classes; train with: ec2train fit --data {dst}"
+    )
 
 
 @data_app.command("prepare")
@@ -106,7 +126,7 @@ def data_prepare(
     src: Path = typer.Argument(..., help="Data set root to copy (e.g. dogImages)."),
     dst: Path = typer.Argument(..., help="New folder for the resized copy (e.g. dogImages-256)."),
     size: int = typer.Option(256, help="Short side of the written images, in pixels (256 suits --image-size 224)."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Processes. [default: one per CPU]"),
+    workers: int | None = typer.Option(None, min=1, help="Processes. [default: one per CPU]"),
     quality: int = typer.Option(90, help="JPEG quality (1-95)."),
 ):
     """Write a resized copy of a data set (same layout; JPEG, short side --size) for fast epochs.
@@ -117,10 +137,16 @@ def data_prepare(
     from ec2train.prepare import check_arguments, prepare_dataset
 
     check_arguments(src, dst, size, quality)
-    with Progress(TextColumn("resizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console) as progress:
+    with Progress(
+        TextColumn("resizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console
+    ) as progress:
         task = progress.add_task("prepare", total=None)
         report = prepare_dataset(
-            src, dst, size, workers, quality,
+            src,
+            dst,
+            size,
+            workers,
+            quality,
             on_total=lambda n: progress.update(task, total=n),
             on_done=lambda k: progress.advance(task, k),
         )

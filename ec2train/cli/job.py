@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import List, Optional
 
 import typer
 from rich.table import Table
 
 from ec2train.cli._app import console, group
 
-job_app = group("job", help="Unattended training jobs on EC2: submit, status, logs, cancel. No SageMaker, nothing of ours left running.")
+job_app = group(
+    "job",
+    help="Unattended training jobs on EC2: submit, status, logs, cancel. No SageMaker, nothing of ours left running.",
+)
 _REGION = "AWS region. [default: your AWS configuration]"
 _S3_URI = "The job's S3 prefix; needed only once its group is gone (after cancel). [default: read from the group's tag]"
 
@@ -18,27 +20,62 @@ _S3_URI = "The job's S3 prefix; needed only once its group is gone (after cancel
 @job_app.command("submit")
 def submit_cmd(
     name: str = typer.Argument(..., help="Job name: 1-31 lowercase letters, digits and '-'."),
-    fit_args: Optional[List[str]] = typer.Argument(None, help="After --: `fit` and its options, e.g. -- fit --epochs 10."),
-    s3_uri: str = typer.Option(..., help="S3 prefix for the job: checkpoints, model, logs, status. The instance reaches only this (and --data)."),
-    data: str = typer.Option(..., help="The data set: s3://bucket/key.zip, s3://bucket/prefix/ (train/ valid/ test/) or an https:// zip."),
-    instance_type: str = typer.Option("g4dn.xlarge", "--type", help="Instance type; with --spot, bigger types of its family with as many GPUs are allowed too."),
-    spot: bool = typer.Option(False, help="Spot capacity: capacity-optimized over several types, capacity rebalance, resume from S3."),
+    fit_args: list[str] | None = typer.Argument(None, help="After --: `fit` and its options, e.g. -- fit --epochs 10."),
+    s3_uri: str = typer.Option(
+        ...,
+        help="S3 prefix for the job: checkpoints, model, logs, status. The instance reaches only this (and --data).",
+    ),
+    data: str = typer.Option(
+        ..., help="The data set: s3://bucket/key.zip, s3://bucket/prefix/ (train/ valid/ test/) or an https:// zip."
+    ),
+    instance_type: str = typer.Option(
+        "g4dn.xlarge",
+        "--type",
+        help="Instance type; with --spot, bigger types of its family with as many GPUs are allowed too.",
+    ),
+    spot: bool = typer.Option(
+        False, help="Spot capacity: capacity-optimized over several types, capacity rebalance, resume from S3."
+    ),
     max_hours: float = typer.Option(24.0, help="End the job this many hours after submit, even if training hangs."),
-    max_failures: int = typer.Option(2, help="Failed attempts (fit exits non-zero, or an instance vanishes) before the job ends 'failed'."),
+    max_failures: int = typer.Option(
+        2, help="Failed attempts (fit exits non-zero, or an instance vanishes) before the job ends 'failed'."
+    ),
     disk_gb: int = typer.Option(100, help="Encrypted gp3 root volume size."),
-    ami: Optional[str] = typer.Option(None, help="AMI id. [default: the PyTorch Deep Learning AMI from its public SSM parameter]"),
-    subnet_id: Optional[List[str]] = typer.Option(None, help="Subnet(s) to launch in (repeatable). [default: the default VPC's]"),
-    ssh_from: Optional[str] = typer.Option(None, help="Allow SSH from this IPv4 address (/32) only. [default: no inbound rule at all]"),
-    key_name: Optional[str] = typer.Option(None, help="EC2 key pair for SSH."),
-    wheel: Optional[str] = typer.Option(None, help="Install this wheel instead of one built from this checkout."),
-    region: Optional[str] = typer.Option(None, help=_REGION),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print every request and policy document; create, build and upload nothing."),
+    ami: str | None = typer.Option(
+        None, help="AMI id. [default: the PyTorch Deep Learning AMI from its public SSM parameter]"
+    ),
+    subnet_id: list[str] | None = typer.Option(
+        None, help="Subnet(s) to launch in (repeatable). [default: the default VPC's]"
+    ),
+    ssh_from: str | None = typer.Option(
+        None, help="Allow SSH from this IPv4 address (/32) only. [default: no inbound rule at all]"
+    ),
+    key_name: str | None = typer.Option(None, help="EC2 key pair for SSH."),
+    wheel: str | None = typer.Option(None, help="Install this wheel instead of one built from this checkout."),
+    region: str | None = typer.Option(None, help=_REGION),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print every request and policy document; create, build and upload nothing."
+    ),
 ):
     """Create a job: an Auto Scaling group of one that trains, uploads to S3 and ends itself."""
     from ec2train.job.api import SubmitRequest, submit
 
-    req = SubmitRequest(name, s3_uri, data, list(fit_args or []), instance_type, spot, max_hours, max_failures, disk_gb,
-                        ami, list(subnet_id or []) or None, ssh_from, key_name, wheel)
+    req = SubmitRequest(
+        name,
+        s3_uri,
+        data,
+        list(fit_args or []),
+        instance_type,
+        spot,
+        max_hours,
+        max_failures,
+        disk_gb,
+        ami,
+        list(subnet_id or []) or None,
+        ssh_from,
+        key_name,
+        wheel,
+    )
     out = submit(req, region=region, dry_run=dry_run, console=console)
     if not dry_run:
         types = f" (spot: {', '.join(out['spot_types'])})" if out["spot_types"] else ""
@@ -49,8 +86,8 @@ def submit_cmd(
 @job_app.command("status")
 def status_cmd(
     name: str = typer.Argument(..., help="Job name."),
-    s3_uri: Optional[str] = typer.Option(None, help=_S3_URI),
-    region: Optional[str] = typer.Option(None, help=_REGION),
+    s3_uri: str | None = typer.Option(None, help=_S3_URI),
+    region: str | None = typer.Option(None, help=_REGION),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """State, epochs done, instance, interruptions, failures and an estimate of the cost so far."""
@@ -64,16 +101,28 @@ def status_cmd(
     table.add_row("state", st["state"] + (f" ({st['reason']})" if st.get("reason") else ""))
     table.add_row("epochs done", f"{st.get('epoch') or 0}" + (f" of {st['epochs']}" if st.get("epochs") else ""))
     last = (st.get("attempts") or [{}])[-1]
-    table.add_row("instance", f"{last.get('instance', '-')} {last.get('instance_type', '')} {last.get('lifecycle', '')}".strip())
-    table.add_row("attempts", f"{len(st.get('attempts') or [])}: {st['interruptions']} interrupted, {st['failures']} failed")
+    table.add_row(
+        "instance", f"{last.get('instance', '-')} {last.get('instance_type', '')} {last.get('lifecycle', '')}".strip()
+    )
+    table.add_row(
+        "attempts", f"{len(st.get('attempts') or [])}: {st['interruptions']} interrupted, {st['failures']} failed"
+    )
     if st.get("exit_code") is not None:
         table.add_row("exit code", str(st["exit_code"]))
     c = st["cost"]
     usd = f"${c['usd']:.2f}" if c["usd"] is not None else f"unknown (no price for {', '.join(c['unpriced'])})"
-    table.add_row("cost so far", f"{usd} for {c['hours']:.2f} instance-hours: an estimate from list prices of {st['prices_as_of']}")
+    table.add_row(
+        "cost so far",
+        f"{usd} for {c['hours']:.2f} instance-hours: an estimate from list prices of {st['prices_as_of']}",
+    )
     group = st["group"]
-    table.add_row("group", "gone" if group is None else f"desired {group['desired']}; " +
-                  (", ".join(f"{i['id']} {i['state']}" for i in group["instances"]) or "no instances"))
+    table.add_row(
+        "group",
+        "gone"
+        if group is None
+        else f"desired {group['desired']}; "
+        + (", ".join(f"{i['id']} {i['state']}" for i in group["instances"]) or "no instances"),
+    )
     table.add_row("files", st["s3_uri"])
     console.print(table)
     for line in st.get("log_tail") or [] if st["state"] == "failed" else []:
@@ -84,8 +133,8 @@ def status_cmd(
 def logs_cmd(
     name: str = typer.Argument(..., help="Job name."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends."),
-    s3_uri: Optional[str] = typer.Option(None, help=_S3_URI),
-    region: Optional[str] = typer.Option(None, help=_REGION),
+    s3_uri: str | None = typer.Option(None, help=_S3_URI),
+    region: str | None = typer.Option(None, help=_REGION),
 ):
     """Every attempt's log (the runner's lines and fit's output), mirrored to S3 every few seconds."""
     from ec2train.job.api import logs
@@ -96,8 +145,8 @@ def logs_cmd(
 @job_app.command("cancel")
 def cancel_cmd(
     name: str = typer.Argument(..., help="Job name."),
-    s3_uri: Optional[str] = typer.Option(None, help=_S3_URI),
-    region: Optional[str] = typer.Option(None, help=_REGION),
+    s3_uri: str | None = typer.Option(None, help=_S3_URI),
+    region: str | None = typer.Option(None, help=_REGION),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every request; delete nothing."),
 ):
     """Stop the job and delete everything it created (the outputs in S3 stay). Safe to run twice."""
@@ -105,4 +154,7 @@ def cancel_cmd(
 
     out = cancel(name, s3_uri=s3_uri, region=region, dry_run=dry_run, console=console)
     if not dry_run:
-        console.print(f"job {name}: nothing left running or billing" + ("" if out["deleted"] else " (nothing was there)"), highlight=False)
+        console.print(
+            f"job {name}: nothing left running or billing" + ("" if out["deleted"] else " (nothing was there)"),
+            highlight=False,
+        )

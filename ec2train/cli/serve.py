@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,21 +21,33 @@ def serve(
     max_batch: int = typer.Option(8, min=1, help="Most requests grouped into one forward pass; 1 turns batching off."),
     max_wait_ms: float = typer.Option(5.0, min=0, help="How long a batch may wait for requests still being decoded."),
     workers: int = typer.Option(1, min=1, help="Server processes (each loads the model and batches on its own)."),
-    threads: Optional[int] = typer.Option(None, min=0, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, min=0, help=THREADS_HELP),
     log_level: str = typer.Option("info", help="uvicorn log level: warning hides the access log."),
 ):
     """Serve a model over HTTP like the SageMaker endpoint: GET /ping, POST /invocations."""
     from ec2train.server import run
 
-    run(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, workers=workers, threads=threads, log_level=log_level)
+    run(
+        model,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        workers=workers,
+        threads=threads,
+        log_level=log_level,
+    )
 
 
 @app.command()
 def export(
     model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
-    package: Optional[Path] = typer.Option(None, help="Write the SageMaker model package here (e.g. model.tar.gz)."),
-    s3_uri: Optional[str] = typer.Option(None, help="Upload to s3://bucket/prefix (prefix/model.pth, or prefix/<package name> with --package) or to s3://bucket/key."),
-    kms_key: Optional[str] = typer.Option(None, help="KMS key id/ARN/alias for SSE-KMS. [default: SSE-S3, AES256]"),
+    package: Path | None = typer.Option(None, help="Write the SageMaker model package here (e.g. model.tar.gz)."),
+    s3_uri: str | None = typer.Option(
+        None,
+        help="Upload to s3://bucket/prefix (prefix/model.pth, or prefix/<package name> with --package) or to s3://bucket/key.",
+    ),
+    kms_key: str | None = typer.Option(None, help="KMS key id/ARN/alias for SSE-KMS. [default: SSE-S3, AES256]"),
 ):
     """Build model.tar.gz for SageMaker (model.pth + code/inference.py) and/or upload to S3, encrypted and verified."""
     if package is None and s3_uri is None:
@@ -45,7 +56,9 @@ def export(
         from ec2train.export import package_model
 
         path = package_model(model, package)
-        console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): model.pth, code/inference.py, code/ec2train/")
+        console.print(
+            f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): model.pth, code/inference.py, code/ec2train/"
+        )
     if s3_uri is not None:
         from ec2train import s3
 

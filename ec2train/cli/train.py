@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.columns import Columns
@@ -40,40 +39,76 @@ from ec2train.cli._app import (
 @app.command(context_settings={"allow_extra_args": False})
 def fit(
     ctx: typer.Context,
-    data: Optional[str] = setting("data", "Data set root with train/ valid/ test/ class folders."),
-    epochs: Optional[int] = setting("epochs", "Epochs to train."),
-    batch_size: Optional[int] = setting("batch_size", "Images per step per process (global batch = this x processes)."),
-    lr: Optional[float] = setting("lr", "Peak learning rate of the head (cosine decay after warm-up)."),
-    scale_lr: Optional[bool] = setting("scale_lr", "Multiply --lr by the number of processes (linear scaling rule).", "--scale-lr/--no-scale-lr"),
-    weight_decay: Optional[float] = setting("weight_decay", "Decoupled weight decay (not on biases/norms)."),
-    optimizer: Optional[Optim] = setting("optimizer", "Optimizer."),
-    label_smoothing: Optional[float] = setting("label_smoothing", "Label smoothing."),
-    warmup_epochs: Optional[int] = setting("warmup_epochs", "Linear warm-up epochs before cosine decay."),
-    patience: Optional[int] = setting("patience", "Stop after this many epochs without a better valid accuracy; 0 = never."),
-    arch: Optional[str] = setting("arch", "Any torchvision classification model (`ec2train archs`)."),
-    weights: Optional[str] = setting("weights", "imagenet | none | PATH to a .pth file."),
-    freeze_backbone: Optional[bool] = setting("freeze_backbone", "Train the head only.", "--freeze-backbone/--no-freeze-backbone", shown="frozen with pretrained weights, else full training"),
-    backbone_lr_scale: Optional[float] = setting("backbone_lr_scale", "Backbone lr = lr x this when fine-tuning everything."),
-    image_size: Optional[int] = setting("image_size", "Crop size in pixels."),
-    augment: Optional[bool] = setting("augment", "Random resized crop + flip for training.", "--augment/--no-augment"),
-    workers: Optional[int] = setting("workers", "Data loader workers per process; -1 = from the CPUs."),
-    seed: Optional[int] = setting("seed", "Random seed (same seed, same result on the same hardware)."),
-    amp: Optional[Amp] = setting("amp", "Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU."),
-    device: Optional[Device] = setting("device", "auto picks the GPU of this process when there is one."),
-    channels_last: Optional[bool] = setting("channels_last", "NHWC memory format on GPUs.", "--channels-last/--no-channels-last"),
-    compile: Optional[bool] = setting("compile", "torch.compile the model.", "--compile/--no-compile"),
-    sync_bn: Optional[bool] = setting("sync_bn", "SyncBatchNorm across processes, for small per-GPU batches (CUDA only).", "--sync-bn/--no-sync-bn"),
-    cache_features: Optional[bool] = setting("cache_features", "With a frozen backbone: compute its features once (eval transform) and train the head from them; augmentation is off in this mode.", "--cache-features/--no-cache-features"),
-    output: Optional[str] = setting("output", "Folder for model.pth, last.pt, metrics.json, config.toml."),
-    logdir: Optional[str] = setting("logdir", "TensorBoard log folder."),
-    resume: Optional[str] = setting("resume", "auto (the checkpoint in --output, else under --s3-uri, if any) | never | PATH | s3://bucket/prefix/last.pt.", shown="auto under torchrun, else never"),
-    s3_uri: Optional[str] = setting("s3_uri", "s3://bucket/prefix: upload model.pth, last.pt, config.toml, metrics.json and TensorBoard logs there every epoch and at exit (encrypted, verified)."),
-    kms_key: Optional[str] = setting("kms_key", "KMS key id/ARN/alias: SSE-KMS for --s3-uri uploads.", shown="SSE-S3, AES256"),
-    spot_watch: SpotWatch = typer.Option("auto", help="Watch for spot interruption notices (IMDSv2): auto = when an instance metadata service answers."),
-    spot_poll_seconds: float = typer.Option(5.0, help="Seconds between spot notice polls (the notice comes 2 minutes ahead)."),
-    config: Optional[Path] = typer.Option(None, help="TOML file of settings (keys as above with underscores); options given here override it."),
-    nproc_per_node: Optional[str] = typer.Option(None, help="auto|N: start torchrun with N processes on this box (auto: one per GPU)."),
-    threads: Optional[int] = setting("threads", THREADS_HELP, min=0),
+    data: str | None = setting("data", "Data set root with train/ valid/ test/ class folders."),
+    epochs: int | None = setting("epochs", "Epochs to train."),
+    batch_size: int | None = setting("batch_size", "Images per step per process (global batch = this x processes)."),
+    lr: float | None = setting("lr", "Peak learning rate of the head (cosine decay after warm-up)."),
+    scale_lr: bool | None = setting(
+        "scale_lr", "Multiply --lr by the number of processes (linear scaling rule).", "--scale-lr/--no-scale-lr"
+    ),
+    weight_decay: float | None = setting("weight_decay", "Decoupled weight decay (not on biases/norms)."),
+    optimizer: Optim | None = setting("optimizer", "Optimizer."),
+    label_smoothing: float | None = setting("label_smoothing", "Label smoothing."),
+    warmup_epochs: int | None = setting("warmup_epochs", "Linear warm-up epochs before cosine decay."),
+    patience: int | None = setting(
+        "patience", "Stop after this many epochs without a better valid accuracy; 0 = never."
+    ),
+    arch: str | None = setting("arch", "Any torchvision classification model (`ec2train archs`)."),
+    weights: str | None = setting("weights", "imagenet | none | PATH to a .pth file."),
+    freeze_backbone: bool | None = setting(
+        "freeze_backbone",
+        "Train the head only.",
+        "--freeze-backbone/--no-freeze-backbone",
+        shown="frozen with pretrained weights, else full training",
+    ),
+    backbone_lr_scale: float | None = setting(
+        "backbone_lr_scale", "Backbone lr = lr x this when fine-tuning everything."
+    ),
+    image_size: int | None = setting("image_size", "Crop size in pixels."),
+    augment: bool | None = setting("augment", "Random resized crop + flip for training.", "--augment/--no-augment"),
+    workers: int | None = setting("workers", "Data loader workers per process; -1 = from the CPUs."),
+    seed: int | None = setting("seed", "Random seed (same seed, same result on the same hardware)."),
+    amp: Amp | None = setting("amp", "Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU."),
+    device: Device | None = setting("device", "auto picks the GPU of this process when there is one."),
+    channels_last: bool | None = setting(
+        "channels_last", "NHWC memory format on GPUs.", "--channels-last/--no-channels-last"
+    ),
+    compile: bool | None = setting("compile", "torch.compile the model.", "--compile/--no-compile"),
+    sync_bn: bool | None = setting(
+        "sync_bn", "SyncBatchNorm across processes, for small per-GPU batches (CUDA only).", "--sync-bn/--no-sync-bn"
+    ),
+    cache_features: bool | None = setting(
+        "cache_features",
+        "With a frozen backbone: compute its features once (eval transform) and train the head from them; augmentation is off in this mode.",
+        "--cache-features/--no-cache-features",
+    ),
+    output: str | None = setting("output", "Folder for model.pth, last.pt, metrics.json, config.toml."),
+    logdir: str | None = setting("logdir", "TensorBoard log folder."),
+    resume: str | None = setting(
+        "resume",
+        "auto (the checkpoint in --output, else under --s3-uri, if any) | never | PATH | s3://bucket/prefix/last.pt.",
+        shown="auto under torchrun, else never",
+    ),
+    s3_uri: str | None = setting(
+        "s3_uri",
+        "s3://bucket/prefix: upload model.pth, last.pt, config.toml, metrics.json and TensorBoard logs there every epoch and at exit (encrypted, verified).",
+    ),
+    kms_key: str | None = setting(
+        "kms_key", "KMS key id/ARN/alias: SSE-KMS for --s3-uri uploads.", shown="SSE-S3, AES256"
+    ),
+    spot_watch: SpotWatch = typer.Option(
+        "auto", help="Watch for spot interruption notices (IMDSv2): auto = when an instance metadata service answers."
+    ),
+    spot_poll_seconds: float = typer.Option(
+        5.0, help="Seconds between spot notice polls (the notice comes 2 minutes ahead)."
+    ),
+    config: Path | None = typer.Option(
+        None, help="TOML file of settings (keys as above with underscores); options given here override it."
+    ),
+    nproc_per_node: str | None = typer.Option(
+        None, help="auto|N: start torchrun with N processes on this box (auto: one per GPU)."
+    ),
+    threads: int | None = setting("threads", THREADS_HELP, min=0),
 ):
     """Train on train/, pick the best epoch on valid/, test it once on test/, export model.pth.
 
@@ -85,12 +120,36 @@ def fit(
 
     cfg = resolve(
         config,
-        data=data, epochs=epochs, batch_size=batch_size, lr=lr, scale_lr=scale_lr, weight_decay=weight_decay,
-        optimizer=value(optimizer), label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, patience=patience,
-        arch=arch, weights=weights, freeze_backbone=freeze_backbone, backbone_lr_scale=backbone_lr_scale,
-        image_size=image_size, augment=augment, workers=workers, seed=seed, amp=value(amp), device=value(device),
-        channels_last=channels_last, compile=compile, sync_bn=sync_bn, output=output, logdir=logdir, resume=resume,
-        s3_uri=s3_uri, kms_key=kms_key, cache_features=cache_features, threads=threads,
+        data=data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        scale_lr=scale_lr,
+        weight_decay=weight_decay,
+        optimizer=value(optimizer),
+        label_smoothing=label_smoothing,
+        warmup_epochs=warmup_epochs,
+        patience=patience,
+        arch=arch,
+        weights=weights,
+        freeze_backbone=freeze_backbone,
+        backbone_lr_scale=backbone_lr_scale,
+        image_size=image_size,
+        augment=augment,
+        workers=workers,
+        seed=seed,
+        amp=value(amp),
+        device=value(device),
+        channels_last=channels_last,
+        compile=compile,
+        sync_bn=sync_bn,
+        output=output,
+        logdir=logdir,
+        resume=resume,
+        s3_uri=s3_uri,
+        kms_key=kms_key,
+        cache_features=cache_features,
+        threads=threads,
     )
     try:
         from ec2train.run import fit_run  # torch: seconds, and Ctrl-C may come meanwhile
@@ -153,18 +212,23 @@ def print_fit_summary(result) -> None:
     table = Table(title="ec2train fit: done", show_header=False)
     table.add_column()
     table.add_column(overflow="fold")  # paths wrap whole onto the next line instead of ending in "…"
-    table.add_row("best epoch", f"{m['best_epoch']} of {m['epochs_run']}" + (" (early stop)" if m["stopped_early"] else ""))
+    table.add_row(
+        "best epoch", f"{m['best_epoch']} of {m['epochs_run']}" + (" (early stop)" if m["stopped_early"] else "")
+    )
     table.add_row("valid accuracy", f"{m['valid_acc1']:.4f} (top-5 {m['valid_acc5']:.4f})")
     table.add_row("test accuracy", f"{m['test_acc1']:.4f} (top-5 {m['test_acc5']:.4f}) on {m['test_images']} images")
     table.add_row("throughput", f"{m['images_per_second']:.0f} img/s, wall {m['wall_seconds']:.0f} s")
     table.add_row("model", str(result.model_path))
     table.add_row("checkpoint", f"{result.output / CHECKPOINT_FILE}  (continue with --resume auto)")
     table.add_row("metrics", str(result.output / "metrics.json"))
-    table.add_row("TensorBoard", f"tensorboard --logdir {result.logdir.parent}  (over SSH: ssh -L 6006:localhost:6006 ...)")
+    table.add_row(
+        "TensorBoard", f"tensorboard --logdir {result.logdir.parent}  (over SSH: ssh -L 6006:localhost:6006 ...)"
+    )
     console.print(table)
 
 
 # ---------------------------------------------------------------- evaluate / predict / archs
+
 
 @app.command()
 def evaluate(
@@ -175,7 +239,9 @@ def evaluate(
     workers: int = typer.Option(0, min=0),
     threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     device: Device = typer.Option("auto"),
-    out: Optional[Path] = typer.Option(None, help="Folder for evaluation.json, confusion.csv and confusion.png. [default: beside the model]"),
+    out: Path | None = typer.Option(
+        None, help="Folder for evaluation.json, confusion.csv and confusion.png. [default: beside the model]"
+    ),
 ):
     """Top-1, top-5 and per-class accuracy, and a confusion matrix (PNG and CSV)."""
     import torch
@@ -199,7 +265,9 @@ def evaluate(
     for name, acc in sorted(res["per_class_acc1"].items(), key=lambda kv: (kv[1] is None, kv[1])):
         table.add_row(name, "n/a" if acc is None else f"{acc:.3f}")
     console.print(table)
-    console.print("most confused (true -> predicted):" if pairs else "no confusions: every image was predicted as its true class")
+    console.print(
+        "most confused (true -> predicted):" if pairs else "no confusions: every image was predicted as its true class"
+    )
     for pair in pairs:
         console.print(f"  {confused_line(pair)}", markup=False, highlight=False)
     console.print(f"wrote {out / f'evaluation-{split}.json'}, confusion-{split}.csv and confusion-{split}.png")
@@ -207,11 +275,21 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: List[Path] = typer.Argument(..., help="Image files (JPEG, PNG, ...) and folders: every image under a folder, recursively."),
+    images: list[Path] = typer.Argument(
+        ..., help="Image files (JPEG, PNG, ...) and folders: every image under a folder, recursively."
+    ),
     model: Path = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     top_k: int = typer.Option(5, min=1, help="How many classes to show per image."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table: an object for one image file, else a list; an unreadable file has \"error\" instead of \"predictions\"."),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write a CSV file, one row per image: image, label, probability (top-1), top_k (JSON list of {label, index, probability}), error."),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help='Print JSON instead of a table: an object for one image file, else a list; an unreadable file has "error" instead of "predictions".',
+    ),
+    csv_path: Path | None = typer.Option(
+        None,
+        "--csv",
+        help="Also write a CSV file, one row per image: image, label, probability (top-1), top_k (JSON list of {label, index, probability}), error.",
+    ),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     device: Device = typer.Option("auto", help="auto picks the GPU when there is one."),
     threads: int = typer.Option(0, min=0, help=THREADS_HELP),
@@ -224,7 +302,9 @@ def predict(
 
     files = image_files(images)
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
-    apply_threads(threads, 0, quiet=True)  # after loading (a bad model file stays a one-line error); stdout is the answer
+    apply_threads(
+        threads, 0, quiet=True
+    )  # after loading (a bad model file stays a one-line error); stdout is the answer
     answers = _predict_with_progress(predictor, files, top_k, batch_size)
     if csv_path is not None:
         _write_predictions_csv(csv_path, answers)
@@ -236,8 +316,11 @@ def predict(
         _print_predictions(answers)
     failed = [a for a in answers if a.error]
     if failed:
-        err_console.print(f"[bold red]{len(failed)} of {len(answers)} images could not be read[/bold red] "
-                          f"(first: {escape(failed[0].path)}: {escape(failed[0].error)})", highlight=False)
+        err_console.print(
+            f"[bold red]{len(failed)} of {len(answers)} images could not be read[/bold red] "
+            f"(first: {escape(failed[0].path)}: {escape(failed[0].error)})",
+            highlight=False,
+        )
         raise typer.Exit(1)
 
 
@@ -268,8 +351,15 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
     writer.writerow(["image", "label", "probability", "top_k", "error"])
     for a in answers:
         top = a.predictions or []
-        writer.writerow([a.path, top[0]["label"] if top else "", f"{top[0]['probability']:.6f}" if top else "",
-                         json.dumps(top) if top else "", a.error or ""])
+        writer.writerow(
+            [
+                a.path,
+                top[0]["label"] if top else "",
+                f"{top[0]['probability']:.6f}" if top else "",
+                json.dumps(top) if top else "",
+                a.error or "",
+            ]
+        )
     atomic_write_text(path, buf.getvalue())
 
 
@@ -291,8 +381,12 @@ def _print_predictions(answers: list) -> None:
             table.add_row(escape(a.path), f"[red]error: {escape(a.error)}[/red]", "", "")
             continue
         top, *rest = a.predictions
-        table.add_row(escape(a.path), escape(top["label"]), f"{top['probability']:.4f}",
-                      escape(", ".join(f"{p['label']} {p['probability']:.2f}" for p in rest)))
+        table.add_row(
+            escape(a.path),
+            escape(top["label"]),
+            f"{top['probability']:.4f}",
+            escape(", ".join(f"{p['label']} {p['probability']:.2f}" for p in rest)),
+        )
     console.print(table)
 
 
@@ -310,31 +404,59 @@ def archs():
 
 @app.command()
 def tune(
-    data: Optional[str] = setting("data", "Data set root with train/ valid/ test/ class folders."),
-    trials: int = typer.Option(20, help="Trials the study should hold in all (a resumed study counts its earlier ones)."),
-    timeout: Optional[str] = typer.Option(None, help="Start no new trial after this long: 90s, 30m, 2h, 1h30m (running ones finish)."),
+    data: str | None = setting("data", "Data set root with train/ valid/ test/ class folders."),
+    trials: int = typer.Option(
+        20, help="Trials the study should hold in all (a resumed study counts its earlier ones)."
+    ),
+    timeout: str | None = typer.Option(
+        None, help="Start no new trial after this long: 90s, 30m, 2h, 1h30m (running ones finish)."
+    ),
     study: str = typer.Option("ec2train", help="Study name; run the same command again to continue it."),
-    storage: Optional[str] = typer.Option(None, help="Optuna database URL, e.g. sqlite:///tune.db. [default: sqlite file in --output]"),
-    space: Optional[Path] = typer.Option(None, help="TOML file of search ranges ([lr] low=1e-4 high=1e-1 log=true ...). [default: lr, batch size, weight decay, label smoothing]"),
-    epochs: Optional[int] = setting("epochs", "Epochs per trial (and in best.toml).", shown="from --config, else {}"),
-    output: Optional[Path] = typer.Option(None, help="Folder for trial-N/ folders, study.db and best.toml. [default: tune/STUDY]"),
-    parallel: Optional[int] = typer.Option(None, help="Trials at a time, each in its own process. [default: one per GPU, one on the CPU]"),
-    then_fit: bool = typer.Option(False, "--then-fit", help="Train the final model with best.toml when the search ends."),
-    prune: bool = typer.Option(True, "--prune/--no-prune", help="Stop trials whose valid accuracy is below the median of finished ones at the same epoch."),
-    prune_startup_trials: Optional[int] = typer.Option(None, help="Finished trials before pruning starts. [default: trials/4, at most 5]"),
+    storage: str | None = typer.Option(
+        None, help="Optuna database URL, e.g. sqlite:///tune.db. [default: sqlite file in --output]"
+    ),
+    space: Path | None = typer.Option(
+        None,
+        help="TOML file of search ranges ([lr] low=1e-4 high=1e-1 log=true ...). [default: lr, batch size, weight decay, label smoothing]",
+    ),
+    epochs: int | None = setting("epochs", "Epochs per trial (and in best.toml).", shown="from --config, else {}"),
+    output: Path | None = typer.Option(
+        None, help="Folder for trial-N/ folders, study.db and best.toml. [default: tune/STUDY]"
+    ),
+    parallel: int | None = typer.Option(
+        None, help="Trials at a time, each in its own process. [default: one per GPU, one on the CPU]"
+    ),
+    then_fit: bool = typer.Option(
+        False, "--then-fit", help="Train the final model with best.toml when the search ends."
+    ),
+    prune: bool = typer.Option(
+        True,
+        "--prune/--no-prune",
+        help="Stop trials whose valid accuracy is below the median of finished ones at the same epoch.",
+    ),
+    prune_startup_trials: int | None = typer.Option(
+        None, help="Finished trials before pruning starts. [default: trials/4, at most 5]"
+    ),
     prune_warmup_epochs: int = typer.Option(1, help="Epochs every trial runs before it may be pruned."),
-    config: Optional[Path] = typer.Option(None, help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model."),
-    arch: Optional[str] = setting("arch", "Architecture (fixed for the study)."),
-    weights: Optional[str] = setting("weights", "imagenet | none | PATH."),
-    freeze_backbone: Optional[bool] = setting("freeze_backbone", "Train the head only.", "--freeze-backbone/--no-freeze-backbone", shown="frozen with pretrained weights"),
-    image_size: Optional[int] = setting("image_size", "Crop size in pixels."),
-    optimizer: Optional[Optim] = setting("optimizer", "Optimizer."),
-    workers: Optional[int] = setting("workers", "Data loader workers per trial; -1 = share the CPUs."),
-    threads: Optional[int] = setting("threads", THREADS_HELP + " Per trial process.", min=0),
-    device: Optional[Device] = setting("device", "Device."),
-    amp: Optional[Amp] = setting("amp", "Mixed precision."),
-    seed: Optional[int] = setting("seed", "Seed of every trial's training and of the sampler."),
-    logdir: Optional[str] = setting("logdir", "TensorBoard folder; trials go to LOGDIR/tune-STUDY/."),
+    config: Path | None = typer.Option(
+        None, help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model."
+    ),
+    arch: str | None = setting("arch", "Architecture (fixed for the study)."),
+    weights: str | None = setting("weights", "imagenet | none | PATH."),
+    freeze_backbone: bool | None = setting(
+        "freeze_backbone",
+        "Train the head only.",
+        "--freeze-backbone/--no-freeze-backbone",
+        shown="frozen with pretrained weights",
+    ),
+    image_size: int | None = setting("image_size", "Crop size in pixels."),
+    optimizer: Optim | None = setting("optimizer", "Optimizer."),
+    workers: int | None = setting("workers", "Data loader workers per trial; -1 = share the CPUs."),
+    threads: int | None = setting("threads", THREADS_HELP + " Per trial process.", min=0),
+    device: Device | None = setting("device", "Device."),
+    amp: Amp | None = setting("amp", "Mixed precision."),
+    seed: int | None = setting("seed", "Seed of every trial's training and of the sampler."),
+    logdir: str | None = setting("logdir", "TensorBoard folder; trials go to LOGDIR/tune-STUDY/."),
 ):
     """Search learning rate, batch size, weight decay and label smoothing with Optuna; prune hopeless trials."""
     from ec2train.config import resolve
@@ -343,25 +465,50 @@ def tune(
 
     seconds = parse_duration(timeout) if timeout is not None else None
     base = resolve(
-        config, data=data, epochs=epochs, arch=arch, weights=weights, freeze_backbone=freeze_backbone,
-        image_size=image_size, optimizer=value(optimizer), workers=workers, device=value(device), amp=value(amp),
-        seed=seed, logdir=logdir, threads=threads,
+        config,
+        data=data,
+        epochs=epochs,
+        arch=arch,
+        weights=weights,
+        freeze_backbone=freeze_backbone,
+        image_size=image_size,
+        optimizer=value(optimizer),
+        workers=workers,
+        device=value(device),
+        amp=value(amp),
+        seed=seed,
+        logdir=logdir,
+        threads=threads,
     )
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial event instead
     try:
         result = run_tune(
-            base, trials=trials, timeout=seconds, study_name=study, storage=storage, space=space, output=output,
-            parallel=parallel, prune=prune, prune_startup_trials=prune_startup_trials,
-            prune_warmup_epochs=prune_warmup_epochs, then_fit=then_fit, console=console,
+            base,
+            trials=trials,
+            timeout=seconds,
+            study_name=study,
+            storage=storage,
+            space=space,
+            output=output,
+            parallel=parallel,
+            prune=prune,
+            prune_startup_trials=prune_startup_trials,
+            prune_warmup_epochs=prune_warmup_epochs,
+            then_fit=then_fit,
+            console=console,
         )
     except KeyboardInterrupt:
-        err_console.print("interrupted; the finished trials are saved: run the same command again to continue the study")
-        raise typer.Exit(130)
+        err_console.print(
+            "interrupted; the finished trials are saved: run the same command again to continue the study"
+        )
+        raise typer.Exit(130) from None
     _print_tune_table(result)
     if result.best_file is None:
         errors = [r["error"] for r in result.rows if r["error"]]
-        raise TuneError(f"no trial completed{f' (first error: {errors[0]})' if errors else ''}; fix it and run the same command again")
+        raise TuneError(
+            f"no trial completed{f' (first error: {errors[0]})' if errors else ''}; fix it and run the same command again"
+        )
     console.print(
         f"best: trial {result.best_number}, valid acc {result.best_value:.4f}; settings in {result.best_file}\n"
         f"train with them: ec2train fit --config {result.best_file}   (all GPUs: add --nproc-per-node auto)\n"
@@ -374,16 +521,30 @@ def tune(
 def _print_tune_table(result) -> None:
     colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
     counts = {s: sum(r["state"] == s for r in result.rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    table = Table(title=f"study {result.study.study_name}: {len(result.rows)} trials, "
-                  f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed")
-    for col, justify in (("trial", "right"), ("state", "left"), ("valid acc", "right"), ("epochs", "right"), ("params", "left")):
+    table = Table(
+        title=f"study {result.study.study_name}: {len(result.rows)} trials, "
+        f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
+    )
+    for col, justify in (
+        ("trial", "right"),
+        ("state", "left"),
+        ("valid acc", "right"),
+        ("epochs", "right"),
+        ("params", "left"),
+    ):
         table.add_column(col, justify=justify)
     for r in sorted(result.rows, key=lambda r: r["number"]):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         note = f" [red]{escape(r['error'])}[/red]" if r["error"] else ""
         mark = " *" if r["number"] == result.best_number else ""
         acc = "-" if r["valid_acc1"] is None else f"{r['valid_acc1']:.4f}{mark}"
-        table.add_row(str(r["number"]), f"[{colour.get(r['state'], 'white')}]{r['state']}[/]", acc, str(r["epochs"]), params + note)
+        table.add_row(
+            str(r["number"]),
+            f"[{colour.get(r['state'], 'white')}]{r['state']}[/]",
+            acc,
+            str(r["epochs"]),
+            params + note,
+        )
     console.print(table)
 
 
@@ -393,28 +554,50 @@ def _print_tune_table(result) -> None:
 @app.command()
 def bench(
     data: str = typer.Option(default_of("data"), help="Data set root (its train/ split is read)."),
-    arch: str = typer.Option(default_of("arch"), help="Architecture to time (random weights: speed does not depend on them)."),
+    arch: str = typer.Option(
+        default_of("arch"), help="Architecture to time (random weights: speed does not depend on them)."
+    ),
     batch_size: int = typer.Option(default_of("batch_size"), min=1, help="Images per step."),
-    workers: int = typer.Option(default_of("workers"), min=-1, help="Loader workers; -1 = fit's default from the CPUs."),
+    workers: int = typer.Option(
+        default_of("workers"), min=-1, help="Loader workers; -1 = fit's default from the CPUs."
+    ),
     threads: int = typer.Option(0, min=0, help=THREADS_HELP),
     device: Device = typer.Option(default_of("device")),
     image_size: int = typer.Option(default_of("image_size"), help="Crop size in pixels."),
     steps: int = typer.Option(20, min=1, help="Batches timed per measurement."),
     amp: Amp = typer.Option(default_of("amp"), help="Mixed precision, as in fit."),
-    freeze_backbone: bool = typer.Option(True, "--freeze-backbone/--no-freeze-backbone", help="Time the frozen-backbone step (fit's default with pretrained weights)."),
+    freeze_backbone: bool = typer.Option(
+        True,
+        "--freeze-backbone/--no-freeze-backbone",
+        help="Time the frozen-backbone step (fit's default with pretrained weights).",
+    ),
 ):
     """Images/s of the input pipeline, the training step and both; says which bounds the run and what to do."""
     from ec2train.perf import bench as run_bench
 
     r = run_bench(
-        data, arch, batch_size, workers, value(device), image_size, steps, value(amp), freeze_backbone, threads=threads,
+        data,
+        arch,
+        batch_size,
+        workers,
+        value(device),
+        image_size,
+        steps,
+        value(amp),
+        freeze_backbone,
+        threads=threads,
         log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
     )
-    table = Table(title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers")
+    table = Table(
+        title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers"
+    )
     table.add_column("measurement")
     table.add_column("images/s", justify="right")
     table.add_row("input pipeline alone (decode + transform)", f"{r.pipeline_ips:.1f}")
-    table.add_row(f"training step alone ({'frozen backbone' if r.frozen else 'full model'}, synthetic batches)", f"{r.step_ips:.1f}")
+    table.add_row(
+        f"training step alone ({'frozen backbone' if r.frozen else 'full model'}, synthetic batches)",
+        f"{r.step_ips:.1f}",
+    )
     table.add_row("end to end", f"{r.end_to_end_ips:.1f}")
     console.print(table)
     console.print(f"bound by the [bold]{r.bound}[/bold] (training images: median short side {r.median_short_side} px)")

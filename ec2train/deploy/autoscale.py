@@ -15,10 +15,17 @@ from ec2train.deploy.names import (
 from ec2train.deploy.plan import Runner, Step, dry_run_header, resolve_region
 
 
-def autoscale_plan(name: str, min_capacity: int, max_capacity: int, target: float, scale_in_cooldown: int, scale_out_cooldown: int) -> list[Step]:
+def autoscale_plan(
+    name: str, min_capacity: int, max_capacity: int, target: float, scale_in_cooldown: int, scale_out_cooldown: int
+) -> list[Step]:
     target_ids = scalable_target(name)
     return [
-        Step("application-autoscaling", "register_scalable_target", {**target_ids, "MinCapacity": min_capacity, "MaxCapacity": max_capacity}, "instance count bounds"),
+        Step(
+            "application-autoscaling",
+            "register_scalable_target",
+            {**target_ids, "MinCapacity": min_capacity, "MaxCapacity": max_capacity},
+            "instance count bounds",
+        ),
         Step(
             "application-autoscaling",
             "put_scaling_policy",
@@ -38,7 +45,9 @@ def autoscale_plan(name: str, min_capacity: int, max_capacity: int, target: floa
     ]
 
 
-def _check_bounds(min_capacity: int, max_capacity: int, target_invocations: float, scale_in_cooldown: int, scale_out_cooldown: int) -> None:
+def _check_bounds(
+    min_capacity: int, max_capacity: int, target_invocations: float, scale_in_cooldown: int, scale_out_cooldown: int
+) -> None:
     if min_capacity < 1:
         raise DeployError("--min must be at least 1 (an instance endpoint cannot scale to zero)")
     if max_capacity < min_capacity:
@@ -53,11 +62,15 @@ def _check_scalable(runner: Runner, name: str) -> None:
     """The endpoint exists, and its one variant runs on instances (serverless ones scale by themselves)."""
     d = runner.read("sagemaker", "describe_endpoint", EndpointName=name)
     if d is None:
-        raise DeployError(f"endpoint {name} does not exist in {runner.region}; deploy it first with `ec2train deploy endpoint`")
+        raise DeployError(
+            f"endpoint {name} does not exist in {runner.region}; deploy it first with `ec2train deploy endpoint`"
+        )
     cfg = runner.read("sagemaker", "describe_endpoint_config", EndpointConfigName=d["EndpointConfigName"]) or {}
     variants = {v["VariantName"]: v for v in cfg.get("ProductionVariants", [])}
     if VARIANT not in variants:
-        raise DeployError(f"endpoint {name} has no {VARIANT} variant (it has {', '.join(variants) or 'none'}); ec2train autoscales only endpoints it deployed")
+        raise DeployError(
+            f"endpoint {name} has no {VARIANT} variant (it has {', '.join(variants) or 'none'}); ec2train autoscales only endpoints it deployed"
+        )
     if "ServerlessConfig" in variants[VARIANT]:
         raise DeployError(
             f"endpoint {name} is serverless: it scales by itself up to its MaxConcurrency and cannot use "
@@ -84,8 +97,12 @@ def autoscale(
     region = resolve_region(region)
     runner = runner or Runner(region, dry_run=dry_run, console=console)
     if runner.dry_run:
-        dry_run_header(runner, f"autoscale endpoint {name}", ["sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig"])
+        dry_run_header(
+            runner, f"autoscale endpoint {name}", ["sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig"]
+        )
     else:
         _check_scalable(runner, name)
-    runner.run(autoscale_plan(name, min_capacity, max_capacity, target_invocations, scale_in_cooldown, scale_out_cooldown))
+    runner.run(
+        autoscale_plan(name, min_capacity, max_capacity, target_invocations, scale_in_cooldown, scale_out_cooldown)
+    )
     return {"endpoint": name, "resource_id": resource_id(name), "policy": scaling_policy_name(name)}

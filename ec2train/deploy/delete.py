@@ -55,8 +55,19 @@ def delete_plan(name: str, found: Found | Any) -> list[Step]:
         found = _placeholders(name)
     steps: list[Step] = []
     if found.function:
-        steps += [Step("lambda", "delete_alias", {"FunctionName": found.function, "Name": a}, tolerate=missing) for a in found.aliases]
-        steps.append(Step("lambda", "delete_function", {"FunctionName": found.function}, "function, versions, concurrency settings", tolerate=missing))
+        steps += [
+            Step("lambda", "delete_alias", {"FunctionName": found.function, "Name": a}, tolerate=missing)
+            for a in found.aliases
+        ]
+        steps.append(
+            Step(
+                "lambda",
+                "delete_function",
+                {"FunctionName": found.function},
+                "function, versions, concurrency settings",
+                tolerate=missing,
+            )
+        )
     if found.role:
         steps += [
             Step("iam", "delete_role_policy", {"RoleName": found.role, "PolicyName": POLICY_NAME}, tolerate=missing),
@@ -65,12 +76,21 @@ def delete_plan(name: str, found: Found | Any) -> list[Step]:
     if found.log_group:
         steps.append(Step("logs", "delete_log_group", {"logGroupName": found.log_group}, tolerate=missing))
     steps += [
-        Step("application-autoscaling", "delete_scaling_policy", {"PolicyName": scaling_policy_name(name), **target_ids}, tolerate=missing),
+        Step(
+            "application-autoscaling",
+            "delete_scaling_policy",
+            {"PolicyName": scaling_policy_name(name), **target_ids},
+            tolerate=missing,
+        ),
         Step("application-autoscaling", "deregister_scalable_target", target_ids, tolerate=missing),
     ]
     if found.endpoint:
-        steps.append(Step("sagemaker", "delete_endpoint", {"EndpointName": name}, "stops the billing", tolerate=missing))
-    steps += [Step("sagemaker", "delete_endpoint_config", {"EndpointConfigName": c}, tolerate=missing) for c in found.configs]
+        steps.append(
+            Step("sagemaker", "delete_endpoint", {"EndpointName": name}, "stops the billing", tolerate=missing)
+        )
+    steps += [
+        Step("sagemaker", "delete_endpoint_config", {"EndpointConfigName": c}, tolerate=missing) for c in found.configs
+    ]
     steps += [Step("sagemaker", "delete_model", {"ModelName": m}, tolerate=missing) for m in found.models]
     return steps
 
@@ -86,8 +106,11 @@ def _find_configs(runner: Runner, name: str, current: str | None, force: bool, f
     # --force adds the endpoint's current configuration and its models, whatever their tags.
     versioned = re.compile(rf"^{re.escape(name[:54])}-[0-9a-f]{{8}}$")
     cfg_names = {current} if current else set()
-    cfg_names |= {c["EndpointConfigName"] for c in runner.pages("sagemaker", "list_endpoint_configs", "EndpointConfigs", NameContains=name[:54])
-                  if versioned.match(c["EndpointConfigName"])}
+    cfg_names |= {
+        c["EndpointConfigName"]
+        for c in runner.pages("sagemaker", "list_endpoint_configs", "EndpointConfigs", NameContains=name[:54])
+        if versioned.match(c["EndpointConfigName"])
+    }
     model_names: set[str] = set()
     forced_models: set[str] = set()
     for cfg_name in sorted(cfg_names):
@@ -100,8 +123,11 @@ def _find_configs(runner: Runner, name: str, current: str | None, force: bool, f
             cfg_models = {v["ModelName"] for v in cfg.get("ProductionVariants", [])}
             model_names |= cfg_models
             forced_models |= cfg_models if forced else set()
-    model_names |= {m["ModelName"] for m in runner.pages("sagemaker", "list_models", "Models", NameContains=name[:54])
-                    if versioned.match(m["ModelName"])}
+    model_names |= {
+        m["ModelName"]
+        for m in runner.pages("sagemaker", "list_models", "Models", NameContains=name[:54])
+        if versioned.match(m["ModelName"])
+    }
     for m in sorted(model_names):
         got = runner.read("sagemaker", "describe_model", ModelName=m)
         if got is not None and (m in forced_models or _tagged_for(runner, got["ModelArn"], name)):
@@ -161,14 +187,31 @@ def delete_deployment(
     region, function = deployment_names(name, function_name, region)
     runner = runner or Runner(region, dry_run=dry_run, console=console)
     if runner.dry_run:
-        dry_run_header(runner, f"delete {name}", [
-            "sagemaker:DescribeEndpoint", "sagemaker:ListTags", "sagemaker:ListEndpointConfigs", "sagemaker:ListModels",
-            "lambda:GetFunction", "lambda:ListAliases", "iam:GetRole", "logs:DescribeLogGroups"])
+        dry_run_header(
+            runner,
+            f"delete {name}",
+            [
+                "sagemaker:DescribeEndpoint",
+                "sagemaker:ListTags",
+                "sagemaker:ListEndpointConfigs",
+                "sagemaker:ListModels",
+                "lambda:GetFunction",
+                "lambda:ListAliases",
+                "iam:GetRole",
+                "logs:DescribeLogGroups",
+            ],
+        )
         found: Found | Any = UNKNOWN
     else:
         found = _discover_delete(runner, name, function, function_name is not None, force)
     runner.run(delete_plan(name, found))
     if found is UNKNOWN:
         return {}
-    return {"endpoint": found.endpoint, "configs": found.configs, "models": found.models,
-            "function": found.function, "role": found.role, "log_group": found.log_group}
+    return {
+        "endpoint": found.endpoint,
+        "configs": found.configs,
+        "models": found.models,
+        "function": found.function,
+        "role": found.role,
+        "log_group": found.log_group,
+    }

@@ -41,7 +41,7 @@ class EndpointSpec:
     max_concurrency: int = 5
     image_uri: str | None = None
 
-    def check(self) -> "EndpointSpec":
+    def check(self) -> EndpointSpec:
         check_sagemaker_name(self.name)
         if not ROLE_ARN_RE.match(self.role_arn or ""):
             raise DeployError(
@@ -57,12 +57,16 @@ class EndpointSpec:
             raise DeployError("give exactly one of --instance-type TYPE and --serverless")
         if self.instance_type:
             if not INSTANCE_TYPE_RE.match(self.instance_type):
-                raise DeployError(f"--instance-type {self.instance_type!r} is not a SageMaker instance type such as ml.g4dn.xlarge")
+                raise DeployError(
+                    f"--instance-type {self.instance_type!r} is not a SageMaker instance type such as ml.g4dn.xlarge"
+                )
             if self.instance_count < 1:
                 raise DeployError("--instance-count must be at least 1")
         else:
             if self.memory_mb not in SERVERLESS_MEMORY_MB:
-                raise DeployError(f"--memory must be one of {', '.join(map(str, SERVERLESS_MEMORY_MB))} (MB) for a serverless endpoint")
+                raise DeployError(
+                    f"--memory must be one of {', '.join(map(str, SERVERLESS_MEMORY_MB))} (MB) for a serverless endpoint"
+                )
             if not 1 <= self.max_concurrency <= 200:
                 raise DeployError("--max-concurrency must be from 1 to 200")
         if self.image_uri is not None and (not self.image_uri or " " in self.image_uri or "/" not in self.image_uri):
@@ -83,7 +87,10 @@ class EndpointNow:
 
 def _variant(spec: EndpointSpec) -> dict[str, Any]:
     if spec.serverless:
-        return {"VariantName": VARIANT, "ServerlessConfig": {"MemorySizeInMB": spec.memory_mb, "MaxConcurrency": spec.max_concurrency}}
+        return {
+            "VariantName": VARIANT,
+            "ServerlessConfig": {"MemorySizeInMB": spec.memory_mb, "MaxConcurrency": spec.max_concurrency},
+        }
     return {
         "VariantName": VARIANT,
         "InstanceType": spec.instance_type,
@@ -102,9 +109,16 @@ def endpoint_requests(spec: EndpointSpec, region: str) -> tuple[dict, dict]:
         "Environment": {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"},
     }
     variant = _variant(spec)
-    digest = hashlib.sha256(json.dumps([spec.name, spec.role_arn, container, variant], sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(
+        json.dumps([spec.name, spec.role_arn, container, variant], sort_keys=True).encode()
+    ).hexdigest()[:8]
     versioned = f"{spec.name[:54]}-{digest}"
-    model = {"ModelName": versioned, "ExecutionRoleArn": spec.role_arn, "PrimaryContainer": container, "Tags": tags_list(spec.name)}
+    model = {
+        "ModelName": versioned,
+        "ExecutionRoleArn": spec.role_arn,
+        "PrimaryContainer": container,
+        "Tags": tags_list(spec.name),
+    }
     config = {
         "EndpointConfigName": versioned,
         "ProductionVariants": [{**variant, "ModelName": versioned}],
@@ -114,18 +128,34 @@ def endpoint_requests(spec: EndpointSpec, region: str) -> tuple[dict, dict]:
 
 
 def _in_service(name: str, config: str) -> Step:
-    return Step("sagemaker", "wait:endpoint_in_service", {"EndpointName": name, "EndpointConfigName": config}, save="endpoint")
+    return Step(
+        "sagemaker", "wait:endpoint_in_service", {"EndpointName": name, "EndpointConfigName": config}, save="endpoint"
+    )
 
 
 def _cleanup_after_update(current: EndpointNow, new_model: str) -> list[Step]:
     """After a successful update, the previous configuration and its models are unused: remove ours."""
     gone = frozenset({"missing"})
-    steps = [Step("sagemaker", "delete_endpoint_config", {"EndpointConfigName": current.config}, "previous configuration", tolerate=gone)]
-    steps += [Step("sagemaker", "delete_model", {"ModelName": m}, "previous model", tolerate=gone) for m in current.models if m != new_model]
+    steps = [
+        Step(
+            "sagemaker",
+            "delete_endpoint_config",
+            {"EndpointConfigName": current.config},
+            "previous configuration",
+            tolerate=gone,
+        )
+    ]
+    steps += [
+        Step("sagemaker", "delete_model", {"ModelName": m}, "previous model", tolerate=gone)
+        for m in current.models
+        if m != new_model
+    ]
     return steps
 
 
-def endpoint_plan(spec: EndpointSpec, region: str, current: EndpointNow | None | Any, *, wait: bool = True) -> list[Step]:
+def endpoint_plan(
+    spec: EndpointSpec, region: str, current: EndpointNow | None | Any, *, wait: bool = True
+) -> list[Step]:
     model, config = endpoint_requests(spec, region)
     name, new_config = spec.name, config["EndpointConfigName"]
     found = current not in (None, UNKNOWN)
@@ -133,11 +163,27 @@ def endpoint_plan(spec: EndpointSpec, region: str, current: EndpointNow | None |
         # Already serving exactly this: nothing to create (names carry a hash of the content).
         return [_in_service(name, new_config)] if wait else []
     steps = [
-        Step("sagemaker", "create_model", model, "the model: container image, model.tar.gz, role", tolerate=frozenset({"exists"})),
+        Step(
+            "sagemaker",
+            "create_model",
+            model,
+            "the model: container image, model.tar.gz, role",
+            tolerate=frozenset({"exists"}),
+        ),
         Step("sagemaker", "create_endpoint_config", config, "how it is served", tolerate=frozenset({"exists"})),
     ]
-    create = Step("sagemaker", "create_endpoint", {"EndpointName": name, "EndpointConfigName": new_config, "Tags": tags_list(name)}, "the endpoint (starts billing)")
-    update = Step("sagemaker", "update_endpoint", {"EndpointName": name, "EndpointConfigName": new_config}, "rolling update to the new configuration")
+    create = Step(
+        "sagemaker",
+        "create_endpoint",
+        {"EndpointName": name, "EndpointConfigName": new_config, "Tags": tags_list(name)},
+        "the endpoint (starts billing)",
+    )
+    update = Step(
+        "sagemaker",
+        "update_endpoint",
+        {"EndpointName": name, "EndpointConfigName": new_config},
+        "rolling update to the new configuration",
+    )
     if current is UNKNOWN:
         create.if_exists = [update]
         steps.append(create)
@@ -145,7 +191,13 @@ def endpoint_plan(spec: EndpointSpec, region: str, current: EndpointNow | None |
         steps.append(create)
     elif current.status == "Failed":
         steps += [
-            Step("sagemaker", "delete_endpoint", {"EndpointName": name}, "a failed endpoint cannot be updated", tolerate=frozenset({"missing"})),
+            Step(
+                "sagemaker",
+                "delete_endpoint",
+                {"EndpointName": name},
+                "a failed endpoint cannot be updated",
+                tolerate=frozenset({"missing"}),
+            ),
             Step("sagemaker", "wait:endpoint_deleted", {"EndpointName": name}),
             create,
         ]
@@ -165,14 +217,20 @@ def _discover_endpoint(runner: Runner, name: str) -> EndpointNow | None:
     managed = is_managed(runner.call("sagemaker", "list_tags", ResourceArn=d["EndpointArn"]).get("Tags"))
     cfg = runner.read("sagemaker", "describe_endpoint_config", EndpointConfigName=d["EndpointConfigName"])
     models = tuple(v["ModelName"] for v in (cfg or {}).get("ProductionVariants", []))
-    cfg_managed = bool(cfg) and is_managed(runner.call("sagemaker", "list_tags", ResourceArn=cfg["EndpointConfigArn"]).get("Tags"))
+    cfg_managed = bool(cfg) and is_managed(
+        runner.call("sagemaker", "list_tags", ResourceArn=cfg["EndpointConfigArn"]).get("Tags")
+    )
     return EndpointNow(d["EndpointStatus"], d["EndpointConfigName"], managed, models, cfg_managed)
 
 
 def _current_endpoint(runner: Runner, name: str) -> EndpointNow | Any:
     """What the plan starts from: UNKNOWN in a dry run; else the endpoint found, if it may be changed."""
     if runner.dry_run:
-        dry_run_header(runner, f"deploy endpoint {name}", ["sagemaker:DescribeEndpoint", "sagemaker:ListTags", "sagemaker:DescribeEndpointConfig"])
+        dry_run_header(
+            runner,
+            f"deploy endpoint {name}",
+            ["sagemaker:DescribeEndpoint", "sagemaker:ListTags", "sagemaker:DescribeEndpointConfig"],
+        )
         return UNKNOWN
     current = _discover_endpoint(runner, name)
     if current is not None and not current.managed:
@@ -181,11 +239,15 @@ def _current_endpoint(runner: Runner, name: str) -> EndpointNow | Any:
             "pick another --name, or delete it first"
         )
     if current is not None and current.status in _BUSY:
-        raise DeployError(f"endpoint {name} is {current.status}; wait until it settles (ec2train deploy status --name {name}) and run again")
+        raise DeployError(
+            f"endpoint {name} is {current.status}; wait until it settles (ec2train deploy status --name {name}) and run again"
+        )
     return current
 
 
-def package_and_upload(model_path: str | Path, s3_uri: str, *, kms_key: str | None = None, dry_run: bool, console: Any = None) -> str:
+def package_and_upload(
+    model_path: str | Path, s3_uri: str, *, kms_key: str | None = None, dry_run: bool, console: Any = None
+) -> str:
     """Package model.pth into model.tar.gz and upload it (encrypted); returns its s3:// URI."""
     if not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", s3_uri or ""):
         raise DeployError(f"--s3-uri {s3_uri!r} is not an s3://bucket/prefix URI")
@@ -194,7 +256,11 @@ def package_and_upload(model_path: str | Path, s3_uri: str, *, kms_key: str | No
         raise DeployError(f"--model {model_path} is not a file; pass the model.pth written by `ec2train fit`")
     if dry_run:
         if console is not None:
-            console.print(f"dry run: would package {model_path} into model.tar.gz and upload it to {target}", highlight=False, markup=False)
+            console.print(
+                f"dry run: would package {model_path} into model.tar.gz and upload it to {target}",
+                highlight=False,
+                markup=False,
+            )
         return target
     # Imported here, not at the top: export imports torch, which every other deploy command can do without.
     try:
@@ -235,5 +301,7 @@ def deploy_endpoint(
         "model": model["ModelName"],
         "endpoint_config": config["EndpointConfigName"],
         "image": model["PrimaryContainer"]["Image"],
-        "status": (runner.results.get("endpoint") or {}).get("EndpointStatus", "not waited" if not dry_run else "dry run"),
+        "status": (runner.results.get("endpoint") or {}).get(
+            "EndpointStatus", "not waited" if not dry_run else "dry run"
+        ),
     }

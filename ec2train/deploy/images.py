@@ -51,7 +51,7 @@ PYTORCH_INFERENCE_PY = "py312"
 
 
 def _family(instance_type: str) -> str:
-    """"g4dn" for "ml.g4dn.xlarge"; "" for anything not shaped like an instance type."""
+    """ "g4dn" for "ml.g4dn.xlarge"; "" for anything not shaped like an instance type."""
     return instance_type.split(".")[1] if instance_type.count(".") >= 2 else ""
 
 

@@ -57,9 +57,12 @@ def build_lambda_zip(code_dir: str | Path) -> bytes:
             "or leave it out to deploy the Lambda source shipped with ec2train"
         )
     if "def lambda_handler" not in (code_dir / "handler.py").read_text(encoding="utf-8", errors="replace"):
-        raise DeployError(f"{code_dir / 'handler.py'} defines no lambda_handler; pass --code-dir with a folder whose handler.py does")
+        raise DeployError(
+            f"{code_dir / 'handler.py'} defines no lambda_handler; pass --code-dir with a folder whose handler.py does"
+        )
     files = sorted(
-        p for p in code_dir.rglob("*")
+        p
+        for p in code_dir.rglob("*")
         if p.is_file()
         and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(code_dir).parts)
         and p.suffix not in (".pyc", ".pyo")
@@ -87,8 +90,14 @@ def lambda_invoke_policy(partition: str, region: str, account: str, endpoint: st
     """What the function may do: invoke one endpoint (ARN in lowercase), write its own log group."""
     # A dry run without --account-id shows a placeholder the renderer's 12-digit check would refuse.
     stand_in = "000000000000" if account == ACCOUNT_PLACEHOLDER else account
-    doc = render_policy("lambda-invoke-endpoint", Partition=partition, Region=region, AccountId=stand_in,
-                        EndpointName=endpoint, FunctionName=function)
+    doc = render_policy(
+        "lambda-invoke-endpoint",
+        Partition=partition,
+        Region=region,
+        AccountId=stand_in,
+        EndpointName=endpoint,
+        FunctionName=function,
+    )
     if stand_in != account:
         doc = json.loads(json.dumps(doc).replace(f":{stand_in}:", f":{account}:"))
     return doc
@@ -111,11 +120,13 @@ class LambdaSpec:
     architecture: str = "arm64"
     log_retention_days: int = 30
 
-    def check(self) -> "LambdaSpec":
+    def check(self) -> LambdaSpec:
         check_sagemaker_name(self.endpoint, "--endpoint")
         check_function_name(self.function_name)
         if not ALIAS_RE.match(self.alias):
-            raise DeployError(f"--alias {self.alias!r} is not a valid Lambda alias: letters, digits, - and _, not only digits")
+            raise DeployError(
+                f"--alias {self.alias!r} is not a valid Lambda alias: letters, digits, - and _, not only digits"
+            )
         if not 128 <= self.memory_mb <= 10240:
             raise DeployError("--memory must be from 128 to 10240 MB")
         if not 1 <= self.timeout_s <= 900:
@@ -160,16 +171,35 @@ def _role_and_log_steps(spec: LambdaSpec, region: str, account: str) -> list[Ste
     policy = json.dumps(lambda_invoke_policy(partition, region, account, spec.endpoint, fn), indent=2)
     return [
         Step(
-            "iam", "create_role",
-            {"RoleName": role, "AssumeRolePolicyDocument": trust, "Description": f"Execution role of Lambda {fn} (ec2train)",
-             "Tags": [{"Key": k, "Value": v} for k, v in _tags(spec).items()]},
+            "iam",
+            "create_role",
+            {
+                "RoleName": role,
+                "AssumeRolePolicyDocument": trust,
+                "Description": f"Execution role of Lambda {fn} (ec2train)",
+                "Tags": [{"Key": k, "Value": v} for k, v in _tags(spec).items()],
+            },
             "execution role, assumable by Lambda only",
             if_exists=[Step("iam", "update_assume_role_policy", {"RoleName": role, "PolicyDocument": trust})],
         ),
-        Step("iam", "put_role_policy", {"RoleName": role, "PolicyName": POLICY_NAME, "PolicyDocument": policy},
-             "the only rights: invoke this endpoint, write own logs"),
-        Step("logs", "create_log_group", {"logGroupName": log_group_for(fn), "tags": _tags(spec)}, "its log group", tolerate=frozenset({"exists"})),
-        Step("logs", "put_retention_policy", {"logGroupName": log_group_for(fn), "retentionInDays": spec.log_retention_days}),
+        Step(
+            "iam",
+            "put_role_policy",
+            {"RoleName": role, "PolicyName": POLICY_NAME, "PolicyDocument": policy},
+            "the only rights: invoke this endpoint, write own logs",
+        ),
+        Step(
+            "logs",
+            "create_log_group",
+            {"logGroupName": log_group_for(fn), "tags": _tags(spec)},
+            "its log group",
+            tolerate=frozenset({"exists"}),
+        ),
+        Step(
+            "logs",
+            "put_retention_policy",
+            {"logGroupName": log_group_for(fn), "retentionInDays": spec.log_retention_days},
+        ),
     ]
 
 
@@ -190,13 +220,23 @@ def _function_steps(spec: LambdaSpec, zip_bytes: bytes, region: str, account: st
     fn_only = {"FunctionName": fn}
     return [
         Step(
-            "lambda", "create_function",
-            {"FunctionName": fn, **config, "Code": {"ZipFile": zip_bytes}, "Architectures": [spec.architecture],
-             "Tags": {**_tags(spec), ROLE_TAG: role}},
+            "lambda",
+            "create_function",
+            {
+                "FunctionName": fn,
+                **config,
+                "Code": {"ZipFile": zip_bytes},
+                "Architectures": [spec.architecture],
+                "Tags": {**_tags(spec), ROLE_TAG: role},
+            },
             "the function",
             retry=role_retry,
             if_exists=[
-                Step("lambda", "update_function_code", {"FunctionName": fn, "ZipFile": zip_bytes, "Architectures": [spec.architecture]}),
+                Step(
+                    "lambda",
+                    "update_function_code",
+                    {"FunctionName": fn, "ZipFile": zip_bytes, "Architectures": [spec.architecture]},
+                ),
                 Step("lambda", "wait:function_updated_v2", fn_only),
                 Step("lambda", "update_function_configuration", {"FunctionName": fn, **config}, retry=role_retry),
                 Step("lambda", "wait:function_updated_v2", fn_only),
@@ -210,41 +250,83 @@ def _publish_steps(spec: LambdaSpec, region: str) -> list[Step]:
     """Reserved concurrency, an immutable version, the alias on it, provisioned concurrency on the alias."""
     fn, version = spec.function_name, Ref("lambda:PublishVersion", ("Version",))
     if spec.reserved_concurrency:
-        steps = [Step("lambda", "put_function_concurrency", {"FunctionName": fn, "ReservedConcurrentExecutions": spec.reserved_concurrency},
-                      "caps its concurrency (and so the endpoint's load)")]
+        steps = [
+            Step(
+                "lambda",
+                "put_function_concurrency",
+                {"FunctionName": fn, "ReservedConcurrentExecutions": spec.reserved_concurrency},
+                "caps its concurrency (and so the endpoint's load)",
+            )
+        ]
     else:
-        steps = [Step("lambda", "delete_function_concurrency", {"FunctionName": fn}, "no reservation", tolerate=frozenset({"missing"}))]
+        steps = [
+            Step(
+                "lambda",
+                "delete_function_concurrency",
+                {"FunctionName": fn},
+                "no reservation",
+                tolerate=frozenset({"missing"}),
+            )
+        ]
     steps += [
-        Step("lambda", "publish_version", {"FunctionName": fn, "Description": _description(spec)}, "an immutable version", save="lambda:PublishVersion"),
         Step(
-            "lambda", "create_alias",
+            "lambda",
+            "publish_version",
+            {"FunctionName": fn, "Description": _description(spec)},
+            "an immutable version",
+            save="lambda:PublishVersion",
+        ),
+        Step(
+            "lambda",
+            "create_alias",
             {"FunctionName": fn, "Name": spec.alias, "FunctionVersion": version, "Description": _description(spec)},
             "the name callers use",
-            if_exists=[Step("lambda", "update_alias", {"FunctionName": fn, "Name": spec.alias, "FunctionVersion": version})],
+            if_exists=[
+                Step("lambda", "update_alias", {"FunctionName": fn, "Name": spec.alias, "FunctionVersion": version})
+            ],
         ),
     ]
-    later = (f"aws lambda put-provisioned-concurrency-config --function-name {fn} --qualifier {spec.alias} "
-             f"--provisioned-concurrent-executions {spec.provisioned_concurrency} --region {region}")
+    later = (
+        f"aws lambda put-provisioned-concurrency-config --function-name {fn} --qualifier {spec.alias} "
+        f"--provisioned-concurrent-executions {spec.provisioned_concurrency} --region {region}"
+    )
     if spec.provisioned_concurrency:
-        steps.append(Step(
-            "lambda", "put_provisioned_concurrency_config",
-            {"FunctionName": fn, "Qualifier": spec.alias, "ProvisionedConcurrentExecutions": spec.provisioned_concurrency},
-            "warm instances (billed per hour)",
-            tolerate=frozenset({"unsupported"}),
-            unsupported_warning=(
-                f"this AWS endpoint does not support PutProvisionedConcurrencyConfig, so {fn} is deployed "
-                f"WITHOUT provisioned concurrency; set it later with: {later}"
-            ),
-        ))
+        steps.append(
+            Step(
+                "lambda",
+                "put_provisioned_concurrency_config",
+                {
+                    "FunctionName": fn,
+                    "Qualifier": spec.alias,
+                    "ProvisionedConcurrentExecutions": spec.provisioned_concurrency,
+                },
+                "warm instances (billed per hour)",
+                tolerate=frozenset({"unsupported"}),
+                unsupported_warning=(
+                    f"this AWS endpoint does not support PutProvisionedConcurrencyConfig, so {fn} is deployed "
+                    f"WITHOUT provisioned concurrency; set it later with: {later}"
+                ),
+            )
+        )
     elif spec.provisioned_concurrency == 0:
-        steps.append(Step("lambda", "delete_provisioned_concurrency_config", {"FunctionName": fn, "Qualifier": spec.alias},
-                          "no warm instances", tolerate=frozenset({"missing", "unsupported"})))
+        steps.append(
+            Step(
+                "lambda",
+                "delete_provisioned_concurrency_config",
+                {"FunctionName": fn, "Qualifier": spec.alias},
+                "no warm instances",
+                tolerate=frozenset({"missing", "unsupported"}),
+            )
+        )
     return steps
 
 
 def lambda_plan(spec: LambdaSpec, zip_bytes: bytes, *, region: str, account: str) -> list[Step]:
-    return (_role_and_log_steps(spec, region, account) + _function_steps(spec, zip_bytes, region, account)
-            + _publish_steps(spec, region))
+    return (
+        _role_and_log_steps(spec, region, account)
+        + _function_steps(spec, zip_bytes, region, account)
+        + _publish_steps(spec, region)
+    )
 
 
 # --------------------------------------------------------------------------- the command
@@ -260,19 +342,28 @@ def _check_before_lambda(runner: Runner, spec: LambdaSpec) -> LambdaSpec:
     """Refuse a function or role ec2train did not make; cap images for a serverless endpoint."""
     tags = function_tags(runner, spec.function_name)
     if tags is not None and not is_managed(tags):
-        raise DeployError(f"Lambda function {spec.function_name} exists and was not deployed by ec2train; pass another --function-name")
+        raise DeployError(
+            f"Lambda function {spec.function_name} exists and was not deployed by ec2train; pass another --function-name"
+        )
     role = role_name_for(spec.function_name)
     existing_role = runner.read("iam", "get_role", RoleName=role)
     if existing_role is not None and not is_managed(existing_role["Role"].get("Tags")):
         raise DeployError(f"IAM role {role} exists and was not created by ec2train; pass another --function-name")
     endpoint = runner.read("sagemaker", "describe_endpoint", EndpointName=spec.endpoint)
     if endpoint is None:
-        runner.warn(f"endpoint {spec.endpoint} does not exist in {runner.region} yet; the function answers 502 until it does")
+        runner.warn(
+            f"endpoint {spec.endpoint} does not exist in {runner.region} yet; the function answers 502 until it does"
+        )
     elif spec.max_image_bytes is None:
-        cfg = runner.read("sagemaker", "describe_endpoint_config", EndpointConfigName=endpoint["EndpointConfigName"]) or {}
+        cfg = (
+            runner.read("sagemaker", "describe_endpoint_config", EndpointConfigName=endpoint["EndpointConfigName"])
+            or {}
+        )
         if any("ServerlessConfig" in v for v in cfg.get("ProductionVariants", [])):
             spec = dataclasses.replace(spec, max_image_bytes=SERVERLESS_MAX_IMAGE_BYTES)
-            runner.note(f"endpoint {spec.endpoint} is serverless (4 MB per request): MAX_IMAGE_BYTES={SERVERLESS_MAX_IMAGE_BYTES}")
+            runner.note(
+                f"endpoint {spec.endpoint} is serverless (4 MB per request): MAX_IMAGE_BYTES={SERVERLESS_MAX_IMAGE_BYTES}"
+            )
     return spec
 
 
@@ -299,10 +390,15 @@ def deploy_lambda(
     runner = runner or Runner(region, dry_run=dry_run, console=console)
     account = account_of(runner, account_id)
     if runner.dry_run:
-        dry_run_header(runner, f"deploy lambda {spec.function_name} for endpoint {spec.endpoint}",
-                       ["sts:GetCallerIdentity", "lambda:GetFunction", "iam:GetRole", "sagemaker:DescribeEndpoint"])
+        dry_run_header(
+            runner,
+            f"deploy lambda {spec.function_name} for endpoint {spec.endpoint}",
+            ["sts:GetCallerIdentity", "lambda:GetFunction", "iam:GetRole", "sagemaker:DescribeEndpoint"],
+        )
         if account == ACCOUNT_PLACEHOLDER:
-            runner.note(f"{ACCOUNT_PLACEHOLDER} stands for the account a real run reads from sts:GetCallerIdentity (or pass --account-id).")
+            runner.note(
+                f"{ACCOUNT_PLACEHOLDER} stands for the account a real run reads from sts:GetCallerIdentity (or pass --account-id)."
+            )
     else:
         spec = _check_before_lambda(runner, spec)
     runner.run(lambda_plan(spec, zip_bytes, region=region, account=account))

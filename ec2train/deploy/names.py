@@ -35,6 +35,7 @@ POLICY_NAME = "invoke-endpoint"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 ACCOUNT_PLACEHOLDER = "<ACCOUNT_ID>"
 
+
 def check_sagemaker_name(name: str, option: str = "--name") -> str:
     if not isinstance(name, str) or not SAGEMAKER_NAME_RE.match(name):
         raise DeployError(
@@ -101,7 +102,11 @@ def scaling_policy_name(endpoint: str) -> str:
 
 def scalable_target(endpoint: str) -> dict[str, str]:
     """The parameters that name the endpoint's scalable target in every autoscaling request."""
-    return {"ServiceNamespace": "sagemaker", "ResourceId": resource_id(endpoint), "ScalableDimension": SCALABLE_DIMENSION}
+    return {
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": resource_id(endpoint),
+        "ScalableDimension": SCALABLE_DIMENSION,
+    }
 
 
 def tags_list(endpoint: str) -> list[dict[str, str]]:

@@ -12,8 +12,9 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from rich.console import Console
 
@@ -59,7 +60,7 @@ class Step:
     why: str = ""
     save: str | None = None  # keep the response for later Refs
     tolerate: frozenset[str] = frozenset()  # "missing", "exists", "unsupported": not an error
-    if_exists: list["Step"] = field(default_factory=list)  # run instead when it already exists
+    if_exists: list[Step] = field(default_factory=list)  # run instead when it already exists
     unsupported_warning: str = ""  # printed when tolerated as "unsupported"
     retry: Retry | None = None
 
@@ -71,7 +72,7 @@ class Step:
 
 
 def api_name(service: str, operation: str) -> str:
-    """"sagemaker:CreateEndpoint" for ("sagemaker", "create_endpoint"): the name IAM and the docs use."""
+    """ "sagemaker:CreateEndpoint" for ("sagemaker", "create_endpoint"): the name IAM and the docs use."""
     return f"{service}:{''.join(p.capitalize() for p in operation.split('_'))}"
 
 
@@ -143,8 +144,17 @@ def _summary(params: dict[str, Any]) -> str:
     qualifier = params.get("Qualifier", params.get("Name") if "FunctionName" in params else None)
     if "FunctionName" in params and isinstance(qualifier, str):
         return f"{params['FunctionName']}:{qualifier}"
-    for key in ("EndpointName", "EndpointConfigName", "ModelName", "FunctionName", "RoleName", "logGroupName",
-                "ResourceId", "PolicyName", "Name"):
+    for key in (
+        "EndpointName",
+        "EndpointConfigName",
+        "ModelName",
+        "FunctionName",
+        "RoleName",
+        "logGroupName",
+        "ResourceId",
+        "PolicyName",
+        "Name",
+    ):
         if key in params and not isinstance(params[key], Ref):
             extra = f" / {params['PolicyName']}" if key == "RoleName" and "PolicyName" in params else ""
             return f"{params[key]}{extra}"
@@ -215,7 +225,9 @@ class Runner:
         """Every item of a paginated list."""
         self.sent.append(f"{service}:{operation}")
         try:
-            return [item for page in self.client(service).get_paginator(operation).paginate(**params) for item in page[key]]
+            return [
+                item for page in self.client(service).get_paginator(operation).paginate(**params) for item in page[key]
+            ]
         except Exception as exc:  # noqa: BLE001 - every failure reaches the user as one line
             raise as_deploy_error(exc, service, operation) from None
 
@@ -288,8 +300,12 @@ class Runner:
     def _retrying(self, step: Step, exc: Exception, delays: list[float]) -> bool:
         """Sleep and say so if the step retries on this error and has delays left."""
         err = _error(exc)
-        if not (step.retry and delays and err.get("Code") == step.retry.code
-                and step.retry.message_contains in str(err.get("Message", ""))):
+        if not (
+            step.retry
+            and delays
+            and err.get("Code") == step.retry.code
+            and step.retry.message_contains in str(err.get("Message", ""))
+        ):
             return False
         delay = delays.pop(0)
         self.note(f"  {step.api}: {err.get('Message')} (IAM is still propagating); retrying in {delay:g} s")

@@ -62,7 +62,9 @@ def _read(state: Path) -> float | None:
         return None
 
 
-def check(idle_minutes: float, *, state: Path = STATE_FILE, proc: Path = Path("/proc"), now: float | None = None) -> tuple[bool, list[str]]:
+def check(
+    idle_minutes: float, *, state: Path = STATE_FILE, proc: Path = Path("/proc"), now: float | None = None
+) -> tuple[bool, list[str]]:
     """One timer tick: update the state file; returns (power off now?, busy reasons)."""
     now = time.time() if now is None else now
     reasons = busy_reasons(proc)
@@ -75,7 +77,9 @@ def check(idle_minutes: float, *, state: Path = STATE_FILE, proc: Path = Path("/
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ec2train.job.autostop", description="Power off after N idle minutes.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ec2train.job.autostop", description="Power off after N idle minutes."
+    )
     parser.add_argument("--idle-minutes", type=float, required=True)
     parser.add_argument("--state", type=Path, default=STATE_FILE)
     parser.add_argument("--proc", type=Path, default=Path("/proc"))

@@ -78,7 +78,9 @@ def build_wheel(src: Path | None = None, dest: Path | None = None) -> Path:
         cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), str(copy)]
         if _can_build_offline():
             cmd.insert(4, "--no-build-isolation")
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise DistError(f"building the wheel of {src} failed: {last}; fix it, or pass --wheel FILE")
@@ -114,7 +116,9 @@ def publish_wheel(s3_uri: str, *, wheel: str | Path | None = None, dry_run: bool
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ec2train.job.dist", description=__doc__.splitlines()[0])
-    parser.add_argument("--s3-uri", required=True, help="the instance's S3 prefix; the wheel goes under <s3-uri>/_dist/")
+    parser.add_argument(
+        "--s3-uri", required=True, help="the instance's S3 prefix; the wheel goes under <s3-uri>/_dist/"
+    )
     parser.add_argument("--wheel", help="upload this wheel instead of building one of the checkout")
     args = parser.parse_args(argv)
     try:

@@ -73,13 +73,20 @@ def _data_statements(partition: str, prefix: s3.S3Uri, data: str) -> list[dict[s
     if inside:
         return []
     if not _SAFE_KEY.match(uri.key):
-        raise JobError(f"--data {data}: keys in an IAM policy may hold only letters, digits, . _ - = and /; rename the object")
+        raise JobError(
+            f"--data {data}: keys in an IAM policy may hold only letters, digits, . _ - = and /; rename the object"
+        )
     arn = f"arn:{partition}:s3:::{uri.bucket}"
     if not uri.key.endswith("/"):  # one zip
         return [{"Sid": "ReadTheData", "Effect": "Allow", "Action": "s3:GetObject", "Resource": f"{arn}/{uri.key}"}]
     return [
-        {"Sid": "ListTheData", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": arn,
-         "Condition": {"StringLike": {"s3:prefix": [uri.key, f"{uri.key}*"]}}},
+        {
+            "Sid": "ListTheData",
+            "Effect": "Allow",
+            "Action": "s3:ListBucket",
+            "Resource": arn,
+            "Condition": {"StringLike": {"s3:prefix": [uri.key, f"{uri.key}*"]}},
+        },
         {"Sid": "ReadTheData", "Effect": "Allow", "Action": "s3:GetObject", "Resource": f"{arn}/{uri.key}*"},
     ]
 
@@ -92,10 +99,18 @@ def group_arn(where: Where, name: str) -> str:
 def instance_policy(res: Resources, where: Where) -> dict[str, Any]:
     """The instance role: its own prefix (the shared template), the data read-only, and
     setting its own group's desired capacity (to end the job). Nothing else."""
-    doc = render_policy("ec2-s3-access", Partition=where.partition, Bucket=res.prefix.bucket, Prefix=res.prefix.key.rstrip("/"))
+    doc = render_policy(
+        "ec2-s3-access", Partition=where.partition, Bucket=res.prefix.bucket, Prefix=res.prefix.key.rstrip("/")
+    )
     doc["Statement"] += _data_statements(where.partition, res.prefix, res.data)
-    doc["Statement"].append({"Sid": "EndItsOwnGroup", "Effect": "Allow", "Action": "autoscaling:SetDesiredCapacity",
-                             "Resource": group_arn(where, res.name)})
+    doc["Statement"].append(
+        {
+            "Sid": "EndItsOwnGroup",
+            "Effect": "Allow",
+            "Action": "autoscaling:SetDesiredCapacity",
+            "Resource": group_arn(where, res.name),
+        }
+    )
     return doc
 
 
@@ -114,10 +129,18 @@ def launch_template_data(res: Resources, where: Where, sg: Any, script: str) -> 
         "SecurityGroupIds": [sg],
         # IMDSv2 only; one hop, so containers cannot reach the role's credentials; tags in
         # IMDS, so the runner finds its group without a describe permission.
-        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled",
-                            "InstanceMetadataTags": "enabled"},
-        "BlockDeviceMappings": [{"DeviceName": where.root_device, "Ebs": {
-            "VolumeSize": res.disk_gb, "VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True}}],
+        "MetadataOptions": {
+            "HttpTokens": "required",
+            "HttpPutResponseHopLimit": 1,
+            "HttpEndpoint": "enabled",
+            "InstanceMetadataTags": "enabled",
+        },
+        "BlockDeviceMappings": [
+            {
+                "DeviceName": where.root_device,
+                "Ebs": {"VolumeSize": res.disk_gb, "VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True},
+            }
+        ],
         "InstanceInitiatedShutdownBehavior": "terminate",  # a power-off from inside ends the instance
         "UserData": base64.b64encode(script.encode()).decode(),
         "TagSpecifications": [{"ResourceType": t, "Tags": _tags(res.name)} for t in ("instance", "volume")],
@@ -131,10 +154,16 @@ def group_request(res: Resources, where: Where) -> dict[str, Any]:
     name = resource_name(res.name)
     template = {"LaunchTemplateName": name, "Version": "$Latest"}
     req: dict[str, Any] = {
-        "AutoScalingGroupName": name, "MinSize": 0, "MaxSize": 1, "DesiredCapacity": 1,
-        "VPCZoneIdentifier": ",".join(where.subnets), "HealthCheckType": "EC2",
-        "Tags": [{"Key": k, "Value": v, "PropagateAtLaunch": True, "ResourceId": name, "ResourceType": "auto-scaling-group"}
-                 for k, v in ((JOB_TAG, res.name), (URI_TAG, str(res.prefix)))],
+        "AutoScalingGroupName": name,
+        "MinSize": 0,
+        "MaxSize": 1,
+        "DesiredCapacity": 1,
+        "VPCZoneIdentifier": ",".join(where.subnets),
+        "HealthCheckType": "EC2",
+        "Tags": [
+            {"Key": k, "Value": v, "PropagateAtLaunch": True, "ResourceId": name, "ResourceType": "auto-scaling-group"}
+            for k, v in ((JOB_TAG, res.name), (URI_TAG, str(res.prefix)))
+        ],
     }
     if not res.spot:
         req["LaunchTemplate"] = template
@@ -142,9 +171,15 @@ def group_request(res: Resources, where: Where) -> dict[str, Any]:
     # AWS, not us, replaces a reclaimed instance: from the deepest spot pools, and early on a
     # rebalance recommendation.
     req["MixedInstancesPolicy"] = {
-        "LaunchTemplate": {"LaunchTemplateSpecification": template, "Overrides": [{"InstanceType": t} for t in res.spot_types]},
-        "InstancesDistribution": {"OnDemandBaseCapacity": 0, "OnDemandPercentageAboveBaseCapacity": 0,
-                                  "SpotAllocationStrategy": "capacity-optimized"},
+        "LaunchTemplate": {
+            "LaunchTemplateSpecification": template,
+            "Overrides": [{"InstanceType": t} for t in res.spot_types],
+        },
+        "InstancesDistribution": {
+            "OnDemandBaseCapacity": 0,
+            "OnDemandPercentageAboveBaseCapacity": 0,
+            "SpotAllocationStrategy": "capacity-optimized",
+        },
     }
     req["CapacityRebalance"] = True
     return req
@@ -152,31 +187,72 @@ def group_request(res: Resources, where: Where) -> dict[str, Any]:
 
 def submit_plan(res: Resources, where: Where, script: str) -> list[Step]:
     name, tags = resource_name(res.name), _tags(res.name)
-    sg_params: dict[str, Any] = {"GroupName": name, "Description": f"ec2train job {res.name}: no inbound traffic but SSH when asked",
-                                 "TagSpecifications": [{"ResourceType": "security-group", "Tags": tags}]}
+    sg_params: dict[str, Any] = {
+        "GroupName": name,
+        "Description": f"ec2train job {res.name}: no inbound traffic but SSH when asked",
+        "TagSpecifications": [{"ResourceType": "security-group", "Tags": tags}],
+    }
     if where.vpc:
         sg_params["VpcId"] = where.vpc
     steps = [
-        Step("iam", "create_role", {"RoleName": name, "Tags": tags, "Description": f"ec2train job {res.name}: its prefix, its group",
-                                    "AssumeRolePolicyDocument": json.dumps(render_policy("ec2-trust"))}, why="the instance's identity"),
-        Step("iam", "put_role_policy", {"RoleName": name, "PolicyName": "ec2train-job",
-                                        "PolicyDocument": json.dumps(instance_policy(res, where))}, why="all it may do"),
+        Step(
+            "iam",
+            "create_role",
+            {
+                "RoleName": name,
+                "Tags": tags,
+                "Description": f"ec2train job {res.name}: its prefix, its group",
+                "AssumeRolePolicyDocument": json.dumps(render_policy("ec2-trust")),
+            },
+            why="the instance's identity",
+        ),
+        Step(
+            "iam",
+            "put_role_policy",
+            {"RoleName": name, "PolicyName": "ec2train-job", "PolicyDocument": json.dumps(instance_policy(res, where))},
+            why="all it may do",
+        ),
         Step("iam", "create_instance_profile", {"InstanceProfileName": name, "Tags": tags}),
         Step("iam", "add_role_to_instance_profile", {"InstanceProfileName": name, "RoleName": name}),
         Step("ec2", "create_security_group", sg_params, save="sg", why="egress only"),
     ]
     sg = Ref("sg", ("GroupId",))
     if res.ssh_cidr:
-        steps.append(Step("ec2", "authorize_security_group_ingress", {"GroupId": sg, "IpPermissions": [{
-            "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-            "IpRanges": [{"CidrIp": res.ssh_cidr, "Description": "SSH from the submitting machine"}]}]}))
+        steps.append(
+            Step(
+                "ec2",
+                "authorize_security_group_ingress",
+                {
+                    "GroupId": sg,
+                    "IpPermissions": [
+                        {
+                            "IpProtocol": "tcp",
+                            "FromPort": 22,
+                            "ToPort": 22,
+                            "IpRanges": [{"CidrIp": res.ssh_cidr, "Description": "SSH from the submitting machine"}],
+                        }
+                    ],
+                },
+            )
+        )
     steps += [
-        Step("ec2", "create_launch_template", {
-            "LaunchTemplateName": name, "LaunchTemplateData": launch_template_data(res, where, sg, script),
-            "TagSpecifications": [{"ResourceType": "launch-template", "Tags": tags}]}),
+        Step(
+            "ec2",
+            "create_launch_template",
+            {
+                "LaunchTemplateName": name,
+                "LaunchTemplateData": launch_template_data(res, where, sg, script),
+                "TagSpecifications": [{"ResourceType": "launch-template", "Tags": tags}],
+            },
+        ),
         # A new instance profile takes seconds to be usable: retry only that error.
-        Step("autoscaling", "create_auto_scaling_group", group_request(res, where), why="desired capacity 1: the job starts",
-             retry=Retry("ValidationError", "nstance Profile")),
+        Step(
+            "autoscaling",
+            "create_auto_scaling_group",
+            group_request(res, where),
+            why="desired capacity 1: the job starts",
+            retry=Retry("ValidationError", "nstance Profile"),
+        ),
     ]
     return steps
 
@@ -198,23 +274,39 @@ def cancel_plan(name: str, found: Found, bucket: str | None) -> list[Step]:
     """Instances first (everything else is in use until they are gone), IAM last."""
     rname, steps = resource_name(name), []
     if found.group:
-        steps.append(Step("autoscaling", "delete_auto_scaling_group", {"AutoScalingGroupName": rname, "ForceDelete": True},
-                          why="terminates its instances"))
+        steps.append(
+            Step(
+                "autoscaling",
+                "delete_auto_scaling_group",
+                {"AutoScalingGroupName": rname, "ForceDelete": True},
+                why="terminates its instances",
+            )
+        )
     if found.instances:
         steps.append(Step("ec2", "wait:instance_terminated", {"InstanceIds": found.instances}))
     if found.template:
         steps.append(Step("ec2", "delete_launch_template", {"LaunchTemplateName": rname}))
     for sg in found.security_groups:
-        steps.append(Step("ec2", "delete_security_group", {"GroupId": sg},
-                          retry=Retry("DependencyViolation", "", delays=(5, 10, 10, 15, 15, 20, 30, 30))))
+        steps.append(
+            Step(
+                "ec2",
+                "delete_security_group",
+                {"GroupId": sg},
+                retry=Retry("DependencyViolation", "", delays=(5, 10, 10, 15, 15, 20, 30, 30)),
+            )
+        )
     if found.profile_roles is not None:
-        steps += [Step("iam", "remove_role_from_instance_profile", {"InstanceProfileName": rname, "RoleName": r})
-                  for r in found.profile_roles]
+        steps += [
+            Step("iam", "remove_role_from_instance_profile", {"InstanceProfileName": rname, "RoleName": r})
+            for r in found.profile_roles
+        ]
         steps.append(Step("iam", "delete_instance_profile", {"InstanceProfileName": rname}))
     if found.role_policies is not None:
         steps += [Step("iam", "delete_role_policy", {"RoleName": rname, "PolicyName": p}) for p in found.role_policies]
         steps.append(Step("iam", "delete_role", {"RoleName": rname}))
     if bucket:
-        steps += [Step("s3", "delete_object", {"Bucket": bucket, "Key": k}, why="the wheel submit uploaded")
-                  for k in found.dist_keys]
+        steps += [
+            Step("s3", "delete_object", {"Bucket": bucket, "Key": k}, why="the wheel submit uploaded")
+            for k in found.dist_keys
+        ]
     return steps

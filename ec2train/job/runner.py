@@ -22,9 +22,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ec2train import aws, s3
 from ec2train.errors import UserError
@@ -41,9 +42,11 @@ META = "/latest/meta-data/"
 def instance_facts(imds: Imds) -> dict[str, str]:
     """Who this instance is, from IMDSv2: id, type, spot or on-demand, and its group (instance
     tags in IMDS; the launch template enables them)."""
-    facts = {"instance": imds.get(META + "instance-id") or "?",
-             "instance_type": imds.get(META + "instance-type") or "?",
-             "lifecycle": imds.get(META + "instance-life-cycle") or "on-demand"}
+    facts = {
+        "instance": imds.get(META + "instance-id") or "?",
+        "instance_type": imds.get(META + "instance-type") or "?",
+        "lifecycle": imds.get(META + "instance-life-cycle") or "on-demand",
+    }
     group = imds.get(META + "tags/instance/aws:autoscaling:groupName")
     if group:
         facts["group"] = group
@@ -81,7 +84,9 @@ class Attempt:
         text = self.log_text()
         if self.status["state"] in ("starting", "running"):
             done, total = state.progress(text)
-            self.status.update(epoch=max(done, self.status.get("epoch") or 0), epochs=total or self.status.get("epochs"))
+            self.status.update(
+                epoch=max(done, self.status.get("epoch") or 0), epochs=total or self.status.get("epochs")
+            )
         self.status["updated_at"] = self.clock()
         if self.log_path.exists():
             s3.upload_file(self.log_path, self.log_uri)
@@ -93,7 +98,8 @@ class Attempt:
     def end_group(self) -> None:
         self.say(f"setting the desired capacity of {self.group()} to 0: the job is over")
         aws.client("autoscaling", region=self.spec.region).set_desired_capacity(
-            AutoScalingGroupName=self.group(), DesiredCapacity=0, HonorCooldown=False)
+            AutoScalingGroupName=self.group(), DesiredCapacity=0, HonorCooldown=False
+        )
 
 
 def _open(job_uri: str, workdir: Path, imds: Imds, clock: Callable[[], float], wait_poll: float) -> tuple[Attempt, str]:
@@ -121,9 +127,23 @@ def _fetch_data(att: Attempt) -> Path:
 
 
 def fit_command(att: Attempt, data: Path) -> list[str]:
-    return [sys.executable, "-m", "ec2train", "fit", *att.spec.fit_args, "--data", str(data),
-            "--output", str(att.workdir / "output"), "--logdir", str(att.workdir / "runs"),
-            "--resume", "auto", "--s3-uri", att.spec.s3_uri]
+    return [
+        sys.executable,
+        "-m",
+        "ec2train",
+        "fit",
+        *att.spec.fit_args,
+        "--data",
+        str(data),
+        "--output",
+        str(att.workdir / "output"),
+        "--logdir",
+        str(att.workdir / "runs"),
+        "--resume",
+        "auto",
+        "--s3-uri",
+        att.spec.s3_uri,
+    ]
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> int:
@@ -162,13 +182,22 @@ def _train(att: Attempt, data: Path, grace: float) -> tuple[int, bool]:
             proc.kill()
 
 
-def run_job(job_uri: str, workdir: str | Path, *, imds_endpoint: str | None = None, clock: Callable[[], float] = time.time,
-            grace: float = STOP_GRACE_SECONDS, wait_poll: float = 15.0) -> int:
+def run_job(
+    job_uri: str,
+    workdir: str | Path,
+    *,
+    imds_endpoint: str | None = None,
+    clock: Callable[[], float] = time.time,
+    grace: float = STOP_GRACE_SECONDS,
+    wait_poll: float = 15.0,
+) -> int:
     """One instance's part of a job; returns the exit status the user data acts on."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     att, decision = _open(job_uri, workdir, Imds(imds_endpoint), clock, wait_poll)
-    att.say(f"attempt {len(att.status['attempts'])} on {att.facts}: {decision} ({att.status['state']}) {att.status['reason']}")
+    att.say(
+        f"attempt {len(att.status['attempts'])} on {att.facts}: {decision} ({att.status['state']}) {att.status['reason']}"
+    )
     if decision == "run":
         att.sync()
         exit_code, timed_out = None, False
@@ -178,7 +207,7 @@ def run_job(job_uri: str, workdir: str | Path, *, imds_endpoint: str | None = No
         except UserError as exc:
             att.say(f"could not start fit: {exc}")
         att.say(f"fit ended: exit {exit_code}")
-        tail = att.log_text().splitlines()[-state.LOG_TAIL_LINES:]
+        tail = att.log_text().splitlines()[-state.LOG_TAIL_LINES :]
         att.status, decision = state.end_attempt(att.status, att.spec, exit_code, tail, clock(), timed_out)
         att.say(f"outcome: {att.status['state']} {att.status['reason']}".rstrip())
     if decision == "end":
@@ -188,7 +217,9 @@ def run_job(job_uri: str, workdir: str | Path, *, imds_endpoint: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ec2train.job.runner", description="Run one attempt of an ec2train job.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ec2train.job.runner", description="Run one attempt of an ec2train job."
+    )
     parser.add_argument("--job-uri", required=True, help="the job's S3 prefix (its _job/job.json is read)")
     parser.add_argument("--workdir", default="/opt/ec2train-job", help="local folder for data, outputs and logs")
     args = parser.parse_args(argv)

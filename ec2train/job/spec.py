@@ -55,7 +55,9 @@ def check_fit_args(args: list[str]) -> list[str]:
     for arg in args:
         option = arg.split("=", 1)[0]
         if option in RUNNER_OWNS:
-            raise JobError(f"{option} is set by the job runner; give the data with `job submit --data` and drop {option} after --")
+            raise JobError(
+                f"{option} is set by the job runner; give the data with `job submit --data` and drop {option} after --"
+            )
     return args
 
 
@@ -114,7 +116,7 @@ class JobSpec:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "JobSpec":
+    def from_json(cls, text: str) -> JobSpec:
         doc: dict[str, Any] = json.loads(text)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in doc.items() if k in known})

@@ -34,8 +34,19 @@ def iso(t: float) -> str:
 
 
 def new_status(name: str, now: float) -> dict[str, Any]:
-    return {"job": name, "state": "submitted", "attempts": [], "failures": 0, "interruptions": 0,
-            "epoch": 0, "epochs": None, "exit_code": None, "reason": "", "log_tail": [], "updated_at": now}
+    return {
+        "job": name,
+        "state": "submitted",
+        "attempts": [],
+        "failures": 0,
+        "interruptions": 0,
+        "epoch": 0,
+        "epochs": None,
+        "exit_code": None,
+        "reason": "",
+        "log_tail": [],
+        "updated_at": now,
+    }
 
 
 def previous_alive(status: dict[str, Any], instance: str, now: float, stale_seconds: float = STALE_SECONDS) -> bool:
@@ -51,7 +62,9 @@ def _end(status: dict[str, Any], state: str, reason: str, now: float) -> tuple[d
     return status, "end"
 
 
-def begin_attempt(status: dict[str, Any], spec: Any, instance: dict[str, str], now: float) -> tuple[dict[str, Any], str]:
+def begin_attempt(
+    status: dict[str, Any], spec: Any, instance: dict[str, str], now: float
+) -> tuple[dict[str, Any], str]:
     """A new instance's runner starts: run, or end the job (already over, too many failures, too late)."""
     if status["state"] in TERMINAL:
         return status, "end"  # a late replacement of a finished job: just make sure the group is at 0
@@ -64,13 +77,18 @@ def begin_attempt(status: dict[str, Any], spec: Any, instance: dict[str, str], n
         return _end(status, "failed", f"{status['failures']} failed attempts (--max-failures {spec.max_failures})", now)
     if now >= spec.deadline:
         return _end(status, "failed", f"ran past --max-hours {spec.max_hours:g}", now)
-    attempts.append({"n": len(attempts) + 1, **instance, "started_at": now, "ended_at": None, "outcome": None, "exit_code": None})
-    status.update(state="starting", reason="", exit_code=None, log_tail=[], updated_at=now, instance=instance.get("instance"))
+    attempts.append(
+        {"n": len(attempts) + 1, **instance, "started_at": now, "ended_at": None, "outcome": None, "exit_code": None}
+    )
+    status.update(
+        state="starting", reason="", exit_code=None, log_tail=[], updated_at=now, instance=instance.get("instance")
+    )
     return status, "run"
 
 
-def end_attempt(status: dict[str, Any], spec: Any, exit_code: int | None, log_tail: list[str], now: float,
-                timed_out: bool = False) -> tuple[dict[str, Any], str]:
+def end_attempt(
+    status: dict[str, Any], spec: Any, exit_code: int | None, log_tail: list[str], now: float, timed_out: bool = False
+) -> tuple[dict[str, Any], str]:
     """fit ended with exit_code (None: it could not start, e.g. the data fetch failed)."""
     attempt = status["attempts"][-1]
     status.update(exit_code=exit_code, log_tail=log_tail[-LOG_TAIL_LINES:], updated_at=now)
@@ -89,8 +107,13 @@ def end_attempt(status: dict[str, Any], spec: Any, exit_code: int | None, log_ta
     status["failures"] += 1
     what = f"fit exited {exit_code}" if exit_code is not None else "the attempt could not start fit"
     if status["failures"] >= spec.max_failures:
-        return _end(status, "failed", f"{what}; {status['failures']} failed attempts (--max-failures {spec.max_failures})", now)
-    status.update(state="retrying", reason=f"{what}; attempt {status['failures'] + 1} of {spec.max_failures} starts on a new instance")
+        return _end(
+            status, "failed", f"{what}; {status['failures']} failed attempts (--max-failures {spec.max_failures})", now
+        )
+    status.update(
+        state="retrying",
+        reason=f"{what}; attempt {status['failures'] + 1} of {spec.max_failures} starts on a new instance",
+    )
     return status, "relaunch"
 
 

@@ -87,8 +87,7 @@ class AwsRecorder:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -105,8 +104,7 @@ class AwsRecorder:
         service = match.group(1) if match else "?"
         target = headers.get("X-Amz-Target")
         if target:  # JSON protocol (SSM)
-            return {"service": service, "action": target.split(".")[-1],
-                    "params": json.loads(body or b"{}")}
+            return {"service": service, "action": target.split(".")[-1], "params": json.loads(body or b"{}")}
         if "x-www-form-urlencoded" in headers.get("Content-Type", ""):  # query protocol
             params = dict(urllib.parse.parse_qsl(body.decode()))
             return {"service": service, "action": params.get("Action", "?"), "params": params}
@@ -142,8 +140,7 @@ class AwsRecorder:
         if action == "CreatePlacementGroup":
             name = p["GroupName"]
             if name in self.placement_groups:
-                return self._error("InvalidPlacementGroup.Duplicate",
-                                   f"The Placement Group '{name}' already exists.")
+                return self._error("InvalidPlacementGroup.Duplicate", f"The Placement Group '{name}' already exists.")
             tags = {}
             for i in itertools.count(1):
                 if f"TagSpecification.1.Tag.{i}.Key" not in p:
@@ -154,8 +151,9 @@ class AwsRecorder:
             return 200, self._ok(action, f"<placementGroup>{self._group_xml(group)}</placementGroup>")
         if action == "DeletePlacementGroup":
             if self.placement_groups.pop(p["GroupName"], None) is None:
-                return self._error("InvalidPlacementGroup.Unknown",
-                                   f"The Placement Group '{p['GroupName']}' is unknown.")
+                return self._error(
+                    "InvalidPlacementGroup.Unknown", f"The Placement Group '{p['GroupName']}' is unknown."
+                )
             return 200, self._ok(action, "<return>true</return>")
         groups = list(self.placement_groups.values())
         names = [v for k, v in p.items() if k.startswith("GroupName.")]
@@ -177,9 +175,7 @@ class AwsRecorder:
 
     @staticmethod
     def _group_xml(g: dict) -> str:
-        tags = "".join(
-            f"<item><key>{escape(k)}</key><value>{escape(v)}</value></item>" for k, v in g["tags"].items()
-        )
+        tags = "".join(f"<item><key>{escape(k)}</key><value>{escape(v)}</value></item>" for k, v in g["tags"].items())
         return (
             f"<groupName>{escape(g['name'])}</groupName><groupId>{g['id']}</groupId>"
             f"<strategy>{escape(g['strategy'])}</strategy><state>available</state><tagSet>{tags}</tagSet>"

@@ -12,7 +12,11 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd=None)
     """Run the real entry point (`python -m ec2train ...`) in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "ec2train", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
     )
 
 
@@ -34,7 +38,6 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert text.startswith("error:"), err
     for needle in needles:
         assert needle.lower() in text.lower(), (needle, err)
-
 
 
 class Quiet:

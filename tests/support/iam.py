@@ -25,6 +25,7 @@ def _parliament():
             sys.modules.pop("pkg_resources", None)
         return parliament
     import parliament
+
     return parliament
 
 

@@ -31,9 +31,18 @@ LAMBDA_DIR = ROOT / "ec2train" / "_lambda"  # the source `deploy lambda` zips
 
 # Every environment variable the function reads; tests start from none of them set.
 FUNCTION_ENV = (
-    "ENDPOINT_NAME", "ALLOW_HTTP", "ALLOWED_PORTS", "MAX_IMAGE_BYTES", "FETCH_CONNECT_TIMEOUT",
-    "FETCH_TIMEOUT", "MAX_REDIRECTS", "ENDPOINT_CONNECT_TIMEOUT", "ENDPOINT_READ_TIMEOUT",
-    "SSRF_ALLOW_LOOPBACK_FOR_TESTS", "AWS_LAMBDA_RUNTIME_API", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME",
+    "ENDPOINT_NAME",
+    "ALLOW_HTTP",
+    "ALLOWED_PORTS",
+    "MAX_IMAGE_BYTES",
+    "FETCH_CONNECT_TIMEOUT",
+    "FETCH_TIMEOUT",
+    "MAX_REDIRECTS",
+    "ENDPOINT_CONNECT_TIMEOUT",
+    "ENDPOINT_READ_TIMEOUT",
+    "SSRF_ALLOW_LOOPBACK_FOR_TESTS",
+    "AWS_LAMBDA_RUNTIME_API",
+    "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME",
     "AWS_ENDPOINT_URL",
 )
 
@@ -124,7 +133,7 @@ class ImageHandler(BaseHTTPRequestHandler):
             if time.monotonic() > end or self.server.stopping.is_set():
                 return
             try:
-                self.wfile.write(data[i:i + 1])
+                self.wfile.write(data[i : i + 1])
                 self.wfile.flush()
             except OSError:
                 return
@@ -133,8 +142,9 @@ class ImageHandler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: C901 - one route table, read top to bottom
         path, _, query = self.path.partition("?")
         args = dict(urllib.parse.parse_qsl(query))
-        self.server.requests.append({"path": self.path, "host": self.headers.get("Host"),
-                                     "accept": self.headers.get("Accept")})
+        self.server.requests.append(
+            {"path": self.path, "host": self.headers.get("Host"), "accept": self.headers.get("Accept")}
+        )
         cap = int(args.get("bytes", "200000"))
         if path == "/dog.png":
             self._send(200, PNG)
@@ -247,26 +257,40 @@ class EndpointHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         match = re.fullmatch(r"/endpoints/([^/]+)/invocations", self.path)
         name = match.group(1) if match else None
-        self.server.requests.append({
-            "name": name,
-            "content_type": self.headers.get("Content-Type"),
-            "accept": self.headers.get("Accept"),
-            "custom_attributes": self.headers.get("X-Amzn-SageMaker-Custom-Attributes"),
-            "signed": self.headers.get("Authorization", "").startswith("AWS4-HMAC-SHA256"),
-            "body": body,
-        })
+        self.server.requests.append(
+            {
+                "name": name,
+                "content_type": self.headers.get("Content-Type"),
+                "accept": self.headers.get("Accept"),
+                "custom_attributes": self.headers.get("X-Amzn-SageMaker-Custom-Attributes"),
+                "signed": self.headers.get("Authorization", "").startswith("AWS4-HMAC-SHA256"),
+                "body": body,
+            }
+        )
         if name == "dogs":
             self._json(200, {"predictions": PREDICTIONS})
         elif name == "model-error":
-            self._json(424, {"ErrorCode": "CLIENT_ERROR_FROM_MODEL", "OriginalStatusCode": 500,
-                             "OriginalMessage": "Traceback: secret model internals",
-                             "Message": "Received server error (500) from primary"},
-                       [("x-amzn-ErrorType", "ModelError")])
+            self._json(
+                424,
+                {
+                    "ErrorCode": "CLIENT_ERROR_FROM_MODEL",
+                    "OriginalStatusCode": 500,
+                    "OriginalMessage": "Traceback: secret model internals",
+                    "Message": "Received server error (500) from primary",
+                },
+                [("x-amzn-ErrorType", "ModelError")],
+            )
         elif name == "busy":
-            self._json(424, {"ErrorCode": "SERVER_ERROR_FROM_MODEL", "OriginalStatusCode": 503,
-                             "OriginalMessage": json.dumps({"error": "server is busy"}),
-                             "Message": "Received server error (503) from primary"},
-                       [("x-amzn-ErrorType", "ModelError")])
+            self._json(
+                424,
+                {
+                    "ErrorCode": "SERVER_ERROR_FROM_MODEL",
+                    "OriginalStatusCode": 503,
+                    "OriginalMessage": json.dumps({"error": "server is busy"}),
+                    "Message": "Received server error (503) from primary",
+                },
+                [("x-amzn-ErrorType", "ModelError")],
+            )
         elif name == "internal":
             self._json(500, {"message": "internal failure"}, [("x-amzn-ErrorType", "InternalFailure")])
         elif name == "slow":
@@ -304,14 +328,28 @@ def make_tls_material(directory: Path, hostname: str) -> tuple[Path, Path, Path]
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ec2train test CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -319,8 +357,11 @@ def make_tls_material(directory: Path, hostname: str) -> tuple[Path, Path, Path]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -41,7 +41,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_run(data: str, root: str) -> dict[str, Any]:
     """Final model.pth and last.pt weights of an uninterrupted FIT run (once per session),
     and the path of its model.pth."""
@@ -51,7 +51,11 @@ def reference_run(data: str, root: str) -> dict[str, Any]:
     out = Path(root) / "reference"
     result = fit(resolve(data=data, output=str(out / "model"), logdir=str(out / "runs"), **FIT))
     assert not result.interrupted and len(result.history) == FIT["epochs"]
-    return {"model": weights(result.model_path), "last": weights(result.output / "last.pt"), "model_path": result.model_path}
+    return {
+        "model": weights(result.model_path),
+        "last": weights(result.output / "last.pt"),
+        "model_path": result.model_path,
+    }
 
 
 def untrained_model_file(data: Path, dest: Path) -> Path:
@@ -63,8 +67,12 @@ def untrained_model_file(data: Path, dest: Path) -> Path:
     torch.manual_seed(0)
     folders = sorted(p.name for p in (data / "test").iterdir())
     payload = model_payload(
-        build_model("shufflenet_v2_x0_5", len(folders)).state_dict(), arch="shufflenet_v2_x0_5",
-        class_names=[f.split(".", 1)[1] for f in folders], class_folders=folders, image_size=32,
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        build_model("shufflenet_v2_x0_5", len(folders)).state_dict(),
+        arch="shufflenet_v2_x0_5",
+        class_names=[f.split(".", 1)[1] for f in folders],
+        class_folders=folders,
+        image_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
     )
     return save_model_file(dest, payload)
