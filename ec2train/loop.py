@@ -221,12 +221,13 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, **fast)
 
 
-def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """{"lr": the head's lr, "lr_backbone": the backbone's (when it trains)}."""
+def group_lrs(optimizer: torch.optim.Optimizer, peak: bool = False) -> dict[str, float]:
+    """{"lr": the head's lr, "lr_backbone": the backbone's (when it trains)}: now, or the
+    schedule's peak (`initial_lr`, what --lr asked for) with peak=True."""
     lrs: dict[str, float] = {}
     for group in optimizer.param_groups:
         key = "lr_backbone" if group.get("role") == "backbone" else "lr"
-        lrs.setdefault(key, group["lr"])
+        lrs.setdefault(key, group.get("initial_lr", group["lr"]) if peak else group["lr"])
     return lrs
 
 
@@ -595,7 +596,7 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
     writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
-    env, lr = rt.env, group_lrs(tr.optimizer)
+    env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
         f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else ""
     )

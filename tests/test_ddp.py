@@ -287,7 +287,11 @@ def two_nodes(cli_run, small_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("nodes")
     settings = {**COMMON, "batch_size": 8}
     (root / "B" / "out").mkdir(parents=True)
-    shutil.copy(cli_run[0] / "model" / "last.pt", root / "B" / "out" / "last.pt")
+    # cli_run finished its 2 epochs, and a finished run is never extended: B holds its checkpoint
+    # as that of a 4-epoch run stopped after epoch 2 (a spot notice, say), which --resume continues.
+    ckpt = torch.load(cli_run[0] / "model" / "last.pt", weights_only=True)
+    ckpt["config"]["epochs"] = 4
+    torch.save(ckpt, root / "B" / "out" / "last.pt")
     pre_history = json.loads((cli_run[0] / "model" / "metrics.json").read_text())["history"]
 
     port, run_id = free_port(), f"test-{uuid.uuid4().hex[:8]}"
