@@ -250,6 +250,8 @@ def _error_response(status: int, message: str, runtime_api: bool):
     )
 
 
+# Long on purpose: the routes are closures over one app's batcher, admission limit and forward pool;
+# as module functions they would need that state threaded through every handler.
 def create_app(
     model_path: str | Path,
     max_batch: int = 8,

@@ -551,6 +551,7 @@ class TuneResult:
 # ---------------------------------------------------------------- the search
 
 
+# Over 80 lines with the formatter's one-argument-per-line calls; the steps (study, trials, then_fit) are named helpers.
 def tune(
     base: TrainConfig,
     *,

@@ -36,6 +36,7 @@ from ec2train.cli._app import (
 # ---------------------------------------------------------------- fit
 
 
+# Long only in its signature (one parameter per option, defaults from TrainConfig); the body is short.
 @app.command(context_settings={"allow_extra_args": False})
 def fit(
     ctx: typer.Context,
@@ -402,6 +403,7 @@ def archs():
 # ---------------------------------------------------------------- tune
 
 
+# Long only in its signature (one parameter per option); the body resolves, calls tune.tune and prints.
 @app.command()
 def tune(
     data: str | None = setting("data", "Data set root with train/ valid/ test/ class folders."),
