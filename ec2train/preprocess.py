@@ -85,6 +85,12 @@ def load_rgb(
             problem = size_problem(w, h, max_pixels)
             if problem:
                 raise ImageDecodeError(problem)
+            # Pillow's own limit, checked here too: its warning depends on a process-wide filter
+            # that anything else in the process (a test runner, a library) may reset.
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(
+                    f"image has too many pixels (decompression bomb guard): {w}x{h} is over {Image.MAX_IMAGE_PIXELS}"
+                )
             # Scaled DCT decodes at 1/2, 1/4 or 1/8 only, so it helps once the short side is at
             # least twice min_side; draft() never goes below the requested size.
             if min_side and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:

@@ -16,7 +16,9 @@ TINY_FIT = dict(arch="resnet18", weights="none", image_size=32, batch_size=16, l
 # TINY_FIT with a 1.4M-parameter model: its last.pt is ~6 MB instead of resnet18's ~180 MB,
 # so each test uploads a few MB per epoch. Exact resume does not depend on the architecture.
 # CPU even on a GPU box: bitwise-equal weights after a resume need deterministic kernels.
-FIT = dict(TINY_FIT, arch="shufflenet_v2_x0_5", epochs=3, device="cpu")
+# threads=1: fit applies its thread plan, and bitwise-equal weights need the same thread count
+# (reduction order) in the in-process reference and in every subprocess run.
+FIT = dict(TINY_FIT, arch="shufflenet_v2_x0_5", epochs=3, device="cpu", threads=1)
 
 
 def fit_args(data: Path, output: Path, logdir: Path, **overrides) -> list[str]:
