@@ -222,14 +222,6 @@ def plan_threads(procs: int = 1, workers: int = 0, decode_threads: int = 0, over
     return thread_plan(available_cpus(), procs, workers, decode_threads, override or 0, launcher_share_from_env())
 
 
-def fit_thread_plan(threads: int, workers: int, procs: int) -> ThreadPlan:
-    """fit/tune/evaluate: loader workers as fit resolves them (-1: from the CPUs), then the plan."""
-    from ec2train.data import default_workers  # data imports this module
-
-    workers = workers if workers >= 0 else default_workers(available_cpus(), procs)
-    return plan_threads(procs, workers, 0, threads)
-
-
 def apply_threads(plan: ThreadPlan) -> ThreadPlan:
     torch.set_num_threads(plan.intra_op)
     try:
