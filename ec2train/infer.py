@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ec2train.errors import UserError
+from ec2train.hw import inference_channels_last
 from ec2train.model import model_from_file
 from ec2train.preprocess import (
     MAX_PIXELS,
@@ -192,7 +193,10 @@ class Predictor:
     def __init__(self, model_path: str | Path, device: str = "cpu", max_pixels: int = MAX_PIXELS):
         self.model, self.meta = model_from_file(model_path)
         self.device = device
-        self.model.to(device)
+        self.memory_format = (
+            torch.channels_last if inference_channels_last(torch.device(device).type) else torch.contiguous_format
+        )
+        self.model.to(device, memory_format=self.memory_format)
         self.class_names: list[str] = list(self.meta["class_names"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, tuple(self.meta["mean"]), tuple(self.meta["std"]))
@@ -205,7 +209,7 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.to(self.device)).float().cpu()
+        return self.model(batch.to(self.device, memory_format=self.memory_format)).float().cpu()
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
         probs = logits.softmax(dim=1)

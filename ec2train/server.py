@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ec2train import hw
 from ec2train.errors import UserError
 from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
@@ -48,7 +49,7 @@ _DRAIN_LIMIT = 64 * 1024 * 1024
 # Seconds a client has to send a whole request body (6 MB in 30 s is 1.6 Mbit/s); then 408.
 BODY_TIMEOUT_S = 30.0
 # Requests being decoded, queued or in a forward pass, per process, as a multiple of
-# --max-batch; beyond it a request gets a fast 503 instead of a long wait (docs/serve.md).
+# --max-batch times the forward lanes; beyond it a request gets a fast 503 instead of a long wait (docs/serve.md).
 PENDING_PER_BATCH = 4
 
 
@@ -99,13 +100,17 @@ class Batcher:
     After the first request arrives it takes every request already queued, and waits up to
     `max_wait_ms` more only while other requests are still being read or decoded, so a lone
     request never waits. Under load, requests pile up during each forward pass and the next
-    pass takes them all (up to `max_batch`). `max_batch=1` turns batching off.
+    pass takes them all (up to `max_batch`). `max_batch=1` turns batching off. `lanes` passes
+    run at once in `executor` (which has that many threads; hw.serve_lanes says why).
     """
 
-    def __init__(self, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor, stats: BatchStats):
+    def __init__(
+        self, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor, stats: BatchStats, lanes: int = 1
+    ):
         if max_batch < 1 or max_wait_ms < 0:
             raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
         self.max_batch = max_batch
+        self.lanes = lanes
         self.max_wait = max_wait_ms / 1000.0
         self.executor = executor
         self.stats = stats
@@ -145,29 +150,45 @@ class Batcher:
         return [it for it in items if not it.future.done()]  # a client that went away is skipped
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Collects a batch whenever a lane is free, so up to `lanes` forward passes run at once
+        and requests pile up (into bigger batches) only while every lane is busy."""
         assert self.predictor is not None
+        free = asyncio.Semaphore(self.lanes)
+        running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+        def done(task: asyncio.Task) -> None:
+            running.discard(task)
+            free.release()
+
         while True:
+            await free.acquire()
             items = await self._collect()
             if not items:
+                free.release()
                 continue
-            try:
-                answers = await loop.run_in_executor(
-                    self.executor,
-                    self.predictor.predict_tensors,
-                    [it.tensor for it in items],
-                    [it.request for it in items],
-                )
-            except Exception as exc:  # a failed pass fails its requests (500), not the server
-                log.exception("forward pass failed")
-                for it in items:
-                    if not it.future.done():
-                        it.future.set_exception(exc)
-                continue
-            self.stats.record(len(items))
-            for it, answer in zip(items, answers):
+            task = asyncio.create_task(self._forward(items))
+            running.add(task)
+            task.add_done_callback(done)
+
+    async def _forward(self, items: list[_Item]) -> None:
+        assert self.predictor is not None
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(
+                self.executor,
+                self.predictor.predict_tensors,
+                [it.tensor for it in items],
+                [it.request for it in items],
+            )
+        except Exception as exc:  # a failed pass fails its requests (500), not the server
+            log.exception("forward pass failed")
+            for it in items:
                 if not it.future.done():
-                    it.future.set_result(answer)
+                    it.future.set_exception(exc)
+            return
+        self.stats.record(len(items))
+        for it, answer in zip(items, answers):
+            if not it.future.done():
+                it.future.set_result(answer)
 
 
 class RequestTimeout(RequestError):
@@ -273,7 +294,7 @@ def create_app(
     `load` replaces how the Predictor is made (default: `Predictor(model_path, device)`).
     `app.state.stats` holds the batch counters; `app.state.on_load_error`, if set, is
     called with the exception when the model cannot be loaded. `max_pending` (default
-    PENDING_PER_BATCH x max_batch) bounds the requests in progress: see `Admission`.
+    PENDING_PER_BATCH x max_batch x forward lanes) bounds the requests in progress: see `Admission`.
     """
     _require_serve_deps()
     from starlette.applications import Starlette
@@ -282,13 +303,17 @@ def create_app(
     from starlette.routing import Route
 
     stats = BatchStats()
-    forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ec2train-forward")
-    batcher = Batcher(max_batch, max_wait_ms, forward_pool, stats)
-    admission = Admission(max_pending or PENDING_PER_BATCH * max_batch)
+    plan = _thread_plan(threads, procs)
+    forward_pool = ThreadPoolExecutor(max_workers=plan.lanes, thread_name_prefix="ec2train-forward")
+    batcher = Batcher(max_batch, max_wait_ms, forward_pool, stats, plan.lanes)
+    admission = Admission(max_pending or PENDING_PER_BATCH * max_batch * plan.lanes)
     loader = load or (lambda: Predictor(model_path, device=device or default_device()))
 
     def load_model() -> Predictor:
-        _apply_thread_plan(threads, procs)
+        import torch
+
+        hw.apply_threads(plan)
+        log.info("%s; torch.get_num_threads() = %d", plan.describe(), torch.get_num_threads())
         return loader()
 
     async def start(app) -> None:
@@ -379,6 +404,7 @@ def create_app(
                 **stats.as_dict(),
                 "max_batch": max_batch,
                 "max_wait_ms": max_wait_ms,
+                "lanes": plan.lanes,
                 "in_progress": admission.active,
                 "max_pending": admission.limit,
             }
@@ -401,15 +427,10 @@ def create_app(
     return app
 
 
-def _apply_thread_plan(threads: int | None, procs: int) -> None:
-    """Torch's threads in this server process (hw.thread_plan): its share of the box's cores (one
-    of `procs` workers), less one for decoding requests while a forward pass runs; --threads wins."""
-    import torch
-
-    from ec2train import hw
-
-    plan = hw.apply_threads(hw.plan_threads(procs=procs, decode_threads=1, override=threads or 0))
-    log.info("%s; torch.get_num_threads() = %d", plan.describe(), torch.get_num_threads())
+def _thread_plan(threads: int | None, procs: int) -> hw.ThreadPlan:
+    """This server process's threads (hw.serve_thread_plan): its share of the box's cores (one of
+    `procs` workers), one decode thread, and the lanes that share the rest; --threads wins."""
+    return hw.serve_thread_plan(hw.available_cpus(), procs, threads or 0, hw.launcher_share_from_env())
 
 
 def _prepare(predictor: Predictor, body: bytes, content_type: str | None, attributes: str | None, max_bytes: int):

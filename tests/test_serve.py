@@ -665,6 +665,59 @@ def test_overload_gets_an_immediate_503_and_ping_stays_ready(trained_model, imag
         assert http(srv.url + "/invocations", jpeg, {"Content-Type": "image/jpeg"})[0] == 200
 
 
+class MeetingPredictor(Predictor):
+    """A Predictor whose forward passes wait (up to 3 s) for a second pass to be running too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.both_running = threading.Barrier(2)
+        self.overlapped = 0
+
+    def predict_tensors(self, tensors, requests):
+        try:
+            self.both_running.wait(3)
+            self.overlapped += 1
+        except threading.BrokenBarrierError:
+            self.both_running.reset()
+        return super().predict_tensors(tensors, requests)
+
+
+@pytest.mark.parametrize("cpus, lanes", [(4, 2), (1, 1)])
+def test_forward_passes_run_in_as_many_lanes_as_the_plan_says(trained_model, images, monkeypatch, cpus, lanes):
+    from ec2train import hw
+    from ec2train.server import create_app
+
+    monkeypatch.setattr(hw, "available_cpus", lambda: cpus)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    predictor = MeetingPredictor(trained_model)
+    app = create_app(trained_model, max_batch=1, load=lambda: predictor)
+    jpeg = images["Circle"][0]
+    with ServerThread(app) as srv, ThreadPoolExecutor(2) as pool:
+        srv.wait_ready()
+        answers = list(pool.map(lambda _: http(srv.url + "/invocations", jpeg, {"Content-Type": "image/jpeg"}), [0, 1]))
+        stats = http(srv.url + "/stats")[1]
+    assert [status for status, _ in answers] == [200, 200]
+    assert stats["lanes"] == lanes and stats["batches"] == 2
+    # Two lanes: both passes were running at the same moment. One lane: the first waited alone.
+    assert predictor.overlapped == (2 if lanes == 2 else 0)
+
+
+def test_predictor_runs_channels_last_and_answers_as_the_plain_model(trained_model, images):
+    import torch
+
+    from ec2train.model import model_from_file
+
+    predictor = Predictor(trained_model)
+    assert predictor.memory_format == torch.channels_last
+    conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain, _ = model_from_file(trained_model)
+    batch = torch.stack([predictor.preprocess(jpeg) for jpegs in images.values() for jpeg in jpegs[:2]])
+    with torch.inference_mode():
+        want = plain.eval()(batch)
+    assert torch.allclose(predictor.logits(batch), want, atol=1e-4)
+
+
 def test_a_body_that_stops_arriving_gets_408(trained_model):
     import socket
 

@@ -50,6 +50,34 @@ def test_a_launchers_omp_num_threads_caps_the_share():
     assert hw.launcher_share_from_env({}) is None
 
 
+@pytest.mark.parametrize(
+    "cpus, procs, override, launcher, lanes, intra",
+    [
+        (2, 1, 0, None, 2, 1),  # this box: two one-thread passes at once (plus the decode thread)
+        (1, 1, 0, None, 1, 1),  # one core: one pass at a time
+        (2, 2, 0, None, 1, 1),  # serve --workers 2 on two cores: each worker's share is one core
+        (16, 1, 0, None, 2, 7),  # (16 - 1 decode thread) split between two lanes
+        (16, 4, 0, None, 2, 1),  # serve --workers 4: 4 cores each
+        (16, 1, 0, 3, 2, 1),  # OMP_NUM_THREADS=3 caps the share
+        (16, 1, 5, None, 2, 5),  # --threads 5: five in each lane
+    ],
+)
+def test_serve_plan_runs_two_lanes_where_there_are_two_cores(cpus, procs, override, launcher, lanes, intra):
+    plan = hw.serve_thread_plan(cpus, procs, override, launcher)
+    assert (plan.lanes, plan.intra_op, plan.decode_threads) == (lanes, intra, 1)
+    assert plan.intra_op * plan.lanes <= max(plan.share, override * plan.lanes)  # never more than its share
+    assert hw.serve_lanes(1) == 1 and hw.serve_lanes(2) == hw.serve_lanes(64) == 2
+    described = plan.describe()
+    assert ("in each of 2 forward lanes" in described) == (lanes == 2), described
+
+
+def test_inference_uses_channels_last_on_cpu_and_gpu_but_training_only_on_gpu():
+    assert hw.inference_channels_last("cpu") and hw.inference_channels_last("cuda")
+    assert not hw.inference_channels_last("mps")
+    assert hw.use_channels_last(True, "cuda") and not hw.use_channels_last(True, "cpu")
+    assert not hw.use_channels_last(False, "cuda")
+
+
 def test_torchrun_share_comes_from_the_plan():
     # `fit --nproc-per-node N` gives each rank plan.share as OMP_NUM_THREADS.
     assert ddp.threads_per_process(16, 4) == hw.thread_plan(16, 4).share == 4
