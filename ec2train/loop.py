@@ -265,6 +265,7 @@ class Runtime:
     workers: int
     pin_memory: bool
     threads: hw.ThreadPlan
+    tuner: hw.ThreadTuner | None = None  # CPU training only: see hw.ThreadTuner
 
     @property
     def device_type(self) -> str:
@@ -282,6 +283,7 @@ def make_runtime(
     hw.configure_backends(device_type, capability)
     workers = workers if workers >= 0 else default_workers(hw.available_cpus(), env.local_world_size)
     plan = hw.apply_threads(hw.plan_threads(env.local_world_size, workers, 0, threads))
+    candidates = hw.tuning_candidates(plan, device_type, env.world_size)
     return Runtime(
         env,
         dev,
@@ -290,6 +292,7 @@ def make_runtime(
         workers,
         hw.use_pin_memory(device_type),
         plan,
+        hw.ThreadTuner(candidates) if len(candidates) > 1 else None,
     )
 
 
@@ -415,6 +418,54 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     already_finished: bool = False  # --resume of a finished run: nothing was trained or written
+
+
+class _ThreadTiming:
+    """Times fit's steps for the runtime's ThreadTuner and applies what it picks. A step is
+    timed from the end of the previous one (so the wait for its batch counts); the first step
+    of an epoch, which waits for the loader to start, is not timed. The probe ends with the
+    first epoch trained; a resumed run takes the count its last epoch recorded."""
+
+    def __init__(self, tuner: hw.ThreadTuner | None, history: list[dict[str, Any]]):
+        self.tuner, self.last = tuner, None
+        self.applied = torch.get_num_threads()
+        self.notes: list[str] = []
+        if tuner is not None and history and history[-1].get("threads") in tuner.candidates:
+            tuner.settle(history[-1]["threads"])
+
+    def epoch_start(self) -> None:
+        self.last = None
+        self._apply()
+
+    def step(self) -> None:
+        if self.tuner is None or not self.tuner.probing:
+            return
+        now = time.perf_counter()
+        if self.last is not None:
+            self._note(self.tuner.observe(self.applied, now - self.last))
+        self.last = now
+        self._apply()
+
+    def epoch_end(self) -> None:
+        if self.tuner is not None and self.tuner.probing:
+            self._note(self.tuner.settle())
+        self._apply()
+
+    def threads(self) -> int:
+        return self.tuner.chosen if self.tuner is not None else torch.get_num_threads()
+
+    def _note(self, picked: int | None) -> None:
+        if picked:
+            self.notes.append(f"threads: torch {picked} intra-op from here on ({self.tuner.describe()})")
+
+    def _apply(self) -> None:
+        if self.tuner is not None and (n := self.tuner.threads()) != self.applied:
+            torch.set_num_threads(n)
+            self.applied = n
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
 
 class _Reporter:
@@ -634,12 +685,19 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
 def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
     """Phase 5: train and validate each remaining epoch; True when a stop request ended it."""
     cfg, state, tr = run.cfg, run.state, run.tr
+    timing = _ThreadTiming(run.rt.tuner, state.history)
+
+    def on_step(n: int, loss: float, acc: float) -> None:
+        run.report.step(n, loss, acc)
+        timing.step()
+
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.patience and state.stale_epochs >= cfg.patience:
             break
         run.data.train_sampler.set_epoch(epoch)
         set_train_mode(run.step_model, tr.head, cfg.frozen)
         run.report.start_epoch(epoch, cfg.epochs, len(run.data.train_sampler))
+        timing.epoch_start()
         t0 = time.perf_counter()
         meter, interrupted = train_one_epoch(
             run.step_model,
@@ -648,7 +706,7 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
             tr.scheduler,
             tr.ctx,
             cfg.label_smoothing,
-            run.report.step,
+            on_step,
             should_stop,
         )
         seconds = time.perf_counter() - t0
@@ -656,7 +714,10 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
         if interrupted:
             run.report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
             return True
-        record, improved = _end_epoch(run, epoch + 1, meter, seconds)
+        timing.epoch_end()
+        for note in timing.take_notes():
+            run.report.log(note)
+        record, improved = _end_epoch(run, epoch + 1, meter, seconds, timing.threads())
         if run.rt.env.is_main:
             _save_epoch(run, record, improved)
         ddp.barrier()
@@ -665,7 +726,7 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
     return False
 
 
-def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float) -> tuple[dict[str, Any], bool]:
+def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: int) -> tuple[dict[str, Any], bool]:
     """Validate, count the epoch in the state, log it; returns (history record, improved)."""
     device = run.rt.device
     train = meter.reduced(device).summary()
@@ -682,6 +743,7 @@ def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float) -> tuple[d
         **group_lrs(run.tr.optimizer),
         "images_per_second": ips,
         "seconds": seconds,
+        "threads": threads,  # torch's intra-op threads from here on: a resumed run keeps them
         "images_per_rank": ddp.gather_counts(meter.count, device),
     }
     run.state.history.append(record)

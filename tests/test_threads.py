@@ -78,6 +78,96 @@ def test_inference_uses_channels_last_on_cpu_and_gpu_but_training_only_on_gpu():
     assert not hw.use_channels_last(False, "cuda")
 
 
+def test_tuning_compares_the_plan_with_one_other_count_on_cpu_training_only():
+    plan = lambda cpus, workers, override=0: hw.thread_plan(cpus, 1, workers, override=override)  # noqa: E731
+    assert hw.tuning_candidates(plan(2, 1), "cpu", 1) == (1, 2)  # a light loader may leave its core idle
+    assert hw.tuning_candidates(plan(2, 0), "cpu", 1) == (2, 1)  # another program may hold a core
+    assert hw.tuning_candidates(plan(16, 8), "cpu", 1) == (8, 16)
+    assert hw.tuning_candidates(plan(1, 0), "cpu", 1) == (1,)  # one core: nothing to compare
+    assert hw.tuning_candidates(plan(2, 1, override=1), "cpu", 1) == (1,)  # --threads is obeyed
+    assert hw.tuning_candidates(plan(2, 1), "cuda", 1) == (1,)
+    assert hw.tuning_candidates(plan(2, 1), "cpu", 2) == (1,)  # DDP: a step waits for the slowest rank
+
+
+def test_tuner_alternates_then_keeps_the_faster_count():
+    tuner = hw.ThreadTuner((1, 2))
+    ran = []
+    for _ in range(10):
+        n = tuner.threads()
+        ran.append(n)
+        picked = tuner.observe(n, {1: 0.9, 2: 0.7}[n])
+        if picked:
+            assert (picked, len(ran)) == (2, 6)  # decided as soon as each count had 3 steps
+    assert ran == [1, 2, 1, 2, 1, 2, 2, 2, 2, 2] and not tuner.probing
+    assert tuner.describe() == "1 thread 0.90 s/step, 2 threads 0.70 s/step"
+    assert tuner.observe(1, 0.01) is None and tuner.threads() == 2  # settled: no more probing
+
+
+def test_tuner_keeps_the_plan_unless_another_count_is_clearly_faster():
+    tuner = hw.ThreadTuner((1, 2))
+    for _ in range(6):
+        n = tuner.threads()
+        tuner.observe(n, {1: 1.00, 2: 0.97}[n])  # 3% faster: noise, not a reason to add a thread
+    assert tuner.chosen == 1 and not tuner.probing
+    # A first epoch too short to finish the probe: what it measured decides at the epoch's end.
+    short = hw.ThreadTuner((2, 1))
+    short.observe(2, 1.0)
+    short.observe(1, 0.5)
+    assert short.settle() == 1 and short.threads() == 1
+    # Nothing measured for one count: the plan stays. A resumed run's recorded count wins.
+    assert hw.ThreadTuner((2, 1)).settle() is None
+    assert hw.ThreadTuner((2, 1)).settle(1) == 1
+
+
+def _tuner_favouring(threads: int):
+    """A ThreadTuner fed made-up step times in which `threads` is twice as fast."""
+
+    class Favouring(hw.ThreadTuner):
+        def observe(self, n, seconds):
+            return super().observe(n, 1.0 if n == threads else 2.0)
+
+    return Favouring
+
+
+def test_fit_applies_the_tuned_count_and_a_resumed_run_keeps_it(monkeypatch, tmp_path, capsys):
+    """Real in-process fits with the timings made up (the seam is the tuner's input): the
+    first run picks 1 thread; the resumed run, whose own probe would pick 2, keeps 1 and ends
+    bitwise equal to the uninterrupted run."""
+    from rich.console import Console
+
+    from ec2train.config import resolve
+    from ec2train.data import make_demo_dataset
+    from ec2train.loop import fit
+
+    monkeypatch.setattr(hw, "available_cpus", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    data = make_demo_dataset(tmp_path / "d", classes=2, per_class=16, size=32, eval_per_class=2)
+    settings = {**TINY_FIT, "arch": "shufflenet_v2_x0_5", "epochs": 2, "batch_size": 4, "data": str(data)}
+    run = lambda name, **kw: resolve(**settings, output=str(tmp_path / name), logdir=str(tmp_path / "runs"), **kw)  # noqa: E731
+    live: list[int] = []
+    try:
+        monkeypatch.setattr(hw, "ThreadTuner", _tuner_favouring(1))
+        full = fit(run("full"), console=Console(width=200), on_epoch=lambda e, r: live.append(torch.get_num_threads()))
+        assert [h["threads"] for h in full.history] == [1, 1] and live == [1, 1]
+        assert (
+            "threads: torch 1 intra-op from here on (1 thread 1.00 s/step, 2 threads 2.00 s/step)"
+            in capsys.readouterr().out
+        )
+
+        steps = {"n": 0}
+        stop_in_epoch_two = lambda: (steps.__setitem__("n", steps["n"] + 1), steps["n"] == 8 + 3)[1]  # noqa: E731
+        assert fit(run("cut"), should_stop=stop_in_epoch_two).interrupted
+        monkeypatch.setattr(hw, "ThreadTuner", _tuner_favouring(2))
+        resumed = fit(run("cut", resume="auto"), on_epoch=lambda e, r: live.append(torch.get_num_threads()))
+        assert [h["threads"] for h in resumed.history] == [1, 1] and live[2:] == [1]
+        a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_torchrun_share_comes_from_the_plan():
     # `fit --nproc-per-node N` gives each rank plan.share as OMP_NUM_THREADS.
     assert ddp.threads_per_process(16, 4) == hw.thread_plan(16, 4).share == 4
