@@ -53,7 +53,7 @@ from ec2train.errors import UserError
 from ec2train.export import atomic_write_json, atomic_write_text, model_payload, save_model_file
 from ec2train.features import CACHE_DIR, feature_loaders
 from ec2train.model import build_model, find_head, freeze_backbone, model_from_file, normalization_for
-from ec2train.plots import log_confusion  # draws with matplotlib, which it imports only when called
+from ec2train.plots import log_confusion, warm_up  # draw with matplotlib, which they import only when called
 from ec2train.preprocess import decode_min_side, eval_transform, train_transform
 
 # ---------------------------------------------------------------- metrics
@@ -647,6 +647,8 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
     writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
+    if rt.env.is_main:
+        warm_up()  # the confusion picture at the end is then drawn without matplotlib's first-use cost
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
         f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else ""

@@ -9,6 +9,7 @@ works without a display and leaves no global figure state behind in a training p
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -30,6 +31,32 @@ NAMES_ON_BOTH_AXES_MAX = 40
 LABEL_CHARS = 36  # fits every dogImages breed; longer class names are cut, with an ellipsis, in tick labels
 TOP_K = 10
 PIPE, ESCAPED_PIPE = "|", "\\|"  # a | in a class name would end a markdown table cell
+
+
+# The first drawing in a process costs seconds (matplotlib's import, its font cache, FreeType),
+# the next ones a fraction of a second; fit starts one in the background (`warm_up`).
+_warm_up: threading.Thread | None = None
+
+
+def warm_up() -> None:
+    """Import matplotlib and draw a throwaway figure in a background thread, so that the
+    confusion picture at the end of fit is drawn warm. Drawing waits for it to finish."""
+    global _warm_up
+    if _warm_up is None:
+        _warm_up = threading.Thread(target=_draw_once, name="ec2train-plots-warm-up", daemon=True)
+        _warm_up.start()
+
+
+def _draw_once() -> None:
+    try:
+        render(confusion_figure(torch.eye(2), ["a", "b"]))
+    except Exception:  # the real drawing reports what is wrong
+        pass
+
+
+def _wait_for_warm_up() -> None:
+    if _warm_up is not None and _warm_up is not threading.current_thread():
+        _warm_up.join()
 
 
 class Confusion(NamedTuple):
@@ -184,6 +211,7 @@ def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | No
     """The row-normalised confusion matrix (counts in cells up to 20 classes), its colour scale and
     the k most confused pairs listed beside it: a matplotlib Figure, not attached to pyplot.
     Everything hangs off the matrix's axes, so cropping to what was drawn leaves no gaps."""
+    _wait_for_warm_up()  # matplotlib's first-use set-up is not thread-safe
     from matplotlib.figure import Figure
 
     m = _matrix(confusion, class_names)

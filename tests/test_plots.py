@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ec2train import plots
 from ec2train.plots import (
     Confusion,
     confusion_figure,
@@ -151,3 +152,15 @@ def test_evaluate_prints_and_saves_most_confused(untrained_model: Path, demo_dat
     for line, pair in zip(lines[start + 1 :], expected):
         assert line.startswith(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} of "), line
     assert Image.open(tmp_path / "confusion-test.png").size[0] >= 700
+
+
+def test_warm_up_draws_once_in_the_background_and_drawing_waits_for_it(monkeypatch):
+    monkeypatch.setattr(plots, "_warm_up", None)
+    plots.warm_up()
+    thread = plots._warm_up
+    assert thread is not None and thread.daemon and thread.name == "ec2train-plots-warm-up"
+    image = plots.render(plots.confusion_figure(torch.tensor([[3.0, 1.0], [0.0, 4.0]]), ["cat", "dog"]))
+    assert not thread.is_alive()  # matplotlib's first use is not thread-safe: the real drawing waited
+    assert image.size[0] > 100 and image.size[1] > 100
+    plots.warm_up()
+    assert plots._warm_up is thread  # once per process
