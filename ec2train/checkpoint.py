@@ -13,6 +13,7 @@ Nothing here knows about S3: `run.py` downloads a remote checkpoint into --outpu
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -23,7 +24,6 @@ import torch
 
 from ec2train import ddp
 from ec2train.errors import UserError
-from ec2train.export import atomic_torch_save
 from ec2train.model import MODEL_FILE, ModelError, clean_state_dict
 
 CHECKPOINT_FILE = "last.pt"
@@ -225,23 +225,22 @@ class Trainables:
     scaler: Any = None  # torch.amp.GradScaler or None
 
 
-def save_checkpoint(path: Path, state: TrainState, parts: Trainables, **meta: Any) -> Path:
-    """last.pt: weights, optimizer, schedule, scaler, RNG and counters (meta: config, classes, ...)."""
-    return atomic_torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            **state.counters(),
-            "model": clean_state_dict(parts.net.state_dict()),
-            # The best weights once: when this epoch is the best they are "model" already.
-            "best_model": None if state.best_epoch == state.epoch else state.best_model,
-            "optimizer": parts.optimizer.state_dict(),
-            "scheduler": parts.scheduler.state_dict(),
-            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-            "rng": rng_state(),
-            **meta,
-        },
-        path,
-    )
+def checkpoint_payload(state: TrainState, parts: Trainables, **meta: Any) -> dict[str, Any]:
+    """last.pt's contents: weights, optimizer, schedule, scaler, RNG and counters (meta: config,
+    classes, ...), copied, so that it can be written while training goes on."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        **copy.deepcopy(state.counters()),
+        "model": {k: v.detach().clone() for k, v in clean_state_dict(parts.net.state_dict()).items()},
+        # The best weights once: when this epoch is the best they are "model" already. They are
+        # a copy already, replaced (never changed in place) when an epoch does better.
+        "best_model": None if state.best_epoch == state.epoch else state.best_model,
+        "optimizer": copy.deepcopy(parts.optimizer.state_dict()),
+        "scheduler": copy.deepcopy(parts.scheduler.state_dict()),
+        "scaler": copy.deepcopy(parts.scaler.state_dict()) if parts.scaler is not None else None,
+        "rng": rng_state(),
+        **copy.deepcopy(meta),
+    }
 
 
 def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> TrainState:

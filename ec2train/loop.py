@@ -34,9 +34,9 @@ from ec2train.checkpoint import (
     TrainState,
     agreed_checkpoint,
     check_compatible,
+    checkpoint_payload,
     finished,
     restore,
-    save_checkpoint,
 )
 from ec2train.config import TrainConfig, to_toml
 from ec2train.data import (
@@ -50,7 +50,14 @@ from ec2train.data import (
     scan_split,
 )
 from ec2train.errors import UserError
-from ec2train.export import atomic_write_json, atomic_write_text, model_payload, save_model_file
+from ec2train.export import (
+    BackgroundWriter,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    model_payload,
+    save_model_file,
+)
 from ec2train.features import CACHE_DIR, feature_loaders
 from ec2train.model import build_model, find_head, freeze_backbone, model_from_file, normalization_for
 from ec2train.plots import log_confusion, warm_up  # draw with matplotlib, which they import only when called
@@ -553,6 +560,7 @@ class FitRun:
     step_model: nn.Module
     train_loader: Any
     valid_loader: Any
+    saver: BackgroundWriter = field(default_factory=BackgroundWriter)  # model.pth and last.pt, rank 0
 
     @property
     def output(self) -> Path:
@@ -621,11 +629,13 @@ def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> Fi
     run = _start_run(cfg, rt, data, tr, state, report)
     try:
         interrupted = _epochs(run, should_stop, on_epoch)
+        run.saver.wait()  # the last checkpoint is on disk before fit returns
         if interrupted:
             return FitResult(run.output, run.output / MODEL_FILE, run.logdir, {}, state.history, interrupted=True)
         return _test(run, time.perf_counter() - t_start)
     finally:
-        run.writer.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
+        run.saver.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
+        run.writer.close()
 
 
 def _already_finished(ckpt: dict[str, Any], report: _Reporter) -> FitResult:
@@ -724,6 +734,7 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
             _save_epoch(run, record, improved)
         ddp.barrier()
         if on_epoch:
+            run.saver.wait()  # the hook may read or upload the files (run.py's S3 mirror)
             on_epoch(epoch, record)
     return False
 
@@ -770,25 +781,27 @@ SCALARS = (
 
 
 def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
-    """Rank 0: TensorBoard scalars, model.pth when the epoch is the best, then last.pt."""
+    """Rank 0: TensorBoard scalars, then model.pth when the epoch is the best and last.pt,
+    written in the background from copies while the next epoch trains (one epoch's files at a
+    time: the previous ones are on disk first). A crash meanwhile leaves the previous, whole
+    checkpoint."""
     writer, epoch, state = run.writer.get(), record["epoch"], run.state
     for key in (k for k in SCALARS if k in record):
         group, _, name = key.partition("_")
         writer.add_scalar(f"{group}/{name}" if group in ("train", "valid") else key, record[key], epoch)
     writer.flush()
+    run.saver.wait()
     if improved:
-        save_model_file(
-            run.output / MODEL_FILE,
-            run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc}),
-        )
-    save_checkpoint(
-        run.output / CHECKPOINT_FILE,
+        best = run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
+        run.saver.submit(save_model_file, run.output / MODEL_FILE, best)
+    checkpoint = checkpoint_payload(
         state,
         run.tr.parts(),
         config=run.cfg.to_dict(),
         class_folders=run.data.class_folders,
         world_size=run.rt.env.world_size,
     )
+    run.saver.submit(atomic_torch_save, checkpoint, run.output / CHECKPOINT_FILE)
 
 
 def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:

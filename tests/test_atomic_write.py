@@ -91,3 +91,42 @@ def test_torch_style_failure_is_disk_full_only_when_the_disk_is(tmp_path, monkey
     with pytest.raises(UserError, match="disk full"):
         atomic_write(tmp_path / "model.pth", _fill_then_fail(torch_error))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_background_writer_keeps_order_and_reports_a_full_disk_at_wait(tmp_path, tiny_disk):
+    from ec2train.export import BackgroundWriter
+
+    saver = BackgroundWriter()
+    order = []
+    saver.submit(lambda: order.append("model.pth"))
+    saver.submit(atomic_torch_save, {"w": torch.zeros(3)}, tmp_path / "last.pt")
+    saver.submit(lambda: order.append("after"))
+    saver.wait()
+    assert order == ["model.pth", "after"] and torch.load(tmp_path / "last.pt", weights_only=True)["w"].shape == (3,)
+    saver.submit(atomic_torch_save, {"w": torch.zeros(1_000_000)}, tiny_disk / "model.pth")  # 4 MB into 1 MiB
+    with pytest.raises(UserError, match="disk full"):
+        saver.wait()
+    assert not (tiny_disk / "model.pth").exists()
+    saver.submit(atomic_torch_save, {"w": torch.zeros(1_000_000)}, tiny_disk / "again.pth")
+    saver.close()  # in `finally`: waits, and leaves the error to wait() so it cannot hide another
+    assert not (tiny_disk / "again.pth").exists()
+
+
+def test_checkpoint_payload_is_a_snapshot_that_training_does_not_change():
+    from ec2train.checkpoint import Trainables, TrainState, checkpoint_payload
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = TrainState(run_name="r", epoch=1, history=[{"epoch": 1}])
+    payload = checkpoint_payload(state, Trainables(net, opt, sched), config={"lr": 0.1})
+    weight, moment = payload["model"]["weight"].clone(), payload["optimizer"]["state"][0]["exp_avg"].clone()
+    for _ in range(3):  # the next epoch trains while the payload is being written
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+    state.history.append({"epoch": 2})
+    assert torch.equal(payload["model"]["weight"], weight) and not torch.equal(net.weight.detach(), weight)
+    assert torch.equal(payload["optimizer"]["state"][0]["exp_avg"], moment)
+    assert payload["history"] == [{"epoch": 1}]
