@@ -33,9 +33,13 @@ demo: install
 	$(BIN)/ec2train data demo $(DEMO_DATA)
 	$(BIN)/ec2train fit --data $(DEMO_DATA) --epochs 5 --arch resnet18 --weights none --image-size 64 --batch-size 32
 
-## make test: install with the dev extra and run the test suite (CPU, loopback only)
+## make test: install with the dev extra and run the test suite (CPU, loopback only) on 4
+## pytest-xdist workers (more than 2 cores: most tests wait on subprocesses and servers),
+## a file at a time, so module fixtures (a torchrun cluster, a served model) are built once;
+## files in conftest.py's order (slowest first), not xdist's (most tests first).
+## One file alone: $(BIN)/python -m pytest -q tests/test_fit.py
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
 ## make lint: ruff (lint + format check) on the code, tests and benchmarks; shellcheck on infra/
 lint: install-dev

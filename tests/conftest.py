@@ -4,10 +4,13 @@ session's environment. Shared code that is not a fixture lives in tests/support/
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from tests.support.aws import reset_moto, start_moto_server
 from tests.support.paths import ROOT
@@ -23,7 +26,13 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers (and their subprocesses) share the cores: one intra-op thread each, or
+    # the threads of busy processes spin against each other (a fit ran at 1 img/s instead of ~30).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")
@@ -53,28 +62,69 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def once_per_run(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """build(an empty folder) -> a path, once per test run. Under pytest-xdist every worker is a
+    session of its own: the first worker to ask builds in the run's shared temp folder (under a
+    lock) and the others reuse its result, instead of each spending the CPU again. What is built
+    this way is read-only to the tests."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # shared by the run's workers
+    done = root / f"{name}.path"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():  # a failed build leaves none: the next worker tries (and fails) again
+            done.write_text(str(build(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     from ec2train.data import make_demo_dataset
 
-    return make_demo_dataset(tmp_path_factory.mktemp("data") / "demo", classes=4, per_class=48, size=40)
+    return once_per_run(
+        tmp_path_factory, "data", lambda d: make_demo_dataset(d / "demo", classes=4, per_class=48, size=40)
+    )
 
 
-@pytest.fixture(scope="session")
-def trained_model(demo_data, tmp_path_factory) -> Path:
-    """A model file from a real (tiny) training run on demo_data; returns model.pth's path."""
+def _train_tiny(data: Path, out: Path) -> Path:
     from ec2train.config import resolve
     from ec2train.loop import fit
 
-    out = tmp_path_factory.mktemp("trained")
-    result = fit(resolve(data=str(demo_data), output=str(out / "model"), logdir=str(out / "runs"), **TINY_FIT))
+    result = fit(resolve(data=str(data), output=str(out / "model"), logdir=str(out / "runs"), **TINY_FIT))
     assert result.metrics["valid_acc1"] >= 0.8, result.metrics
     return result.model_path
 
 
 @pytest.fixture(scope="session")
+def trained_model(demo_data, tmp_path_factory) -> Path:
+    """A model file from a real (tiny) training run on demo_data; returns model.pth's path."""
+    return once_per_run(tmp_path_factory, "trained", lambda out: _train_tiny(demo_data, out))
+
+
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory):
-    """One wheel of this checkout per session (building takes seconds)."""
+    """One wheel of this checkout per run (building takes seconds)."""
     from ec2train.job import dist
 
-    return dist.build_wheel(dest=tmp_path_factory.mktemp("wheel"))
+    return once_per_run(tmp_path_factory, "wheel", lambda dest: dist.build_wheel(dest=dest))
+
+
+# The longest files (pytest --durations), started first: under pytest-xdist (`make test`,
+# --dist loadfile) a long file that starts last runs alone at the end while the other workers idle.
+SLOW_FIRST = (
+    "test_job_runner.py",
+    "test_infra.py",
+    "test_spot.py",
+    "test_threads.py",
+    "test_tune.py",
+    "test_ddp.py",
+    "test_serve.py",
+    "test_ctrl_c.py",
+    "test_s3.py",
+    "test_job_parts.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

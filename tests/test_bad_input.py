@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
+from tests.support.training import untrained_model_file
 
 FAST = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--epochs", "1"]
 
@@ -105,12 +106,13 @@ def test_weights_path_missing(capsys, demo_data, tmp_path):
     assert_one_line_error(*fit_err(capsys, demo_data, tmp_path, "--weights", tmp_path / "x.pth")[:3:2], "no such file")
 
 
-def test_unreadable_and_foreign_model_files(capsys, demo_data, tmp_path, trained_model):
+def test_unreadable_and_foreign_model_files(capsys, demo_data, tmp_path):
     image = sorted((demo_data / "test" / "001.Circle").glob("*.jpg"))[0]
     junk = tmp_path / "junk.pth"
     junk.write_text("not a model")
     bare = tmp_path / "bare.pth"
-    torch.save(torch.load(trained_model, weights_only=True)["state_dict"], bare)  # the starter script's format
+    model = untrained_model_file(demo_data, tmp_path / "model.pth")  # its weights do not matter here
+    torch.save(torch.load(model, weights_only=True)["state_dict"], bare)  # the starter script's format
     evil = tmp_path / "evil.pth"
 
     class Evil:

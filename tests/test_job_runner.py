@@ -23,7 +23,6 @@ import pytest
 from ec2train.job import api, runner
 from tests.support.aws import DLAMI_ID
 from tests.support.cli import Quiet, cli_in_process
-from tests.support.net import free_port
 from tests.support.training import FIT
 
 BUCKET = "ec2train-jobs"
@@ -94,7 +93,7 @@ class FakeInstance:
                     return self._send(200, json.dumps(NOTICE).encode()) if server.notice_when() else self._send(404)
                 return self._send(200, meta[key].encode()) if key in meta else self._send(404)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

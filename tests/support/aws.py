@@ -12,8 +12,6 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from tests.support.net import free_port
-
 DLAMI_ID = "ami-dca37ea5"  # in moto's image catalog: "Deep Learning AMI Ubuntu Linux - 2.4_Oct2017"
 NOTICE = {"action": "terminate", "time": "2026-11-22T02:00:00Z"}  # what ImdsServer sends
 
@@ -22,10 +20,10 @@ def start_moto_server():
     """A real moto HTTP server on 127.0.0.1: (server, its URL). Stop it with `server.stop()`."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # 0: the OS picks a free port
     server.start()
-    return server, f"http://127.0.0.1:{port}"
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
 
 
 def reset_moto(url: str) -> None:
@@ -86,7 +84,7 @@ class ImdsServer:
                 server.notices_sent += 1
                 self._send(200, json.dumps(NOTICE).encode(), "application/json")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -156,7 +154,7 @@ class FaultyProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
