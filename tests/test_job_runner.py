@@ -174,9 +174,17 @@ def log_of(key_part: str) -> str:
 
 
 def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tmp_path):
-    job(spot=True)
+    # Batches of 2: epoch 2 has 8 steps, time enough for the notice to arrive during it.
+    fit_args = list(FIT_ARGS)
+    fit_args[fit_args.index("--batch-size") + 1] = "2"
+    job(spot=True, fit_args=fit_args)
     first = tmp_path / "instance-1"
-    imds = job.instance("i-0000000000000001", notice_when=lambda: (first / "output" / "last.pt").exists())
+    log = first / "attempt-001.log"
+
+    def after_epoch_one() -> bool:  # fit has logged epoch 1 (its checkpoint is written in the background)
+        return log.exists() and "epoch 1/2:" in log.read_text(errors="replace")
+
+    imds = job.instance("i-0000000000000001", notice_when=after_epoch_one)
     code = runner.run_job(PREFIX, first, imds_endpoint=imds.url)
     assert code == 75, (first / "attempt-001.log").read_text()
     st = status()
