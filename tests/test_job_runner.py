@@ -280,7 +280,7 @@ def test_max_hours_stops_a_fit_that_would_run_on(job, tmp_path):
             "--device",
             "cpu",
         ],
-        max_hours=8 / 3600,
+        max_hours=30 / 3600,  # counted from submit: the attempt must start before it passes, even on a loaded box
     )
     imds = job.instance("i-00000000000000b1", lifecycle="on-demand")
     t0 = time.monotonic()
