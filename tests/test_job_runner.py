@@ -174,9 +174,12 @@ def log_of(key_part: str) -> str:
 
 
 def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tmp_path):
-    # Batches of 2: epoch 2 has 8 steps, time enough for the notice to arrive during it.
+    # Batches of 2 at 64 px: epoch 2 has 8 steps of 4x the work, time enough for the notice to
+    # arrive during it even when the box is loaded (the watcher's IMDS calls then take a while).
     fit_args = list(FIT_ARGS)
     fit_args[fit_args.index("--batch-size") + 1] = "2"
+    fit_args[fit_args.index("--image-size") + 1] = "64"
+    fit_args[fit_args.index("--spot-poll-seconds") + 1] = "0.1"
     job(spot=True, fit_args=fit_args)
     first = tmp_path / "instance-1"
     log = first / "attempt-001.log"
