@@ -300,10 +300,13 @@ class TrainSampler(Sampler):
     """Shuffled, sharded over ranks (disjoint; padded by wrap-around so every rank steps equally).
 
     Yields (index, per-sample seed). Shuffling depends on (seed, epoch) only: call set_epoch.
+    With batch_size > 1, a shard that would end in a batch of one image leaves that image out
+    (a different one each epoch): BatchNorm cannot train on a batch of one.
     """
 
-    def __init__(self, n: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True, batch_size: int = 0):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.batch_size = batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -317,14 +320,15 @@ class TrainSampler(Sampler):
             order = list(range(self.n))
         total = -(-self.n // self.world) * self.world
         order += order[: total - self.n]
-        return order[self.rank :: self.world]
+        return order[self.rank :: self.world][: len(self)]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i in self.indices():
             yield i, mix_seed(self.seed, self.epoch, i)
 
     def __len__(self) -> int:
-        return -(-self.n // self.world)
+        shard = -(-self.n // self.world)
+        return shard - 1 if self.batch_size > 1 and shard > 1 and shard % self.batch_size == 1 else shard
 
 
 class EvalSampler(Sampler):

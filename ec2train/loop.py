@@ -331,7 +331,7 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
     train_ds = train_dataset(train_samples, cfg.image_size, mean, std, cfg.augment)
     valid_ds = eval_dataset(valid_samples, cfg.image_size, mean, std)
     env = rt.env
-    sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed)
+    sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed, batch_size=cfg.batch_size)
     train_loader = make_loader(train_ds, sampler, cfg.batch_size, rt.workers, rt.pin_memory)
     valid_loader = make_loader(
         valid_ds, EvalSampler(len(valid_ds), env.rank, env.world_size), cfg.batch_size, rt.workers, rt.pin_memory
@@ -398,7 +398,7 @@ def make_trainer(
 def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
     torch.manual_seed(cfg.seed)
     lr = effective_lr(cfg, rt.env.world_size)
-    return make_trainer(
+    tr = make_trainer(
         rt,
         cfg.arch,
         len(data.class_folders),
@@ -414,6 +414,22 @@ def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
         wrap=not cfg.cache_features,
         compile=cfg.compile and not cfg.cache_features,
     )
+    check_batch_norm_batch(cfg, tr.net)
+    return tr
+
+
+def check_batch_norm_batch(cfg: TrainConfig, net: nn.Module) -> None:
+    """A per-process batch of one cannot train BatchNorm layers (torch raises mid-epoch): say so
+    before training starts. A frozen backbone keeps its BatchNorm in eval mode, so it may."""
+    if (
+        cfg.batch_size == 1
+        and not cfg.frozen
+        and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    ):
+        raise UserError(
+            f"--batch-size 1: {cfg.arch} has BatchNorm layers, which cannot train on one image per batch "
+            "(per process); use --batch-size 2 or more (8+ trains well), or --freeze-backbone to train the head only"
+        )
 
 
 @dataclass

@@ -31,6 +31,7 @@ TOKEN_PATH = "/latest/api/token"
 INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 TOKEN_TTL_SECONDS = 21600  # the most IMDS allows (6 h)
 WATCH_MODES = ("auto", "on", "off")
+PROBE_TRIES = 3  # auto mode's first token request, when it times out
 
 
 class ImdsError(OSError):
@@ -120,8 +121,9 @@ def metadata_disabled(environ: dict[str, str] | None = None) -> bool:
 class SpotWatcher:
     """Polls for a spot interruption notice in a daemon thread; should_stop() turns true on one.
 
-    auto: watch when a metadata service answers the first token request, else switch off
-    quietly (one debug line; off the cloud that costs one short timeout, in the background).
+    auto: watch when a metadata service answers the first token request (a timeout is tried
+    PROBE_TRIES times), else switch off quietly (one debug line; off the cloud that costs a few
+    short timeouts, in the background).
     on: keep trying even when it does not answer at first. off: never poll.
     """
 
@@ -177,9 +179,22 @@ class SpotWatcher:
         if self.state in ("starting", "watching"):
             self.state = "stopped"
 
+    def _probe(self) -> None:
+        """The first token request. In auto mode a timeout is tried again (PROBE_TRIES in all): a
+        loaded instance can answer late, and a watcher switched off by one slow answer would miss
+        the notice; a refusal or an unreachable address means no metadata service at once."""
+        tries = PROBE_TRIES if self.mode == "auto" else 1
+        for attempt in range(1, tries + 1):
+            try:
+                self.imds.token()
+                return
+            except TimeoutError:
+                if attempt == tries or self._stop.is_set():
+                    raise
+
     def _run(self) -> None:
         try:
-            self.imds.token()
+            self._probe()
         except OSError as exc:  # refused, timed out, unreachable, or not IMDSv2
             if self.mode == "auto":
                 log.debug("no IMDSv2 at %s (%s): spot interruption watcher off", self.imds.endpoint, exc)

@@ -90,6 +90,24 @@ def test_invalid_numbers(capsys, demo_data, tmp_path, option, value, needle):
     assert not (tmp_path / "out").exists(), "nothing is written for invalid settings"
 
 
+def test_a_batch_of_one_with_batch_norm_is_refused_before_training(capsys, demo_data, tmp_path):
+    code, _, err = fit_err(capsys, demo_data, tmp_path, "--batch-size", "1")
+    assert_one_line_error(code, err, "--batch-size 1", "BatchNorm", "--batch-size 2", "--freeze-backbone")
+    assert not (tmp_path / "out").exists(), "nothing is written before the error"
+
+
+def test_an_epoch_that_would_end_in_a_lone_image_trains(capsys, tmp_path):
+    """16 training images in batches of 5 would end each epoch with one image; at 32 px
+    resnet18's last BatchNorm then sees one value per channel, which torch refuses."""
+    from ec2train.data import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "d", classes=2, per_class=8, size=32)
+    assert len(list((data / "train").rglob("*.jpg"))) == 16
+    code, out, err = fit_err(capsys, data, tmp_path, "--batch-size", "5")
+    assert code == 0, err
+    assert "15/15" in out or "15/15" in err  # one image sits out this epoch
+
+
 def test_unknown_arch(capsys, demo_data, tmp_path):
     assert_one_line_error(
         *fit_err(capsys, demo_data, tmp_path, "--arch", "resnet51")[:3:2], "unknown --arch", "resnet50"

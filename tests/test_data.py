@@ -90,6 +90,24 @@ def test_train_sampler_shards_are_disjoint_and_cover():
     assert e1 != s.indices() and sorted(e1) == list(range(n))
 
 
+def test_train_sampler_never_ends_an_epoch_with_a_batch_of_one():
+    """17 images in batches of 4 would end with a lone image, which BatchNorm cannot train on:
+    that epoch leaves one image out (a different one each epoch); other sizes keep every image."""
+    s = TrainSampler(17, seed=1, batch_size=4)
+    left_out = set()
+    for epoch in range(6):
+        s.set_epoch(epoch)
+        order = s.indices()
+        assert len(order) == len(s) == 16 and len(set(order)) == 16
+        left_out |= set(range(17)) - set(order)
+    assert len(left_out) > 1  # not always the same image
+    assert len(TrainSampler(18, batch_size=4)) == 18 and len(TrainSampler(17, batch_size=1)) == 17
+    assert len(TrainSampler(17)) == 17  # no batch size given: every image
+    # per rank: 2 ranks of 9 (17 padded to 18), batches of 4 -> 8 each, equal steps on both ranks
+    shards = [TrainSampler(17, r, 2, seed=1, batch_size=4) for r in range(2)]
+    assert [len(x.indices()) for x in shards] == [8, 8]
+
+
 def test_eval_sampler_counts_each_image_once():
     shards = [list(EvalSampler(13, r, 4)) for r in range(4)]
     flat = sorted(i for s in shards for i in s)

@@ -171,6 +171,20 @@ def test_fit_args():
             check_fit_args(bad)
 
 
+def test_on_spot_the_runner_has_fit_watch_for_the_notice_unless_the_job_chose(tmp_path):
+    from ec2train.job.runner import Attempt, fit_command
+
+    def command(fit_args, lifecycle):
+        att = Attempt(spec(fit_args=fit_args), None, tmp_path, {**ME, "lifecycle": lifecycle}, {"attempts": [{}]})
+        return fit_command(att, tmp_path / "data")[4:]
+
+    assert command(["--epochs", "3"], "spot")[:4] == ["--epochs", "3", "--spot-watch", "on"]
+    assert "--spot-watch" not in command(["--epochs", "3"], "on-demand")
+    for chosen in (["--spot-watch", "off"], ["--spot-watch=off"]):
+        cmd = command(chosen, "spot")
+        assert cmd[: len(chosen)] == chosen and cmd.count("--spot-watch") + cmd.count("--spot-watch=off") == 1
+
+
 # --------------------------------------------------------------------------- the wheel
 
 

@@ -127,12 +127,22 @@ def _fetch_data(att: Attempt) -> Path:
 
 
 def fit_command(att: Attempt, data: Path) -> list[str]:
+    """fit with the job's arguments and this attempt's folders. On a spot instance the runner has
+    just heard IMDS answer, so fit watches for the notice with --spot-watch on (auto would switch
+    the watcher off when a loaded instance answers its first request late); a --spot-watch in the
+    job's own arguments wins."""
+    watch = (
+        ["--spot-watch", "on"]
+        if att.facts.get("lifecycle") == "spot" and not _has_option(att.spec.fit_args, "--spot-watch")
+        else []
+    )
     return [
         sys.executable,
         "-m",
         "ec2train",
         "fit",
         *att.spec.fit_args,
+        *watch,
         "--data",
         str(data),
         "--output",
@@ -144,6 +154,10 @@ def fit_command(att: Attempt, data: Path) -> list[str]:
         "--s3-uri",
         att.spec.s3_uri,
     ]
+
+
+def _has_option(args: list[str], name: str) -> bool:
+    return any(a == name or a.startswith(name + "=") for a in args)
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> int:

@@ -34,10 +34,11 @@ def reset_moto(url: str) -> None:
 class ImdsServer:
     """IMDSv2 on 127.0.0.1: PUT /latest/api/token issues tokens that expire after the asked TTL;
     every GET without a valid token is 401 (no IMDSv1). The spot instance-action answers 404
-    until `notice_when()` is true, then the notice JSON."""
+    until `notice_when()` is true, then the notice JSON. The first `slow_puts` token requests
+    are answered only after `slow_seconds` (a loaded instance's late answer)."""
 
-    def __init__(self, notice_when=lambda: False):
-        self.notice_when = notice_when
+    def __init__(self, notice_when=lambda: False, slow_puts: int = 0, slow_seconds: float = 0.0):
+        self.notice_when, self.slow_puts, self.slow_seconds = notice_when, slow_puts, slow_seconds
         self.tokens: dict[str, float] = {}
         self.token_puts = 0
         self.polls = 0
@@ -61,9 +62,11 @@ class ImdsServer:
                 ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
                 if self.path != "/latest/api/token" or not ttl or not 1 <= int(ttl) <= 21600:
                     return self._send(400)
+                server.token_puts += 1
+                if server.token_puts <= server.slow_puts:
+                    time.sleep(server.slow_seconds)
                 token = uuid.uuid4().hex
                 server.tokens[token] = time.monotonic() + int(ttl)
-                server.token_puts += 1
                 self._send(200, token.encode())
 
             def do_GET(self):
