@@ -1,4 +1,4 @@
-from ec2train.cli import main
+from ec2train.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -228,19 +228,34 @@ class Trainables:
 def checkpoint_payload(state: TrainState, parts: Trainables, **meta: Any) -> dict[str, Any]:
     """last.pt's contents: weights, optimizer, schedule, scaler, RNG and counters (meta: config,
     classes, ...), copied, so that it can be written while training goes on."""
+    model = {k: v.detach().clone() for k, v in clean_state_dict(parts.net.state_dict()).items()}
     return {
         "format": CHECKPOINT_FORMAT,
         **copy.deepcopy(state.counters()),
-        "model": {k: v.detach().clone() for k, v in clean_state_dict(parts.net.state_dict()).items()},
+        "model": model,
         # The best weights once: when this epoch is the best they are "model" already. They are
         # a copy already, replaced (never changed in place) when an epoch does better.
-        "best_model": None if state.best_epoch == state.epoch else state.best_model,
+        "best_model": None if state.best_epoch == state.epoch else shared_where_equal(state.best_model, model),
         "optimizer": copy.deepcopy(parts.optimizer.state_dict()),
         "scheduler": copy.deepcopy(parts.scheduler.state_dict()),
         "scaler": copy.deepcopy(parts.scaler.state_dict()) if parts.scaler is not None else None,
         "rng": rng_state(),
         **copy.deepcopy(meta),
     }
+
+
+def shared_where_equal(best: dict[str, torch.Tensor] | None, model: dict[str, torch.Tensor]) -> dict | None:
+    """The best weights with every tensor that equals the current one replaced by it, so that
+    torch.save stores it once: a frozen backbone is most of the model and never changes, and
+    resnet18's last.pt is then 45 MB, not 90. Loading gives tensors that share storage; restore
+    copies them into the model, so nothing changes them in place."""
+    if best is None:
+        return None
+    return {k: model[k] if k in model and _same(v, model[k]) else v for k, v in best.items()}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> TrainState:

@@ -56,7 +56,7 @@ class TrainConfig:
     amp: str = "auto"  # auto | fp16 | bf16 | off
     workers: int = -1  # -1: from the CPUs available per process
     threads: int = 0  # torch CPU threads per process; 0: hw.thread_plan decides (never more than the free cores)
-    channels_last: bool = True  # applied on CUDA only
+    channels_last: bool = True  # applied on CUDA, and on the CPU to a frozen backbone (hw.use_channels_last)
     compile: bool = False
     sync_bn: bool = False
     cache_features: bool = False  # frozen backbone only: features computed once, no augmentation

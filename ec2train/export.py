@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import json
 import os
 import platform
@@ -64,11 +65,25 @@ class BackgroundWriter:
 
     Whoever submits must hand over a snapshot that later training steps do not change.
     `wait()` blocks until everything submitted is on disk and re-raises the first error (a
-    full disk is still the one-line UserError); `close()` waits and ends the thread."""
+    full disk is still the one-line UserError); `close()` waits and ends the thread.
 
-    def __init__(self):
+    background=False (hw.background_work_helps: training on the CPU) keeps the CPU work in the
+    caller's thread: `save` pickles there and leaves the background thread only the writing,
+    fsync and rename, which wait on the disk, not the CPU."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+
+    def save(self, obj: Any, path: str | Path) -> None:
+        """torch.save(obj) to path, atomically."""
+        if self.background:
+            self.submit(atomic_torch_save, obj, path)
+        else:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            self.submit(atomic_write_bytes, path, buffer.getbuffer())
 
     def submit(self, write: Callable[..., Any], *args: Any) -> None:
         if self._pool is None:
@@ -93,6 +108,10 @@ class BackgroundWriter:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -52,7 +52,6 @@ from ec2train.data import (
 from ec2train.errors import UserError
 from ec2train.export import (
     BackgroundWriter,
-    atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     model_payload,
@@ -382,7 +381,7 @@ def make_trainer(
     head_name, _ = find_head(net)
     if frozen:
         freeze_backbone(net)
-    use_cl = hw.use_channels_last(channels_last, rt.device_type)
+    use_cl = hw.use_channels_last(channels_last, rt.device_type, frozen)
     net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)
     opt = make_optimizer(
         optimizer, param_groups(net, head_name, lr, backbone_lr, weight_decay), lr, momentum, rt.device_type
@@ -673,7 +672,8 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
     writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
-    if rt.env.is_main:
+    background = hw.background_work_helps(rt.device.split(":")[0])
+    if rt.env.is_main and background:
         warm_up()  # the confusion picture at the end is then drawn without matplotlib's first-use cost
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
@@ -707,7 +707,9 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
             cache_dir=output / CACHE_DIR,
             log=report.log,
         )
-    return FitRun(cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader)
+    return FitRun(
+        cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, BackgroundWriter(background)
+    )
 
 
 def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
@@ -798,9 +800,9 @@ SCALARS = (
 
 def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
     """Rank 0: TensorBoard scalars, then model.pth when the epoch is the best and last.pt,
-    written in the background from copies while the next epoch trains (one epoch's files at a
-    time: the previous ones are on disk first). A crash meanwhile leaves the previous, whole
-    checkpoint."""
+    written from copies in the background while the next epoch trains (one epoch's files at a
+    time: the previous ones are on disk first); on the CPU only the disk's part is (see
+    hw.background_work_helps). A crash meanwhile leaves the previous, whole checkpoint."""
     writer, epoch, state = run.writer.get(), record["epoch"], run.state
     for key in (k for k in SCALARS if k in record):
         group, _, name = key.partition("_")
@@ -809,7 +811,7 @@ def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
     run.saver.wait()
     if improved:
         best = run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
-        run.saver.submit(save_model_file, run.output / MODEL_FILE, best)
+        run.saver.save(best, run.output / MODEL_FILE)
     checkpoint = checkpoint_payload(
         state,
         run.tr.parts(),
@@ -817,7 +819,7 @@ def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
         class_folders=run.data.class_folders,
         world_size=run.rt.env.world_size,
     )
-    run.saver.submit(atomic_torch_save, checkpoint, run.output / CHECKPOINT_FILE)
+    run.saver.save(checkpoint, run.output / CHECKPOINT_FILE)
 
 
 def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:

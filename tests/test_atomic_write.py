@@ -130,3 +130,66 @@ def test_checkpoint_payload_is_a_snapshot_that_training_does_not_change():
     assert torch.equal(payload["model"]["weight"], weight) and not torch.equal(net.weight.detach(), weight)
     assert torch.equal(payload["optimizer"]["state"][0]["exp_avg"], moment)
     assert payload["history"] == [{"epoch": 1}]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_saves_are_whole_files_in_order_in_either_mode_and_a_full_disk_is_one_line(background, tmp_path, tiny_disk):
+    """background=False (training on the CPU) pickles in the caller's thread and leaves only
+    the writing to the background thread: the file is the same, the errors too."""
+    import threading
+
+    from ec2train.export import BackgroundWriter
+
+    saver, out = BackgroundWriter(background), tmp_path / "out"
+    pickled_in = []
+    real_save = torch.save
+
+    def spy(obj, f, *a, **k):
+        pickled_in.append(threading.current_thread() is threading.main_thread())
+        return real_save(obj, f, *a, **k)
+
+    torch.save, saved = spy, {"w": torch.arange(10.0)}
+    try:
+        saver.save(saved, out / "last.pt")
+        saver.save({"w": torch.zeros(2)}, out / "last.pt")  # the later one wins
+        saver.wait()
+    finally:
+        torch.save = real_save
+    assert pickled_in == [not background] * 2
+    assert torch.equal(torch.load(out / "last.pt", weights_only=True)["w"], torch.zeros(2))
+    assert [p.name for p in out.iterdir()] == ["last.pt"]  # no temp file left
+    saver.save({"w": torch.zeros(1_000_000)}, tiny_disk / "model.pth")  # 4 MB into 1 MiB
+    with pytest.raises(UserError, match="disk full"):
+        saver.wait()
+    assert not (tiny_disk / "model.pth").exists()
+    saver.close()
+
+
+def test_a_checkpoint_stores_weights_the_best_epoch_shares_once(tmp_path):
+    """A frozen backbone is the same in the best and the last epoch: last.pt holds it once,
+    and a loaded checkpoint restores both exactly."""
+    from ec2train.checkpoint import Trainables, TrainState, checkpoint_payload
+    from ec2train.export import atomic_torch_save
+
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 2))  # [0]: "backbone", [1]: head
+    net[0].weight.requires_grad_(False)
+    net[0].bias.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    state = TrainState(run_name="r")
+    state.record(1, 0.9, net)  # epoch 1 is the best
+    net(torch.ones(1, 256)).sum().backward()
+    opt.step()
+    state.record(2, 0.5, net)  # epoch 2 is not: the head differs, the backbone does not
+    best_head = state.best_model["1.weight"].clone()
+    payload = checkpoint_payload(state, Trainables(net, opt, sched))
+    alone = {**payload, "best_model": {k: v.clone() for k, v in payload["best_model"].items()}}
+    atomic_torch_save(payload, tmp_path / "shared.pt")
+    atomic_torch_save(alone, tmp_path / "alone.pt")
+    backbone_bytes = 256 * 256 * 4
+    assert (tmp_path / "alone.pt").stat().st_size - (tmp_path / "shared.pt").stat().st_size >= backbone_bytes
+    loaded = torch.load(tmp_path / "shared.pt", weights_only=True)
+    assert torch.equal(loaded["best_model"]["0.weight"], net[0].weight) and torch.equal(
+        loaded["best_model"]["1.weight"], best_head
+    )
+    assert not torch.equal(loaded["model"]["1.weight"], best_head)

@@ -123,9 +123,38 @@ def test_fit_summary_lists_last_pt_and_predict_calls_it_a_checkpoint(capsys, dem
     assert "state_dict" not in err
 
 
+QUICK_EXIT = """
+import atexit, sys, threading, time
+from ec2train.cli import run
+atexit.register(lambda: print("atexit ran", flush=True))
+if sys.argv[1] == "thread":  # a thread Python waits for: the exit must wait too
+    threading.Thread(target=lambda: (time.sleep(1), print("thread done", flush=True))).start()
+sys.argv = ["ec2train", *sys.argv[2:]]
+run()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("thread", ["none", "thread"])
+def test_the_program_exits_quickly_yet_runs_exit_handlers_and_keeps_exit_codes(thread, tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-c", QUICK_EXIT, thread, "archs"], capture_output=True, text=True, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "resnet50" in ok.stdout and "atexit ran" in ok.stdout and "not reached" not in ok.stdout
+    assert ("thread done" in ok.stdout) == (thread == "thread")
+    bad = subprocess.run(
+        [sys.executable, "-c", QUICK_EXIT, thread, "fit", "--data", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "atexit ran" in bad.stdout, bad.stderr
+
+
 def test_console_script_entry_point_is_the_package_main():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert 'ec2train = "ec2train.cli:main"' in text
+    assert 'ec2train = "ec2train.cli:run"' in text
     res = subprocess.run(
         [sys.executable, "-c", "from ec2train.cli import main; main(['--help'])"],
         capture_output=True,

@@ -76,6 +76,31 @@ def test_progress_reads_fits_epoch_lines():
     assert state.progress(log) == (2, 3) and state.progress("nothing yet") == (0, None)
 
 
+def test_the_last_sync_counts_an_epoch_fit_logged_after_the_previous_one(aws, tmp_path):
+    """fit can log an epoch and stop (a spot notice) between two of the runner's syncs: the
+    status written after it ended still has that epoch."""
+    import json
+
+    import boto3
+
+    from ec2train import s3
+    from ec2train.job.runner import Attempt
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="ec2train-parts")
+    status = {"state": "running", "attempts": [{}], "epoch": 0, "epochs": None}
+    att = Attempt(spec(), s3.parse_uri("s3://ec2train-parts/dogs"), tmp_path, ME, status)
+    att.say("running: fit")
+    att.sync()
+    with open(att.log_path, "a") as log:
+        log.write("epoch 1/3: train loss 1.0 | valid acc 0.5\nstopped by a spot interruption notice\n")
+    att.status["state"] = "interrupted"  # what end_attempt decided
+    att.sync()
+    body = boto3.client("s3", region_name="us-east-1").get_object(Bucket="ec2train-parts", Key="dogs/_job/status.json")[
+        "Body"
+    ]
+    assert (json.loads(body.read())["epoch"], att.status["epochs"]) == (1, 3)
+
+
 # --------------------------------------------------------------------------- cost
 
 

@@ -71,11 +71,35 @@ def test_serve_plan_runs_two_lanes_where_there_are_two_cores(cpus, procs, overri
     assert ("in each of 2 forward lanes" in described) == (lanes == 2), described
 
 
-def test_inference_uses_channels_last_on_cpu_and_gpu_but_training_only_on_gpu():
+def test_inference_uses_channels_last_on_cpu_and_gpu_training_on_gpu_and_a_frozen_backbone_on_cpu():
     assert hw.inference_channels_last("cpu") and hw.inference_channels_last("cuda")
     assert not hw.inference_channels_last("mps")
     assert hw.use_channels_last(True, "cuda") and not hw.use_channels_last(True, "cpu")
-    assert not hw.use_channels_last(False, "cuda")
+    assert hw.use_channels_last(True, "cpu", frozen=True)  # the backbone only runs forward: inference
+    assert not hw.use_channels_last(False, "cuda") and not hw.use_channels_last(False, "cpu", frozen=True)
+    assert not hw.use_channels_last(True, "mps", frozen=True)
+
+
+def test_a_frozen_cpu_fit_trains_its_backbone_in_channels_last(demo_data, tmp_path):
+    """The decision reaches the model and the batches, and the head still learns."""
+    from ec2train.config import resolve
+    from ec2train.loop import make_data, make_runtime, set_train_mode, train_one_epoch, trainer_for
+
+    cfg = resolve(
+        data=str(demo_data), arch="resnet18", weights="none", freeze_backbone=True, image_size=32, epochs=3, workers=0
+    ).validate()
+    rt = make_runtime(cfg.device, cfg.amp, cfg.workers, threads=1)
+    data = make_data(cfg, rt)
+    tr = trainer_for(cfg, rt, data)
+    conv = tr.net.conv1.weight
+    assert tr.ctx.channels_last and conv.is_contiguous(memory_format=torch.channels_last)
+    losses = []
+    for epoch in range(3):
+        data.train_sampler.set_epoch(epoch)
+        set_train_mode(tr.model, tr.head, cfg.frozen)
+        meter, _ = train_one_epoch(tr.model, data.train_loader, tr.optimizer, tr.scheduler, tr.ctx)
+        losses.append(meter.summary()["loss"])
+    assert losses[-1] < losses[0], losses
 
 
 def test_tuning_compares_the_plan_with_one_other_count_on_cpu_training_only():

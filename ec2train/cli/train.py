@@ -72,7 +72,9 @@ def fit(
     amp: Amp | None = setting("amp", "Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU."),
     device: Device | None = setting("device", "auto picks the GPU of this process when there is one."),
     channels_last: bool | None = setting(
-        "channels_last", "NHWC memory format on GPUs.", "--channels-last/--no-channels-last"
+        "channels_last",
+        "NHWC memory format: on GPUs, and on the CPU with a frozen backbone.",
+        "--channels-last/--no-channels-last",
     ),
     compile: bool | None = setting("compile", "torch.compile the model.", "--compile/--no-compile"),
     sync_bn: bool | None = setting(

@@ -80,13 +80,11 @@ class Attempt:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
     def sync(self) -> None:
-        """Mirror the log and the status (with the epoch fit reached) to S3."""
-        text = self.log_text()
-        if self.status["state"] in ("starting", "running"):
-            done, total = state.progress(text)
-            self.status.update(
-                epoch=max(done, self.status.get("epoch") or 0), epochs=total or self.status.get("epochs")
-            )
+        """Mirror the log and the status (with the epoch fit reached) to S3. The epoch is read
+        from the log at every sync, the last one too: a fit that logs an epoch and ends between
+        two syncs still counts it."""
+        done, total = state.progress(self.log_text())
+        self.status.update(epoch=max(done, self.status.get("epoch") or 0), epochs=total or self.status.get("epochs"))
         self.status["updated_at"] = self.clock()
         if self.log_path.exists():
             s3.upload_file(self.log_path, self.log_uri)

@@ -28,7 +28,7 @@ def start_moto_server():
 
 def reset_moto(url: str) -> None:
     """Forget every resource the moto server at `url` holds."""
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).read()
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=60).read()
 
 
 class ImdsServer:
