@@ -228,7 +228,12 @@ class Trainables:
 def checkpoint_payload(state: TrainState, parts: Trainables, **meta: Any) -> dict[str, Any]:
     """last.pt's contents: weights, optimizer, schedule, scaler, RNG and counters (meta: config,
     classes, ...), copied, so that it can be written while training goes on."""
-    model = {k: v.detach().clone() for k, v in clean_state_dict(parts.net.state_dict()).items()}
+    # Frozen parameters are never stepped: they are taken as they are, the rest copied.
+    frozen = {p.data_ptr() for p in parts.net.parameters() if not p.requires_grad}
+    model = {
+        k: v.detach() if v.data_ptr() in frozen else v.detach().clone()
+        for k, v in clean_state_dict(parts.net.state_dict()).items()
+    }
     return {
         "format": CHECKPOINT_FORMAT,
         **copy.deepcopy(state.counters()),

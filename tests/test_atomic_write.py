@@ -193,3 +193,17 @@ def test_a_checkpoint_stores_weights_the_best_epoch_shares_once(tmp_path):
         loaded["best_model"]["1.weight"], best_head
     )
     assert not torch.equal(loaded["model"]["1.weight"], best_head)
+
+
+def test_the_snapshot_copies_what_training_changes_and_takes_frozen_weights_as_they_are():
+    from ec2train.checkpoint import Trainables, TrainState, checkpoint_payload
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    payload = checkpoint_payload(TrainState(run_name="r"), Trainables(net, opt, sched))["model"]
+    assert payload["0.weight"].data_ptr() == net[0].weight.data_ptr()  # frozen: no copy
+    for key in ("2.weight", "1.weight", "1.running_mean"):  # trained, or changed by a forward pass in train mode
+        assert payload[key].data_ptr() != net.state_dict()[key].data_ptr(), key
