@@ -702,6 +702,52 @@ def test_forward_passes_run_in_as_many_lanes_as_the_plan_says(trained_model, ima
     assert predictor.overlapped == (2 if lanes == 2 else 0)
 
 
+def test_a_free_lane_waits_for_half_a_batch_while_the_other_pass_runs():
+    """Lanes: a second pass starts only with half a batch (here 4) queued, or once the running
+    pass has ended, so a loaded box runs bigger passes rather than many one-image ones."""
+    import asyncio
+
+    from ec2train.server import Batcher, BatchStats
+
+    passes, release = [], threading.Event()
+
+    class Blocking:
+        def predict_tensors(self, tensors, requests):
+            passes.append(len(tensors))
+            if len(passes) == 1:
+                release.wait(10)  # the first pass runs until the test lets it end
+            return [{"n": t} for t in tensors]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(2) as pool:
+            batcher = Batcher(8, 0.0, pool, BatchStats(), lanes=2)
+            batcher.predictor = Blocking()
+            runner = asyncio.create_task(batcher.run())
+            first = asyncio.ensure_future(batcher.submit(0, None))
+            while not passes:
+                await asyncio.sleep(0.01)
+            lone = [asyncio.ensure_future(batcher.submit(i, None)) for i in (1, 2, 3)]
+            await asyncio.sleep(0.3)
+            held = list(passes)  # three queued, fewer than half a batch: the free lane waits
+            more = [asyncio.ensure_future(batcher.submit(i, None)) for i in (4, 5)]
+            answers = await asyncio.gather(*lone, *more)
+            after_half = list(passes)
+            tail = asyncio.ensure_future(batcher.submit(6, None))  # alone, while the first pass still runs
+            await asyncio.sleep(0.3)
+            held_tail = list(passes)
+            await loop.run_in_executor(None, release.set)
+            await asyncio.gather(first, tail)
+            runner.cancel()
+            return held, answers, after_half, held_tail
+
+    held, answers, after_half, held_tail = asyncio.run(scenario())
+    assert held == [1]
+    assert after_half == [1, 5] and [a["n"] for a in answers] == [1, 2, 3, 4, 5]
+    assert held_tail == [1, 5]  # one request waits for the running pass to end...
+    assert passes == [1, 5, 1]  # ...and then goes
+
+
 def test_predictor_runs_channels_last_and_answers_as_the_plain_model(trained_model, images):
     import torch
 
