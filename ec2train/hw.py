@@ -82,6 +82,21 @@ def use_pin_memory(device_type: str) -> bool:
     return device_type == "cuda"
 
 
+def optimizer_kernel(device_type: str, torch_version: tuple[int, int]) -> str:
+    """How SGD and AdamW update the weights: "fused" (one kernel per parameter group) on CUDA,
+    and on the CPU from torch 2.4, which added fused CPU kernels; else "foreach" (multi-tensor).
+    On the CPU, resnet18's AdamW step took 14 ms fused against 70 ms foreach (2 threads; SGD:
+    12 against 55), and a loop over every parameter 4x foreach. Pure."""
+    if device_type == "cuda" or (device_type == "cpu" and torch_version >= (2, 4)):
+        return "fused"
+    return "foreach"
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def background_work_helps(device_type: str) -> bool:
     """Whether fit writes its checkpoints and warms up matplotlib in background threads. Yes
     when an accelerator trains: the CPU mostly waits for it. No on the CPU: the thread plan

@@ -219,9 +219,9 @@ def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr: float
 def make_optimizer(
     name: str, groups: list[dict], lr: float, momentum: float, device_type: str
 ) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW, with the multi-tensor update (fused on CUDA): one kernel per
-    group instead of a Python loop over every parameter (AdamW's step was 4x SGD's on CPU)."""
-    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    """SGD (Nesterov) or AdamW, with the fused or multi-tensor update (hw.optimizer_kernel)
+    rather than a Python loop over every parameter."""
+    fast = {hw.optimizer_kernel(device_type, hw.torch_version()): True}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fast)
     return torch.optim.AdamW(groups, lr=lr, **fast)

@@ -170,3 +170,18 @@ def test_background_writes_and_warm_ups_only_beside_an_accelerator():
     # On the CPU, a busy extra thread stalls torch's OpenMP team: fit keeps that work in line.
     assert hw.background_work_helps("cuda") and hw.background_work_helps("mps")
     assert not hw.background_work_helps("cpu")
+
+
+def test_the_optimizer_update_is_fused_where_torch_has_the_kernel():
+    assert hw.optimizer_kernel("cuda", (2, 1)) == "fused"
+    assert hw.optimizer_kernel("cpu", (2, 4)) == "fused" and hw.optimizer_kernel("cpu", (2, 3)) == "foreach"
+    assert hw.optimizer_kernel("mps", (2, 14)) == "foreach"
+    assert hw.torch_version() >= (2, 4)  # this project's torch: fit's optimizers on the CPU are fused
+    from ec2train.loop import make_optimizer
+
+    net = torch.nn.Linear(3, 2)
+    for name in ("adamw", "sgd"):
+        opt = make_optimizer(name, [{"params": list(net.parameters())}], 0.1, 0.9, "cpu")
+        assert opt.defaults["fused"] is True, name
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()  # the fused CPU kernel runs
