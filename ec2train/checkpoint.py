@@ -252,7 +252,8 @@ def checkpoint_payload(state: TrainState, parts: Trainables, **meta: Any) -> dic
 def shared_where_equal(best: dict[str, torch.Tensor] | None, model: dict[str, torch.Tensor]) -> dict | None:
     """The best weights with every tensor that equals the current one replaced by it, so that
     torch.save stores it once: a frozen backbone is most of the model and never changes, and
-    resnet18's last.pt is then 45 MB, not 90. Loading gives tensors that share storage; restore
+    resnet18's last.pt is then 45 MB, not 90. Only where both are on the same device: on a GPU
+    the best weights are a CPU copy, so nothing is shared there. Loading gives tensors that share storage; restore
     copies them into the model, so nothing changes them in place."""
     if best is None:
         return None
@@ -267,6 +268,10 @@ def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> Tr
     """Load a checkpoint into the model, optimizer, schedule, scaler and RNG; returns its counters."""
     parts.net.load_state_dict(ckpt["model"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in parts.optimizer.param_groups:  # load_state_dict brings back the saving run's kernel choice
+        for kernel in ("fused", "foreach"):
+            if kernel in parts.optimizer.defaults:
+                group[kernel] = parts.optimizer.defaults[kernel]
     seek_schedule(parts.scheduler, ckpt["epoch"] * steps_per_epoch)
     if parts.scaler is not None and ckpt.get("scaler"):
         parts.scaler.load_state_dict(ckpt["scaler"])

@@ -122,6 +122,21 @@ def set_train_mode(model: nn.Module, head: nn.Module, frozen: bool) -> None:
     head.train(True)
 
 
+def _forward_training(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """model(images), with torch's BatchNorm complaint about a batch too small to train on
+    (one value per channel: one image whose features are down to 1x1) as a one-line error."""
+    try:
+        return model(images)
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise UserError(
+            f"a batch of {images.shape[0]} image(s) at {images.shape[-1]} px leaves BatchNorm one value per channel, "
+            "which it cannot train on; use --batch-size 2 or more (8+ trains well), a larger --image-size, "
+            "or --freeze-backbone to train the head only"
+        ) from None
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -137,7 +152,7 @@ def train_one_epoch(
     for images, labels in loader:
         images, labels = ctx.to_device(images, labels)
         with ctx.autocast():
-            logits = model(images)
+            logits = _forward_training(model, images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
@@ -413,22 +428,7 @@ def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
         wrap=not cfg.cache_features,
         compile=cfg.compile and not cfg.cache_features,
     )
-    check_batch_norm_batch(cfg, tr.net)
     return tr
-
-
-def check_batch_norm_batch(cfg: TrainConfig, net: nn.Module) -> None:
-    """A per-process batch of one cannot train BatchNorm layers (torch raises mid-epoch): say so
-    before training starts. A frozen backbone keeps its BatchNorm in eval mode, so it may."""
-    if (
-        cfg.batch_size == 1
-        and not cfg.frozen
-        and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    ):
-        raise UserError(
-            f"--batch-size 1: {cfg.arch} has BatchNorm layers, which cannot train on one image per batch "
-            "(per process); use --batch-size 2 or more (8+ trains well), or --freeze-backbone to train the head only"
-        )
 
 
 @dataclass

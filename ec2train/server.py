@@ -99,7 +99,7 @@ class Batcher:
 
     After the first request arrives it takes every request already queued, and waits up to
     `max_wait_ms` more only while other requests are still being read or decoded, so a lone
-    request never waits. Under load, requests pile up during each forward pass and the next
+    request on an idle server never waits (with another pass running, see `_hold`). Under load, requests pile up during each forward pass and the next
     pass takes them all (up to `max_batch`). `max_batch=1` turns batching off. `lanes` passes
     run at once in `executor` (which has that many threads; hw.serve_lanes says why).
     """
@@ -152,8 +152,8 @@ class Batcher:
         return [it for it in items if not it.future.done()]  # a client that went away is skipped
 
     async def run(self) -> None:
-        """Collects a batch whenever a lane is free, so up to `lanes` forward passes run at once
-        and requests pile up (into bigger batches) only while every lane is busy."""
+        """Collects a batch whenever a lane is free (after `_hold` while other passes run), so up
+        to `lanes` forward passes run at once and requests pile up into bigger batches."""
         assert self.predictor is not None
         free = asyncio.Semaphore(self.lanes)
         running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
@@ -175,7 +175,8 @@ class Batcher:
             task.add_done_callback(done)
 
     async def _hold(self, running: set[asyncio.Task]) -> None:
-        """While another pass runs, a free lane waits for half a batch or for that pass to end:
+        """While other passes run, a free lane waits for half a batch (at least 2 requests, at most
+        max_batch) or for them to end:
         a pass of one image costs about as much as a pass of four (resnet18 at 64 px, one
         thread: 17 ms against 8 ms an image in eights), so on a busy box small passes side by
         side would waste the cores that bigger ones share well."""

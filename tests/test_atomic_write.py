@@ -207,3 +207,26 @@ def test_the_snapshot_copies_what_training_changes_and_takes_frozen_weights_as_t
     assert payload["0.weight"].data_ptr() == net[0].weight.data_ptr()  # frozen: no copy
     for key in ("2.weight", "1.weight", "1.running_mean"):  # trained, or changed by a forward pass in train mode
         assert payload[key].data_ptr() != net.state_dict()[key].data_ptr(), key
+
+
+def test_a_resumed_optimizer_keeps_this_machines_update_kernel():
+    """optimizer.load_state_dict brings back the saving run's fused/foreach flags: a checkpoint
+    from a foreach run (or a torch without fused CPU kernels) resumes with this run's choice."""
+    from ec2train.checkpoint import Trainables, TrainState, checkpoint_payload, restore
+
+    def parts(kernel):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1, **{kernel: True})
+        return Trainables(net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+
+    old = parts("foreach")
+    old.net(torch.ones(1, 3)).sum().backward()
+    old.optimizer.step()
+    ckpt = checkpoint_payload(TrainState(run_name="r", epoch=1, history=[{"epoch": 1}]), old)
+    new = parts("fused")
+    restore(ckpt, new, steps_per_epoch=1)
+    assert [(g["fused"], g["foreach"]) for g in new.optimizer.param_groups] == [(True, None)]
+    new.net(torch.ones(1, 3)).sum().backward()
+    new.optimizer.step()  # the fused kernel, with the restored moments
+    assert torch.equal(new.optimizer.state_dict()["state"][0]["step"], torch.tensor(2.0))

@@ -152,6 +152,17 @@ def test_the_program_exits_quickly_yet_runs_exit_handlers_and_keeps_exit_codes(t
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "atexit ran" in bad.stdout, bad.stderr
 
 
+def test_output_lost_at_exit_is_not_a_success():
+    """stdout on a full disk: Python's own exit says so with status 120; the quick exit too."""
+    code = "import sys; from ec2train.cli import quick_exit; sys.stdout.write('x' * 10); quick_exit(0)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=60
+        )
+    assert done.returncode == 120 and "could not write the output" in done.stderr, done.stderr
+
+
 def test_console_script_entry_point_is_the_package_main():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'ec2train = "ec2train.cli:run"' in text

@@ -69,6 +69,7 @@ def run() -> None:
 
 def quick_exit(code: int | str | None) -> NoReturn:
     import atexit
+    import contextlib
     import os
     import threading
 
@@ -85,8 +86,12 @@ def quick_exit(code: int | str | None) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+        except ValueError:  # closed already
             pass
+        except OSError as exc:  # a full disk or a closed pipe: output was lost, so no success (as Python: 120)
+            status = status or 120
+            with contextlib.suppress(OSError, ValueError):
+                print(f"error: could not write the output: {exc}", file=sys.__stderr__, flush=True)
     os._exit(status)
 
 
