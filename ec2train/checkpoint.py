@@ -252,9 +252,9 @@ def checkpoint_payload(state: TrainState, parts: Trainables, **meta: Any) -> dic
 def shared_where_equal(best: dict[str, torch.Tensor] | None, model: dict[str, torch.Tensor]) -> dict | None:
     """The best weights with every tensor that equals the current one replaced by it, so that
     torch.save stores it once: a frozen backbone is most of the model and never changes, and
-    resnet18's last.pt is then 45 MB, not 90. Only where both are on the same device: on a GPU
-    the best weights are a CPU copy, so nothing is shared there. Loading gives tensors that share storage; restore
-    copies them into the model, so nothing changes them in place."""
+    resnet18's last.pt is then 45 MB, not 90. Only tensors on the same device are shared: on a
+    GPU the best weights are a CPU copy, so nothing is. Loading gives tensors that share
+    storage; restore copies them into the model, so nothing changes them in place."""
     if best is None:
         return None
     return {k: model[k] if k in model and _same(v, model[k]) else v for k, v in best.items()}

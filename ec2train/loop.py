@@ -412,7 +412,7 @@ def make_trainer(
 def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
     torch.manual_seed(cfg.seed)
     lr = effective_lr(cfg, rt.env.world_size)
-    tr = make_trainer(
+    return make_trainer(
         rt,
         cfg.arch,
         len(data.class_folders),
@@ -428,7 +428,6 @@ def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
         wrap=not cfg.cache_features,
         compile=cfg.compile and not cfg.cache_features,
     )
-    return tr
 
 
 @dataclass
@@ -672,7 +671,7 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
     writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
-    background = hw.background_work_helps(rt.device.split(":")[0])
+    background = hw.background_work_helps(rt.device_type)
     if rt.env.is_main and background:
         warm_up()  # the confusion picture at the end is then drawn without matplotlib's first-use cost
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule

@@ -99,9 +99,10 @@ class Batcher:
 
     After the first request arrives it takes every request already queued, and waits up to
     `max_wait_ms` more only while other requests are still being read or decoded, so a lone
-    request on an idle server never waits (with another pass running, see `_hold`). Under load, requests pile up during each forward pass and the next
-    pass takes them all (up to `max_batch`). `max_batch=1` turns batching off. `lanes` passes
-    run at once in `executor` (which has that many threads; hw.serve_lanes says why).
+    request on an idle server never waits (with another pass running, see `_hold`). Under load,
+    requests pile up during each forward pass and the next pass takes them all (up to
+    `max_batch`). `max_batch=1` turns batching off. `lanes` passes run at once in `executor`
+    (which has that many threads; hw.serve_lanes says why).
     """
 
     def __init__(
@@ -176,10 +177,9 @@ class Batcher:
 
     async def _hold(self, running: set[asyncio.Task]) -> None:
         """While other passes run, a free lane waits for half a batch (at least 2 requests, at most
-        max_batch) or for them to end:
-        a pass of one image costs about as much as a pass of four (resnet18 at 64 px, one
-        thread: 17 ms against 8 ms an image in eights), so on a busy box small passes side by
-        side would waste the cores that bigger ones share well."""
+        max_batch) or for them to end. A one-image pass costs twice as much per image as a batch
+        of 8 (resnet18 at 64 px, one thread: 17 ms against 8 ms), so on a busy box small passes
+        side by side would waste the cores that bigger ones share well."""
         want = min(self.max_batch, max(2, self.max_batch // 2))
         while running and self.queue.qsize() < want:
             self._changed.clear()
