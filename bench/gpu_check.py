@@ -1,18 +1,21 @@
 """GPU check: the GPU paths that cannot run on the build machines, in under 3 minutes on one GPU.
 
     python bench/gpu_check.py            # on a g4dn/g5 (or any CUDA) box, from a checkout
+    python bench/gpu_check.py --logs L   # also keep each fit's and bench's whole output in L/
 
 Checks, each one line PASS/FAIL, then the img/s table:
   1. fp16 + GradScaler training steps reduce the loss (the T4 path); bf16 too where the GPU has it
   2. channels_last inputs and cudnn.benchmark are on, as fit sets them up on CUDA
   3. `fit --cache-features` trains a head from cached features on the GPU
-  4. `fit --nproc-per-node auto` starts torchrun with one NCCL process per GPU
+  4. NCCL sums a tensor on the GPU; `fit --nproc-per-node auto` starts torchrun with one process per GPU,
+     joined by an NCCL process group when there are several
   5. img/s of resnet50 at 224 px, frozen backbone and full fine-tune, AMP on and off (ec2train bench's step)
 Exit status 0 when every check passes, 1 when one fails, 2 without a CUDA device.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -72,15 +75,65 @@ def backends_on(device: str) -> tuple[bool, str]:
     return ok, f"channels_last input {nhwc}, cudnn.benchmark {torch.backends.cudnn.benchmark}"
 
 
-def run_fit(args: list[str], work: Path) -> tuple[bool, str, dict]:
+LOGS: Path | None = None
+
+
+def run_cli(name: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m ec2train ARGS` from this checkout; its whole output goes to LOGS/NAME.log when --logs is given."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "ec2train", "fit", *args], env=env, capture_output=True, text=True, timeout=150
+        [sys.executable, "-m", "ec2train", *args], env=env, capture_output=True, text=True, timeout=150
+    )
+    if LOGS is not None:
+        (LOGS / f"{name}.log").write_text(
+            f"$ ec2train {' '.join(args)}\nexit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        )
+    return proc
+
+
+def run_fit(name: str, args: list[str]) -> tuple[bool, str, dict]:
+    proc = run_cli(name, ["fit", *args])
+    (Path(args[args.index("--output") + 1]).parent / f"{name.removeprefix('fit-')}-output.txt").write_text(
+        proc.stdout + proc.stderr
     )
     metrics_file = Path(args[args.index("--output") + 1]) / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-    return proc.returncode == 0, tail[0][:160], metrics
+    return proc.returncode == 0, summary(proc.stdout + proc.stderr), metrics
+
+
+def summary(output: str) -> str:
+    """The line that says how a fit went: its error, else its last epoch line, else its last line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for wanted in ("error:", "epoch "):
+        hits = [ln for ln in lines if ln.startswith(wanted)]
+        if hits:
+            return hits[-1][:200]
+    return lines[-1][:200] if lines else ""
+
+
+def nccl_all_reduce(device: str) -> tuple[bool, str]:
+    """A one-process NCCL group sums a tensor on the GPU: the library loads and its kernels run here."""
+    import torch
+    import torch.distributed as dist
+
+    from ec2train import ddp
+
+    store = dist.HashStore()
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device(device))
+    try:
+        t = torch.arange(4.0, device=device)
+        dist.all_reduce(t)
+        # fit's second group beside NCCL, for the stop question between steps (CPU tensors, gloo)
+        control = dist.new_group(backend=ddp.control_backend(dist.get_backend()))
+        flag = torch.tensor([1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+        ok = t.tolist() == [0.0, 1.0, 2.0, 3.0] and flag.item() == 1
+        return ok, (
+            f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, all_reduce {t.tolist()}; "
+            f"gloo control group answered {flag.item()}"
+        )
+    finally:
+        dist.destroy_process_group()
 
 
 def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
@@ -108,7 +161,9 @@ def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
         "never",
     ]
     out = []
-    ok, line, m = run_fit(base + ["--freeze-backbone", "--cache-features", "--output", str(work / "cache")], work)
+    ok, line, m = run_fit(
+        "fit-cache-features", base + ["--freeze-backbone", "--cache-features", "--output", str(work / "cache")]
+    )
     out.append(
         (
             "fit --cache-features on the GPU",
@@ -117,15 +172,22 @@ def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
         )
     )
     gpus = torch.cuda.device_count()
-    ok, line, m = run_fit(base + ["--nproc-per-node", "auto", "--output", str(work / "ddp")], work)
+    ok, line, m = run_fit("fit-ddp", base + ["--nproc-per-node", "auto", "--output", str(work / "ddp")])
     world = m.get("world_size", "?")
+    log = (work / "ddp-output.txt").read_text() if (work / "ddp-output.txt").is_file() else ""
+    nccl = gpus == 1 or "nccl process group" in log  # one process trains without a group
     out.append(
         (
-            f"fit --nproc-per-node auto: torchrun, NCCL, {gpus} process(es)",
-            ok and world == gpus,
+            f"fit --nproc-per-node auto: torchrun, {gpus} process(es), NCCL when several",
+            ok and world == gpus and nccl,
             f"world size {world}; {line}",
         )
     )
+    proc = run_cli("bench", ["bench", "--data", str(data), "--device", "cuda", "--image-size", "64", "--steps", "5"])
+    plan = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("threads:")][:1] or [
+        "(no thread plan line)"
+    ]
+    out.append(("ec2train bench --device cuda", proc.returncode == 0, plan[0][:160]))
     return out
 
 
@@ -133,12 +195,12 @@ def throughput(work: Path) -> list[str]:
     from ec2train.data import make_demo_dataset
     from ec2train.perf import bench
 
-    data = make_demo_dataset(work / "demo224", classes=4, per_class=16, size=256)
+    data = make_demo_dataset(work / "demo224", classes=4, per_class=160, size=256)
     rows = ["| resnet50 224 px, batch 64 | amp | step img/s | end to end img/s |", "|---|---|---:|---:|"]
     for frozen in (True, False):
         for amp in ("auto", "off"):
             r = bench(
-                data, arch="resnet50", batch_size=64, device="cuda", image_size=224, steps=10, amp=amp, frozen=frozen
+                data, arch="resnet50", batch_size=64, device="cuda", image_size=224, steps=20, amp=amp, frozen=frozen
             )
             rows.append(
                 f"| {'frozen backbone' if frozen else 'full fine-tune'} | {r.amp} | {r.step_ips:.0f} | {r.end_to_end_ips:.0f} |"
@@ -146,7 +208,78 @@ def throughput(work: Path) -> list[str]:
     return rows
 
 
+def _fit_step(tr, batches) -> None:
+    from ec2train.loop import train_one_epoch
+
+    train_one_epoch(tr.net, batches, tr.optimizer, tr.scheduler, tr.ctx)
+
+
+def _reading_every_step(tr, batches) -> None:
+    """The same step, with the loss and hits read at once, every step (the classic loop's habit)."""
+    import torch.nn.functional as F
+
+    total = correct = 0.0
+    for images, labels in batches:
+        images, labels = tr.ctx.to_device(images, labels)
+        with tr.ctx.autocast():
+            logits = tr.net(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.ctx.scaler is not None:
+            tr.ctx.scaler.scale(loss).backward()
+            tr.ctx.scaler.step(tr.optimizer)
+            tr.ctx.scaler.update()
+        else:
+            loss.backward()
+            tr.optimizer.step()
+        tr.scheduler.step()
+        total += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+
+
+def step_bookkeeping(device: str, steps: int = 30) -> list[str]:
+    """fit's step (numbers read one step late) against the same step reading its loss and hits at
+    once, every step: same model, optimizer, AMP and batch; interleaved, best of 3."""
+    import torch
+
+    from ec2train import ddp
+    from ec2train.loop import make_runtime, make_trainer, set_train_mode
+
+    rows = ["| resnet50 224 px, batch 64, step only | fit's step img/s | reading every step img/s | ratio |"]
+    rows.append("|---|---:|---:|---:|")
+    for frozen in (True, False):
+        rt = make_runtime(device, "auto", 0, env=ddp.DistEnv())
+        tr = make_trainer(
+            rt, "resnet50", 100, weights="none", frozen=frozen, channels_last=True, optimizer="adamw", lr=1e-3,
+            backbone_lr=1e-4, weight_decay=1e-4, momentum=0.0, lr_at_step=lambda _s: 1.0, wrap=False,
+        )  # fmt: skip
+        set_train_mode(tr.net, tr.head, frozen)
+        x = torch.randn(64, 3, 224, 224, device=device)
+        y = torch.randint(0, 100, (64,), device=device)
+        batches = [(x, y)] * steps
+        times: dict = {_fit_step: [], _reading_every_step: []}
+        for fn in times:  # warm-up: cudnn.benchmark picks its kernels
+            fn(tr, batches)
+        for _ in range(3):
+            for fn, ips in times.items():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(tr, batches)
+                torch.cuda.synchronize()
+                ips.append(steps * 64 / (time.perf_counter() - t0))
+        ours, theirs = max(times[_fit_step]), max(times[_reading_every_step])
+        what = "frozen backbone" if frozen else "full fine-tune"
+        rows.append(f"| {what}, amp {rt.amp.name} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |")
+    return rows
+
+
 def main() -> None:
+    global LOGS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--logs", type=Path, help="keep each fit's and bench's whole output in this folder")
+    LOGS = parser.parse_args().logs
+    if LOGS is not None:
+        LOGS.mkdir(parents=True, exist_ok=True)
     require_cuda()
     import torch
 
@@ -162,10 +295,13 @@ def main() -> None:
     if hw.supports_bf16(cap):
         checks.append(("bf16 steps reduce the loss", *loss_falls("bf16", "bf16", device)))
     checks.append(("channels_last and cudnn.benchmark on", *backends_on(device)))
+    checks.append(("NCCL all_reduce on the GPU", *nccl_all_reduce(device)))
     with tempfile.TemporaryDirectory(prefix="ec2train-gpu-check-") as tmp:
         checks += fit_checks(Path(tmp))
         for name, ok, detail in checks:
             print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+        for row in step_bookkeeping(device):
+            print(row, flush=True)
         for row in throughput(Path(tmp)):
             print(row, flush=True)
     print(f"done in {time.perf_counter() - t0:.0f} s")

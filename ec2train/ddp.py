@@ -125,15 +125,36 @@ def setup(env: DistEnv, device: str) -> None:
         if warning and env.is_main:
             warnings.warn(warning, stacklevel=2)
         dist.init_process_group(**kwargs)
+        global _control
+        # Yes/no questions between steps (stop now?) go over gloo on the CPU beside NCCL: a NCCL
+        # all_reduce would make the CPU wait for the GPU's queued work before every step.
+        backend = control_backend(dist.get_backend())
+        _control = dist.new_group(backend=backend, timeout=BARRIER_TIMEOUT) if backend else None
+
+
+def control_backend(backend: str) -> str | None:
+    """The backend of a second group for CPU-side questions between steps, when the training
+    group's collectives run on the GPU; None: the training group answers them itself."""
+    return "gloo" if backend == "nccl" else None
+
+
+_control = None  # setup's gloo group beside a NCCL one; None: the default group (gloo) answers
 
 
 def cleanup() -> None:
+    global _control
+    _control = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def backend_name() -> str | None:
+    """The process group's backend ("nccl", "gloo") when several processes train together, else None."""
+    return dist.get_backend() if active() else None
 
 
 def barrier() -> None:
@@ -150,12 +171,13 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: str = "cpu") -> t
     return t.cpu()
 
 
-def any_rank(flag: bool, device: str = "cpu") -> bool:
-    """True on every rank if it is true on any rank (e.g. a spot notice seen by one node)."""
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any rank (e.g. a spot notice seen by one node). A CPU
+    exchange: it never waits for the GPU's queued work."""
     if not active():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return bool(t.item())
 
 

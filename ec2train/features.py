@@ -185,7 +185,7 @@ def split_features(
     cached = _load(path, key) if path and path.is_file() else None
     # Every rank must take the same branch (the computation below is collective); on several
     # nodes, a cache on one node's disk does not help the others.
-    if not ddp.any_rank(cached is None, ctx.device):
+    if not ddp.any_rank(cached is None):
         log(f"{split}: {len(dataset)} images' features read from {path}")
         return cached
     env = ddp.env_from()

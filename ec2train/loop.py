@@ -89,11 +89,13 @@ class Meter:
         return {"loss": self.loss / n, "acc1": self.correct1 / n, "acc5": self.correct5 / n, "images": int(self.count)}
 
 
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many rows have their target among the top k logits, for each k: a float64 tensor on
+    the logits' device, so that counting never waits for the GPU (a handful of small kernels)."""
     maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred.eq(target.unsqueeze(1))
-    return [hit[:, : min(k, maxk)].any(dim=1).sum().item() for k in ks]
+    # A target sits at most once in a row's top maxk: [j] counts rows with it in their top j + 1.
+    within = logits.topk(maxk, dim=1).indices.eq(target.unsqueeze(1)).sum(0).cumsum(0)
+    return torch.stack([within[min(k, maxk) - 1] for k in ks]).double()
 
 
 # ---------------------------------------------------------------- one epoch
@@ -147,8 +149,21 @@ def train_one_epoch(
     on_step: Callable[[int, float, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Meter, bool]:
-    """One pass over this rank's shard; returns (meter for this rank, stopped early)."""
+    """One pass over this rank's shard; returns (meter for this rank, stopped early).
+
+    A step's loss and hits stay on the device, and are read (and given to on_step) once the next
+    step is queued: reading them at once would make the CPU wait for the GPU every step, and the
+    GPU then idles while the CPU queues the next one."""
     meter = Meter()
+    pending: tuple[int, torch.Tensor] | None = None
+
+    def count(step: tuple[int, torch.Tensor]) -> None:
+        n, stats = step
+        loss_sum, c1, c5 = stats.tolist()
+        meter.update(loss_sum, c1, c5, n)
+        if on_step:
+            on_step(n, loss_sum / n, c1 / n)
+
     for images, labels in loader:
         images, labels = ctx.to_device(images, labels)
         with ctx.autocast():
@@ -164,33 +179,38 @@ def train_one_epoch(
             optimizer.step()
         scheduler.step()
         n = labels.shape[0]
-        c1, c5 = topk_correct(logits.detach(), labels)
-        meter.update(loss.item() * n, c1, c5, n)
-        if on_step:
-            on_step(n, loss.item(), c1 / n)
-        if should_stop is not None and ddp.any_rank(should_stop(), ctx.device):
+        stats = torch.cat([loss.detach().double().reshape(1) * n, topk_hits(logits.detach(), labels)])
+        if pending is not None:
+            count(pending)
+        pending = (n, stats)
+        if should_stop is not None and ddp.any_rank(should_stop()):
+            count(pending)
             return meter, True
+    if pending is not None:
+        count(pending)
     return meter, False
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, ctx: StepContext, num_classes: int) -> tuple[dict[str, float], torch.Tensor]:
     """Exact metrics over the whole split (every image counted once across ranks) and the
-    confusion matrix (rows: true class, columns: predicted)."""
+    confusion matrix (rows: true class, columns: predicted). The sums stay on the device until
+    the end: no batch waits for the GPU to finish the one before it."""
     model.eval()
-    meter = Meter()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, top-1 hits, top-5 hits
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=ctx.device)
+    count = 0
     for images, labels in loader:
         images, labels = ctx.to_device(images, labels)
         with ctx.autocast():
             logits = model(images).float()
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        c1, c5 = topk_correct(logits, labels)
-        meter.update(loss.item(), c1, c5, labels.shape[0])
-        idx = labels.cpu() * num_classes + logits.argmax(1).cpu()
-        confusion += torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    confusion = ddp.all_reduce_sum(confusion, ctx.device)
-    return meter.reduced(ctx.device).summary(), confusion
+        sums += torch.cat([loss.double().reshape(1), topk_hits(logits, labels)])
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        count += labels.shape[0]
+    loss_sum, c1, c5 = sums.tolist()
+    confusion = ddp.all_reduce_sum(confusion.reshape(num_classes, num_classes).cpu(), ctx.device)
+    return Meter(loss_sum, c1, c5, count).reduced(ctx.device).summary(), confusion
 
 
 # ---------------------------------------------------------------- set-up pieces
@@ -683,6 +703,7 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         f"{len(data.class_folders)} classes, {len(data.train_ds)} train / {len(data.valid_ds)} valid images\n"
         f"world size {env.world_size}, per-rank batch {cfg.batch_size}, global batch {cfg.batch_size * env.world_size}, "
         f"{lrs}, {rt.workers} loader workers per process{', SyncBatchNorm' if rt.sync_bn else ''}"
+        + (f", {backend} process group" if (backend := ddp.backend_name()) else "")
     )
     step_model, train_loader, valid_loader = tr.model, data.train_loader, data.valid_loader
     if cfg.cache_features:

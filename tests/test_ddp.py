@@ -238,6 +238,7 @@ def test_nproc_per_node_launches_two_ranks_and_logs_the_batches(cli_run):
     out, log = cli_run
     assert "torch.distributed.run --standalone --nproc-per-node=2 -m ec2train fit" in log
     assert "world size 2, per-rank batch 8, global batch 16, lr 0.05" in log
+    assert "loader workers per process, gloo process group" in log  # the CPU's backend; nccl beside GPUs
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch"] == 16 and metrics["epochs_run"] == 2
     # Each rank trained on half the training set each epoch: no rank saw all 64 images.
