@@ -98,7 +98,7 @@ def torch_version() -> tuple[int, int]:
 
 
 def background_work_helps(device_type: str) -> bool:
-    """Whether fit writes its checkpoints and warms up matplotlib in background threads. Yes
+    """Whether fit writes its checkpoints in a background thread. Yes
     when an accelerator trains: the CPU mostly waits for it. No on the CPU: the thread plan
     gives torch every core the loader leaves, and a busy extra thread stalls its OpenMP team
     (resnet18 frozen at 32 px on 2 cores: 1.0 s per epoch with last.pt written beside the

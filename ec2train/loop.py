@@ -59,7 +59,7 @@ from ec2train.export import (
 )
 from ec2train.features import CACHE_DIR, feature_loaders
 from ec2train.model import build_model, find_head, freeze_backbone, model_from_file, normalization_for
-from ec2train.plots import log_confusion, warm_up  # draw with matplotlib, which they import only when called
+from ec2train.plots import log_confusion
 from ec2train.preprocess import decode_min_side, eval_transform, train_transform
 
 # ---------------------------------------------------------------- metrics
@@ -692,8 +692,6 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
     writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
     background = hw.background_work_helps(rt.device_type)
-    if rt.env.is_main and background:
-        warm_up()  # the confusion picture at the end is then drawn without matplotlib's first-use cost
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
         f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else ""

@@ -61,23 +61,38 @@ def test_per_class_accuracy_and_shape_check():
 
 
 def test_figure_labels_both_axes_and_lists_pairs():
-    ax = confusion_figure(FOUR, SHAPES).axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == SHAPES
-    assert [t.get_text() for t in ax.get_xticklabels()] == SHAPES
-    assert (ax.get_ylabel(), ax.get_xlabel()) == ("true class", "predicted class")
-    texts = [t.get_text() for t in ax.texts]
-    assert "3" in texts and "11" in texts and len(texts) == 16 + 1  # a count in every cell, plus the pairs
-    assert "1. Triangle\n     \u2192 Circle:  3 of 12 (25%)" in texts[-1]
-    assert "48 images" in ax.get_title() and "83.3%" in ax.get_title()
+    fig = confusion_figure(FOUR, SHAPES)
+    assert fig.row_labels == SHAPES and fig.column_labels == SHAPES and not fig.columns_at_top
+    assert (fig.y_label, fig.x_label) == ("true class", "predicted class")
+    assert len(fig.cell_texts) == 16 and (2, 0, "3") in fig.cell_texts and (1, 1, "11") in fig.cell_texts
+    assert fig.pairs[2:4] == [" 1. Triangle", "     -> Circle:  3 of 12 (25%)"]
+    assert (2, 0) in fig.framed and len(fig.framed) == 5  # every confused pair of FOUR is framed
+    assert "48 images" in fig.title and "83.3%" in fig.title
 
     m, names = _breeds()
-    ax = confusion_figure(m, names).axes[0]
-    rows = [t.get_text() for t in ax.get_yticklabels()]
-    assert rows[5] == "Breed 5 [5]" and rows[7] == "Nova scotia duck tolling retriever 7 [7]"
-    columns = [(t.label1.get_text(), t.label2.get_visible()) for t in ax.xaxis.get_major_ticks()]
-    assert columns == [(str(i), True) for i in range(133)]  # numbered at the top and the bottom
-    assert not any(t.get_text().isdigit() for t in ax.texts), "no counts in 133 x 133 cells: the colour scale says it"
-    assert "Breed 4 [4]\n     \u2192 Breed 120 [120]:  " in ax.texts[-1].get_text()
+    fig = confusion_figure(m, names)
+    assert fig.row_labels[5] == "Breed 5 [5]" and fig.row_labels[7] == "Nova scotia duck tolling retriever 7 [7]"
+    assert fig.row_labels[14] == "Nova scotia duck tolling retriever \u2026 [14]"  # cut at 36 characters
+    assert fig.column_labels == [str(i) for i in range(133)] and fig.columns_at_top  # numbered at both ends
+    assert not fig.cell_texts, "no counts in 133 x 133 cells: the colour scale says it"
+    assert fig.pairs[2:4] == [" 1. Breed 4 [4]", "     -> Breed 120 [120]:  7 of 15 (47%)"]
+
+
+def test_cells_are_coloured_by_their_share_of_the_true_class(tmp_path: Path):
+    import numpy as np
+
+    assert plots.blues(np.array([0.0, 1.0])).tolist() == [[247, 251, 255], [8, 48, 107]]  # matplotlib's Blues
+    fig = confusion_figure(FOUR, SHAPES)
+    image = np.asarray(plots.render(fig)).astype(int)
+    g, cell = plots.geometry(fig), fig.layout.cell
+
+    def corner_of(i: int, j: int) -> list[int]:  # a cell's pixel away from its text, grid line and frame
+        return image[g.top + i * cell + 5, g.left + j * cell + 5].tolist()
+
+    for i, j in ((1, 1), (0, 0), (2, 0), (0, 2), (3, 3)):
+        assert corner_of(i, j) == plots.blues(np.array([FOUR[i, j].item() / 12]))[0].tolist(), (i, j)
+    assert corner_of(0, 2) == [247, 251, 255]  # Circle -> Triangle: 0, the scale's white end
+    assert image.shape[1] == g.width and image.shape[0] == g.height
 
 
 def _red_pixels(image: Image.Image) -> int:
@@ -152,15 +167,3 @@ def test_evaluate_prints_and_saves_most_confused(untrained_model: Path, demo_dat
     for line, pair in zip(lines[start + 1 :], expected):
         assert line.startswith(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} of "), line
     assert Image.open(tmp_path / "confusion-test.png").size[0] >= 700
-
-
-def test_warm_up_draws_once_in_the_background_and_drawing_waits_for_it(monkeypatch):
-    monkeypatch.setattr(plots, "_warm_up", None)
-    plots.warm_up()
-    thread = plots._warm_up
-    assert thread is not None and thread.daemon and thread.name == "ec2train-plots-warm-up"
-    image = plots.render(plots.confusion_figure(torch.tensor([[3.0, 1.0], [0.0, 4.0]]), ["cat", "dog"]))
-    assert not thread.is_alive()  # matplotlib's first use is not thread-safe: the real drawing waited
-    assert image.size[0] > 100 and image.size[1] > 100
-    plots.warm_up()
-    assert plots._warm_up is thread  # once per process
