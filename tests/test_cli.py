@@ -173,3 +173,27 @@ def test_console_script_entry_point_is_the_package_main():
         timeout=120,
     )
     assert res.returncode == 0 and "fit" in res.stdout and "deploy" in res.stdout, res.stderr
+
+
+def test_heavy_imports_pause_the_collector_then_freeze_what_they_built():
+    import gc
+
+    from ec2train.cli._app import heavy_imports
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with heavy_imports():
+            assert not gc.isenabled()
+            built = [[i] for i in range(1000)]  # containers, as an import makes
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(built)
+        with pytest.raises(ImportError), heavy_imports():  # a failed import leaves the collector on
+            raise ImportError("no such module")
+        assert gc.isenabled()
+        gc.disable()  # a caller that had it off keeps it off
+        with heavy_imports():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -17,6 +20,23 @@ from ec2train.spot import WATCH_MODES
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def heavy_imports() -> Iterator[None]:
+    """Import torch and the modules that use it with Python's cycle collector paused, then
+    freeze what the imports built. Measured in a 16 s fit on this project's 2-core box: the
+    collector spent 0.9 s of the 6 s import scanning torch's millions of new objects, and 0.5 s
+    more afterwards scanning them again; frozen, they are never scanned again (and DataLoader
+    workers forked later share their pages untouched)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ec2train.cli._app import DEFAULT_MODEL, MODEL_HELP, THREADS_HELP, app, console
+from ec2train.cli._app import DEFAULT_MODEL, MODEL_HELP, THREADS_HELP, app, console, heavy_imports
 from ec2train.errors import UserError
 
 # The server, export and s3 modules are imported inside the commands: they import torch (and
@@ -25,7 +25,8 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: warning hides the access log."),
 ):
     """Serve a model over HTTP like the SageMaker endpoint: GET /ping, POST /invocations."""
-    from ec2train.server import run
+    with heavy_imports():
+        from ec2train.server import run
 
     run(
         model,

@@ -26,6 +26,7 @@ from ec2train.cli._app import (
     console,
     default_of,
     err_console,
+    heavy_imports,
     setting,
     value,
 )
@@ -155,7 +156,8 @@ def fit(
         threads=threads,
     )
     try:
-        from ec2train.run import fit_run  # torch: seconds, and Ctrl-C may come meanwhile
+        with heavy_imports():
+            from ec2train.run import fit_run  # torch: seconds, and Ctrl-C may come meanwhile
 
         result = fit_run(cfg, console=console, spot_watch=value(spot_watch), spot_poll_seconds=spot_poll_seconds)
     except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
@@ -247,11 +249,12 @@ def evaluate(
     ),
 ):
     """Top-1, top-5 and per-class accuracy, and a confusion matrix (PNG and CSV)."""
-    import torch
+    with heavy_imports():
+        import torch
 
-    from ec2train.export import atomic_write_json, write_confusion_csv
-    from ec2train.loop import evaluate_model_file
-    from ec2train.plots import confused_line, most_confused, write_confusion_png
+        from ec2train.export import atomic_write_json, write_confusion_csv
+        from ec2train.loop import evaluate_model_file
+        from ec2train.plots import confused_line, most_confused, write_confusion_png
 
     apply_threads(threads, workers)
     res = evaluate_model_file(model, data, split, batch_size, workers, value(device))
@@ -301,7 +304,8 @@ def predict(
 
     Exit status: 0 every image answered; 1 some file could not be read (it is reported with its error, the others are answered); 2 bad input or settings.
     """
-    from ec2train.infer import Predictor, default_device, image_files
+    with heavy_imports():
+        from ec2train.infer import Predictor, default_device, image_files
 
     files = image_files(images)
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
@@ -464,8 +468,10 @@ def tune(
 ):
     """Search learning rate, batch size, weight decay and label smoothing with Optuna; prune hopeless trials."""
     from ec2train.config import resolve
-    from ec2train.tune import TuneError, parse_duration, require_optuna
-    from ec2train.tune import tune as run_tune
+
+    with heavy_imports():
+        from ec2train.tune import TuneError, parse_duration, require_optuna
+        from ec2train.tune import tune as run_tune
 
     seconds = parse_duration(timeout) if timeout is not None else None
     base = resolve(
@@ -577,7 +583,8 @@ def bench(
     ),
 ):
     """Images/s of the input pipeline, the training step and both; says which bounds the run and what to do."""
-    from ec2train.perf import bench as run_bench
+    with heavy_imports():
+        from ec2train.perf import bench as run_bench
 
     r = run_bench(
         data,
