@@ -663,10 +663,10 @@ def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> Fi
     run = _start_run(cfg, rt, data, tr, state, report)
     try:
         interrupted = _epochs(run, should_stop, on_epoch)
-        run.saver.wait()  # the last checkpoint is on disk before fit returns
         if interrupted:
+            run.saver.wait()  # the last checkpoint is on disk before fit returns
             return FitResult(run.output, run.output / MODEL_FILE, run.logdir, {}, state.history, interrupted=True)
-        return _test(run, time.perf_counter() - t_start)
+        return _test(run, time.perf_counter() - t_start)  # tests while the last checkpoint is written
     finally:
         run.saver.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
         run.writer.close()
@@ -841,7 +841,8 @@ def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
 
 
 def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
-    """Phase 6: test the best epoch once, write model.pth (with the metrics) and metrics.json."""
+    """Phase 6: test the best epoch once (while the last epoch's files are still being written),
+    write model.pth (with the metrics) and metrics.json."""
     cfg, rt, data, state = run.cfg, run.rt, run.data, run.state
     if state.best_model is None:
         raise ResumeError("no epoch finished, so there is no model to test")
@@ -853,6 +854,7 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
         test_ds, EvalSampler(len(test_ds), rt.env.rank, rt.env.world_size), cfg.batch_size, rt.workers, rt.pin_memory
     )
     test, confusion = evaluate(run.tr.model, loader, run.tr.ctx, len(data.class_folders))
+    run.saver.wait()  # the last epoch's files are on disk, and model.pth below replaces theirs
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     trained = state.history
     seconds = sum(h["seconds"] for h in trained)
