@@ -225,15 +225,18 @@ class Trainables:
     scaler: Any = None  # torch.amp.GradScaler or None
 
 
-def checkpoint_payload(state: TrainState, parts: Trainables, **meta: Any) -> dict[str, Any]:
+def checkpoint_payload(state: TrainState, parts: Trainables, copies: bool = True, **meta: Any) -> dict[str, Any]:
     """last.pt's contents: weights, optimizer, schedule, scaler, RNG and counters (meta: config,
-    classes, ...), copied, so that it can be written while training goes on."""
+    classes, ...). copies: copied, so that it can be written while training goes on; without,
+    the live tensors, for a caller that pickles them before the next step (fit on the CPU:
+    copying resnet18's weights and AdamW state cost 0.04-0.08 s a save there)."""
     # Frozen parameters are never stepped: they are taken as they are, the rest copied.
     frozen = {p.data_ptr() for p in parts.net.parameters() if not p.requires_grad}
     model = {
-        k: v.detach() if v.data_ptr() in frozen else v.detach().clone()
+        k: v.detach() if not copies or v.data_ptr() in frozen else v.detach().clone()
         for k, v in clean_state_dict(parts.net.state_dict()).items()
     }
+    snapshot = copy.deepcopy if copies else _as_is
     return {
         "format": CHECKPOINT_FORMAT,
         **copy.deepcopy(state.counters()),
@@ -241,12 +244,16 @@ def checkpoint_payload(state: TrainState, parts: Trainables, **meta: Any) -> dic
         # The best weights once: when this epoch is the best they are "model" already. They are
         # a copy already, replaced (never changed in place) when an epoch does better.
         "best_model": None if state.best_epoch == state.epoch else shared_where_equal(state.best_model, model),
-        "optimizer": copy.deepcopy(parts.optimizer.state_dict()),
-        "scheduler": copy.deepcopy(parts.scheduler.state_dict()),
-        "scaler": copy.deepcopy(parts.scaler.state_dict()) if parts.scaler is not None else None,
+        "optimizer": snapshot(parts.optimizer.state_dict()),
+        "scheduler": snapshot(parts.scheduler.state_dict()),
+        "scaler": snapshot(parts.scaler.state_dict()) if parts.scaler is not None else None,
         "rng": rng_state(),
         **copy.deepcopy(meta),
     }
+
+
+def _as_is(obj: Any) -> Any:
+    return obj
 
 
 def shared_where_equal(best: dict[str, torch.Tensor] | None, model: dict[str, torch.Tensor]) -> dict | None:

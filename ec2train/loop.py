@@ -833,6 +833,7 @@ def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
     checkpoint = checkpoint_payload(
         state,
         run.tr.parts(),
+        copies=run.saver.background,  # else pickled right here, before the next step
         config=run.cfg.to_dict(),
         class_folders=run.data.class_folders,
         world_size=run.rt.env.world_size,

@@ -201,12 +201,23 @@ def test_the_snapshot_copies_what_training_changes_and_takes_frozen_weights_as_t
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     for p in net[0].parameters():
         p.requires_grad_(False)
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     payload = checkpoint_payload(TrainState(run_name="r"), Trainables(net, opt, sched))["model"]
     assert payload["0.weight"].data_ptr() == net[0].weight.data_ptr()  # frozen: no copy
     for key in ("2.weight", "1.weight", "1.running_mean"):  # trained, or changed by a forward pass in train mode
         assert payload[key].data_ptr() != net.state_dict()[key].data_ptr(), key
+
+    # Pickled before the next step (fit on the CPU): the live tensors, nothing copied.
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    live = checkpoint_payload(TrainState(run_name="r"), Trainables(net, opt, sched), copies=False)
+    for key, tensor in net.state_dict().items():
+        assert live["model"][key].data_ptr() == tensor.data_ptr(), key
+    momentum = opt.state_dict()["state"][0]["momentum_buffer"]
+    assert live["optimizer"]["state"][0]["momentum_buffer"].data_ptr() == momentum.data_ptr()
+    copied = checkpoint_payload(TrainState(run_name="r"), Trainables(net, opt, sched))
+    assert copied["optimizer"]["state"][0]["momentum_buffer"].data_ptr() != momentum.data_ptr()
 
 
 def test_a_resumed_optimizer_keeps_this_machines_update_kernel():
