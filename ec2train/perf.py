@@ -157,23 +157,7 @@ def bench(
     sampler = TrainSampler(len(dataset))
     loader = make_loader(dataset, sampler, batch_size, workers, rt.pin_memory)
 
-    torch.manual_seed(0)
-    tr = make_trainer(
-        rt,
-        arch,
-        len(classes),
-        weights="none",
-        frozen=frozen,
-        channels_last=channels_last,
-        optimizer="adamw",
-        lr=1e-3,
-        backbone_lr=1e-4,
-        weight_decay=1e-4,
-        momentum=0.0,
-        lr_at_step=lambda _step: 1.0,
-        wrap=False,
-    )
-    set_train_mode(tr.net, tr.head, frozen)
+    tr = _trainer(rt, arch, len(classes), frozen, channels_last)
 
     log(f"training step: {arch} on {dev}, amp {policy.name}, synthetic batches")
     step_ips = _time_step(tr, len(classes), batch_size, image_size, steps)
@@ -212,6 +196,28 @@ def bench(
         bound,
         advice,
     )
+
+
+def _trainer(rt, arch: str, num_classes: int, frozen: bool, channels_last: bool):
+    """fit's model and optimizer (random weights: speed does not depend on them), constant lr."""
+    torch.manual_seed(0)
+    tr = make_trainer(
+        rt,
+        arch,
+        num_classes,
+        weights="none",
+        frozen=frozen,
+        channels_last=channels_last,
+        optimizer="adamw",
+        lr=1e-3,
+        backbone_lr=1e-4,
+        weight_decay=1e-4,
+        momentum=0.0,
+        lr_at_step=lambda _step: 1.0,
+        wrap=False,
+    )
+    set_train_mode(tr.net, tr.head, frozen)
+    return tr
 
 
 def _time_step(tr, num_classes: int, batch_size: int, image_size: int, steps: int) -> float:

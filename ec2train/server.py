@@ -313,51 +313,95 @@ def create_app(
     """
     _require_serve_deps()
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    stats = BatchStats()
     plan = _thread_plan(threads, procs)
-    forward_pool = ThreadPoolExecutor(max_workers=plan.lanes, thread_name_prefix="ec2train-forward")
-    batcher = Batcher(max_batch, max_wait_ms, forward_pool, stats, plan.lanes)
-    admission = Admission(max_pending or PENDING_PER_BATCH * max_batch * plan.lanes)
-    loader = load or (lambda: Predictor(model_path, device=device or default_device()))
+    service = _Service(
+        model_path,
+        plan,
+        load or (lambda: Predictor(model_path, device=device or default_device())),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_bytes=max_bytes,
+        max_pending=max_pending or PENDING_PER_BATCH * max_batch * plan.lanes,
+        body_timeout=body_timeout,
+        load_first=load_first,
+    )
+    app = Starlette(
+        routes=[
+            Route("/ping", service.ping, methods=["GET"]),
+            Route("/invocations", service.invocations, methods=["POST"]),
+            Route("/endpoints/{name}/invocations", service.endpoint_invocations, methods=["POST"]),
+            Route("/stats", service.stats_route, methods=["GET"]),
+        ],
+        lifespan=service.lifespan,
+    )
+    app.state.predictor = None
+    app.state.load_error = None
+    app.state.batch_task = None
+    app.state.on_load_error = None
+    app.state.stats = service.stats
+    return app
 
-    def load_model() -> Predictor:
+
+class _Service:
+    """One server process's parts (forward lanes, batcher, admission) and the app's routes."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        plan: hw.ThreadPlan,
+        loader: Callable[[], Predictor],
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        max_bytes: int,
+        max_pending: int,
+        body_timeout: float,
+        load_first: bool,
+    ):
+        self.model_path, self.plan, self.loader = model_path, plan, loader
+        self.max_batch, self.max_wait_ms, self.max_bytes = max_batch, max_wait_ms, max_bytes
+        self.body_timeout, self.load_first = body_timeout, load_first
+        self.stats = BatchStats()
+        self.forward_pool = ThreadPoolExecutor(max_workers=plan.lanes, thread_name_prefix="ec2train-forward")
+        self.batcher = Batcher(max_batch, max_wait_ms, self.forward_pool, self.stats, plan.lanes)
+        self.admission = Admission(max_pending)
+
+    def load_model(self) -> Predictor:
         import torch
 
-        hw.apply_threads(plan)
-        log.info("%s; torch.get_num_threads() = %d", plan.describe(), torch.get_num_threads())
-        return loader()
+        hw.apply_threads(self.plan)
+        log.info("%s; torch.get_num_threads() = %d", self.plan.describe(), torch.get_num_threads())
+        return self.loader()
 
-    async def start(app) -> None:
+    async def start(self, app) -> None:
         state = app.state
         try:
-            predictor = await asyncio.get_running_loop().run_in_executor(forward_pool, load_model)
+            predictor = await asyncio.get_running_loop().run_in_executor(self.forward_pool, self.load_model)
         except Exception as exc:  # a bad model file: /ping stays 503 with the reason
             state.load_error = exc
             log.error("cannot load the model: %s", exc)
             if state.on_load_error:
                 state.on_load_error(exc)
             return
-        batcher.predictor = predictor
-        state.batch_task = asyncio.create_task(batcher.run())
+        self.batcher.predictor = predictor
+        state.batch_task = asyncio.create_task(self.batcher.run())
         state.predictor = predictor
         log.info(
             "model %s loaded: %s, %d classes, %d px; max batch %d, max wait %g ms",
-            model_path,
+            self.model_path,
             predictor.meta["arch"],
             len(predictor.class_names),
             predictor.image_size,
-            max_batch,
-            max_wait_ms,
+            self.max_batch,
+            self.max_wait_ms,
         )
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        load_task = asyncio.create_task(start(app))
-        if load_first:
+    async def lifespan(self, app):
+        load_task = asyncio.create_task(self.start(app))
+        if self.load_first:
             await load_task
             if app.state.load_error is not None:
                 raise app.state.load_error  # uvicorn reports a failed start-up and the worker exits
@@ -367,9 +411,11 @@ def create_app(
             load_task.cancel()
             if app.state.batch_task is not None:
                 app.state.batch_task.cancel()
-            forward_pool.shutdown(wait=False, cancel_futures=True)
+            self.forward_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def ping(request):
+    async def ping(self, request):
+        from starlette.responses import JSONResponse
+
         state = request.app.state
         if state.predictor is not None:
             return JSONResponse({"status": "ready"})
@@ -377,28 +423,31 @@ def create_app(
             return JSONResponse({"status": "failed", "error": str(state.load_error)}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    async def invoke(request, runtime_api: bool):
+    async def invoke(self, request, runtime_api: bool):
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import Response
+
         state = request.app.state
         predictor = state.predictor
         if predictor is None:
             why = "the model failed to load" if state.load_error is not None else "the model is still loading"
             return _error_response(503, f"{why}; retry when GET /ping answers 200", runtime_api)
         try:
-            with batcher.preparing_one():
-                body = await _read_body_in_time(request, max_bytes, body_timeout)
+            with self.batcher.preparing_one():
+                body = await _read_body_in_time(request, self.max_bytes, self.body_timeout)
                 check_accept(request.headers.get("accept"))
             # A slow upload costs no slot: only decoding and the forward pass are limited.
-            with admission.slot():
-                with batcher.preparing_one():
+            with self.admission.slot():
+                with self.batcher.preparing_one():
                     req, tensor = await run_in_threadpool(
                         _prepare,
                         predictor,
                         body,
                         request.headers.get("content-type"),
                         request.headers.get(CUSTOM_ATTRIBUTES_HEADER),
-                        max_bytes,
+                        self.max_bytes,
                     )
-                answer = await batcher.submit(tensor, req)
+                answer = await self.batcher.submit(tensor, req)
         except RequestError as exc:
             return _error_response(exc.status, str(exc), runtime_api)
         except Exception as exc:  # never a crash: the client gets a 500 with the reason's type
@@ -407,39 +456,25 @@ def create_app(
         headers = {"x-Amzn-Invoked-Production-Variant": "AllTraffic"} if runtime_api else None
         return Response(json.dumps(answer), media_type=JSON_TYPE, headers=headers)
 
-    async def invocations(request):
-        return await invoke(request, runtime_api=False)
+    async def invocations(self, request):
+        return await self.invoke(request, runtime_api=False)
 
-    async def endpoint_invocations(request):
-        return await invoke(request, runtime_api=True)
+    async def endpoint_invocations(self, request):
+        return await self.invoke(request, runtime_api=True)
 
-    async def stats_route(request):
+    async def stats_route(self, request):
+        from starlette.responses import JSONResponse
+
         return JSONResponse(
             {
-                **stats.as_dict(),
-                "max_batch": max_batch,
-                "max_wait_ms": max_wait_ms,
-                "lanes": plan.lanes,
-                "in_progress": admission.active,
-                "max_pending": admission.limit,
+                **self.stats.as_dict(),
+                "max_batch": self.max_batch,
+                "max_wait_ms": self.max_wait_ms,
+                "lanes": self.plan.lanes,
+                "in_progress": self.admission.active,
+                "max_pending": self.admission.limit,
             }
         )
-
-    app = Starlette(
-        routes=[
-            Route("/ping", ping, methods=["GET"]),
-            Route("/invocations", invocations, methods=["POST"]),
-            Route("/endpoints/{name}/invocations", endpoint_invocations, methods=["POST"]),
-            Route("/stats", stats_route, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
-    app.state.predictor = None
-    app.state.load_error = None
-    app.state.batch_task = None
-    app.state.on_load_error = None
-    app.state.stats = stats
-    return app
 
 
 def _thread_plan(threads: int | None, procs: int) -> hw.ThreadPlan:

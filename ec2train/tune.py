@@ -574,13 +574,7 @@ def tune(
     timeout: seconds after which no new trial starts (running ones finish).
     """
     optuna = require_optuna()
-    base = base.validate()
-    check_study_name(study_name)
-    if trials < 1:
-        raise TuneError(f"--trials {trials}: must be at least 1")
-    if prune_warmup_epochs < 0:
-        raise TuneError(f"--prune-warmup-epochs {prune_warmup_epochs}: must be 0 or more")
-    require_dataset(base.data)  # fail once, up front, not once per trial
+    base = _checked(base, study_name, trials, prune_warmup_epochs)
     params = space if isinstance(space, list) else load_space(space, base)
     output = Path(output) if output is not None else Path("tune") / study_name
     output.mkdir(parents=True, exist_ok=True)
@@ -607,10 +601,10 @@ def tune(
     started = counted_trials(study)
     to_run = max(0, trials - started)
     devices = plan_workers(n_workers, gpus, base.device)
-    where = "one at a time" if n_workers == 1 else f"{n_workers} at a time"
-    if n_workers > 1 and devices[0] is not None:
-        where += f", on GPUs {','.join(devices)}"
-    say(f"study '{study_name}' in {shown_url(storage_url)}: {started} trials so far, running {to_run} more ({where})")
+    say(
+        f"study '{study_name}' in {shown_url(storage_url)}: {started} trials so far, "
+        f"running {to_run} more ({_side_by_side(n_workers, devices)})"
+    )
     say("searching " + "; ".join(p.describe() for p in params))
     deadline = time.monotonic() + timeout if timeout else None
 
@@ -623,8 +617,7 @@ def tune(
         else:
             exits = _run_parallel(job, storage_url, to_run, devices, deadline, say)
 
-    best = write_best(study, base, output / BEST_FILE)
-    cfg, trial = best if best is not None else (None, None)
+    cfg, trial = write_best(study, base, output / BEST_FILE) or (None, None)
     result = TuneResult(
         study,
         trial_rows(study),
@@ -639,6 +632,23 @@ def tune(
     if then_fit:
         result.final = _fit_best(result, study_name, console, say)
     return result
+
+
+def _side_by_side(n_workers: int, devices: list) -> str:
+    where = "one at a time" if n_workers == 1 else f"{n_workers} at a time"
+    return where + (f", on GPUs {','.join(devices)}" if n_workers > 1 and devices[0] is not None else "")
+
+
+def _checked(base: TrainConfig, study_name: str, trials: int, prune_warmup_epochs: int) -> TrainConfig:
+    """The settings, validated once, up front, not once per trial."""
+    base = base.validate()
+    check_study_name(study_name)
+    if trials < 1:
+        raise TuneError(f"--trials {trials}: must be at least 1")
+    if prune_warmup_epochs < 0:
+        raise TuneError(f"--prune-warmup-epochs {prune_warmup_epochs}: must be 0 or more")
+    require_dataset(base.data)
+    return base
 
 
 def _open_study(optuna, study_name: str, storage_url: str, base: TrainConfig, params: list[Param], job: Job):

@@ -112,6 +112,12 @@ def value(x: Any) -> Any:
     return x.value if isinstance(x, Enum) else x
 
 
+def train_settings(options: dict[str, Any], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The TrainConfig settings among a command's options (pass its locals() first thing), enum
+    choices as their plain values, for config.resolve: each option named like a field is one."""
+    return {name: value(v) for name, v in options.items() if name in FIELDS and name not in exclude}
+
+
 def default_of(name: str) -> Any:
     """TrainConfig's default for a setting: the one place defaults are written."""
     return FIELDS[name].default

@@ -28,6 +28,7 @@ from ec2train.cli._app import (
     err_console,
     heavy_imports,
     setting,
+    train_settings,
     value,
 )
 
@@ -118,43 +119,12 @@ def fit(
 
     Exit status: 0 done; 2 bad input or settings (one line says what to fix); 75 stopped by a spot interruption notice or SIGTERM: the last completed epoch's checkpoint is saved (and in S3 with --s3-uri), run the same command with --resume auto to continue; 130 Ctrl-C: the first stops at the next step the same way (checkpoint kept, S3 flushed), a second one quits at once.
     """
+    options = train_settings(locals())  # every option named like a TrainConfig field
     if nproc_per_node is not None:
         raise typer.Exit(_launch_torchrun(nproc_per_node, ctx.obj.argv if ctx.obj else tuple(sys.argv[1:])))
     from ec2train.config import resolve
 
-    cfg = resolve(
-        config,
-        data=data,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        scale_lr=scale_lr,
-        weight_decay=weight_decay,
-        optimizer=value(optimizer),
-        label_smoothing=label_smoothing,
-        warmup_epochs=warmup_epochs,
-        patience=patience,
-        arch=arch,
-        weights=weights,
-        freeze_backbone=freeze_backbone,
-        backbone_lr_scale=backbone_lr_scale,
-        image_size=image_size,
-        augment=augment,
-        workers=workers,
-        seed=seed,
-        amp=value(amp),
-        device=value(device),
-        channels_last=channels_last,
-        compile=compile,
-        sync_bn=sync_bn,
-        output=output,
-        logdir=logdir,
-        resume=resume,
-        s3_uri=s3_uri,
-        kms_key=kms_key,
-        cache_features=cache_features,
-        threads=threads,
-    )
+    cfg = resolve(config, **options)
     try:
         with heavy_imports():
             from ec2train.run import fit_run  # torch: seconds, and Ctrl-C may come meanwhile
@@ -467,6 +437,7 @@ def tune(
     logdir: str | None = setting("logdir", "TensorBoard folder; trials go to LOGDIR/tune-STUDY/."),
 ):
     """Search learning rate, batch size, weight decay and label smoothing with Optuna; prune hopeless trials."""
+    options = train_settings(locals(), exclude=("output",))  # the study's folder, not a trial's
     from ec2train.config import resolve
 
     with heavy_imports():
@@ -474,22 +445,7 @@ def tune(
         from ec2train.tune import tune as run_tune
 
     seconds = parse_duration(timeout) if timeout is not None else None
-    base = resolve(
-        config,
-        data=data,
-        epochs=epochs,
-        arch=arch,
-        weights=weights,
-        freeze_backbone=freeze_backbone,
-        image_size=image_size,
-        optimizer=value(optimizer),
-        workers=workers,
-        device=value(device),
-        amp=value(amp),
-        seed=seed,
-        logdir=logdir,
-        threads=threads,
-    )
+    base = resolve(config, **options)
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own one line per trial event instead
     try:
