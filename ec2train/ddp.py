@@ -8,7 +8,7 @@ import datetime
 import inspect
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -129,6 +129,8 @@ def setup(env: DistEnv, device: str) -> None:
         # Yes/no questions between steps (stop now?) go over gloo on the CPU beside NCCL: a NCCL
         # all_reduce would make the CPU wait for the GPU's queued work before every step.
         backend = control_backend(dist.get_backend())
+        if backend == "gloo" and (ifname := gloo_ifname(os.environ)):
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname  # gloo crosses nodes on NCCL's interface too
         _control = dist.new_group(backend=backend, timeout=BARRIER_TIMEOUT) if backend else None
 
 
@@ -136,6 +138,17 @@ def control_backend(backend: str) -> str | None:
     """The backend of a second group for CPU-side questions between steps, when the training
     group's collectives run on the GPU; None: the training group answers them itself."""
     return "gloo" if backend == "nccl" else None
+
+
+def gloo_ifname(environ: Mapping[str, str]) -> str | None:
+    """GLOO_SOCKET_IFNAME for the control group, taken from NCCL_SOCKET_IFNAME when only that is
+    set (docs/distributed.md tells users to set it): gloo otherwise picks the interface its host
+    name resolves to, which can be loopback, and the group would wait for peers it cannot reach.
+    NCCL's exclusion form (`^docker0,lo`) has no gloo equivalent and is not copied."""
+    if environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    nccl = environ.get("NCCL_SOCKET_IFNAME", "").strip().lstrip("=")
+    return nccl if nccl and not nccl.startswith("^") else None
 
 
 _control = None  # setup's gloo group beside a NCCL one; None: the default group (gloo) answers

@@ -148,12 +148,14 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     on_step: Callable[[int, float, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[Meter, bool]:
     """One pass over this rank's shard; returns (meter for this rank, stopped early).
 
     A step's loss and hits stay on the device, and are read (and given to on_step) once the next
     step is queued: reading them at once would make the CPU wait for the GPU every step, and the
-    GPU then idles while the CPU queues the next one."""
+    GPU then idles while the CPU queues the next one. after_step is called once per step, as
+    soon as it is queued (on the CPU: done), for timing it."""
     meter = Meter()
     pending: tuple[int, torch.Tensor] | None = None
 
@@ -183,6 +185,8 @@ def train_one_epoch(
         if pending is not None:
             count(pending)
         pending = (n, stats)
+        if after_step:
+            after_step()
         if should_stop is not None and ddp.any_rank(should_stop()):
             count(pending)
             return meter, True
@@ -735,10 +739,6 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
     cfg, state, tr = run.cfg, run.state, run.tr
     timing = _ThreadTiming(run.rt.tuner, state.history)
 
-    def on_step(n: int, loss: float, acc: float) -> None:
-        run.report.step(n, loss, acc)
-        timing.step()
-
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.patience and state.stale_epochs >= cfg.patience:
             break
@@ -754,8 +754,9 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
             tr.scheduler,
             tr.ctx,
             cfg.label_smoothing,
-            on_step,
-            should_stop,
+            on_step=run.report.step,  # one step late: see train_one_epoch
+            should_stop=should_stop,
+            after_step=timing.step,  # the thread probe times each step as it ends
         )
         seconds = time.perf_counter() - t0
         run.report.end_epoch()
@@ -881,7 +882,9 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
         run.writer.get().add_hparams(
             hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc}, run_name="."
         )
-        log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
+        missing = log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
+        if missing:
+            run.report.log(f"note: {missing}")
     ddp.barrier()
     return FitResult(run.output, run.output / MODEL_FILE, run.logdir, metrics, state.history)
 

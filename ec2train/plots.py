@@ -139,7 +139,7 @@ def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | No
     counts = [(i, j, str(int(m[i, j]))) for i in range(n) for j in range(n)] if lay.annotate else []
     return Figure(
         fractions=(m / m.sum(dim=1, keepdim=True).clamp(min=1)).numpy(),
-        title=title or f"Confusion matrix: {total} images, {n} classes, accuracy {accuracy:.1%}",
+        title=title or f"Confusion matrix: {total} images, {n} class{'es' * (n != 1)}, accuracy {accuracy:.1%}",
         row_labels=[_short(c) if lay.names_on_columns else f"{_short(c)} [{i}]" for i, c in enumerate(class_names)],
         column_labels=[_short(c) for c in class_names] if lay.names_on_columns else [str(i) for i in range(n)],
         columns_at_top=not lay.names_on_columns,
@@ -168,8 +168,27 @@ def blues(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(v, stops, _BLUES[:, c]) for c in range(3)], axis=-1).round().astype(np.uint8)
 
 
+# DejaVu Sans (most Linux images have it) covers accented, Greek and Cyrillic class names;
+# Pillow's own font, the fallback, covers ASCII only.
+FONT_FILES = ("DejaVuSans.ttf",)
+
+
+def can_draw() -> str | None:
+    """Why this Pillow cannot draw the picture (it needs FreeType for its fonts), or None."""
+    from PIL import features
+
+    if not features.check("freetype2"):
+        return "this Pillow was built without FreeType, so the confusion picture is left out; install Pillow's wheel from PyPI to have it"
+    return None
+
+
 @functools.lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    for name in FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
     return ImageFont.load_default(size=size)
 
 
@@ -219,12 +238,22 @@ def geometry(fig: Figure, pad: int = 24) -> Geometry:
     # Numbers turned 90 degrees under and above the matrix, or names turned 45 degrees under it.
     col_h = widest + 8 if fig.columns_at_top else round((widest + lay.font) * 0.71) + 8
     title_w, title_h = _text_size(fig.title, _font(18))
-    left = pad + axis_h + 12 + row_w + 8
+    # The title is centred over the matrix: with few classes it is the wider of the two.
+    left = max(pad + axis_h + 12 + row_w + 8, pad + (title_w - side) // 2)
     top = pad + title_h + 16 + (col_h if fig.columns_at_top else 0)
     list_w = max(_text_size(t, list_font)[0] for t in fig.pairs)
-    width = max(left + side + max(LIST_X + list_w, BAR_X + BAR_W + 120) + pad, left + title_w + pad)
-    height = top + max(side + col_h + axis_h + 12, len(fig.pairs) * round(list_font.size * 1.45)) + pad
-    return Geometry(left, top, side, col_h, width, height)
+    width = max(left + side + max(LIST_X + list_w, BAR_X + BAR_W + 120) + pad, left + (side + title_w) // 2 + pad)
+    below = max(side + col_h + axis_h + 12, bar_height(side), len(fig.pairs) * round(list_font.size * 1.45))
+    return Geometry(left, top, side, col_h, width, top + below + pad)
+
+
+BAR_CAPTION = "fraction of the true class's images"
+
+
+def bar_height(side: int) -> int:
+    """The colour scale beside the matrix's top: as tall as the matrix, within [its caption's
+    length, BAR_MAX]."""
+    return min(max(side, _text_size(BAR_CAPTION, _font(13))[0] + 10), BAR_MAX)
 
 
 def render(fig: Figure, pad: int = 24) -> Image.Image:
@@ -233,7 +262,7 @@ def render(fig: Figure, pad: int = 24) -> Image.Image:
     left, top, side, col_h, width, height = geometry(fig, pad)
     tick, axis_font, title_font, list_font = _font(lay.font), _font(15), _font(18), _font(14)
     line_h = round(list_font.size * 1.45)
-    bar_h = min(side, BAR_MAX)
+    bar_h = bar_height(side)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     # The matrix: one pixel per cell, scaled up without blurring.
@@ -274,7 +303,7 @@ def render(fig: Figure, pad: int = 24) -> Image.Image:
         y = top + round((1 - v) * (bar_h - 1))
         draw.line([(bx + BAR_W, y), (bx + BAR_W + 4, y)], fill=INK)
         draw.text((bx + BAR_W + 7, y), f"{v:.1f}", font=_font(12), fill=INK, anchor="lm")
-    _paste_text(canvas, (bx + 70, top + bar_h / 2), "fraction of the true class's images", _font(13), INK, 90, "middle")
+    _paste_text(canvas, (bx + 70, top + bar_h / 2), BAR_CAPTION, _font(13), INK, 90, "middle")
     # The most confused pairs, right of the colour scale.
     for k, text in enumerate(fig.pairs):
         draw.text((left + side + LIST_X, top + k * line_h), text, font=list_font, fill=INK)
@@ -303,14 +332,17 @@ def per_class_markdown(confusion: Any, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def log_confusion(writer: Any, confusion: Any, class_names: Sequence[str], step: int, tag: str = "test") -> None:
+def log_confusion(writer: Any, confusion: Any, class_names: Sequence[str], step: int, tag: str = "test") -> str | None:
     """Log the confusion figure (`<tag>/confusion_matrix`, an image), per-class accuracy
     (`<tag>/per_class_accuracy`, a text table) and the most confused pairs (`<tag>/most_confused`)
-    to a TensorBoard SummaryWriter."""
+    to a TensorBoard SummaryWriter. Returns why the figure was left out (see `can_draw`), or None."""
     m = _matrix(confusion, class_names)
-    rgb = np.asarray(render(confusion_figure(m, class_names)))
-    writer.add_image(f"{tag}/confusion_matrix", rgb, step, dataformats="HWC")
+    missing = can_draw()
+    if missing is None:
+        rgb = np.asarray(render(confusion_figure(m, class_names)))
+        writer.add_image(f"{tag}/confusion_matrix", rgb, step, dataformats="HWC")
     writer.add_text(f"{tag}/per_class_accuracy", per_class_markdown(m, class_names), step)
     pairs = most_confused(m, class_names)
     writer.add_text(f"{tag}/most_confused", "\n\n".join(confused_line(p) for p in pairs) or "no confusions", step)
     writer.flush()
+    return missing

@@ -95,6 +95,32 @@ def test_cells_are_coloured_by_their_share_of_the_true_class(tmp_path: Path):
     assert image.shape[1] == g.width and image.shape[0] == g.height
 
 
+@pytest.mark.parametrize("classes", [1, 2, 3])
+def test_a_few_classes_leave_room_for_the_title_and_the_colour_scale(classes: int):
+    fig = confusion_figure(torch.eye(classes) * 3, [f"class {i}" for i in range(classes)])
+    g = plots.geometry(fig)
+    title_w, _ = plots._text_size(fig.title, plots._font(18))
+    centre = g.left + g.side / 2  # the title is centred over the matrix, inside the picture
+    assert centre - title_w / 2 >= 0 and centre + title_w / 2 <= g.width
+    caption_h, _ = plots._text_size(plots.BAR_CAPTION, plots._font(13))
+    assert plots.bar_height(g.side) >= caption_h and g.top + plots.bar_height(g.side) <= g.height
+
+
+def test_without_freetype_the_picture_is_left_out_with_the_reason(tmp_path: Path, monkeypatch):
+    from PIL import features
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setattr(features, "check", lambda name: name != "freetype2")
+    writer = SummaryWriter(str(tmp_path))
+    missing = plots.log_confusion(writer, FOUR, SHAPES, step=1)
+    writer.close()
+    assert missing and "without FreeType" in missing and "PyPI" in missing
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert acc.Tags()["images"] == []  # no picture, but the tables are there
+    assert "test/per_class_accuracy/text_summary" in acc.Tags()["tensors"]
+
+
 def _red_pixels(image: Image.Image) -> int:
     import numpy as np
 

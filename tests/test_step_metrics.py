@@ -61,11 +61,16 @@ def test_every_step_is_counted_and_reported_in_order_one_step_behind():
         events.append(f"report {len(reports)}")
         reports.append((n, loss, acc))
 
-    meter, stopped = train_one_epoch(net, loader(), opt, sched, CPU, on_step=on_step)
+    meter, stopped = train_one_epoch(
+        net, loader(), opt, sched, CPU, on_step=on_step, after_step=lambda: events.append("step")
+    )
 
     assert not stopped
-    # A step's numbers are read after the next batch is in hand (its step queued), never at once.
-    assert events == ["batch 0", "batch 1", "report 0", "batch 2", "report 1", "report 2"]
+    # A step's numbers are read after the next batch is in hand (its step queued), never at once;
+    # after_step (the thread probe's clock) marks each step as it ends, once per step.
+    assert events == [
+        "batch 0", "step", "batch 1", "report 0", "step", "batch 2", "report 1", "step", "report 2"
+    ]  # fmt: skip
     expected = [_expected(net, b) for b in data]
     assert [r[0] for r in reports] == [4, 3, 5]
     for (_n, loss, acc), (_, want_loss, want_acc, _) in zip(reports, expected, strict=True):
@@ -79,6 +84,7 @@ def test_every_step_is_counted_and_reported_in_order_one_step_behind():
 def test_a_stop_request_counts_the_step_it_came_after():
     net, opt, sched = _frozen_setup()
     seen: list[int] = []
+    ended: list[int] = []
     meter, stopped = train_one_epoch(
         net,
         _batches([4, 4, 4, 4]),
@@ -87,8 +93,10 @@ def test_a_stop_request_counts_the_step_it_came_after():
         CPU,
         on_step=lambda n, _loss, _acc: seen.append(n),
         should_stop=lambda: len(seen) >= 1,  # true once step 1 is reported, i.e. after step 2
+        after_step=lambda: ended.append(len(ended)),
     )
     assert stopped and meter.count == 8 and seen == [4, 4]
+    assert ended == [0, 1]  # two steps ran: two timings, none for the late report
 
 
 def test_evaluate_sums_and_confusion_match_a_direct_count():
@@ -119,23 +127,35 @@ def test_topk_hits_with_fewer_classes_than_k():
 def test_stop_questions_go_over_a_cpu_group_beside_nccl():
     assert ddp.control_backend("nccl") == "gloo"
     assert ddp.control_backend("gloo") is None  # the training group is on the CPU already
+    # Across nodes gloo uses the interface the user chose for NCCL, unless told otherwise.
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5"}) == "ens5"
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "=eth0"}) == "eth0"
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "^docker0,lo"}) is None  # an exclusion list
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5", "GLOO_SOCKET_IFNAME": "eth1"}) is None
+    assert ddp.gloo_ifname({}) is None
 
 
 def _ask_on_rank(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    ddp.control_backend = lambda backend: "gloo"  # what setup does beside NCCL, here beside gloo
+    ddp.setup(ddp.env_from(), "cpu")
     try:
-        ddp._control = dist.new_group(backend="gloo")  # as setup makes beside a NCCL group
+        made = ddp._control is not None
         answers = [ddp.any_rank(rank == 1), ddp.any_rank(False), ddp.any_rank(True)]
-        Path(out, f"{rank}.txt").write_text(repr(answers))
     finally:
         ddp.cleanup()
+    Path(out, f"{rank}.txt").write_text(repr([made, *answers, ddp._control is None]))
 
 
-def test_any_rank_agrees_on_every_rank_over_the_control_group(tmp_path: Path):
+def test_setup_makes_the_control_group_every_rank_asks_over_and_cleanup_drops_it(tmp_path: Path):
     import torch.multiprocessing as mp
 
     mp.start_processes(_ask_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == ["[True, False, True]"] * 2
+    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == ["[True, True, False, True, True]"] * 2

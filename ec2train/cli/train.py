@@ -224,7 +224,7 @@ def evaluate(
 
         from ec2train.export import atomic_write_json, write_confusion_csv
         from ec2train.loop import evaluate_model_file
-        from ec2train.plots import confused_line, most_confused, write_confusion_png
+        from ec2train.plots import can_draw, confused_line, most_confused, write_confusion_png
 
     apply_threads(threads, workers)
     res = evaluate_model_file(model, data, split, batch_size, workers, value(device))
@@ -234,7 +234,9 @@ def evaluate(
     report = {k: v for k, v in res.items() if k != "confusion"}
     atomic_write_json(out / f"evaluation-{split}.json", {**report, "most_confused": [p._asdict() for p in pairs]})
     write_confusion_csv(out / f"confusion-{split}.csv", res["confusion"], names)
-    write_confusion_png(out / f"confusion-{split}.png", torch.tensor(res["confusion"], dtype=torch.float64), names)
+    missing = can_draw()
+    if missing is None:
+        write_confusion_png(out / f"confusion-{split}.png", torch.tensor(res["confusion"], dtype=torch.float64), names)
     table = Table(title=f"{split}: top-1 {res['acc1']:.4f}, top-5 {res['acc5']:.4f}, {res['images']} images")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
@@ -246,7 +248,10 @@ def evaluate(
     )
     for pair in pairs:
         console.print(f"  {confused_line(pair)}", markup=False, highlight=False)
-    console.print(f"wrote {out / f'evaluation-{split}.json'}, confusion-{split}.csv and confusion-{split}.png")
+    written = f"confusion-{split}.csv" + (f" and confusion-{split}.png" if missing is None else "")
+    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}")
+    if missing:
+        console.print(f"note: {missing}", markup=False, highlight=False)
 
 
 @app.command()
