@@ -105,13 +105,17 @@ class Figure:
     title: str
     row_labels: list[str]
     column_labels: list[str]
-    columns_at_top: bool  # numbered columns repeat above the matrix (a tall one)
     x_label: str
     y_label: str
     cell_texts: list[tuple[int, int, str]]  # (row, column, count) when counts are shown
     framed: list[tuple[int, int]]  # the most confused cells, framed in red
     pairs: list[str]  # the list beside the matrix
     layout: _Layout = field(repr=False)
+
+    @property
+    def columns_at_top(self) -> bool:
+        """Numbered columns (a tall matrix) repeat above it; named ones are only under it."""
+        return not self.layout.names_on_columns
 
 
 def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | None = None, k: int = TOP_K) -> Figure:
@@ -142,7 +146,6 @@ def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | No
         title=title or f"Confusion matrix: {total} images, {n} class{'es' * (n != 1)}, accuracy {accuracy:.1%}",
         row_labels=[_short(c) if lay.names_on_columns else f"{_short(c)} [{i}]" for i, c in enumerate(class_names)],
         column_labels=[_short(c) for c in class_names] if lay.names_on_columns else [str(i) for i in range(n)],
-        columns_at_top=not lay.names_on_columns,
         x_label="predicted class" + ("" if lay.names_on_columns else " (number in [ ] beside each true class)"),
         y_label="true class",
         cell_texts=counts,
