@@ -18,7 +18,7 @@ from _common import DEFAULT_ROOT, best_of, big_data, drain, row
 
 from ec2train.data import ImageDataset, available_cpus, scan_split
 from ec2train.prepare import prepare_dataset
-from ec2train.preprocess import decode_min_side, eval_transform, train_transform
+from ec2train.preprocess import decode_min_side, eval_pixels, train_pixels
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     assert [p.name for p, _ in raw] == [p.name for p, _ in prepared]
     n = len(raw)
     ratios = {}
-    for name, transform, train in (("train", train_transform(s), True), ("eval", eval_transform(s), False)):
+    for name, transform, train in (("train", train_pixels(s), True), ("eval", eval_pixels(s), False)):
         ms = decode_min_side(s, train)
         t_plain, t_raw, t_prep = best_of(
             a.rounds,

@@ -60,7 +60,7 @@ from ec2train.export import (
 from ec2train.features import CACHE_DIR, feature_loaders
 from ec2train.model import build_model, find_head, freeze_backbone, model_from_file, normalization_for
 from ec2train.plots import log_confusion
-from ec2train.preprocess import decode_min_side, eval_transform, train_transform
+from ec2train.preprocess import decode_min_side, eval_pixels, normalize_pixels, pixel_stats, train_pixels
 
 # ---------------------------------------------------------------- metrics
 
@@ -107,13 +107,24 @@ class StepContext:
     amp: hw.AmpPolicy
     channels_last: bool
     scaler: Any = None  # torch.amp.GradScaler when amp.use_scaler
+    # The data set's normalization: image batches come from the loader as uint8 pixels
+    # (preprocess.train_pixels) and are normalized here, on the device.
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    _stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def autocast(self):
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp.dtype, enabled=self.amp.enabled)
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
-        if self.channels_last and images.dim() == 4:
+        channels_last = self.channels_last and images.dim() == 4
+        if images.dtype == torch.uint8:
+            if self._stats is None:
+                if self.normalization is None:
+                    raise RuntimeError("uint8 image batches need StepContext(normalization=(mean, std))")
+                self._stats = pixel_stats(*self.normalization, self.device)
+            images = normalize_pixels(images, *self._stats, channels_last)
+        elif channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
@@ -287,13 +298,15 @@ def backbone_lr(cfg: TrainConfig, lr: float) -> float:
     return lr * cfg.backbone_lr_scale if cfg.weights != "none" else lr
 
 
-def train_dataset(samples, image_size: int, mean, std, augment: str) -> ImageDataset:
-    return ImageDataset(samples, train_transform(image_size, mean, std, augment), decode_min_side(image_size, augment))
+def train_dataset(samples, image_size: int, augment: str) -> ImageDataset:
+    """uint8 pixels; StepContext.to_device normalizes each batch on the device."""
+    return ImageDataset(samples, train_pixels(image_size, augment), decode_min_side(image_size, augment))
 
 
-def eval_dataset(samples, image_size: int, mean, std) -> ImageDataset:
-    """The deterministic transform of validation, test, evaluate and the feature cache."""
-    return ImageDataset(samples, eval_transform(image_size, mean, std), decode_min_side(image_size, False))
+def eval_dataset(samples, image_size: int) -> ImageDataset:
+    """The deterministic transform of validation, test, evaluate and the feature cache (uint8
+    pixels, as train_dataset)."""
+    return ImageDataset(samples, eval_pixels(image_size), decode_min_side(image_size, False))
 
 
 # ---------------------------------------------------------------- the phases of fit
@@ -366,8 +379,8 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
     mean, std = normalization_for(cfg.arch, cfg.weights)
     _, train_samples = scan_split(cfg.data, "train", class_folders)
     _, valid_samples = scan_split(cfg.data, "valid", class_folders)
-    train_ds = train_dataset(train_samples, cfg.image_size, mean, std, cfg.augment)
-    valid_ds = eval_dataset(valid_samples, cfg.image_size, mean, std)
+    train_ds = train_dataset(train_samples, cfg.image_size, cfg.augment)
+    valid_ds = eval_dataset(valid_samples, cfg.image_size)
     env = rt.env
     sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed, batch_size=cfg.batch_size)
     train_loader = make_loader(train_ds, sampler, cfg.batch_size, rt.workers, rt.pin_memory)
@@ -414,8 +427,10 @@ def make_trainer(
     lr_at_step: Callable[[int], float],
     wrap: bool = True,
     compile: bool = False,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> Trainer:
-    """wrap: DDP-wrap the model (fit does, except with --cache-features where only the head trains)."""
+    """wrap: DDP-wrap the model (fit does, except with --cache-features where only the head trains).
+    normalization: (mean, std) of the data set, for loaders that give uint8 pixels."""
     net = build_model(arch, num_classes, weights)
     head_name, _ = find_head(net)
     if frozen:
@@ -430,7 +445,7 @@ def make_trainer(
     model = ddp.wrap_model(net, rt.device, rt.sync_bn) if wrap else net
     if compile:
         model = torch.compile(model)
-    return Trainer(net, model, head_name, opt, scheduler, StepContext(rt.device, rt.amp, use_cl, scaler))
+    return Trainer(net, model, head_name, opt, scheduler, StepContext(rt.device, rt.amp, use_cl, scaler, normalization))
 
 
 def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
@@ -451,6 +466,7 @@ def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
         lr_at_step=lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs),
         wrap=not cfg.cache_features,
         compile=cfg.compile and not cfg.cache_features,
+        normalization=(data.mean, data.std),
     )
 
 
@@ -710,7 +726,7 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
     step_model, train_loader, valid_loader = tr.model, data.train_loader, data.valid_loader
     if cfg.cache_features:
         fixed = {
-            split: eval_dataset(samples, cfg.image_size, data.mean, data.std)
+            split: eval_dataset(samples, cfg.image_size)
             for split, samples in (("train", data.train_samples), ("valid", data.valid_samples))
         }
         step_model, train_loader, valid_loader = feature_loaders(
@@ -851,7 +867,7 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
     t0 = time.perf_counter()
     run.tr.net.load_state_dict(state.best_model)
     _, test_samples = scan_split(cfg.data, "test", data.class_folders)
-    test_ds = eval_dataset(test_samples, cfg.image_size, data.mean, data.std)
+    test_ds = eval_dataset(test_samples, cfg.image_size)
     loader = make_loader(
         test_ds, EvalSampler(len(test_ds), rt.env.rank, rt.env.world_size), cfg.batch_size, rt.workers, rt.pin_memory
     )
@@ -911,8 +927,8 @@ def evaluate_model_file(
         )
     _, samples = scan_split(data, split, folders)
     dev = ddp.select_device(device, 0, hw.cuda_device_count())
-    ctx = StepContext(dev, hw.amp_policy("off", dev.split(":")[0]), False)
-    ds = eval_dataset(samples, meta["image_size"], meta["mean"], meta["std"])
+    ctx = StepContext(dev, hw.amp_policy("off", dev.split(":")[0]), False, normalization=(meta["mean"], meta["std"]))
+    ds = eval_dataset(samples, meta["image_size"])
     loader = make_loader(ds, EvalSampler(len(ds)), batch_size, workers, hw.use_pin_memory(dev.split(":")[0]))
     summary, confusion = evaluate(net.to(dev), loader, ctx, meta["num_classes"])
     totals = confusion.sum(dim=1)

@@ -153,7 +153,7 @@ def bench(
     cpus = available_cpus()
     log(rt.threads.describe())  # as fit would run
     # The step is timed first, before loader workers exist, so they do not compete with it for the CPU.
-    dataset = train_dataset(samples, image_size, IMAGENET_MEAN, IMAGENET_STD, True)
+    dataset = train_dataset(samples, image_size, True)
     sampler = TrainSampler(len(dataset))
     loader = make_loader(dataset, sampler, batch_size, workers, rt.pin_memory)
 
@@ -215,6 +215,7 @@ def _trainer(rt, arch: str, num_classes: int, frozen: bool, channels_last: bool)
         momentum=0.0,
         lr_at_step=lambda _step: 1.0,
         wrap=False,
+        normalization=(IMAGENET_MEAN, IMAGENET_STD),
     )
     set_train_mode(tr.net, tr.head, frozen)
     return tr

@@ -167,3 +167,41 @@ def test_decode_errors_never_show_python_reprs():
         with pytest.raises(ImageDecodeError) as exc:
             load_rgb(junk)
         assert " at 0x" not in str(exc.value) and "<_io" not in str(exc.value), exc.value
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pixels_normalized_on_the_device_equal_the_float_transforms_bit_for_bit(tmp_path, channels_last):
+    # Loader workers hand uint8 pixels over and StepContext.to_device normalizes the batch:
+    # the tensors the model sees must be exactly those of ToTensor + Normalize per image, for
+    # the train transform (same seed) and the eval one, with and without channels_last.
+    from ec2train import hw
+    from ec2train.loop import StepContext
+    from ec2train.preprocess import eval_pixels, train_pixels
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    imgs = [photo_like(50, 40 + i, seed=i) for i in range(3)]
+    ctx = StepContext("cpu", hw.amp_policy("off", "cpu"), channels_last, normalization=(mean, std))
+    for floats, pixels in (
+        (train_transform(32, mean, std), train_pixels(32)),
+        (eval_transform(32, mean, std), eval_pixels(32)),
+    ):
+        expected, batch = [], []
+        for i, img in enumerate(imgs):
+            torch.manual_seed(i)
+            expected.append(floats(img))
+            torch.manual_seed(i)
+            batch.append(pixels(img))
+        assert batch[0].dtype == torch.uint8 and batch[0].shape == (3, 32, 32)
+        got, labels = ctx.to_device(torch.stack(batch), torch.tensor([0, 1, 2]))
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert torch.equal(got, torch.stack(expected)) and labels.tolist() == [0, 1, 2]
+
+
+def test_a_uint8_batch_without_the_data_sets_normalization_is_refused():
+    from ec2train import hw
+    from ec2train.loop import StepContext
+
+    with pytest.raises(RuntimeError, match="normalization"):
+        StepContext("cpu", hw.amp_policy("off", "cpu"), False).to_device(
+            torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1)
+        )
