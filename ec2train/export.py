@@ -4,9 +4,9 @@ file writes, the SageMaker model package (`export --package`) and the confusion 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
-import io
 import json
 import os
 import platform
@@ -33,30 +33,51 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     naming the folder and its free space, whatever the writer raised (torch.save says
     "unexpected pos"); the temp file is always removed.
     """
+    path, tmp_path = _new_temp(path)
+    with _undone_on_error(path, tmp_path):
+        write(tmp_path)
+        _commit(tmp_path, path)
+    return path
+
+
+def _new_temp(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # os.open with 0o666 applies the umask as open() does; mkstemp would force 0600.
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return path, tmp_path
+
+
+def _commit(tmp_path: Path, path: Path) -> Path:
+    with open(tmp_path, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+    return path
+
+
+@contextlib.contextmanager
+def _undone_on_error(path: Path, tmp_path: Path):
+    """On any error the temp file goes, and a full disk becomes the one-line UserError."""
     try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as exc:
+        yield
+    except BaseException as exc:
         # Measured before the temp file goes: that is the state the writer failed in.
-        free = shutil.disk_usage(path.parent).free
+        free = shutil.disk_usage(path.parent).free if isinstance(exc, (OSError, RuntimeError)) else None
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
         full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        if full or free < (1 << 20):
+        if free is not None and (full or free < (1 << 20)):
             raise UserError(
                 f"disk full: cannot write {path.name} in {path.parent} ({free / 2**20:.1f} MiB free); "
                 "free some space or choose another output folder"
             ) from None
         raise
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-    return path
+
+
+def _commit_or_undo(tmp_path: Path, path: Path) -> Path:
+    with _undone_on_error(path, tmp_path):
+        return _commit(tmp_path, path)
 
 
 class BackgroundWriter:
@@ -68,8 +89,9 @@ class BackgroundWriter:
     full disk is still the one-line UserError); `close()` waits and ends the thread.
 
     background=False (hw.background_work_helps: training on the CPU) keeps the CPU work in the
-    caller's thread: `save` pickles there and leaves the background thread only the writing,
-    fsync and rename, which wait on the disk, not the CPU."""
+    caller's thread: `save` pickles into the temp file there (into the page cache, with no
+    second copy in memory) and leaves the background thread the fsync and rename, which wait
+    on the disk, not the CPU."""
 
     def __init__(self, background: bool = True):
         self.background = background
@@ -80,10 +102,11 @@ class BackgroundWriter:
         """torch.save(obj) to path, atomically."""
         if self.background:
             self.submit(atomic_torch_save, obj, path)
-        else:
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            self.submit(atomic_write_bytes, path, buffer.getbuffer())
+        else:  # pickled into the temp file here (no second copy in memory); fsync and rename there
+            path, tmp_path = _new_temp(path)
+            with _undone_on_error(path, tmp_path):
+                torch.save(obj, tmp_path)
+            self.submit(_commit_or_undo, tmp_path, path)
 
     def submit(self, write: Callable[..., Any], *args: Any) -> None:
         if self._pool is None:
@@ -108,10 +131,6 @@ class BackgroundWriter:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

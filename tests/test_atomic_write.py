@@ -134,8 +134,9 @@ def test_checkpoint_payload_is_a_snapshot_that_training_does_not_change():
 
 @pytest.mark.parametrize("background", [True, False])
 def test_saves_are_whole_files_in_order_in_either_mode_and_a_full_disk_is_one_line(background, tmp_path, tiny_disk):
-    """background=False (training on the CPU) pickles in the caller's thread and leaves only
-    the writing to the background thread: the file is the same, the errors too."""
+    """background=False (training on the CPU) pickles into the temp file in the caller's thread
+    and leaves the fsync and rename to the background thread: the file is the same, the errors
+    too."""
     import threading
 
     from ec2train.export import BackgroundWriter
@@ -158,10 +159,10 @@ def test_saves_are_whole_files_in_order_in_either_mode_and_a_full_disk_is_one_li
     assert pickled_in == [not background] * 2
     assert torch.equal(torch.load(out / "last.pt", weights_only=True)["w"], torch.zeros(2))
     assert [p.name for p in out.iterdir()] == ["last.pt"]  # no temp file left
-    saver.save({"w": torch.zeros(1_000_000)}, tiny_disk / "model.pth")  # 4 MB into 1 MiB
-    with pytest.raises(UserError, match="disk full"):
+    with pytest.raises(UserError, match="disk full"):  # raised by save (on the CPU) or by wait
+        saver.save({"w": torch.zeros(1_000_000)}, tiny_disk / "model.pth")  # 4 MB into 1 MiB
         saver.wait()
-    assert not (tiny_disk / "model.pth").exists()
+    assert list(tiny_disk.iterdir()) == []  # neither the file nor its temp file
     saver.close()
 
 
