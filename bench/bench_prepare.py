@@ -16,7 +16,8 @@ import time
 import torch
 from _common import DEFAULT_ROOT, best_of, big_data, drain, row
 
-from ec2train.data import ImageDataset, available_cpus, scan_split
+from ec2train.data import ImageDataset, scan_split
+from ec2train.hw import available_cpus
 from ec2train.prepare import prepare_dataset
 from ec2train.preprocess import decode_min_side, eval_pixels, train_pixels
 

@@ -25,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ec2train.data import available_cpus, make_demo_dataset  # noqa: E402
+from ec2train.data import make_demo_dataset  # noqa: E402
 from ec2train.ddp import threads_per_process  # noqa: E402
+from ec2train.hw import available_cpus  # noqa: E402
 
 
 def run_fit(nproc: int, threads: int, data: Path, work: Path, args: argparse.Namespace) -> dict:

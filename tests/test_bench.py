@@ -151,3 +151,21 @@ def test_busy_spinners_run_for_the_duration_and_stop():
         assert all(t >= os.sysconf("SC_CLK_TCK") // 20 for t in spent), spent  # they spin, not sleep
     assert all(p.poll() is not None for p in procs)  # killed and reaped
     assert busy_levels(1) == [0, 1] and busy_levels(0) == [0]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.py")))
+def test_every_benchmark_script_imports(script, monkeypatch):
+    # The benchmarks are not run by the tests (they take minutes), so a name moved inside
+    # ec2train once broke two of them unnoticed. Importing each one resolves its imports
+    # (their work runs under `if __name__ == "__main__"`).
+    import importlib.util
+    import sys
+
+    bench_dir = Path(__file__).parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", bench_dir / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    runs = 'if __name__ == "__main__":' in (bench_dir / script).read_text()
+    assert runs != (script == "_common.py")  # a script runs only as a script; the shared module never
