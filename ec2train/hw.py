@@ -292,7 +292,9 @@ class ThreadTuner:
     step ran 46 img/s with 2 threads and 35 with 1; beside one busy process, 17 with 2
     (spinning OpenMP threads collapse) and 37 with 1. So during the first epoch the candidates
     alternate step by step until each has `probe` timings, and the fastest median wins (the
-    plan's count keeps its place unless another is `margin` faster). The choice then holds for
+    plan's count keeps its place unless another is `margin` faster; when after `probe - 1`
+    rounds every step of one count is `clear` faster than every step of the others, the probe
+    ends there: a short run pays for the slow count's extra step). The choice then holds for
     the rest of the run and is recorded with each epoch, so a resumed run takes it over and
     repeats the same arithmetic (a different thread count changes the float reduction order).
     Pure: `observe` is fed the times, `threads` says what to run next."""
@@ -300,6 +302,7 @@ class ThreadTuner:
     candidates: tuple[int, ...]
     probe: int = 3
     margin: float = 0.05
+    clear: float = 0.2
     chosen: int = 0
     times: dict[int, list[float]] = field(default_factory=dict)
     schedule: list[int] = field(default_factory=list)
@@ -323,7 +326,15 @@ class ThreadTuner:
             return None
         self.schedule.pop(0)
         self.times[threads].append(seconds)
-        return None if self.schedule else self.settle()
+        return self.settle() if not self.schedule or self._separated() else None
+
+    def _separated(self) -> bool:
+        """Each count has probe - 1 timings, and one count's slowest step beats every other
+        count's fastest by `clear`."""
+        if self.probe < 3 or any(len(t) < self.probe - 1 for t in self.times.values()):
+            return False
+        best = min(self.times, key=lambda c: max(self.times[c]))
+        return all(max(self.times[best]) * (1 + self.clear) < min(t) for c, t in self.times.items() if c != best)
 
     def settle(self, threads: int | None = None) -> int | None:
         """Ends the probe: keeps `threads` (a resumed run's), or picks from the timings so far

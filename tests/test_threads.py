@@ -119,12 +119,31 @@ def test_tuner_alternates_then_keeps_the_faster_count():
     for _ in range(10):
         n = tuner.threads()
         ran.append(n)
-        picked = tuner.observe(n, {1: 0.9, 2: 0.7}[n])
+        picked = tuner.observe(n, {1: 0.9, 2: 0.8}[n])
         if picked:
-            assert (picked, len(ran)) == (2, 6)  # decided as soon as each count had 3 steps
+            assert (picked, len(ran)) == (2, 6)  # 12% apart: decided once each count had 3 steps
     assert ran == [1, 2, 1, 2, 1, 2, 2, 2, 2, 2] and not tuner.probing
-    assert tuner.describe() == "1 thread 0.90 s/step, 2 threads 0.70 s/step"
+    assert tuner.describe() == "1 thread 0.90 s/step, 2 threads 0.80 s/step"
     assert tuner.observe(1, 0.01) is None and tuner.threads() == 2  # settled: no more probing
+
+
+@pytest.mark.parametrize("fast", [1, 2])
+def test_tuner_stops_after_two_rounds_when_one_count_is_clearly_faster(fast):
+    # Every step of one count at least 20% faster than every step of the other: the third
+    # round (one more step at the slow count) is skipped, whichever count is the fast one.
+    tuner = hw.ThreadTuner((1, 2))
+    times = {fast: iter([0.60, 0.65]), 3 - fast: iter([1.00, 0.95])}
+    picks = []
+    for _ in range(4):
+        n = tuner.threads()
+        picks.append(tuner.observe(n, next(times[n])))
+    assert picks[:3] == [None, None, None] and not tuner.probing and tuner.threads() == fast
+    assert picks[3] == (2 if fast == 2 else None)  # a change from the plan's count (1) is reported
+    # Overlapping steps (one slow spike) keep the probe going to its third round.
+    mixed = hw.ThreadTuner((1, 2))
+    for n, seconds in [(1, 1.0), (2, 0.6), (1, 1.0), (2, 0.9)]:
+        assert mixed.observe(n, seconds) is None
+    assert mixed.probing and mixed.threads() == 1
 
 
 def test_tuner_keeps_the_plan_unless_another_count_is_clearly_faster():
