@@ -5,7 +5,8 @@
 
 Checks, each one line PASS/FAIL, then the img/s table:
   1. fp16 + GradScaler training steps reduce the loss (the T4 path); bf16 too where the GPU has it
-  2. channels_last inputs and cudnn.benchmark are on, as fit sets them up on CUDA
+  2. channels_last inputs and cudnn.benchmark are on, as fit sets them up on CUDA; uint8 batches
+     normalized on the GPU equal the CPU's ToTensor + Normalize bit for bit
   3. `fit --cache-features` trains a head from cached features on the GPU
   4. NCCL sums a tensor on the GPU; `fit --nproc-per-node auto` starts torchrun with one process per GPU,
      joined by an NCCL process group when there are several
@@ -73,6 +74,21 @@ def backends_on(device: str) -> tuple[bool, str]:
     nhwc = images.is_contiguous(memory_format=torch.channels_last)
     ok = cl and nhwc and torch.backends.cudnn.benchmark
     return ok, f"channels_last input {nhwc}, cudnn.benchmark {torch.backends.cudnn.benchmark}"
+
+
+def pixels_exact(device: str) -> tuple[bool, str]:
+    """Every uint8 value, in every channel, normalized on the GPU as fit does it, equals the
+    CPU's ToTensor + Normalize bit for bit (what serving computes)."""
+    import torch
+    from torchvision import transforms as T
+
+    from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels, pixel_stats
+
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)
+    expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(pixels[0].float().div(255))
+    got = normalize_pixels(pixels.to(device), pixel_stats(IMAGENET_MEAN, IMAGENET_STD, device), True)[0].cpu()
+    differ = int((got != expected).sum())
+    return differ == 0, f"{differ} of {expected.numel()} values differ from the CPU's"
 
 
 LOGS: Path | None = None
@@ -299,6 +315,7 @@ def main() -> None:
     if hw.supports_bf16(cap):
         checks.append(("bf16 steps reduce the loss", *loss_falls("bf16", "bf16", device)))
     checks.append(("channels_last and cudnn.benchmark on", *backends_on(device)))
+    checks.append(("uint8 batches normalized on the GPU equal ToTensor + Normalize", *pixels_exact(device)))
     checks.append(("NCCL all_reduce on the GPU", *nccl_all_reduce(device)))
     with tempfile.TemporaryDirectory(prefix="ec2train-gpu-check-") as tmp:
         checks += fit_checks(Path(tmp))

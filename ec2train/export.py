@@ -63,7 +63,10 @@ def _undone_on_error(path: Path, tmp_path: Path):
         yield
     except BaseException as exc:
         # Measured before the temp file goes: that is the state the writer failed in.
-        free = shutil.disk_usage(path.parent).free if isinstance(exc, (OSError, RuntimeError)) else None
+        free = None
+        if isinstance(exc, (OSError, RuntimeError)):
+            with contextlib.suppress(OSError):  # unknown (the folder went away): the writer's error stands
+                free = shutil.disk_usage(path.parent).free
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -86,7 +89,8 @@ class BackgroundWriter:
 
     Whoever submits must hand over a snapshot that later training steps do not change.
     `wait()` blocks until everything submitted is on disk and re-raises the first error (a
-    full disk is still the one-line UserError); `close()` waits and ends the thread.
+    full disk is still the one-line UserError; with background=False, a full disk while
+    pickling raises it from `save` itself); `close()` waits and ends the thread.
 
     background=False (hw.background_work_helps: training on the CPU) keeps the CPU work in the
     caller's thread: `save` pickles into the temp file there (into the page cache, with no

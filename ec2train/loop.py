@@ -110,7 +110,7 @@ class StepContext:
     # The data set's normalization: image batches come from the loader as uint8 pixels
     # (preprocess.train_pixels) and are normalized here, on the device.
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-    _stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+    _stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def autocast(self):
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp.dtype, enabled=self.amp.enabled)
@@ -123,7 +123,7 @@ class StepContext:
                 if self.normalization is None:
                     raise RuntimeError("uint8 image batches need StepContext(normalization=(mean, std))")
                 self._stats = pixel_stats(*self.normalization, self.device)
-            images = normalize_pixels(images, *self._stats, channels_last)
+            images = normalize_pixels(images, self._stats, channels_last)
         elif channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)

@@ -222,9 +222,10 @@ def _trainer(rt, arch: str, num_classes: int, frozen: bool, channels_last: bool)
 
 
 def _time_step(tr, num_classes: int, batch_size: int, image_size: int, steps: int) -> float:
-    """Images/s of the training step alone, on one synthetic batch already on the device."""
+    """Images/s of the training step alone, on one synthetic batch already on the device (uint8
+    pixels, as the loader gives them: the step normalizes them, as in fit)."""
     dev = tr.ctx.device
-    x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    x = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
     train_one_epoch(tr.net, [(x, y)] * 2, tr.optimizer, tr.scheduler, tr.ctx)  # warm-up
     _sync(dev)
