@@ -15,10 +15,12 @@ imported lazily.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +89,26 @@ class BatchStats:
         }
 
 
+class PeakWindow:
+    """The largest value added in the last `seconds` (a sliding-window maximum, O(1) amortized).
+
+    Times are passed in, so the window is a pure function of its inputs."""
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+        self._entries: collections.deque[tuple[float, int]] = collections.deque()  # values fall front to back
+
+    def add(self, now: float, value: int) -> int:
+        """Records `value` at time `now` and returns the peak of the window ending there."""
+        entries = self._entries
+        while entries and entries[-1][1] <= value:
+            entries.pop()
+        entries.append((now, value))
+        while entries[0][0] < now - self.seconds:
+            entries.popleft()
+        return entries[0][1]
+
+
 @dataclass
 class _Item:
     tensor: Any
@@ -100,13 +122,19 @@ class Batcher:
     After the first request arrives it takes every request already queued, and waits up to
     `max_wait_ms` more only while other requests are still being read or decoded, so a lone
     request on an idle server never waits (with another pass running, see `_hold`). Under load,
-    requests pile up during each forward pass and the next pass takes them all (up to
-    `max_batch`). `max_batch=1` turns batching off. `lanes` passes run at once in `executor`
+    requests pile up during each forward pass and the next pass takes them (up to its share,
+    see `share`). `max_batch=1` turns batching off. `lanes` passes run at once in `executor`
     (which has that many threads; hw.serve_lanes says why).
     """
 
     def __init__(
-        self, max_batch: int, max_wait_ms: float, executor: ThreadPoolExecutor, stats: BatchStats, lanes: int = 1
+        self,
+        max_batch: int,
+        max_wait_ms: float,
+        executor: ThreadPoolExecutor,
+        stats: BatchStats,
+        lanes: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if max_batch < 1 or max_wait_ms < 0:
             raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
@@ -119,6 +147,9 @@ class Batcher:
         self.preparing = 0  # requests received and still being read/decoded (event-loop only)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._changed = asyncio.Event()  # a request was queued or a pass ended
+        self.in_passes = 0  # images in the forward passes running now
+        self.clock = clock
+        self._in_flight = PeakWindow(1.0)  # requests in the server (preparing, queued, in a pass)
 
     @contextlib.contextmanager
     def preparing_one(self):
@@ -129,9 +160,24 @@ class Batcher:
         finally:
             self.preparing -= 1
 
+    def share(self) -> int:
+        """The most images one pass takes: with one lane `max_batch`; with several, an equal part
+        of the requests in the server at its fullest moment of the last second (ceil(peak / lanes)).
+
+        Eight clients on two lanes then run passes of 4 and 4 side by side. A greedy pass that
+        takes 5 leaves the other lane 3, which wait for it (`_hold`), so on 2 cores the two lanes
+        settled into 5 and 3 and only overlapped half the time (resnet18 at 64 px: 84-92 req/s
+        against 95-105 with equal shares; with 4 clients 38-53 against 67-71, docs/performance.md).
+        """
+        if self.lanes == 1:
+            return self.max_batch
+        peak = self._in_flight.add(self.clock(), self.in_passes + self.queue.qsize() + self.preparing)
+        return max(1, min(self.max_batch, -(-peak // self.lanes)))
+
     async def submit(self, tensor: Any, request: Request) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(_Item(tensor, request, future))
+        self.share()  # the window sees every arrival
         self._changed.set()
         return await future
 
@@ -139,7 +185,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         items = [await self.queue.get()]
         deadline = loop.time() + self.max_wait
-        while len(items) < self.max_batch:
+        limit = self.share()
+        while len(items) < limit:
             if not self.queue.empty():
                 items.append(self.queue.get_nowait())
                 continue
@@ -171,17 +218,17 @@ class Batcher:
             if not items:
                 free.release()
                 continue
+            self.in_passes += len(items)  # _forward counts them out
             task = asyncio.create_task(self._forward(items))
             running.add(task)
             task.add_done_callback(done)
 
     async def _hold(self, running: set[asyncio.Task]) -> None:
         """While other passes run, a free lane waits for half a batch (at least 2 requests, at most
-        max_batch) or for them to end. A one-image pass costs twice as much per image as a batch
-        of 8 (resnet18 at 64 px, one thread: 17 ms against 8 ms), so on a busy box small passes
-        side by side would waste the cores that bigger ones share well."""
-        want = min(self.max_batch, max(2, self.max_batch // 2))
-        while running and self.queue.qsize() < want:
+        max_batch, at most its `share`) or for them to end. A one-image pass costs twice as much
+        per image as a batch of 8 (resnet18 at 64 px, one thread: 17 ms against 8 ms), so on a
+        busy box small passes side by side would waste the cores that bigger ones share well."""
+        while running and self.queue.qsize() < min(self.max_batch, max(2, self.max_batch // 2), self.share()):
             self._changed.clear()
             await self._changed.wait()
 
@@ -200,6 +247,8 @@ class Batcher:
                 if not it.future.done():
                     it.future.set_exception(exc)
             return
+        finally:
+            self.in_passes -= len(items)
         self.stats.record(len(items))
         for it, answer in zip(items, answers):
             if not it.future.done():

@@ -702,9 +702,10 @@ def test_forward_passes_run_in_as_many_lanes_as_the_plan_says(trained_model, ima
     assert predictor.overlapped == (2 if lanes == 2 else 0)
 
 
-def test_a_free_lane_waits_for_half_a_batch_while_the_other_pass_runs():
-    """Lanes: a second pass starts only with half a batch (here 4) queued, or once the running
-    pass has ended, so a loaded box runs bigger passes rather than many one-image ones."""
+def test_a_free_lane_waits_for_its_share_while_the_other_pass_runs():
+    """Lanes: a second pass takes at most its share (half of the requests in the server at the
+    fullest moment of the last second) and starts only once that many are queued, or once the
+    running pass has ended, so a loaded box runs equal passes rather than many small ones."""
     import asyncio
 
     from ec2train.server import Batcher, BatchStats
@@ -727,25 +728,52 @@ def test_a_free_lane_waits_for_half_a_batch_while_the_other_pass_runs():
             first = asyncio.ensure_future(batcher.submit(0, None))
             while not passes:
                 await asyncio.sleep(0.01)
-            lone = [asyncio.ensure_future(batcher.submit(i, None)) for i in (1, 2, 3)]
+            two = [asyncio.ensure_future(batcher.submit(i, None)) for i in (1, 2)]
             await asyncio.sleep(0.3)
-            held = list(passes)  # three queued, fewer than half a batch: the free lane waits
-            more = [asyncio.ensure_future(batcher.submit(i, None)) for i in (4, 5)]
-            answers = await asyncio.gather(*lone, *more)
-            after_half = list(passes)
-            tail = asyncio.ensure_future(batcher.submit(6, None))  # alone, while the first pass still runs
+            paired = list(passes)  # 3 in the server, a share of 2, and 2 queued: the free lane goes
+            await asyncio.gather(*two)
+            seven = [asyncio.ensure_future(batcher.submit(i, None)) for i in range(3, 10)]
+            answers = await asyncio.gather(*seven[:4])
+            after_seven = list(passes)  # 8 in the server: passes of 4, and 3 left over wait
             await asyncio.sleep(0.3)
-            held_tail = list(passes)
+            held_rest = list(passes)
             await loop.run_in_executor(None, release.set)
-            await asyncio.gather(first, tail)
+            rest = await asyncio.gather(first, *seven[4:])
             runner.cancel()
-            return held, answers, after_half, held_tail
+            return paired, answers, after_seven, held_rest, rest
 
-    held, answers, after_half, held_tail = asyncio.run(scenario())
-    assert held == [1]
-    assert after_half == [1, 5] and [a["n"] for a in answers] == [1, 2, 3, 4, 5]
-    assert held_tail == [1, 5]  # one request waits for the running pass to end...
-    assert passes == [1, 5, 1]  # ...and then goes
+    paired, answers, after_seven, held_rest, rest = asyncio.run(scenario())
+    assert paired == [1, 2]
+    assert after_seven == [1, 2, 4] and [a["n"] for a in answers] == [3, 4, 5, 6]
+    assert held_rest == [1, 2, 4]  # three queued, fewer than the share of 4: they wait for the first pass...
+    assert passes == [1, 2, 4, 3] and [a["n"] for a in rest] == [0, 7, 8, 9]  # ...and then go
+
+
+def test_one_lane_takes_a_whole_batch_and_the_share_follows_the_last_second():
+    from ec2train.server import Batcher, BatchStats, PeakWindow
+
+    window = PeakWindow(1.0)
+    assert [window.add(t, v) for t, v in [(0.0, 3), (0.5, 8), (0.9, 2), (1.4, 1), (1.6, 5), (2.7, 0)]] == [
+        3,
+        8,
+        8,
+        8,  # 8 was seen at 0.5, within the second
+        5,  # 8 has left the window; 5 came at 1.6
+        0,
+    ]
+    now = [0.0]
+    with ThreadPoolExecutor(1) as pool:
+        one = Batcher(8, 0.0, pool, BatchStats(), lanes=1, clock=lambda: now[0])
+        two = Batcher(8, 0.0, pool, BatchStats(), lanes=2, clock=lambda: now[0])
+        one.preparing = two.preparing = 16
+        assert one.share() == 8 and two.share() == 8  # 16 in the server: half each, at most max_batch
+        two.preparing = 7
+        assert two.share() == 8  # the peak of the last second still counts
+        now[0] = 1.5
+        assert two.share() == 4  # ceil(7 / 2)
+        two.preparing = 1
+        now[0] = 3.0
+        assert two.share() == 1
 
 
 def test_predictor_runs_channels_last_and_answers_as_the_plain_model(trained_model, images):
