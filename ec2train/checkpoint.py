@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,9 @@ class TrainState:
         return False
 
     def counters(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "best_model"}
+        """Everything but the best weights, copied (dataclasses.asdict would deep-copy those
+        weights too, only to drop them: 45 MB for resnet18)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "best_model"}
 
 
 @dataclass
@@ -239,7 +241,7 @@ def checkpoint_payload(state: TrainState, parts: Trainables, copies: bool = True
     snapshot = copy.deepcopy if copies else _as_is
     return {
         "format": CHECKPOINT_FORMAT,
-        **copy.deepcopy(state.counters()),
+        **state.counters(),
         "model": model,
         # The best weights once: when this epoch is the best they are "model" already. They are
         # a copy already, replaced (never changed in place) when an epoch does better.

@@ -5,6 +5,7 @@ Layout (as in dogImages): ROOT/{train,valid,test}/<NNN.Class_name>/<image>.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -348,6 +349,28 @@ class EvalSampler(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
+
+
+class SplitSampler(Sampler):
+    """EvalSampler over one split at a time of a data set that holds several, one after the
+    other (`sizes`, in order). One loader, and so one set of persistent workers, then serves
+    the valid split every epoch and the test split at the end, instead of forking new workers
+    for the test pass. `use(split)` picks the split the next pass reads."""
+
+    def __init__(self, sizes: dict[str, int], rank: int = 0, world: int = 1):
+        starts = itertools.accumulate(sizes.values(), initial=0)
+        self.ranges = {name: range(start, start + n) for (name, n), start in zip(sizes.items(), starts)}
+        self.rank, self.world = rank, world
+        self.split = next(iter(sizes))
+
+    def use(self, split: str) -> None:
+        self.split = split
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ranges[self.split][self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return len(self.ranges[self.split][self.rank :: self.world])
 
 
 def default_workers(cpus: int | None, procs_per_node: int) -> int:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import http.server
 import io
+import os
 import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from ec2train.data import (
     DataError,
     EvalSampler,
     ImageDataset,
+    SplitSampler,
     TrainSampler,
     check_dataset,
     class_name,
     fetch_dataset,
     make_demo_dataset,
+    make_loader,
     scan_split,
 )
 from ec2train.preprocess import eval_transform, train_transform
@@ -112,6 +116,33 @@ def test_eval_sampler_counts_each_image_once():
     shards = [list(EvalSampler(13, r, 4)) for r in range(4)]
     flat = sorted(i for s in shards for i in s)
     assert flat == list(range(13))
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        return index, os.getpid()
+
+
+def test_one_eval_loader_reads_valid_then_test_with_the_same_workers():
+    shards = [SplitSampler({"valid": 5, "test": 7}, r, 2) for r in range(2)]
+    assert [list(s) for s in shards] == [[0, 2, 4], [1, 3]] and [len(s) for s in shards] == [3, 2]
+    for s in shards:
+        s.use("test")
+    assert [list(s) for s in shards] == [[5, 7, 9, 11], [6, 8, 10]] and [len(s) for s in shards] == [4, 3]
+
+    sampler = SplitSampler({"valid": 5, "test": 7})
+    loader = make_loader(_Numbers(), sampler, 4, 1, False)
+    passes = []
+    for split in ("valid", "test", "valid"):
+        sampler.use(split)
+        batches = list(loader)
+        passes.append(([int(i) for b, _ in batches for i in b], {int(p) for _, ps in batches for p in ps}))
+    assert [indices for indices, _ in passes] == [[0, 1, 2, 3, 4], list(range(5, 12)), [0, 1, 2, 3, 4]]
+    workers = set().union(*(pids for _, pids in passes))
+    assert len(workers) == 1 and os.getpid() not in workers  # one persistent worker served all three
 
 
 def test_augmentation_is_a_function_of_the_sample_seed(demo_data):
