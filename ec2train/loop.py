@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -776,17 +776,20 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
     cfg, state, tr = run.cfg, run.state, run.tr
     timing = _ThreadTiming(run.rt.tuner, state.history)
 
+    batches = None  # the next epoch's batches, when its workers were started early
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.patience and state.stale_epochs >= cfg.patience:
             break
-        run.data.train_sampler.set_epoch(epoch)
+        if batches is None:
+            run.data.train_sampler.set_epoch(epoch)
+            batches = iter(run.train_loader)
         set_train_mode(run.step_model, tr.head, cfg.frozen)
         run.report.start_epoch(epoch, cfg.epochs, len(run.data.train_sampler))
         timing.epoch_start()
         t0 = time.perf_counter()
         meter, interrupted = train_one_epoch(
             run.step_model,
-            run.train_loader,
+            batches,
             tr.optimizer,
             tr.scheduler,
             tr.ctx,
@@ -804,6 +807,7 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
         for note in timing.take_notes():
             run.report.log(note)
         record, improved = _end_epoch(run, epoch + 1, meter, seconds, timing.threads())
+        batches = _start_next_epoch(run, epoch + 1)
         if run.rt.env.is_main:
             _save_epoch(run, record, improved)
         ddp.barrier()
@@ -811,6 +815,18 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
             run.saver.wait()  # the hook may read or upload the files (run.py's S3 mirror)
             on_epoch(epoch, record)
     return False
+
+
+def _start_next_epoch(run: FitRun, epoch: int) -> Iterator | None:
+    """The batches of `epoch`, if it will run, with its loader workers already at work: they
+    decode its first batches while this epoch's checkpoint is written (one thread on the CPU),
+    not during its first step. Decoded beside a two-thread step, they had made that step 0.3-0.5 s
+    slower (resnet18 at 64 px, 2 CPUs, 1 worker: 1.0-1.2 s against 0.55-0.65 s)."""
+    cfg = run.cfg
+    if epoch >= cfg.epochs or (cfg.patience and run.state.stale_epochs >= cfg.patience):
+        return None
+    run.data.train_sampler.set_epoch(epoch)
+    return iter(run.train_loader)
 
 
 def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: int) -> tuple[dict[str, Any], bool]:

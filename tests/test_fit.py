@@ -80,18 +80,20 @@ def _small(demo_data: Path, out: Path, **kw):
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(demo_data: Path, tmp_path: Path):
-    full = fit(_small(demo_data, tmp_path / "full", epochs=2))
+    # threads=1: bitwise-equal weights need the same thread count in both runs, and the thread
+    # probe (on for the defaults) may choose differently in each: it times real steps.
+    full = fit(_small(demo_data, tmp_path / "full", epochs=2, threads=1))
     steps = {"n": 0}
 
     def stop_in_epoch_two() -> bool:
         steps["n"] += 1
         return steps["n"] == 12 + 5  # 12 steps per epoch (192 images / 16): stop mid-epoch 2
 
-    cut = fit(_small(demo_data, tmp_path / "cut", epochs=2), should_stop=stop_in_epoch_two)
+    cut = fit(_small(demo_data, tmp_path / "cut", epochs=2, threads=1), should_stop=stop_in_epoch_two)
     assert cut.interrupted
     ckpt = torch.load(tmp_path / "cut" / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
-    resumed = fit(_small(demo_data, tmp_path / "cut", epochs=2, resume="auto"))
+    resumed = fit(_small(demo_data, tmp_path / "cut", epochs=2, resume="auto", threads=1))
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     a = torch.load(full.model_path, weights_only=True)
     b = torch.load(resumed.model_path, weights_only=True)
@@ -159,3 +161,33 @@ def test_patience_stops_early(demo_data: Path, tmp_path: Path):
     # lr so small nothing improves after epoch 1: patience 1 stops after epoch 2.
     result = fit(_small(demo_data, tmp_path, epochs=5, patience=1, lr=1e-9, freeze_backbone=True))
     assert result.metrics["epochs_run"] < 5 and result.metrics["stopped_early"]
+
+
+def test_next_epochs_workers_start_before_this_epochs_checkpoint(demo_data: Path, tmp_path: Path, monkeypatch):
+    """The loader workers decode the next epoch's first batches while the checkpoint is written
+    (not during that epoch's first step), and never for an epoch that will not run."""
+    from ec2train import loop
+    from ec2train.data import TrainSampler
+
+    events = []
+    sampler_iter, save_epoch = TrainSampler.__iter__, loop._save_epoch
+
+    def iterating(self):
+        events.append(("batches", self.epoch + 1))
+        return sampler_iter(self)
+
+    def saving(run, record, improved):
+        events.append(("save", record["epoch"]))
+        return save_epoch(run, record, improved)
+
+    monkeypatch.setattr(TrainSampler, "__iter__", iterating)
+    monkeypatch.setattr(loop, "_save_epoch", saving)
+    fit(_small(demo_data, tmp_path / "three", workers=1))
+    assert events == [("batches", 1), ("batches", 2), ("save", 1), ("batches", 3), ("save", 2), ("save", 3)]
+
+    events.clear()  # patience 1 with nothing to learn: epoch 2 is the last, and epoch 3's batches are never read
+    result = fit(
+        _small(demo_data, tmp_path / "patience", epochs=5, patience=1, lr=1e-9, freeze_backbone=True, workers=1)
+    )
+    assert result.metrics["epochs_run"] == 2
+    assert events == [("batches", 1), ("batches", 2), ("save", 1), ("save", 2)], events
