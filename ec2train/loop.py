@@ -49,6 +49,7 @@ from ec2train.data import (
     make_loader,
     require_dataset,
     scan_split,
+    start_workers,
 )
 from ec2train.errors import UserError
 from ec2train.export import (
@@ -399,6 +400,8 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
         rt.workers,
         rt.pin_memory,
     )
+    for loader in (train_loader, eval_loader):  # before the model and optimizer fill the heap
+        start_workers(loader)
     return Data(
         class_folders,
         mean,

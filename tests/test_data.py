@@ -24,6 +24,7 @@ from ec2train.data import (
     make_demo_dataset,
     make_loader,
     scan_split,
+    start_workers,
 )
 from ec2train.preprocess import eval_transform, train_transform
 from tests.support.cli import assert_one_line_error, cli_in_process
@@ -143,6 +144,31 @@ def test_one_eval_loader_reads_valid_then_test_with_the_same_workers():
     assert [indices for indices, _ in passes] == [[0, 1, 2, 3, 4], list(range(5, 12)), [0, 1, 2, 3, 4]]
     workers = set().union(*(pids for _, pids in passes))
     assert len(workers) == 1 and os.getpid() not in workers  # one persistent worker served all three
+
+
+def _children() -> set[int]:
+    kids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == os.getpid():
+            kids.add(int(pid))
+    return kids
+
+
+def test_start_workers_forks_them_before_any_batch_is_asked_for():
+    sampler = SplitSampler({"valid": 6})
+    loader = make_loader(_Numbers(), sampler, 4, 1, False)
+    before = _children()
+    start_workers(loader)
+    started = _children() - before
+    assert len(started) == 1 and not sampler.idle  # the worker runs, and the sampler reads again
+    batches = list(loader)
+    assert [int(i) for b, _ in batches for i in b] == list(range(6))
+    assert {int(p) for _, ps in batches for p in ps} == started  # the pass used the worker started early
+    start_workers(make_loader(_Numbers(), SplitSampler({"valid": 6}), 4, 0, False))  # no workers: nothing to do
 
 
 def test_augmentation_is_a_function_of_the_sample_seed(demo_data):
