@@ -167,7 +167,7 @@ class Batcher:
         Eight clients on two lanes then run passes of 4 and 4 side by side. A greedy pass that
         takes 5 leaves the other lane 3, which wait for it (`_hold`), so on 2 cores the two lanes
         settled into 5 and 3 and only overlapped half the time (resnet18 at 64 px: 84-92 req/s
-        against 95-105 with equal shares; with 4 clients 38-53 against 67-71, docs/performance.md).
+        against 95-97 with equal shares; with 4 clients 38-53 against 67-71, docs/performance.md).
         """
         if self.lanes == 1:
             return self.max_batch
