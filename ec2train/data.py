@@ -389,6 +389,8 @@ def start_workers(loader: DataLoader) -> None:
     if loader.num_workers == 0:
         return
     sampler = loader.sampler
+    if not hasattr(sampler, "idle"):
+        raise TypeError(f"start_workers needs a sampler that can be idle (TrainSampler, SplitSampler), not {sampler!r}")
     sampler.idle = True
     try:
         iter(loader)  # workers start; the empty pass ends at once and they wait for the next

@@ -400,7 +400,9 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
         rt.workers,
         rt.pin_memory,
     )
-    for loader in (train_loader, eval_loader):  # before the model and optimizer fill the heap
+    # Before the model and optimizer fill the heap. With --cache-features the image train loader
+    # is never read (the epochs read cached features), so its workers are not started.
+    for loader in (eval_loader,) if cfg.cache_features else (train_loader, eval_loader):
         start_workers(loader)
     return Data(
         class_folders,

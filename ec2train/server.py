@@ -119,7 +119,7 @@ class _Item:
 class Batcher:
     """Groups concurrent requests into one forward pass (dynamic batching).
 
-    After the first request arrives it takes every request already queued, and waits up to
+    After the first request arrives it takes the requests already queued, and waits up to
     `max_wait_ms` more only while other requests are still being read or decoded, so a lone
     request on an idle server never waits (with another pass running, see `_hold`). Under load,
     requests pile up during each forward pass and the next pass takes them (up to its share,
@@ -149,7 +149,9 @@ class Batcher:
         self._changed = asyncio.Event()  # a request was queued or a pass ended
         self.in_passes = 0  # images in the forward passes running now
         self.clock = clock
-        self._in_flight = PeakWindow(1.0)  # requests in the server (preparing, queued, in a pass)
+        # Requests in the server: being prepared, queued or in a pass (not the few a pass is
+        # still collecting, which the peak over the last second covers).
+        self._in_flight = PeakWindow(1.0)
 
     @contextlib.contextmanager
     def preparing_one(self):
@@ -224,8 +226,8 @@ class Batcher:
             task.add_done_callback(done)
 
     async def _hold(self, running: set[asyncio.Task]) -> None:
-        """While other passes run, a free lane waits for half a batch (at least 2 requests, at most
-        max_batch, at most its `share`) or for them to end. A one-image pass costs twice as much
+        """While other passes run, a free lane waits for half a batch (2 requests or more, but at
+        most max_batch and at most its `share`) or for them to end. A one-image pass costs twice as much
         per image as a batch of 8 (resnet18 at 64 px, one thread: 17 ms against 8 ms), so on a
         busy box small passes side by side would waste the cores that bigger ones share well."""
         while running and self.queue.qsize() < min(self.max_batch, max(2, self.max_batch // 2), self.share()):

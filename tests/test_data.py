@@ -169,6 +169,8 @@ def test_start_workers_forks_them_before_any_batch_is_asked_for():
     assert [int(i) for b, _ in batches for i in b] == list(range(6))
     assert {int(p) for _, ps in batches for p in ps} == started  # the pass used the worker started early
     start_workers(make_loader(_Numbers(), SplitSampler({"valid": 6}), 4, 0, False))  # no workers: nothing to do
+    with pytest.raises(TypeError, match="idle"):  # a sampler it cannot pause would load real batches now
+        start_workers(make_loader(_Numbers(), EvalSampler(6), 4, 1, False))
 
 
 def test_augmentation_is_a_function_of_the_sample_seed(demo_data):

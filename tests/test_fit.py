@@ -165,7 +165,8 @@ def test_patience_stops_early(demo_data: Path, tmp_path: Path):
 
 def test_next_epochs_workers_start_before_this_epochs_checkpoint(demo_data: Path, tmp_path: Path, monkeypatch):
     """The loader workers decode the next epoch's first batches while the checkpoint is written
-    (not during that epoch's first step), and never for an epoch that will not run."""
+    (not during that epoch's first step), and never for an epoch that the epoch count or
+    patience ends the run before."""
     from ec2train import loop
     from ec2train.data import TrainSampler
 
