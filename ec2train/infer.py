@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from ec2train.errors import UserError
-from ec2train.hw import inference_channels_last
+from ec2train.hw import batch_buckets, bucket_for, inference_channels_last
 from ec2train.model import model_from_file
 from ec2train.preprocess import (
     MAX_PIXELS,
@@ -187,6 +190,59 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class CompileError(UserError):
+    """The forward pass could not be compiled (most often: no C++ compiler on the machine)."""
+
+
+@contextlib.contextmanager
+def _quiet_compiler_logs():
+    """Inductor's notes (e.g. "No CUDA runtime is found, using CUDA_HOME") are not the user's business."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class BucketedForward:
+    """A model's forward pass compiled (inductor, weights frozen into the graph) for a few static
+    batch sizes. A batch runs at the smallest size that holds it, padded with zeros; the padding's
+    answers are dropped (eval mode: no image's answer depends on another's)."""
+
+    def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...], memory_format: torch.memory_format):
+        self.buckets, self.memory_format = buckets, memory_format
+        self.compiled = torch.compile(
+            model,
+            dynamic=False,
+            fullgraph=True,
+            isolate_recompiles=True,  # several models in one process do not share a recompile budget
+            recompile_limit=2 * len(buckets),  # margin: an unforeseen guard recompiles (slowly) instead of failing
+        )
+
+    def build(self, sample: torch.Tensor, report: Callable[[int, float], None]) -> None:
+        """Compile every bucket now (not on a client's request), from one image's shape and device.
+        Freezing folds batch norm into the convolutions and pre-packs their weights: the speed-up
+        (torch.compile's options={"freezing": True} measured no faster than eager; the patch works)."""
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            for size in self.buckets:
+                start = time.perf_counter()
+                self(sample.expand(size, *sample.shape[1:]))
+                report(size, time.perf_counter() - start)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        size = bucket_for(n, self.buckets)
+        full = torch.empty((size, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+        full = full.contiguous(memory_format=self.memory_format)
+        full[:n].copy_(batch)
+        full[n:].zero_()
+        return self.compiled(full)[:n]
+
+
 class Predictor:
     """A model file loaded once, with the preprocessing that travelled inside it."""
 
@@ -197,6 +253,8 @@ class Predictor:
             torch.channels_last if inference_channels_last(torch.device(device).type) else torch.contiguous_format
         )
         self.model.to(device, memory_format=self.memory_format)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self.compiled_sizes: tuple[int, ...] = ()
         self.class_names: list[str] = list(self.meta["class_names"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, tuple(self.meta["mean"]), tuple(self.meta["std"]))
@@ -209,7 +267,23 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.to(self.device, memory_format=self.memory_format)).float().cpu()
+        return self.forward(batch.to(self.device, memory_format=self.memory_format)).float().cpu()
+
+    @torch.inference_mode()
+    def compile(self, max_batch: int, report: Callable[[int, float], None] = lambda size, seconds: None) -> None:
+        """Compile the forward pass for batches of up to max_batch (hw.batch_buckets), calling
+        report(size, seconds) after each. CompileError, with the cause in one line, if it cannot;
+        the eager forward pass then stays."""
+        forward = BucketedForward(self.model, batch_buckets(max_batch), self.memory_format)
+        size = self.image_size
+        sample = torch.zeros((1, 3, size, size), device=self.device).contiguous(memory_format=self.memory_format)
+        try:
+            with _quiet_compiler_logs():
+                forward.build(sample, report)
+        except Exception as exc:  # inductor's errors span pages (the compiler's command, its output)
+            cause = next((line for line in str(exc).splitlines() if line.strip()), "")
+            raise CompileError(f"cannot compile the forward pass: {type(exc).__name__}: {cause[:300]}") from exc
+        self.forward, self.compiled_sizes = forward, forward.buckets
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
         probs = logits.softmax(dim=1)

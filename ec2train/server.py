@@ -34,6 +34,7 @@ from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
     JSON_TYPE,
     MAX_REQUEST_BYTES,
+    CompileError,
     PayloadTooLarge,
     Predictor,
     Request,
@@ -352,6 +353,7 @@ def create_app(
     load_first: bool = False,
     max_pending: int | None = None,
     body_timeout: float = BODY_TIMEOUT_S,
+    compile: str = "auto",
 ):
     """The ASGI app. The model loads in the background after start-up (GET /ping says when).
 
@@ -361,12 +363,15 @@ def create_app(
     `app.state.stats` holds the batch counters; `app.state.on_load_error`, if set, is
     called with the exception when the model cannot be loaded. `max_pending` (default
     PENDING_PER_BATCH x max_batch x forward lanes) bounds the requests in progress: see `Admission`.
+    `compile` (auto, on, off; hw.compile_forward) compiles the forward pass for batches of up to
+    max_batch while the model loads; with auto a failure is a warning and the eager pass serves.
     """
     _require_serve_deps()
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     plan = _thread_plan(threads, procs)
+    hw.compile_forward(compile, "cpu")  # a bad mode fails now, not in the loader thread
     service = _Service(
         model_path,
         plan,
@@ -377,6 +382,7 @@ def create_app(
         max_pending=max_pending or PENDING_PER_BATCH * max_batch * plan.lanes,
         body_timeout=body_timeout,
         load_first=load_first,
+        compile=compile,
     )
     app = Starlette(
         routes=[
@@ -410,10 +416,12 @@ class _Service:
         max_pending: int,
         body_timeout: float,
         load_first: bool,
+        compile: str,
     ):
         self.model_path, self.plan, self.loader = model_path, plan, loader
         self.max_batch, self.max_wait_ms, self.max_bytes = max_batch, max_wait_ms, max_bytes
-        self.body_timeout, self.load_first = body_timeout, load_first
+        self.body_timeout, self.load_first, self.compile = body_timeout, load_first, compile
+        self.closing = False  # set when the server stops: a compile still running then ends quietly
         self.stats = BatchStats()
         self.forward_pool = ThreadPoolExecutor(max_workers=plan.lanes, thread_name_prefix="ec2train-forward")
         self.batcher = Batcher(max_batch, max_wait_ms, self.forward_pool, self.stats, plan.lanes)
@@ -424,7 +432,33 @@ class _Service:
 
         hw.apply_threads(self.plan)
         log.info("%s; torch.get_num_threads() = %d", self.plan.describe(), torch.get_num_threads())
-        return self.loader()
+        predictor = self.loader()
+        if hw.compile_forward(self.compile, torch.device(predictor.device).type) and not self.closing:
+            self._compile(predictor)
+        return predictor
+
+    def _compile(self, predictor: Predictor) -> None:
+        """Compile before /ping says ready: no client waits on a compiler. With --compile auto a
+        failure leaves the eager pass serving, with a warning; with on it stops the server."""
+        start = time.perf_counter()
+        sizes = ", ".join(map(str, hw.batch_buckets(self.max_batch)))
+        log.info("compiling the forward pass for batches of %s (--compile off skips this)", sizes)
+
+        def report(size: int, seconds: float) -> None:
+            if self.closing:  # e.g. the port was taken: stop before the next batch size
+                raise CompileError("the server stopped")
+            log.info("compiled batches of %d in %.1f s", size, seconds)
+
+        try:
+            predictor.compile(self.max_batch, report)
+        except CompileError as exc:
+            if self.closing:
+                return
+            if self.compile == "on":
+                raise UserError(f"{exc}; install a C++ compiler (g++) or pass --compile off") from None
+            log.warning("%s; serving the uncompiled model (install g++ for speed, or pass --compile off)", exc)
+            return
+        log.info("forward pass compiled in %.0f s", time.perf_counter() - start)
 
     async def start(self, app) -> None:
         state = app.state
@@ -459,6 +493,7 @@ class _Service:
         try:
             yield
         finally:
+            self.closing = True
             load_task.cancel()
             if app.state.batch_task is not None:
                 app.state.batch_task.cancel()
@@ -516,12 +551,14 @@ class _Service:
     async def stats_route(self, request):
         from starlette.responses import JSONResponse
 
+        predictor = request.app.state.predictor
         return JSONResponse(
             {
                 **self.stats.as_dict(),
                 "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait_ms,
                 "lanes": self.plan.lanes,
+                "compiled_batch_sizes": list(predictor.compiled_sizes) if predictor else [],
                 "in_progress": self.admission.active,
                 "max_pending": self.admission.limit,
             }
@@ -560,9 +597,11 @@ def run(
     workers: int = 1,
     threads: int | None = None,
     log_level: str = "info",
+    compile: str = "auto",
 ) -> None:
     """Serve until interrupted. A model that cannot be loaded, or a busy port, is a UserError."""
     uvicorn = _require_serve_deps()
+    hw.compile_forward(compile, "cpu")  # a bad mode fails now, not in each worker's loader
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"no model file at {model_path}; train one with `ec2train fit` or pass --model PATH")
@@ -571,7 +610,12 @@ def run(
 
         read_model_file(model_path)  # fail here, once, rather than in every worker
         settings = dict(
-            model_path=str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads, procs=workers
+            model_path=str(model_path),
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            threads=threads,
+            procs=workers,
+            compile=compile,
         )
         os.environ[_ENV_CONFIG] = json.dumps(settings)
         uvicorn.run(
@@ -584,7 +628,7 @@ def run(
             **_connection_limits(),
         )
         return
-    app = create_app(model_path, max_batch, max_wait_ms, threads=threads)
+    app = create_app(model_path, max_batch, max_wait_ms, threads=threads, compile=compile)
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **_connection_limits())
     )

@@ -41,6 +41,8 @@ def served(trained_model):
             "warning",
             "--threads",
             "1",
+            "--compile",
+            "off",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

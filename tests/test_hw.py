@@ -10,6 +10,7 @@ import torch
 
 from ec2train import hw
 from ec2train.data import default_workers
+from ec2train.errors import UserError
 from tests.support.cli import assert_one_line_error, cli_in_process
 from tests.support.training import TINY_FIT
 
@@ -185,3 +186,54 @@ def test_the_optimizer_update_is_fused_where_torch_has_the_kernel():
         assert opt.defaults["fused"] is True, name
         net(torch.ones(1, 3)).sum().backward()
         opt.step()  # the fused CPU kernel runs
+
+
+@pytest.mark.parametrize(
+    "mode, device, compiled",
+    [
+        ("auto", "cpu", True),  # measured: 1.3-1.7x the images/s of the eager pass on the CPU
+        ("auto", "cuda", False),  # not yet measured on a GPU
+        ("on", "cuda", True),
+        ("on", "cpu", True),
+        ("off", "cpu", False),
+        ("off", "cuda", False),
+    ],
+)
+def test_serve_compiles_its_forward_pass_on_the_cpu_by_default(mode, device, compiled):
+    assert hw.compile_forward(mode, device) is compiled
+
+
+def test_the_cli_offers_the_compile_modes_hw_knows():
+    from ec2train.cli._app import Compile
+
+    assert tuple(m.value for m in Compile) == hw.COMPILE_MODES
+
+
+def test_a_bad_compile_mode_is_a_user_error():
+    with pytest.raises(UserError, match="--compile fast: must be auto, on or off"):
+        hw.compile_forward("fast", "cpu")
+
+
+@pytest.mark.parametrize(
+    "max_batch, buckets",
+    [
+        (1, (1,)),
+        (2, (1, 2)),
+        (3, (1, 2, 3)),
+        (4, (1, 2, 4)),
+        (6, (1, 2, 4, 6)),
+        (8, (1, 2, 4, 8)),
+        (9, (1, 2, 4, 8, 9)),
+    ],
+)
+def test_compiled_batch_sizes_are_the_powers_of_two_below_max_batch_and_max_batch(max_batch, buckets):
+    assert hw.batch_buckets(max_batch) == buckets
+
+
+def test_a_batch_runs_at_the_smallest_compiled_size_that_holds_it():
+    buckets = hw.batch_buckets(8)
+    assert [hw.bucket_for(n, buckets) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    with pytest.raises(ValueError, match="larger than the largest compiled batch size 8"):
+        hw.bucket_for(9, buckets)
+    with pytest.raises(ValueError):
+        hw.batch_buckets(0)

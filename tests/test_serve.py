@@ -25,7 +25,7 @@ from PIL import Image
 
 from ec2train.errors import UserError
 from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_custom_attributes, parse_request
-from tests.support.cli import assert_one_line_error, cli_in_process
+from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
 from tests.support.images import png_of_size as bomb_png
 from tests.support.net import free_port
 from tests.support.paths import ROOT
@@ -125,7 +125,7 @@ def model(handler, trained_model):
 def server(trained_model):
     from ec2train.server import create_app
 
-    with ServerThread(create_app(trained_model, max_batch=8, max_wait_ms=20)) as srv:
+    with ServerThread(create_app(trained_model, max_batch=8, max_wait_ms=20, compile="off")) as srv:
         srv.wait_ready()
         yield srv
 
@@ -491,7 +491,7 @@ def test_ping_is_503_until_the_model_is_loaded(trained_model, images):
         assert gate.wait(30)
         return Predictor(trained_model)
 
-    with ServerThread(create_app(trained_model, load=slow_load)) as srv:
+    with ServerThread(create_app(trained_model, load=slow_load, compile="off")) as srv:
         assert http(srv.url + "/ping") == (503, {"status": "loading"})
         status, answer = http(srv.url + "/invocations", images["Circle"][0], {"Content-Type": "image/jpeg"})
         assert status == 503 and "still loading" in answer["error"]
@@ -517,15 +517,18 @@ def test_run_refuses_bad_model_busy_port_and_missing_deps(tmp_path, trained_mode
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         with pytest.raises(UserError, match="cannot listen"):
-            server.run(trained_model, port=busy.getsockname()[1], log_level="critical")
+            server.run(trained_model, port=busy.getsockname()[1], log_level="critical", compile="off")
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
     with pytest.raises(UserError, match=r"pip install 'ec2train\[serve\]'"):
         server.create_app(trained_model)
 
 
-def start_cli_server(trained_model, *args: str, **popen) -> tuple[subprocess.Popen, str]:
-    """`ec2train serve` in a subprocess on a free port, once /ping answers 200; (process, url)."""
+def start_cli_server(trained_model, *args: str, compile: str | None = "off", **popen) -> tuple[subprocess.Popen, str]:
+    """`ec2train serve` in a subprocess on a free port, once /ping answers 200; (process, url).
+    Uncompiled unless `compile` says otherwise (None: serve's default), as compiling takes tens
+    of seconds."""
     port = free_port()
+    args = args if compile is None else (*args, "--compile", compile)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -546,7 +549,7 @@ def start_cli_server(trained_model, *args: str, **popen) -> tuple[subprocess.Pop
         **popen,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a cold compile on a loaded 2-core box
     while True:
         try:
             if http(url + "/ping")[0] == 200:
@@ -572,6 +575,95 @@ def test_serve_cli_with_two_workers(trained_model, images, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "Traceback" not in out, out
+
+
+# ---------------------------------------------------------------- the compiled forward pass (issue 14)
+
+
+def test_the_compiled_pass_pads_a_batch_to_its_size_and_answers_as_the_eager_pass():
+    import torch
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from ec2train.infer import BucketedForward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    with torch.no_grad():  # statistics that folding the batch norm into the convolution must carry over
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    channels_last = torch.channels_last
+    forward = BucketedForward(net, (1, 2, 4), channels_last)
+    built = []
+    with torch.inference_mode():
+        forward.build(torch.zeros(1, 3, 16, 16).contiguous(memory_format=channels_last), lambda n, s: built.append(n))
+        assert built == [1, 2, 4]
+        graphs = counters["stats"]["unique_graphs"]
+        images = torch.randn(4, 3, 16, 16).contiguous(memory_format=channels_last)
+        for n in (1, 2, 3, 4):  # 3 runs padded in the graph for 4
+            torch.testing.assert_close(forward(images[:n]), net(images[:n]), rtol=1e-4, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == graphs, "a request's batch compiled a new graph"
+        with pytest.raises(ValueError, match="larger than the largest compiled batch size 4"):
+            forward(torch.randn(5, 3, 16, 16))
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _logits_body(jpeg: bytes) -> bytes:
+    return json.dumps({"image": b64(jpeg), "logits": True}).encode()
+
+
+def test_serve_compiles_by_default_on_the_cpu_and_answers_as_the_eager_pass(trained_model, images):
+    proc, url = start_cli_server(trained_model, "--max-batch", "2", "--log-level", "info", compile=None)
+    jpegs = images["Triangle"][:3] + images["Cross"][:3]
+    try:
+        assert http(url + "/stats")[1]["compiled_batch_sizes"] == [1, 2]
+        with ThreadPoolExecutor(3) as pool:  # batches of 1 and 2
+            answers = list(pool.map(lambda j: http(url + "/invocations", _logits_body(j), JSON), jpegs))
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "compiling the forward pass for batches of 1, 2 (--compile off skips this)" in out, out
+    assert "Traceback" not in out and "CUDA_HOME" not in out, out
+    eager = Predictor(trained_model)
+    for jpeg, (status, answer) in zip(jpegs, answers):
+        assert status == 200, answer
+        expected = eager.answer(parse_request(_logits_body(jpeg), "application/json"))
+        assert answer["predictions"][0]["label"] == expected["predictions"][0]["label"]
+        assert answer["logits"] == pytest.approx(expected["logits"], abs=1e-3)
+
+
+def test_without_a_compiler_auto_serves_uncompiled_and_on_stops_with_one_line(trained_model, images, tmp_path):
+    env = dict(
+        os.environ,
+        CXX=str(tmp_path / "no-such-g++"),
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),  # nothing compiled before can stand in
+        TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+        TORCHINDUCTOR_AUTOGRAD_CACHE="0",
+    )
+    proc, url = start_cli_server(trained_model, "--max-batch", "1", compile=None, env=env)
+    try:
+        assert http(url + "/stats")[1]["compiled_batch_sizes"] == []
+        status, answer = http(url + "/invocations", images["Square"][0], {"Content-Type": "image/jpeg"})
+        assert status == 200 and top1(answer) == "Square", answer
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "cannot compile the forward pass" in out and "serving the uncompiled model" in out, out
+    assert "Traceback" not in out, out
+
+    result = run_cli(
+        "serve", "--model", trained_model, "--port", free_port(), "--compile", "on", "--log-level", "critical", env=env
+    )
+    assert_one_line_error(result.returncode, result.stderr, "cannot compile the forward pass", "--compile off")
 
 
 # ---------------------------------------------------------------- hostile inputs and clients (issue 13)
@@ -645,7 +737,9 @@ def test_overload_gets_an_immediate_503_and_ping_stays_ready(trained_model, imag
     from ec2train.server import create_app
 
     GatedPredictor.gate.clear()
-    app = create_app(trained_model, max_batch=1, max_pending=2, load=lambda: GatedPredictor(trained_model))
+    app = create_app(
+        trained_model, max_batch=1, max_pending=2, load=lambda: GatedPredictor(trained_model), compile="off"
+    )
     jpeg = images["Circle"][0]
     with ServerThread(app) as srv, ThreadPoolExecutor(2) as pool:
         srv.wait_ready()
@@ -690,7 +784,7 @@ def test_forward_passes_run_in_as_many_lanes_as_the_plan_says(trained_model, ima
     monkeypatch.setattr(hw, "available_cpus", lambda: cpus)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     predictor = MeetingPredictor(trained_model)
-    app = create_app(trained_model, max_batch=1, load=lambda: predictor)
+    app = create_app(trained_model, max_batch=1, load=lambda: predictor, compile="off")
     jpeg = images["Circle"][0]
     with ServerThread(app) as srv, ThreadPoolExecutor(2) as pool:
         srv.wait_ready()
@@ -797,7 +891,7 @@ def test_a_body_that_stops_arriving_gets_408(trained_model):
 
     from ec2train.server import create_app
 
-    with ServerThread(create_app(trained_model, body_timeout=0.5)) as srv:
+    with ServerThread(create_app(trained_model, body_timeout=0.5, compile="off")) as srv:
         srv.wait_ready()
         port = int(srv.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:

@@ -335,6 +335,8 @@ def test_each_serve_worker_applies_its_share(model_file):
             "2",
             "--log-level",
             "info",
+            "--compile",
+            "off",
         ],
         env=_env_without_omp(),
         stdout=subprocess.PIPE,

@@ -94,6 +94,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 Amp = _choices("Amp", AMP_MODES)
+Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
 Device = _choices("Device", DEVICES)
 Optim = _choices("Optim", OPTIMIZERS)
 SpotWatch = _choices("SpotWatch", WATCH_MODES)
