@@ -206,6 +206,15 @@ def _quiet_compiler_logs():
         logger.setLevel(level)
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a chain, as "Type: first line": inductor wraps the cause (e.g.
+    InvalidCxxCompiler) in BackendCompilerFailed, whose text spans pages."""
+    while (inner := exc.__cause__ or getattr(exc, "inner_exception", None)) is not None and inner is not exc:
+        exc = inner
+    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), "")
+    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
+
+
 class BucketedForward:
     """A model's forward pass compiled (inductor, weights frozen into the graph) for a few static
     batch sizes. A batch runs at the smallest size that holds it, padded with zeros; the padding's
@@ -236,8 +245,9 @@ class BucketedForward:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         n = batch.shape[0]
         size = bucket_for(n, self.buckets)
-        full = torch.empty((size, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
-        full = full.contiguous(memory_format=self.memory_format)
+        full = torch.empty(
+            (size, *batch.shape[1:]), dtype=batch.dtype, device=batch.device, memory_format=self.memory_format
+        )
         full[:n].copy_(batch)
         full[n:].zero_()
         return self.compiled(full)[:n]
@@ -280,9 +290,8 @@ class Predictor:
         try:
             with _quiet_compiler_logs():
                 forward.build(sample, report)
-        except Exception as exc:  # inductor's errors span pages (the compiler's command, its output)
-            cause = next((line for line in str(exc).splitlines() if line.strip()), "")
-            raise CompileError(f"cannot compile the forward pass: {type(exc).__name__}: {cause[:300]}") from exc
+        except Exception as exc:
+            raise CompileError(f"cannot compile the forward pass: {_root_cause(exc)}") from exc
         self.forward, self.compiled_sizes = forward, forward.buckets
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
