@@ -84,8 +84,8 @@ COMPILE_MODES = ("auto", "on", "off")
 def compile_forward(mode: str, device_type: str) -> bool:
     """Whether a server compiles its forward pass (torch.compile, inductor, frozen weights, one
     static graph per batch size). auto: on the CPU, where the compiled resnet18 at 64 px took
-    6.1-7.1 ms per image against eager's 11-12.9 at batch 4 and 10.5-13 against 15.8-19.6 alone
-    (one thread); off on GPUs until it has been measured there. Pure."""
+    6.5-8.0 ms per image against eager's 10.8-14.4 at batch 4 and 10.6-13.5 against 15.0-18.6
+    alone (one thread); off on GPUs until it has been measured there. Pure."""
     if mode not in COMPILE_MODES:
         raise UserError(f"--compile {mode}: must be auto, on or off")
     return mode == "on" or (mode == "auto" and device_type == "cpu")
@@ -95,7 +95,7 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     """The batch sizes a compiled forward pass is built for: the powers of two below max_batch,
     then max_batch. A pass of n images runs at the smallest bucket that holds n, padded: a static
     shape keeps the compiled kernels (a dynamic batch dimension measured no faster than eager),
-    and at most log2(max_batch) + 1 graphs are compiled. Pure."""
+    and at most ceil(log2(max_batch)) + 1 graphs are compiled. Pure."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, not {max_batch}")
     sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]

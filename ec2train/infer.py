@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import importlib
 import json
 import logging
 import re
@@ -191,7 +192,12 @@ def default_device() -> str:
 
 
 class CompileError(UserError):
-    """The forward pass could not be compiled (most often: no C++ compiler on the machine)."""
+    """The forward pass could not be compiled; `no_compiler` when the cause is a missing or
+    broken C++ compiler (the usual one on a bare machine)."""
+
+    def __init__(self, message: str, no_compiler: bool = False):
+        super().__init__(message)
+        self.no_compiler = no_compiler
 
 
 @contextlib.contextmanager
@@ -206,13 +212,38 @@ def _quiet_compiler_logs():
         logger.setLevel(level)
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error of a chain, as "Type: first line": inductor wraps the cause (e.g.
-    InvalidCxxCompiler) in BackendCompilerFailed, whose text spans pages."""
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost error of a chain: inductor wraps the cause (e.g. InvalidCxxCompiler) in
+    BackendCompilerFailed, whose text spans pages."""
     while (inner := exc.__cause__ or getattr(exc, "inner_exception", None)) is not None and inner is not exc:
         exc = inner
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
     line = next((part.strip() for part in str(exc).splitlines() if part.strip()), "")
     return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
+
+
+_NO_COMPILER = ("InvalidCxxCompiler", "CppCompileError")
+
+
+def _compile_options(graphs: int) -> dict[str, Any]:
+    """torch.compile's per-call recompile budget where this torch has it (2.12+): several models
+    in one process then do not share dynamo's limit of 8 graphs per function; on an older torch
+    the global limit is raised instead."""
+    import inspect
+
+    budget = 2 * graphs  # margin: an unforeseen guard recompiles (slowly) instead of failing
+    if {"isolate_recompiles", "recompile_limit"} <= set(inspect.signature(torch.compile).parameters):
+        return {"isolate_recompiles": True, "recompile_limit": budget}
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the older name
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), budget))
+            break
+    return {}
 
 
 class BucketedForward:
@@ -222,13 +253,7 @@ class BucketedForward:
 
     def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...], memory_format: torch.memory_format):
         self.buckets, self.memory_format = buckets, memory_format
-        self.compiled = torch.compile(
-            model,
-            dynamic=False,
-            fullgraph=True,
-            isolate_recompiles=True,  # several models in one process do not share a recompile budget
-            recompile_limit=2 * len(buckets),  # margin: an unforeseen guard recompiles (slowly) instead of failing
-        )
+        self.compiled = torch.compile(model, dynamic=False, fullgraph=True, **_compile_options(len(buckets)))
 
     def build(self, sample: torch.Tensor, report: Callable[[int, float], None]) -> None:
         """Compile every bucket now (not on a client's request), from one image's shape and device.
@@ -284,14 +309,18 @@ class Predictor:
         """Compile the forward pass for batches of up to max_batch (hw.batch_buckets), calling
         report(size, seconds) after each. CompileError, with the cause in one line, if it cannot;
         the eager forward pass then stays."""
-        forward = BucketedForward(self.model, batch_buckets(max_batch), self.memory_format)
         size = self.image_size
         sample = torch.zeros((1, 3, size, size), device=self.device).contiguous(memory_format=self.memory_format)
-        try:
+        try:  # an old torch or an unsupported Python fails as early as the constructor
+            forward = BucketedForward(self.model, batch_buckets(max_batch), self.memory_format)
             with _quiet_compiler_logs():
                 forward.build(sample, report)
         except Exception as exc:
-            raise CompileError(f"cannot compile the forward pass: {_root_cause(exc)}") from exc
+            with contextlib.suppress(Exception):  # drop the graphs built so far (and their frozen weights)
+                importlib.import_module("torch._dynamo").reset()
+            cause = _root_cause(exc)
+            no_compiler = type(cause).__name__ in _NO_COMPILER or isinstance(cause, FileNotFoundError)
+            raise CompileError(f"cannot compile the forward pass: {_one_line(cause)}", no_compiler) from exc
         self.forward, self.compiled_sizes = forward, forward.buckets
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:

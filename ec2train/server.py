@@ -433,13 +433,15 @@ class _Service:
         hw.apply_threads(self.plan)
         log.info("%s; torch.get_num_threads() = %d", self.plan.describe(), torch.get_num_threads())
         predictor = self.loader()
-        if hw.compile_forward(self.compile, torch.device(predictor.device).type) and not self.closing:
+        if self.compile != "off" and hw.compile_forward(self.compile, torch.device(predictor.device).type):
             self._compile(predictor)
         return predictor
 
     def _compile(self, predictor: Predictor) -> None:
         """Compile before /ping says ready: no client waits on a compiler. With --compile auto a
         failure leaves the eager pass serving, with a warning; with on it stops the server."""
+        if self.closing:
+            return
         start = time.perf_counter()
         sizes = ", ".join(map(str, hw.batch_buckets(self.max_batch)))
         log.info("compiling the forward pass for batches of %s (--compile off skips this)", sizes)
@@ -454,9 +456,10 @@ class _Service:
         except CompileError as exc:
             if self.closing:
                 return
+            fix = "install a C++ compiler (g++)" if exc.no_compiler else "see the cause above"
             if self.compile == "on":
-                raise UserError(f"{exc}; install a C++ compiler (g++) or pass --compile off") from None
-            log.warning("%s; serving the uncompiled model (install g++ for speed, or pass --compile off)", exc)
+                raise UserError(f"{exc}; {fix} or pass --compile off") from None
+            log.warning("%s; serving the uncompiled model (%s, or pass --compile off)", exc, fix)
             return
         log.info("forward pass compiled in %.0f s", time.perf_counter() - start)
 
@@ -487,7 +490,10 @@ class _Service:
     async def lifespan(self, app):
         load_task = asyncio.create_task(self.start(app))
         if self.load_first:
-            await load_task
+            try:
+                await load_task
+            finally:  # stopped (Ctrl-C) while loading: a compile stops at its next batch size
+                self.closing = app.state.predictor is None
             if app.state.load_error is not None:
                 raise app.state.load_error  # uvicorn reports a failed start-up and the worker exits
         try:
@@ -565,6 +571,18 @@ class _Service:
         )
 
 
+def _require_compiler() -> None:
+    """--compile on with several workers: a missing compiler fails here, once, with one line
+    (a worker's failed start-up only reaches uvicorn's log)."""
+    import shutil
+
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise UserError(
+            f"--compile on needs a C++ compiler and {compiler} is not on PATH; install g++ or pass --compile off"
+        )
+
+
 def _thread_plan(threads: int | None, procs: int) -> hw.ThreadPlan:
     """This server process's threads (hw.serve_thread_plan): its share of the box's cores (one of
     `procs` workers), one decode thread, and the lanes that share the rest; --threads wins."""
@@ -609,6 +627,8 @@ def run(
         from ec2train.model import read_model_file
 
         read_model_file(model_path)  # fail here, once, rather than in every worker
+        if compile == "on":
+            _require_compiler()
         settings = dict(
             model_path=str(model_path),
             max_batch=max_batch,

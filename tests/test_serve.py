@@ -617,10 +617,54 @@ def test_the_compiled_pass_pads_a_batch_to_its_size_and_answers_as_the_eager_pas
 JSON = {"Content-Type": "application/json"}
 
 
+def test_a_model_that_cannot_compile_keeps_its_eager_pass_and_the_error_blames_no_compiler(trained_model):
+    import torch
+    from torch import nn
+
+    from ec2train.infer import CompileError
+
+    class DataDependent(nn.Module):  # a branch on a value: no whole graph can hold it
+        def forward(self, x):
+            return x.mean((2, 3)) if x.sum() > 0 else -x.mean((2, 3))
+
+    predictor = Predictor(trained_model)
+    image = torch.rand(1, 3, predictor.image_size, predictor.image_size)
+    eager = predictor.logits(image)
+    predictor.model = DataDependent()
+    with pytest.raises(CompileError, match="cannot compile the forward pass: ") as info:
+        predictor.compile(1)
+    assert not info.value.no_compiler, info.value  # so the server's hint is not "install g++"
+    assert "\n" not in str(info.value)
+    assert predictor.compiled_sizes == ()
+    assert torch.equal(predictor.logits(image), eager)
+
+
+def test_on_an_older_torch_the_recompile_budget_is_raised_globally(monkeypatch):
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    from ec2train import infer
+
+    def old_compile(model, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None):
+        return model
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, 8)
+    assert infer._compile_options(9) == {}
+    assert getattr(dynamo_config, name) == 18
+    forward = infer.BucketedForward(nn_identity := torch.nn.Identity(), (1, 2), torch.channels_last)
+    assert forward.compiled is nn_identity
+
+
 def _logits_body(jpeg: bytes) -> bytes:
     return json.dumps({"image": b64(jpeg), "logits": True}).encode()
 
 
+@pytest.mark.timeout(600)  # a cold compile on a loaded 2-core box
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: the test below covers that case"
+)
 def test_serve_compiles_by_default_on_the_cpu_and_answers_as_the_eager_pass(trained_model, images):
     proc, url = start_cli_server(trained_model, "--max-batch", "2", "--log-level", "info", compile=None)
     jpegs = images["Triangle"][:3] + images["Cross"][:3]
@@ -641,6 +685,7 @@ def test_serve_compiles_by_default_on_the_cpu_and_answers_as_the_eager_pass(trai
         assert answer["logits"] == pytest.approx(expected["logits"], abs=1e-3)
 
 
+@pytest.mark.timeout(600)
 def test_without_a_compiler_auto_serves_uncompiled_and_on_stops_with_one_line(trained_model, images, tmp_path):
     env = dict(
         os.environ,

@@ -25,9 +25,10 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: warning hides the access log."),
     compile: Compile = typer.Option(
         "auto",
-        help="Compile the forward pass (torch.compile) for each batch size before serving: about 1.5x "
-        "the images/s on the CPU, 10-40 s more start-up (cached after the first). auto: on the CPU only; "
-        "needs a C++ compiler, else a warning and the uncompiled model serves.",
+        help="Compile the forward pass (torch.compile) for each batch size before serving: about 1.3x "
+        "the requests/s on the CPU, for 30-100 s more start-up on 2 cores (less once inductor's cache "
+        "holds the graphs). auto: on the CPU only; needs a C++ compiler, else a warning and the "
+        "uncompiled model serves.",
     ),
 ):
     """Serve a model over HTTP like the SageMaker endpoint: GET /ping, POST /invocations."""
