@@ -19,7 +19,7 @@ measures both); the tables show answered (200) requests/s, p50/p99 latency and t
 that all did the same work), then ratios against both classic servers. With no --model, a
 tiny resnet18 at 64 px is trained on demo data first (and reused on the next run).
 
-    python bench/serve_bench.py                       # 5-8 minutes on 2 cores (compiling: 1-2)
+    python bench/serve_bench.py                       # 4-6 minutes on 2 cores (1-2 compiling, the first time)
     python bench/serve_bench.py --busy 3              # a heavier neighbour
     python bench/serve_bench.py --model TrainedModels/model.pth --image-size 224
 """
