@@ -639,6 +639,14 @@ def test_a_model_that_cannot_compile_keeps_its_eager_pass_and_the_error_blames_n
     assert torch.equal(predictor.logits(image), eager)
 
 
+def test_several_workers_with_compile_on_and_no_compiler_stop_before_any_worker_starts(trained_model, monkeypatch):
+    from ec2train import server
+
+    monkeypatch.setenv("CXX", "no-such-g++")
+    with pytest.raises(UserError, match="--compile on needs a C\\+\\+ compiler and no-such-g\\+\\+ is not on PATH"):
+        server.run(trained_model, port=free_port(), workers=2, compile="on")
+
+
 def test_on_an_older_torch_the_recompile_budget_is_raised_globally(monkeypatch):
     import torch
     import torch._dynamo.config as dynamo_config
