@@ -97,18 +97,20 @@ def compiled_forward(device: str) -> tuple[bool, str]:
     """serve's compiled pass (infer.BucketedForward, batch sizes 1 and 8, one padded batch of 5)
     against the eager pass on the GPU: the same logits within TF32's tolerance, and img/s of
     each at batch 8, resnet18 at 224 px."""
+    from ec2train.errors import first_line
+
+    try:
+        return _compiled_against_eager(device)
+    except Exception as exc:  # no triton, an inductor failure: a FAIL line, and the other checks still run
+        return False, first_line(exc)[:300]
+
+
+def _compiled_against_eager(device: str) -> tuple[bool, str]:
     import torch
     import torchvision
 
     from ec2train.infer import BucketedForward
 
-    try:
-        return _compiled_against_eager(device, torch, torchvision, BucketedForward)
-    except Exception as exc:  # no triton, an inductor failure: a FAIL line, and the other checks still run
-        return False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-
-
-def _compiled_against_eager(device: str, torch, torchvision, BucketedForward) -> tuple[bool, str]:
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=133).eval().to(device, memory_format=torch.channels_last)
     images = torch.randn(8, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)

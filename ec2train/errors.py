@@ -6,3 +6,10 @@ Import-free, because it ships inside the SageMaker model package with model.py.
 
 class UserError(ValueError):
     """Bad input, settings, files or environment; the message names the problem and the fix."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line, "Type: the first line of its message", for errors and logs
+    that must stay one line (a compiler's or a database's message can span pages)."""
+    msg = str(exc).strip()
+    return f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}".rstrip(": ")

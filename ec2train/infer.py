@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ec2train.errors import UserError
+from ec2train.errors import UserError, first_line
 from ec2train.hw import batch_buckets, bucket_for, inference_channels_last
 from ec2train.model import model_from_file
 from ec2train.preprocess import (
@@ -220,11 +220,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _one_line(exc: BaseException) -> str:
-    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), "")
-    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
-
-
 _NO_COMPILER = ("InvalidCxxCompiler", "CppCompileError")
 
 
@@ -320,7 +315,7 @@ class Predictor:
                 importlib.import_module("torch._dynamo").reset()
             cause = _root_cause(exc)
             no_compiler = type(cause).__name__ in _NO_COMPILER or isinstance(cause, FileNotFoundError)
-            raise CompileError(f"cannot compile the forward pass: {_one_line(cause)}", no_compiler) from exc
+            raise CompileError(f"cannot compile the forward pass: {first_line(cause)[:300]}", no_compiler) from exc
         self.forward, self.compiled_sizes = forward, forward.buckets
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:

@@ -786,8 +786,7 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
         if cfg.patience and state.stale_epochs >= cfg.patience:
             break
         if batches is None:
-            run.data.train_sampler.set_epoch(epoch)
-            batches = iter(run.train_loader)
+            batches = _epoch_batches(run, epoch)
         set_train_mode(run.step_model, tr.head, cfg.frozen)
         run.report.start_epoch(epoch, cfg.epochs, len(run.data.train_sampler))
         timing.epoch_start()
@@ -830,6 +829,11 @@ def _start_next_epoch(run: FitRun, epoch: int) -> Iterator | None:
     cfg = run.cfg
     if epoch >= cfg.epochs or (cfg.patience and run.state.stale_epochs >= cfg.patience):
         return None
+    return _epoch_batches(run, epoch)
+
+
+def _epoch_batches(run: FitRun, epoch: int) -> Iterator:
+    """An iterator over `epoch`'s training batches (its shuffle), which starts the loader's work."""
     run.data.train_sampler.set_epoch(epoch)
     return iter(run.train_loader)
 

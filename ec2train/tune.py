@@ -39,7 +39,7 @@ from ec2train import hw, loop
 from ec2train.checkpoint import CHECKPOINT_FILE
 from ec2train.config import ConfigError, TrainConfig, coerce_setting, read_toml, resolve, to_toml
 from ec2train.data import default_workers, require_dataset
-from ec2train.errors import UserError
+from ec2train.errors import UserError, first_line
 from ec2train.export import atomic_write_text
 from ec2train.hw import available_cpus
 
@@ -396,11 +396,6 @@ class TrialDiverged(RuntimeError):
     """The training loss went NaN or infinite: the trial is a failure, not a low score."""
 
 
-def _first_line(exc: BaseException) -> str:
-    msg = str(exc).strip()
-    return f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}".rstrip(": ")
-
-
 def _fmt_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
@@ -467,7 +462,7 @@ def make_objective(job: Job, say: Callable[[str], None], worker: str = "") -> Ca
             raise
         except Exception as exc:
             state = "FAIL"
-            trial.set_user_attr("error", _first_line(exc))
+            trial.set_user_attr("error", first_line(exc))
             raise
         finally:
             # Trials never resume, and a big model's last.pt per trial only fills the disk.
