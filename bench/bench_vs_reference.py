@@ -17,7 +17,7 @@ plan, the checkpoint every epoch, TensorBoard, the final test pass and the model
 Each side is a fresh process (imports included), interleaved, on 1600x1200 photos and on 64 px
 images, first on the idle box and then beside --busy N CPU-spinning processes.
 
-    python bench/bench_vs_reference.py                 # about 10 minutes on 2 idle cores
+    python bench/bench_vs_reference.py                 # about 5 minutes on 2 idle cores
     python bench/bench_vs_reference.py --busy 0 --sets small
 """
 
