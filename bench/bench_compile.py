@@ -5,13 +5,14 @@ loads it with the server's own `Predictor`, times the eager forward pass per ima
 batch size the server compiles (`hw.batch_buckets(--max-batch)`: 1, 2, 4, 8), then compiles
 them (`Predictor.compile`, the server's start-up step) and times the compiled pass the same
 way. The eager pass is timed again after compiling and the faster of its two timings counts,
-so a box that got busier meanwhile does not flatter the compiled pass. Prints compile seconds per size, resident memory before and after,
-and per-image milliseconds with the ratio eager / compiled, so a user can size the start-up and
-the memory before choosing --compile for a model. --threads defaults to 1: what each of the
-server's two forward lanes runs with on a box of 2 or more cores (docs/performance.md).
+so a box that got busier meanwhile does not flatter the compiled pass. Prints compile seconds
+per size, resident memory before and after, and per-image milliseconds with the ratio eager /
+compiled, so a user can size the start-up and the memory before choosing --compile for a model.
+--threads defaults to 1: what each of the server's two forward lanes runs with on a box of 2-4
+cores; on a bigger box each lane gets more (docs/performance.md), so pass --threads to match.
 
-    python bench/bench_compile.py                                 # resnet50 at 224 px: about 2 minutes on 2 cores
-    python bench/bench_compile.py --arch resnet18 --image-size 64    # under a minute
+    python bench/bench_compile.py            # resnet50 at 224 px: about 2 minutes on 2 cores
+    python bench/bench_compile.py --arch resnet18 --image-size 64   # under a minute
 """
 
 from __future__ import annotations
