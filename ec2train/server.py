@@ -433,7 +433,7 @@ class _Service:
         hw.apply_threads(self.plan)
         log.info("%s; torch.get_num_threads() = %d", self.plan.describe(), torch.get_num_threads())
         predictor = self.loader()
-        if self.compile != "off" and hw.compile_forward(self.compile, torch.device(predictor.device).type):
+        if hw.compile_forward(self.compile, torch.device(predictor.device).type):
             self._compile(predictor)
         return predictor
 
