@@ -6,9 +6,12 @@ package (`ec2train export --package`), where nothing else is installed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,8 +45,36 @@ MAX_ASPECT_RATIO = 20
 _OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
 
 
+# Progressive JPEGs: each scan walks every block of the image, however few bytes it takes (an
+# end-of-band run codes 32,767 blocks in two bytes), so a scan of a few dozen bytes costs as much
+# CPU as a whole baseline decode of the image. A JPEG may have at most MAX_JPEG_SCANS scans, and
+# at most MAX_SCAN_PIXELS / its pixels (16 at 40 MP, 53 at 12 MP); encoders write about 10.
+# Counted from the markers before decoding (jpeg_structure_problem).
+MAX_JPEG_SCANS = 100
+MAX_SCAN_PIXELS = 16 * MAX_PIXELS
+# The JPEG kinds decoded: the Huffman-coded ones web browsers decode. Arithmetic coding can code
+# a scan of a whole image in a few bits (so the scan rule above would not bound its cost), and
+# lossless and hierarchical JPEGs are rare outside medical imaging.
+_JPEG_DECODED = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive"}
+_JPEG_REFUSED = {0xC3: "lossless", **dict.fromkeys((0xC5, 0xC6, 0xC7), "hierarchical")}
+_JPEG_REFUSED.update({m: "arithmetic-coded" for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)})
+# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing), a restart marker or another
+# 0xFF (fill); anything else starts the next marker. One byte after 0xFF, never a repetition:
+# `\xff+` backtracks quadratically on a run of 0xFF bytes.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# PNG: Pillow reads each chunk in Python, so a file of many empty chunks costs far more than its
+# pixels. A PNG may have PNG_FREE_CHUNKS chunks and one more per PNG_BYTES_PER_CHUNK bytes
+# (libpng writes chunks of 8 KB).
+PNG_FREE_CHUNKS = 1_000
+PNG_BYTES_PER_CHUNK = 512
+
+
 class ImageDecodeError(UserError):
     """The bytes or file are not a decodable image (or are a decompression bomb)."""
+
+
+class MemoryBusy(Exception):
+    """A MemoryBudget has no room for this image now: the request may be retried (503), unlike a bad image."""
 
 
 def resize_size(image_size: int) -> int:
@@ -64,42 +95,191 @@ def size_problem(width: int, height: int, max_pixels: int | None = MAX_PIXELS) -
     return None
 
 
+def jpeg_scan_limit(width: int, height: int) -> int:
+    """The most scans a JPEG of this size may have (MAX_JPEG_SCANS, fewer for large images)."""
+    return max(1, min(MAX_JPEG_SCANS, MAX_SCAN_PIXELS // max(1, width * height)))
+
+
+def jpeg_structure_problem(data) -> str | None:
+    """Why a JPEG is refused from its markers, before decoding: a kind not decoded here, or more
+    scans than its size allows (jpeg_scan_limit). None when neither; a malformed stream is left to
+    the decoder. Walks the first image only, to its EOI (an MPO's later images are not decoded).
+    lambda/safe_fetch.py applies the same rule (its own copy; tests/test_lambda.py checks they agree)."""
+    size, at, scans, limit, frame = len(data), 2, 0, MAX_JPEG_SCANS, ""
+    while at + 4 <= size:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
+            at += 2
+            continue
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _JPEG_REFUSED:
+            return f"{_JPEG_REFUSED[marker]} JPEG: not decoded here (only baseline and progressive); re-save it"
+        if marker in _JPEG_DECODED and not frame and end <= size:
+            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+            frame, limit = f"{width}x{height} pixels", jpeg_scan_limit(width, height)
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            scans += 1
+            if scans > limit:
+                return (
+                    f"JPEG has more than {limit} scans, the most allowed for {frame or 'its size'} (each scan "
+                    "decodes the whole image again; photos have about 10); re-save it as a baseline JPEG"
+                )
+            found = _NEXT_MARKER.search(data, end)
+            if found is None:
+                return None
+            at = found.start()
+            continue
+        at = end
+    return None
+
+
+def png_structure_problem(data) -> str | None:
+    """Why a PNG is refused from its chunk headers, before decoding (more chunks than its size
+    explains), or None; a malformed stream is left to the decoder."""
+    limit = PNG_FREE_CHUNKS + len(data) // PNG_BYTES_PER_CHUNK
+    at, chunks = 8, 0
+    while at + 8 <= len(data):
+        chunks += 1
+        if chunks > limit:
+            return (
+                f"PNG has more than {limit} chunks for its {len(data)} bytes (a chunk for every "
+                f"{PNG_BYTES_PER_CHUNK} bytes at most); re-save it"
+            )
+        if data[at + 4 : at + 8] == b"IEND":
+            return None
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+    return None
+
+
+def structure_problem(image_format: str | None, data) -> str | None:
+    """Why an image's structure would make decoding it cost far more than its size, or None."""
+    if image_format in ("JPEG", "MPO"):
+        return jpeg_structure_problem(data)
+    if image_format == "PNG":
+        return png_structure_problem(data)
+    return None
+
+
+# Bytes a pixel takes in Pillow's memory by mode (4 for every mode not named).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
+
+
+def decode_bytes(img: Image.Image, full_size: tuple[int, int]) -> int:
+    """An upper bound of the memory load_rgb takes to decode `img` (opened, after any draft) and
+    reduce it to RGB; `full_size` is the size in the file's header."""
+    w, h = img.size
+    pixels = w * h
+    total = pixels * (_MODE_BYTES.get(img.mode, 4) + 4 + 1)  # decoded, converted, reduced
+    if img.format == "WEBP":  # libwebp decodes into a buffer of its own, then Pillow copies it
+        total += pixels * 4
+    if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
+        # A progressive decode holds every component's coefficients at full size (2 bytes each).
+        total += full_size[0] * full_size[1] * 2 * len(img.getbands())
+    return total
+
+
+class MemoryBudget:
+    """Bytes that the images being decoded (and, in the server, the request bodies) hold at once.
+
+    Thread-safe, and never blocks: a hold that does not fit raises MemoryBusy, which the server
+    answers with 503. Holds of more than a sixteenth of the total together take at most three
+    quarters of it, so a flood of large images leaves room for ordinary ones. `on_idle`, if set, is
+    called (in the thread that gave the last bytes back) when nothing is held any more after at
+    least `idle_after` bytes were: the server gives freed memory back to the system then."""
+
+    def __init__(self, total: int, idle_after: int = 64 * 1024 * 1024):
+        if total < 1:
+            raise UserError(f"memory budget must be >= 1 byte, got {total}")
+        self.total, self.idle_after = total, idle_after
+        self.used = self.large = self.peak = self._since_idle = 0
+        self.on_idle: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    def _is_large(self, n: int) -> bool:
+        return n > self.total // 16
+
+    def take(self, n: int) -> bool:
+        """Holds n more bytes if they fit; False (holding nothing) if not."""
+        with self._lock:
+            large = self._is_large(n)
+            if self.used + n > self.total or (large and self.large + n > self.total * 3 // 4):
+                return False
+            self.used += n
+            self.large += n if large else 0
+            self.peak = max(self.peak, self.used)
+            self._since_idle = max(self._since_idle, self.used)
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+            self.large -= n if self._is_large(n) else 0
+            idle = self.used == 0 and self._since_idle >= self.idle_after
+            if idle:
+                self._since_idle = 0
+        if idle and self.on_idle is not None:
+            self.on_idle()
+
+    @contextlib.contextmanager
+    def hold(self, n: int, what: str = "this image"):
+        if not self.take(n):
+            raise MemoryBusy(
+                f"no memory free for {what} now ({n // 2**20 + 1} MB of {self.total // 2**20} MB; "
+                f"{self.used // 2**20} MB in use); retry in a moment"
+            )
+        try:
+            yield
+        finally:
+            self.give(n)
+
+
 def load_rgb(
     source: Source,
     min_side: int | None = None,
     max_pixels: int | None = MAX_PIXELS,
     formats: tuple[str, ...] = SAFE_FORMATS,
+    budget: MemoryBudget | None = None,
 ) -> Image.Image:
     """Decode an image to RGB under the decode policy above.
 
-    With `min_side`, JPEGs are decoded at reduced scale (DCT scaling via Pillow's draft
-    mode: 1/2, 1/4 or 1/8) as long as the short side stays >= min_side; for a 12 MP photo
-    and a 224 px model this is several times faster and visually equivalent after resize.
     Sizes that `size_problem` refuses (decompression bombs, extreme aspect ratios) are refused
-    from the header, before decoding. `formats` limits which Pillow decoders may run.
+    from the header, and structures that `structure_problem` refuses (too many JPEG scans or PNG
+    chunks) from the markers, before decoding. `formats` limits which Pillow decoders may run.
+    With `min_side`, the image comes back with its short side between min_side and twice that
+    when it was larger: JPEGs are decoded at reduced scale (DCT scaling via Pillow's draft mode:
+    1/2, 1/4 or 1/8), other formats reduced (box filter, by a whole factor) right after decoding. For a 12 MP photo
+    and a 224 px model this is several times faster and visually equivalent after resize.
+    With `budget`, the decode's memory (decode_bytes) is held there while it runs: MemoryBusy if
+    it does not fit.
     """
     refuse_decompression_bombs()
     try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        with Image.open(fp, formats=list(formats)) as img:
-            w, h = img.size
-            problem = size_problem(w, h, max_pixels)
+        if not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+            source = source.read()  # a file object: its bytes, which the structure check reads
+        in_memory = isinstance(source, (bytes, bytearray, memoryview))
+        with Image.open(io.BytesIO(source) if in_memory else source, formats=list(formats)) as img:
+            full_size = img.size
+            _check_size(*full_size, max_pixels)
+            problem = structure_problem(img.format, source if in_memory else Path(source).read_bytes())
             if problem:
                 raise ImageDecodeError(problem)
-            # Pillow's own limit, checked here too: its warning depends on a process-wide filter
-            # that anything else in the process (a test runner, a library) may reset.
-            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                raise ImageDecodeError(
-                    f"image has too many pixels (decompression bomb guard): {w}x{h} is over {Image.MAX_IMAGE_PIXELS}"
-                )
             # Scaled DCT decodes at 1/2, 1/4 or 1/8 only, so it helps once the short side is at
             # least twice min_side; draft() never goes below the requested size.
+            w, h = full_size
             if min_side and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:
                 scale = min_side / min(w, h)
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-            img.load()
-            return img.convert("RGB")
-    except ImageDecodeError:
+            with budget.hold(decode_bytes(img, full_size)) if budget else contextlib.nullcontext():
+                img.load()
+                return _reduced_rgb(img, None if img.format in ("JPEG", "MPO") else min_side)
+    except (ImageDecodeError, MemoryBusy):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard (its warning is an error here: see refuse_decompression_bombs()).
@@ -108,6 +288,29 @@ def load_rgb(
         raise ImageDecodeError(f"not a decodable image (not a {', '.join(formats)} file)") from None
     except Exception as exc:  # malformed files make decoders raise many types; all mean "not an image"
         raise ImageDecodeError(f"not a decodable image: {type(exc).__name__}: {_clean(exc)}") from exc
+
+
+def _check_size(w: int, h: int, max_pixels: int | None) -> None:
+    problem = size_problem(w, h, max_pixels)
+    if problem:
+        raise ImageDecodeError(problem)
+    # Pillow's own limit, checked here too: its warning depends on a process-wide filter
+    # that anything else in the process (a test runner, a library) may reset.
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(
+            f"image has too many pixels (decompression bomb guard): {w}x{h} is over {Image.MAX_IMAGE_PIXELS}"
+        )
+
+
+def _reduced_rgb(img: Image.Image, min_side: int | None) -> Image.Image:
+    """A decoded image as RGB, box-reduced by a whole factor while its short side stays >= min_side
+    (what draft mode does while decoding a JPEG), so what follows works on a small image."""
+    factor = min(img.size) // min_side if min_side else 1
+    if factor < 2:
+        return img.convert("RGB")
+    # Reduced in one band where there is one (a 1-bit or grey image), else as RGB.
+    img = img.convert("L" if img.mode in ("1", "L") else "RGB").reduce(factor)
+    return img.convert("RGB")
 
 
 def _clean(exc: Exception) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from ec2train.preprocess import (
     size_problem,
     train_transform,
 )
-from tests.support.images import jpeg_bytes, photo_like, png_of_size
+from tests.support.images import jpeg_bytes, many_chunk_png, many_scan_jpeg, photo_like, png_of_size
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +73,10 @@ def test_odd_sizes_keep_the_short_side(tmp_path: Path):
         assert img.size[0] / img.size[1] == pytest.approx(w / h, rel=0.02)
 
 
-def test_png_and_small_images_decode_at_full_size():
+def test_small_images_decode_at_full_size():
     buf = io.BytesIO()
-    photo_like(800, 600).save(buf, format="PNG")
-    assert load_rgb(buf.getvalue(), min_side=64).size == (800, 600)  # no DCT scaling outside JPEG
+    photo_like(500, 300).save(buf, format="PNG")
+    assert load_rgb(buf.getvalue(), min_side=256).size == (500, 300)  # under twice min_side: nothing to gain
     assert load_rgb(jpeg_bytes(photo_like(300, 200)), min_side=256).size == (300, 200)
 
 
@@ -205,3 +206,101 @@ def test_a_uint8_batch_without_the_data_sets_normalization_is_refused():
         StepContext("cpu", hw.amp_policy("off", "cpu"), False).to_device(
             torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1)
         )
+
+
+# ---------------------------------------------------------------- decode cost from the structure (issue 26.1)
+
+
+def _cpu_seconds(fn) -> float:
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding():
+    # Issue 26.1: each extra scan is a few bytes and makes the decoder walk the whole image again;
+    # this 44 KB file took about 8 s of CPU to decode (and got a 200 from the server).
+    hostile = many_scan_jpeg(2000, 2000, 2000)
+    assert len(hostile) < 50_000
+    for min_side in (None, 256):  # full decode (data check) and the reduced one (serving, training)
+        with pytest.raises(ImageDecodeError, match="JPEG has more than 100 scans, the most allowed for 2000x2000"):
+            load_rgb(hostile, min_side=min_side)
+        took = _cpu_seconds(lambda side=min_side: pytest.raises(ImageDecodeError, load_rgb, hostile, min_side=side))
+        print(f"2000 scans of 2000x2000 px ({len(hostile)} bytes): refused in {took * 1000:.1f} ms of CPU")
+        assert took < 0.25  # measured: under 1 ms
+
+
+def test_the_scan_limit_follows_the_image_size_and_ordinary_jpegs_pass():
+    from ec2train.preprocess import MAX_JPEG_SCANS, jpeg_scan_limit, jpeg_structure_problem
+
+    assert MAX_JPEG_SCANS == jpeg_scan_limit(64, 64) == jpeg_scan_limit(2529, 2529) == 100
+    assert jpeg_scan_limit(4000, 3000) == 53 and jpeg_scan_limit(7300, 5470) == 16  # 12 MP, 40 MP
+    # Pillow writes 6 scans for a grey progressive JPEG: 94 more reach the limit, 95 pass it.
+    assert load_rgb(many_scan_jpeg(64, 64, 94)).size == (64, 64)
+    assert "more than 100 scans" in jpeg_structure_problem(many_scan_jpeg(64, 64, 95))
+    assert jpeg_structure_problem(many_scan_jpeg(2000, 1400, 2)) is None  # 8 scans of 2.8 MP
+    photo = photo_like(900, 600)
+    for options in ({}, {"progressive": True}, {"progressive": True, "subsampling": 0}):
+        data = _encode(photo, "JPEG", quality=90, **options)
+        assert jpeg_structure_problem(data) is None and load_rgb(data).size == (900, 600)
+    # An MPO's second image is not decoded, so its scans do not count; a truncated file is the decoder's.
+    base = _encode(photo, "JPEG", progressive=True)
+    assert jpeg_structure_problem(base + many_scan_jpeg(64, 64, 200)) is None
+    assert jpeg_structure_problem(base[: len(base) // 2]) is None
+
+
+def test_arithmetic_coded_and_lossless_jpegs_are_refused():
+    from ec2train.preprocess import jpeg_structure_problem
+
+    data = _encode(photo_like(64, 48), "JPEG", progressive=True)
+    sof = data.index(b"\xff\xc2")
+    for marker, kind in ((0xCA, "arithmetic-coded"), (0xC3, "lossless")):
+        patched = data[: sof + 1] + bytes([marker]) + data[sof + 2 :]
+        assert jpeg_structure_problem(patched).startswith(f"{kind} JPEG: not decoded here")
+        with pytest.raises(ImageDecodeError, match=kind):
+            load_rgb(patched)
+
+
+def test_a_png_of_empty_chunks_is_refused_before_decoding():
+    from ec2train.preprocess import png_structure_problem
+
+    hostile = many_chunk_png(1000, 1000, 400_000)  # 4.8 MB: Pillow took about 1.5 s of CPU
+    with pytest.raises(ImageDecodeError, match="PNG has more than 10377 chunks for its 4801037 bytes"):
+        load_rgb(hostile)
+    took = _cpu_seconds(lambda: pytest.raises(ImageDecodeError, load_rgb, hostile))
+    print(f"a PNG of 400,000 chunks ({len(hostile)} bytes): refused in {took * 1000:.1f} ms of CPU")
+    assert took < 0.25  # measured: about 10 ms
+    assert load_rgb(many_chunk_png(100, 100, 1000)).size == (100, 100)  # the free 1,000
+    photo = _encode(photo_like(900, 600), "PNG")
+    assert png_structure_problem(photo) is None
+
+
+def test_hostile_files_in_training_data_are_bad_files_with_their_paths(tmp_path: Path):
+    from ec2train.data import CorruptImageError, ImageDataset, check_dataset, make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "data", classes=2, per_class=2, size=32, eval_per_class=1)
+    scans = root / "train" / "001.Circle" / "scans.jpg"
+    scans.write_bytes(many_scan_jpeg(2000, 2000, 2000))
+    chunks = root / "train" / "002.Square" / "chunks.png"
+    chunks.write_bytes(many_chunk_png(1000, 1000, 20_000))
+    report = check_dataset(root, decode=True)  # `ec2train data check`
+    assert sorted(c.split(": ", 1)[0] for c in report.corrupt) == sorted([str(scans), str(chunks)])
+    with pytest.raises(CorruptImageError, match=r"scans\.jpg \(JPEG has more than 100 scans"):  # training
+        ImageDataset([(scans, 0)], transform=lambda img: img, min_side=64)[0]
+
+
+def _encode(img, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def test_other_formats_are_reduced_right_after_decoding_and_look_the_same():
+    photo = photo_like(1600, 1200)
+    png = _encode(photo, "PNG")
+    reduced = load_rgb(png, min_side=256)
+    assert reduced.size == (400, 300)  # a quarter: the short side stays >= 256
+    to_pixels = lambda img: eval_transform(224, (0, 0, 0), (1 / 255,) * 3)(img)  # noqa: E731
+    assert psnr(to_pixels(load_rgb(png)), to_pixels(reduced)) > 30
+    grey = _encode(photo.convert("1"), "PNG")
+    assert load_rgb(grey, min_side=256).size == (400, 300) and load_rgb(grey, min_side=256).mode == "RGB"

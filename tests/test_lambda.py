@@ -18,11 +18,13 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support.lambda_env import (
+    CHUNKS_PNG,
     FUNCTION_ENV,
     JPEG,
     NOT_IMAGE,
     PNG,
     PREDICTIONS,
+    SCANS_JPEG,
     STRIP_PNG,
     EndpointStandIn,
     ImageServer,
@@ -255,6 +257,56 @@ def test_size_rule_is_the_endpoints_rule():
         for h in sides:
             assert safe_fetch.size_problem(w, h) == preprocess.size_problem(w, h), (w, h)
     assert safe_fetch.size_problem(1, 100_000) == STRIP_ERROR
+
+
+@pytest.mark.parametrize("source", ["inline", "raw", "url"])
+def test_a_jpeg_of_thousands_of_scans_is_400_before_invoking_the_endpoint(capsys, images, endpoint, source):
+    # Issue 26.1: 44 KB that cost the endpoint about 8 s of CPU; the function sees the bytes first.
+    event = {
+        "inline": {"image": b64(SCANS_JPEG)},
+        "raw": http_v2(b64(SCANS_JPEG), content_type="image/jpeg", b64_encoded=True),
+        "url": {"url": images.url("/scans.jpg")},
+    }[source]
+    status, body, _, _ = invoke(event, capsys)
+    assert status == 400 and body["error"].startswith("JPEG has more than 100 scans, the most allowed for 2000x2000")
+    assert endpoint.requests == []
+    status, body, _, _ = invoke({"image": b64(CHUNKS_PNG)}, capsys)
+    assert status == 400 and body["error"].startswith("PNG has more than"), body
+    assert endpoint.requests == []
+
+
+def test_structure_rule_is_the_endpoints_rule():
+    # The zip's copy of preprocess.structure_problem: same limits, same answers.
+    from PIL import Image
+
+    from ec2train import preprocess
+    from tests.support.images import many_chunk_png, many_scan_jpeg, photo_like
+
+    names = ("MAX_JPEG_SCANS", "MAX_SCAN_PIXELS", "PNG_FREE_CHUNKS", "PNG_BYTES_PER_CHUNK")
+    assert [getattr(safe_fetch, n) for n in names] == [getattr(preprocess, n) for n in names]
+    photo = photo_like(300, 200)
+    samples = [
+        _encode(photo, "JPEG"),
+        _encode(photo, "JPEG", progressive=True),
+        _encode(photo, "PNG"),
+        _encode(Image.new("RGB", (5, 5)), "GIF"),
+        SCANS_JPEG,
+        CHUNKS_PNG,
+        many_chunk_png(40, 40, 1000),
+        many_chunk_png(40, 40, 1001),
+        *(many_scan_jpeg(w, h, n) for w, h, n in ((64, 64, 94), (64, 64, 95), (4000, 3000, 47), (4000, 3000, 48))),
+    ]
+    prog = samples[1]
+    sof = prog.index(b"\xff\xc2")
+    samples += [prog[: sof + 1] + bytes([m]) + prog[sof + 2 :] for m in (0xC3, 0xC9, 0xCE)]
+    samples += [prog[: len(prog) // 2], JPEG, PNG, NOT_IMAGE, b"\xff\xd8\xff"]
+    answers = [safe_fetch.structure_problem(data) for data in samples]
+    assert answers == [preprocess.structure_problem(_format(data), data) for data in samples]
+    assert sum(a is not None for a in answers) == 7  # the three kinds, and both rules (one step over each scan limit)
+
+
+def _format(data: bytes) -> str | None:
+    return {"jpeg": "JPEG", "png": "PNG"}.get(safe_fetch.sniff_image(data))
 
 
 def _encode(img, fmt: str, **options) -> bytes:

@@ -328,9 +328,9 @@ def lambda_handler(event, context):
 
 
 def _check_size(image: bytes) -> None:
-    """The endpoint's size rule, from the header: a refused image never costs an invocation."""
+    """The endpoint's size and structure rules, before decoding: a refused image never costs an invocation."""
     size = safe_fetch.image_size(image)
-    problem = safe_fetch.size_problem(*size) if size else None
+    problem = (safe_fetch.size_problem(*size) if size else None) or safe_fetch.structure_problem(image)
     if problem:
         raise BadRequest(problem)
 

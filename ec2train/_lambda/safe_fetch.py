@@ -529,6 +529,85 @@ def size_problem(width: int, height: int) -> str | None:
     return None
 
 
+# The endpoint's rule on JPEG scans and PNG chunks (ec2train/preprocess.py's structure_problem,
+# copied like the size rule above): every scan of a progressive JPEG decodes the whole image again,
+# and each PNG chunk costs the decoder a round of Python, however few bytes either takes.
+MAX_JPEG_SCANS = 100
+MAX_SCAN_PIXELS = 16 * MAX_PIXELS
+PNG_FREE_CHUNKS = 1_000
+PNG_BYTES_PER_CHUNK = 512
+_JPEG_DECODED = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive"}
+_JPEG_REFUSED = {0xC3: "lossless", **dict.fromkeys((0xC5, 0xC6, 0xC7), "hierarchical")}
+_JPEG_REFUSED.update({m: "arithmetic-coded" for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)})
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # never `\xff+`: quadratic on runs of 0xFF
+
+
+def _jpeg_scan_limit(width: int, height: int) -> int:
+    return max(1, min(MAX_JPEG_SCANS, MAX_SCAN_PIXELS // max(1, width * height)))
+
+
+def _jpeg_structure_problem(data: bytes) -> str | None:
+    size, at, scans, limit, frame = len(data), 2, 0, MAX_JPEG_SCANS, ""
+    while at + 4 <= size:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:
+            at += 1
+            continue
+        if marker == 0xD9:
+            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            at += 2
+            continue
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _JPEG_REFUSED:
+            return f"{_JPEG_REFUSED[marker]} JPEG: not decoded here (only baseline and progressive); re-save it"
+        if marker in _JPEG_DECODED and not frame and end <= size:
+            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+            frame, limit = f"{width}x{height} pixels", _jpeg_scan_limit(width, height)
+        if marker == 0xDA:
+            scans += 1
+            if scans > limit:
+                return (
+                    f"JPEG has more than {limit} scans, the most allowed for {frame or 'its size'} (each scan "
+                    "decodes the whole image again; photos have about 10); re-save it as a baseline JPEG"
+                )
+            found = _NEXT_MARKER.search(data, end)
+            if found is None:
+                return None
+            at = found.start()
+            continue
+        at = end
+    return None
+
+
+def _png_structure_problem(data: bytes) -> str | None:
+    limit = PNG_FREE_CHUNKS + len(data) // PNG_BYTES_PER_CHUNK
+    at, chunks = 8, 0
+    while at + 8 <= len(data):
+        chunks += 1
+        if chunks > limit:
+            return (
+                f"PNG has more than {limit} chunks for its {len(data)} bytes (a chunk for every "
+                f"{PNG_BYTES_PER_CHUNK} bytes at most); re-save it"
+            )
+        if data[at + 4 : at + 8] == b"IEND":
+            return None
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+    return None
+
+
+def structure_problem(data: bytes) -> str | None:
+    """Why the endpoint would refuse this image's structure before decoding it, or None."""
+    kind = sniff_image(data)
+    if kind == "jpeg":
+        return _jpeg_structure_problem(data)
+    if kind == "png":
+        return _png_structure_problem(data)
+    return None
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from the first SOFn segment (baseline, progressive, lossless...)."""
     at = 2

@@ -55,3 +55,45 @@ def png_of_size(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     idat = zlib.compress(rows, 9)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def many_scan_jpeg(width: int, height: int, scans: int) -> bytes:
+    """A valid grey progressive JPEG with `scans` more scans than Pillow writes (a CPU bomb).
+
+    Each extra scan refines all 63 AC coefficients of every block (Ss=1, Se=63, Ah=1, Al=0) and
+    codes the whole image as end-of-band runs of 32,767 blocks (symbol EOB14: a 1-bit Huffman code
+    and 14 extra bits), about 2 bytes per 32,767 blocks: a handful of bytes that make the decoder
+    walk every coefficient of every block again. The base image is flat grey, so no coefficient
+    needs a correction bit and the runs are all the data there is.
+    """
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, format="JPEG", progressive=True, quality=90)
+    base = buf.getvalue()
+    assert base.endswith(b"\xff\xd9")
+    # An AC table (class 1, id 3) whose one symbol, 0xE0 (EOB run of 2**14 + 14 bits), has code "0".
+    table = _jpeg_segment(0xC4, bytes([0x13, 1] + [0] * 15 + [0xE0]))
+    bits, blocks = "", ((width + 7) // 8) * ((height + 7) // 8)
+    while blocks > 0:  # a last run longer than the blocks left is harmless: the scan ends first
+        run = min(max(blocks, 1 << 14), 32767)
+        bits += "0" + format(run - (1 << 14), "014b")
+        blocks -= run
+    bits += "1" * (-len(bits) % 8)  # pad with 1 bits, as encoders do
+    data = bytearray()
+    for i in range(0, len(bits), 8):
+        data.append(int(bits[i : i + 8], 2))
+        if data[-1] == 0xFF:
+            data.append(0)  # byte stuffing
+    scan = _jpeg_segment(0xDA, bytes([1, 1, 0x03, 1, 63, 0x10])) + bytes(data)
+    return base[:-2] + table + scan * scans + b"\xff\xd9"
+
+
+def many_chunk_png(width: int, height: int, chunks: int) -> bytes:
+    """A valid grey PNG whose image data is split over `chunks` IDAT chunks, most of them empty."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(bytes(height * (1 + width)), 9)
+    pieces = [_png_chunk(b"IDAT", idat)] + [_png_chunk(b"IDAT", b"")] * max(0, chunks - 1)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + b"".join(pieces) + _png_chunk(b"IEND", b"")

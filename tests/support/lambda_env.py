@@ -24,7 +24,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.support.images import png_of_size, tiny_png
+from tests.support.images import many_chunk_png, many_scan_jpeg, png_of_size, tiny_png
 from tests.support.paths import ROOT
 
 LAMBDA_DIR = ROOT / "ec2train" / "_lambda"  # the source `deploy lambda` zips
@@ -67,6 +67,8 @@ def load_lambda():
 
 PNG = tiny_png()
 STRIP_PNG = png_of_size(1, 100_000)
+SCANS_JPEG = many_scan_jpeg(2000, 2000, 2000)
+CHUNKS_PNG = many_chunk_png(1000, 1000, 20_000)
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 8 + b"\xff\xd9"
 GIF = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
 WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8 " + bytes(14)
@@ -152,6 +154,8 @@ class ImageHandler(BaseHTTPRequestHandler):
             self._send(200, JPEG, "image/jpeg")
         elif path == "/strip.png":  # 1 x 100,000 px in 274 bytes (issue 13.1)
             self._send(200, STRIP_PNG)
+        elif path == "/scans.jpg":  # 2,000 scans of 2000 x 2000 px in 44 KB (issue 26.1)
+            self._send(200, SCANS_JPEG, "image/jpeg")
         elif path == "/page.html":
             self._send(200, NOT_IMAGE, "text/html")
         elif path == "/missing":
