@@ -29,6 +29,8 @@ from ec2train.model import model_from_file
 from ec2train.preprocess import (
     MAX_PIXELS,
     ImageDecodeError,
+    MemoryBudget,
+    MemoryBusy,
     Source,
     eval_transform,
     load_rgb,
@@ -64,6 +66,12 @@ class UnsupportedMediaType(RequestError):
 
 class NotAcceptable(RequestError):
     status = 406
+
+
+class Busy(RequestError):
+    """No room for this request now (requests in progress, or memory): retry in a moment."""
+
+    status = 503
 
 
 @dataclass(frozen=True)
@@ -243,28 +251,39 @@ def _compile_options(graphs: int) -> dict[str, Any]:
 
 class BucketedForward:
     """A model's forward pass compiled (inductor, weights frozen into the graph) for a few static
-    batch sizes. A batch runs at the smallest size that holds it, padded with zeros; the padding's
-    answers are dropped (eval mode: no image's answer depends on another's)."""
+    batch sizes, brought in one size at a time. A batch runs at the smallest compiled size that
+    holds it, padded with zeros, whose answers are dropped (eval mode: no image's answer depends
+    on another's); until such a size is compiled, it runs through the eager model. `ready` is
+    replaced whole, in one assignment, so the forward lanes read it without a lock while `build`
+    runs in another thread."""
 
     def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...], memory_format: torch.memory_format):
-        self.buckets, self.memory_format = buckets, memory_format
+        self.buckets, self.memory_format, self.eager = buckets, memory_format, model
+        self.ready: tuple[int, ...] = ()
         self.compiled = torch.compile(model, dynamic=False, fullgraph=True, **_compile_options(len(buckets)))
 
     def build(self, sample: torch.Tensor, report: Callable[[int, float], None]) -> None:
-        """Compile every bucket now (not on a client's request), from one image's shape and device.
-        Freezing folds batch norm into the convolutions and pre-packs their weights: the speed-up
-        (torch.compile's options={"freezing": True} measured no faster than eager; the patch works)."""
+        """Compile every bucket now (not on a client's request), from one image's shape and device,
+        smallest first; each size serves as soon as it is compiled. Freezing folds batch norm into
+        the convolutions and pre-packs their weights: the speed-up (torch.compile's
+        options={"freezing": True} measured no faster than eager; the patch works)."""
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
             for size in self.buckets:
                 start = time.perf_counter()
-                self(sample.expand(size, *sample.shape[1:]))
+                self._compiled_pass(sample.expand(size, *sample.shape[1:]), size)
+                self.ready = (*self.ready, size)
                 report(size, time.perf_counter() - start)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         n = batch.shape[0]
-        size = bucket_for(n, self.buckets)
+        bucket_for(n, self.buckets)  # a batch larger than any size asked for is a caller's bug
+        size = next((s for s in self.ready if s >= n), None)
+        return self.eager(batch) if size is None else self._compiled_pass(batch, size)
+
+    def _compiled_pass(self, batch: torch.Tensor, size: int) -> torch.Tensor:
+        n = batch.shape[0]
         full = torch.empty(
             (size, *batch.shape[1:]), dtype=batch.dtype, device=batch.device, memory_format=self.memory_format
         )
@@ -276,15 +295,22 @@ class BucketedForward:
 class Predictor:
     """A model file loaded once, with the preprocessing that travelled inside it."""
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "cpu",
+        max_pixels: int = MAX_PIXELS,
+        budget: MemoryBudget | None = None,
+    ):
+        """`budget`: decodes hold their memory there (MemoryBusy, a 503 for a request, past it)."""
         self.model, self.meta = model_from_file(model_path)
+        self.budget = budget
         self.device = device
         self.memory_format = (
             torch.channels_last if inference_channels_last(torch.device(device).type) else torch.contiguous_format
         )
         self.model.to(device, memory_format=self.memory_format)
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
-        self.compiled_sizes: tuple[int, ...] = ()
         self.class_names: list[str] = list(self.meta["class_names"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, tuple(self.meta["mean"]), tuple(self.meta["std"]))
@@ -292,31 +318,39 @@ class Predictor:
 
     def preprocess(self, source: Source) -> torch.Tensor:
         """Decode (preprocess's decode policy) and transform one image; ImageDecodeError if unusable."""
-        img = load_rgb(source, min_side=resize_size(self.image_size), max_pixels=self.max_pixels)
+        img = load_rgb(source, min_side=resize_size(self.image_size), max_pixels=self.max_pixels, budget=self.budget)
         return self.transform(img)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         return self.forward(batch.to(self.device, memory_format=self.memory_format)).float().cpu()
 
+    @property
+    def compiled_sizes(self) -> tuple[int, ...]:
+        """The batch sizes that run compiled now (none while the eager pass serves them all)."""
+        forward = self.forward
+        return forward.ready if isinstance(forward, BucketedForward) else ()
+
     @torch.inference_mode()
     def compile(self, max_batch: int, report: Callable[[int, float], None] = lambda size, seconds: None) -> None:
-        """Compile the forward pass for batches of up to max_batch (hw.batch_buckets), calling
-        report(size, seconds) after each. CompileError, with the cause in one line, if it cannot;
-        the eager forward pass then stays."""
+        """Compile the forward pass for batches of up to max_batch (hw.batch_buckets), smallest
+        first, calling report(size, seconds) after each; a size serves compiled from then on (the
+        others eagerly), so this may run in a thread of its own while the Predictor serves.
+        CompileError, with the cause in one line, if it cannot; the eager pass then serves all."""
         size = self.image_size
         sample = torch.zeros((1, 3, size, size), device=self.device).contiguous(memory_format=self.memory_format)
         try:  # an old torch or an unsupported Python fails as early as the constructor
             forward = BucketedForward(self.model, batch_buckets(max_batch), self.memory_format)
+            self.forward = forward
             with _quiet_compiler_logs():
                 forward.build(sample, report)
         except Exception as exc:
+            self.forward = self.model
             with contextlib.suppress(Exception):  # drop the graphs built so far (and their frozen weights)
                 importlib.import_module("torch._dynamo").reset()
             cause = _root_cause(exc)
             no_compiler = type(cause).__name__ in _NO_COMPILER or isinstance(cause, FileNotFoundError)
             raise CompileError(f"cannot compile the forward pass: {first_line(cause)[:300]}", no_compiler) from exc
-        self.forward, self.compiled_sizes = forward, forward.buckets
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
         probs = logits.softmax(dim=1)
@@ -351,6 +385,8 @@ class Predictor:
             return self.preprocess(request.image)
         except ImageDecodeError as exc:
             raise RequestError(str(exc)) from None
+        except MemoryBusy as exc:
+            raise Busy(f"server is busy: {exc}") from None
 
     def answer(self, request: Request) -> dict[str, Any]:
         """Decode, preprocess and predict one request (no batching: the SageMaker handler's path)."""

@@ -171,17 +171,25 @@ def structure_problem(image_format: str | None, data) -> str | None:
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
 
 
-def decode_bytes(img: Image.Image, full_size: tuple[int, int]) -> int:
+def decode_bytes(img: Image.Image, full_size: tuple[int, int], reduce_by: int = 1) -> int:
     """An upper bound of the memory load_rgb takes to decode `img` (opened, after any draft) and
-    reduce it to RGB; `full_size` is the size in the file's header."""
-    w, h = img.size
-    pixels = w * h
-    total = pixels * (_MODE_BYTES.get(img.mode, 4) + 4 + 1)  # decoded, converted, reduced
-    if img.format == "WEBP":  # libwebp decodes into a buffer of its own, then Pillow copies it
-        total += pixels * 4
+    turn it into RGB, reduced by `reduce_by` (_reduced_rgb); `full_size` is the header's size."""
+    pixels, mode = img.size[0] * img.size[1], img.mode
+    decoded = _MODE_BYTES.get(mode, 4)
+    if reduce_by > 1:  # converted to one band or RGB, then a quarter of the pixels at most
+        converted = 0 if mode in ("L", "RGB") else 1 if mode == "1" else 4
+        total = pixels * (decoded + converted + 1)
+    else:
+        total = pixels * (decoded + (0 if mode == "RGB" else 4))
+    total += full_size[0] * 512  # the decoders' row buffers
+    if img.format == "WEBP":  # libwebp decodes into buffers of its own, then Pillow copies them
+        total += pixels * 12
     if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
-        # A progressive decode holds every component's coefficients at full size (2 bytes each).
-        total += full_size[0] * full_size[1] * 2 * len(img.getbands())
+        # A progressive decode holds every component's coefficients at full size, 2 bytes each
+        # (fewer for subsampled components: `layer` is Pillow's (id, h, v, table) per component).
+        layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())
+        h_max, v_max = max(c[1] for c in layers), max(c[2] for c in layers)
+        total += sum(full_size[0] * h * full_size[1] * v * 2 // (h_max * v_max) for _, h, v, _ in layers)
     return total
 
 
@@ -276,9 +284,10 @@ def load_rgb(
             if min_side and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:
                 scale = min_side / min(w, h)
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-            with budget.hold(decode_bytes(img, full_size)) if budget else contextlib.nullcontext():
+            reduce_by = min(img.size) // min_side if min_side and img.format not in ("JPEG", "MPO") else 1
+            with budget.hold(decode_bytes(img, full_size, reduce_by)) if budget else contextlib.nullcontext():
                 img.load()
-                return _reduced_rgb(img, None if img.format in ("JPEG", "MPO") else min_side)
+                return _reduced_rgb(img, reduce_by)
     except (ImageDecodeError, MemoryBusy):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -302,15 +311,15 @@ def _check_size(w: int, h: int, max_pixels: int | None) -> None:
         )
 
 
-def _reduced_rgb(img: Image.Image, min_side: int | None) -> Image.Image:
-    """A decoded image as RGB, box-reduced by a whole factor while its short side stays >= min_side
-    (what draft mode does while decoding a JPEG), so what follows works on a small image."""
-    factor = min(img.size) // min_side if min_side else 1
-    if factor < 2:
+def _reduced_rgb(img: Image.Image, reduce_by: int) -> Image.Image:
+    """A decoded image as RGB, box-reduced by a whole factor (chosen so its short side stays >=
+    min_side, as draft mode does while decoding a JPEG), so what follows works on a small image."""
+    if reduce_by < 2:
         return img.convert("RGB")
-    # Reduced in one band where there is one (a 1-bit or grey image), else as RGB.
-    img = img.convert("L" if img.mode in ("1", "L") else "RGB").reduce(factor)
-    return img.convert("RGB")
+    # Reduced in one band where there is one (a 1-bit or grey image), else as RGB; never a copy
+    # of the full-size image for nothing (convert() to its own mode copies).
+    target = "L" if img.mode in ("1", "L") else "RGB"
+    return (img if img.mode == target else img.convert(target)).reduce(reduce_by).convert("RGB")
 
 
 def _clean(exc: Exception) -> str:

@@ -3,57 +3,58 @@
 Routes: GET /ping (200 once the model is loaded, 503 before), POST /invocations (the
 container contract), POST /endpoints/{name}/invocations (so a boto3 `sagemaker-runtime`
 client with `endpoint_url=` works unchanged; errors come back the way SageMaker returns
-them, as ModelError), GET /stats (batching counters).
+them, as ModelError), GET /stats (batching, compiling and memory counters).
 
-Requests are read and decoded off the event loop (thread pool); a single batcher task groups
-the tensors of concurrent requests into one forward pass, run in its own thread so the loop
-keeps accepting requests meanwhile. Misbehaving clients are bounded in two places: connections
-(idle, slow, too many) in http_guard.py, requests in progress by `Admission` (a fast 503). Built on starlette + uvicorn (the `serve` extra),
-imported lazily.
+Requests are read and decoded off the event loop (thread pool); a single batcher task
+(batching.py) groups the tensors of concurrent requests into one forward pass, run in its own
+thread so the loop keeps accepting requests meanwhile. Misbehaving clients are bounded in three
+places: connections (idle, slow, too many, tiny chunks) in http_guard.py; requests in progress
+(`Admission`) and the memory of their bodies and images together (a MemoryBudget) in
+request_limits.py, both a fast 503; and what one image may cost to decode in preprocess.py.
+Built on starlette + uvicorn (the `serve` extra), imported lazily.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
 import os
+import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ec2train import hw
+from ec2train.batching import Batcher, BatchStats
 from ec2train.errors import UserError
 from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
     JSON_TYPE,
     MAX_REQUEST_BYTES,
     CompileError,
-    PayloadTooLarge,
     Predictor,
-    Request,
     RequestError,
     check_accept,
     default_device,
     parse_request,
 )
+from ec2train.preprocess import MemoryBudget, MemoryBusy
+from ec2train.request_limits import BODY_TIMEOUT_S, Admission, MemoryReturn, read_body
 
 log = logging.getLogger("uvicorn.error")  # shows beside uvicorn's own lines, in its format
 _ENV_CONFIG = "EC2TRAIN_SERVE_CONFIG"  # how `--workers N` hands the settings to each process
-# A body over the limit is still read (and dropped) up to this much, so the client gets
-# the 413 instead of a reset connection; beyond it the connection is cut.
-_DRAIN_LIMIT = 64 * 1024 * 1024
-# Seconds a client has to send a whole request body (6 MB in 30 s is 1.6 Mbit/s); then 408.
-BODY_TIMEOUT_S = 30.0
 # Requests being decoded, queued or in a forward pass, per process, as a multiple of
 # --max-batch times the forward lanes; beyond it a request gets a fast 503 instead of a long wait (docs/serve.md).
 PENDING_PER_BATCH = 4
+# Memory for request bodies and images being decoded, per process (--request-memory-mb): past
+# it a request gets a fast 503. A 40 MP PNG takes about 250 MB of it, a 6 MB body 6 MB.
+REQUEST_MEMORY_MB = 1024
+# A JSON request's base64 text is decoded into a second copy of the image, beside the body.
+_JSON_COPIES = 2
 
 
 def _require_serve_deps():
@@ -68,261 +69,13 @@ def _require_serve_deps():
     return uvicorn
 
 
-@dataclass
-class BatchStats:
-    """What the batcher did: forward passes, images, and how many passes had each size."""
-
-    batches: int = 0
-    images: int = 0
-    sizes: Counter = field(default_factory=Counter)
-
-    def record(self, size: int) -> None:
-        self.batches += 1
-        self.images += size
-        self.sizes[size] += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batches": self.batches,
-            "images": self.images,
-            "max_batch_size": max(self.sizes, default=0),
-            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
-        }
-
-
-class PeakWindow:
-    """The largest value added in the last `seconds` (a sliding-window maximum, O(1) amortized).
-
-    Times are passed in, so the window is a pure function of its inputs."""
-
-    def __init__(self, seconds: float = 1.0):
-        self.seconds = seconds
-        self._entries: collections.deque[tuple[float, int]] = collections.deque()  # values fall front to back
-
-    def add(self, now: float, value: int) -> int:
-        """Records `value` at time `now` and returns the peak of the window ending there."""
-        entries = self._entries
-        while entries and entries[-1][1] <= value:
-            entries.pop()
-        entries.append((now, value))
-        while entries[0][0] < now - self.seconds:
-            entries.popleft()
-        return entries[0][1]
-
-
-@dataclass
-class _Item:
-    tensor: Any
-    request: Request
-    future: asyncio.Future
-
-
-class Batcher:
-    """Groups concurrent requests into one forward pass (dynamic batching).
-
-    After the first request arrives it takes the requests already queued, and waits up to
-    `max_wait_ms` more only while other requests are still being read or decoded, so a lone
-    request on an idle server never waits (with another pass running, see `_hold`). Under load,
-    requests pile up during each forward pass and the next pass takes them (up to its share,
-    see `share`). `max_batch=1` turns batching off. `lanes` passes run at once in `executor`
-    (which has that many threads; hw.serve_lanes says why).
-    """
-
-    def __init__(
-        self,
-        max_batch: int,
-        max_wait_ms: float,
-        executor: ThreadPoolExecutor,
-        stats: BatchStats,
-        lanes: int = 1,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
-        self.max_batch = max_batch
-        self.lanes = lanes
-        self.max_wait = max_wait_ms / 1000.0
-        self.executor = executor
-        self.stats = stats
-        self.predictor: Predictor | None = None
-        self.preparing = 0  # requests received and still being read/decoded (event-loop only)
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._changed = asyncio.Event()  # a request was queued or a pass ended
-        self.in_passes = 0  # images in the forward passes running now
-        self.clock = clock
-        # Requests in the server: being prepared, queued or in a pass (not the few a pass is
-        # still collecting, which the peak over the last second covers).
-        self._in_flight = PeakWindow(1.0)
-
-    @contextlib.contextmanager
-    def preparing_one(self):
-        """Counts a request as being read or decoded while inside (event-loop only)."""
-        self.preparing += 1
-        try:
-            yield
-        finally:
-            self.preparing -= 1
-
-    def share(self) -> int:
-        """The most images one pass takes: with one lane `max_batch`; with several, an equal part
-        of the requests in the server at its fullest moment of the last second (ceil(peak / lanes)).
-
-        Eight clients on two lanes then run passes of 4 and 4 side by side. A greedy pass that
-        takes 5 leaves the other lane 3, which wait for it (`_hold`), so on 2 cores the two lanes
-        settled into 5 and 3 and only overlapped half the time (resnet18 at 64 px: 84-92 req/s
-        against 95-97 with equal shares; with 4 clients 38-53 against 67-71, docs/performance.md).
-        """
-        if self.lanes == 1:
-            return self.max_batch
-        peak = self._in_flight.add(self.clock(), self.in_passes + self.queue.qsize() + self.preparing)
-        return max(1, min(self.max_batch, -(-peak // self.lanes)))
-
-    async def submit(self, tensor: Any, request: Request) -> dict[str, Any]:
-        future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(_Item(tensor, request, future))
-        self.share()  # the window sees every arrival
-        self._changed.set()
-        return await future
-
-    async def _collect(self) -> list[_Item]:
-        loop = asyncio.get_running_loop()
-        items = [await self.queue.get()]
-        deadline = loop.time() + self.max_wait
-        limit = self.share()
-        while len(items) < limit:
-            if not self.queue.empty():
-                items.append(self.queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if self.preparing == 0 or remaining <= 0:
-                break
-            try:
-                items.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
-        return [it for it in items if not it.future.done()]  # a client that went away is skipped
-
-    async def run(self) -> None:
-        """Collects a batch whenever a lane is free (after `_hold` while other passes run), so up
-        to `lanes` forward passes run at once and requests pile up into bigger batches."""
-        assert self.predictor is not None
-        free = asyncio.Semaphore(self.lanes)
-        running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
-
-        def done(task: asyncio.Task) -> None:
-            running.discard(task)
-            free.release()
-            self._changed.set()
-
-        while True:
-            await free.acquire()
-            await self._hold(running)
-            items = await self._collect()
-            if not items:
-                free.release()
-                continue
-            self.in_passes += len(items)  # _forward counts them out
-            task = asyncio.create_task(self._forward(items))
-            running.add(task)
-            task.add_done_callback(done)
-
-    async def _hold(self, running: set[asyncio.Task]) -> None:
-        """While other passes run, a free lane waits for half a batch (2 requests or more, but at
-        most max_batch and at most its `share`) or for them to end. A one-image pass costs twice as much
-        per image as a batch of 8 (resnet18 at 64 px, one thread: 17 ms against 8 ms), so on a
-        busy box small passes side by side would waste the cores that bigger ones share well."""
-        while running and self.queue.qsize() < min(self.max_batch, max(2, self.max_batch // 2), self.share()):
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def _forward(self, items: list[_Item]) -> None:
-        assert self.predictor is not None
-        try:
-            answers = await asyncio.get_running_loop().run_in_executor(
-                self.executor,
-                self.predictor.predict_tensors,
-                [it.tensor for it in items],
-                [it.request for it in items],
-            )
-        except Exception as exc:  # a failed pass fails its requests (500), not the server
-            log.exception("forward pass failed")
-            for it in items:
-                if not it.future.done():
-                    it.future.set_exception(exc)
-            return
-        finally:
-            self.in_passes -= len(items)
-        self.stats.record(len(items))
-        for it, answer in zip(items, answers):
-            if not it.future.done():
-                it.future.set_result(answer)
-
-
-class RequestTimeout(RequestError):
-    status = 408
-
-
-class Overloaded(RequestError):
-    """More requests in progress than the server takes on; the client should retry later."""
-
-    status = 503
-
-
-class Admission:
-    """At most `limit` requests past reading their body; the rest are refused at once (503).
-
-    Event-loop only. /ping never comes here: a /ping that fails makes SageMaker take the
-    instance out of service, which is the opposite of shedding load.
-    """
-
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise UserError(f"max_pending must be >= 1, got {limit}")
-        self.limit = limit
-        self.active = 0
-
-    @contextlib.contextmanager
-    def slot(self):
-        if self.active >= self.limit:
-            raise Overloaded(f"server is busy ({self.active} requests in progress); retry in a moment")
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
-
-
-async def _read_body_in_time(request: Any, max_bytes: int, timeout: float) -> bytes:
-    """The body, or RequestTimeout if it does not arrive within `timeout` seconds (slow clients)."""
-    try:
-        return await asyncio.wait_for(_read_body(request, max_bytes), timeout)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
-
-
-async def _read_body(request: Any, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= max_bytes:
-            chunks.append(chunk)
-        elif size > _DRAIN_LIMIT:
-            break
-    if size > max_bytes:
-        shown = declared if declared.isdigit() else f"more than {size}"
-        raise PayloadTooLarge(
-            f"request body is {shown} bytes, more than the limit of {max_bytes}; send a smaller image"
-        )
-    return b"".join(chunks)
-
-
 def _error_response(status: int, message: str, runtime_api: bool):
     """{"error": ...} with the status; on the runtime-API route, wrapped the way SageMaker does it."""
     from starlette.responses import JSONResponse
 
+    retry = {"Retry-After": "1"} if status == 503 else {}
     if not runtime_api or status == 413:  # SageMaker refuses oversized payloads itself, with 413
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=retry)
     kind = "client" if status < 500 else "server"
     original = json.dumps({"error": message})
     return JSONResponse(
@@ -334,12 +87,10 @@ def _error_response(status: int, message: str, runtime_api: bool):
             "error": message,
         },
         status_code=424,
-        headers={"x-amzn-ErrorType": "ModelError"},
+        headers={"x-amzn-ErrorType": "ModelError", **retry},
     )
 
 
-# Long on purpose: the routes are closures over one app's batcher, admission limit and forward pool;
-# as module functions they would need that state threaded through every handler.
 def create_app(
     model_path: str | Path,
     max_batch: int = 8,
@@ -354,6 +105,8 @@ def create_app(
     max_pending: int | None = None,
     body_timeout: float = BODY_TIMEOUT_S,
     compile: str = "auto",
+    request_memory_mb: float = REQUEST_MEMORY_MB,
+    url: str | None = None,
 ):
     """The ASGI app. The model loads in the background after start-up (GET /ping says when).
 
@@ -362,9 +115,11 @@ def create_app(
     `load` replaces how the Predictor is made (default: `Predictor(model_path, device)`).
     `app.state.stats` holds the batch counters; `app.state.on_load_error`, if set, is
     called with the exception when the model cannot be loaded. `max_pending` (default
-    PENDING_PER_BATCH x max_batch x forward lanes) bounds the requests in progress: see `Admission`.
-    `compile` (auto, on, off; hw.compile_forward) compiles the forward pass for batches of up to
-    max_batch while the model loads; with auto a failure is a warning and the eager pass serves.
+    PENDING_PER_BATCH x max_batch x forward lanes) bounds the requests in progress (`Admission`),
+    `request_memory_mb` the memory of their bodies and images together (a MemoryBudget).
+    `compile` (hw.compile_forward) compiles the forward pass for batches of up to max_batch: auto
+    in the background once the eager pass serves (a failure is a warning), on before /ping says
+    ready (a failure stops the server), off never. `url` is named in the line that says ready.
     """
     _require_serve_deps()
     from starlette.applications import Starlette
@@ -383,6 +138,8 @@ def create_app(
         body_timeout=body_timeout,
         load_first=load_first,
         compile=compile,
+        budget=MemoryBudget(int(request_memory_mb * 2**20)),
+        url=url,
     )
     app = Starlette(
         routes=[
@@ -398,11 +155,12 @@ def create_app(
     app.state.batch_task = None
     app.state.on_load_error = None
     app.state.stats = service.stats
+    app.state.service = service
     return app
 
 
 class _Service:
-    """One server process's parts (forward lanes, batcher, admission) and the app's routes."""
+    """One server process's parts (forward lanes, batcher, admission, memory) and the app's routes."""
 
     def __init__(
         self,
@@ -417,15 +175,22 @@ class _Service:
         body_timeout: float,
         load_first: bool,
         compile: str,
+        budget: MemoryBudget,
+        url: str | None,
     ):
+        self.started = time.monotonic()
         self.model_path, self.plan, self.loader = model_path, plan, loader
         self.max_batch, self.max_wait_ms, self.max_bytes = max_batch, max_wait_ms, max_bytes
-        self.body_timeout, self.load_first, self.compile = body_timeout, load_first, compile
+        self.body_timeout, self.load_first, self.compile, self.url = body_timeout, load_first, compile, url
         self.closing = False  # set when the server stops: a compile still running then ends quietly
+        self.compile_later = False  # --compile auto: compile in the background once the eager pass serves
         self.stats = BatchStats()
         self.forward_pool = ThreadPoolExecutor(max_workers=plan.lanes, thread_name_prefix="ec2train-forward")
         self.batcher = Batcher(max_batch, max_wait_ms, self.forward_pool, self.stats, plan.lanes)
         self.admission = Admission(max_pending)
+        self.budget, self.memory = budget, MemoryReturn()
+        self.memory.limit_arenas(max(2, plan.lanes))
+        budget.on_idle = self.memory.soon  # a burst is over: give its memory back to the system
 
     def load_model(self) -> Predictor:
         import torch
@@ -433,18 +198,25 @@ class _Service:
         hw.apply_threads(self.plan)
         log.info("%s; torch.get_num_threads() = %d", self.plan.describe(), torch.get_num_threads())
         predictor = self.loader()
+        predictor.budget = self.budget
         if hw.compile_forward(self.compile, torch.device(predictor.device).type):
-            self._compile(predictor)
+            if self.compile == "on":
+                self._compile(predictor)
+            else:
+                self.compile_later = True
         return predictor
 
     def _compile(self, predictor: Predictor) -> None:
-        """Compile before /ping says ready: no client waits on a compiler. With --compile auto a
-        failure leaves the eager pass serving, with a warning; with on it stops the server."""
+        """Compile the forward pass, one batch size after the other. With --compile on this runs
+        before /ping says ready and a failure stops the server; with auto it runs in a thread of its
+        own while the eager pass serves, each size taking over once compiled, and a failure leaves
+        the eager pass serving, with a warning."""
         if self.closing:
             return
         start = time.perf_counter()
         sizes = ", ".join(map(str, hw.batch_buckets(self.max_batch)))
-        log.info("compiling the forward pass for batches of %s (--compile off skips this)", sizes)
+        when = "before serving" if self.compile == "on" else "in the background; the eager pass serves meanwhile"
+        log.info("compiling the forward pass for batches of %s %s (--compile off skips this)", sizes, when)
 
         def report(size: int, seconds: float) -> None:
             if self.closing:  # e.g. the port was taken: stop before the next batch size
@@ -477,7 +249,9 @@ class _Service:
         state.batch_task = asyncio.create_task(self.batcher.run())
         state.predictor = predictor
         log.info(
-            "model %s loaded: %s, %d classes, %d px; max batch %d, max wait %g ms",
+            "ready in %.1f s%s: %s (%s, %d classes, %d px); max batch %d, max wait %g ms",
+            time.monotonic() - self.started,
+            f" at {self.url}" if self.url else "",
             self.model_path,
             predictor.meta["arch"],
             len(predictor.class_names),
@@ -485,6 +259,8 @@ class _Service:
             self.max_batch,
             self.max_wait_ms,
         )
+        if self.compile_later:
+            threading.Thread(target=self._compile, args=(predictor,), name="ec2train-compile", daemon=True).start()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -516,7 +292,7 @@ class _Service:
         return JSONResponse({"status": "loading"}, status_code=503)
 
     async def invoke(self, request, runtime_api: bool):
-        from starlette.concurrency import run_in_threadpool
+        from starlette.requests import ClientDisconnect
         from starlette.responses import Response
 
         state = request.app.state
@@ -525,28 +301,40 @@ class _Service:
             why = "the model failed to load" if state.load_error is not None else "the model is still loading"
             return _error_response(503, f"{why}; retry when GET /ping answers 200", runtime_api)
         try:
-            with self.batcher.preparing_one():
-                body = await _read_body_in_time(request, self.max_bytes, self.body_timeout)
-                check_accept(request.headers.get("accept"))
-            # A slow upload costs no slot: only decoding and the forward pass are limited.
-            with self.admission.slot():
-                with self.batcher.preparing_one():
-                    req, tensor = await run_in_threadpool(
-                        _prepare,
-                        predictor,
-                        body,
-                        request.headers.get("content-type"),
-                        request.headers.get(CUSTOM_ATTRIBUTES_HEADER),
-                        self.max_bytes,
-                    )
-                answer = await self.batcher.submit(tensor, req)
+            answer = await self._answer(request, predictor)
         except RequestError as exc:
             return _error_response(exc.status, str(exc), runtime_api)
+        except MemoryBusy as exc:
+            return _error_response(503, f"server is busy: {exc}", runtime_api)
+        except ClientDisconnect:  # the client went away: nobody to answer
+            return Response(status_code=400)
         except Exception as exc:  # never a crash: the client gets a 500 with the reason's type
             log.exception("invocation failed")
             return _error_response(500, f"internal error ({type(exc).__name__})", runtime_api)
         headers = {"x-Amzn-Invoked-Production-Variant": "AllTraffic"} if runtime_api else None
         return Response(json.dumps(answer), media_type=JSON_TYPE, headers=headers)
+
+    async def _answer(self, request, predictor: Predictor) -> dict[str, Any]:
+        """Read (its memory held in the budget until the answer), decode (a slot) and predict."""
+        from starlette.concurrency import run_in_threadpool
+
+        headers = request.headers
+        async with contextlib.AsyncExitStack() as held:
+            with self.batcher.preparing_one():
+                check_accept(headers.get("accept"))
+                body = await held.enter_async_context(
+                    read_body(request, self.budget, self.max_bytes, self.body_timeout)
+                )
+            content_type = headers.get("content-type")
+            if (content_type or "").split(";")[0].strip().lower() == JSON_TYPE:
+                held.enter_context(self.budget.hold(_JSON_COPIES * len(body), "this request's JSON"))
+            # A slow upload costs no slot: only decoding and the forward pass are limited.
+            with self.admission.slot():
+                with self.batcher.preparing_one():
+                    req, tensor = await run_in_threadpool(
+                        _prepare, predictor, body, content_type, headers.get(CUSTOM_ATTRIBUTES_HEADER), self.max_bytes
+                    )
+                return await self.batcher.submit(tensor, req)
 
     async def invocations(self, request):
         return await self.invoke(request, runtime_api=False)
@@ -567,6 +355,10 @@ class _Service:
                 "compiled_batch_sizes": list(predictor.compiled_sizes) if predictor else [],
                 "in_progress": self.admission.active,
                 "max_pending": self.admission.limit,
+                "memory_mb": round(self.budget.used / 2**20, 1),
+                "memory_peak_mb": round(self.budget.peak / 2**20, 1),
+                "memory_limit_mb": round(self.budget.total / 2**20, 1),
+                "memory_trims": self.memory.trims,
             }
         )
 
@@ -616,6 +408,7 @@ def run(
     threads: int | None = None,
     log_level: str = "info",
     compile: str = "auto",
+    request_memory_mb: float = REQUEST_MEMORY_MB,
 ) -> None:
     """Serve until interrupted. A model that cannot be loaded, or a busy port, is a UserError."""
     uvicorn = _require_serve_deps()
@@ -636,6 +429,8 @@ def run(
             threads=threads,
             procs=workers,
             compile=compile,
+            request_memory_mb=request_memory_mb,
+            url=f"http://{host}:{port}",
         )
         os.environ[_ENV_CONFIG] = json.dumps(settings)
         uvicorn.run(
@@ -648,7 +443,17 @@ def run(
             **_connection_limits(),
         )
         return
-    app = create_app(model_path, max_batch, max_wait_ms, threads=threads, compile=compile)
+    if request_memory_mb <= 0:
+        raise UserError(f"--request-memory-mb must be more than 0, got {request_memory_mb:g}")
+    app = create_app(
+        model_path,
+        max_batch,
+        max_wait_ms,
+        threads=threads,
+        compile=compile,
+        request_memory_mb=request_memory_mb,
+        url=f"http://{host}:{port}",
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **_connection_limits())
     )

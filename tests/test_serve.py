@@ -856,7 +856,7 @@ def test_a_free_lane_waits_for_its_share_while_the_other_pass_runs():
     running pass has ended, so a loaded box runs equal passes rather than many small ones."""
     import asyncio
 
-    from ec2train.server import Batcher, BatchStats
+    from ec2train.batching import Batcher, BatchStats
 
     passes, release = [], threading.Event()
 
@@ -898,7 +898,7 @@ def test_a_free_lane_waits_for_its_share_while_the_other_pass_runs():
 
 
 def test_one_lane_takes_a_whole_batch_and_the_share_follows_the_last_second():
-    from ec2train.server import Batcher, BatchStats, PeakWindow
+    from ec2train.batching import Batcher, BatchStats, PeakWindow
 
     window = PeakWindow(1.0)
     assert [window.add(t, v) for t, v in [(0.0, 3), (0.5, 8), (0.9, 2), (1.4, 1), (1.6, 5), (2.7, 0)]] == [

@@ -25,10 +25,16 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: warning hides the access log."),
     compile: Compile = typer.Option(
         "auto",
-        help="Compile the forward pass (torch.compile) for each batch size before serving: about 1.3x "
-        "the requests/s on the CPU, for more start-up on 2 cores: 30-100 s for a ResNet-18 at 64 px, "
-        "about 80-120 s for a ResNet-50 at 224 (less once inductor's cache holds the graphs). auto: on the CPU only; needs a C++ compiler, else a warning and the "
-        "uncompiled model serves.",
+        help="Compile the forward pass (torch.compile) for each batch size: about 1.3x the requests/s on "
+        "the CPU. auto: on the CPU, in the background once the uncompiled model serves (ready in seconds; "
+        "each batch size switches over when compiled: 30-100 s in all on 2 cores for a ResNet-18 at 64 px, "
+        "80-120 s for a ResNet-50 at 224); a failure (no C++ compiler) is a warning. on: before /ping "
+        "says ready; a failure stops the server. off: never.",
+    ),
+    request_memory_mb: float = typer.Option(
+        1024,
+        help="Memory for request bodies and images being decoded, per server process; past it a request "
+        "gets 503 at once (a 40-megapixel PNG takes about 250 MB of it).",
     ),
 ):
     """Serve a model over HTTP like the SageMaker endpoint: GET /ping, POST /invocations."""
@@ -45,6 +51,7 @@ def serve(
         threads=threads,
         log_level=log_level,
         compile=compile.value,
+        request_memory_mb=request_memory_mb,
     )
 
 
