@@ -5,7 +5,7 @@
 - `read_body`: the request body, counted against the process's MemoryBudget (preprocess.py)
   before it is read: a declared Content-Length is held whole before the first byte, a chunked
   body as it arrives. Past the budget the answer is 503 (Retry-After), past MAX_REQUEST_BYTES
-  413, both without reading a byte (so `Expect: 100-continue` never gets "100 Continue" for a
+  413, both before a byte is kept (so `Expect: 100-continue` never gets "100 Continue" for a
   body that would be refused); a body that stops arriving gets 408.
 - `MemoryReturn`: after a burst, the memory the decodes freed goes back to the system (glibc
   keeps freed memory in its heaps, one per thread up to 8 per core, unless asked to give it back).
@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,10 +40,13 @@ BODY_IDLE_S = 5.0
 # A chunked body is held in the budget in steps of at least this much (one take per piece would
 # lock the budget for every few bytes).
 _BODY_STEP = 256 * 1024
-# A body refused before it is read (413, 503) is still read and dropped, up to this much, unless
-# the client waits for "100 Continue": answering while it still sends makes the server close the
-# connection with unread bytes, and the client sees a reset instead of the answer.
+# A refused body is still read and dropped, up to this much, unless the client waits for "100
+# Continue": answering while it still sends makes the server close the connection with unread
+# bytes, and the client sees a reset instead of the answer. Refused as too large (413): up to
+# 64 MB. Refused for want of memory (503): up to 1 MB, so an ordinary photo gets its 503, while
+# under a flood of large bodies the event loop does not read megabytes only to drop them.
 _DRAIN_LIMIT = 64 * 1024 * 1024
+_DRAIN_BUSY_LIMIT = 1024 * 1024
 
 
 class RequestTimeout(RequestError):
@@ -110,24 +115,27 @@ async def read_body(
                     )
                 hold(declared)
             body = await _receive(request, max_bytes, declared is None and hold, timeout, idle_timeout)
-        except (PayloadTooLarge, Busy):
+        except (PayloadTooLarge, Busy) as exc:
             if "100-continue" not in request.headers.get("expect", "").lower():
-                await _drain(request, timeout)
+                await _drain(request, timeout, _DRAIN_LIMIT if isinstance(exc, PayloadTooLarge) else _DRAIN_BUSY_LIMIT)
             raise
         yield body
     finally:
         budget.give(held)
 
 
-async def _drain(request: Any, timeout: float) -> None:
-    """Read and drop what is left of a refused body (_DRAIN_LIMIT); a client that is gone, slow or
-    over the limit just has its connection closed after the answer."""
+async def _drain(request: Any, timeout: float, limit: int) -> None:
+    """Read and drop what is left of a refused body, up to `limit` bytes; a client that is gone,
+    slow or over the limit just has its connection closed after the answer."""
+    declared = declared_length(request.headers)
+    if declared is not None and declared > limit:
+        return
 
     async def drop() -> None:
         size = 0
         async for piece in request.stream():
             size += len(piece)
-            if size > _DRAIN_LIMIT:
+            if size > limit:
                 return
 
     with contextlib.suppress(Exception):
@@ -158,16 +166,23 @@ async def _receive(request: Any, max_bytes: int, hold, timeout: float, idle_time
                 hold(step)
                 held += step
             pieces.append(piece)
+        return b"".join(pieces)
     finally:
+        # A refused or abandoned body's pieces are freed now, not whenever the garbage collector
+        # reaches the exception's traceback (which holds this frame) in a reference cycle.
+        pieces.clear()
         await stream.aclose()
-    return b"".join(pieces)
 
 
 class MemoryReturn:
     """Gives freed memory back to the system (glibc's malloc_trim) after a burst, in a thread of
-    its own, one trim at a time; a no-op where the C library is not glibc."""
+    its own, one trim at a time; a no-op where the C library is not glibc. The trim waits `delay`
+    seconds (the budget is given back a moment before a request's last bytes are freed) and runs
+    the garbage collector first: failed requests leave their buffers in reference cycles
+    (exception, traceback, frame), which a quiet server would otherwise keep for a long time."""
 
-    def __init__(self):
+    def __init__(self, delay: float = 0.5):
+        self.delay = delay
         self._libc = _glibc()
         self._running = threading.Lock()
         self.trims = 0
@@ -186,6 +201,8 @@ class MemoryReturn:
 
     def _trim(self) -> None:
         try:
+            time.sleep(self.delay)
+            gc.collect()
             self._libc.malloc_trim(0)
             self.trims += 1
         except Exception:  # never worth a failed request

@@ -119,6 +119,7 @@ SLOW_FIRST = (
     "test_tune.py",
     "test_ddp.py",
     "test_serve.py",
+    "test_serve_limits.py",
     "test_ctrl_c.py",
     "test_s3.py",
     "test_job_parts.py",

@@ -14,8 +14,6 @@ import sys
 import tarfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +27,7 @@ from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
 from tests.support.images import png_of_size as bomb_png
 from tests.support.net import free_port
 from tests.support.paths import ROOT
+from tests.support.serving import ServerThread, http, start_cli_server
 
 CLASSES = ("Circle", "Square", "Triangle", "Cross")
 PACKAGED = {
@@ -53,53 +52,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def http(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def load_handler():
     spec = importlib.util.spec_from_file_location("ec2train_sagemaker_handler", ROOT / "serve" / "inference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class ServerThread:
-    """uvicorn serving an app on a free loopback port, in a thread of this process."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while http(self.url + "/ping")[0] != 200:
-            assert time.monotonic() < deadline, "model never loaded"
-            time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -521,45 +478,6 @@ def test_run_refuses_bad_model_busy_port_and_missing_deps(tmp_path, trained_mode
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
     with pytest.raises(UserError, match=r"pip install 'ec2train\[serve\]'"):
         server.create_app(trained_model)
-
-
-def start_cli_server(trained_model, *args: str, compile: str | None = "off", **popen) -> tuple[subprocess.Popen, str]:
-    """`ec2train serve` in a subprocess on a free port, once /ping answers 200; (process, url).
-    Uncompiled unless `compile` says otherwise (None: serve's default), as compiling takes tens
-    of seconds."""
-    port = free_port()
-    args = args if compile is None else (*args, "--compile", compile)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ec2train",
-            "serve",
-            "--model",
-            str(trained_model),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **popen,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # a cold compile on a loaded 2-core box
-    while True:
-        try:
-            if http(url + "/ping")[0] == 200:
-                return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not come up: {proc.communicate(timeout=30)[0]}")
-        time.sleep(0.2)
 
 
 def test_serve_cli_with_two_workers(trained_model, images, tmp_path):

@@ -1,0 +1,179 @@
+"""`ec2train serve` under hostile load (issue 26): what one request may cost, and many at once.
+
+Each test floods one real server (`ec2train serve` in a subprocess on 127.0.0.1, uncompiled, with
+--request-memory-mb 400) with crafted requests, and asserts a bound on the figure the flood used
+to blow up: CPU seconds per request, resident memory under the flood and after it, /ping latency.
+Normal requests during a flood must be answered, or refused with 503, within a couple of seconds.
+bench/hostile_bench.py prints the same figures against a normal-request baseline.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support.images import many_chunk_png, many_scan_jpeg, png_of_size
+from tests.support.serving import (
+    PingWatch,
+    ProcessProbe,
+    Trickle,
+    http,
+    one_byte_chunks,
+    post,
+    raw_exchange,
+    stalled_bodies,
+    start_cli_server,
+)
+
+BUDGET_MB = 400
+
+
+@pytest.fixture(scope="module")
+def served(trained_model):
+    proc, url = start_cli_server(trained_model, "--request-memory-mb", str(BUDGET_MB), "--threads", "1")
+    yield proc, url, ProcessProbe(proc.pid)
+    proc.terminate()
+    out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def photo(demo_data) -> bytes:
+    return next((demo_data / "test").rglob("*.jpg")).read_bytes()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _head(length: int, expect: bool = False) -> bytes:
+    continue_ = "Expect: 100-continue\r\n" if expect else ""
+    return (
+        f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {length}\r\n"
+        f"{continue_}\r\n"
+    ).encode()
+
+
+def _settle(probe: ProcessProbe, url: str, seconds: float = 3.0) -> float:
+    """Resident MB once the server has had `seconds` to give memory back after a flood."""
+    deadline = time.monotonic() + 30
+    while http(url + "/stats")[1].get("memory_mb", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(seconds)
+    return probe.rss_mb()
+
+
+def test_a_jpeg_of_thousands_of_scans_costs_the_server_milliseconds(served, photo):
+    # Issue 26.1: a 741 KB progressive JPEG took 63.6 s of CPU and got a 200; this 44 KB one took
+    # about 8 s. Refused from its markers, before the decoder sees it.
+    _, url, probe = served
+    hostile = many_scan_jpeg(2000, 2000, 2000)
+    assert post(url + "/invocations", photo, "image/jpeg")[0] == 200  # warm
+    before = probe.cpu_seconds()
+    answers = [post(url + "/invocations", hostile, "image/jpeg") for _ in range(5)]
+    per_request = (probe.cpu_seconds() - before) / len(answers)
+    print(f"server CPU per crafted JPEG request: {per_request * 1000:.0f} ms")
+    for status, answer, _, _ in answers:
+        assert status == 400 and "JPEG has more than 100 scans" in answer["error"], answer
+    assert per_request < 0.2  # measured: 10-20 ms, most of it HTTP and logging
+    status, answer, _, _ = post(url + "/invocations", many_chunk_png(1000, 1000, 100_000), "image/png")
+    assert status == 400 and "PNG has more than" in answer["error"]
+
+
+def test_concurrent_40_megapixel_pngs_stay_within_the_memory_budget(served, photo):
+    # Issue 26.2: 40 such requests took the server from 5.0 to 10.9 GB, and 9.5 GB stayed held.
+    _, url, probe = served
+    bomb = png_of_size(7300, 5470)  # 40 MP, 5 KB
+    assert post(url + "/invocations", photo, "image/jpeg")[0] == 200
+    idle = _settle(probe, url, 1.0)
+    probe.reset_peak()
+    with ThreadPoolExecutor(24) as pool, PingWatch(url) as ping:
+        flood = [pool.submit(post, url + "/invocations", bomb, "image/png") for _ in range(16)]
+        time.sleep(0.3)
+        normal = [post(url + "/invocations", photo, "image/jpeg") for _ in range(5)]
+        results = [f.result() for f in flood]
+    peak = probe.peak_mb()
+    after = _settle(probe, url)
+    statuses = sorted(status for status, *_ in results)
+    print(
+        f"16 x 40 MP PNG at once: statuses {statuses}; RSS idle {idle:.0f} MB, peak {peak:.0f} MB, "
+        f"after {after:.0f} MB; normal requests {[round(t, 2) for *_, t in normal]} s; worst /ping {ping.worst:.2f} s"
+    )
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses
+    busy = next(headers for status, _, headers, _ in results if status == 503)
+    assert busy.get("retry-after") == "1"
+    assert peak - idle < BUDGET_MB + 150  # measured: about 250 MB over idle
+    assert after - idle < 150  # measured: within 30 MB
+    for status, _, _, seconds in normal:  # answered, or refused at once
+        assert status in (200, 503) and seconds < 3
+    assert 200 in [status for status, *_ in normal]
+    assert ping.worst < 2
+
+
+def test_stalled_bodies_are_held_in_the_budget_before_they_are_read(served, photo):
+    # Issue 26.3: 1,000 connections sending most of a 6 MB body and stalling took RSS from 2.2 to
+    # 6.9 GB (6.2 GB held after). Here 300 send 2 MB of 6.25 MB: 600 MB if every body were read.
+    proc, url, probe = served
+    idle = _settle(probe, url, 1.0)
+    probe.reset_peak()
+    with PingWatch(url) as ping:
+        socks = stalled_bodies(_port(url), 300, 6_250_000, 2_000_000)
+    try:
+        with Trickle(socks), PingWatch(url) as ping_held:  # a byte a second: never idle long enough to be let go
+            deadline = time.monotonic() + 60
+            while (stats := http(url + "/stats")[1])["memory_mb"] < BUDGET_MB - 6:
+                assert time.monotonic() < deadline, stats
+                time.sleep(0.2)
+            status, _, _, seconds = post(url + "/invocations", photo, "image/jpeg")  # a few KB: may still fit
+            busy = post(url + "/invocations", b"\xff" * 1_000_000, "image/jpeg")  # no room for 1 MB more
+            waiting = raw_exchange(_port(url), _head(6_000_000, expect=True), read_timeout=10)  # nor 6 MB
+        started = time.monotonic()
+        while http(url + "/stats")[1]["memory_mb"] > 0:  # stalled now: they time out (408), still open
+            assert time.monotonic() < started + 30, "stalled bodies were never let go"
+            time.sleep(0.2)
+        released = time.monotonic() - started
+    finally:
+        for sock in socks:
+            sock.close()
+    peak = probe.peak_mb()
+    after = _settle(probe, url)
+    print(
+        f"300 stalled 6.25 MB bodies: {stats['memory_mb']} MB held of {stats['memory_limit_mb']}, let go "
+        f"{released:.1f} s after they stopped; RSS idle {idle:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB; "
+        f"a normal request: {status} in {seconds:.2f} s, a 1 MB one: {busy[0]} in {busy[3]:.2f} s; worst /ping "
+        f"{ping.worst:.2f} s as they came, {ping_held.worst:.2f} s while held"
+    )
+    assert busy[0] == 503 and "no memory free" in busy[1]["error"] and busy[2].get("retry-after") == "1"
+    assert waiting.startswith(b"HTTP/1.1 503 ") and b"100 Continue" not in waiting and b"no memory free" in waiting
+    assert stats["memory_mb"] <= BUDGET_MB
+    assert peak - idle < BUDGET_MB  # measured: about 200 MB over idle (the bodies held are 2 MB read of 6)
+    assert after - idle < 150
+    # 300 connections at once cost uvicorn about a second of its event loop on 2 cores shared with
+    # the clients: /ping measured 0.6-0.9 s as they came and 1.2-2.3 s while held.
+    assert status in (200, 503) and seconds < 3 and busy[3] < 3 and ping.worst < 3 and ping_held.worst < 3
+    assert post(url + "/invocations", photo, "image/jpeg")[0] == 200
+
+
+def test_expect_100_continue_with_an_oversized_body_gets_413_without_continue(served):
+    _, url, _ = served
+    answer = raw_exchange(_port(url), _head(7_000_000, expect=True), read_timeout=10)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"100 Continue" not in answer and b"more than the limit of 6291456" in answer
+
+
+def test_a_body_of_one_byte_chunks_is_cut_short_and_ping_stays_fast(served, photo):
+    # Issue 26.4: 8 connections sending 1M one-byte chunks each kept the event loop busy for
+    # 43.6 s; /ping took up to 14 s.
+    _, url, probe = served
+    before = probe.cpu_seconds()
+    with ThreadPoolExecutor(4) as pool, PingWatch(url) as ping:
+        answers = list(pool.map(lambda _: one_byte_chunks(_port(url), 400_000), range(4)))
+    cpu = probe.cpu_seconds() - before
+    print(f"4 x 400,000 one-byte chunks: server CPU {cpu:.2f} s; worst /ping {ping.worst * 1000:.0f} ms")
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 400 ") and re.search(rb"body came in more than \d+ pieces", answer), answer
+    assert ping.worst < 1 and cpu < 2  # measured: 0.1-0.2 s of CPU, /ping under 0.1 s
+    assert post(url + "/invocations", photo, "image/jpeg")[0] == 200
