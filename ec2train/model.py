@@ -7,6 +7,7 @@ so the endpoint rebuilds the network from model.pth exactly as training built it
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -22,6 +23,11 @@ from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD
 MODEL_FORMAT = "ec2train.model/1"
 MODEL_FILE = "model.pth"  # the model file's name in a run's output folder and in model.tar.gz
 REQUIRED_KEYS = ("format", "state_dict", "arch", "num_classes", "class_names", "image_size", "mean", "std")
+# What a model file may say, checked before anything is built from it: the image sizes `fit`
+# accepts (config.py's --image-size range), and more classes than any classifier has (ImageNet-21k
+# has 21,841): a head is num_classes x features floats, allocated before its weights are loaded.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
+MAX_CLASSES = 100_000
 
 
 class ModelError(UserError):
@@ -197,9 +203,67 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise ModelError(f"{path} is missing {', '.join(missing)}; the file is damaged or foreign")
-    if len(obj["class_names"]) != obj["num_classes"]:
-        raise ModelError(f"{path}: class_names has {len(obj['class_names'])} entries for {obj['num_classes']} classes")
+    problem = metadata_problem(obj)
+    if problem:
+        raise ModelError(f"{path}: {problem}; the file is damaged or was not written by `ec2train fit`")
     return obj
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def metadata_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a model file's metadata (one phrase), or None. Checks everything a reader
+    builds from before it builds anything: so a crafted file costs no memory and no traceback."""
+    arch, classes, names, size = meta["arch"], meta["num_classes"], meta["class_names"], meta["image_size"]
+    if not isinstance(arch, str) or arch not in classification_archs():
+        return f"arch {str(arch)[:60]!r} is not a torchvision classification model"
+    if not _whole(classes) or not 1 <= classes <= MAX_CLASSES:
+        return f"num_classes is {str(classes)[:30]}, not a whole number from 1 to {MAX_CLASSES:,}"
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return "class_names is not a list of strings"
+    if len(names) != classes:
+        return f"class_names has {len(names)} entries for {classes} classes"
+    if not _whole(size) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        return f"image_size is {str(size)[:30]}, not a whole number of pixels from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}"
+    if not _numbers(meta["mean"]) or not _numbers(meta["std"]) or min(meta["std"]) <= 0:
+        return "mean and std are not 3 finite numbers each (std above 0)"
+    state = meta["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        return "state_dict is not a mapping of names to tensors"
+    return _shape_problem(arch, classes, state)
+
+
+def _shape_problem(arch: str, num_classes: int, state: dict[str, torch.Tensor]) -> str | None:
+    """How the weights differ from what `arch` with `num_classes` classes holds, or None. The
+    network is built on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        expected = build_model(arch, num_classes).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return None
+    if wrong:
+        k = wrong[0]
+        example = f"{k} is {tuple(state[k].shape)}, {arch} with {num_classes} classes needs {tuple(expected[k].shape)}"
+    else:
+        example = f"e.g. {(missing + unexpected)[0]}"
+    return (
+        f"weights do not match arch {arch}: {len(missing)} missing, {len(unexpected)} unexpected and "
+        f"{len(wrong)} of the wrong shape ({example})"
+    )
 
 
 def model_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -208,7 +272,7 @@ def model_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(meta["arch"], meta["num_classes"], weights="none")
     try:
         model.load_state_dict(meta["state_dict"])
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # read_model_file compared names and shapes; a dtype can still differ
         raise ModelError(f"{path}: weights do not match arch {meta['arch']}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, meta

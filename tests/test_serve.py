@@ -24,6 +24,7 @@ from PIL import Image
 from ec2train.errors import UserError
 from ec2train.infer import MAX_REQUEST_BYTES, Predictor, RequestError, parse_custom_attributes, parse_request
 from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
+from tests.support.images import many_scan_jpeg
 from tests.support.images import png_of_size as bomb_png
 from tests.support.net import free_port
 from tests.support.paths import ROOT
@@ -173,6 +174,11 @@ def test_undecodable_images_and_decompression_bombs_are_refused(handler, model, 
         with pytest.raises(RequestError, match="not a decodable image") as exc:
             handler.predict_fn(handler.input_fn(junk, "image/jpeg"), model)
         assert exc.value.status == 400
+
+    started = time.process_time()  # issue 26.1: about 8 s of CPU before the scan rule
+    with pytest.raises(RequestError, match="JPEG has more than 100 scans") as exc:
+        handler.predict_fn(handler.input_fn(many_scan_jpeg(2000, 2000, 2000), "image/jpeg"), model)
+    assert exc.value.status == 400 and time.process_time() - started < 0.25
 
     small_but_huge = bomb_png(8000, 8000)  # 64 MP: over our 40 MP limit, under Pillow's
     assert len(small_but_huge) < 20_000
