@@ -251,11 +251,9 @@ def _compile_options(graphs: int) -> dict[str, Any]:
 
 class BucketedForward:
     """A model's forward pass compiled (inductor, weights frozen into the graph) for a few static
-    batch sizes, brought in one size at a time. A batch runs at the smallest compiled size that
-    holds it, padded with zeros, whose answers are dropped (eval mode: no image's answer depends
-    on another's); until such a size is compiled, it runs through the eager model. `ready` is
-    replaced whole, in one assignment, so the forward lanes read it without a lock while `build`
-    runs in another thread."""
+    batch sizes. A batch runs at the smallest compiled size that holds it, padded with zeros, whose
+    answers are dropped (eval mode: no image's answer depends on another's); a size not compiled
+    (yet) runs through the eager model."""
 
     def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...], memory_format: torch.memory_format):
         self.buckets, self.memory_format, self.eager = buckets, memory_format, model
@@ -264,9 +262,9 @@ class BucketedForward:
 
     def build(self, sample: torch.Tensor, report: Callable[[int, float], None]) -> None:
         """Compile every bucket now (not on a client's request), from one image's shape and device,
-        smallest first; each size serves as soon as it is compiled. Freezing folds batch norm into
-        the convolutions and pre-packs their weights: the speed-up (torch.compile's
-        options={"freezing": True} measured no faster than eager; the patch works)."""
+        smallest first. Freezing folds batch norm into the convolutions and pre-packs their weights:
+        the speed-up (torch.compile's options={"freezing": True} measured no faster than eager; the
+        patch works). Never while another thread runs the model: see server._Service._compile."""
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
@@ -334,18 +332,19 @@ class Predictor:
     @torch.inference_mode()
     def compile(self, max_batch: int, report: Callable[[int, float], None] = lambda size, seconds: None) -> None:
         """Compile the forward pass for batches of up to max_batch (hw.batch_buckets), smallest
-        first, calling report(size, seconds) after each; a size serves compiled from then on (the
-        others eagerly), so this may run in a thread of its own while the Predictor serves.
-        CompileError, with the cause in one line, if it cannot; the eager pass then serves all."""
+        first, calling report(size, seconds) after each. Not while the Predictor serves in another
+        thread (BucketedForward.build). CompileError, with the cause in one line, if it cannot; the
+        eager pass then serves all."""
         size = self.image_size
         sample = torch.zeros((1, 3, size, size), device=self.device).contiguous(memory_format=self.memory_format)
+        previous = self.forward
         try:  # an old torch or an unsupported Python fails as early as the constructor
             forward = BucketedForward(self.model, batch_buckets(max_batch), self.memory_format)
             self.forward = forward
             with _quiet_compiler_logs():
                 forward.build(sample, report)
         except Exception as exc:
-            self.forward = self.model
+            self.forward = previous
             with contextlib.suppress(Exception):  # drop the graphs built so far (and their frozen weights)
                 importlib.import_module("torch._dynamo").reset()
             cause = _root_cause(exc)

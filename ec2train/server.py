@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -104,9 +103,10 @@ def create_app(
     load_first: bool = False,
     max_pending: int | None = None,
     body_timeout: float = BODY_TIMEOUT_S,
-    compile: str = "auto",
+    compile: str = "off",
     request_memory_mb: float = REQUEST_MEMORY_MB,
     url: str | None = None,
+    started: float | None = None,
 ):
     """The ASGI app. The model loads in the background after start-up (GET /ping says when).
 
@@ -117,9 +117,10 @@ def create_app(
     called with the exception when the model cannot be loaded. `max_pending` (default
     PENDING_PER_BATCH x max_batch x forward lanes) bounds the requests in progress (`Admission`),
     `request_memory_mb` the memory of their bodies and images together (a MemoryBudget).
-    `compile` (hw.compile_forward) compiles the forward pass for batches of up to max_batch: auto
-    in the background once the eager pass serves (a failure is a warning), on before /ping says
-    ready (a failure stops the server), off never. `url` is named in the line that says ready.
+    `compile` (off, auto, on; hw.compile_forward) compiles the forward pass for batches of up to
+    max_batch before /ping says ready: auto on the CPU (a failure is a warning and the eager pass
+    serves), on anywhere (a failure stops the server). `url` is named in the line that says ready, and
+    the time it gives counts from `started` (time.monotonic(); default: now).
     """
     _require_serve_deps()
     from starlette.applications import Starlette
@@ -140,6 +141,7 @@ def create_app(
         compile=compile,
         budget=MemoryBudget(int(request_memory_mb * 2**20)),
         url=url,
+        started=started,
     )
     app = Starlette(
         routes=[
@@ -177,13 +179,14 @@ class _Service:
         compile: str,
         budget: MemoryBudget,
         url: str | None,
+        started: float | None,
     ):
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.model_path, self.plan, self.loader = model_path, plan, loader
         self.max_batch, self.max_wait_ms, self.max_bytes = max_batch, max_wait_ms, max_bytes
         self.body_timeout, self.load_first, self.compile, self.url = body_timeout, load_first, compile, url
         self.closing = False  # set when the server stops: a compile still running then ends quietly
-        self.compile_later = False  # --compile auto: compile in the background once the eager pass serves
+        self.compile_state = "off"  # /stats: off, compiling, compiled or failed
         self.stats = BatchStats()
         self.forward_pool = ThreadPoolExecutor(max_workers=plan.lanes, thread_name_prefix="ec2train-forward")
         self.batcher = Batcher(max_batch, max_wait_ms, self.forward_pool, self.stats, plan.lanes)
@@ -200,23 +203,21 @@ class _Service:
         predictor = self.loader()
         predictor.budget = self.budget
         if hw.compile_forward(self.compile, torch.device(predictor.device).type):
-            if self.compile == "on":
-                self._compile(predictor)
-            else:
-                self.compile_later = True
+            self._compile(predictor)
         return predictor
 
     def _compile(self, predictor: Predictor) -> None:
-        """Compile the forward pass, one batch size after the other. With --compile on this runs
-        before /ping says ready and a failure stops the server; with auto it runs in a thread of its
-        own while the eager pass serves, each size taking over once compiled, and a failure leaves
-        the eager pass serving, with a warning."""
+        """Compile the forward pass, one batch size after the other, before /ping says ready: never
+        beside forward passes that serve (torch.fx's tracer, which inductor runs, patches
+        nn.Module.__call__ for the whole process while it traces, so an eager pass in another
+        thread then fails or hangs). With --compile auto a failure leaves the eager pass serving,
+        with a warning; with on it stops the server."""
         if self.closing:
             return
+        self.compile_state = "compiling"
         start = time.perf_counter()
         sizes = ", ".join(map(str, hw.batch_buckets(self.max_batch)))
-        when = "before serving" if self.compile == "on" else "in the background; the eager pass serves meanwhile"
-        log.info("compiling the forward pass for batches of %s %s (--compile off skips this)", sizes, when)
+        log.info("compiling the forward pass for batches of %s before serving (--compile off skips this)", sizes)
 
         def report(size: int, seconds: float) -> None:
             if self.closing:  # e.g. the port was taken: stop before the next batch size
@@ -226,6 +227,7 @@ class _Service:
         try:
             predictor.compile(self.max_batch, report)
         except CompileError as exc:
+            self.compile_state = "failed"
             if self.closing:
                 return
             fix = "install a C++ compiler (g++)" if exc.no_compiler else "see the cause above"
@@ -233,6 +235,7 @@ class _Service:
                 raise UserError(f"{exc}; {fix} or pass --compile off") from None
             log.warning("%s; serving the uncompiled model (%s, or pass --compile off)", exc, fix)
             return
+        self.compile_state = "compiled"
         log.info("forward pass compiled in %.0f s", time.perf_counter() - start)
 
     async def start(self, app) -> None:
@@ -259,8 +262,6 @@ class _Service:
             self.max_batch,
             self.max_wait_ms,
         )
-        if self.compile_later:
-            threading.Thread(target=self._compile, args=(predictor,), name="ec2train-compile", daemon=True).start()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -352,6 +353,7 @@ class _Service:
                 "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait_ms,
                 "lanes": self.plan.lanes,
+                "compile": self.compile_state,
                 "compiled_batch_sizes": list(predictor.compiled_sizes) if predictor else [],
                 "in_progress": self.admission.active,
                 "max_pending": self.admission.limit,
@@ -407,10 +409,12 @@ def run(
     workers: int = 1,
     threads: int | None = None,
     log_level: str = "info",
-    compile: str = "auto",
+    compile: str = "off",
     request_memory_mb: float = REQUEST_MEMORY_MB,
+    started: float | None = None,
 ) -> None:
-    """Serve until interrupted. A model that cannot be loaded, or a busy port, is a UserError."""
+    """Serve until interrupted. A model that cannot be loaded, or a busy port, is a UserError.
+    `started` (time.monotonic()) is when the command began: the line that says ready counts from it."""
     uvicorn = _require_serve_deps()
     hw.compile_forward(compile, "cpu")  # a bad mode fails now, not in each worker's loader
     model_path = Path(model_path)
@@ -453,6 +457,7 @@ def run(
         compile=compile,
         request_memory_mb=request_memory_mb,
         url=f"http://{host}:{port}",
+        started=started,
     )
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **_connection_limits())

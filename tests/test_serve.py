@@ -597,17 +597,47 @@ def _logits_body(jpeg: bytes) -> bytes:
 @pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: the test below covers that case"
 )
-def test_serve_compiles_by_default_on_the_cpu_and_answers_as_the_eager_pass(trained_model, images):
-    proc, url = start_cli_server(trained_model, "--max-batch", "2", "--log-level", "info", compile=None)
+def test_serve_is_ready_in_seconds_by_default_and_says_so(trained_model, images):
+    # Issue 27.4: at its defaults serve compiled every batch size before /ping said ready (about a
+    # minute on 2 cores, long after uvicorn's "running on"). Compiling is now opt-in, and one line
+    # says when the server is ready and how long that took.
+    started = time.monotonic()
+    proc, url = start_cli_server(trained_model, "--log-level", "info", compile=None)
+    ready = time.monotonic() - started
+    try:
+        stats = http(url + "/stats")[1]
+        status, answer = http(url + "/invocations", images["Square"][0], {"Content-Type": "image/jpeg"})
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    print(f"ready {ready:.1f} s after the command started")
+    assert (stats["compile"], stats["compiled_batch_sizes"]) == ("off", [])
+    assert status == 200 and top1(answer) == "Square"
+    [line] = [line for line in out.splitlines() if " ready in " in line]
+    assert f"at {url}: {trained_model} (resnet18, 4 classes, 32 px)" in line, line
+    assert float(line.split(" ready in ", 1)[1].split(" s ", 1)[0]) <= ready + 1
+    assert "compiling" not in out and "Traceback" not in out, out
+
+
+@pytest.mark.timeout(600)  # a cold compile on a loaded 2-core box
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: the test below covers that case"
+)
+def test_serve_compile_auto_compiles_before_ready_and_answers_as_the_eager_pass(trained_model, images):
+    proc, url = start_cli_server(trained_model, "--max-batch", "2", "--log-level", "info", compile="auto")
     jpegs = images["Triangle"][:3] + images["Cross"][:3]
     try:
-        assert http(url + "/stats")[1]["compiled_batch_sizes"] == [1, 2]
+        stats = http(url + "/stats")[1]
         with ThreadPoolExecutor(3) as pool:  # batches of 1 and 2
             answers = list(pool.map(lambda j: http(url + "/invocations", _logits_body(j), JSON), jpegs))
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
-    assert "compiling the forward pass for batches of 1, 2 (--compile off skips this)" in out, out
+    assert (stats["compile"], stats["compiled_batch_sizes"]) == ("compiled", [1, 2]), stats
+    lines = out.splitlines()
+    compiling = next(i for i, line in enumerate(lines) if "compiling the forward pass for batches of 1, 2" in line)
+    assert compiling < next(i for i, line in enumerate(lines) if " ready in " in line)
+    assert "before serving (--compile off skips this)" in lines[compiling]
     assert "Traceback" not in out and "CUDA_HOME" not in out, out
     eager = Predictor(trained_model)
     for jpeg, (status, answer) in zip(jpegs, answers):
@@ -626,9 +656,10 @@ def test_without_a_compiler_auto_serves_uncompiled_and_on_stops_with_one_line(tr
         TORCHINDUCTOR_FX_GRAPH_CACHE="0",
         TORCHINDUCTOR_AUTOGRAD_CACHE="0",
     )
-    proc, url = start_cli_server(trained_model, "--max-batch", "1", compile=None, env=env)
+    proc, url = start_cli_server(trained_model, "--max-batch", "1", compile="auto", env=env)
     try:
-        assert http(url + "/stats")[1]["compiled_batch_sizes"] == []
+        stats = http(url + "/stats")[1]
+        assert (stats["compile"], stats["compiled_batch_sizes"]) == ("failed", [])
         status, answer = http(url + "/invocations", images["Square"][0], {"Content-Type": "image/jpeg"})
         assert status == 200 and top1(answer) == "Square", answer
     finally:
