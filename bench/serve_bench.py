@@ -4,9 +4,10 @@ Five servers on the same model file, the same HTTP stack (starlette + uvicorn) a
 photo-sized JPEGs, each in its own process:
 
   ec2train    `ec2train serve --model M`: every setting at its default (batching, thread plan,
-              the forward pass compiled for each batch size on the CPU)
-  uncompiled  `ec2train serve --compile off`: the same, with the eager forward pass
-  unbatched   `ec2train serve --max-batch 1` (the thread plan and compiling still apply)
+              the eager forward pass)
+  compiled    `ec2train serve --compile auto`: the same, with the forward pass compiled for
+              each batch size before it serves
+  unbatched   `ec2train serve --max-batch 1` (the thread plan still applies)
   classic     the starter endpoint script's handler: network and transform rebuilt by hand,
               full-size decode, one forward pass per request in the request's own thread,
               torch's default threads (as the script ships)
@@ -257,7 +258,7 @@ def servers(model: Path, threads: int | None) -> dict[str, tuple[list[str], int 
     classic = [py, __file__, "--model", str(model), "--classic-server"]
     return {
         "ec2train": (ours, None),
-        "uncompiled": (ours + ["--compile", "off"], None),
+        "compiled": (ours + ["--compile", "auto"], None),
         "unbatched": (ours + ["--max-batch", "1"], None),
         "classic": (classic, None),
         "classic-1t": (classic, 1),
@@ -295,11 +296,11 @@ def report(results: dict[tuple[int, str, int], dict], args) -> None:
         )
     print()
     print(
-        "| box | concurrency | ec2train/classic req/s | ec2train/classic-1t | uncompiled/classic | unbatched/classic "
+        "| box | concurrency | ec2train/classic req/s | ec2train/classic-1t | compiled/classic | unbatched/classic "
         "| p50 classic/ec2train |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    names = ("ec2train", "uncompiled", "unbatched", "classic", "classic-1t")
+    names = ("ec2train", "compiled", "unbatched", "classic", "classic-1t")
     for busy in busy_levels(args.busy):
         for c in args.concurrency:
             e, n, u, k, k1 = (results[busy, name, c] for name in names)
@@ -344,10 +345,10 @@ def main() -> None:
             procs[name] = start(cmd + port_args, port, threads, workdir / f"{name}.log")
             drive(port, bodies, labels, 2, 16)  # warm-up
         results = measure(ports, bodies, labels, args)
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports['ec2train']}/stats") as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['compiled']}/stats") as resp:
             stats = json.loads(resp.read())
         print(
-            f"ec2train server: {stats['images']} images in {stats['batches']} forward passes; sizes {stats['batch_sizes']}; "
+            f"compiled server: {stats['images']} images in {stats['batches']} forward passes; sizes {stats['batch_sizes']}; "
             f"compiled for batches of {stats['compiled_batch_sizes'] or 'none (eager)'}"
         )
     finally:
