@@ -20,7 +20,7 @@ from ec2train.job.plan import (
     AMI_PLACEHOLDER,
     ROOT_DEVICE_PLACEHOLDER,
     SUBNETS_PLACEHOLDER,
-    Found,
+    Existing,
     Resources,
     Runner,
     Where,
@@ -169,8 +169,7 @@ def submit(
         req.max_hours,
         req.max_failures,
         req.spot,
-        types or [req.instance_type],
-        req.sync_seconds,
+        sync_seconds=req.sync_seconds,
     )
     wheel = publish_wheel(str(prefix), wheel=req.wheel, dry_run=dry_run)
     settings = {
@@ -311,9 +310,9 @@ def _owned(tags: list[dict[str, str]] | None, name: str) -> bool:
     return any(t.get("Key") == JOB_TAG and t.get("Value") == name for t in tags or [])
 
 
-def _find(runner: Runner, name: str, prefix: s3.S3Uri | None) -> Found:
+def _find(runner: Runner, name: str, prefix: s3.S3Uri | None) -> Existing:
     """What exists of the job; IAM by name, deleted only when it carries the job's tag."""
-    rname, found = resource_name(name), Found()
+    rname, found = resource_name(name), Existing()
     groups = runner.call("autoscaling", "describe_auto_scaling_groups", AutoScalingGroupNames=[rname])[
         "AutoScalingGroups"
     ]
@@ -353,7 +352,7 @@ def cancel(
             f"dry run: cancel job {name} in {runner.region}; nothing below is sent. A real run first finds "
             "what exists (group, launch template, security group, profile, role) and deletes only that."
         )
-        found = Found(
+        found = Existing(
             True, ["<instance ids>"], True, ["<sg-id>"], [resource_name(name)], ["ec2train-job"], ["<_dist/ keys>"]
         )
         prefix = s3.parse_uri(s3_uri) if s3_uri else None

@@ -258,7 +258,7 @@ def submit_plan(res: Resources, where: Where, script: str) -> list[Step]:
 
 
 @dataclass
-class Found:
+class Existing:
     """What a cancel found of a job (real run), or assumes (dry run)."""
 
     group: bool = False
@@ -270,7 +270,7 @@ class Found:
     dist_keys: list[str] = field(default_factory=list)
 
 
-def cancel_plan(name: str, found: Found, bucket: str | None) -> list[Step]:
+def cancel_plan(name: str, found: Existing, bucket: str | None) -> list[Step]:
     """Instances first (everything else is in use until they are gone), IAM last."""
     rname, steps = resource_name(name), []
     if found.group:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,6 @@ class JobSpec:
     max_hours: float = DEFAULT_MAX_HOURS
     max_failures: int = DEFAULT_MAX_FAILURES
     spot: bool = False
-    instance_types: list[str] = field(default_factory=list)
     sync_seconds: float = 10.0  # how often the runner mirrors its log and status
 
     @property
