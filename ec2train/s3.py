@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import aws
-from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE, RUN_FILES
 from ec2train.errors import UserError
-from ec2train.model import read_model_file
+
+# ec2train.checkpoint and ec2train.model (torch, torchvision: seconds) are imported inside the
+# functions that need them too: the job runner and `ec2train job status` use this module only
+# for small files.
 
 # boto3, botocore and s3transfer are imported inside functions: run.py imports this module for
 # every fit, and a fit without --s3-uri must not pay for them.
@@ -397,6 +399,8 @@ def download_prefix(
 
 def find_checkpoint(s3_uri: str | S3Uri, *, client: Any | None = None) -> str | None:
     """s3://.../last.pt under the run prefix, or None when there is none yet."""
+    from ec2train.checkpoint import CHECKPOINT_FILE
+
     prefix = s3_uri if isinstance(s3_uri, S3Uri) else parse_uri(s3_uri)
     target = prefix.child(CHECKPOINT_FILE)
     for o in list_objects(_s3(client), target, prefix):
@@ -408,6 +412,8 @@ def find_checkpoint(s3_uri: str | S3Uri, *, client: Any | None = None) -> str | 
 def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any | None = None) -> Path:
     """Fetch a run's checkpoint into dest/last.pt, and its model.pth beside it when there is one,
     so a fresh instance's output folder is complete. Returns the local checkpoint."""
+    from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE
+
     uri = (
         checkpoint_uri
         if isinstance(checkpoint_uri, S3Uri)
@@ -424,6 +430,8 @@ def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any |
 
 def export_to_s3(model_path: str | Path, s3_uri: str, kms_key: str | None = None) -> S3Uri:
     """Upload a model file (checked first) to s3_uri: a key ending in .pth, or a prefix (then prefix/model.pth)."""
+    from ec2train.model import MODEL_FILE, read_model_file
+
     read_model_file(model_path)
     uri = parse_uri(s3_uri)
     target = uri if uri.key.endswith(".pth") else uri.child(MODEL_FILE)
@@ -575,6 +583,8 @@ class RunSync:
             sorted(run_dir.rglob("events.out.tfevents.*")) if run_dir and run_dir.is_dir() else self._own_event_files()
         )
         files = [(p, self.prefix.child(f"{RUNS_PREFIX}/{p.relative_to(self.logdir).as_posix()}")) for p in events]
+        from ec2train.checkpoint import RUN_FILES
+
         files += [(self.output / name, self.prefix.child(name)) for name in RUN_FILES if (self.output / name).is_file()]
         return files
 
