@@ -194,10 +194,15 @@ def reference(cloud):
     return torch.load(out / "model" / "model.pth", weights_only=True)["state_dict"]
 
 
-def test_two_nodes_train_to_the_end_and_rank_0_ends_the_job(success, tmp_path):
-    job = success["job"]
+def test_two_nodes_train_to_the_end_and_rank_0_ends_the_job(success):
     st = status("duo")
-    assert (st["state"], st["epoch"], st["epochs"], st["failures"], st["interruptions"]) == ("succeeded", EPOCHS, EPOCHS, 0, 0)
+    assert (st["state"], st["epoch"], st["epochs"], st["failures"], st["interruptions"]) == (
+        "succeeded",
+        EPOCHS,
+        EPOCHS,
+        0,
+        0,
+    )
     [attempt] = st["attempts"]
     assert [(m["instance"], m["rank"], m["ip"]) for m in attempt["members"]] == [
         ("i-00000000000000001", 0, "127.0.0.1"),
@@ -323,9 +328,7 @@ def test_job_status_shows_every_node_and_the_cost_of_all_of_them(two_losses):
         (3, 0, "exited"),
         (3, 1, "exited"),
     ]
-    nodes = [
-        json.loads(s3().get_object(Bucket=BUCKET, Key=f"losses/_job/nodes/{i}.json")["Body"].read()) for i in rows
-    ]
+    nodes = [json.loads(s3().get_object(Bucket=BUCKET, Key=f"losses/_job/nodes/{i}.json")["Body"].read()) for i in rows]
     # The frozen node never wrote its exit: it counts to its last heartbeat.
     hours = sum(((n.get("exited_at") or n["heartbeat_at"]) - n["started_at"]) / 3600 for n in nodes)
     assert st["cost"]["hours"] == pytest.approx(hours) and st["cost"]["usd"] == pytest.approx(hours * 0.21)
@@ -362,4 +365,3 @@ def test_a_failing_rank_ends_both_nodes_at_once_and_counts_one_failure(rank_fail
     apart = abs(run["first"].ended - run["second"].ended)
     print(f"a failing rank: the two runners ended {apart:.1f} s apart")
     assert apart < STOP_GRACE + 15
-

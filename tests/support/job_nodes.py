@@ -128,7 +128,9 @@ class RunnerProcess:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"runner {self.imds.instance_id} still running after {timeout} s:\n{self.tail()}")
+            raise AssertionError(
+                f"runner {self.imds.instance_id} still running after {timeout} s:\n{self.tail()}"
+            ) from None
         self.ended = self.ended or time.monotonic()
         self.out.close()
         return code
