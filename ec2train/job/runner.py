@@ -224,7 +224,8 @@ def _attempt(r: Node, att: dict[str, Any]) -> str:
     )
     r.beat.set(state="training", attempt=n, rank=rank, report=None)
     report = _train(r, att, rank)
-    r.say(f"this node's part ended: exit {report['exit_codes']} ({report['stopped_by'] or 'by itself'})")
+    codes = report["exit_codes"]
+    r.say(f"fit ended: exit {codes[0] if len(codes) == 1 else codes} ({report['stopped_by'] or 'by itself'})")
     if report["notice"] or report["sigterm"]:
         r.say(f"this instance is going away ({'a spot interruption notice' if report['notice'] else 'SIGTERM'})")
     if rank == 0:
@@ -347,7 +348,7 @@ def _start(r: Node, att: dict[str, Any], rank: int, data: Path, log: Any) -> wor
         threads=threads,
     )
     cmd = fit_command(r.spec, args, r.workdir, data, r.facts.get("lifecycle", ""))
-    r.say(f"running ({len(envs)} process{'es' if len(envs) > 1 else ''}): " + " ".join(cmd[1:]))
+    r.say("running: " + " ".join(cmd[1:]) + (f"  ({len(envs)} processes)" if len(envs) > 1 else ""))
     return workers.Workers(cmd, envs, log, r.workdir)
 
 
