@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ec2train.job import autostop, cost, state
+from ec2train.job import autostop, cost
 from ec2train.job.spec import JobError, JobSpec, check_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,93 +34,48 @@ def spec(**changes) -> JobSpec:
     return JobSpec(**{**base, **changes})
 
 
-ME = {"instance": "i-1", "instance_type": "g4dn.xlarge", "lifecycle": "spot"}
-
-
-# --------------------------------------------------------------------------- status decisions
-
-
-def test_attempts_interruptions_and_the_failure_cap():
-    s, d = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
-    assert d == "run" and s["state"] == "starting" and s["attempts"][0]["instance"] == "i-1"
-    s, d = state.end_attempt(s, spec(), 75, ["x"], 1100)
-    assert (d, s["state"], s["interruptions"], s["failures"]) == ("leave", "interrupted", 1, 0)
-    s, d = state.begin_attempt(s, spec(), {**ME, "instance": "i-2"}, 1200)
-    s, d = state.end_attempt(s, spec(), 1, [f"line {i}" for i in range(50)], 1300)
-    assert (d, s["state"], s["failures"], s["exit_code"]) == ("relaunch", "retrying", 1, 1)
-    assert s["log_tail"] == [f"line {i}" for i in range(30, 50)]  # the last 20 lines
-    # The third instance vanishes without a word; the fourth counts that as the second failure.
-    s, d = state.begin_attempt(s, spec(), {**ME, "instance": "i-3"}, 1400)
-    assert d == "run"
-    s, d = state.begin_attempt(s, spec(), {**ME, "instance": "i-4"}, 1500)
-    assert (d, s["state"], s["failures"]) == ("end", "failed", 2)
-    assert [a["outcome"] for a in s["attempts"]] == ["interrupted", "failed", "lost"]
-    # Over is over: a late replacement only ends the group again.
-    assert state.begin_attempt(s, spec(), {**ME, "instance": "i-5"}, 1600)[1] == "end" and len(s["attempts"]) == 3
-
-
-def test_success_the_deadline_and_a_live_predecessor():
-    s, _ = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
-    assert state.end_attempt(dict(s), spec(), 0, [], 1020)[1] == "end"
-    late, d = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1000 + 3600)
-    assert (d, late["state"]) == ("end", "failed") and "--max-hours 1" in late["reason"]
-    s, _ = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
-    s["updated_at"] = 1010
-    assert state.previous_alive(s, "i-2", 1010 + 60)  # capacity rebalancing: wait for it
-    assert not state.previous_alive(s, "i-2", 1010 + state.STALE_SECONDS + 1)  # gone quiet: it is lost
-    assert not state.previous_alive(s, "i-1", 1020)  # our own
-
-
-def test_progress_reads_fits_epoch_lines():
-    log = "epoch 1/3 ━━━ 16/192\nepoch 1/3: train loss 1.0\nepoch 2/3: train loss 0.9\n"
-    assert state.progress(log) == (2, 3) and state.progress("nothing yet") == (0, None)
-
-
-def test_the_last_sync_counts_an_epoch_fit_logged_after_the_previous_one(aws, tmp_path):
-    """fit can log an epoch and stop (a spot notice) between two of the runner's syncs: the
-    status written after it ended still has that epoch."""
-    import json
-
-    import boto3
-
-    from ec2train import s3
-    from ec2train.job.runner import Attempt
-
-    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="ec2train-parts")
-    status = {"state": "running", "attempts": [{}], "epoch": 0, "epochs": None}
-    att = Attempt(spec(), s3.parse_uri("s3://ec2train-parts/dogs"), tmp_path, ME, status)
-    att.say("running: fit")
-    att.sync()
-    with open(att.log_path, "a") as log:
-        log.write("epoch 1/3: train loss 1.0 | valid acc 0.5\nstopped by a spot interruption notice\n")
-    att.status["state"] = "interrupted"  # what end_attempt decided
-    att.sync()
-    body = boto3.client("s3", region_name="us-east-1").get_object(Bucket="ec2train-parts", Key="dogs/_job/status.json")[
-        "Body"
-    ]
-    assert (json.loads(body.read())["epoch"], att.status["epochs"]) == (1, 3)
-
-
 # --------------------------------------------------------------------------- cost
 
 
-def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller():
-    assert cost.spot_types("g4dn.xlarge") == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge", "g4dn.8xlarge"]
+def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller_and_not_much_dearer():
+    # g4dn.8xlarge (4.1x g4dn.xlarge's on-demand price) is left out: spot bills up to on-demand.
+    assert cost.spot_types("g4dn.xlarge") == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge"]
+    assert all(
+        cost.PRICES[t][1] <= cost.SPOT_PRICE_RATIO * cost.PRICES["g4dn.xlarge"][1]
+        for t in cost.spot_types("g4dn.xlarge")
+    )
     assert cost.spot_types("g5.12xlarge") == ["g5.12xlarge", "g5.24xlarge"]  # 4 GPUs each
+    assert cost.spot_types("g5.8xlarge", efa=True) == ["g5.8xlarge", "g5.16xlarge"]  # both have EFA
     assert cost.spot_types("x9.huge") == ["x9.huge"]
 
 
-def test_cost_estimate_prices_each_attempt_by_its_type_and_market():
-    st = {
-        "attempts": [
-            {"instance_type": "g4dn.xlarge", "lifecycle": "spot", "started_at": 0, "ended_at": 3600},
-            {"instance_type": "g4dn.xlarge", "lifecycle": "on-demand", "started_at": 3600, "ended_at": None},
-        ]
-    }
-    est = cost.estimate(st, now=5400)
-    assert est["hours"] == pytest.approx(1.5)
-    assert est["usd"] == pytest.approx(cost.PRICES["g4dn.xlarge"][2] + 0.5 * cost.PRICES["g4dn.xlarge"][1])
-    assert cost.estimate({"attempts": [{"instance_type": "zz.big", "started_at": 0, "ended_at": 1}]})["usd"] is None
+def test_cost_estimate_prices_every_node_by_its_type_and_market_until_it_exited_or_went_silent():
+    nodes = [
+        {"instance_type": "g4dn.xlarge", "lifecycle": "spot", "started_at": 0, "exited_at": 3600},
+        {"instance_type": "g4dn.xlarge", "lifecycle": "on-demand", "started_at": 3600, "heartbeat_at": 5390},
+        # vanished at its last heartbeat, an hour ago: counted to that heartbeat, not to now
+        {"instance_type": "g5.xlarge", "lifecycle": "spot", "started_at": 0, "heartbeat_at": 1800},
+    ]
+    est = cost.estimate(nodes, now=5400, timeout=60)
+    assert est["hours"] == pytest.approx(1 + 0.5 + 0.5)
+    assert est["usd"] == pytest.approx(
+        cost.PRICES["g4dn.xlarge"][2] + 0.5 * cost.PRICES["g4dn.xlarge"][1] + 0.5 * cost.PRICES["g5.xlarge"][2]
+    )
+    unknown = cost.estimate([{"instance_type": "zz.big", "started_at": 0, "exited_at": 1}])
+    assert unknown["usd"] is None and unknown["unpriced"] == ["zz.big"]
+
+
+def test_price_lines_give_the_range_and_the_worst_case_of_every_node():
+    types = cost.spot_types("g4dn.xlarge")
+    price, worst = cost.price_lines(types, 4, True, 24, 100)
+    assert "$0.21-$0.48 per instance-hour at typical spot prices ($0.53-$1.20 on-demand)" in price
+    assert "4 nodes: $0.84-$1.92 per hour" in price
+    # 4 nodes x 24 h x the dearest type's on-demand price, plus 4 x 100 GB of gp3 for 24 h
+    expected = 24 * (4 * 1.204 + 4 * 100 * cost.EBS_GB_MONTH / cost.HOURS_PER_MONTH)
+    assert f"${expected:,.2f} if all 4 nodes run the full --max-hours 24 at $1.20/h" in worst
+    day = cost.price_lines(["g5.12xlarge"], 2, False, None, 100)[1]
+    assert day.startswith(f"worst case ${24 * (2 * 5.672 + 2 * 100 * 0.08 / 730):,.2f} per day until you tear it down")
+    assert "unknown for x9.huge" in cost.price_lines(["x9.huge"], 1, False, 1, 100)[0]
 
 
 # --------------------------------------------------------------------------- autostop
@@ -197,11 +152,10 @@ def test_fit_args():
 
 
 def test_on_spot_the_runner_has_fit_watch_for_the_notice_unless_the_job_chose(tmp_path):
-    from ec2train.job.runner import Attempt, fit_command
+    from ec2train.job.runner import fit_command
 
     def command(fit_args, lifecycle):
-        att = Attempt(spec(fit_args=fit_args), None, tmp_path, {**ME, "lifecycle": lifecycle}, {"attempts": [{}]})
-        return fit_command(att, tmp_path / "data")[4:]
+        return fit_command(spec(), fit_args, tmp_path, tmp_path / "data", lifecycle)[4:]
 
     assert command(["--epochs", "3"], "spot")[:4] == ["--epochs", "3", "--spot-watch", "on"]
     assert "--spot-watch" not in command(["--epochs", "3"], "on-demand")

@@ -153,10 +153,10 @@ def estimate(nodes: list[dict[str, Any]], now: float | None = None, timeout: flo
     now = time.time() if now is None else now
     usd, hours, unpriced = 0.0, 0.0, set()
     for n in nodes:
-        start = float(n.get("started_at") or now)
+        start = float(n["started_at"]) if n.get("started_at") is not None else now
         end = n.get("exited_at")
         if end is None:
-            beat = float(n.get("heartbeat_at") or start)
+            beat = float(n["heartbeat_at"]) if n.get("heartbeat_at") is not None else start
             end = now if now - beat < timeout else beat
         ran = max(0.0, float(end) - start) / 3600
         hours += ran

@@ -273,15 +273,15 @@ def end_attempt(
 def after_attempt(status: dict[str, Any], n: int, me: str, report: dict[str, Any] | None) -> tuple[str, bool]:
     """What this runner does once attempt n is recorded: (decision, set the group to 0?).
 
-    end       the job is over; rank 0 ends the group (any member, if rank 0 was lost)
+    end       the job is over; rank 0 ends the group (the others, if rank 0 never reported)
     leave     this instance got a spot notice or SIGTERM: AWS takes it, the group replaces it
     relaunch  a failed attempt with attempts left: power off, the group starts fresh instances
     continue  another node was lost: wait for the group to be whole again and train on
     """
     attempt = status["attempts"][n - 1]
     rank0 = member_ids(attempt)[0]
-    if status["state"] in TERMINAL:
-        return "end", me == rank0 or rank0 in (attempt.get("lost") or [])
+    if status["state"] in TERMINAL:  # rank 0 ends the group; if it never reported, the others do
+        return "end", me == rank0 or rank0 not in (attempt.get("exit_codes") or {})
     if report and (report.get("notice") or report.get("sigterm")):
         return "leave", False
     if status["state"] == "retrying":
