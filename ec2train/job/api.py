@@ -8,6 +8,8 @@ and the group, or create and delete what a job is made of.
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,33 +213,47 @@ def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri, types: list[
     )
 
 
-def summary(req: SubmitRequest, types: list[str]) -> list[str]:
+def summary(req: SubmitRequest, types: list[str], width: int = 110) -> list[str]:
     """What a dry run says first: what is created, the types that may run, the price, the worst case."""
     n, market = req.nodes, "spot" if req.spot else "on-demand"
     inbound = "only from its own members" if (n > 1 or req.efa) else "none"
     if req.ssh_from:
         inbound += ", SSH from one address"
     where = " in a cluster placement group (one zone)" if n > 1 else ""
-    what = f"{n} {market} instance{'s' if n > 1 else ''}"
+    what = f"{n} {market}"
     if req.spot and len(types) > 1:
         what += (
             f", {SPOT_ALLOCATION} over {', '.join(types)} (as many GPUs as {req.instance_type}, "
             f"at most {cost.SPOT_PRICE_RATIO:g}x its on-demand price)"
         )
     else:
-        what += f" of {types[0]}"
-    return [
-        f"summary of job {req.name}:",
-        f"creates    an Auto Scaling group of {n}{where}, its launch template, a security group (inbound: {inbound}),",
-        "           a role and instance profile (this prefix, this group), a scheduled end at --max-hours;",
-        "           in S3: the wheel, _job/job.json, _job/status.json",
-        f"instances  {what}" + (" with EFA" if req.efa else ""),
+        what += f" {types[0]}"
+    lines = [
+        f"creates    an Auto Scaling group of {n} instance{'s' if n > 1 else ''}{where}, its launch template, "
+        f"a security group (inbound: {inbound}), a role and instance profile (this prefix, this group), "
+        "a scheduled end at --max-hours; in S3: the wheel, _job/job.json, _job/status.json",
+        f"instances  {what}" + (", with EFA" if req.efa else ""),
         *cost.price_lines(types, n, req.spot, req.max_hours, req.disk_gb),
-        f"ends       by itself when fit ends (rank 0 sets the group to 0), at --max-hours {req.max_hours:g}, "
+        f"ends       by itself when fit ends ({'rank 0' if n > 1 else 'its runner'} sets the group to 0), "
+        f"at --max-hours {req.max_hours:g}, "
         f"or with `ec2train job cancel {req.name}`",
-        f"prices     {cost.REGION_OF_PRICES} list prices as of {cost.PRICES_AS_OF}; spot prices move hourly",
-        "",
     ]
+    if n > 1:
+        lines.append(
+            f"note       training starts when all {n} run at once in one zone"
+            + (
+                f" (spot capacity for {n} can take a while: `ec2train job status {req.name}` shows AWS's reason)"
+                if req.spot
+                else ""
+            )
+            + "; losing any node pauses all until the group is whole again"
+        )
+    lines.append(f"prices     {cost.REGION_OF_PRICES} list prices as of {cost.PRICES_AS_OF}; spot prices move hourly")
+    wrapped = [f"summary of job {req.name}:"]
+    for line in lines:  # a `command` is never split over two lines
+        line = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\0"), line)
+        wrapped += [w.replace("\0", " ") for w in textwrap.wrap(line, width, subsequent_indent=" " * 11)]
+    return [*wrapped, ""]
 
 
 def submit(

@@ -138,9 +138,9 @@ def price_lines(types: list[str], count: int, spot: bool, hours: float | None, d
         )
         return lines
     worst = hours * (count * max(od) + disk)
-    nodes = f"all {count} nodes" if count > 1 else "the instance"
+    nodes = f"all {count} nodes run" if count > 1 else "the instance runs"
     lines.append(
-        f"worst case {_usd(worst)} if {nodes} run the full --max-hours {hours:g} at {_usd(max(od))}/h"
+        f"worst case {_usd(worst)} if {nodes} the full --max-hours {hours:g} at {_usd(max(od))}/h"
         f"{' (spot never bills above on-demand)' if spot else ''}, with {count} x {disk_gb} GB gp3 disk"
     )
     return lines
