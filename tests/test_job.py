@@ -454,7 +454,7 @@ def test_the_dry_run_of_a_4_node_spot_job_starts_with_what_it_creates_and_costs(
         "at --max-hours 12, or with `ec2train job cancel dogs`",
     ):
         assert said in text, said
-    assert len(lines) <= 16 and all(len(line) <= 110 for line in lines[1:])  # a summary: the requests follow
+    assert len(lines) <= 20 and all(len(line) <= 110 for line in lines[1:])  # a summary: the requests follow
     assert "training starts when all 4 run at once in one zone" in text
     assert '"PlacementGroup": "ec2train-job-dogs"' in out and '"DesiredCapacity": 4' in out
     assert "ec2:CreatePlacementGroup" in out
