@@ -365,3 +365,22 @@ def test_a_failing_rank_ends_both_nodes_at_once_and_counts_one_failure(rank_fail
     apart = abs(run["first"].ended - run["second"].ended)
     print(f"a failing rank: the two runners ended {apart:.1f} s apart")
     assert apart < STOP_GRACE + 15
+
+
+# ---------------------------------------------------------------------------- waiting for capacity
+
+
+def test_a_node_that_waits_alone_for_its_peers_ends_the_job_at_max_hours(cloud):
+    """The zone has no capacity for the second node: the first waits, says so, and --max-hours
+    still ends the job (the group's scheduled action would, were no runner left)."""
+    job = Job(cloud, "alone", max_hours=20 / 3600)  # counted from submit
+    try:
+        lone = job.start(1, fetch=True)
+        st = wait_for(lambda: (s := status("alone"))["waiting"] and s, 60, "the runner to wait")
+        assert st["waiting"] == {"attempt": 1, "ready": ["i-00000000000000001"], "need": 2} and not st["attempts"]
+        assert lone.wait(120) == 0, lone.tail()
+    finally:
+        job.close()
+    st = status("alone")
+    assert st["state"] == "failed" and "ran past --max-hours" in st["reason"] and "waiting for 2 nodes" in st["reason"]
+    assert desired("alone") == 0 and not (lone.workdir / "data").exists()  # nothing fetched, nothing trained
