@@ -395,7 +395,7 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
         assert f"ssh ubuntu@{node['PublicIpAddress']}" in result.stdout
     # For unattended work, the job that does all of this itself.
     assert (
-        f"ec2train job submit duo --nodes 2 --type g4dn.xlarge --spot --s3-uri s3://{BUCKET}/dogs/run1" in result.stdout
+        f"ec2train job submit duo --nodes 2 --type g5.12xlarge --spot --s3-uri s3://{BUCKET}/dogs/run1" in result.stdout
     )
 
     recorder.reset()
