@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ec2train.deploy import prices
 from ec2train.deploy.names import (
     VARIANT,
     DeployError,
@@ -98,7 +99,15 @@ def autoscale(
     runner = runner or Runner(region, dry_run=dry_run, console=console)
     if runner.dry_run:
         dry_run_header(
-            runner, f"autoscale endpoint {name}", ["sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig"]
+            runner,
+            f"autoscale endpoint {name}",
+            ["sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig"],
+            prices.with_prices_note(
+                [
+                    f"creates    a scalable target and a target-tracking policy on endpoint {name}",
+                    *prices.autoscale_lines(min_capacity, max_capacity),
+                ]
+            ),
         )
     else:
         _check_scalable(runner, name)

@@ -200,6 +200,10 @@ def delete_deployment(
                 "iam:GetRole",
                 "logs:DescribeLogGroups",
             ],
+            [
+                f"removes    endpoint {name} with its configurations and models (ec2train's only), its autoscaling,",
+                "           and the Lambda with its alias, role and log group: after it, nothing of this deployment bills",
+            ],
         )
         found: Found | Any = UNKNOWN
     else:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ec2train.deploy import prices
 from ec2train.deploy.images import image_uri_for
 from ec2train.deploy.names import (
     INSTANCE_TYPE_RE,
@@ -223,13 +224,23 @@ def _discover_endpoint(runner: Runner, name: str) -> EndpointNow | None:
     return EndpointNow(d["EndpointStatus"], d["EndpointConfigName"], managed, models, cfg_managed)
 
 
-def _current_endpoint(runner: Runner, name: str) -> EndpointNow | Any:
+def _current_endpoint(runner: Runner, spec: EndpointSpec) -> EndpointNow | Any:
     """What the plan starts from: UNKNOWN in a dry run; else the endpoint found, if it may be changed."""
+    name = spec.name
     if runner.dry_run:
+        kind = f"{spec.instance_count} x {spec.instance_type}" if spec.instance_type else "serverless"
         dry_run_header(
             runner,
             f"deploy endpoint {name}",
             ["sagemaker:DescribeEndpoint", "sagemaker:ListTags", "sagemaker:DescribeEndpointConfig"],
+            prices.with_prices_note(
+                [
+                    f"creates    SageMaker model, endpoint configuration and endpoint {name} ({kind})",
+                    *prices.endpoint_lines(
+                        name, spec.instance_type, spec.instance_count, spec.memory_mb, spec.max_concurrency
+                    ),
+                ]
+            ),
         )
         return UNKNOWN
     current = _discover_endpoint(runner, name)
@@ -290,7 +301,7 @@ def deploy_endpoint(
     spec.check()
     region = resolve_region(region)
     runner = runner or Runner(region, dry_run=dry_run, console=console, wait_timeout=wait_timeout)
-    current = _current_endpoint(runner, spec.name)
+    current = _current_endpoint(runner, spec)
     model, config = endpoint_requests(spec, region)
     if current not in (None, UNKNOWN) and current.config == config["EndpointConfigName"]:
         runner.note(f"endpoint {spec.name} already serves this exact configuration; nothing to update")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ec2train.deploy import prices
 from ec2train.deploy.names import (
     ACCOUNT_PLACEHOLDER,
     ALIAS_RE,
@@ -394,6 +395,12 @@ def deploy_lambda(
             runner,
             f"deploy lambda {spec.function_name} for endpoint {spec.endpoint}",
             ["sts:GetCallerIdentity", "lambda:GetFunction", "iam:GetRole", "sagemaker:DescribeEndpoint"],
+            prices.with_prices_note(
+                [
+                    f"creates    Lambda function {spec.function_name} (alias {spec.alias}), its role and log group",
+                    *prices.lambda_lines(spec.memory_mb, spec.architecture, spec.reserved_concurrency),
+                ]
+            ),
         )
         if account == ACCOUNT_PLACEHOLDER:
             runner.note(

@@ -420,8 +420,12 @@ def account_of(runner: Runner, given: str | None) -> str:
     return account
 
 
-def dry_run_header(runner: Runner, what: str, reads: list[str]) -> None:
+def dry_run_header(runner: Runner, what: str, reads: list[str], summary: Iterable[str] = ()) -> None:
+    """The first lines of a dry run: what it is, a short summary (what it creates, what it costs),
+    and what a real run reads first."""
     runner.note(f"dry run: {what} in {runner.region}; nothing below is sent.")
+    for line in summary:
+        runner.note(line)
     if reads:
         runner.note("A real run first reads: " + ", ".join(reads) + " (skipped here; both branches are shown).")
 
