@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ec2train.export import atomic_write
+from ec2train.files import atomic_write
 
 # Up to this many classes each cell shows its count and both axes show names;
 # above it the colour scale carries the values and the columns are numbered.

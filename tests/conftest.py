@@ -12,7 +12,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.support.aws import reset_moto, start_moto_server
+from tests.support.aws import ImdsServer, reset_moto, start_moto_server
 from tests.support.paths import ROOT
 from tests.support.training import TINY_FIT
 
@@ -49,6 +49,22 @@ def aws(moto_server, monkeypatch):
     reset_moto(moto_server)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     return moto_server
+
+
+@pytest.fixture
+def imds(monkeypatch):
+    """start(notice_when=..., **slow) -> a real IMDSv2 server on 127.0.0.1 (tests.support.aws.ImdsServer);
+    the SDKs' metadata lookups, which the session switches off, are back on for the test."""
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+    servers = []
+
+    def start(notice_when=lambda: False, **slow):
+        servers.append(ImdsServer(notice_when, **slow))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -416,7 +416,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 
 
 def test_fetch_follows_a_real_redirect_through_the_policy(zip_server, tmp_path, monkeypatch):
-    import ec2train.data as data
+    import ec2train.data.fetch as data
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
