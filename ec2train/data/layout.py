@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ec2train.errors import UserError
+from ec2train.names import name_problem, printable
 from ec2train.preprocess import ImageDecodeError, load_rgb
 
 SPLITS = ("train", "valid", "test")
@@ -30,6 +31,28 @@ def class_name(folder: str) -> str:
     head, dot, rest = folder.partition(".")
     name = rest if dot and head.isdigit() and rest else folder
     return name.replace("_", " ").strip()
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why a class folder's name cannot name a class (see `names.name_problem`), or None."""
+    return name_problem(folder) or ("gives an empty class name" if not class_name(folder) else None)
+
+
+def _name_problems(root: Path, listed: dict[str, list[str]]) -> list[str]:
+    """One line per class folder whose name is unsafe, naming it and the fix (once for all splits)."""
+    where: dict[str, list[str]] = {}
+    for split, folders in listed.items():
+        for folder in folders:
+            where.setdefault(folder, []).append(split)
+    lines = []
+    for folder, splits in sorted(where.items()):
+        problem = folder_problem(folder)
+        if problem:
+            lines.append(
+                f"class folder {printable(root / splits[0] / folder)} {problem}; rename it "
+                f"(in {', '.join(s + '/' for s in splits)}) to a name of letters, digits, spaces and . _ -"
+            )
+    return lines
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -108,13 +131,13 @@ def check_dataset(
             sr.images += len(images)
             if not images:
                 sr.empty_classes.append(folder)
-                report.problems.append(f"empty class folder {split_dir / folder}")
+                report.problems.append(f"empty class folder {printable(split_dir / folder)}")
             if decode:
                 for path in images:
                     try:
                         load_rgb(path, min_side=32)
                     except ImageDecodeError as exc:
-                        report.corrupt.append(f"{path}: {exc}")
+                        report.corrupt.append(printable(f"{path}: {exc}"))
                     if on_image:
                         on_image()
         report.splits[split] = sr
@@ -127,12 +150,13 @@ def check_dataset(
             detail = "; ".join(
                 part
                 for part in (
-                    f"not in train: {', '.join(only_here[:5])}" if only_here else "",
-                    f"missing: {', '.join(missing[:5])}" if missing else "",
+                    f"not in train: {printable(', '.join(only_here[:5]))}" if only_here else "",
+                    f"missing: {printable(', '.join(missing[:5]))}" if missing else "",
                 )
                 if part
             )
             report.problems.append(f"split '{split}' has different classes from 'train' ({detail})")
+    report.problems[:0] = _name_problems(root, listed)  # first: fit's one line names this one
     return report
 
 
