@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -26,6 +29,7 @@ from ec2train.data import (
     scan_split,
     start_workers,
 )
+from ec2train.errors import UserError
 from ec2train.preprocess import eval_transform, train_transform
 from tests.support.cli import assert_one_line_error, cli_in_process
 
@@ -402,11 +406,17 @@ def test_unpacking_counts_the_bytes_it_writes_and_stops_at_the_limit(tmp_path):
     archive = _bomb(tmp_path / "bomb.zip", size=30 << 20)
     size = archive.stat().st_size
     dest = tmp_path / "dest"
-    with zipfile.ZipFile(archive) as zf, pytest.raises(DataError, match=r"stopped after .* MiB: past 100x the archive's \d+ KiB; a zip bomb"):
+    with (
+        zipfile.ZipFile(archive) as zf,
+        pytest.raises(DataError, match=r"stopped after .* MiB: past 100x the archive's \d+ KiB; a zip bomb"),
+    ):
         extract_within_limits(zf, dest, UnpackLimits(), size)
     on_disk = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     assert 100 * size - (1 << 20) < on_disk <= 100 * size, on_disk  # stopped before the chunk that crossed it
-    with zipfile.ZipFile(archive) as zf, pytest.raises(DataError, match=r"stopped after 1.0 MiB: past the limit of 2.0 MiB; a zip bomb"):
+    with (
+        zipfile.ZipFile(archive) as zf,
+        pytest.raises(DataError, match=r"stopped after 1.0 MiB: past the limit of 2.0 MiB; a zip bomb"),
+    ):
         extract_within_limits(zf, tmp_path / "dest2", UnpackLimits(max_bytes=2 << 20), size)
 
 
@@ -617,6 +627,113 @@ def test_split_refuses_overwrite_and_bad_input_leaving_nothing(unsplit, tmp_path
     with pytest.raises(DataError, match="class Corgi has 2 images; each class needs at least 3"):
         split_dataset(unsplit, tmp_path / "z")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "photos", "taken"]
+
+
+@pytest.fixture
+def noisy_unsplit(tmp_path):
+    """About 1.8 MB of incompressible JPEGs in three class folders: more than `tiny_disk` holds."""
+    import numpy as np
+    from PIL import Image
+
+    root, rng = tmp_path / "noisy", np.random.default_rng(0)
+    for folder in ("Akita", "Boxer", "Corgi"):
+        (root / folder).mkdir(parents=True)
+        for i in range(30):
+            pixels = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / folder / f"{i:02d}.jpg", quality=95)
+    return root
+
+
+def _left_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("copy", [True, False])  # hard links from one file system to another are copies too
+def test_split_onto_a_full_disk_is_one_line_and_leaves_nothing(noisy_unsplit, tiny_disk, capsys, copy):
+    code, _, err = cli_in_process(capsys, "data", "split", noisy_unsplit, tiny_disk / "split", *["--copy"] * copy)
+    assert_one_line_error(code, err, f"disk full: cannot copy into {tiny_disk}", "MiB free", "free some space")
+    assert _left_in(tiny_disk) == [], "a half-made split was left behind"
+
+
+def test_split_full_disk_message_anywhere(unsplit, tmp_path, monkeypatch):
+    """The same as above where no tmpfs can be mounted: the copy raises ENOSPC by hand."""
+    import errno
+    import shutil
+
+    from ec2train.data import split_dataset
+
+    def full(src, dst, **kwargs):
+        Path(dst).write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(
+        UserError, match=rf"disk full: cannot copy into {tmp_path}: the images need \d+ KiB \(.* MiB free\)"
+    ):
+        split_dataset(unsplit, tmp_path / "split", mode="copy")
+    assert _left_in(tmp_path) == ["photos"]
+
+
+def _without_dac_override(*args) -> subprocess.CompletedProcess:
+    """`ec2train ARGS` as a process that file modes apply to: root keeps its uid but loses the
+    capabilities that let it read any file (as the user the tests run as elsewhere)."""
+    cmd = [sys.executable, "-m", "ec2train", *map(str, args)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: file modes do not apply")
+        drop = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_split_of_an_unreadable_file_or_folder_is_one_line_and_leaves_nothing(unsplit, tmp_path, what):
+    bad = unsplit / "002.Boxer" / ("002.Boxer_03.jpg" if what == "file" else "")
+    bad.chmod(0)
+    try:
+        done = _without_dac_override("data", "split", unsplit, tmp_path / "split", "--copy")
+    finally:
+        bad.chmod(0o755)
+    assert_one_line_error(done.returncode, done.stderr, "cannot read", str(bad).rstrip("/"), "chmod")
+    assert _left_in(tmp_path) == ["photos"]
+
+
+def test_split_refuses_links_out_of_src_and_follows_links_inside_it(unsplit, tmp_path):
+    from ec2train.data import split_dataset
+
+    secret = tmp_path / "elsewhere" / "secret.jpg"
+    secret.parent.mkdir()
+    shutil.copy(unsplit / "Corgi" / "Corgi_00.jpg", secret)
+    (unsplit / "Corgi" / "Corgi_99.jpg").symlink_to(secret)
+    for mode in ("copy", "link"):
+        with pytest.raises(DataError, match=r"Corgi_99.jpg leads to .*secret.jpg, outside .*photos.*cp -L"):
+            split_dataset(unsplit, tmp_path / "split", mode=mode)
+        assert _left_in(tmp_path) == ["elsewhere", "photos"]
+    (unsplit / "Corgi" / "Corgi_99.jpg").unlink()
+    (unsplit / "Corgi" / "Corgi_99.jpg").symlink_to("../002.Boxer/002.Boxer_00.jpg")  # inside SRC: fine
+    copied = split_dataset(unsplit, tmp_path / "split", mode="copy").root
+    found = next(copied.glob("*/Corgi/Corgi_99.jpg"))
+    assert not found.is_symlink() and found.read_bytes() == (unsplit / "002.Boxer" / "002.Boxer_00.jpg").read_bytes()
+
+
+def test_demo_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk, capsys):
+    code, _, err = cli_in_process(capsys, "data", "demo", tiny_disk / "demo", "--size", "256", "--per-class", "100")
+    assert_one_line_error(code, err, f"disk full: cannot write the demo data set in {tiny_disk}", "MiB free")
+    assert _left_in(tiny_disk) == [], "a .demo.tmp-PID folder was left behind"
+
+
+def test_demo_full_disk_message_anywhere(tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(UserError, match=rf"disk full: cannot write the demo data set in {tmp_path} \(.* MiB free\)"):
+        make_demo_dataset(tmp_path / "demo", classes=2, per_class=2, size=32)
+    assert _left_in(tmp_path) == []
 
 
 def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys):

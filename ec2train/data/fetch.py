@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ec2train.data.layout import SPLITS, DataError
 from ec2train.errors import first_line
+from ec2train.files import human_bytes
 
 DOG_IMAGES_URL = "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
 
@@ -196,12 +197,12 @@ def extract_within_limits(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits,
                 written += len(chunk)
                 if written > budget:
                     limit = (
-                        f"the limit of {_size(limits.max_bytes)}"
+                        f"the limit of {human_bytes(limits.max_bytes)}"
                         if budget == limits.max_bytes
-                        else f"{limits.max_ratio:.0f}x the archive's {_size(packed)}"
+                        else f"{limits.max_ratio:.0f}x the archive's {human_bytes(packed)}"
                     )
                     raise DataError(
-                        f"refusing to unpack {member.filename!r}: stopped after {_size(written - len(chunk))}: "
+                        f"refusing to unpack {member.filename!r}: stopped after {human_bytes(written - len(chunk))}: "
                         f"past {limit}; a zip bomb?"
                     )
                 out.write(chunk)
@@ -210,12 +211,6 @@ def extract_within_limits(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits,
 
 class NoSpaceError(DataError):
     """The archive is fine but the disk is too small for it: the download stays for the rerun."""
-
-
-def _size(n: int) -> str:
-    if n >= 1 << 30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB" if n >= 1 << 20 else f"{n / 2**10:.0f} KiB"
 
 
 def check_free_disk(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = UnpackLimits()) -> None:
