@@ -196,7 +196,7 @@ def gpu_activity(nvidia_smi: str | None) -> list[str]:
     """Busy GPUs and GPU processes, from nvidia-smi; empty where there is none or it fails."""
     if nvidia_smi is None:
         return []
-    reasons = []
+    reasons: list[str] = []
     for query, kind in (
         ("--query-gpu=index,utilization.gpu", "util"),
         ("--query-compute-apps=pid,process_name", "apps"),
