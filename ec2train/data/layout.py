@@ -234,7 +234,7 @@ def _split_error(exc: OSError, src: Path, dst: Path, plan: list[tuple[str, str, 
     import errno
 
     if is_disk_full(exc):
-        need = sum(image.stat().st_size for _, _, images in plan for image in images)
+        need = sum(_file_size(image) for _, _, images in plan for image in images)
         return disk_full_error(f"cannot copy into {dst.parent}: the images need {human_bytes(need)}", dst.parent)
     where = Path(exc.filename) if exc.filename else dst
     inside_src = where == src or src in where.parents
@@ -244,6 +244,13 @@ def _split_error(exc: OSError, src: Path, dst: Path, plan: list[tuple[str, str, 
             "for a folder) or move it out of SRC"
         )
     return DataError(f"cannot split {printable(src)} into {printable(dst)}: {exc.strerror or exc} ({printable(where)})")
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone meanwhile: counts as nothing
+        return 0
 
 
 def _split_plan(
