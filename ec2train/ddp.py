@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ec2train.errors import UserError
-from ec2train.hw import HardwareError, thread_plan
+from ec2train.hw import HardwareError
 
 T = TypeVar("T")
 # Rank 0 may spend minutes on evaluation, test and uploads while the others wait.
@@ -280,12 +280,6 @@ def resolve_nproc(value: str, gpu_count: int) -> int:
     if n < 1:
         raise UserError(f"--nproc-per-node {n}: must be at least 1")
     return n
-
-
-def threads_per_process(cpus: int, nproc: int) -> int:
-    """Each of N processes' share of the box's cores (hw.thread_plan): torchrun passes it to every
-    rank as OMP_NUM_THREADS, and each rank's plan then leaves cores for its own loader workers."""
-    return thread_plan(cpus, max(1, nproc)).share
 
 
 def torchrun_command(python: str, nproc: int, fit_args: list[str]) -> list[str]:

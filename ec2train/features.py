@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ec2train import ddp
 from ec2train.data import EvalSampler, make_loader
 from ec2train.errors import UserError
-from ec2train.export import atomic_torch_save
+from ec2train.files import atomic_torch_save
 
 CACHE_FORMAT = "ec2train.features/1"
 CACHE_DIR = "feature-cache"

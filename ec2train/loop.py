@@ -10,8 +10,6 @@ It reads as phases: device (make_runtime), loaders (make_data), model and optimi
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from ec2train import ddp, hw
+from ec2train import threads as thread_plans
 from ec2train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -40,29 +38,28 @@ from ec2train.checkpoint import (
 )
 from ec2train.config import TrainConfig, to_toml
 from ec2train.data import (
-    EvalSampler,
     ImageDataset,
     SplitSampler,
     TrainSampler,
     class_name,
     default_workers,
+    eval_dataset,
     make_loader,
     require_dataset,
     scan_split,
     start_workers,
+    train_dataset,
 )
 from ec2train.errors import UserError
-from ec2train.export import (
-    BackgroundWriter,
-    atomic_write_json,
-    atomic_write_text,
-    model_payload,
-    save_model_file,
-)
+from ec2train.export import model_payload, save_model_file
 from ec2train.features import CACHE_DIR, feature_loaders
-from ec2train.model import build_model, find_head, freeze_backbone, model_from_file, normalization_for
+from ec2train.files import BackgroundWriter, atomic_write_json, atomic_write_text
+from ec2train.model import build_model, find_head, freeze_backbone, normalization_for
+from ec2train.optim import backbone_lr, effective_lr, group_lrs, lr_lambda, make_optimizer, param_groups
 from ec2train.plots import log_confusion
-from ec2train.preprocess import decode_min_side, eval_pixels, normalize_pixels, pixel_stats, train_pixels
+from ec2train.preprocess import normalize_pixels, pixel_stats
+from ec2train.report import Reporter, TensorBoard
+from ec2train.threads import ThreadTiming
 
 # ---------------------------------------------------------------- metrics
 
@@ -230,87 +227,6 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, num_classes: int) -> tu
     return Meter(loss_sum, c1, c5, count).reduced(ctx.device).summary(), confusion
 
 
-# ---------------------------------------------------------------- set-up pieces
-
-
-def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to zero, per optimizer step."""
-    total = max(1, steps_per_epoch * epochs)
-    warm = steps_per_epoch * warmup_epochs
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
-    """Head at lr, backbone at backbone_lr; no weight decay on biases and norm weights.
-    Each group names its role ("head" or "backbone") so the logs can tell the two lrs apart."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = name.startswith(head_name + ".")
-        decay = p.ndim > 1
-        groups.setdefault((is_head, decay), []).append(p)
-    return [
-        {
-            "params": ps,
-            "lr": lr if is_head else backbone_lr,
-            "weight_decay": weight_decay if decay else 0.0,
-            "role": "head" if is_head else "backbone",
-        }
-        for (is_head, decay), ps in groups.items()
-    ]
-
-
-def make_optimizer(
-    name: str, groups: list[dict], lr: float, momentum: float, device_type: str
-) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW, with the fused or multi-tensor update (hw.optimizer_kernel)
-    rather than a Python loop over every parameter."""
-    fast = {hw.optimizer_kernel(device_type, hw.torch_version()): True}
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fast)
-    return torch.optim.AdamW(groups, lr=lr, **fast)
-
-
-def group_lrs(optimizer: torch.optim.Optimizer, peak: bool = False) -> dict[str, float]:
-    """{"lr": the head's lr, "lr_backbone": the backbone's (when it trains)}: now, or the
-    schedule's peak (`initial_lr`, what --lr asked for) with peak=True."""
-    lrs: dict[str, float] = {}
-    for group in optimizer.param_groups:
-        key = "lr_backbone" if group.get("role") == "backbone" else "lr"
-        lrs.setdefault(key, group.get("initial_lr", group["lr"]) if peak else group["lr"])
-    return lrs
-
-
-def effective_lr(cfg: TrainConfig, world_size: int) -> float:
-    """--scale-lr: --lr is meant for one process's batch; multiply by the number of processes."""
-    return cfg.lr * world_size if cfg.scale_lr else cfg.lr
-
-
-def backbone_lr(cfg: TrainConfig, lr: float) -> float:
-    """--backbone-lr-scale protects pretrained features; a backbone trained from scratch
-    (--weights none) has nothing to protect, so every layer trains at lr."""
-    return lr * cfg.backbone_lr_scale if cfg.weights != "none" else lr
-
-
-def train_dataset(samples, image_size: int, augment: str) -> ImageDataset:
-    """uint8 pixels; StepContext.to_device normalizes each batch on the device."""
-    return ImageDataset(samples, train_pixels(image_size, augment), decode_min_side(image_size, augment))
-
-
-def eval_dataset(samples, image_size: int) -> ImageDataset:
-    """The deterministic transform of validation, test, evaluate and the feature cache (uint8
-    pixels, as train_dataset)."""
-    return ImageDataset(samples, eval_pixels(image_size), decode_min_side(image_size, False))
-
-
 # ---------------------------------------------------------------- the phases of fit
 
 
@@ -324,8 +240,8 @@ class Runtime:
     sync_bn: bool
     workers: int
     pin_memory: bool
-    threads: hw.ThreadPlan
-    tuner: hw.ThreadTuner | None = None  # CPU training only: see hw.ThreadTuner
+    threads: thread_plans.ThreadPlan
+    tuner: thread_plans.ThreadTuner | None = None  # CPU training only: see threads.ThreadTuner
 
     @property
     def device_type(self) -> str:
@@ -341,9 +257,9 @@ def make_runtime(
     device_type = dev.split(":")[0]
     capability = hw.device_capability(dev)
     hw.configure_backends(device_type, capability)
-    workers = workers if workers >= 0 else default_workers(hw.available_cpus(), env.local_world_size)
-    plan = hw.apply_threads(hw.plan_threads(env.local_world_size, workers, 0, threads))
-    candidates = hw.tuning_candidates(plan, device_type, env.world_size)
+    workers = workers if workers >= 0 else default_workers(thread_plans.available_cpus(), env.local_world_size)
+    plan = thread_plans.apply_threads(thread_plans.plan_threads(env.local_world_size, workers, 0, threads))
+    candidates = thread_plans.tuning_candidates(plan, device_type, env.world_size)
     return Runtime(
         env,
         dev,
@@ -352,7 +268,7 @@ def make_runtime(
         workers,
         hw.use_pin_memory(device_type),
         plan,
-        hw.ThreadTuner(candidates) if len(candidates) > 1 else None,
+        thread_plans.ThreadTuner(candidates) if len(candidates) > 1 else None,
     )
 
 
@@ -505,125 +421,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     already_finished: bool = False  # --resume of a finished run: nothing was trained or written
-
-
-class _ThreadTiming:
-    """Times fit's steps for the runtime's ThreadTuner and applies what it picks. A step is
-    timed from the end of the previous one (so the wait for its batch counts); the first step
-    of an epoch, which waits for the loader to start, is not timed. The probe ends with the
-    first epoch trained; a resumed run takes the count its last epoch recorded."""
-
-    def __init__(self, tuner: hw.ThreadTuner | None, history: list[dict[str, Any]]):
-        self.tuner, self.last = tuner, None
-        self.applied = torch.get_num_threads()
-        self.notes: list[str] = []
-        if tuner is not None and history and history[-1].get("threads") in tuner.candidates:
-            tuner.settle(history[-1]["threads"])
-
-    def epoch_start(self) -> None:
-        self.last = None
-        self._apply()
-
-    def step(self) -> None:
-        if self.tuner is None or not self.tuner.probing:
-            return
-        now = time.perf_counter()
-        if self.last is not None:
-            self._note(self.tuner.observe(self.applied, now - self.last))
-        self.last = now
-        self._apply()
-
-    def epoch_end(self) -> None:
-        if self.tuner is not None and self.tuner.probing:
-            self._note(self.tuner.settle())
-        self._apply()
-
-    def threads(self) -> int:
-        return self.tuner.chosen if self.tuner is not None else torch.get_num_threads()
-
-    def _note(self, picked: int | None) -> None:
-        if picked:
-            self.notes.append(f"threads: torch {picked} intra-op from here on ({self.tuner.describe()})")
-
-    def _apply(self) -> None:
-        if self.tuner is not None and (n := self.tuner.threads()) != self.applied:
-            torch.set_num_threads(n)
-            self.applied = n
-
-    def take_notes(self) -> list[str]:
-        notes, self.notes = self.notes, []
-        return notes
-
-
-class _Reporter:
-    """Progress bar and log lines, on rank 0 only."""
-
-    def __init__(self, console, enabled: bool):
-        self.enabled = enabled and console is not None
-        self.console = console
-        self.progress = None
-        self.task = None
-
-    def log(self, msg: str) -> None:
-        if self.enabled:
-            self.console.print(msg)
-
-    def start_epoch(self, epoch: int, epochs: int, total: int) -> None:
-        if not self.enabled:
-            return
-        self.progress = Progress(
-            TextColumn(f"epoch {epoch + 1}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f} {task.fields[ips]:.0f} img/s"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, loss=0.0, acc=0.0, ips=0.0)
-        self._t0, self._n, self._loss, self._acc = time.perf_counter(), 0, 0.0, 0.0
-
-    def step(self, n: int, loss: float, acc: float) -> None:
-        if not self.progress:
-            return
-        self._n += n
-        self._loss += loss * n
-        self._acc += acc * n
-        ips = self._n / max(time.perf_counter() - self._t0, 1e-9)
-        self.progress.update(self.task, advance=n, loss=self._loss / self._n, acc=self._acc / self._n, ips=ips)
-
-    def end_epoch(self) -> None:
-        if self.progress:
-            self.progress.stop()
-            self.progress = None
-
-
-class _Writer:
-    """TensorBoard on rank 0, created in a background thread: importing tensorboard takes about
-    a second that the first epoch need not wait for."""
-
-    def __init__(self, logdir: Path | None):
-        self._writer = None
-        self._thread = None
-        if logdir is not None:
-            self._thread = threading.Thread(target=self._open, args=(logdir,), name="ec2train-tensorboard", daemon=True)
-            self._thread.start()
-
-    def _open(self, logdir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(str(logdir))
-
-    def get(self):
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        return self._writer
-
-    def close(self) -> None:
-        if self.get() is not None:
-            self._writer.close()
+    stopped_by: str = ""  # with interrupted: what stopped it (run.fit_run says: a spot notice, SIGTERM, ...)
 
 
 @dataclass
@@ -635,8 +433,8 @@ class FitRun:
     data: Data
     tr: Trainer
     state: TrainState
-    report: _Reporter
-    writer: _Writer
+    report: Reporter
+    writer: TensorBoard
     step_model: nn.Module
     train_loader: Any
     valid_loader: Any
@@ -681,7 +479,7 @@ def fit(
     """
     cfg = cfg.validate()
     rt = make_runtime(cfg.device, cfg.amp, cfg.workers, threads=cfg.threads, sync_bn=cfg.sync_bn)
-    _Reporter(console, rt.env.is_main).log(rt.threads.describe())  # the header's first line
+    Reporter(console, rt.env.is_main).log(rt.threads.describe())  # the header's first line
     ddp.setup(rt.env, rt.device)
     try:
         return _fit(cfg, rt, console=console, should_stop=should_stop, on_epoch=on_epoch)
@@ -691,7 +489,7 @@ def fit(
 
 def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> FitResult:
     t_start = time.perf_counter()
-    report = _Reporter(console, rt.env.is_main)
+    report = Reporter(console, rt.env.is_main)
     data = make_data(cfg, rt)
     tr = trainer_for(cfg, rt, data)
     ckpt = agreed_checkpoint(cfg.resume, Path(cfg.output), rt.env)
@@ -718,7 +516,7 @@ def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> Fi
         run.writer.close()
 
 
-def _already_finished(ckpt: dict[str, Any], report: _Reporter) -> FitResult:
+def _already_finished(ckpt: dict[str, Any], report: Reporter) -> FitResult:
     folder = Path(ckpt["source"]).parent
     metrics = ckpt["final_metrics"]
     report.log(
@@ -729,14 +527,14 @@ def _already_finished(ckpt: dict[str, Any], report: _Reporter) -> FitResult:
     return FitResult(folder, folder / MODEL_FILE, logdir, metrics, ckpt["history"], already_finished=True)
 
 
-def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: TrainState, report: _Reporter) -> FitRun:
+def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: TrainState, report: Reporter) -> FitRun:
     """Open the logs, write config.toml, print the header; with --cache-features compute the
     backbone's features once so the epochs train the head from them."""
     output = Path(cfg.output)
     if rt.env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
-    writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
+    writer = TensorBoard(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
     background = hw.background_work_helps(rt.device_type)
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
@@ -779,7 +577,7 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
 def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
     """Phase 5: train and validate each remaining epoch; True when a stop request ended it."""
     cfg, state, tr = run.cfg, run.state, run.tr
-    timing = _ThreadTiming(run.rt.tuner, state.history)
+    timing = ThreadTiming(run.rt.tuner, state.history)
 
     batches = None  # the next epoch's batches, when its workers were started early
     for epoch in range(state.epoch, cfg.epochs):
@@ -867,28 +665,13 @@ def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: i
     return record, improved
 
 
-SCALARS = (
-    "train_loss",
-    "train_acc1",
-    "valid_loss",
-    "valid_acc1",
-    "valid_acc5",
-    "lr",
-    "lr_backbone",
-    "images_per_second",
-)
-
-
 def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
     """Rank 0: TensorBoard scalars, then model.pth when the epoch is the best and last.pt,
     written from copies in the background while the next epoch trains (one epoch's files at a
     time: the previous ones are on disk first); on the CPU only the disk's part is (see
     hw.background_work_helps). A crash meanwhile leaves the previous, whole checkpoint."""
-    writer, epoch, state = run.writer.get(), record["epoch"], run.state
-    for key in (k for k in SCALARS if k in record):
-        group, _, name = key.partition("_")
-        writer.add_scalar(f"{group}/{name}" if group in ("train", "valid") else key, record[key], epoch)
-    writer.flush()
+    state = run.state
+    run.writer.log_epoch(record)
     run.saver.wait()
     if improved:
         best = run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
@@ -944,42 +727,3 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
             run.report.log(f"note: {missing}")
     ddp.barrier()
     return FitResult(run.output, run.output / MODEL_FILE, run.logdir, metrics, state.history)
-
-
-# ---------------------------------------------------------------- evaluate a model file
-
-
-def evaluate_model_file(
-    model_path: str | Path,
-    data: str | Path,
-    split: str = "test",
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Top-1/top-5, per-class accuracy and the confusion matrix of a model file on one split."""
-    net, meta = model_from_file(model_path)
-    folders = meta.get("class_folders") or meta["class_names"]
-    found, samples = scan_split(data, split)
-    if sorted(found) != sorted(folders):
-        raise UserError(
-            f"the classes in {Path(data) / split} differ from the model's {len(folders)} classes; "
-            "evaluate on the data set the model was trained on"
-        )
-    _, samples = scan_split(data, split, folders)
-    dev = ddp.select_device(device, 0, hw.cuda_device_count())
-    ctx = StepContext(dev, hw.amp_policy("off", dev.split(":")[0]), False, normalization=(meta["mean"], meta["std"]))
-    ds = eval_dataset(samples, meta["image_size"])
-    loader = make_loader(ds, EvalSampler(len(ds)), batch_size, workers, hw.use_pin_memory(dev.split(":")[0]))
-    summary, confusion = evaluate(net.to(dev), loader, ctx, meta["num_classes"])
-    totals = confusion.sum(dim=1)
-    per_class = {
-        name: (float(confusion[i, i] / totals[i]) if totals[i] else None) for i, name in enumerate(meta["class_names"])
-    }
-    return {
-        "split": split,
-        **summary,
-        "per_class_acc1": per_class,
-        "confusion": confusion.long().tolist(),
-        "class_names": meta["class_names"],
-    }

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from ec2train import ddp
-from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split
+from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split, train_dataset
 from ec2train.errors import UserError
-from ec2train.hw import available_cpus
-from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_dataset, train_one_epoch
+from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_one_epoch
 from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from ec2train.threads import available_cpus
 
 
 @dataclass

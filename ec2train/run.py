@@ -164,11 +164,13 @@ def fit_run(
     spot_watch: str = "auto",
     spot_poll_seconds: float = 5.0,
     should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """loop.fit with remote resume, the S3 mirror, and the spot/SIGTERM/Ctrl-C stop (see module doc).
 
-    interrupted=True in the result: a notice, SIGTERM or should_stop stopped it; the last
-    completed epoch's checkpoint is on disk (and in S3, uploaded before this returns).
+    interrupted=True in the result: a notice, SIGTERM or should_stop stopped it (stopped_by says
+    which); the last completed epoch's checkpoint is on disk (and in S3, uploaded before this
+    returns). on_epoch(epoch, record): fit's hook, called after the epoch's files are queued for S3.
     Ctrl-C stops the same way, then raises StoppedByCtrlC (a KeyboardInterrupt); a second
     Ctrl-C raises KeyboardInterrupt at once.
     """
@@ -184,7 +186,7 @@ def fit_run(
                 cfg,
                 console=console,
                 should_stop=lambda: any(f() for f in stops),
-                on_epoch=sync.on_epoch if sync else None,
+                on_epoch=_in_turn(sync.on_epoch if sync else None, on_epoch),
             )
         except BaseException as exc:
             if sync is not None:
@@ -197,12 +199,26 @@ def fit_run(
             watcher.stop()
         _finish_sync(sync, result, say, signals.ctrl_c)
     if result.interrupted:
+        result.stopped_by = _stop_cause(watcher, signals.signum)
         say(_stopped_line(cfg, result, watcher, signals.signum, sync))
     if signals.ctrl_c:
         if not result.interrupted:
             say(f"Ctrl-C came after the last training step: the run had finished; its model is {result.model_path}")
         raise StoppedByCtrlC(result)
     return result
+
+
+def _in_turn(*hooks: Callable[[int, dict[str, Any]], None] | None) -> Callable[[int, dict[str, Any]], None] | None:
+    """One on_epoch hook that calls the given ones in order (None when none is given)."""
+    given = [h for h in hooks if h is not None]
+    if not given:
+        return None
+
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        for hook in given:
+            hook(epoch, record)
+
+    return on_epoch
 
 
 def _finish_sync(sync: s3.RunSync | None, result: FitResult, say: Callable[[str], None], ctrl_c: bool) -> None:
@@ -220,17 +236,21 @@ def _finish_sync(sync: s3.RunSync | None, result: FitResult, say: Callable[[str]
     )
 
 
+def _stop_cause(watcher: SpotWatcher, signum: int | None) -> str:
+    """What stopped fit: a notice, a signal, or a request from elsewhere."""
+    if watcher.notice:
+        return f"a spot interruption notice ({watcher.notice.action} at {watcher.notice.time})"
+    if signum is not None:
+        return "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    return "a stop request (a spot notice or SIGTERM seen by another process, or the caller's should_stop)"
+
+
 def _stopped_line(cfg: TrainConfig, result: FitResult, watcher: SpotWatcher, signum: int | None, sync) -> str:
     done = len(result.history)
     where = sync.prefix.child(CHECKPOINT_FILE) if sync else Path(cfg.output) / CHECKPOINT_FILE
     notice = watcher.notice
     took = f" in {time.monotonic() - notice.seen_at:.1f} s" if notice else ""
-    if notice:
-        what = f"a spot interruption notice ({notice.action} at {notice.time})"
-    elif signum is not None:
-        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    else:
-        what = "a stop request (a spot notice or SIGTERM seen by another process, or the caller's should_stop)"
+    what = result.stopped_by
     kept = (
         f"the checkpoint of epoch {done} is in {where}"
         if done

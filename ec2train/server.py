@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import hw
+from ec2train import threads as thread_plans
 from ec2train.errors import UserError
 from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
@@ -125,7 +126,7 @@ class Batcher:
     request on an idle server never waits (with another pass running, see `_hold`). Under load,
     requests pile up during each forward pass and the next pass takes them (up to its share,
     see `share`). `max_batch=1` turns batching off. `lanes` passes run at once in `executor`
-    (which has that many threads; hw.serve_lanes says why).
+    (which has that many threads; threads.serve_lanes says why).
     """
 
     def __init__(
@@ -407,7 +408,7 @@ class _Service:
     def __init__(
         self,
         model_path: str | Path,
-        plan: hw.ThreadPlan,
+        plan: thread_plans.ThreadPlan,
         loader: Callable[[], Predictor],
         *,
         max_batch: int,
@@ -430,7 +431,7 @@ class _Service:
     def load_model(self) -> Predictor:
         import torch
 
-        hw.apply_threads(self.plan)
+        thread_plans.apply_threads(self.plan)
         log.info("%s; torch.get_num_threads() = %d", self.plan.describe(), torch.get_num_threads())
         predictor = self.loader()
         if hw.compile_forward(self.compile, torch.device(predictor.device).type):
@@ -583,10 +584,12 @@ def _require_compiler() -> None:
         )
 
 
-def _thread_plan(threads: int | None, procs: int) -> hw.ThreadPlan:
-    """This server process's threads (hw.serve_thread_plan): its share of the box's cores (one of
+def _thread_plan(threads: int | None, procs: int) -> thread_plans.ThreadPlan:
+    """This server process's threads (threads.serve_thread_plan): its share of the box's cores (one of
     `procs` workers), one decode thread, and the lanes that share the rest; --threads wins."""
-    return hw.serve_thread_plan(hw.available_cpus(), procs, threads or 0, hw.launcher_share_from_env())
+    return thread_plans.serve_thread_plan(
+        thread_plans.available_cpus(), procs, threads or 0, thread_plans.launcher_share_from_env()
+    )
 
 
 def _prepare(predictor: Predictor, body: bytes, content_type: str | None, attributes: str | None, max_bytes: int):

@@ -178,7 +178,7 @@ def test_the_optimizer_update_is_fused_where_torch_has_the_kernel():
     assert hw.optimizer_kernel("cpu", (2, 4)) == "fused" and hw.optimizer_kernel("cpu", (2, 3)) == "foreach"
     assert hw.optimizer_kernel("mps", (2, 14)) == "foreach"
     assert hw.torch_version() >= (2, 4)  # this project's torch: fit's optimizers on the CPU are fused
-    from ec2train.loop import make_optimizer
+    from ec2train.optim import make_optimizer
 
     net = torch.nn.Linear(3, 2)
     for name in ("adamw", "sgd"):

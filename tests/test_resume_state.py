@@ -87,7 +87,7 @@ def test_scratch_training_uses_lr_everywhere_and_logs_lr_per_role(finished_run: 
 def test_pretrained_backbone_is_scaled_and_lr_is_the_heads(demo_data, tmp_path):
     import torchvision.models as tvm
 
-    from ec2train.loop import backbone_lr
+    from ec2train.optim import backbone_lr
 
     weights = tmp_path / "backbone.pth"
     torch.save(tvm.get_model("shufflenet_v2_x0_5", weights=None).state_dict(), weights)

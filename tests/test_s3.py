@@ -218,7 +218,7 @@ def test_bad_s3_addresses_are_one_line_errors(uri, message):
 
 
 def test_background_uploader_skips_stale_versions_and_flush_waits_for_the_newest(s3, proxy, tmp_path):
-    from ec2train.export import atomic_write_text
+    from ec2train.files import atomic_write_text
     from ec2train.s3 import BackgroundUploader, S3Uri
 
     target = S3Uri(BUCKET, "q/last.pt")

@@ -36,7 +36,7 @@ PACKAGED = {
     "code",
     "code/inference.py",
     "code/ec2train",
-    *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "hw", "model", "preprocess", "infer")),
+    *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "hw", "threads", "model", "preprocess", "infer")),
 }
 
 
@@ -347,6 +347,7 @@ def test_packaged_code_runs_in_isolation(package, demo_data, tmp_path):
         "ec2train",
         "ec2train.errors",
         "ec2train.hw",
+        "ec2train.threads",
         "ec2train.model",
         "ec2train.preprocess",
         "ec2train.infer",
@@ -832,10 +833,10 @@ class MeetingPredictor(Predictor):
 
 @pytest.mark.parametrize("cpus, lanes", [(4, 2), (1, 1)])
 def test_forward_passes_run_in_as_many_lanes_as_the_plan_says(trained_model, images, monkeypatch, cpus, lanes):
-    from ec2train import hw
+    from ec2train import threads
     from ec2train.server import create_app
 
-    monkeypatch.setattr(hw, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(threads, "available_cpus", lambda: cpus)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     predictor = MeetingPredictor(trained_model)
     app = create_app(trained_model, max_batch=1, load=lambda: predictor, compile="off")

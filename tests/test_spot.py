@@ -15,28 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.support.aws import NOTICE, FaultyProxy, ImdsServer
+from tests.support.aws import NOTICE, FaultyProxy
 from tests.support.net import free_port
 from tests.support.training import assert_same_weights, fit_args, reference_run, weights
 
 BUCKET = "ec2train-spot"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def imds(monkeypatch):
-    # conftest switches the SDKs' metadata lookups off; these tests are about the watcher's.
-    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
-    servers = []
-
-    def start(notice_when=lambda: False, **slow):
-        servers.append(ImdsServer(notice_when, **slow))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 # ---------------------------------------------------------------- the watcher

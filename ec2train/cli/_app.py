@@ -141,10 +141,10 @@ def setting(name: str, help: str, *flags: str, shown: str = "{}", **kwargs: Any)
     return typer.Option(None, *flags, help=f"{help} [default: {text}]" if text else help, **kwargs)
 
 
-def apply_threads(threads: int, workers: int, quiet: bool = False) -> None:
-    """evaluate/predict: apply the CPU thread plan (hw.plan_threads) and show it on stderr."""
-    from ec2train import hw
+def use_thread_plan(threads: int, workers: int, quiet: bool = False) -> None:
+    """evaluate/predict: apply this process's thread plan (threads.plan_threads) and show it on stderr."""
+    from ec2train.threads import apply_threads, plan_threads
 
-    plan = hw.apply_threads(hw.plan_threads(workers=workers, override=threads))
+    plan = apply_threads(plan_threads(workers=workers, override=threads))
     if not quiet:
         err_console.print(f"[dim]{plan.describe()}[/dim]")

@@ -22,13 +22,13 @@ from ec2train.cli._app import (
     Optim,
     SpotWatch,
     app,
-    apply_threads,
     console,
     default_of,
     err_console,
     heavy_imports,
     setting,
     train_settings,
+    use_thread_plan,
     value,
 )
 
@@ -166,17 +166,15 @@ def _ctrl_c_exit(output: str, exc: KeyboardInterrupt) -> int:
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     """Run this same `fit` command line (argv: main()'s arguments) under torchrun; its exit status."""
     from ec2train import ddp, hw
-    from ec2train.hw import available_cpus
+    from ec2train.threads import THREADS_ENV, launch_env
 
     if ddp.under_torchrun():
         raise typer.BadParameter("--nproc-per-node is for starting torchrun; this process already runs under it")
     n = ddp.resolve_nproc(nproc_value, hw.cuda_device_count())
     args = ddp.strip_option(list(argv[argv.index("fit") + 1 :]), "--nproc-per-node")
     cmd = ddp.torchrun_command(sys.executable, n, args)
-    env = dict(os.environ)
-    # torchrun would set 1 thread per process; share this box's cores instead (matters on CPU).
-    env.setdefault("OMP_NUM_THREADS", str(ddp.threads_per_process(available_cpus(), n)))
-    console.print(f"[dim]$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {escape(' '.join(cmd))}[/dim]", soft_wrap=True)
+    env = launch_env(n)  # each rank's share of the cores, not torchrun's 1 thread (matters on the CPU)
+    console.print(f"[dim]$ {THREADS_ENV}={env[THREADS_ENV]} {escape(' '.join(cmd))}[/dim]", soft_wrap=True)
     return subprocess.call(cmd, env=env)
 
 
@@ -222,11 +220,13 @@ def evaluate(
     with heavy_imports():
         import torch
 
-        from ec2train.export import atomic_write_json, write_confusion_csv
-        from ec2train.loop import evaluate_model_file
+        from ec2train.evaluate import evaluate_model_file
+        from ec2train.export import write_confusion_csv
+        from ec2train.files import atomic_write_json
+        from ec2train.names import printable
         from ec2train.plots import can_draw, confused_line, most_confused, write_confusion_png
 
-    apply_threads(threads, workers)
+    use_thread_plan(threads, workers)
     res = evaluate_model_file(model, data, split, batch_size, workers, value(device))
     out = out or model.parent
     names = res["class_names"]
@@ -241,7 +241,7 @@ def evaluate(
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in sorted(res["per_class_acc1"].items(), key=lambda kv: (kv[1] is None, kv[1])):
-        table.add_row(name, "n/a" if acc is None else f"{acc:.3f}")
+        table.add_row(escape(printable(name)), "n/a" if acc is None else f"{acc:.3f}")
     console.print(table)
     console.print(
         "most confused (true -> predicted):" if pairs else "no confusions: every image was predicted as its true class"
@@ -249,7 +249,7 @@ def evaluate(
     for pair in pairs:
         console.print(f"  {confused_line(pair)}", markup=False, highlight=False)
     written = f"confusion-{split}.csv" + (f" and confusion-{split}.png" if missing is None else "")
-    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}")
+    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}", markup=False, highlight=False)
     if missing:
         console.print(f"note: {missing}", markup=False, highlight=False)
 
@@ -281,10 +281,11 @@ def predict(
     """
     with heavy_imports():
         from ec2train.infer import Predictor, default_device, image_files
+        from ec2train.names import printable
 
     files = image_files(images)
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
-    apply_threads(
+    use_thread_plan(
         threads, 0, quiet=True
     )  # after loading (a bad model file stays a one-line error); stdout is the answer
     answers = _predict_with_progress(predictor, files, top_k, batch_size)
@@ -300,7 +301,7 @@ def predict(
     if failed:
         err_console.print(
             f"[bold red]{len(failed)} of {len(answers)} images could not be read[/bold red] "
-            f"(first: {escape(failed[0].path)}: {escape(failed[0].error)})",
+            f"(first: {escape(printable(failed[0].path))}: {escape(printable(failed[0].error))})",
             highlight=False,
         )
         raise typer.Exit(1)
@@ -326,7 +327,8 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
     import csv
     import io
 
-    from ec2train.export import atomic_write_text
+    from ec2train.files import atomic_write_text
+    from ec2train.names import csv_cell
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -335,24 +337,30 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
         top = a.predictions or []
         writer.writerow(
             [
-                a.path,
-                top[0]["label"] if top else "",
+                csv_cell(a.path),
+                csv_cell(top[0]["label"]) if top else "",
                 f"{top[0]['probability']:.6f}" if top else "",
                 json.dumps(top) if top else "",
-                a.error or "",
+                csv_cell(a.error or ""),
             ]
         )
     atomic_write_text(path, buf.getvalue())
 
 
 def _print_predictions(answers: list) -> None:
-    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after."""
+    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after.
+    Paths and labels are shown printable() and as text, whatever the model file or folder holds."""
+    from ec2train.names import printable
+
+    def shown(text: object) -> str:
+        return escape(printable(text))
+
     if len(answers) == 1 and not answers[0].error:
-        table = Table(title=answers[0].path)
+        table = Table(title=shown(answers[0].path))
         table.add_column("class")
         table.add_column("probability", justify="right")
         for pred in answers[0].predictions:
-            table.add_row(escape(pred["label"]), f"{pred['probability']:.4f}")
+            table.add_row(shown(pred["label"]), f"{pred['probability']:.4f}")
         console.print(table)
         return
     table = Table()
@@ -360,14 +368,14 @@ def _print_predictions(answers: list) -> None:
         table.add_column(name, justify=justify, overflow="fold")
     for a in answers:
         if a.error:
-            table.add_row(escape(a.path), f"[red]error: {escape(a.error)}[/red]", "", "")
+            table.add_row(shown(a.path), f"[red]error: {shown(a.error)}[/red]", "", "")
             continue
         top, *rest = a.predictions
         table.add_row(
-            escape(a.path),
-            escape(top["label"]),
+            shown(a.path),
+            shown(top["label"]),
             f"{top['probability']:.4f}",
-            escape(", ".join(f"{p['label']} {p['probability']:.2f}" for p in rest)),
+            shown(", ".join(f"{printable(p['label'])} {p['probability']:.2f}" for p in rest)),
         )
     console.print(table)
 
@@ -475,6 +483,13 @@ def tune(
         )
         raise typer.Exit(130) from None
     _print_tune_table(result)
+    if result.stopped_by:
+        err_console.print(
+            f"[bold yellow]stopped by {escape(result.stopped_by)}[/bold yellow]: the running trial is not counted; "
+            "run the same command to continue the study (with the default sqlite --storage, on this disk)",
+            highlight=False,
+        )
+        raise typer.Exit(_interrupted_status())
     if result.best_file is None:
         errors = [r["error"] for r in result.rows if r["error"]]
         raise TuneError(
@@ -485,8 +500,16 @@ def tune(
         f"train with them: ec2train fit --config {result.best_file}   (all GPUs: add --nproc-per-node auto)\n"
         f"compare trials: tensorboard --logdir {result.tb_root}   (HParams tab)"
     )
+    if result.final is not None and result.final.interrupted:
+        raise typer.Exit(_interrupted_status())  # fit_run has said where its checkpoint is
     if result.final is not None:
         print_fit_summary(result.final)
+
+
+def _interrupted_status() -> int:
+    from ec2train.run import interrupted_exit_status
+
+    return interrupted_exit_status()
 
 
 def _print_tune_table(result) -> None:
