@@ -241,7 +241,7 @@ def test_gpus_are_counted_from_their_device_files(tmp_path):
 
 def test_worker_environments_give_each_process_its_rank_and_the_way_to_rank_0():
     envs = workers.worker_envs(
-        {"PATH": "/bin"},
+        {"PATH": "/bin", "OMP_NUM_THREADS": "4"},
         nodes=3,
         node_rank=1,
         nproc=2,
@@ -249,7 +249,6 @@ def test_worker_environments_give_each_process_its_rank_and_the_way_to_rank_0():
         master_port=29400,
         ifname="ens5",
         efa=False,
-        threads=4,
     )
     assert [(e["RANK"], e["LOCAL_RANK"]) for e in envs] == [("2", "0"), ("3", "1")]
     e = envs[0]
@@ -267,12 +266,11 @@ def test_worker_environments_give_each_process_its_rank_and_the_way_to_rank_0():
         master_port=29400,
         ifname=None,
         efa=True,
-        threads=4,
     )[0]
     assert (mine["NCCL_SOCKET_IFNAME"], mine["OMP_NUM_THREADS"], mine["FI_PROVIDER"]) == ("ens6", "1", "efa")
     assert "GLOO_SOCKET_IFNAME" not in mine
     alone = workers.worker_envs(
-        {"A": "1"}, nodes=1, node_rank=0, nproc=1, master_addr="x", master_port=1, ifname="lo", efa=False, threads=1
+        {"A": "1"}, nodes=1, node_rank=0, nproc=1, master_addr="x", master_port=1, ifname="lo", efa=False
     )
     assert alone == [{"A": "1"}]  # a plain, single-process fit
 

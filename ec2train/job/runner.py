@@ -331,13 +331,13 @@ def _has_option(args: list[str], name: str) -> bool:
 def _start(r: Node, att: dict[str, Any], rank: int, data: Path, log: Any) -> workers.Workers:
     nproc_value, args = workers.split_nproc(r.spec.fit_args)
     nproc = workers.processes_per_node(nproc_value, r.spec.nodes, workers.gpu_count())
-    threads = 1
-    if nproc > 1:
-        from ec2train.ddp import threads_per_process
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}  # one line per epoch, unwrapped
+    if nproc > 1:  # each process's share of the cores, as fit --nproc-per-node gives it (torch: imported here only)
+        from ec2train.threads import launch_env
 
-        threads = threads_per_process(len(os.sched_getaffinity(0)), nproc)
+        base = launch_env(nproc, base)
     envs = workers.worker_envs(
-        {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},  # one line per epoch, unwrapped
+        base,
         nodes=r.spec.nodes,
         node_rank=rank,
         nproc=nproc,
@@ -345,7 +345,6 @@ def _start(r: Node, att: dict[str, Any], rank: int, data: Path, log: Any) -> wor
         master_port=r.spec.rdzv_port,
         ifname=workers.interface_of(r.facts["ip"]),
         efa=r.spec.efa,
-        threads=threads,
     )
     cmd = fit_command(r.spec, args, r.workdir, data, r.facts.get("lifecycle", ""))
     r.say("running: " + " ".join(cmd[1:]) + (f"  ({len(envs)} processes)" if len(envs) > 1 else ""))

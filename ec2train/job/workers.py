@@ -100,9 +100,9 @@ def worker_envs(
     master_port: int,
     ifname: str | None,
     efa: bool,
-    threads: int,
 ) -> list[dict[str, str]]:
-    """One environment per local process. A lone process gets `base` as is (a plain fit)."""
+    """One environment per local process. A lone process gets `base` as is (a plain fit); its
+    OMP_NUM_THREADS comes with `base` (threads.launch_env), as for every launcher."""
     if nodes * nproc == 1:
         return [dict(base)]
     common = {
@@ -114,7 +114,6 @@ def worker_envs(
         "GROUP_RANK": str(node_rank),
         "GROUP_WORLD_SIZE": str(nodes),
     }
-    common.setdefault("OMP_NUM_THREADS", str(threads))
     common.setdefault(PG_TIMEOUT_ENV, str(PG_TIMEOUT_SECONDS))
     if nodes > 1:
         common.setdefault("NCCL_SOCKET_IFNAME", NCCL_IFNAME)
