@@ -14,25 +14,14 @@ from pathlib import Path
 import pytest
 
 from ec2train.job import cost
-from ec2train.job.spec import JobError, JobSpec, check_fit_args
+from ec2train.job.spec import JobError, check_fit_args
+from tests.support.job_nodes import job_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_DATA = ROOT / "ec2train" / "job" / "user_data.sh"
 
 
-def spec(**changes) -> JobSpec:
-    base = dict(
-        name="dogs",
-        s3_uri="s3://b/dogs",
-        data="s3://b/d.zip",
-        fit_args=[],
-        region="us-east-1",
-        group="ec2train-job-dogs",
-        submitted_at=1000.0,
-        max_hours=1.0,
-        max_failures=2,
-    )
-    return JobSpec(**{**base, **changes})
+spec = job_spec
 
 
 # --------------------------------------------------------------------------- cost

@@ -12,25 +12,13 @@ import pytest
 
 from ec2train.job import state, workers
 from ec2train.job.spec import JobError, JobSpec
+from tests.support.job_nodes import job_spec
 
 NOW = 10_000.0
 
 
 def spec(**changes) -> JobSpec:
-    base = dict(
-        name="dogs",
-        s3_uri="s3://b/dogs",
-        data="s3://b/d.zip",
-        fit_args=[],
-        region="us-east-1",
-        group="ec2train-job-dogs",
-        submitted_at=1000.0,
-        max_hours=24.0,
-        max_failures=2,
-        nodes=2,
-        peer_timeout_seconds=60.0,
-    )
-    return JobSpec(**{**base, **changes})
+    return job_spec(**{"max_hours": 24.0, "nodes": 2, "peer_timeout_seconds": 60.0, **changes})
 
 
 def node(iid: str, attempt: int, state_: str = "waiting", age: float = 1.0, since: float = 0.0, **extra) -> dict:
@@ -318,3 +306,40 @@ def test_a_status_update_that_loses_the_race_is_applied_again_to_the_newer_statu
     assert calls == [[], ["other"]]  # refused once (If-Match), applied again to what the other wrote
     assert status.read()[0] == {"seen": ["other", "mine"]}
     assert status.update(lambda doc: None) == {"seen": ["other", "mine"]}  # no change: no write
+
+
+def test_a_training_node_stops_when_its_attempt_is_no_longer_current_or_a_peer_ends_or_goes_silent(aws, tmp_path):
+    """The runner's check at every heartbeat (runner._peer_trouble), against S3 in moto."""
+    import json
+    import time
+
+    import boto3
+
+    from ec2train import s3
+    from ec2train.job import runner
+    from ec2train.job.nodes import NodeFiles, StatusFile
+
+    boto3.client("s3").create_bucket(Bucket="ec2train-fence")
+    prefix = s3.parse_uri("s3://ec2train-fence/dogs")
+    now = time.time()
+    members = [node("i-1", 1), node("i-2", 1)]
+    st = state.begin_attempt(state.new_status("dogs", 0, nodes=2), 1, members, now)
+    body = json.dumps(st)
+    boto3.client("s3").put_object(Bucket="ec2train-fence", Key="dogs/_job/status.json", Body=body)
+    files = NodeFiles(prefix, "us-east-1")
+    sp = spec(peer_timeout_seconds=60.0, stop_grace_seconds=30.0)
+    me = runner.Node(sp, prefix, tmp_path, {"instance": "i-1"}, None, StatusFile(prefix, "us-east-1"), files, None)
+
+    files.put({**node("i-2", 1, "training"), "heartbeat_at": now})
+    assert runner._peer_trouble(me, 1, ["i-2"]) == (None, 0.0)
+    files.put({**node("i-2", 1, "training"), "heartbeat_at": now - 61})
+    assert runner._peer_trouble(me, 1, ["i-2"]) == ("i-2 is lost (no heartbeat for 60 s)", 30.0)
+    files.put({**node("i-2", 1, "ended", report=report(1, [1])), "heartbeat_at": now})
+    assert runner._peer_trouble(me, 1, ["i-2"]) == ("i-2 ended (exit 1)", 30.0)
+    files.put({**node("i-2", 1, "ended", report=report(1, [0], notice=True)), "heartbeat_at": now})
+    why, grace = runner._peer_trouble(me, 1, ["i-2"])
+    assert why == "i-2 ended (exit 0)" and grace == runner.STOP_GRACE_SECONDS  # rank 0 may still be uploading
+    # Fencing: once the status no longer says attempt 1 runs (cancelled, or ended by the others),
+    # this node stops at once, whatever its peers look like.
+    StatusFile(prefix, "us-east-1").update(lambda s: state.cancelled(s, "ec2train job cancel", now))
+    assert runner._peer_trouble(me, 1, []) == ("attempt 1 is no longer the job's current attempt (cancelled)", 0.0)

@@ -18,6 +18,24 @@ from pathlib import Path
 NOTICE = {"action": "terminate", "time": "2026-11-29T12:00:00Z"}
 
 
+def job_spec(**changes):
+    """A job.json's settings for tests of the runner's pieces (changes win)."""
+    from ec2train.job.spec import JobSpec
+
+    base = dict(
+        name="dogs",
+        s3_uri="s3://b/dogs",
+        data="s3://b/d.zip",
+        fit_args=[],
+        region="us-east-1",
+        group="ec2train-job-dogs",
+        submitted_at=1000.0,
+        max_hours=1.0,
+        max_failures=2,
+    )
+    return JobSpec(**{**base, **changes})
+
+
 class FakeInstance:
     """IMDSv2 on 127.0.0.1 for one instance: tokens first (a tokenless GET is 401), its id,
     private IP (127.0.0.1), type, market and group tag, and the spot notice once `notice_when()`
