@@ -256,6 +256,28 @@ def summary(req: SubmitRequest, types: list[str], width: int = 110) -> list[str]
     return [*wrapped, ""]
 
 
+def _spec(req: SubmitRequest, prefix: s3.S3Uri, fit_args: list[str], region: str) -> JobSpec:
+    return JobSpec(
+        req.name,
+        str(prefix),
+        req.data,
+        fit_args,
+        region,
+        resource_name(req.name),
+        time.time(),
+        req.max_hours,
+        req.max_failures,
+        req.spot,
+        sync_seconds=req.sync_seconds,
+        nodes=req.nodes,
+        efa=req.efa,
+        rdzv_port=req.rdzv_port,
+        heartbeat_seconds=req.heartbeat_seconds,
+        peer_timeout_seconds=req.peer_timeout_seconds,
+        stop_grace_seconds=req.stop_grace_seconds,
+    )
+
+
 def submit(
     req: SubmitRequest, *, region: str | None = None, dry_run: bool = False, console: Any = None
 ) -> dict[str, Any]:
@@ -270,25 +292,7 @@ def submit(
         for line in summary(req, types):
             runner.note(line)
     where = _discover(runner, req, prefix, types)
-    spec = JobSpec(
-        req.name,
-        str(prefix),
-        req.data,
-        fit_args,
-        runner.region,
-        resource_name(req.name),
-        time.time(),
-        req.max_hours,
-        req.max_failures,
-        req.spot,
-        sync_seconds=req.sync_seconds,
-        nodes=req.nodes,
-        efa=req.efa,
-        rdzv_port=req.rdzv_port,
-        heartbeat_seconds=req.heartbeat_seconds,
-        peer_timeout_seconds=req.peer_timeout_seconds,
-        stop_grace_seconds=req.stop_grace_seconds,
-    )
+    spec = _spec(req, prefix, fit_args, runner.region)
     wheel = prepare_wheel(str(prefix), wheel=req.wheel, dry_run=dry_run)
     settings = {
         "WHEEL_URI": wheel.uri,

@@ -147,32 +147,48 @@ class Node:
 
 def _loop(r: Node) -> int:
     while True:
-        st = r.read_status()
-        if st["state"] in state.TERMINAL:
-            r.say(f"the job is {st['state']}: nothing to train")
-            r.end_group()  # a late instance of a finished job: the group must stay at 0
-            return 0
-        if r.sigterm:
-            r.say("SIGTERM while waiting: this instance is going away")
-            return EXIT_INTERRUPTED
-        cur = state.current_attempt(st)
-        if cur is not None and r.me not in state.member_ids(cur):
-            _await(r, cur)
-            continue
-        if cur is not None and (r.beat.doc.get("attempt"), r.beat.doc.get("state")) == (cur["n"], "waiting"):
-            decision = _attempt(r, cur)  # another member wrote it while this runner waited for it
-        elif cur is not None:  # ours, but this runner never started it: it restarted, its training is gone
-            r.attempt_n = cur["n"]
-            decision = _finish(r, cur, _report(cur["n"], stopped_by="the runner restarted", sigterm=r.sigterm))
-        elif r.status.update(lambda s: state.out_of_time(s, r.spec, r.clock()))["state"] in state.TERMINAL:
-            continue  # step 1 ends it
-        elif (attempt := _join(r, st)) is None:
+        try:
+            code = _step(r)
+        except s3.S3Error as exc:
+            if exc.permanent:
+                raise
+            r.say(f"S3 did not answer ({exc}); trying again")  # the peers allow for a few silent beats
             time.sleep(r.poll)
             continue
-        else:
-            decision = _attempt(r, attempt)
-        if decision != "continue":
-            return EXIT_FOR[decision]
+        if code is not None:
+            return code
+
+
+def _step(r: Node) -> int | None:
+    """One turn of the loop (see the module docstring); an exit status, or None to go on."""
+    st = r.read_status()
+    if st["state"] in state.TERMINAL:
+        r.say(f"the job is {st['state']}: nothing to train")
+        r.end_group()  # a late instance of a finished job: the group must stay at 0
+        return 0
+    if r.sigterm:
+        r.say("SIGTERM while waiting: this instance is going away")
+        return EXIT_INTERRUPTED
+    cur = state.current_attempt(st)
+    if cur is not None and r.me not in state.member_ids(cur):
+        _await(r, cur)
+        return None
+    mine = (r.beat.doc.get("attempt"), r.beat.doc.get("state"))
+    if cur is not None and mine == (cur["n"], "waiting"):
+        decision = _attempt(r, cur)  # another member wrote it while this runner waited for it
+    elif cur is not None and mine == (cur["n"], "ended"):
+        decision = _finish(r, cur, r.beat.doc["report"])  # S3 failed while it settled: again
+    elif cur is not None:  # ours, but this runner never started it: it restarted, its training is gone
+        r.attempt_n = cur["n"]
+        decision = _finish(r, cur, _report(cur["n"], stopped_by="the runner restarted", sigterm=r.sigterm))
+    elif r.status.update(lambda s: state.out_of_time(s, r.spec, r.clock()))["state"] in state.TERMINAL:
+        return None  # the next turn ends it
+    elif (attempt := _join(r, st)) is None:
+        time.sleep(r.poll)
+        return None
+    else:
+        decision = _attempt(r, attempt)
+    return None if decision == "continue" else EXIT_FOR[decision]
 
 
 def _await(r: Node, cur: dict[str, Any]) -> None:
