@@ -144,6 +144,7 @@ def wheel(tmp_path_factory):
 # The longest files (pytest --durations), started first: under pytest-xdist (`make test`,
 # --dist loadfile) a long file that starts last runs alone at the end while the other workers idle.
 SLOW_FIRST = (
+    "test_job_multinode.py",
     "test_job_runner.py",
     "test_infra.py",
     "test_spot.py",

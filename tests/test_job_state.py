@@ -338,7 +338,7 @@ def test_a_training_node_stops_when_its_attempt_is_no_longer_current_or_a_peer_e
     assert runner._peer_trouble(me, 1, ["i-2"]) == ("i-2 ended (exit 1)", 30.0)
     files.put({**node("i-2", 1, "ended", report=report(1, [0], notice=True)), "heartbeat_at": now})
     why, grace = runner._peer_trouble(me, 1, ["i-2"])
-    assert why == "i-2 ended (exit 0)" and grace == runner.STOP_GRACE_SECONDS  # rank 0 may still be uploading
+    assert why == "i-2 ended (exit 0)" and grace == 300.0  # 10 x the stop grace: rank 0 may still be uploading
     # Fencing: once the status no longer says attempt 1 runs (cancelled, or ended by the others),
     # this node stops at once, whatever its peers look like.
     StatusFile(prefix, "us-east-1").update(lambda s: state.cancelled(s, "ec2train job cancel", now))

@@ -431,7 +431,7 @@ def _watch(r: Node, att: dict[str, Any], procs: workers.Workers, report: dict[st
             if why:
                 r.say(f"stopping this node's training: {why}")
                 report["stopped_by"] = why
-                if grace < r.grace:  # a peer failed or vanished: our collectives cannot finish
+                if grace <= r.spec.stop_grace_seconds:  # a peer failed or vanished: our collectives cannot finish
                     procs.signal(signal.SIGTERM)
                 kill_at = time.monotonic() + grace
         if r.every("sync", r.spec.sync_seconds):
@@ -459,8 +459,10 @@ def _peer_trouble(r: Node, n: int, peers: list[str]) -> tuple[str | None, float]
         if report is not None:
             code = report.get("exit_code")
             clean = code in (0, EXIT_INTERRUPTED) and not report.get("timed_out")
-            # A clean end (all ranks agreed to stop): rank 0 may still be uploading its checkpoint.
-            return f"{peer} ended (exit {code})", r.grace if clean else r.spec.stop_grace_seconds
+            # A clean end (fit finished, or every rank agreed to stop): this node's processes end by
+            # themselves, rank 0 maybe after uploading its checkpoint or model; a bound all the same.
+            patience = max(r.grace, 10 * r.spec.stop_grace_seconds)
+            return f"{peer} ended (exit {code})", patience if clean else r.spec.stop_grace_seconds
         if not state.fresh(nodes.get(peer), now, r.spec.peer_timeout_seconds):
             return f"{peer} is lost (no heartbeat for {r.spec.peer_timeout_seconds:g} s)", r.spec.stop_grace_seconds
     return None, 0.0
