@@ -226,6 +226,8 @@ def test_dry_run_prints_every_request_and_policy_and_sends_nothing(recorder, whe
     )
     assert code == 0, err
     assert "autoscaling:DeleteAutoScalingGroup" in out and "iam:DeleteRole" in out
+    assert out.splitlines()[1].startswith("removes    the group (terminating its instances)")
+    assert "nothing of job dogs bills" in " ".join(out.split()) and "ec2:DeletePlacementGroup" in out
     assert recorder.calls == []
 
 

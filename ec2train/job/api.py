@@ -546,9 +546,15 @@ def cancel(
     check_name(name)
     runner = _runner(_region(region), dry_run, console)
     if dry_run:
+        runner.note(f"dry run: cancel job {name} in {runner.region}; nothing below is sent.")
         runner.note(
-            f"dry run: cancel job {name} in {runner.region}; nothing below is sent. A real run first finds "
-            "what exists (group, launch template, security group, profile, role) and deletes only that."
+            f"removes    the group (terminating its instances), its launch template, security group, placement "
+            f"group, role and instance profile, and the wheel in _dist/: after it, nothing of job {name} bills; "
+            "its checkpoint, model, logs and status stay in S3"
+        )
+        runner.note(
+            "A real run first finds what exists (group, launch template, security group, placement group, "
+            "profile, role) and deletes only that."
         )
         found = Existing(
             True,
