@@ -134,12 +134,14 @@ def choose_loader(
     jpeg_share: float,
     cpus_per_process: int,
     decode_problem: str | None = None,
-    verified: bool = GPU_LOADER_VERIFIED,
+    verified: bool | None = None,
 ) -> LoaderChoice:
     """Which loader decodes the images. cpu and gpu are as asked (gpu on a CPU device runs the
     GPU loader's code on the CPU); auto picks the GPU loader when it pays (a CUDA device, JPEG
     data, few CPUs per process) and it has been verified on a GPU. decode_problem: why the
-    device cannot decode JPEGs (data.gpu.device_decode_problem), if it cannot. Pure."""
+    device cannot decode JPEGs (data.gpu.device_decode_problem), if it cannot; verified: None
+    reads GPU_LOADER_VERIFIED. Pure."""
+    verified = GPU_LOADER_VERIFIED if verified is None else verified
     if requested not in LOADERS:
         raise HardwareError(f"--loader {requested}: must be one of {', '.join(LOADERS)}")
     if requested == "cpu":

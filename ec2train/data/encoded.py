@@ -47,15 +47,16 @@ def device_jpeg_frame(data: bytes) -> JpegFrame | None:
     Taken: a sequential Huffman JPEG (baseline or extended), 8-bit, with three YCbCr components
     in one interleaved first scan and an end-of-image marker. Left to the workers: progressive
     JPEGs (nvJPEG decodes those one at a time with its Huffman stage on the host, in the training
-    process), greyscale and CMYK, RGB-coded JPEGs (libjpeg reads them as RGB by an Adobe marker or
-    components named R, G, B; a YCbCr decoder would not), MPO files (a phone's several pictures),
-    and truncated files (no end marker: libjpeg refuses them, a decoder that pads them might not).
+    process), greyscale and CMYK, JPEGs that may be RGB-coded (an Adobe marker that says so, or
+    components named R, G, B: decoders differ on when they read them as RGB), MPO files (a
+    phone's several pictures), and truncated files (no end marker: libjpeg refuses them, a
+    decoder that pads them might not).
     Reads only the markers before the first scan. Pure.
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
-    at, frame, jfif, adobe_transform = 2, None, False, None
+    at, frame, adobe_transform = 2, None, None
     while at + 4 <= n:
         if data[at] != 0xFF:
             return None
@@ -76,8 +77,6 @@ def device_jpeg_frame(data: bytes) -> JpegFrame | None:
             frame = (width, height, bytes(body[6:15:3]))
         elif 0xC0 <= marker <= 0xCF and marker not in _NOT_FRAMES:
             return None  # progressive, lossless, hierarchical or arithmetic-coded
-        elif marker == 0xE0 and body[:5] == b"JFIF\x00":
-            jfif = True
         elif marker == 0xE2 and body[:4] == b"MPF\x00":
             return None
         elif marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
@@ -86,8 +85,13 @@ def device_jpeg_frame(data: bytes) -> JpegFrame | None:
             if frame is None or not body or body[0] != 3:
                 return None
             width, height, ids = frame
-            rgb = not jfif and (adobe_transform == 0 if adobe_transform is not None else ids == b"RGB")
-            if rgb or width < 1 or height < 1 or data.rfind(b"\xff\xd9", max(end, n - EOI_TAIL_BYTES)) < 0:
+            if (
+                adobe_transform == 0
+                or ids == b"RGB"
+                or width < 1
+                or height < 1
+                or data.rfind(b"\xff\xd9", max(end, n - EOI_TAIL_BYTES)) < 0
+            ):
                 return None
             return JpegFrame(width, height)
         at = end
