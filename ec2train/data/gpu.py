@@ -11,6 +11,7 @@ back to uint8 pixels; StepContext.to_device then normalizes the batch as for the
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,11 @@ from ec2train.data.encoded import EncodedBatch
 from ec2train.data.loaders import undecodable
 from ec2train.errors import first_line
 from ec2train.preprocess import ImageDecodeError, load_rgb
+
+# torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (which has an nvJPEG
+# decoder too). They work, need no new dependency, and are what older torchvision builds (the
+# DLAMIs') have; decode_batch's one decoder call (_decode) is the place to switch when they go.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 # Pixels decoded by one decoder call: a batch of big photos is decoded a few at a time, so the
 # decoded images of a batch never take more than about 3 bytes x this of device memory at once.
