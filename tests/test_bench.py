@@ -190,3 +190,15 @@ def test_every_benchmark_script_imports(script, monkeypatch):
     spec.loader.exec_module(module)
     runs = 'if __name__ == "__main__":' in (bench_dir / script).read_text()
     assert runs != script.startswith("_")  # a script runs only as a script; shared modules (_*.py) never
+
+
+def test_bench_leaves_out_the_gpu_loader_where_torchvision_cannot_decode_on_the_device():
+    from ec2train.errors import UserError
+    from ec2train.perf import _decodable
+
+    notes: list[str] = []
+    assert _decodable(("cpu", "gpu"), "cuda:0", notes.append) == ("cpu",)  # no CUDA here: the probe fails
+    assert notes and notes[0].startswith("gpu loader left out: torchvision cannot decode JPEGs on cuda:0")
+    with pytest.raises(UserError, match="--loader gpu: torchvision cannot decode JPEGs on cuda:0"):
+        _decodable(("gpu",), "cuda:0", notes.append)
+    assert _decodable(("cpu", "gpu"), "cpu", notes.append) == ("cpu", "gpu")
