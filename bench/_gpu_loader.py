@@ -4,7 +4,8 @@ tests (tests/test_gpu_loader.py, libjpeg-turbo in place of nvJPEG) cannot show.
 1. the eval and train transforms equal the CPU loader's within the stated tolerance
    (nvJPEG's IDCT and chroma upsampling against libjpeg-turbo's), on dogImages-sized photos;
 2. the fallbacks on the GPU: files the device does not decode are the CPU loader's pixels, a JPEG
-   that nvJPEG and libjpeg both refuse stops with the CPU loader's error naming the file;
+   that nvJPEG and libjpeg both refuse stops with the CPU loader's error naming the file; and
+   decoding beside work queued on the training stream corrupts neither (pytorch/vision PR 9606);
 3. end to end img/s of resnet50 at 224 px (frozen backbone and full fine-tune, AMP auto) with
    the CPU loader and the GPU loader, in a process restricted to 4 CPUs (a g4dn.xlarge or
    g5.xlarge) and unrestricted, on generated 500x400 JPEGs (about dogImages' size), and the
@@ -168,6 +169,42 @@ def fallbacks_and_errors(device: str, work: Path, photo: Path) -> tuple[str, boo
     )
 
 
+def decode_beside_queued_work(device: str, samples: list, rounds: int = 20) -> tuple[str, bool, str]:
+    """torchvision's CUDA decoder writes its output from a stream of its own without waiting for
+    the caller's stream (pytorch/vision PR 9606). Each round queues a long kernel and then reads
+    of tensors the size of the decoded images on the training stream, frees those tensors (their
+    memory is free for the training stream while the reads still wait), and decodes: with
+    data.gpu.device_decode neither the reads nor the images may change. torchvision's plain
+    call, with the training stream current, is run the same way for comparison."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from ec2train.data.gpu import device_decode
+
+    files = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p, _ in samples[:8]]
+    reference = [image.cpu() for image in device_decode(files, device)]
+    torch.cuda.synchronize()
+
+    def corrupted(decode) -> bool:
+        victims = [torch.full_like(r, 7, device=device) for r in reference]
+        torch.cuda._sleep(100_000_000)  # tens of ms of GPU time queued before the reads below
+        sums = [v.sum(dtype=torch.int64) for v in victims]
+        del victims  # freed for the training stream while the reads still wait
+        images = decode(files)
+        torch.cuda.synchronize()
+        sums_ok = all(int(s) == 7 * r.numel() for s, r in zip(sums, reference))
+        return not (sums_ok and all(torch.equal(i.cpu(), r) for i, r in zip(images, reference)))
+
+    ours = sum(corrupted(lambda f: device_decode(f, device)) for _ in range(rounds))
+    plain = sum(corrupted(lambda f: decode_jpeg(f, mode=ImageReadMode.RGB, device=device)) for _ in range(rounds))
+    return (
+        "GPU loader: decoding beside work queued on the training stream corrupts neither",
+        ours == 0,
+        f"{ours} of {rounds} rounds corrupted with data.gpu.device_decode; {plain} of {rounds} with torchvision's "
+        "call on the training stream (pytorch/vision PR 9606)",
+    )
+
+
 def loader_bench_child(data: str, cpus: int) -> None:
     """In a process of its own (run_loader_bench): restricted to the first `cpus` CPUs before
     torch starts a thread (0: all), `ec2train bench`'s measurements of both loaders for the
@@ -248,5 +285,6 @@ def loader_checks(device: str, work: Path, logs: Path | None) -> tuple[list[tupl
     data, samples = make_photos(work)
     checks = transforms_match(device, samples)
     checks.append(fallbacks_and_errors(device, work, samples[0][0]))
+    checks.append(decode_beside_queued_work(device, samples))
     more, table = loader_throughput(data, logs)
     return checks + more, table

@@ -85,12 +85,38 @@ def _cpu_decode(batch: EncodedBatch, k: int, device) -> torch.Tensor:
     return pil_to_tensor(image).to(device, non_blocking=True)
 
 
+@functools.cache
+def _decode_stream(device: str) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=torch.device(device))
+
+
+def device_decode(files: list[torch.Tensor], device: str | torch.device) -> list[torch.Tensor]:
+    """JPEG files (uint8 CPU tensors) decoded on `device` in one call: uint8 (3, H, W) each.
+
+    On CUDA the call runs with a stream of its own as the current stream. torchvision's decoder
+    allocates its output on the current stream and writes it from its own stream without waiting
+    for the current one, so memory that the training stream has freed but still reads (kernels
+    queued behind the step) could be handed to the decoder and overwritten (pytorch/vision PR
+    9606 reproduces it on an H100; with another stream current, no corruption). The training
+    stream then waits for the decode, and each image is marked as used by it, so its memory is
+    not handed back to the decoder until the training stream is done with it."""
+    if torch.device(device).type != "cuda":
+        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    training = torch.cuda.current_stream(torch.device(device))
+    with torch.cuda.stream(_decode_stream(str(device))):
+        images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    training.wait_stream(_decode_stream(str(device)))
+    for image in images:
+        image.record_stream(training)
+    return images
+
+
 def _decode(batch: EncodedBatch, files: list[int], device) -> list[torch.Tensor]:
     """Files decoded on the device, all in one call; when that call fails, one by one, and a
     file the device decoder refuses (or decodes to another size than its header's) is decoded
     by the CPU loader's decoder instead, which keeps that loader's result or error."""
     try:
-        images = decode_jpeg([batch.file(k) for k in files], mode=ImageReadMode.RGB, device=device)
+        images = device_decode([batch.file(k) for k in files], device)
     except RuntimeError:
         images = [None] * len(files)
     out = []
@@ -98,7 +124,7 @@ def _decode(batch: EncodedBatch, files: list[int], device) -> list[torch.Tensor]
         width, height = batch.frames[k]
         if image is None:
             try:
-                image = decode_jpeg(batch.file(k), mode=ImageReadMode.RGB, device=device)
+                (image,) = device_decode([batch.file(k)], device)
             except RuntimeError:
                 image = None
         if image is None or tuple(image.shape) != (3, height, width):
@@ -136,11 +162,12 @@ def decode_batch(batch: EncodedBatch, device: str | torch.device) -> torch.Tenso
 
 @functools.cache
 def device_decode_problem(device: str) -> str | None:
-    """Why this torchvision cannot decode JPEGs on `device` (e.g. built without nvJPEG), or
-    None: one tiny JPEG decoded there, once per device and process."""
+    """Why this torchvision cannot decode JPEGs on `device` (built without nvJPEG, older than
+    0.19 and its batched decode, no CUDA), or None: a batch of one tiny JPEG decoded there, as
+    decode_batch does it, once per device and process."""
     probe = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8))
     try:
-        image = decode_jpeg(probe, mode=ImageReadMode.RGB, device=device)
+        (image,) = device_decode([probe], device)
     except Exception as exc:  # an op missing from the build, a CUDA error: either means "cannot"
         return first_line(exc)
     return None if tuple(image.shape) == (3, 16, 16) else f"decoded a 16x16 JPEG to {tuple(image.shape)}"
