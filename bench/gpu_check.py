@@ -15,8 +15,8 @@ Checks, each one line PASS/FAIL, then the img/s table:
   6. `ec2train serve --compile on`'s compiled forward pass on the GPU (auto leaves GPUs eager until
      this has run): its logits against the eager pass's, and img/s of both at batch 8
   7. the GPU loader (`fit --loader gpu`; `--loader auto` keeps the CPU loader until this passes):
-     its eval and train transforms against the CPU loader's, its fallbacks and errors, and `fit
-     --loader gpu` training on the GPU
+     `fit --loader gpu` trains on the GPU; its eval and train transforms against the CPU loader's,
+     its fallbacks and errors, and its decode beside work queued on the training stream
   8. end to end img/s of resnet50 at 224 px, frozen and full fine-tune, AMP auto, with the CPU
      loader and the GPU loader, restricted to 4 CPUs (as a g4dn/g5.xlarge) and unrestricted, on
      500x400 JPEGs (bench/_gpu_loader.py)
@@ -210,13 +210,12 @@ def nccl_all_reduce(device: str) -> tuple[bool, str]:
         dist.destroy_process_group()
 
 
-def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
-    import torch
-
+def demo_fit(work: Path) -> tuple[Path, list[str]]:
+    """The demo data set and the fit options every fit check shares."""
     from ec2train.data import make_demo_dataset
 
     data = make_demo_dataset(work / "demo", classes=4, per_class=32, size=64)
-    base = [
+    return data, [
         "--data",
         str(data),
         "--arch",
@@ -234,6 +233,25 @@ def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
         "--resume",
         "never",
     ]
+
+
+def gpu_loader_fit(work: Path) -> tuple[str, bool, str]:
+    _, base = demo_fit(work)
+    out = base + ["--loader", "gpu", "--workers", "2", "--output", str(work / "gpu-loader")]
+    ok, line, m = run_fit("fit-gpu-loader", out)
+    log = (work / "gpu-loader-output.txt").read_text() if (work / "gpu-loader-output.txt").is_file() else ""
+    header = "gpu loader (--loader gpu): workers read files, the GPU decodes"
+    return (
+        "fit --loader gpu: workers read files, the GPU decodes and augments",
+        ok and header in log and m.get("test_images") == 32,
+        f"valid acc {m.get('valid_acc1', '?')}; {line}",
+    )
+
+
+def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
+    import torch
+
+    data, base = demo_fit(work)
     out = []
     ok, line, m = run_fit(
         "fit-cache-features", base + ["--freeze-backbone", "--cache-features", "--output", str(work / "cache")]
@@ -255,19 +273,6 @@ def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
             f"fit --nproc-per-node auto: torchrun, {gpus} process(es), NCCL when several",
             ok and world == gpus and nccl,
             f"world size {world}; {line}",
-        )
-    )
-    ok, line, m = run_fit(
-        "fit-gpu-loader", base + ["--loader", "gpu", "--workers", "2", "--output", str(work / "gpu-loader")]
-    )
-    log = (work / "gpu-loader-output.txt").read_text() if (work / "gpu-loader-output.txt").is_file() else ""
-    out.append(
-        (
-            "fit --loader gpu: workers read files, the GPU decodes and augments",
-            ok
-            and "gpu loader (--loader gpu): workers read files, the GPU decodes" in log
-            and m.get("test_images") == 32,
-            f"valid acc {m.get('valid_acc1', '?')}; {line}",
         )
     )
     proc = run_cli("bench", ["bench", "--data", str(data), "--device", "cuda", "--image-size", "64", "--steps", "5"])
@@ -402,8 +407,8 @@ def main() -> None:
         checks.append(("NCCL all_reduce on the GPU", *nccl_all_reduce(device)))
         checks.append(("serve --compile on: the compiled forward pass on the GPU", *compiled_forward(device)))
     with tempfile.TemporaryDirectory(prefix="ec2train-gpu-check-") as tmp:
-        if args.only == "all":
-            checks += fit_checks(Path(tmp))
+        checks += fit_checks(Path(tmp)) if args.only == "all" else []
+        checks.append(gpu_loader_fit(Path(tmp)))
         loader, loader_table = loader_checks(device, Path(tmp), LOGS)
         checks += loader
         for name, ok, detail in checks:
