@@ -237,10 +237,13 @@ def read_device_jpeg(path: Path) -> tuple[bytes, JpegFrame] | None:
     None too: the CPU loader's decode then gives its usual error."""
     try:
         with open(path, "rb") as f:
-            data = f.read(DEVICE_MAX_FILE_BYTES + 1)
+            head = f.read(2)
+            if head != b"\xff\xd8":  # not a JPEG: read once, by the CPU loader's decoder
+                return None
+            data = head + f.read(DEVICE_MAX_FILE_BYTES - 1)
+            if f.read(1):
+                return None
     except OSError:
-        return None
-    if len(data) > DEVICE_MAX_FILE_BYTES:
         return None
     frame = device_jpeg_frame(data)
     if frame is None or size_problem(frame.width, frame.height) is not None:
