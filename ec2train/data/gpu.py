@@ -26,8 +26,8 @@ from ec2train.errors import first_line
 from ec2train.preprocess import ImageDecodeError, load_rgb
 
 # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (which has an nvJPEG
-# decoder too). They work, need no new dependency, and are what older torchvision builds (the
-# DLAMIs') have; decode_batch's one decoder call (_decode) is the place to switch when they go.
+# decoder too). They work, need no new dependency, and are what older torchvision builds have;
+# device_decode is the one place to switch when they go.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 # Pixels decoded by one decoder call: a batch of big photos is decoded a few at a time, so the
