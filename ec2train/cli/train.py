@@ -227,6 +227,7 @@ def evaluate(
         from ec2train.evaluate import evaluate_model_file
         from ec2train.export import write_confusion_csv
         from ec2train.files import atomic_write_json
+        from ec2train.names import printable
         from ec2train.plots import can_draw, confused_line, most_confused, write_confusion_png
 
     use_thread_plan(threads, workers)
@@ -244,7 +245,7 @@ def evaluate(
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in sorted(res["per_class_acc1"].items(), key=lambda kv: (kv[1] is None, kv[1])):
-        table.add_row(name, "n/a" if acc is None else f"{acc:.3f}")
+        table.add_row(escape(printable(name)), "n/a" if acc is None else f"{acc:.3f}")
     console.print(table)
     console.print(
         "most confused (true -> predicted):" if pairs else "no confusions: every image was predicted as its true class"
@@ -252,7 +253,7 @@ def evaluate(
     for pair in pairs:
         console.print(f"  {confused_line(pair)}", markup=False, highlight=False)
     written = f"confusion-{split}.csv" + (f" and confusion-{split}.png" if missing is None else "")
-    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}")
+    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}", markup=False, highlight=False)
     if missing:
         console.print(f"note: {missing}", markup=False, highlight=False)
 
@@ -284,6 +285,7 @@ def predict(
     """
     with heavy_imports():
         from ec2train.infer import Predictor, default_device, image_files
+        from ec2train.names import printable
 
     files = image_files(images)
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
@@ -303,7 +305,7 @@ def predict(
     if failed:
         err_console.print(
             f"[bold red]{len(failed)} of {len(answers)} images could not be read[/bold red] "
-            f"(first: {escape(failed[0].path)}: {escape(failed[0].error)})",
+            f"(first: {escape(printable(failed[0].path))}: {escape(printable(failed[0].error))})",
             highlight=False,
         )
         raise typer.Exit(1)
@@ -330,6 +332,7 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
     import io
 
     from ec2train.files import atomic_write_text
+    from ec2train.names import csv_cell
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -338,24 +341,30 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
         top = a.predictions or []
         writer.writerow(
             [
-                a.path,
-                top[0]["label"] if top else "",
+                csv_cell(a.path),
+                csv_cell(top[0]["label"]) if top else "",
                 f"{top[0]['probability']:.6f}" if top else "",
                 json.dumps(top) if top else "",
-                a.error or "",
+                csv_cell(a.error or ""),
             ]
         )
     atomic_write_text(path, buf.getvalue())
 
 
 def _print_predictions(answers: list) -> None:
-    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after."""
+    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after.
+    Paths and labels are shown printable() and as text, whatever the model file or folder holds."""
+    from ec2train.names import printable
+
+    def shown(text: object) -> str:
+        return escape(printable(text))
+
     if len(answers) == 1 and not answers[0].error:
-        table = Table(title=answers[0].path)
+        table = Table(title=shown(answers[0].path))
         table.add_column("class")
         table.add_column("probability", justify="right")
         for pred in answers[0].predictions:
-            table.add_row(escape(pred["label"]), f"{pred['probability']:.4f}")
+            table.add_row(shown(pred["label"]), f"{pred['probability']:.4f}")
         console.print(table)
         return
     table = Table()
@@ -363,14 +372,14 @@ def _print_predictions(answers: list) -> None:
         table.add_column(name, justify=justify, overflow="fold")
     for a in answers:
         if a.error:
-            table.add_row(escape(a.path), f"[red]error: {escape(a.error)}[/red]", "", "")
+            table.add_row(shown(a.path), f"[red]error: {shown(a.error)}[/red]", "", "")
             continue
         top, *rest = a.predictions
         table.add_row(
-            escape(a.path),
-            escape(top["label"]),
+            shown(a.path),
+            shown(top["label"]),
             f"{top['probability']:.4f}",
-            escape(", ".join(f"{p['label']} {p['probability']:.2f}" for p in rest)),
+            shown(", ".join(f"{printable(p['label'])} {p['probability']:.2f}" for p in rest)),
         )
     console.print(table)
 
