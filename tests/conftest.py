@@ -154,6 +154,7 @@ SLOW_FIRST = (
     "test_serve.py",
     "test_ctrl_c.py",
     "test_s3.py",
+    "test_gpu_loader.py",
     "test_job_parts.py",
 )
 

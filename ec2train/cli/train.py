@@ -15,10 +15,13 @@ from rich.table import Table
 
 from ec2train.cli._app import (
     DEFAULT_MODEL,
+    LOADER_HELP,
     MODEL_HELP,
     THREADS_HELP,
     Amp,
+    BenchLoaders,
     Device,
+    Loader,
     Optim,
     SpotWatch,
     app,
@@ -70,6 +73,7 @@ def fit(
     image_size: int | None = setting("image_size", "Crop size in pixels."),
     augment: bool | None = setting("augment", "Random resized crop + flip for training.", "--augment/--no-augment"),
     workers: int | None = setting("workers", "Data loader workers per process; -1 = from the CPUs."),
+    loader: Loader | None = setting("loader", LOADER_HELP),
     seed: int | None = setting("seed", "Random seed (same seed, same result on the same hardware)."),
     amp: Amp | None = setting("amp", "Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU."),
     device: Device | None = setting("device", "auto picks the GPU of this process when there is one."),
@@ -565,8 +569,12 @@ def bench(
         "--freeze-backbone/--no-freeze-backbone",
         help="Time the frozen-backbone step (fit's default with pretrained weights).",
     ),
+    loader: BenchLoaders = typer.Option(
+        "both",
+        help="The input pipelines to time: cpu (the loader workers decode), gpu (the workers read files, the device decodes: fit --loader gpu), or both.",
+    ),
 ):
-    """Images/s of the input pipeline, the training step and both; says which bounds the run and what to do."""
+    """Images/s of the input pipeline (each loader), the training step and both; says which bounds the run and what to do."""
     with heavy_imports():
         from ec2train.perf import bench as run_bench
 
@@ -582,19 +590,26 @@ def bench(
         freeze_backbone,
         threads=threads,
         log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+        loaders=("cpu", "gpu") if value(loader) == "both" else (value(loader),),
     )
     table = Table(
         title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers"
     )
     table.add_column("measurement")
     table.add_column("images/s", justify="right")
-    table.add_row("input pipeline alone (decode + transform)", f"{r.pipeline_ips:.1f}")
+    where = {"cpu": "cpu loader: workers decode + transform", "gpu": f"gpu loader: {r.device} decodes + transforms"}
+    for kind, rates in r.loaders.items():
+        table.add_row(f"input pipeline alone ({where[kind]})", f"{rates.pipeline_ips:.1f}")
     table.add_row(
         f"training step alone ({'frozen backbone' if r.frozen else 'full model'}, synthetic batches)",
         f"{r.step_ips:.1f}",
     )
-    table.add_row("end to end", f"{r.end_to_end_ips:.1f}")
+    for kind, rates in r.loaders.items():
+        table.add_row(f"end to end, {kind} loader", f"{rates.end_to_end_ips:.1f}")
     console.print(table)
-    console.print(f"bound by the [bold]{r.bound}[/bold] (training images: median short side {r.median_short_side} px)")
+    console.print(f"fit --loader auto here: {r.loader_why}", markup=False, highlight=False)
+    console.print(
+        f"bound by the [bold]{r.bound}[/bold] with the {r.loader} loader (training images: median short side {r.median_short_side} px)"
+    )
     for line in r.advice:
         console.print(f"  - {line}")
