@@ -122,9 +122,11 @@ def log_of(key_part: str) -> str:
 
 
 def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tmp_path):
-    # Batches of 2 at 64 px over 3 epochs: epochs 2 and 3 (16 steps each, seconds on a loaded box)
+    # Batches of 2 at 64 px over 3 epochs: epochs 2 and 3 (8 steps each, seconds on a loaded box)
     # are the window for the notice, which the runner has fit watch for (--spot-watch on).
-    fit_args = list(FIT_ARGS)
+    # Two processes on the one node (as on a 2-GPU box): the runner starts both and sees rank 0's
+    # exit 75 itself (torchrun would report a plain failure, exit 1).
+    fit_args = [*FIT_ARGS, "--nproc-per-node", "2"]
     fit_args[fit_args.index("--batch-size") + 1] = "2"
     fit_args[fit_args.index("--image-size") + 1] = "64"
     fit_args[fit_args.index("--epochs") + 1] = "3"
@@ -139,7 +141,7 @@ def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tm
     imds = job.instance("i-0000000000000001", notice_when=after_epoch_one)
     code = runner.run_job(PREFIX, first, imds_endpoint=imds.url)
     assert code == 75, (first / "attempt-001.log").read_text()
-    assert "--spot-watch on" in log.read_text()
+    assert "--spot-watch on" in log.read_text() and "(2 processes)" in log.read_text()
     st = status()
     assert (st["state"], st["interruptions"], st["failures"]) == ("interrupted", 1, 0)
     done = st["epoch"]
@@ -164,6 +166,7 @@ def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tm
         boto3.client("s3", region_name=REGION).get_object(Bucket=BUCKET, Key="demo/metrics.json")["Body"].read()
     )
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]  # the first `done` came from the first instance
+    assert metrics["world_size"] == 2 and st["attempts"][0]["exit_codes"]["i-0000000000000001"] == [75, 0]
     assert "resuming from" in log_of("attempt-002") and f"{done} of 3 epochs done" in log_of("attempt-002")
     assert desired() == 0  # the job ended itself: the group terminates the instance
 
