@@ -35,7 +35,7 @@ def submit_cmd(
     ),
     nodes: int = typer.Option(
         1,
-        help="Instances that train together (one torch process per GPU on each); N > 1: a cluster placement group, "
+        help="Instances that train together. N > 1: one fit process per GPU on each, a cluster placement group, "
         "and losing any node stops all of them until the group is whole again, then training resumes from S3.",
     ),
     efa: bool = typer.Option(
