@@ -343,3 +343,41 @@ def test_a_training_node_stops_when_its_attempt_is_no_longer_current_or_a_peer_e
     # this node stops at once, whatever its peers look like.
     StatusFile(prefix, "us-east-1").update(lambda s: state.cancelled(s, "ec2train job cancel", now))
     assert runner._peer_trouble(me, 1, []) == ("attempt 1 is no longer the job's current attempt (cancelled)", 0.0)
+
+
+def test_a_nodes_processes_die_with_its_runner(tmp_path):
+    """kill -9 of a runner leaves no training process behind to write into the prefix."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    runner_stand_in = (
+        "import os, sys, time\n"
+        "from ec2train.job import workers\n"
+        "with open(sys.argv[1], 'w') as log:\n"
+        "    w = workers.Workers([sys.executable, '-c', 'import time; time.sleep(120)'], [dict(os.environ)], log, '.')\n"
+        "print(w.procs[0].pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", runner_stand_in, str(tmp_path / "log")], stdout=subprocess.PIPE, text=True
+    )
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    assert os.getpgid(child) == child  # a session of its own: signalled as a group with its loader workers
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return  # dead, not yet reaped by init
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the training process outlived its runner")
