@@ -256,6 +256,18 @@ def summary(req: SubmitRequest, types: list[str], width: int = 110) -> list[str]
     return [*wrapped, ""]
 
 
+# The request's settings job.json carries as they are (the runners read them).
+_PASSED_ON = (
+    "sync_seconds",
+    "nodes",
+    "efa",
+    "rdzv_port",
+    "heartbeat_seconds",
+    "peer_timeout_seconds",
+    "stop_grace_seconds",
+)
+
+
 def _spec(req: SubmitRequest, prefix: s3.S3Uri, fit_args: list[str], region: str) -> JobSpec:
     return JobSpec(
         req.name,
@@ -268,13 +280,7 @@ def _spec(req: SubmitRequest, prefix: s3.S3Uri, fit_args: list[str], region: str
         req.max_hours,
         req.max_failures,
         req.spot,
-        sync_seconds=req.sync_seconds,
-        nodes=req.nodes,
-        efa=req.efa,
-        rdzv_port=req.rdzv_port,
-        heartbeat_seconds=req.heartbeat_seconds,
-        peer_timeout_seconds=req.peer_timeout_seconds,
-        stop_grace_seconds=req.stop_grace_seconds,
+        **{name: getattr(req, name) for name in _PASSED_ON},
     )
 
 
