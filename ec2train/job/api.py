@@ -174,8 +174,8 @@ def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri, types: list[
             + (", ec2:DescribeInstanceTypes" if req.efa else "")
             + " (skipped here; placeholders below)."
         )
-        subnets = req.subnet_ids or [SUBNETS_PLACEHOLDER if req.nodes == 1 else "<one default-VPC subnet>"]
-        return Where("aws", runner.region, "<ACCOUNT_ID>", req.ami or AMI_PLACEHOLDER, ROOT_DEVICE_PLACEHOLDER, subnets)
+        shown = req.subnet_ids or [SUBNETS_PLACEHOLDER if req.nodes == 1 else "<one default-VPC subnet>"]
+        return Where("aws", runner.region, "<ACCOUNT_ID>", req.ami or AMI_PLACEHOLDER, ROOT_DEVICE_PLACEHOLDER, shown)
     arn = runner.call("sts", "get_caller_identity")["Arn"]
     partition, account = arn.split(":")[1], arn.split(":")[4]
     runner.call("s3", "head_bucket", Bucket=prefix.bucket)
@@ -191,6 +191,7 @@ def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri, types: list[
     images = runner.call("ec2", "describe_images", ImageIds=[ami])["Images"]
     if not images:
         raise JobError(f"AMI {ami} not found in {runner.region}; pass --ami")
+    subnets: list[dict[str, Any]]
     if req.subnet_ids:
         subnets = runner.call("ec2", "describe_subnets", SubnetIds=req.subnet_ids)["Subnets"]
     else:
@@ -485,7 +486,7 @@ def logs(
     check_name(name)
     reg = _region(region)
     prefix = job_prefix(name, s3_uri, None if s3_uri else _group(aws.client("autoscaling", region=reg), name))
-    client, shown = aws.client("s3", region=reg), {}
+    client, shown = aws.client("s3", region=reg), dict[str, int]()
     while True:
         for key in _log_keys(prefix, client):
             text = get_text(s3.S3Uri(prefix.bucket, key), client=client) or ""

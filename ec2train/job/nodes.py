@@ -92,7 +92,8 @@ class StatusFile:
             if new is None:
                 return doc
             try:
-                _put_json(self.client, self.uri, new, IfMatch=etag)
+                # The ETag read with it: S3 refuses the write (412) if anyone wrote since.
+                _put_json(self.client, self.uri, new, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
                 return new
             except (BotoCoreError, ClientError) as exc:
                 if _code(exc) not in _CONFLICT:

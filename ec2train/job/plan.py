@@ -248,8 +248,11 @@ def _network_steps(res: Resources, where: Where) -> list[Step]:
         sg_params["VpcId"] = where.vpc
     steps = [Step("ec2", "create_security_group", sg_params, save="sg", why=f"inbound: {inbound}")]
     sg = Ref("sg", ("GroupId",))
-    members = {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": sg, "Description": "the job's own nodes"}]}
-    rules = [members] if (res.cluster or res.efa) else []
+    members: dict[str, Any] = {
+        "IpProtocol": "-1",
+        "UserIdGroupPairs": [{"GroupId": sg, "Description": "the job's own nodes"}],
+    }
+    rules: list[dict[str, Any]] = [members] if (res.cluster or res.efa) else []
     if res.ssh_cidr:
         ssh = {"CidrIp": res.ssh_cidr, "Description": "SSH from the submitting machine"}
         rules.append({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [ssh]})

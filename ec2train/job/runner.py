@@ -30,6 +30,7 @@ Exit status: 0 job over, 75 this instance is being taken (leave the group alone)
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -283,10 +284,12 @@ def _settle(r: Node, att: dict[str, Any]) -> dict[str, Any]:
             st["attempts"][n - 1], r.files.some(ids), r.clock(), r.spec.peer_timeout_seconds
         )
         if ready:
-            return r.status.update(
-                lambda s, got=reports, out=lost: state.end_attempt(s, r.spec, n, got, out, r.clock())
-            )
+            return r.status.update(functools.partial(_record_end, r, n, reports, lost))
         time.sleep(r.poll)
+
+
+def _record_end(r: Node, n: int, reports: dict[str, Any], lost: list[str], status: dict[str, Any]) -> dict | None:
+    return state.end_attempt(status, r.spec, n, reports, lost, r.clock())
 
 
 def _progress(r: Node, n: int) -> None:

@@ -65,7 +65,9 @@ def new_status(name: str, now: float, nodes: int = 1) -> dict[str, Any]:
 
 def fresh(node: dict[str, Any] | None, now: float, timeout: float) -> bool:
     """The node's runner is alive: it wrote its heartbeat within `timeout` and has not exited."""
-    return bool(node) and node.get("state") != "exited" and now - float(node.get("heartbeat_at") or 0) < timeout
+    if not node:
+        return False
+    return node.get("state") != "exited" and now - float(node.get("heartbeat_at") or 0) < timeout
 
 
 def ready_nodes(nodes: list[dict[str, Any]], attempt: int, now: float, timeout: float) -> list[dict[str, Any]]:
