@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ec2train import ddp
+from ec2train.arch_sizes import check_image_size
 from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split, train_dataset
 from ec2train.errors import UserError
 from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_one_epoch
@@ -145,6 +146,7 @@ def bench(
         raise UserError("--steps and --batch-size must be at least 1")
     if not 16 <= image_size <= 1024:
         raise UserError(f"--image-size {image_size}: must be between 16 and 1024 pixels")
+    check_image_size(arch, image_size)  # random weights, as fit builds with --weights none
     # fit's own phases (device, loaders, model and optimizer), one process, constant lr.
     rt = make_runtime(device, amp, workers, threads=threads, env=ddp.DistEnv())
     dev, device_type, policy, workers = rt.device, rt.device_type, rt.amp, rt.workers
