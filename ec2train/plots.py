@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ec2train.errors import pip_install
 from ec2train.files import atomic_write
 
 # Up to this many classes each cell shows its count and both axes show names;
@@ -181,7 +182,10 @@ def can_draw() -> str | None:
     from PIL import features
 
     if not features.check("freetype2"):
-        return "this Pillow was built without FreeType, so the confusion picture is left out; install Pillow's wheel from PyPI to have it"
+        return (
+            "this Pillow was built without FreeType, so the confusion picture is left out; to have it, install "
+            f"Pillow's wheel from PyPI: {pip_install('--force-reinstall', '--only-binary', ':all:', 'pillow')}"
+        )
     return None
 
 
