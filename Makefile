@@ -44,10 +44,10 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
-## make lint: ruff (lint + format check) on the code, tests and benchmarks; shellcheck on infra/
+## make lint: ruff (lint + format check) on the code, tests, benchmarks and scripts; shellcheck on infra/
 lint: install-dev
-	$(BIN)/ruff check ec2train tests bench
-	$(BIN)/ruff format --check ec2train tests bench
+	$(BIN)/ruff check ec2train tests bench scripts
+	$(BIN)/ruff format --check ec2train tests bench scripts
 	$(BIN)/shellcheck infra/*.sh
 
 ## make bench: the benchmarks in bench/ (each prints ratios against a baseline run alongside; ~15 min on 2 cores)

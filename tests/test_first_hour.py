@@ -112,3 +112,114 @@ def test_the_python_snippets_in_docs_serve_work_as_written_without_aws_keys(serv
         res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         assert "'predictions'" in res.stdout and res.stdout.count("'label'") == 3, res.stdout
+
+
+# ---------------------------------------------------------------- data folders: the fix, named
+
+FAST = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--epochs", "1"]
+
+
+def test_a_mistyped_data_folder_suggests_the_folder_that_is_there(capsys, monkeypatch, tmp_path):
+    (tmp_path / "demo-data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_in_process(capsys, "fit", "--data", "demo-dta", *FAST)
+    assert_one_line_error(code, err, "data folder demo-dta does not exist", "did you mean --data demo-data?")
+    assert "ec2train data demo" not in err  # not: write a demo data set under the misspelt name
+
+
+def test_fit_without_data_points_to_fetch_and_data_not_to_fake_shapes(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no dogImages/ here
+    code, _, err = cli_in_process(capsys, "fit", *FAST)
+    assert_one_line_error(code, err, "data folder dogImages does not exist", "ec2train data fetch", "--data DIR")
+    assert "data demo dogImages" not in " ".join(err.split())  # the demo is offered as the demo only
+    assert "ec2train data demo demo-data" in " ".join(err.split())
+
+
+def test_a_missing_split_names_the_command_that_makes_it(capsys, demo_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns("valid"))
+    code, _, err = cli_in_process(capsys, "fit", "--data", data, "--output", tmp_path / "out", *FAST)
+    assert_one_line_error(code, err, "missing split 'valid'", f"ec2train data split {data}/train {data}-split")
+
+
+# ---------------------------------------------------------------- predict
+
+
+@pytest.mark.parametrize("names", [["missing.jpg"], ["a.jpg", "b.jpg"], ["empty.jpg"]], ids=["one", "two", "empty"])
+def test_predict_with_nothing_readable_is_one_error_line(capsys, trained_model, tmp_path, names):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    code, out, err = cli_in_process(capsys, "predict", "--model", trained_model, *(tmp_path / n for n in names))
+    why = "empty file (0 bytes)" if names == ["empty.jpg"] else "no such file"
+    assert_one_line_error(code, err, f"{tmp_path / names[-1]}: {why}")
+    assert out == ""  # no table of errors
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+
+
+def test_predict_table_keeps_file_names_whole_at_80_columns(trained_model, demo_data, tmp_path):
+    import os
+    import shutil
+
+    from tests.support.cli import run_cli
+
+    deep = tmp_path / "photos_from_the_holiday_2026" / "camera_roll_backup" / "day_three"
+    deep.mkdir(parents=True)
+    names = ["Triangle_test_0000_phone.jpg", "Cross_test_0001_phone.jpg"]
+    for name, src in zip(names, sorted((demo_data / "test").rglob("*.jpg"))):
+        shutil.copy(src, deep / name)
+    res = run_cli("predict", "--model", trained_model, deep, env={**os.environ, "COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, res.stdout
+    cells = [row[0] for row in _table_rows(res.stdout)]
+    for name in names:
+        assert name in cells, res.stdout  # each name on one line, not folded mid-name
+    # The folded lines join back into the full paths, split only after a "/".
+    joined = "".join(cells)
+    assert all(str(deep / name) in joined for name in names), res.stdout
+    assert all(c.endswith("/") or c in names or c in ("image", "") for c in cells), cells
+
+
+# ---------------------------------------------------------------- the confusion picture's right side
+
+
+def _empty_runs(ink_columns) -> list[tuple[int, int]]:
+    """(start, width) of each run of columns without ink."""
+    runs, start = [], None
+    for x, inked in enumerate(list(ink_columns) + [True]):
+        if not inked and start is None:
+            start = x
+        elif inked and start is not None:
+            runs.append((start, x - start))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("n", [2, 4, 12, 46])
+def test_confusion_picture_keeps_the_list_off_the_edge_and_near_the_scale(tmp_path, n):
+    """Measured on the PNG's pixels: the list of confused pairs keeps a margin from the right edge
+    like the picture's other margins, and no wide band of empty columns separates it from the
+    colour scale."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ec2train.plots import confusion_figure, geometry, write_confusion_png
+
+    m = torch.diag(torch.full((n,), 20.0)) + torch.randint(0, 3, (n, n), generator=torch.Generator().manual_seed(n))
+    names = [f"Breed number {i}" for i in range(n)]
+    png = write_confusion_png(tmp_path / "c.png", m, names)
+    pixels = np.asarray(Image.open(png).convert("L"))
+    ink = (pixels < 200).any(axis=0)
+    inked = np.flatnonzero(ink)
+    right_margin = pixels.shape[1] - 1 - inked.max()
+    g = geometry(confusion_figure(m, names))
+    # Beside the matrix: from the colour scale's right edge to the end of the picture.
+    beside = ink[g.left + g.side + 1 :]
+    inner = [w for start, w in _empty_runs(beside) if start + g.left + g.side + 1 + w < pixels.shape[1]]
+    assert 40 <= right_margin <= 64, right_margin  # not touching the edge, not a wide empty strip
+    assert max(inner) <= 48, inner  # the list sits a normal gap after the scale's caption
