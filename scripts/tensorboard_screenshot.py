@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tensorboard at {url}: {len(runs)} runs with scalars ({', '.join(runs[:4])}{', ...' * (len(runs) > 4)})")
         for name in args.dashboards:
             out = args.out.parent / f"{args.out.name}-{name}.png"
-            screenshot(browser, f"{url}/#{name}", out.resolve(), args.width, args.height, args.wait_ms)
+            # forceSVG: the charts draw as SVG, not with WebGL in a worker, which a browser without
+            # a GPU may not have drawn when it takes the picture; they look the same.
+            page = f"{url}/?forceSVG=true#{name}"
+            screenshot(browser, page, out.resolve(), args.width, args.height, args.wait_ms)
             print(f"wrote {out}")
     finally:
         proc.terminate()
