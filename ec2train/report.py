@@ -97,11 +97,12 @@ class TensorBoard:
     def _open(self, logdir: Path, hparams: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        writers = {name: SummaryWriter(str(logdir / name)) for name in (TRAIN, VALID)}
+        writers: dict[str, Any] = {name: SummaryWriter(str(logdir / name)) for name in (TRAIN, VALID)}
         if hparams:
             writers[""] = SummaryWriter(str(logdir))
-            writers[""].file_writer.add_summary(hparams_experiment(HPARAM_METRICS, hparams))
-            writers[""].file_writer.add_summary(hparams_session_start(hparams))
+            events: Any = writers[""].file_writer
+            events.add_summary(hparams_experiment(HPARAM_METRICS, hparams))
+            events.add_summary(hparams_session_start(hparams))
         self._writers = writers
 
     def writer(self, run: str):
@@ -141,8 +142,9 @@ class TensorBoard:
         writer.add_scalar("epoch/accuracy", test["acc1"], best_epoch)
         writer.add_scalar("epoch/loss", test["loss"], best_epoch)
         writer.flush()
-        self.writer("").file_writer.add_summary(hparams_session_end())
-        self.writer("").flush()
+        root = self.writer("")
+        root.file_writer.add_summary(hparams_session_end())
+        root.flush()
         return writer
 
 
