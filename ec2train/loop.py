@@ -543,7 +543,7 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
     if rt.env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
-    writer = TensorBoard(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
+    writer = TensorBoard(Path(cfg.logdir) / state.run_name if rt.env.is_main else None, hparams=cfg.to_dict())
     background = hw.background_work_helps(rt.device_type)
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
@@ -728,11 +728,8 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
     if rt.env.is_main:
         save_model_file(run.output / MODEL_FILE, run.payload(state.best_model, metrics))
         atomic_write_json(run.output / METRICS_FILE, {**metrics, "history": state.history})
-        hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        run.writer.get().add_hparams(
-            hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc}, run_name="."
-        )
-        missing = log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
+        writer = run.writer.log_test(test, state.best_epoch)  # and the HParams tab's "success"
+        missing = log_confusion(writer, confusion, data.class_names, step=state.best_epoch)
         if missing:
             run.report.log(f"note: {missing}")
     ddp.barrier()
