@@ -15,7 +15,7 @@ CPU (rank 0's c10d store on 127.0.0.1 at the job's rendezvous port).
         the job counts one failed attempt
 
 Each scenario is one module fixture (two or three runners, one to two attempts), shared by the
-tests that read it. Tiny on purpose: 2 classes x 8 images at 32 px, 2 steps per epoch.
+tests that read it. Tiny on purpose: 2 classes x 8 images at 32 px, 4 steps per epoch.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ from tests.support.training import FIT, assert_same_weights, options
 BUCKET = "ec2train-multinode"
 REGION = "us-east-1"
 EPOCHS = 4
-# FIT's small model, 2 steps per epoch (16 images, 2 ranks x 4), one thread per process.
-FIT_ARGS = ["fit", *options(**{**FIT, "epochs": EPOCHS, "batch_size": 4, "spot_poll_seconds": 0.1})]
+# FIT's small model, 4 steps per epoch (16 images, 2 ranks x 2: epochs 2-4 are the window for
+# the spot notice, seconds even on an idle box), one thread per process.
+FIT_ARGS = ["fit", *options(**{**FIT, "epochs": EPOCHS, "batch_size": 2, "spot_poll_seconds": 0.1})]
 # Node loss is noticed after PEER_TIMEOUT s without a heartbeat; a stopped node's training is
 # SIGKILLed STOP_GRACE s after its SIGTERM. Short here, 60 s and 30 s by default.
 HEARTBEAT, PEER_TIMEOUT, STOP_GRACE = 1.0, 8.0, 2.0

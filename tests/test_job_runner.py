@@ -122,12 +122,12 @@ def log_of(key_part: str) -> str:
 
 
 def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tmp_path):
-    # Batches of 2 at 64 px over 3 epochs: epochs 2 and 3 (8 steps each, seconds on a loaded box)
-    # are the window for the notice, which the runner has fit watch for (--spot-watch on).
     # Two processes on the one node (as on a 2-GPU box): the runner starts both and sees rank 0's
-    # exit 75 itself (torchrun would report a plain failure, exit 1).
+    # exit 75 itself (torchrun would report a plain failure, exit 1). Batches of 1 per process at
+    # 64 px over 3 epochs: epochs 2 and 3 (16 steps each, seconds on a loaded box) are the window
+    # for the notice, which the runner has fit watch for (--spot-watch on).
     fit_args = [*FIT_ARGS, "--nproc-per-node", "2"]
-    fit_args[fit_args.index("--batch-size") + 1] = "2"
+    fit_args[fit_args.index("--batch-size") + 1] = "1"
     fit_args[fit_args.index("--image-size") + 1] = "64"
     fit_args[fit_args.index("--epochs") + 1] = "3"
     fit_args[fit_args.index("--spot-poll-seconds") + 1] = "0.1"
