@@ -52,7 +52,7 @@ from ec2train.data import (
 )
 from ec2train.errors import UserError
 from ec2train.export import model_payload, save_model_file
-from ec2train.features import CACHE_DIR, feature_loaders
+from ec2train.features import CACHE_DIR, FeatureSettings, feature_loaders
 from ec2train.files import BackgroundWriter, atomic_write_json, atomic_write_text
 from ec2train.model import build_model, find_head, freeze_backbone, normalization_for
 from ec2train.optim import backbone_lr, effective_lr, group_lrs, lr_lambda, make_optimizer, param_groups
@@ -355,61 +355,37 @@ class Trainer:
 
 def make_trainer(
     rt: Runtime,
-    arch: str,
+    cfg: TrainConfig,
     num_classes: int,
-    *,
-    weights: str,
-    frozen: bool,
-    channels_last: bool,
-    optimizer: str,
-    lr: float,
-    backbone_lr: float,
-    weight_decay: float,
-    momentum: float,
     lr_at_step: Callable[[int], float],
-    wrap: bool = True,
-    compile: bool = False,
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> Trainer:
-    """wrap: DDP-wrap the model (fit does, except with --cache-features where only the head trains).
+    """cfg's network (seeded with cfg.seed), optimizer, lr schedule (lr_at_step: the factor per
+    optimizer step) and step context on the runtime's device. With --cache-features only the head
+    trains, from cached features: the network is then neither DDP-wrapped nor compiled.
     normalization: (mean, std) of the data set, for loaders that give uint8 pixels."""
-    net = build_model(arch, num_classes, weights)
+    torch.manual_seed(cfg.seed)
+    lr = effective_lr(cfg, rt.env.world_size)
+    net = build_model(cfg.arch, num_classes, cfg.weights)
     head_name, _ = find_head(net)
-    if frozen:
+    if cfg.frozen:
         freeze_backbone(net)
-    use_cl = hw.use_channels_last(channels_last, rt.device_type, frozen)
+    use_cl = hw.use_channels_last(cfg.channels_last, rt.device_type, cfg.frozen)
     net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)
-    opt = make_optimizer(
-        optimizer, param_groups(net, head_name, lr, backbone_lr, weight_decay), lr, momentum, rt.device_type
-    )
+    groups = param_groups(net, head_name, lr, backbone_lr(cfg, lr), cfg.weight_decay)
+    opt = make_optimizer(cfg.optimizer, groups, lr, cfg.momentum, rt.device_type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at_step)
     scaler = torch.amp.GradScaler(rt.device_type) if rt.amp.use_scaler else None
-    model = ddp.wrap_model(net, rt.device, rt.sync_bn) if wrap else net
-    if compile:
+    model = net if cfg.cache_features else ddp.wrap_model(net, rt.device, rt.sync_bn)
+    if cfg.compile and not cfg.cache_features:
         model = torch.compile(model)
     return Trainer(net, model, head_name, opt, scheduler, StepContext(rt.device, rt.amp, use_cl, scaler, normalization))
 
 
 def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
-    torch.manual_seed(cfg.seed)
-    lr = effective_lr(cfg, rt.env.world_size)
-    return make_trainer(
-        rt,
-        cfg.arch,
-        len(data.class_folders),
-        weights=cfg.weights,
-        frozen=cfg.frozen,
-        channels_last=cfg.channels_last,
-        optimizer=cfg.optimizer,
-        lr=lr,
-        backbone_lr=backbone_lr(cfg, lr),
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        lr_at_step=lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs),
-        wrap=not cfg.cache_features,
-        compile=cfg.compile and not cfg.cache_features,
-        normalization=(data.mean, data.std),
-    )
+    """Phase 3 of fit: make_trainer for the data set's classes, steps per epoch and normalization."""
+    schedule = lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs)
+    return make_trainer(rt, cfg, len(data.class_folders), schedule, (data.mean, data.std))
 
 
 @dataclass
@@ -477,7 +453,6 @@ def fit(
     true on any rank, every rank stops, the last completed epoch's checkpoint stays, and the
     result has interrupted=True. on_epoch(epoch, record) runs on every rank after each epoch.
     """
-    cfg = cfg.validate()
     rt = make_runtime(cfg.device, cfg.amp, cfg.workers, threads=cfg.threads, sync_bn=cfg.sync_bn)
     Reporter(console, rt.env.is_main).log(rt.threads.describe())  # the header's first line
     ddp.setup(rt.env, rt.device)
@@ -553,21 +528,11 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
             split: eval_dataset(samples, cfg.image_size)
             for split, samples in (("train", data.train_samples), ("valid", data.valid_samples))
         }
+        settings = FeatureSettings(
+            cfg.arch, cfg.image_size, data.mean, data.std, cfg.batch_size, rt.workers, rt.pin_memory, output / CACHE_DIR
+        )
         step_model, train_loader, valid_loader = feature_loaders(
-            tr.net,
-            tr.head_name,
-            fixed,
-            data.train_sampler,
-            tr.ctx,
-            arch=cfg.arch,
-            image_size=cfg.image_size,
-            mean=data.mean,
-            std=data.std,
-            batch_size=cfg.batch_size,
-            workers=rt.workers,
-            pin_memory=rt.pin_memory,
-            cache_dir=output / CACHE_DIR,
-            log=report.log,
+            tr.net, tr.head_name, fixed, data.train_sampler, tr.ctx, settings, report.log
         )
     return FitRun(
         cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, BackgroundWriter(background)

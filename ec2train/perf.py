@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ec2train import ddp
+from ec2train.config import TrainConfig
 from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split, train_dataset
 from ec2train.errors import UserError
 from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_one_epoch
@@ -200,23 +201,8 @@ def bench(
 
 def _trainer(rt, arch: str, num_classes: int, frozen: bool, channels_last: bool):
     """fit's model and optimizer (random weights: speed does not depend on them), constant lr."""
-    torch.manual_seed(0)
-    tr = make_trainer(
-        rt,
-        arch,
-        num_classes,
-        weights="none",
-        frozen=frozen,
-        channels_last=channels_last,
-        optimizer="adamw",
-        lr=1e-3,
-        backbone_lr=1e-4,
-        weight_decay=1e-4,
-        momentum=0.0,
-        lr_at_step=lambda _step: 1.0,
-        wrap=False,
-        normalization=(IMAGENET_MEAN, IMAGENET_STD),
-    )
+    cfg = TrainConfig(arch=arch, weights="none", freeze_backbone=frozen, channels_last=channels_last)
+    tr = make_trainer(rt, cfg, num_classes, lambda _step: 1.0, (IMAGENET_MEAN, IMAGENET_STD))
     set_train_mode(tr.net, tr.head, frozen)
     return tr
 

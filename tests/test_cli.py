@@ -73,6 +73,14 @@ def test_option_help_shows_the_dataclass_defaults():
     assert checked >= 25
 
 
+def test_every_training_setting_is_a_fit_option():
+    """TrainConfig is the one list of settings: fit offers each of them (momentum included)."""
+    names = {param.name for param in COMMANDS[("fit",)].params}
+    assert set(FIELDS) <= names, sorted(set(FIELDS) - names)
+    with pytest.raises(ConfigError, match="--momentum 1.0: must be in"):
+        resolve(momentum=1.0)
+
+
 def test_choice_options_offer_what_validate_accepts():
     for enum, allowed in ((Amp, AMP_MODES), (Device, DEVICES), (Optim, OPTIMIZERS)):
         assert tuple(e.value for e in enum) == allowed

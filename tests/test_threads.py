@@ -88,7 +88,7 @@ def test_a_frozen_cpu_fit_trains_its_backbone_in_channels_last(demo_data, tmp_pa
 
     cfg = resolve(
         data=str(demo_data), arch="resnet18", weights="none", freeze_backbone=True, image_size=32, epochs=3, workers=0
-    ).validate()
+    )
     rt = make_runtime(cfg.device, cfg.amp, cfg.workers, threads=1)
     data = make_data(cfg, rt)
     tr = trainer_for(cfg, rt, data)
@@ -404,4 +404,4 @@ def test_config_refuses_negative_threads():
     from ec2train.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match="--threads -2"):
-        TrainConfig(threads=-2).validate()
+        TrainConfig(threads=-2)

@@ -51,6 +51,7 @@ def fit(
     ),
     weight_decay: float | None = setting("weight_decay", "Decoupled weight decay (not on biases/norms)."),
     optimizer: Optim | None = setting("optimizer", "Optimizer."),
+    momentum: float | None = setting("momentum", "SGD's (Nesterov) momentum; AdamW does not use it."),
     label_smoothing: float | None = setting("label_smoothing", "Label smoothing."),
     warmup_epochs: int | None = setting("warmup_epochs", "Linear warm-up epochs before cosine decay."),
     patience: int | None = setting(

@@ -104,7 +104,7 @@ def default_space(base: TrainConfig) -> list[Param]:
 def _check_value(where: str, name: str, value: Any, base: TrainConfig) -> None:
     """A searched value must be a valid fit setting on its own (same rules as `fit`)."""
     try:
-        dataclasses.replace(base, **{name: value}).validate()
+        dataclasses.replace(base, **{name: value})  # TrainConfig checks itself
     except ConfigError as exc:
         raise TuneError(f"{where}: {exc}") from None
 
