@@ -78,7 +78,7 @@ def _commit_or_undo(tmp_path: Path, path: Path) -> Path:
 
 class BackgroundWriter:
     """Runs file writes one at a time, in order, in a background thread, so training goes on
-    while a checkpoint is pickled and fsynced (resnet18's last.pt: 134 MB, most of a second).
+    while a checkpoint (a large file) is pickled and fsynced.
 
     Whoever submits must hand over a snapshot that later training steps do not change.
     `wait()` blocks until everything submitted is on disk and re-raises the first error (a

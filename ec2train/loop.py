@@ -23,16 +23,14 @@ from torch import nn
 from ec2train import ddp, hw
 from ec2train import threads as thread_plans
 from ec2train.checkpoint import (
-    CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    CheckpointSaver,
+    Resume,
     ResumeError,
     Trainables,
     TrainState,
-    agreed_checkpoint,
-    check_compatible,
-    checkpoint_payload,
     finished,
     restore,
 )
@@ -51,9 +49,8 @@ from ec2train.data import (
     train_dataset,
 )
 from ec2train.errors import UserError
-from ec2train.export import model_payload, save_model_file
 from ec2train.features import CACHE_DIR, FeatureSettings, feature_loaders
-from ec2train.files import BackgroundWriter, atomic_write_json, atomic_write_text
+from ec2train.files import atomic_write_json, atomic_write_text
 from ec2train.model import build_model, find_head, freeze_backbone, normalization_for
 from ec2train.optim import backbone_lr, effective_lr, group_lrs, lr_lambda, make_optimizer, param_groups
 from ec2train.plots import log_confusion
@@ -307,8 +304,8 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
     env = rt.env
     sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed, batch_size=cfg.batch_size)
     train_loader = make_loader(train_ds, sampler, cfg.batch_size, rt.workers, rt.pin_memory)
-    # The test pass reuses the valid pass's workers: forking a new set at the end cost 0.1-0.25 s
-    # on 2 CPUs (workers started, first batch decoded beside the forward pass).
+    # The test pass reuses the valid pass's workers: a new set forked at the end would start and
+    # decode its first batch beside the forward pass.
     eval_loader = make_loader(
         eval_dataset(valid_samples + test_samples, cfg.image_size),
         SplitSampler({"valid": len(valid_samples), "test": len(test_samples)}, env.rank, env.world_size),
@@ -414,7 +411,7 @@ class FitRun:
     step_model: nn.Module
     train_loader: Any
     valid_loader: Any
-    saver: BackgroundWriter = field(default_factory=BackgroundWriter)  # model.pth and last.pt, rank 0
+    saver: CheckpointSaver  # model.pth and last.pt (rank 0)
 
     @property
     def output(self) -> Path:
@@ -424,20 +421,6 @@ class FitRun:
     def logdir(self) -> Path:
         return Path(self.cfg.logdir) / self.state.run_name
 
-    def payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
-        d = self.data
-        return model_payload(
-            state_dict,
-            arch=self.cfg.arch,
-            class_names=d.class_names,
-            image_size=self.cfg.image_size,
-            mean=d.mean,
-            std=d.std,
-            metrics=metrics,
-            config=self.cfg.to_dict(),
-            class_folders=d.class_folders,
-        )
-
 
 def fit(
     cfg: TrainConfig,
@@ -445,11 +428,12 @@ def fit(
     console=None,
     should_stop: Callable[[], bool] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    resume: Resume | None = None,
 ) -> FitResult:
     """Train, validate every epoch, test the best epoch once, and export. See module doc.
 
-    Resumes from a local checkpoint (cfg.resume: auto, never or a path; run.py fetches remote
-    ones first). should_stop: polled after every step (a spot notice, SIGTERM); when it turns
+    Resumes as `resume` decides (default: checkpoint.Resume.of(cfg), local files only; run.py
+    passes one that fetched a remote checkpoint first). should_stop: polled after every step (a spot notice, SIGTERM); when it turns
     true on any rank, every rank stops, the last completed epoch's checkpoint stays, and the
     result has interrupted=True. on_epoch(epoch, record) runs on every rank after each epoch.
     """
@@ -457,19 +441,18 @@ def fit(
     Reporter(console, rt.env.is_main).log(rt.threads.describe())  # the header's first line
     ddp.setup(rt.env, rt.device)
     try:
-        return _fit(cfg, rt, console=console, should_stop=should_stop, on_epoch=on_epoch)
+        return _fit(cfg, rt, resume or Resume.of(cfg), console=console, should_stop=should_stop, on_epoch=on_epoch)
     finally:
         ddp.cleanup()
 
 
-def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> FitResult:
+def _fit(cfg: TrainConfig, rt: Runtime, resume: Resume, *, console, should_stop, on_epoch) -> FitResult:
     t_start = time.perf_counter()
     report = Reporter(console, rt.env.is_main)
     data = make_data(cfg, rt)
     tr = trainer_for(cfg, rt, data)
-    ckpt = agreed_checkpoint(cfg.resume, Path(cfg.output), rt.env)
+    ckpt = resume.checkpoint(rt.env, cfg, data.class_folders)
     if ckpt is not None:
-        check_compatible(ckpt, cfg, data.class_folders)
         if finished(ckpt, cfg) and ckpt.get("final_metrics"):
             return _already_finished(ckpt, report)
         state = restore(ckpt, tr.parts(), len(data.train_loader))
@@ -510,7 +493,6 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
     writer = TensorBoard(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
-    background = hw.background_work_helps(rt.device_type)
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
         f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else ""
@@ -534,9 +516,23 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         step_model, train_loader, valid_loader = feature_loaders(
             tr.net, tr.head_name, fixed, data.train_sampler, tr.ctx, settings, report.log
         )
-    return FitRun(
-        cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, BackgroundWriter(background)
+    saver = CheckpointSaver(
+        output,
+        tr.parts(),
+        model_meta=dict(
+            arch=cfg.arch,
+            class_names=data.class_names,
+            image_size=cfg.image_size,
+            mean=data.mean,
+            std=data.std,
+            config=cfg.to_dict(),
+            class_folders=data.class_folders,
+        ),
+        checkpoint_meta=dict(config=cfg.to_dict(), class_folders=data.class_folders, world_size=env.world_size),
+        background=hw.background_work_helps(rt.device_type),
+        enabled=env.is_main,
     )
+    return FitRun(cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, saver)
 
 
 def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
@@ -573,10 +569,11 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
         timing.epoch_end()
         for note in timing.take_notes():
             run.report.log(note)
-        record, improved = _end_epoch(run, epoch + 1, meter, seconds, timing.threads())
+        record = _end_epoch(run, epoch + 1, meter, seconds, timing.threads())
         batches = _start_next_epoch(run, epoch + 1)
         if run.rt.env.is_main:
-            _save_epoch(run, record, improved)
+            run.writer.log_epoch(record)
+        run.saver.save_epoch(state)  # rank 0: model.pth if this epoch is the best, and last.pt
         ddp.barrier()
         if on_epoch:
             run.saver.wait()  # the hook may read or upload the files (run.py's S3 mirror)
@@ -587,8 +584,7 @@ def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
 def _start_next_epoch(run: FitRun, epoch: int) -> Iterator | None:
     """The batches of `epoch`, if it will run, with its loader workers already at work: they
     decode its first batches while this epoch's checkpoint is written (one thread on the CPU),
-    not during its first step. Decoded beside a two-thread step, they had made that step 0.3-0.5 s
-    slower (resnet18 at 64 px, 2 CPUs, 1 worker: 1.0-1.2 s against 0.55-0.65 s)."""
+    not beside its first step, which they would slow down (docs/performance.md)."""
     cfg = run.cfg
     if epoch >= cfg.epochs or (cfg.patience and run.state.stale_epochs >= cfg.patience):
         return None
@@ -601,8 +597,8 @@ def _epoch_batches(run: FitRun, epoch: int) -> Iterator:
     return iter(run.train_loader)
 
 
-def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: int) -> tuple[dict[str, Any], bool]:
-    """Validate, count the epoch in the state, log it; returns (history record, improved)."""
+def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: int) -> dict[str, Any]:
+    """Validate, count the epoch in the state, log it; returns its history record."""
     device = run.rt.device
     train = meter.reduced(device).summary()
     valid, _ = evaluate(run.step_model, run.valid_loader, run.tr.ctx, len(run.data.class_folders))
@@ -627,29 +623,7 @@ def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: i
         f"valid loss {valid['loss']:.4f} acc {valid['acc1']:.3f} top5 {valid['acc5']:.3f} | "
         f"{ips:.0f} img/s{'  (best)' if improved else ''}"
     )
-    return record, improved
-
-
-def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
-    """Rank 0: TensorBoard scalars, then model.pth when the epoch is the best and last.pt,
-    written from copies in the background while the next epoch trains (one epoch's files at a
-    time: the previous ones are on disk first); on the CPU only the disk's part is (see
-    hw.background_work_helps). A crash meanwhile leaves the previous, whole checkpoint."""
-    state = run.state
-    run.writer.log_epoch(record)
-    run.saver.wait()
-    if improved:
-        best = run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
-        run.saver.save(best, run.output / MODEL_FILE)
-    checkpoint = checkpoint_payload(
-        state,
-        run.tr.parts(),
-        copies=run.saver.background,  # else pickled right here, before the next step
-        config=run.cfg.to_dict(),
-        class_folders=run.data.class_folders,
-        world_size=run.rt.env.world_size,
-    )
-    run.saver.save(checkpoint, run.output / CHECKPOINT_FILE)
+    return record
 
 
 def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
@@ -680,8 +654,8 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
         "world_size": rt.env.world_size,
         "global_batch": cfg.batch_size * rt.env.world_size,
     }
+    run.saver.save_model(state.best_model, metrics)  # rank 0
     if rt.env.is_main:
-        save_model_file(run.output / MODEL_FILE, run.payload(state.best_model, metrics))
         atomic_write_json(run.output / METRICS_FILE, {**metrics, "history": state.history})
         hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
         run.writer.get().add_hparams(

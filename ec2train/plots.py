@@ -3,8 +3,8 @@ per-class accuracy and the most confused pairs of classes.
 
 Rows of a confusion matrix are true classes, columns predicted ones (as `loop.evaluate` counts them).
 The picture is drawn with Pillow, which every command already imports: matplotlib's import and
-first figure cost about a second at the end of every fit on a small CPU box (0.75 s import, 0.4 s
-per drawing); Pillow draws the same picture in a few hundredths of a second. `confusion_figure`
+first figure would add a noticeable pause at the end of every fit on a small CPU box
+(docs/performance.md). `confusion_figure`
 decides what is drawn where (testable text and geometry), `render` paints it.
 """
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from ec2train import ddp
-from ec2train.checkpoint import seek_schedule
+from ec2train.checkpoint import resume_schedule
 from ec2train.cli import main
 from ec2train.config import TrainConfig, resolve
 from ec2train.data import EvalSampler, TrainSampler, make_demo_dataset, mix_seed
@@ -204,10 +204,16 @@ def test_newest_checkpoint_wins_and_schedule_follows_this_runs_steps():
     assert ddp.holder_of_newest([-1, 3, 3, 1]) == 1
     assert ddp.holder_of_newest([2, -1]) == 0
     # A checkpoint written at 12 steps/epoch resumed with 6 steps/epoch: lr must be where 6/epoch puts it.
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    old_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, lr_lambda(12, 4, 0))
+    for _ in range(12):  # one epoch of the saving run
+        old_opt.step()
+        old.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # this run's lr (e.g. --scale-lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(6, 4, 0))
-    seek_schedule(sched, 6)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr_lambda(6, 4, 0)(6))
+    resume_schedule(sched, old.state_dict(), 6)
+    assert sched.last_epoch == 6 and sched.base_lrs == [0.1]
+    assert opt.param_groups[0]["lr"] == 0.1 * lr_lambda(6, 4, 0)(6)  # bit for bit what the schedule computes
     assert sched.get_last_lr() == [opt.param_groups[0]["lr"]]
     opt.step()
     sched.step()

@@ -25,10 +25,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 @contextlib.contextmanager
 def heavy_imports() -> Iterator[None]:
     """Import torch and the modules that use it with Python's cycle collector paused, then
-    freeze what the imports built. Measured in a 16 s fit on this project's 2-core box: the
-    collector spent 0.9 s of the 6 s import scanning torch's millions of new objects, and 0.5 s
-    more afterwards scanning them again; frozen, they are never scanned again (and DataLoader
-    workers forked later share their pages untouched)."""
+    freeze what the imports built. Otherwise the collector scans torch's millions of new
+    objects during the import and again afterwards (docs/performance.md has the cost); frozen,
+    they are never scanned again (and DataLoader workers forked later share their pages
+    untouched)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

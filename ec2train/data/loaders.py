@@ -145,9 +145,8 @@ def start_workers(loader: DataLoader) -> None:
 
     A process forked later shares every page of the trainer's heap copy-on-write, so the
     trainer then pays a page fault for each page it writes again: forked after the model and a
-    first epoch, 60-85 thousand faults, 0.4-0.8 s of system time in the next step (resnet18 at
-    64 px, batch 32, on this project's 2-CPU build VM). Forked before the model exists, they
-    share little that the trainer writes."""
+    first epoch, tens of thousands of them in the next step (docs/performance.md). Forked
+    before the model exists, they share little that the trainer writes."""
     if loader.num_workers == 0:
         return
     sampler = loader.sampler
