@@ -222,7 +222,9 @@ def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict[st
     with this run's base lrs, one step before; the scheduler's own step() then sets every group's lr."""
     scheduler.load_state_dict({**saved, "base_lrs": list(scheduler.base_lrs), "last_epoch": step - 1})
     with warnings.catch_warnings():  # its order check is for training steps; this positions the schedule
-        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"), category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=re.escape("Detected call of `lr_scheduler.step()`"), category=UserWarning
+        )
         scheduler.step()
 
 

@@ -4,8 +4,9 @@ beyond fit's two hooks (should_stop, on_epoch). Knows nothing of AWS: run.py add
 fit(cfg) trains on train/, picks the best epoch on valid/, tests it once on test/, and
 writes model.pth, last.pt (every epoch), metrics.json and config.toml under cfg.output.
 It reads as phases: device (make_runtime), loaders (make_data), model and optimizer
-(trainer_for), resume (checkpoint.agreed_checkpoint/restore), epochs (_epochs) and test
-(_test); perf.bench reuses the first three.
+(trainer_for), resume (checkpoint.Resume, checkpoint.restore), epochs (_epochs, with
+checkpoint.CheckpointSaver) and test (_test). perf.bench reuses the device phase and
+make_trainer; evaluate.py reuses evaluate.
 """
 
 from __future__ import annotations
@@ -398,7 +399,7 @@ class FitResult:
 
 
 @dataclass
-class FitRun:
+class FitSession:
     """Everything the epochs and the test phase share."""
 
     cfg: TrainConfig
@@ -462,16 +463,18 @@ def _fit(cfg: TrainConfig, rt: Runtime, resume: Resume, *, console, should_stop,
         )
     else:
         state = TrainState.fresh(cfg.arch)
-    run = _start_run(cfg, rt, data, tr, state, report)
+    session = _start_session(cfg, rt, data, tr, state, report)
     try:
-        interrupted = _epochs(run, should_stop, on_epoch)
+        interrupted = _epochs(session, should_stop, on_epoch)
         if interrupted:
-            run.saver.wait()  # the last checkpoint is on disk before fit returns
-            return FitResult(run.output, run.output / MODEL_FILE, run.logdir, {}, state.history, interrupted=True)
-        return _test(run, time.perf_counter() - t_start)  # tests while the last checkpoint is written
+            session.saver.wait()  # the last checkpoint is on disk before fit returns
+            return FitResult(
+                session.output, session.output / MODEL_FILE, session.logdir, {}, state.history, interrupted=True
+            )
+        return _test(session, time.perf_counter() - t_start)  # tests while the last checkpoint is written
     finally:
-        run.saver.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
-        run.writer.close()
+        session.saver.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
+        session.writer.close()
 
 
 def _already_finished(ckpt: dict[str, Any], report: Reporter) -> FitResult:
@@ -485,7 +488,9 @@ def _already_finished(ckpt: dict[str, Any], report: Reporter) -> FitResult:
     return FitResult(folder, folder / MODEL_FILE, logdir, metrics, ckpt["history"], already_finished=True)
 
 
-def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: TrainState, report: Reporter) -> FitRun:
+def _start_session(
+    cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: TrainState, report: Reporter
+) -> FitSession:
     """Open the logs, write config.toml, print the header; with --cache-features compute the
     backbone's features once so the epochs train the head from them."""
     output = Path(cfg.output)
@@ -532,78 +537,78 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         background=hw.background_work_helps(rt.device_type),
         enabled=env.is_main,
     )
-    return FitRun(cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, saver)
+    return FitSession(cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, saver)
 
 
-def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
+def _epochs(session: FitSession, should_stop, on_epoch) -> bool:
     """Phase 5: train and validate each remaining epoch; True when a stop request ended it."""
-    cfg, state, tr = run.cfg, run.state, run.tr
-    timing = ThreadTiming(run.rt.tuner, state.history)
+    cfg, state, tr = session.cfg, session.state, session.tr
+    timing = ThreadTiming(session.rt.tuner, state.history)
 
     batches = None  # the next epoch's batches, when its workers were started early
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.patience and state.stale_epochs >= cfg.patience:
             break
         if batches is None:
-            batches = _epoch_batches(run, epoch)
-        set_train_mode(run.step_model, tr.head, cfg.frozen)
-        run.report.start_epoch(epoch, cfg.epochs, len(run.data.train_sampler))
+            batches = _epoch_batches(session, epoch)
+        set_train_mode(session.step_model, tr.head, cfg.frozen)
+        session.report.start_epoch(epoch, cfg.epochs, len(session.data.train_sampler))
         timing.epoch_start()
         t0 = time.perf_counter()
         meter, interrupted = train_one_epoch(
-            run.step_model,
+            session.step_model,
             batches,
             tr.optimizer,
             tr.scheduler,
             tr.ctx,
             cfg.label_smoothing,
-            on_step=run.report.step,  # one step late: see train_one_epoch
+            on_step=session.report.step,  # one step late: see train_one_epoch
             should_stop=should_stop,
             after_step=timing.step,  # the thread probe times each step as it ends
         )
         seconds = time.perf_counter() - t0
-        run.report.end_epoch()
+        session.report.end_epoch()
         if interrupted:
-            run.report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
+            session.report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
             return True
         timing.epoch_end()
         for note in timing.take_notes():
-            run.report.log(note)
-        record = _end_epoch(run, epoch + 1, meter, seconds, timing.threads())
-        batches = _start_next_epoch(run, epoch + 1)
-        if run.rt.env.is_main:
-            run.writer.log_epoch(record)
-        run.saver.save_epoch(state)  # rank 0: model.pth if this epoch is the best, and last.pt
+            session.report.log(note)
+        record = _end_epoch(session, epoch + 1, meter, seconds, timing.threads())
+        batches = _start_next_epoch(session, epoch + 1)
+        if session.rt.env.is_main:
+            session.writer.log_epoch(record)
+        session.saver.save_epoch(state)  # rank 0: model.pth if this epoch is the best, and last.pt
         ddp.barrier()
         if on_epoch:
-            run.saver.wait()  # the hook may read or upload the files (run.py's S3 mirror)
+            session.saver.wait()  # the hook may read or upload the files (run.py's S3 mirror)
             on_epoch(epoch, record)
     return False
 
 
-def _start_next_epoch(run: FitRun, epoch: int) -> Iterator | None:
+def _start_next_epoch(session: FitSession, epoch: int) -> Iterator | None:
     """The batches of `epoch`, if it will run, with its loader workers already at work: they
     decode its first batches while this epoch's checkpoint is written (one thread on the CPU),
     not beside its first step, which they would slow down (docs/performance.md)."""
-    cfg = run.cfg
-    if epoch >= cfg.epochs or (cfg.patience and run.state.stale_epochs >= cfg.patience):
+    cfg = session.cfg
+    if epoch >= cfg.epochs or (cfg.patience and session.state.stale_epochs >= cfg.patience):
         return None
-    return _epoch_batches(run, epoch)
+    return _epoch_batches(session, epoch)
 
 
-def _epoch_batches(run: FitRun, epoch: int) -> Iterator:
+def _epoch_batches(session: FitSession, epoch: int) -> Iterator:
     """An iterator over `epoch`'s training batches (its shuffle), which starts the loader's work."""
-    run.data.train_sampler.set_epoch(epoch)
-    return iter(run.train_loader)
+    session.data.train_sampler.set_epoch(epoch)
+    return iter(session.train_loader)
 
 
-def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: int) -> dict[str, Any]:
+def _end_epoch(session: FitSession, epoch: int, meter: Meter, seconds: float, threads: int) -> dict[str, Any]:
     """Validate, count the epoch in the state, log it; returns its history record."""
-    device = run.rt.device
+    device = session.rt.device
     train = meter.reduced(device).summary()
-    valid, _ = evaluate(run.step_model, run.valid_loader, run.tr.ctx, len(run.data.class_folders))
+    valid, _ = evaluate(session.step_model, session.valid_loader, session.tr.ctx, len(session.data.class_folders))
     ips = train["images"] / max(seconds, 1e-9)
-    improved = run.state.record(epoch, valid["acc1"], run.tr.net)
+    improved = session.state.record(epoch, valid["acc1"], session.tr.net)
     record = {
         "epoch": epoch,
         "train_loss": train["loss"],
@@ -611,31 +616,31 @@ def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: i
         "valid_loss": valid["loss"],
         "valid_acc1": valid["acc1"],
         "valid_acc5": valid["acc5"],
-        **group_lrs(run.tr.optimizer),
+        **group_lrs(session.tr.optimizer),
         "images_per_second": ips,
         "seconds": seconds,
         "threads": threads,  # torch's intra-op threads from here on: a resumed run keeps them
         "images_per_rank": ddp.gather_counts(meter.count, device),
     }
-    run.state.history.append(record)
-    run.report.log(
-        f"epoch {epoch}/{run.cfg.epochs}: train loss {train['loss']:.4f} acc {train['acc1']:.3f} | "
+    session.state.history.append(record)
+    session.report.log(
+        f"epoch {epoch}/{session.cfg.epochs}: train loss {train['loss']:.4f} acc {train['acc1']:.3f} | "
         f"valid loss {valid['loss']:.4f} acc {valid['acc1']:.3f} top5 {valid['acc5']:.3f} | "
         f"{ips:.0f} img/s{'  (best)' if improved else ''}"
     )
     return record
 
 
-def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
+def _test(session: FitSession, setup_and_train_seconds: float) -> FitResult:
     """Phase 6: test the best epoch once (while the last epoch's files are still being written),
     write model.pth (with the metrics) and metrics.json."""
-    cfg, rt, data, state = run.cfg, run.rt, run.data, run.state
+    cfg, rt, data, state = session.cfg, session.rt, session.data, session.state
     if state.best_model is None:
         raise ResumeError("no epoch finished, so there is no model to test")
     t0 = time.perf_counter()
-    run.tr.net.load_state_dict(state.best_model)
-    test, confusion = evaluate(run.tr.model, data.eval_split("test"), run.tr.ctx, len(data.class_folders))
-    run.saver.wait()  # the last epoch's files are on disk, and model.pth below replaces theirs
+    session.tr.net.load_state_dict(state.best_model)
+    test, confusion = evaluate(session.tr.model, data.eval_split("test"), session.tr.ctx, len(data.class_folders))
+    session.saver.wait()  # the last epoch's files are on disk, and model.pth below replaces theirs
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     trained = state.history
     seconds = sum(h["seconds"] for h in trained)
@@ -654,15 +659,15 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
         "world_size": rt.env.world_size,
         "global_batch": cfg.batch_size * rt.env.world_size,
     }
-    run.saver.save_model(state.best_model, metrics)  # rank 0
+    session.saver.save_model(state.best_model, metrics)  # rank 0
     if rt.env.is_main:
-        atomic_write_json(run.output / METRICS_FILE, {**metrics, "history": state.history})
+        atomic_write_json(session.output / METRICS_FILE, {**metrics, "history": state.history})
         hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        run.writer.get().add_hparams(
+        session.writer.get().add_hparams(
             hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc}, run_name="."
         )
-        missing = log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
+        missing = log_confusion(session.writer.get(), confusion, data.class_names, step=state.best_epoch)
         if missing:
-            run.report.log(f"note: {missing}")
+            session.report.log(f"note: {missing}")
     ddp.barrier()
-    return FitResult(run.output, run.output / MODEL_FILE, run.logdir, metrics, state.history)
+    return FitResult(session.output, session.output / MODEL_FILE, session.logdir, metrics, state.history)

@@ -68,8 +68,8 @@ class Reporter:
 
 
 class TensorBoard:
-    """TensorBoard on rank 0, created in a background thread: importing tensorboard takes about
-    a second that the first epoch need not wait for."""
+    """TensorBoard on rank 0, created in a background thread: importing tensorboard is slow,
+    and the first epoch need not wait for it."""
 
     def __init__(self, logdir: Path | None):
         self._writer = None

@@ -133,12 +133,12 @@ def test_fit_summary_lists_last_pt_and_predict_calls_it_a_checkpoint(capsys, dem
 
 QUICK_EXIT = """
 import atexit, sys, threading, time
-from ec2train.cli import run
+from ec2train.cli import program
 atexit.register(lambda: print("atexit ran", flush=True))
 if sys.argv[1] == "thread":  # a thread Python waits for: the exit must wait too
     threading.Thread(target=lambda: (time.sleep(1), print("thread done", flush=True))).start()
 sys.argv = ["ec2train", *sys.argv[2:]]
-run()
+program()
 print("not reached")
 """
 
@@ -173,7 +173,7 @@ def test_output_lost_at_exit_is_not_a_success():
 
 def test_console_script_entry_point_is_the_package_main():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert 'ec2train = "ec2train.cli:run"' in text
+    assert 'ec2train = "ec2train.cli:program"' in text
     res = subprocess.run(
         [sys.executable, "-c", "from ec2train.cli import main; main(['--help'])"],
         capture_output=True,

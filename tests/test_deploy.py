@@ -475,7 +475,7 @@ def test_create_function_waits_for_iam_propagation(aws, code_dir):
             )
         sleeps.append(seconds)
 
-    runner = deploy.Runner("us-east-1", sleep=sleep, console=_quiet())
+    runner = deploy.StepRunner("us-east-1", sleep=sleep, console=_quiet())
     runner.run([create])
     assert sleeps == [2]
     assert runner.sent == ["lambda:create_function", "lambda:create_function"]
@@ -488,7 +488,7 @@ def test_create_function_waits_for_iam_propagation(aws, code_dir):
     )
     slept = []
     with pytest.raises(deploy.DeployError, match="cannot be assumed"):
-        deploy.Runner("us-east-1", sleep=slept.append, console=_quiet()).run([never])
+        deploy.StepRunner("us-east-1", sleep=slept.append, console=_quiet()).run([never])
     assert slept == [1, 1]
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def run() -> None:
+def program() -> None:
     """The `ec2train` program (console script and `python -m ec2train`): main(), then a quick
     exit. Python's own exit tears down every module, and after torch and torchvision that
     takes seconds, which every command would pay (docs/performance.md). A
@@ -96,4 +96,4 @@ def quick_exit(code: int | str | None) -> NoReturn:
 
 
 if __name__ == "__main__":
-    run()
+    program()

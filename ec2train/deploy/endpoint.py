@@ -22,7 +22,7 @@ from ec2train.deploy.names import (
     is_managed,
     tags_list,
 )
-from ec2train.deploy.plan import UNKNOWN, Runner, Step, dry_run_header, resolve_region
+from ec2train.deploy.plan import UNKNOWN, Step, StepRunner, dry_run_header, resolve_region
 
 SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
 # States in which SageMaker refuses an update: the user waits for it to settle.
@@ -210,7 +210,7 @@ def endpoint_plan(
     return steps
 
 
-def _discover_endpoint(runner: Runner, name: str) -> EndpointNow | None:
+def _discover_endpoint(runner: StepRunner, name: str) -> EndpointNow | None:
     d = runner.read("sagemaker", "describe_endpoint", EndpointName=name)
     if d is None:
         return None
@@ -223,7 +223,7 @@ def _discover_endpoint(runner: Runner, name: str) -> EndpointNow | None:
     return EndpointNow(d["EndpointStatus"], d["EndpointConfigName"], managed, models, cfg_managed)
 
 
-def _current_endpoint(runner: Runner, name: str) -> EndpointNow | Any:
+def _current_endpoint(runner: StepRunner, name: str) -> EndpointNow | Any:
     """What the plan starts from: UNKNOWN in a dry run; else the endpoint found, if it may be changed."""
     if runner.dry_run:
         dry_run_header(
@@ -284,12 +284,12 @@ def deploy_endpoint(
     wait: bool = True,
     wait_timeout: float = 1800.0,
     console: Any = None,
-    runner: Runner | None = None,
+    runner: StepRunner | None = None,
 ) -> dict[str, Any]:
     """Create (or update) the model, endpoint configuration and endpoint; wait for InService."""
     spec.check()
     region = resolve_region(region)
-    runner = runner or Runner(region, dry_run=dry_run, console=console, wait_timeout=wait_timeout)
+    runner = runner or StepRunner(region, dry_run=dry_run, console=console, wait_timeout=wait_timeout)
     current = _current_endpoint(runner, spec.name)
     model, config = endpoint_requests(spec, region)
     if current not in (None, UNKNOWN) and current.config == config["EndpointConfigName"]:
