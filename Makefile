@@ -41,10 +41,12 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
-## make lint: ruff (lint + format check) on the code, tests and benchmarks; shellcheck on infra/
+## make lint: ruff (lint + format check) on the code, tests and benchmarks; mypy on ec2train/
+## (settings in pyproject.toml); shellcheck on infra/
 lint: install-dev
 	$(BIN)/ruff check ec2train tests bench
 	$(BIN)/ruff format --check ec2train tests bench
+	$(BIN)/mypy
 	$(BIN)/shellcheck infra/*.sh
 
 ## make bench: the benchmarks in bench/ (each prints ratios against a baseline run alongside; ~15 min on 2 cores)
@@ -53,4 +55,4 @@ bench: install-dev
 		$(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache
+	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache .mypy_cache

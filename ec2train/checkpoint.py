@@ -155,6 +155,7 @@ class Resume:
         if src is None:
             return None
         ckpt = ddp.broadcast_object(offer if env.rank == src else None, src=src)
+        assert ckpt is not None  # src holds the newest checkpoint
         check_compatible(ckpt, cfg, class_folders)
         return ckpt
 
@@ -244,7 +245,7 @@ def with_this_runs_groups(saved: dict[str, Any], optimizer: torch.optim.Optimize
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -408,7 +409,7 @@ class CheckpointSaver:
         if not self.enabled:
             return
         self._writer.wait()
-        if state.best_epoch == state.epoch:  # this epoch is the best so far
+        if state.best_epoch == state.epoch and state.best_model is not None:  # this epoch is the best so far
             best = self.model_file(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
             self._writer.save(best, self.output / MODEL_FILE)
         # Copied unless written in this thread: then pickled right here, before the next step.

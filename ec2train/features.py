@@ -131,6 +131,7 @@ def compute_features(net: nn.Module, head: nn.Module, loader, ctx, n: int) -> tu
     feats, labels = _forward_shard(net, head, loader, ctx)
     # Rank 0 always has images (EvalSampler gives it index 0), so it tells the others the shape.
     shape = ddp.broadcast_object(tuple(feats[0].shape[1:]) if feats else None)
+    assert shape is not None  # rank 0's, never empty
     out = torch.zeros((n, *shape), dtype=torch.float32)
     out_labels = torch.zeros(n, dtype=torch.int64)
     if feats:
@@ -194,7 +195,7 @@ def split_features(
     cached = _load(path, key) if path and path.is_file() else None
     # Every rank must take the same branch (the computation below is collective); on several
     # nodes, a cache on one node's disk does not help the others.
-    if not ddp.any_rank(cached is None):
+    if not ddp.any_rank(cached is None) and cached is not None:  # (no rank misses it, this one included)
         log(f"{split}: {len(dataset)} images' features read from {path}")
         return cached
     env = ddp.env_from()

@@ -19,7 +19,7 @@ import torch
 from ec2train.errors import UserError
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write through a temp file in the same folder, fsync, then os.replace: all or nothing.
 
     The file gets the mode any new file gets (0666 less the umask). A full disk is one line

@@ -26,7 +26,9 @@ class AmpPolicy:
 
     @property
     def name(self) -> str:
-        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "off") if self.enabled else "off"
+        if not self.enabled or self.dtype is None:
+            return "off"
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "off")
 
 
 def supports_bf16(capability: tuple[int, int] | None) -> bool:

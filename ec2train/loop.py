@@ -369,7 +369,8 @@ def make_trainer(
     if cfg.frozen:
         freeze_backbone(net)
     use_cl = hw.use_channels_last(cfg.channels_last, rt.device_type, cfg.frozen)
-    net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)
+    # Module.to takes memory_format, which its type stubs leave out.
+    net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)  # type: ignore[call-overload]
     groups = param_groups(net, head_name, lr, backbone_lr(cfg, lr), cfg.weight_decay)
     opt = make_optimizer(cfg.optimizer, groups, lr, cfg.momentum, rt.device_type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at_step)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 # The per-epoch numbers fit plots, in TensorBoard's groups (train/..., valid/...) or alone.
 SCALARS = (
@@ -29,8 +29,8 @@ class Reporter:
     def __init__(self, console, enabled: bool):
         self.enabled = enabled and console is not None
         self.console = console
-        self.progress = None
-        self.task = None
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
 
     def log(self, msg: str) -> None:
         if self.enabled:
@@ -39,7 +39,7 @@ class Reporter:
     def start_epoch(self, epoch: int, epochs: int, total: int) -> None:
         if not self.enabled:
             return
-        self.progress = Progress(
+        progress = self.progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{epochs}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -48,12 +48,12 @@ class Reporter:
             console=self.console,
             transient=False,
         )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, loss=0.0, acc=0.0, ips=0.0)
+        progress.start()
+        self.task = progress.add_task("train", total=total, loss=0.0, acc=0.0, ips=0.0)
         self._t0, self._n, self._loss, self._acc = time.perf_counter(), 0, 0.0, 0.0
 
     def step(self, n: int, loss: float, acc: float) -> None:
-        if not self.progress:
+        if not self.progress or self.task is None:
             return
         self._n += n
         self._loss += loss * n
@@ -72,8 +72,8 @@ class TensorBoard:
     and the first epoch need not wait for it."""
 
     def __init__(self, logdir: Path | None):
-        self._writer = None
-        self._thread = None
+        self._writer: Any = None  # torch.utils.tensorboard.SummaryWriter, imported in the thread
+        self._thread: threading.Thread | None = None
         if logdir is not None:
             self._thread = threading.Thread(target=self._open, args=(logdir,), name="ec2train-tensorboard", daemon=True)
             self._thread.start()

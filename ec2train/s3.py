@@ -105,7 +105,7 @@ def _s3(client: Any | None) -> Any:
 # ---------------------------------------------------------------- errors
 
 
-def _client_error(exc: BaseException) -> Any | None:
+def _client_error(exc: BaseException | None) -> Any | None:
     """The botocore ClientError behind exc (boto3's transfer layer wraps it), if any."""
     from botocore.exceptions import ClientError
 

@@ -205,8 +205,12 @@ def test_bad_values_are_refused(var, value):
 
 
 def test_endpoint_names_follow_sagemakers_rule():
+    """Every name SageMaker accepts renders, as the one endpoint's ARN, lowercased (IAM compares
+    endpoint ARNs in lowercase: a mixed-case Resource would never match)."""
     for name in ["a", "dogs", "Dog-Breeds-2", "a--b", "x" * 63]:
-        render_policy("lambda-invoke-endpoint", **{**VARS, "EndpointName": name})
+        invoke = render_policy("lambda-invoke-endpoint", **{**VARS, "EndpointName": name})["Statement"][0]
+        assert invoke["Action"] == "sagemaker:InvokeEndpoint"
+        assert invoke["Resource"] == f"arn:aws:sagemaker:us-east-1:123456789012:endpoint/{name.lower()}"
 
 
 def test_unknown_templates_are_refused():

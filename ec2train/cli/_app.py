@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import typer
 from rich.console import Console
@@ -93,11 +93,18 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, [(v, v) for v in values], type=str)  # type: ignore[return-value]
 
 
-Amp = _choices("Amp", AMP_MODES)
-Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
-Device = _choices("Device", DEVICES)
-Optim = _choices("Optim", OPTIMIZERS)
-SpotWatch = _choices("SpotWatch", WATCH_MODES)
+if TYPE_CHECKING:  # the checker sees enums; the values come from the tuples below
+    Amp: TypeAlias = Enum
+    Compile: TypeAlias = Enum
+    Device: TypeAlias = Enum
+    Optim: TypeAlias = Enum
+    SpotWatch: TypeAlias = Enum
+else:
+    Amp = _choices("Amp", AMP_MODES)
+    Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
+    Device = _choices("Device", DEVICES)
+    Optim = _choices("Optim", OPTIMIZERS)
+    SpotWatch = _choices("SpotWatch", WATCH_MODES)
 
 
 MODEL_HELP = "Model file written by `ec2train fit`."
@@ -105,7 +112,7 @@ THREADS_HELP = (
     "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its "
     "loader workers or decode thread (docs/performance.md)."
 )
-DEFAULT_MODEL = Path(FIELDS["output"].default, "model.pth")  # where fit puts the model with its defaults
+DEFAULT_MODEL = Path(str(FIELDS["output"].default), "model.pth")  # where fit puts the model with its defaults
 
 
 def value(x: Any) -> Any:

@@ -356,8 +356,8 @@ def _print_predictions(answers: list) -> None:
         console.print(table)
         return
     table = Table()
-    for name, justify in (("image", "left"), ("class", "left"), ("probability", "right"), ("next", "left")):
-        table.add_column(name, justify=justify, overflow="fold")
+    for name in ("image", "class", "probability", "next"):
+        table.add_column(name, justify="right" if name == "probability" else "left", overflow="fold")
     for a in answers:
         if a.error:
             table.add_row(escape(a.path), f"[red]error: {escape(a.error)}[/red]", "", "")
@@ -511,14 +511,8 @@ def _print_tune_table(result) -> None:
         title=f"study {result.study.study_name}: {len(result.rows)} trials, "
         f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
     )
-    for col, justify in (
-        ("trial", "right"),
-        ("state", "left"),
-        ("valid acc", "right"),
-        ("epochs", "right"),
-        ("params", "left"),
-    ):
-        table.add_column(col, justify=justify)
+    for col in ("trial", "state", "valid acc", "epochs", "params"):
+        table.add_column(col, justify="left" if col in ("state", "params") else "right")
     for r in sorted(result.rows, key=lambda r: r["number"]):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         note = f" [red]{escape(r['error'])}[/red]" if r["error"] else ""

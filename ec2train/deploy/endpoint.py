@@ -156,10 +156,11 @@ def _cleanup_after_update(current: EndpointNow, new_model: str) -> list[Step]:
 def endpoint_plan(
     spec: EndpointSpec, region: str, current: EndpointNow | None | Any, *, wait: bool = True
 ) -> list[Step]:
+    """current: what a real run found (None: no endpoint), or UNKNOWN (a dry run cannot read)."""
     model, config = endpoint_requests(spec, region)
     name, new_config = spec.name, config["EndpointConfigName"]
-    found = current not in (None, UNKNOWN)
-    if found and current.config == new_config and current.status != "Failed":
+    found = current if isinstance(current, EndpointNow) else None
+    if found and found.config == new_config and found.status != "Failed":
         # Already serving exactly this: nothing to create (names carry a hash of the content).
         return [_in_service(name, new_config)] if wait else []
     steps = [
@@ -187,9 +188,9 @@ def endpoint_plan(
     if current is UNKNOWN:
         create.if_exists = [update]
         steps.append(create)
-    elif current is None:
+    elif found is None:
         steps.append(create)
-    elif current.status == "Failed":
+    elif found.status == "Failed":
         steps += [
             Step(
                 "sagemaker",
@@ -201,12 +202,12 @@ def endpoint_plan(
             Step("sagemaker", "wait:endpoint_deleted", {"EndpointName": name}),
             create,
         ]
-    elif current.config != new_config:
+    elif found.config != new_config:
         steps.append(update)
     if wait:
         steps.append(_in_service(name, new_config))
-        if found and current.config != new_config and current.config_managed:
-            steps += _cleanup_after_update(current, model["ModelName"])
+        if found and found.config != new_config and found.config_managed:
+            steps += _cleanup_after_update(found, model["ModelName"])
     return steps
 
 

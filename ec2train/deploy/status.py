@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from ec2train.deploy.names import is_managed, scalable_target
@@ -70,7 +71,7 @@ def _endpoint_summary(ep: dict[str, Any], cfg: dict[str, Any]) -> tuple[dict[str
         "status": ep.get("EndpointStatus"),
         "failure_reason": ep.get("FailureReason"),
         "config": ep.get("EndpointConfigName"),
-        "created": created.isoformat() if hasattr(created, "isoformat") else created,
+        "created": created.isoformat() if isinstance(created, datetime) else created,
         "variants": variants,
     }
     billing = []
