@@ -34,6 +34,7 @@ ROOT = get_command(app)
 COMMANDS = dict(_commands(ROOT))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
 def test_help_at_80_columns_shows_every_option_name_whole(path):
     res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
@@ -46,6 +47,7 @@ def test_help_at_80_columns_shows_every_option_name_whole(path):
                 assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", res.output), (name, res.output)
 
 
+@pytest.mark.fast
 def test_a_misspelt_option_suggests_the_closest_one_only(capsys):
     code, _, err = cli_in_process(capsys, "fit", "--epoch", "3")
     assert code == 2 and "--epochs" in err, err
@@ -54,6 +56,7 @@ def test_a_misspelt_option_suggests_the_closest_one_only(capsys):
     assert code == 2 and "--name" in err, err
 
 
+@pytest.mark.fast
 def test_option_help_shows_the_dataclass_defaults():
     """Each fit option that is a TrainConfig field states that field's default, written once."""
     fit = COMMANDS[("fit",)]
@@ -73,6 +76,7 @@ def test_option_help_shows_the_dataclass_defaults():
     assert checked >= 25
 
 
+@pytest.mark.fast
 def test_every_training_setting_is_a_fit_option():
     """TrainConfig is the one list of settings: fit offers each of them (momentum included)."""
     names = {param.name for param in COMMANDS[("fit",)].params}
@@ -81,6 +85,7 @@ def test_every_training_setting_is_a_fit_option():
         resolve(momentum=1.0)
 
 
+@pytest.mark.fast
 def test_choice_options_offer_what_validate_accepts():
     for enum, allowed in ((Amp, AMP_MODES), (Device, DEVICES), (Optim, OPTIMIZERS)):
         assert tuple(e.value for e in enum) == allowed
@@ -98,6 +103,7 @@ def test_archs_prints_columns_that_fit_the_terminal():
     assert sorted(res.stdout.split()) == sorted(classification_archs())
 
 
+@pytest.mark.fast
 def test_nproc_per_node_relays_the_arguments_main_was_given(monkeypatch, capsys):
     """main(argv) in a process whose sys.argv says something else: torchrun gets argv's fit options."""
     import ec2train.cli.train as train_cli
@@ -183,6 +189,7 @@ def test_console_script_entry_point_is_the_package_main():
     assert res.returncode == 0 and "fit" in res.stdout and "deploy" in res.stdout, res.stderr
 
 
+@pytest.mark.fast
 def test_heavy_imports_pause_the_collector_then_freeze_what_they_built():
     import gc
 

@@ -133,6 +133,7 @@ def test_architecture_whose_head_is_not_last_is_refused(data: Path, tmp_path: Pa
         run(data, tmp_path / "sq", arch="squeezenet1_1", image_size=64, epochs=1, cache_features=True)
 
 
+@pytest.mark.fast
 def test_help_says_augmentation_is_off(capsys):
     from typer.testing import CliRunner
 

@@ -40,6 +40,7 @@ ME = {"instance": "i-1", "instance_type": "g4dn.xlarge", "lifecycle": "spot"}
 # --------------------------------------------------------------------------- status decisions
 
 
+@pytest.mark.fast
 def test_attempts_interruptions_and_the_failure_cap():
     s, d = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
     assert d == "run" and s["state"] == "starting" and s["attempts"][0]["instance"] == "i-1"
@@ -59,6 +60,7 @@ def test_attempts_interruptions_and_the_failure_cap():
     assert state.begin_attempt(s, spec(), {**ME, "instance": "i-5"}, 1600)[1] == "end" and len(s["attempts"]) == 3
 
 
+@pytest.mark.fast
 def test_success_the_deadline_and_a_live_predecessor():
     s, _ = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
     assert state.end_attempt(dict(s), spec(), 0, [], 1020)[1] == "end"
@@ -71,6 +73,7 @@ def test_success_the_deadline_and_a_live_predecessor():
     assert not state.previous_alive(s, "i-1", 1020)  # our own
 
 
+@pytest.mark.fast
 def test_progress_reads_fits_epoch_lines():
     log = "epoch 1/3 ━━━ 16/192\nepoch 1/3: train loss 1.0\nepoch 2/3: train loss 0.9\n"
     assert state.progress(log) == (2, 3) and state.progress("nothing yet") == (0, None)
@@ -104,12 +107,14 @@ def test_the_last_sync_counts_an_epoch_fit_logged_after_the_previous_one(aws, tm
 # --------------------------------------------------------------------------- cost
 
 
+@pytest.mark.fast
 def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller():
     assert cost.spot_types("g4dn.xlarge") == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge", "g4dn.8xlarge"]
     assert cost.spot_types("g5.12xlarge") == ["g5.12xlarge", "g5.24xlarge"]  # 4 GPUs each
     assert cost.spot_types("x9.huge") == ["x9.huge"]
 
 
+@pytest.mark.fast
 def test_cost_estimate_prices_each_attempt_by_its_type_and_market():
     st = {
         "attempts": [
@@ -135,6 +140,7 @@ def fake_proc(tmp_path: Path, *cmdlines: str) -> Path:
     return proc
 
 
+@pytest.mark.fast
 def test_autostop_decision():
     assert autostop.decide(100, None, 30, busy=False) == (100, False)  # first check: the full period starts
     assert autostop.decide(200, 100, 30, busy=True) == (200, False)
@@ -142,6 +148,7 @@ def test_autostop_decision():
     assert autostop.decide(100 + 30 * 60, 100, 30, busy=False) == (100, True)
 
 
+@pytest.mark.fast
 def test_autostop_sees_training_and_sessions(tmp_path):
     idle = fake_proc(
         tmp_path / "a",
@@ -189,6 +196,7 @@ def test_autostop_check_keeps_state_and_the_command_powers_off_only_when_idle_lo
 # --------------------------------------------------------------------------- fit arguments
 
 
+@pytest.mark.fast
 def test_fit_args():
     assert check_fit_args(["fit", "--epochs", "3"]) == ["--epochs", "3"] == check_fit_args(["--epochs", "3"])
     for bad in (["tune"], ["fit", "--resume", "never"], ["fit", "--output=x"]):
@@ -196,6 +204,7 @@ def test_fit_args():
             check_fit_args(bad)
 
 
+@pytest.mark.fast
 def test_on_spot_the_runner_has_fit_watch_for_the_notice_unless_the_job_chose(tmp_path):
     from ec2train.job.runner import Attempt, fit_command
 

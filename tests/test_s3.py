@@ -209,6 +209,7 @@ def test_multipart_upload_is_verified_and_a_damaged_object_is_refused_on_downloa
     assert [p.name for p in back.parent.iterdir()] == ["big.bin"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "uri, message",
     [

@@ -79,6 +79,7 @@ def _writer_threads() -> int:
 # ---------------------------------------------------------------- pure parts
 
 
+@pytest.mark.fast
 def test_each_worker_gets_its_gpu():
     assert visible_gpus(None, 4) == ["0", "1", "2", "3"]
     assert visible_gpus("2,3", 2) == ["2", "3"]  # the box's ids, as the parent sees them
@@ -95,6 +96,7 @@ def test_each_worker_gets_its_gpu():
         worker_count(0, [], "auto")
 
 
+@pytest.mark.fast
 def test_durations():
     assert parse_duration("90s") == 90
     assert parse_duration("30m") == 1800
@@ -106,6 +108,7 @@ def test_durations():
             parse_duration(bad)
 
 
+@pytest.mark.fast
 def test_trials_stopped_by_ctrl_c_do_not_count():
     study = optuna.create_study(direction="maximize")
     make = optuna.trial.create_trial
@@ -117,6 +120,7 @@ def test_trials_stopped_by_ctrl_c_do_not_count():
     assert counted_trials(study) == 3
 
 
+@pytest.mark.fast
 def test_space_file_overrides_defaults_and_rejects_bad_ranges(tmp_path):
     base = resolve(**FIXED, epochs=3)
     f = tmp_path / "space.toml"
