@@ -26,7 +26,8 @@ class ConfigError(UserError):
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
-CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "amp": AMP_MODES}
+LOADERS = ("auto", "cpu", "gpu")  # who decodes the images: hw.choose_loader
+CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "amp": AMP_MODES, "loader": LOADERS}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | fp16 | bf16 | off
     workers: int = -1  # -1: from the CPUs available per process
+    loader: str = "auto"  # auto | cpu | gpu: who decodes and transforms the images (hw.choose_loader)
     threads: int = 0  # torch CPU threads per process; 0: hw.thread_plan decides (never more than the free cores)
     channels_last: bool = True  # applied on CUDA, and on the CPU to a frozen backbone (hw.use_channels_last)
     compile: bool = False

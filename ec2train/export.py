@@ -18,6 +18,7 @@ import ec2train
 from ec2train.errors import UserError
 from ec2train.files import atomic_torch_save, atomic_write, atomic_write_text
 from ec2train.model import MODEL_FILE, MODEL_FORMAT, clean_state_dict, read_model_file
+from ec2train.names import csv_cell
 
 
 def versions() -> dict[str, str]:
@@ -107,7 +108,13 @@ def package_model(model_path: str | Path, out: str | Path) -> Path:
 
 
 def write_confusion_csv(path: str | Path, confusion: list[list[int]], class_names: list[str]) -> Path:
-    """The confusion matrix as CSV: a header of predicted names, then one row per true class."""
-    lines = ["true\\predicted," + ",".join(json.dumps(n) for n in class_names)]
-    lines += [json.dumps(n) + "," + ",".join(map(str, row)) for n, row in zip(class_names, confusion)]
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+    """The confusion matrix as CSV: a header of predicted names, then one row per true class.
+    Names are `names.csv_cell`s: one line each, and never taken for a spreadsheet formula."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["true\\predicted", *map(csv_cell, class_names)])
+    writer.writerows([csv_cell(n), *row] for n, row in zip(class_names, confusion))
+    return atomic_write_text(path, buf.getvalue())

@@ -62,13 +62,30 @@ def _undone_on_error(path: Path, tmp_path: Path):
                 free = shutil.disk_usage(path.parent).free
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        if free is not None and (full or free < (1 << 20)):
-            raise UserError(
-                f"disk full: cannot write {path.name} in {path.parent} ({free / 2**20:.1f} MiB free); "
-                "free some space or choose another output folder"
-            ) from None
+        if free is not None and (is_disk_full(exc) or free < (1 << 20)):
+            raise disk_full_error(f"cannot write {path.name} in {path.parent}", path.parent, free) from None
         raise
+
+
+def human_bytes(n: int) -> str:
+    """1.50 GiB, 3.2 MiB, 30 KiB."""
+    if n >= 1 << 30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 1 << 20 else f"{n / 2**10:.0f} KiB"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(what: str, folder: Path, free: int | None = None) -> UserError:
+    """The one line for a full disk: `disk full: WHAT (N MiB free); free some space ...`, with the
+    free space of `folder` (measured now unless given)."""
+    if free is None:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+    room = "free space unknown" if free is None else f"{free / 2**20:.1f} MiB free"
+    return UserError(f"disk full: {what} ({room}); free some space or choose another output folder")
 
 
 def _commit_or_undo(tmp_path: Path, path: Path) -> Path:

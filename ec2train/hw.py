@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ec2train.config import LOADERS
 from ec2train.errors import UserError
 
 
@@ -110,6 +111,68 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
         if size >= n:
             return size
     raise ValueError(f"a batch of {n} is larger than the largest compiled batch size {buckets[-1]}")
+
+
+# `--loader auto` picks the GPU loader only once bench/gpu_check.py has passed with it on a GPU
+# (as `--compile auto` leaves GPUs eager until measured): set this with that run in
+# docs/performance.md. Until then the GPU loader is opt-in (`--loader gpu`).
+GPU_LOADER_VERIFIED = False
+# Few CPUs per GPU: g4dn.xlarge and g5.xlarge have 4, the .2xlarge sizes 8. Above this the
+# CPU loader's workers are left to do the decoding.
+GPU_LOADER_MAX_CPUS = 8
+GPU_LOADER_MIN_JPEG_SHARE = 0.5  # the GPU loader decodes JPEGs only: the rest go to the workers
+
+
+@dataclass(frozen=True)
+class LoaderChoice:
+    kind: str  # "cpu": workers decode and transform; "gpu": workers read files, the device decodes
+    why: str  # one line for fit's header
+
+
+def choose_loader(
+    requested: str,
+    device_type: str,
+    jpeg_share: float,
+    cpus_per_process: int,
+    decode_problem: str | None = None,
+    verified: bool | None = None,
+) -> LoaderChoice:
+    """Which loader decodes the images. cpu and gpu are as asked (gpu on a CPU device runs the
+    GPU loader's code on the CPU); auto picks the GPU loader when it pays (a CUDA device, JPEG
+    data, few CPUs per process) and it has been verified on a GPU. decode_problem: why the
+    device cannot decode JPEGs (data.gpu.device_decode_problem), if it cannot; verified: None
+    reads GPU_LOADER_VERIFIED. Pure."""
+    verified = GPU_LOADER_VERIFIED if verified is None else verified
+    if requested not in LOADERS:
+        raise HardwareError(f"--loader {requested}: must be one of {', '.join(LOADERS)}")
+    if requested == "cpu":
+        return LoaderChoice("cpu", "cpu loader (--loader cpu): workers decode and transform")
+    if requested == "gpu":
+        if decode_problem:
+            raise HardwareError(
+                f"--loader gpu: torchvision cannot decode JPEGs on this device ({decode_problem}); use --loader cpu"
+            )
+        if device_type != "cuda":
+            return LoaderChoice(
+                "gpu",
+                "gpu loader (--loader gpu) on the CPU: this process decodes and transforms each batch, "
+                "its workers read files (slower than --loader cpu here; it runs the GPU path without a GPU)",
+            )
+        mixed = f"; {1 - jpeg_share:.0%} of the files are not JPEGs: workers decode those" if jpeg_share < 1 else ""
+        return LoaderChoice("gpu", f"gpu loader (--loader gpu): workers read files, the GPU decodes{mixed}")
+    if device_type != "cuda":
+        return LoaderChoice("cpu", "cpu loader: no GPU")
+    if not verified:
+        return LoaderChoice(
+            "cpu", "cpu loader: auto keeps it until bench/gpu_check.py has passed on a GPU; --loader gpu opts in"
+        )
+    if jpeg_share < GPU_LOADER_MIN_JPEG_SHARE:
+        return LoaderChoice("cpu", f"cpu loader: {jpeg_share:.0%} of the files are JPEGs")
+    if cpus_per_process > GPU_LOADER_MAX_CPUS:
+        return LoaderChoice("cpu", f"cpu loader: {cpus_per_process} CPUs for this process keep the GPU fed")
+    if decode_problem:
+        return LoaderChoice("cpu", f"cpu loader: torchvision cannot decode JPEGs on the GPU ({decode_problem})")
+    return LoaderChoice("gpu", f"gpu loader: {cpus_per_process} CPUs for this GPU, JPEG data; the GPU decodes")
 
 
 def use_pin_memory(device_type: str) -> bool:

@@ -49,6 +49,8 @@ from ec2train.data import (
     start_workers,
     train_dataset,
 )
+from ec2train.data.encoded import EncodedBatch, EncodedDataset
+from ec2train.data.gpu import decode_batch, select_loader
 from ec2train.errors import UserError
 from ec2train.features import CACHE_DIR, FeatureSettings, feature_loaders
 from ec2train.files import atomic_write_json, atomic_write_text
@@ -112,7 +114,9 @@ class StepContext:
     def autocast(self):
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp.dtype, enabled=self.amp.enabled)
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, images, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, EncodedBatch):  # the GPU loader's: decoded and transformed here
+            images = decode_batch(images, self.device)
         images = images.to(self.device, non_blocking=True)
         channels_last = self.channels_last and images.dim() == 4
         if images.dtype == torch.uint8:
@@ -280,10 +284,11 @@ class Data:
     train_samples: list
     valid_samples: list
     test_samples: list
-    train_ds: ImageDataset
+    train_ds: ImageDataset | EncodedDataset
     train_sampler: TrainSampler
     train_loader: Any
     eval_loader: Any  # valid then test, one set of workers (SplitSampler); `eval_split` picks one
+    loader_choice: hw.LoaderChoice | None = None  # who decodes: the workers (cpu) or the device (gpu)
 
     def eval_split(self, split: str) -> Any:
         """The eval loader, reading `split` ("valid" or "test") from its next pass."""
@@ -301,14 +306,17 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
     _, train_samples = scan_split(cfg.data, "train", class_folders)
     _, valid_samples = scan_split(cfg.data, "valid", class_folders)
     _, test_samples = scan_split(cfg.data, "test", class_folders)
-    train_ds = train_dataset(train_samples, cfg.image_size, cfg.augment)
     env = rt.env
+    cpus = (thread_plans.available_cpus() or 1) // max(1, env.local_world_size)
+    choice = select_loader(cfg.loader, rt.device, [p for p, _ in train_samples], cpus)
+    on_device = choice.kind == "gpu"
+    train_ds = train_dataset(train_samples, cfg.image_size, cfg.augment, on_device)
     sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed, batch_size=cfg.batch_size)
     train_loader = make_loader(train_ds, sampler, cfg.batch_size, rt.workers, rt.pin_memory)
     # The test pass reuses the valid pass's workers: a new set forked at the end would start and
     # decode its first batch beside the forward pass.
     eval_loader = make_loader(
-        eval_dataset(valid_samples + test_samples, cfg.image_size),
+        eval_dataset(valid_samples + test_samples, cfg.image_size, on_device),
         SplitSampler({"valid": len(valid_samples), "test": len(test_samples)}, env.rank, env.world_size),
         cfg.batch_size,
         rt.workers,
@@ -329,6 +337,7 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
         sampler,
         train_loader,
         eval_loader,
+        choice,
     )
 
 
@@ -509,6 +518,7 @@ def _start_session(
         f"world size {env.world_size}, per-rank batch {cfg.batch_size}, global batch {cfg.batch_size * env.world_size}, "
         f"{lrs}, {rt.workers} loader workers per process{', SyncBatchNorm' if rt.sync_bn else ''}"
         + (f", {backend} process group" if (backend := ddp.backend_name()) else "")
+        + (f"\n{data.loader_choice.why}" if data.loader_choice else "")
     )
     step_model, train_loader, valid_loader = tr.model, data.train_loader, data.eval_split("valid")
     if cfg.cache_features:

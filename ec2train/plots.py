@@ -21,12 +21,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ec2train.files import atomic_write
+from ec2train.names import printable
 
 # Up to this many classes each cell shows its count and both axes show names;
 # above it the colour scale carries the values and the columns are numbered.
 ANNOTATE_MAX = 20
 NAMES_ON_BOTH_AXES_MAX = 40
 LABEL_CHARS = 36  # fits every dogImages breed; longer class names are cut, with an ellipsis, in tick labels
+PAIR_CHARS = 2 * LABEL_CHARS  # and in the list of most confused pairs
 TOP_K = 10
 PIPE, ESCAPED_PIPE = "|", "\\|"  # a | in a class name would end a markdown table cell
 ARROW = "->"  # Pillow's built-in font has no arrow glyph
@@ -69,15 +71,19 @@ def per_class_accuracy(confusion: Any, class_names: Sequence[str]) -> dict[str, 
 
 
 def confused_line(pair: Confusion) -> str:
-    """One line for a terminal: `Husky -> Malamute: 5 of 10 images (50%)`."""
-    return f"{pair.true} -> {pair.predicted}: {pair.count} of {pair.true_images} images ({pair.fraction_of_true:.0%})"
+    """One line for a terminal or TensorBoard: `Husky -> Malamute: 5 of 10 images (50%)`; the
+    names as `names.printable` shows them."""
+    true, predicted = printable(pair.true), printable(pair.predicted)
+    return f"{true} -> {predicted}: {pair.count} of {pair.true_images} images ({pair.fraction_of_true:.0%})"
 
 
 # ---------------------------------------------------------------- the figure
 
 
-def _short(name: str) -> str:
-    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "\u2026"
+def _short(name: str, limit: int = LABEL_CHARS) -> str:
+    """A class name as drawn: escaped (a newline or an escape sequence would break the layout)
+    and cut to `limit` characters."""
+    return printable(name, limit)
 
 
 class _Layout(NamedTuple):
@@ -129,7 +135,7 @@ def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | No
     accuracy = float(m.diagonal().sum() / total) if total else 0.0
 
     def name(c: str) -> str:
-        return c if lay.names_on_columns else f"{c} [{index[c]}]"
+        return _short(c, PAIR_CHARS) + ("" if lay.names_on_columns else f" [{index[c]}]")
 
     if pairs:
         lines = [f"Most confused (true {ARROW} predicted)", ""]
@@ -332,7 +338,7 @@ def per_class_markdown(confusion: Any, class_names: Sequence[str]) -> str:
     for i, name in rows:
         value = acc[name]
         shown = "n/a" if value is None else f"{value:.3f}"
-        lines.append(f"| {name.replace(PIPE, ESCAPED_PIPE)} | {shown} | {int(m[i].sum())} |")
+        lines.append(f"| {printable(name).replace(PIPE, ESCAPED_PIPE)} | {shown} | {int(m[i].sum())} |")
     return "\n".join(lines)
 
 

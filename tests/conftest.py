@@ -4,6 +4,7 @@ session's environment. Shared code that is not a fixture lives in tests/support/
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,21 @@ def imds(monkeypatch):
     yield start
     for s in servers:
         s.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root and a kernel that lets us mount); skipped where it cannot
+    be mounted, so each test that takes it has a companion that raises ENOSPC by hand."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)  # lazy: a failed torch.save may hold its fd a while
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +153,7 @@ SLOW_FIRST = (
     "test_serve.py",
     "test_ctrl_c.py",
     "test_s3.py",
+    "test_gpu_loader.py",
     "test_job_parts.py",
 )
 

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,20 +37,6 @@ def test_written_files_follow_the_umask(tmp_path, mask, mode):
         plain.write_text("x")  # what any other program would create
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode), f
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 1 MiB tmpfs (needs root and a kernel that lets us mount)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; test_full_disk_from_any_writer_is_one_line covers the logic")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)  # lazy: a failed torch.save may hold its fd a while
 
 
 def test_torch_save_on_a_real_full_disk_is_one_line(tiny_disk):

@@ -74,9 +74,22 @@ def small_data(tmp_path_factory) -> Path:
     )  # 24 images: whole batches of 4
 
 
+def test_input_bound_with_a_faster_gpu_loader_advises_it_after_the_feature_cache():
+    bound, advice = verdict(150, 900, 140, **{**BASE, "frozen": True}, gpu_loader_ips=600)
+    assert bound == "input pipeline"
+    assert "--cache-features" in advice[0] and advice[1].startswith("--loader gpu")
+    assert "600 img/s here against 150" in advice[1]
+    _, advice = verdict(150, 900, 140, **BASE, gpu_loader_ips=160)  # not clearly faster: not advised
+    assert "--loader gpu" not in joined(advice)
+
+
 def test_bench_measures_fit_parts_on_real_data(small_data: Path):
     r = bench(small_data, arch="resnet18", batch_size=4, workers=0, device="cpu", image_size=32, steps=3)
     assert r.pipeline_ips > 0 and r.step_ips > 0 and r.end_to_end_ips > 0
+    assert set(r.loaders) == {"cpu", "gpu"} and all(
+        x.pipeline_ips > 0 and x.end_to_end_ips > 0 for x in r.loaders.values()
+    )
+    assert r.loader == "cpu" and r.loader_why == "cpu loader: no GPU"  # what fit --loader auto uses here
     assert r.device == "cpu" and r.amp == "off" and r.frozen
     assert r.median_short_side == 48
     assert r.bound in ("input pipeline", "training step") and r.advice
@@ -103,7 +116,15 @@ def test_bench_cli_prints_the_three_rates_and_the_verdict(capsys, small_data: Pa
     )
     assert code == 0
     text = " ".join(out.split())
-    for row in ("input pipeline alone", "training step alone", "end to end", "bound by the"):
+    for row in (
+        "input pipeline alone (cpu loader: workers decode + transform)",
+        "input pipeline alone (gpu loader: cpu decodes + transforms)",
+        "training step alone",
+        "end to end, cpu loader",
+        "end to end, gpu loader",
+        "fit --loader auto here: cpu loader: no GPU",
+        "bound by the",
+    ):
         assert row in text
 
 
@@ -175,4 +196,16 @@ def test_every_benchmark_script_imports(script, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     runs = 'if __name__ == "__main__":' in (bench_dir / script).read_text()
-    assert runs != (script == "_common.py")  # a script runs only as a script; the shared module never
+    assert runs != script.startswith("_")  # a script runs only as a script; shared modules (_*.py) never
+
+
+def test_bench_leaves_out_the_gpu_loader_where_torchvision_cannot_decode_on_the_device():
+    from ec2train.errors import UserError
+    from ec2train.perf import _decodable
+
+    notes: list[str] = []
+    assert _decodable(("cpu", "gpu"), "cuda:0", notes.append) == ("cpu",)  # no CUDA here: the probe fails
+    assert notes and notes[0].startswith("gpu loader left out: torchvision cannot decode JPEGs on cuda:0")
+    with pytest.raises(UserError, match="--loader gpu: torchvision cannot decode JPEGs on cuda:0"):
+        _decodable(("gpu",), "cuda:0", notes.append)
+    assert _decodable(("cpu", "gpu"), "cpu", notes.append) == ("cpu", "gpu")

@@ -1,5 +1,5 @@
-"""The pieces of jobs that need no training: the status decisions, the cost estimate, autostop's
-idle check, the wheel publisher, and the first-boot script run in a sandbox (stub aws, python,
+"""The pieces of jobs that need no training: the status decisions, the cost estimate (autostop's
+idle check: test_autostop.py), the wheel publisher, and the first-boot script run in a sandbox (stub aws, python,
 systemctl, poweroff) to show it installs only a wheel whose hash matches."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ec2train.job import autostop, cost, state
+from ec2train.job import cost, state
 from ec2train.job.spec import JobError, JobSpec, check_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,71 +126,6 @@ def test_cost_estimate_prices_each_attempt_by_its_type_and_market():
     assert est["hours"] == pytest.approx(1.5)
     assert est["usd"] == pytest.approx(cost.PRICES["g4dn.xlarge"][2] + 0.5 * cost.PRICES["g4dn.xlarge"][1])
     assert cost.estimate({"attempts": [{"instance_type": "zz.big", "started_at": 0, "ended_at": 1}]})["usd"] is None
-
-
-# --------------------------------------------------------------------------- autostop
-
-
-def fake_proc(tmp_path: Path, *cmdlines: str) -> Path:
-    proc = tmp_path / "proc"
-    for pid, line in enumerate(cmdlines, start=100):
-        (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "cmdline").write_bytes(line.replace(" ", "\0").encode() + b"\0")
-    (proc / "self").mkdir(parents=True, exist_ok=True)  # not a pid: skipped
-    return proc
-
-
-@pytest.mark.fast
-def test_autostop_decision():
-    assert autostop.decide(100, None, 30, busy=False) == (100, False)  # first check: the full period starts
-    assert autostop.decide(200, 100, 30, busy=True) == (200, False)
-    assert autostop.decide(100 + 29 * 60, 100, 30, busy=False) == (100, False)
-    assert autostop.decide(100 + 30 * 60, 100, 30, busy=False) == (100, True)
-
-
-@pytest.mark.fast
-def test_autostop_sees_training_and_sessions(tmp_path):
-    idle = fake_proc(
-        tmp_path / "a",
-        "/usr/sbin/sshd -D",
-        "sshd: ubuntu [priv]",
-        "/usr/bin/python3 -m ec2train.job.autostop --idle-minutes 30",
-    )
-    assert autostop.busy_reasons(idle) == []
-    for line in (
-        "/opt/pytorch/bin/python /opt/pytorch/bin/ec2train fit --epochs 5",
-        "/opt/pytorch/bin/torchrun --nnodes 2 -m ec2train fit",
-        "sshd: ubuntu@pts/0",
-        "sshd: ubuntu@notty",
-        "/usr/bin/ssm-session-worker sess-1",
-    ):
-        assert autostop.busy_reasons(fake_proc(tmp_path / str(hash(line)), line)), line
-
-
-def test_autostop_check_keeps_state_and_the_command_powers_off_only_when_idle_long_enough(tmp_path):
-    proc, state_file = fake_proc(tmp_path, "/sbin/init"), tmp_path / "state" / "last-busy"
-    assert autostop.check(30, state=state_file, proc=proc, now=1000) == (False, [])
-    assert autostop.check(30, state=state_file, proc=proc, now=1000 + 30 * 60 - 1)[0] is False
-    assert autostop.check(30, state=state_file, proc=proc, now=1000 + 30 * 60)[0] is True
-    state_file.write_text(str(0))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ec2train.job.autostop",
-            "--idle-minutes",
-            "1",
-            "--state",
-            str(state_file),
-            "--proc",
-            str(proc),
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0 and "powering off" in out.stdout
 
 
 # --------------------------------------------------------------------------- fit arguments

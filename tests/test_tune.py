@@ -170,6 +170,71 @@ def test_bad_space_and_timeout_are_one_line_cli_errors(tmp_path, tiny_data, caps
     assert not (tmp_path / "o" / "trial-0").exists()
 
 
+@pytest.mark.parametrize(
+    "url,shown,secrets",
+    [
+        ("sqlite:///tune.db", "sqlite:///tune.db", []),
+        ("postgresql://user:pa@ss@host/db", "postgresql://user:***@host/db", ["pa@ss", "ss@"]),  # the last @ ends it
+        ("postgresql://user:p/w?x#y@host:5432/db", "postgresql://user:***@host:5432/db", ["p/w?x#y"]),
+        (
+            "postgresql://user:secret@host/db?password=qs&sslmode=require&sslpassword=k",
+            "postgresql://user:***@host/db?password=***&sslmode=require&sslpassword=***",
+            ["secret", "qs", "=k"],
+        ),
+        ("mysql://u@h/d?passwd=z;application_name=a", "mysql://u@h/d?passwd=***;application_name=a", ["=z"]),
+        (
+            "postgresql://h/d?PASSWORD=a1&pass%77ord=b1&api_key=c1&access_token=d1",
+            "postgresql://h/d?PASSWORD=***&pass%77ord=***&api_key=***&access_token=***",
+            ["a1", "b1", "c1", "d1"],
+        ),
+        ("postgresql://:tok@host/db", "postgresql://:***@host/db", ["tok"]),
+        ("postgresql://NAME@host/db", "postgresql://NAME@host/db", []),  # a user name alone is not secret
+        ("user:secret@host", "user:***@host", ["secret"]),  # not a URL at all
+        (
+            "postgresql://h/db?options=a@b&password=c1",
+            "postgresql://h/db?options=a@b&password=***",
+            ["c1"],
+        ),  # an @ in the query
+        ("sqlite:////tmp/a.db?password=hunter2", "sqlite:////tmp/a.db?password=***", ["hunter2"]),
+    ],
+)
+def test_storage_urls_are_shown_without_credentials(url, shown, secrets):
+    from ec2train.tune.study import shown_url
+
+    masked = shown_url(url)
+    assert masked == shown
+    for secret in secrets:
+        assert secret not in masked.replace("***", ""), (url, masked)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:pa@ss@127.0.0.1:1/db?password=qsecret",  # no driver installed: cannot open
+        "postgresql://user:pa@ss@host:notaport/db?password=qsecret",  # SQLAlchemy cannot parse it
+        "user:pa@ss@host?password=qsecret",  # no scheme
+    ],
+)
+def test_storage_errors_never_print_the_password(tmp_path, tiny_data, capsys, url):
+    common = ["tune", "--data", tiny_data, "--output", tmp_path / "o", "--arch", "squeezenet1_0", "--weights", "none"]
+    code, out, err = cli_in_process(capsys, *common, "--storage", url)
+    assert_one_line_error(code, err, "--storage")
+    for secret in ("pa@ss", "ss@", "qsecret"):
+        assert secret not in out + err, err
+
+
+def test_a_study_in_a_database_with_a_password_is_announced_without_it(tmp_path, tiny_data, capsys):
+    url = f"sqlite:///{tmp_path / 'study.db'}?password=hunter2"
+    study = optuna.create_study(study_name="ec2train", storage=url, direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, distributions={"lr": lr}, value=0.5))
+    common = ["tune", "--data", tiny_data, "--output", tmp_path / "o", "--arch", "squeezenet1_0", "--weights", "none"]
+    code, out, err = cli_in_process(capsys, *common, "--storage", url, "--trials", "1")  # done already: none runs
+    assert code == 0, err
+    assert "study 'ec2train' in sqlite:///" in out and "password=***" in out, out
+    assert "hunter2" not in out + err
+
+
 # ---------------------------------------------------------------- real studies
 
 

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from ec2train.cli._app import Invocation, app, err_console
 from ec2train.errors import UserError
+from ec2train.names import printable
 
 
 def _register_commands() -> None:
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         # The arguments travel in the context: `fit --nproc-per-node` relays them to torchrun.
         app(args=args, obj=Invocation(tuple(args)), standalone_mode=True)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(printable(_one_line(exc)))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         # Inside a command typer turns Ctrl-C into exit 130 itself (fit says where its run

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
-from ec2train.config import AMP_MODES, DEVICES, FIELDS, OPTIMIZERS
+from ec2train.config import AMP_MODES, DEVICES, FIELDS, LOADERS, OPTIMIZERS
 from ec2train.spot import WATCH_MODES
 
 console = Console(soft_wrap=True)
@@ -97,17 +97,29 @@ if TYPE_CHECKING:  # the checker sees enums; the values come from the tuples bel
     Amp: TypeAlias = Enum
     Compile: TypeAlias = Enum
     Device: TypeAlias = Enum
+    Loader: TypeAlias = Enum
+    BenchLoaders: TypeAlias = Enum
     Optim: TypeAlias = Enum
     SpotWatch: TypeAlias = Enum
 else:
     Amp = _choices("Amp", AMP_MODES)
     Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
     Device = _choices("Device", DEVICES)
+    Loader = _choices("Loader", LOADERS)
+    BenchLoaders = _choices("BenchLoaders", ("both", "cpu", "gpu"))
     Optim = _choices("Optim", OPTIMIZERS)
     SpotWatch = _choices("SpotWatch", WATCH_MODES)
 
 
 MODEL_HELP = "Model file written by `ec2train fit`."
+LOADER_HELP = (
+    "Who decodes and augments the images. cpu: the loader workers (decode, random crop, resize). "
+    "gpu: the workers only read the files and check their headers; the GPU decodes each batch's JPEGs "
+    "(nvJPEG) and crops, flips and resizes them (other files are still decoded by the workers); for a "
+    "GPU box with few CPUs (4 vCPUs per GPU on g4dn/g5.xlarge). auto: cpu until bench/gpu_check.py "
+    "has passed with the GPU loader on a GPU (it has not yet: --loader gpu opts in), then gpu on a CUDA "
+    "box with JPEG data and at most 8 CPUs per GPU."
+)
 THREADS_HELP = (
     "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its "
     "loader workers or decode thread (docs/performance.md)."

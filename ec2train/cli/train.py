@@ -15,10 +15,13 @@ from rich.table import Table
 
 from ec2train.cli._app import (
     DEFAULT_MODEL,
+    LOADER_HELP,
     MODEL_HELP,
     THREADS_HELP,
     Amp,
+    BenchLoaders,
     Device,
+    Loader,
     Optim,
     SpotWatch,
     app,
@@ -71,6 +74,7 @@ def fit(
     image_size: int | None = setting("image_size", "Crop size in pixels."),
     augment: bool | None = setting("augment", "Random resized crop + flip for training.", "--augment/--no-augment"),
     workers: int | None = setting("workers", "Data loader workers per process; -1 = from the CPUs."),
+    loader: Loader | None = setting("loader", LOADER_HELP),
     seed: int | None = setting("seed", "Random seed (same seed, same result on the same hardware)."),
     amp: Amp | None = setting("amp", "Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU."),
     device: Device | None = setting("device", "auto picks the GPU of this process when there is one."),
@@ -224,6 +228,7 @@ def evaluate(
         from ec2train.evaluate import evaluate_model_file
         from ec2train.export import write_confusion_csv
         from ec2train.files import atomic_write_json
+        from ec2train.names import printable
         from ec2train.plots import can_draw, confused_line, most_confused, write_confusion_png
 
     use_thread_plan(threads, workers)
@@ -241,7 +246,7 @@ def evaluate(
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in sorted(res["per_class_acc1"].items(), key=lambda kv: (kv[1] is None, kv[1])):
-        table.add_row(name, "n/a" if acc is None else f"{acc:.3f}")
+        table.add_row(escape(printable(name)), "n/a" if acc is None else f"{acc:.3f}")
     console.print(table)
     console.print(
         "most confused (true -> predicted):" if pairs else "no confusions: every image was predicted as its true class"
@@ -249,7 +254,7 @@ def evaluate(
     for pair in pairs:
         console.print(f"  {confused_line(pair)}", markup=False, highlight=False)
     written = f"confusion-{split}.csv" + (f" and confusion-{split}.png" if missing is None else "")
-    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}")
+    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}", markup=False, highlight=False)
     if missing:
         console.print(f"note: {missing}", markup=False, highlight=False)
 
@@ -281,6 +286,7 @@ def predict(
     """
     with heavy_imports():
         from ec2train.infer import Predictor, default_device, image_files
+        from ec2train.names import printable
 
     files = image_files(images)
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
@@ -300,7 +306,7 @@ def predict(
     if failed:
         err_console.print(
             f"[bold red]{len(failed)} of {len(answers)} images could not be read[/bold red] "
-            f"(first: {escape(failed[0].path)}: {escape(failed[0].error)})",
+            f"(first: {escape(printable(failed[0].path))}: {escape(printable(failed[0].error))})",
             highlight=False,
         )
         raise typer.Exit(1)
@@ -327,6 +333,7 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
     import io
 
     from ec2train.files import atomic_write_text
+    from ec2train.names import csv_cell
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -335,24 +342,30 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
         top = a.predictions or []
         writer.writerow(
             [
-                a.path,
-                top[0]["label"] if top else "",
+                csv_cell(a.path),
+                csv_cell(top[0]["label"]) if top else "",
                 f"{top[0]['probability']:.6f}" if top else "",
                 json.dumps(top) if top else "",
-                a.error or "",
+                csv_cell(a.error or ""),
             ]
         )
     atomic_write_text(path, buf.getvalue())
 
 
 def _print_predictions(answers: list) -> None:
-    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after."""
+    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after.
+    Paths and labels are shown printable() and as text, whatever the model file or folder holds."""
+    from ec2train.names import printable
+
+    def shown(text: object) -> str:
+        return escape(printable(text))
+
     if len(answers) == 1 and not answers[0].error:
-        table = Table(title=answers[0].path)
+        table = Table(title=shown(answers[0].path))
         table.add_column("class")
         table.add_column("probability", justify="right")
         for pred in answers[0].predictions:
-            table.add_row(escape(pred["label"]), f"{pred['probability']:.4f}")
+            table.add_row(shown(pred["label"]), f"{pred['probability']:.4f}")
         console.print(table)
         return
     table = Table()
@@ -360,14 +373,14 @@ def _print_predictions(answers: list) -> None:
         table.add_column(name, justify="right" if name == "probability" else "left", overflow="fold")
     for a in answers:
         if a.error:
-            table.add_row(escape(a.path), f"[red]error: {escape(a.error)}[/red]", "", "")
+            table.add_row(shown(a.path), f"[red]error: {shown(a.error)}[/red]", "", "")
             continue
         top, *rest = a.predictions
         table.add_row(
-            escape(a.path),
-            escape(top["label"]),
+            shown(a.path),
+            shown(top["label"]),
             f"{top['probability']:.4f}",
-            escape(", ".join(f"{p['label']} {p['probability']:.2f}" for p in rest)),
+            shown(", ".join(f"{printable(p['label'])} {p['probability']:.2f}" for p in rest)),
         )
     console.print(table)
 
@@ -551,8 +564,12 @@ def bench(
         "--freeze-backbone/--no-freeze-backbone",
         help="Time the frozen-backbone step (fit's default with pretrained weights).",
     ),
+    loader: BenchLoaders = typer.Option(
+        "both",
+        help="The input pipelines to time: cpu (the loader workers decode), gpu (the workers read files, the device decodes: fit --loader gpu), or both.",
+    ),
 ):
-    """Images/s of the input pipeline, the training step and both; says which bounds the run and what to do."""
+    """Images/s of the input pipeline (each loader), the training step and both; says which bounds the run and what to do."""
     with heavy_imports():
         from ec2train.perf import bench as run_bench
 
@@ -568,19 +585,26 @@ def bench(
         freeze_backbone,
         threads=threads,
         log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+        loaders=("cpu", "gpu") if value(loader) == "both" else (value(loader),),
     )
     table = Table(
         title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers"
     )
     table.add_column("measurement")
     table.add_column("images/s", justify="right")
-    table.add_row("input pipeline alone (decode + transform)", f"{r.pipeline_ips:.1f}")
+    where = {"cpu": "cpu loader: workers decode + transform", "gpu": f"gpu loader: {r.device} decodes + transforms"}
+    for kind, rates in r.loaders.items():
+        table.add_row(f"input pipeline alone ({where[kind]})", f"{rates.pipeline_ips:.1f}")
     table.add_row(
         f"training step alone ({'frozen backbone' if r.frozen else 'full model'}, synthetic batches)",
         f"{r.step_ips:.1f}",
     )
-    table.add_row("end to end", f"{r.end_to_end_ips:.1f}")
+    for kind, rates in r.loaders.items():
+        table.add_row(f"end to end, {kind} loader", f"{rates.end_to_end_ips:.1f}")
     console.print(table)
-    console.print(f"bound by the [bold]{r.bound}[/bold] (training images: median short side {r.median_short_side} px)")
+    console.print(f"fit --loader auto here: {r.loader_why}", markup=False, highlight=False)
+    console.print(
+        f"bound by the [bold]{r.bound}[/bold] with the {r.loader} loader (training images: median short side {r.median_short_side} px)"
+    )
     for line in r.advice:
         console.print(f"  - {line}")

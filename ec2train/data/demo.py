@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ec2train.data.layout import DataError
+from ec2train.files import disk_full_error, is_disk_full
 
 DEMO_SHAPES = ("Circle", "Square", "Triangle", "Cross", "Stripes", "Ring", "Diamond", "Dots")
 
@@ -86,6 +87,21 @@ def make_demo_dataset(
             raise DataError(f"{root} already exists and is not this demo data set; pass --force to replace it")
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_demo(tmp, classes, per_class, eval_n, size, seed)
+        (tmp / marker.name).write_text(json.dumps(params))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException as exc:  # Ctrl-C or a full disk: no half-made folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full_error(f"cannot write the demo data set in {root.parent}", root.parent) from None
+        raise
+    return root
+
+
+def _write_demo(tmp: Path, classes: int, per_class: int, eval_n: int, size: int, seed: int) -> None:
     rng = random.Random(seed)
     for split, n in (("train", per_class), ("valid", eval_n), ("test", eval_n)):
         for c in range(classes):
@@ -93,9 +109,3 @@ def make_demo_dataset(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 _draw_demo(c, size, rng).save(folder / f"{DEMO_SHAPES[c]}_{split}_{i:04d}.jpg", quality=90)
-    (tmp / marker.name).write_text(json.dumps(params))
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
-    return root

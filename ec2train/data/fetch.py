@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ec2train.data.layout import SPLITS, DataError
+from ec2train.errors import first_line
+from ec2train.files import human_bytes
 
 DOG_IMAGES_URL = "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
 
@@ -78,7 +81,8 @@ def _redirect_handler():
 
 @dataclass(frozen=True)
 class UnpackLimits:
-    """What an archive may expand to; checked from its directory before anything is written.
+    """What an archive may expand to: checked from its directory before anything is written,
+    and again by counting the bytes as they are written (a directory can lie).
 
     dogImages.zip: 1.1 GB -> 1.1 GB (JPEGs do not compress), about 8,500 entries.
     """
@@ -87,6 +91,13 @@ class UnpackLimits:
     max_entries: int = 200_000
     max_ratio: float = 100.0  # uncompressed / compressed, for any entry over 1 MiB and for the whole
     disk_margin: int = 1 << 30  # left free after unpacking
+
+
+_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+_LOCAL_HEADER = 30  # bytes before an entry's name in its local header
+# What reading a broken or lying entry raises (EOFError: its data runs past the file's end,
+# which click used to print as "Aborted!"; RuntimeError: encrypted).
+_UNREADABLE = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError)
 
 
 def _member_problem(member: zipfile.ZipInfo, dest: Path) -> str | None:
@@ -98,6 +109,10 @@ def _member_problem(member: zipfile.ZipInfo, dest: Path) -> str | None:
         return "is a symbolic link"
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no type recorded (writestr, Windows)
         return "is not a plain file or folder"
+    if member.flag_bits & 0x1:
+        return "is encrypted"
+    if member.compress_type not in _METHODS:
+        return f"uses compression method {member.compress_type}, which is not stored, deflate, bzip2 or lzma"
     target, root = (dest / member.filename).resolve(), dest.resolve()
     if target != root and root not in target.parents:
         return f"points outside {dest}"
@@ -113,8 +128,9 @@ def check_archive(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = Unpack
         )
     files: dict[str, str] = {}
     folders: set[str] = set()
+    rooms = _rooms(zf)
     for member in members:
-        problem = _member_problem(member, dest)
+        problem = _member_problem(member, dest) or _size_problem(member, rooms.get(member.header_offset, 0))
         if problem:
             raise DataError(f"refusing to unpack {member.filename!r}: it {problem}")
         name = member.filename.rstrip("/")
@@ -142,11 +158,66 @@ def check_archive(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = Unpack
         )
 
 
+def _rooms(zf: zipfile.ZipFile) -> dict[int, int]:
+    """Each entry's local header offset -> the bytes from it to the next entry (or the central
+    directory): all the room its header and data have in the file. Two entries at one offset
+    get 0, so the second is refused."""
+    offsets = sorted(m.header_offset for m in zf.infolist())
+    ends = [*offsets[1:], getattr(zf, "start_dir", offsets[-1] if offsets else 0)]
+    return {start: end - start for start, end in zip(offsets, ends)}
+
+
+def _size_problem(member: zipfile.ZipInfo, room: int) -> str | None:
+    """A compressed size the file cannot hold is a lie: reading it runs into the entries after
+    it (and the ratio computed from it is no bound) or off the end of the file."""
+    need = _LOCAL_HEADER + len(member.filename.encode()) + member.compress_size
+    if need > room:
+        return (
+            f"declares {member.compress_size} compressed bytes, more than the {max(0, room - _LOCAL_HEADER)} "
+            "the archive holds for it (its sizes lie, or it overlaps another entry)"
+        )
+    return None
+
+
+def extract_within_limits(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits, packed: int) -> int:
+    """Unpack every entry under dest, counting the bytes as they are written: past the total
+    limit, or past the ratio limit against the archive's real size (`packed` bytes), it stops
+    with a DataError (the caller removes dest). Returns the bytes written. An unreadable entry
+    raises one of _UNREADABLE; the disk's errors are OSError."""
+    budget = min(limits.max_bytes, max(1 << 20, int(limits.max_ratio * packed)))
+    written = 0
+    for member in zf.infolist():
+        target = dest / member.filename
+        if member.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(member) as src, open(target, "wb") as out:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > budget:
+                    limit = (
+                        f"the limit of {human_bytes(limits.max_bytes)}"
+                        if budget == limits.max_bytes
+                        else f"{limits.max_ratio:.0f}x the archive's {human_bytes(packed)}"
+                    )
+                    raise DataError(
+                        f"refusing to unpack {member.filename!r}: stopped after {human_bytes(written - len(chunk))}: "
+                        f"past {limit}; a zip bomb?"
+                    )
+                out.write(chunk)
+    return written
+
+
+class NoSpaceError(DataError):
+    """The archive is fine but the disk is too small for it: the download stays for the rerun."""
+
+
 def check_free_disk(zf: zipfile.ZipFile, dest: Path, limits: UnpackLimits = UnpackLimits()) -> None:
     total = sum(m.file_size for m in zf.infolist())
     free = shutil.disk_usage(dest.parent).free
     if total + limits.disk_margin > free:
-        raise DataError(
+        raise NoSpaceError(
             f"unpacking needs {total / 2**30:.2f} GiB plus {limits.disk_margin / 2**30:.1f} GiB spare in {dest.parent}, "
             f"which has {free / 2**30:.2f} GiB free; free some space or pick another --dest"
         )
@@ -236,27 +307,27 @@ def _verify_archive(archive: Path, url: str, sha256: str | None) -> None:
 
 
 def _unpack(archive: Path, target: Path, limits: UnpackLimits) -> None:
-    """Unpack into a temp folder beside target, then rename its dogImages-layout root to target."""
+    """Unpack into a temp folder beside target, then rename its dogImages-layout root to target.
+
+    Every refusal is one line and deletes the archive (a rerun would only refuse it again),
+    except for lack of space or another error of the disk: free space and rerun."""
     tmp = target.parent / f".{target.name}.unpacking"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with zipfile.ZipFile(archive) as zf:
-            try:
-                check_archive(zf, tmp, limits)
-            except DataError as exc:  # hostile or broken: a rerun must not reuse it
-                archive.unlink()
-                raise DataError(f"{exc} (deleted the download)") from None
-            check_free_disk(zf, tmp, limits)  # the archive stays: free space and rerun
-            bad = zf.testzip()
-            if bad is not None:
-                archive.unlink()
-                raise DataError(f"{archive} is corrupt (bad CRC in {bad}); deleted it, run the fetch again")
-            try:
-                zf.extractall(tmp)
-            except OSError as exc:  # the disk filled meanwhile, permissions, ...
-                raise DataError(f"cannot unpack {archive.name} into {target.parent}: {exc.strerror or exc}") from None
+            check_archive(zf, tmp, limits)
+            check_free_disk(zf, tmp, limits)
+            extract_within_limits(zf, tmp, limits, archive.stat().st_size)
         os.replace(_find_layout_root(tmp), target)
-    except zipfile.BadZipFile as exc:
-        raise DataError(f"{archive} is not a readable zip ({exc}); delete it and run the fetch again") from None
+    except NoSpaceError:
+        raise
+    except DataError as exc:
+        archive.unlink(missing_ok=True)  # hostile or broken: a rerun must not reuse it
+        raise DataError(f"{exc} (deleted the download)") from None
+    except (*_UNREADABLE, ValueError) as exc:  # the directory or an entry cannot be read
+        archive.unlink(missing_ok=True)
+        raise DataError(f"{archive} is corrupt ({first_line(exc)}); deleted it, run the fetch again") from None
+    except OSError as exc:  # the disk filled meanwhile, permissions, ...
+        raise DataError(f"cannot unpack {archive.name} into {target.parent}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # partial output never stays behind

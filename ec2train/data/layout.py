@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ec2train.errors import UserError
+from ec2train.files import disk_full_error, human_bytes, is_disk_full
+from ec2train.names import name_problem, printable
 from ec2train.preprocess import ImageDecodeError, load_rgb
 
 SPLITS = ("train", "valid", "test")
@@ -30,6 +32,28 @@ def class_name(folder: str) -> str:
     head, dot, rest = folder.partition(".")
     name = rest if dot and head.isdigit() and rest else folder
     return name.replace("_", " ").strip()
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why a class folder's name cannot name a class (see `names.name_problem`), or None."""
+    return name_problem(folder) or ("gives an empty class name" if not class_name(folder) else None)
+
+
+def _name_problems(root: Path, listed: dict[str, list[str]]) -> list[str]:
+    """One line per class folder whose name is unsafe, naming it and the fix (once for all splits)."""
+    where: dict[str, list[str]] = {}
+    for split, folders in listed.items():
+        for folder in folders:
+            where.setdefault(folder, []).append(split)
+    lines = []
+    for folder, splits in sorted(where.items()):
+        problem = folder_problem(folder)
+        if problem:
+            lines.append(
+                f"class folder {printable(root / splits[0] / folder)} {problem}; rename it "
+                f"(in {', '.join(s + '/' for s in splits)}) to a name of letters, digits, spaces and . _ -"
+            )
+    return lines
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -108,13 +132,13 @@ def check_dataset(
             sr.images += len(images)
             if not images:
                 sr.empty_classes.append(folder)
-                report.problems.append(f"empty class folder {split_dir / folder}")
+                report.problems.append(f"empty class folder {printable(split_dir / folder)}")
             if decode:
                 for path in images:
                     try:
                         load_rgb(path, min_side=32)
                     except ImageDecodeError as exc:
-                        report.corrupt.append(f"{path}: {exc}")
+                        report.corrupt.append(printable(f"{path}: {exc}"))
                     if on_image:
                         on_image()
         report.splits[split] = sr
@@ -127,12 +151,13 @@ def check_dataset(
             detail = "; ".join(
                 part
                 for part in (
-                    f"not in train: {', '.join(only_here[:5])}" if only_here else "",
-                    f"missing: {', '.join(missing[:5])}" if missing else "",
+                    f"not in train: {printable(', '.join(only_here[:5]))}" if only_here else "",
+                    f"missing: {printable(', '.join(missing[:5]))}" if missing else "",
                 )
                 if part
             )
             report.problems.append(f"split '{split}' has different classes from 'train' ({detail})")
+    report.problems[:0] = _name_problems(root, listed)  # first: fit's one line names this one
     return report
 
 
@@ -179,7 +204,10 @@ def split_dataset(
     built in a temp folder beside it and renamed, and never overwritten.
     """
     src, dst = Path(src), Path(dst)
-    plan = _split_plan(src, dst, valid, test, seed, mode)
+    try:
+        plan = _split_plan(src, dst, valid, test, seed, mode)
+    except OSError as exc:  # an unreadable folder in SRC
+        raise _split_error(exc, src, dst, []) from None
     tmp = dst.parent / f".{dst.name}.splitting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
@@ -193,9 +221,36 @@ def split_dataset(
         if dst.exists():  # made by someone else while we worked
             raise DataError(f"{dst} already exists; pick a new DST (data split never overwrites)")
         os.replace(tmp, dst)
+    except OSError as exc:  # a full disk, an unreadable file, a DST we may not write
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space in the message is what is left
+        raise _split_error(exc, src, dst, plan) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return SplitResult(dst, counts, copied)
+
+
+def _split_error(exc: OSError, src: Path, dst: Path, plan: list[tuple[str, str, list[Path]]]) -> UserError:
+    """One line for what the file system refused while splitting SRC into DST."""
+    import errno
+
+    if is_disk_full(exc):
+        need = sum(_file_size(image) for _, _, images in plan for image in images)
+        return disk_full_error(f"cannot copy into {dst.parent}: the images need {human_bytes(need)}", dst.parent)
+    where = Path(exc.filename) if exc.filename else dst
+    inside_src = where == src or src in where.parents
+    if exc.errno in (errno.EACCES, errno.EPERM) and inside_src:
+        return DataError(
+            f"cannot read {printable(where)}: {exc.strerror}; fix its permissions (chmod a+r for a file, a+rx "
+            "for a folder) or move it out of SRC"
+        )
+    return DataError(f"cannot split {printable(src)} into {printable(dst)}: {exc.strerror or exc} ({printable(where)})")
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone meanwhile: counts as nothing
+        return 0
 
 
 def _split_plan(
@@ -217,11 +272,17 @@ def _split_plan(
         raise DataError(f"{src} {why}; data split takes SRC/<class>/<image>")
     plan: list[tuple[str, str, list[Path]]] = []
     for folder in class_folders(src):
+        problem = folder_problem(folder)
+        if problem:
+            raise DataError(f"class folder {printable(src / folder)} {problem}; rename it before splitting")
         images = _images_in(src / folder)
         if not images:
             continue
         if len(images) < 3:
-            raise DataError(f"class {folder} has {len(images)} images; each class needs at least 3 (one per split)")
+            raise DataError(
+                f"class {printable(folder)} has {len(images)} images; each class needs at least 3 (one per split)"
+            )
+        _inside(src, images)
         random.Random(f"{seed}:{folder}").shuffle(images)  # str seed: the same on every Python
         n = len(images)  # at least one image each for valid and test, and one left for train
         n_valid = min(max(1, int(n * valid + 0.5)), n - 2)
@@ -233,6 +294,19 @@ def _split_plan(
         }
         plan.extend((split, folder, sorted(parts[split])) for split in SPLITS)
     return plan
+
+
+def _inside(src: Path, images: list[Path]) -> None:
+    """Refuse an image whose path leads out of SRC through a symbolic link (a linked file or
+    class folder): data split reads only what SRC holds. Links within SRC are followed."""
+    root = src.resolve()
+    for image in images:
+        real = image.resolve()
+        if root not in real.parents:
+            raise DataError(
+                f"{printable(image)} leads to {printable(real)}, outside {printable(src)} (a symbolic link); "
+                "data split reads only files inside SRC: replace the link with a copy of its file (cp -L) or remove it"
+            )
 
 
 def _link_or_copy(src: Path, dst: Path, mode: str) -> int:

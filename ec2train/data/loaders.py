@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ec2train.data.encoded import EncodedDataset
 from ec2train.data.layout import CorruptImageError
 from ec2train.preprocess import ImageDecodeError, decode_min_side, eval_pixels, load_rgb, train_pixels
 
@@ -26,6 +27,13 @@ def mix_seed(*parts: int) -> int:
         h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 29
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def undecodable(path: Path | str, exc: ImageDecodeError) -> CorruptImageError:
+    """The error for an image of the data set that cannot be decoded: it names the file and the fix."""
+    return CorruptImageError(
+        f"cannot decode image {path} ({exc}); remove or replace it (list all with `ec2train data check`)"
+    )
 
 
 class ImageDataset(Dataset):
@@ -49,9 +57,7 @@ class ImageDataset(Dataset):
         try:
             img = load_rgb(path, min_side=self.min_side)
         except ImageDecodeError as exc:
-            raise CorruptImageError(
-                f"cannot decode image {path} ({exc}); remove or replace it (list all with `ec2train data check`)"
-            ) from None
+            raise undecodable(path, exc) from None
         if seed is None:
             return self.transform(img), label
         # The CPU generator alone (what the transforms draw from), restored afterwards:
@@ -172,26 +178,39 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
     run makes new iterators where an uninterrupted one reuses its persistent workers, so the
     global RNG (dropout) would drift and resume would not be bit-exact. Worker seeds do not
     change the samples: each sample's augmentation is seeded by (seed, epoch, index).
+
+    The GPU loader's dataset (EncodedDataset) batches with its own collate (files' bytes), and
+    each worker keeps 2 batches ahead, not 4: reading files is quick, and fewer batches of
+    bytes wait in shared memory.
     """
     generator = torch.Generator().manual_seed(mix_seed(getattr(sampler, "seed", 0), LOADER_SEED_TAG))
+    encoded = isinstance(dataset, EncodedDataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
+        collate_fn=dataset.collate if isinstance(dataset, EncodedDataset) else None,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=(2 if encoded else 4) if workers > 0 else None,
         generator=generator,
     )
 
 
-def train_dataset(samples: Sequence[tuple[Path, int]], image_size: int, augment: bool) -> ImageDataset:
-    """uint8 pixels; loop.StepContext.to_device normalizes each batch on the device."""
-    return ImageDataset(samples, train_pixels(image_size, augment), decode_min_side(image_size, augment))
+def train_dataset(
+    samples: Sequence[tuple[Path, int]], image_size: int, augment: bool, on_device: bool = False
+) -> ImageDataset | EncodedDataset:
+    """uint8 pixels; loop.StepContext.to_device normalizes each batch on the device. on_device:
+    the GPU loader's dataset (data/encoded.py), which leaves decoding JPEGs to the device."""
+    cpu = ImageDataset(samples, train_pixels(image_size, augment), decode_min_side(image_size, augment))
+    return EncodedDataset(cpu, image_size, augment) if on_device else cpu
 
 
-def eval_dataset(samples: Sequence[tuple[Path, int]], image_size: int) -> ImageDataset:
+def eval_dataset(
+    samples: Sequence[tuple[Path, int]], image_size: int, on_device: bool = False
+) -> ImageDataset | EncodedDataset:
     """The deterministic transform of validation, test, evaluate and the feature cache (uint8
-    pixels, as train_dataset)."""
-    return ImageDataset(samples, eval_pixels(image_size), decode_min_side(image_size, False))
+    pixels, as train_dataset; on_device: as there)."""
+    cpu = ImageDataset(samples, eval_pixels(image_size), decode_min_side(image_size, False))
+    return EncodedDataset(cpu, image_size, False) if on_device else cpu

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,21 +38,56 @@ def default_storage(output: Path) -> str:
     return f"sqlite:///{(output / STORAGE_FILE).resolve()}"
 
 
-def shown_url(url: str) -> str:
-    """The storage URL without its password, for logs."""
-    try:
-        from sqlalchemy.engine import make_url
+# Query parameters whose values are credentials (password, sslpassword, passwd, pwd, api_key,
+# access_token, secret, auth, ...): matched on the decoded name.
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature", re.IGNORECASE)
+MASK = "***"
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: show only its scheme
-        return url.split("://", 1)[0] + "://..."
+
+def _masked(url: str) -> tuple[str, list[str]]:
+    """(the URL with every credential part replaced by ***, the secrets it held)."""
+    scheme, sep, rest = url.partition("://")
+    head = scheme + sep if sep else ""
+    rest = rest if sep else url
+    secrets: list[str] = []
+    at = rest.rfind("@")  # the last @: a password may hold one ("user:pa@ss@host")
+    user, colon, password = rest[: max(at, 0)].partition(":")
+    if at >= 0 and not any(c in user for c in "/?#"):  # else the @ is in the path or query
+        if colon:
+            secrets.append(password)
+            user += ":" + MASK
+        head, rest = f"{head}{user}@", rest[at + 1 :]
+    path, question, query = rest.partition("?")
+    parts = re.split(r"([&;])", query)
+    for i in range(0, len(parts), 2):
+        key, eq, value = parts[i].partition("=")
+        if eq and value and _SECRET_PARAM.search(urllib.parse.unquote(key)):
+            secrets.append(value)
+            parts[i] = f"{key}={MASK}"
+    return head + path + question + "".join(parts), [s for s in secrets if s]
+
+
+def shown_url(url: str) -> str:
+    """The storage URL for logs and errors: the password, and every query parameter that looks
+    like a credential, replaced by ***."""
+    return _masked(url)[0]
+
+
+def _without_secrets(message: str, url: str) -> str:
+    """An error message about `url` with the URL masked; if a secret still shows (a driver
+    quoting part of it), only the message's kind."""
+    shown, secrets = _masked(url)
+    message = message.replace(url, shown)
+    if any(secret in message or urllib.parse.unquote(secret) in message for secret in secrets):
+        return "the message quotes the URL's credentials, so it is not shown"
+    return message
 
 
 def open_storage(url: str):
     """An Optuna RDBStorage: heartbeats mark trials of a killed run as failed; sqlite waits for its lock."""
     optuna = require_optuna()
     if "://" not in url:
-        raise TuneError(f"--storage {url!r}: not a database URL; use e.g. sqlite:///tune.db")
+        raise TuneError(f"--storage {shown_url(url)}: not a database URL; use e.g. sqlite:///tune.db")
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Parallel trials write to one file: wait for its lock instead of failing with 'database is locked'.
@@ -61,6 +98,7 @@ def open_storage(url: str):
             return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180, **kwargs)
         except Exception as exc:  # SQLAlchemy raises many kinds; all mean "cannot use this storage"
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = _without_secrets(msg, url)
             raise TuneError(
                 f"--storage {shown_url(url)}: cannot open it ({msg}); check the URL and that its folder exists"
             ) from None
