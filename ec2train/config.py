@@ -26,7 +26,7 @@ class ConfigError(UserError):
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
-LOADERS = ("auto", "cpu", "gpu")  # who decodes the images: hw.choose_loader
+LOADERS = ("auto", "cpu", "gpu")  # who decodes the images: hw.choose_loader (hw.LOADER_MODES, which imports torch)
 CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "amp": AMP_MODES, "loader": LOADERS}
 
 

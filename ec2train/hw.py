@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ec2train.config import LOADERS
 from ec2train.errors import UserError
 
 
@@ -129,6 +128,10 @@ class LoaderChoice:
     why: str  # one line for fit's header
 
 
+# config.LOADERS is the same tuple: the SageMaker package ships this module without config.py.
+LOADER_MODES = ("auto", "cpu", "gpu")
+
+
 def choose_loader(
     requested: str,
     device_type: str,
@@ -143,8 +146,8 @@ def choose_loader(
     device cannot decode JPEGs (data.gpu.device_decode_problem), if it cannot; verified: None
     reads GPU_LOADER_VERIFIED. Pure."""
     verified = GPU_LOADER_VERIFIED if verified is None else verified
-    if requested not in LOADERS:
-        raise HardwareError(f"--loader {requested}: must be one of {', '.join(LOADERS)}")
+    if requested not in LOADER_MODES:
+        raise HardwareError(f"--loader {requested}: must be one of {', '.join(LOADER_MODES)}")
     if requested == "cpu":
         return LoaderChoice("cpu", "cpu loader (--loader cpu): workers decode and transform")
     if requested == "gpu":

@@ -14,7 +14,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from ec2train.cli import app, main
-from ec2train.cli._app import Amp, Device, Optim
+from ec2train.cli._app import Amp, Compile, Device, Optim
 from ec2train.config import AMP_MODES, DEVICES, FIELDS, OPTIMIZERS, ConfigError, resolve
 from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
 from tests.support.training import TINY_FIT
@@ -91,6 +91,12 @@ def test_choice_options_offer_what_validate_accepts():
         assert tuple(e.value for e in enum) == allowed
     with pytest.raises(ConfigError, match="auto, fp16, bf16, off"):
         resolve(amp="fp8")
+    # Written twice because hw (torch; shipped in the SageMaker package without config.py) cannot
+    # import config, nor the CLI's --help hw: the copies agree.
+    from ec2train import hw
+    from ec2train.config import LOADERS
+
+    assert hw.LOADER_MODES == LOADERS and tuple(e.value for e in Compile) == hw.COMPILE_MODES
 
 
 def test_archs_prints_columns_that_fit_the_terminal():

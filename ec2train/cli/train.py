@@ -435,7 +435,8 @@ def tune(
     ),
     prune_warmup_epochs: int = typer.Option(1, help="Epochs every trial runs before it may be pruned."),
     config: Path | None = typer.Option(
-        None, help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model."
+        None,
+        help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model, and with s3_uri each trial mirrors to S3_URI/trial-N/ and the final model to S3_URI/.",
     ),
     arch: str | None = setting("arch", "Architecture (fixed for the study)."),
     weights: str | None = setting("weights", "imagenet | none | PATH."),
