@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ec2train.arch_sizes import check_image_size
 from ec2train.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -100,6 +101,7 @@ class TrainConfig:
             raise bad("backbone_lr_scale", "must be in (0, 1]")
         if self.image_size < 16 or self.image_size > 1024:
             raise bad("image_size", "must be between 16 and 1024 pixels")
+        check_image_size(self.arch, self.image_size, self.weights)  # vit_b_16 takes 224 only, ...
         if self.workers < -1:
             raise bad("workers", "must be -1 (auto) or 0 or more")
         if self.threads < 0:

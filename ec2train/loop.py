@@ -507,7 +507,7 @@ def _start_session(
     if rt.env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
-    writer = TensorBoard(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
+    writer = TensorBoard(Path(cfg.logdir) / state.run_name if rt.env.is_main else None, hparams=cfg.to_dict())
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
         f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else ""
@@ -673,11 +673,8 @@ def _test(session: FitSession, setup_and_train_seconds: float) -> FitResult:
     session.saver.save_model(state.best_model, metrics)  # rank 0
     if rt.env.is_main:
         atomic_write_json(session.output / METRICS_FILE, {**metrics, "history": state.history})
-        hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        session.writer.get().add_hparams(
-            hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc}, run_name="."
-        )
-        missing = log_confusion(session.writer.get(), confusion, data.class_names, step=state.best_epoch)
+        writer = session.writer.log_test(test, state.best_epoch)  # and the HParams tab's "success"
+        missing = log_confusion(writer, confusion, data.class_names, step=state.best_epoch)
         if missing:
             session.report.log(f"note: {missing}")
     ddp.barrier()

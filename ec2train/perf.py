@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ec2train import ddp
+from ec2train.arch_sizes import check_image_size
 from ec2train.config import TrainConfig
 from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split, train_dataset
 from ec2train.data.gpu import device_decode_problem, select_loader
@@ -173,6 +174,7 @@ def bench(
         raise UserError("--steps and --batch-size must be at least 1")
     if not 16 <= image_size <= 1024:
         raise UserError(f"--image-size {image_size}: must be between 16 and 1024 pixels")
+    check_image_size(arch, image_size)  # random weights, as fit builds with --weights none
     if not loaders or any(kind not in ("cpu", "gpu") for kind in loaders):
         raise UserError(f"--loader {','.join(loaders)}: must be cpu, gpu or both")
     # fit's own phases (device, loaders, model and optimizer), one process, constant lr.

@@ -30,7 +30,7 @@ from typing import Any
 
 from ec2train import hw
 from ec2train import threads as thread_plans
-from ec2train.errors import UserError
+from ec2train.errors import UserError, pip_install
 from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
     JSON_TYPE,
@@ -64,7 +64,7 @@ def _require_serve_deps():
     except ImportError as exc:
         raise UserError(
             f"the local server needs starlette and uvicorn ({exc.name} is missing); "
-            "install them with: pip install 'ec2train[serve]'"
+            f"install them with: {pip_install('ec2train[serve]')}"
         ) from None
     return uvicorn
 

@@ -55,21 +55,34 @@ def _trials(db: Path, study: str):
     return optuna.load_study(study_name=study, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
 
 
-def _hparams_sessions(folder: Path) -> list[dict]:
-    """The hparams (session start info) written directly in `folder`."""
+def _hparams_sessions(folder: Path) -> tuple[list[dict], list[str]]:
+    """The hparams (session start infos) and session end statuses written directly in `folder`."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    sessions = []
+    sessions, ends = [], []
     for f in folder.glob("events.out.tfevents.*"):
         for ev in EventFileLoader(str(f)).Load():
             for v in ev.summary.value:
+                data = plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
                 if v.tag == "_hparams_/session_start_info":
-                    info = plugin_data_pb2.HParamsPluginData.FromString(
-                        v.metadata.plugin_data.content
-                    ).session_start_info
-                    sessions.append({k: x.string_value or x.number_value for k, x in info.hparams.items()})
-    return sessions
+                    hparams = data.session_start_info.hparams
+                    sessions.append({k: x.string_value or x.number_value for k, x in hparams.items()})
+                elif v.tag == "_hparams_/session_end_info":
+                    ends.append(api_pb2.Status.Name(data.session_end_info.status))
+    return sessions, ends
+
+
+def _scalar_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return {
+        v.tag
+        for f in folder.rglob("events.out.tfevents.*")
+        for ev in EventFileLoader(str(f)).Load()
+        for v in ev.summary.value
+        if v.HasField("simple_value") or v.metadata.plugin_data.plugin_name == "scalars"
+    }
 
 
 def _writer_threads() -> int:
@@ -276,11 +289,16 @@ def test_pruning_failures_and_best_settings(tmp_path, tiny_data):
     assert (out / "trial-2" / "model.pth").is_file() and not (out / "trial-2" / "metrics.json").exists()
     assert not list(out.glob("trial-*/last.pt"))  # trials never resume: no checkpoints left to fill the disk
     tb = tmp_path / "runs" / "tune-s"
-    assert [s["state"] for s in _hparams_sessions(tb / "trial-0")] == ["COMPLETE"]
-    assert [s["state"] for s in _hparams_sessions(tb / "trial-2")] == ["PRUNED"]
-    assert _hparams_sessions(tb / "trial-2")[0]["lr"] == pytest.approx(1e-7)
+    # Each trial's fit run is in the HParams tab from its first epoch on, the pruned one too; the
+    # complete one is a success there. No hparam/* charts among the curves.
+    (run0,), (run2,) = (list((tb / f"trial-{n}").glob("squeezenet1_0-*")) for n in (0, 2))
+    sessions0, ends0 = _hparams_sessions(run0)
+    sessions2, ends2 = _hparams_sessions(run2)
+    assert len(sessions0) == len(sessions2) == 1 and (ends0, ends2) == (["STATUS_SUCCESS"], [])
+    assert sessions2[0]["lr"] == pytest.approx(1e-7) and sessions0[0]["lr"] == pytest.approx(good["lr"])
+    assert "epoch/accuracy" in _scalar_tags(run2 / "validation")
+    assert not [t for t in _scalar_tags(tb) if t.startswith("hparam")]
     assert not (tb / "trial-1").exists()  # failed before training
-    assert any((tb / "trial-0").glob("squeezenet1_0-*/events.out.tfevents.*"))  # fit's own curves
     # best.toml: the fixed settings plus the winning parameters; fit reads it.
     assert result.best_number == 0 and result.best_file == out / "best.toml"
     best = resolve(result.best_file)
@@ -344,6 +362,14 @@ def test_resume_continues_the_count_then_fit_and_fit_config(tmp_path, tiny_data,
     again = resolve(tmp_path / "again" / "config.toml")
     assert {n: getattr(again, n) for n in best.params} == pytest.approx(best.params)
     assert again.epochs == 1 and again.arch == "squeezenet1_0"
+
+    # The same command once more: nothing left to run, and it says how to run more.
+    code, stdout, err = cli_in_process(capsys, *args, "--trials", 4)
+    assert code == 0, err
+    assert "4 trials so far, none to run: --trials counts the study's trials in all, so --trials 8 runs 4 more" in (
+        " ".join(stdout.split())
+    )
+    assert len(_trials(out / "study.db", "r")) == 4
 
     # Continuing the study with a different fixed setting would mix incomparable trials.
     code, _, err = cli_in_process(capsys, *args, "--trials", 5, "--image-size", 48)

@@ -34,6 +34,7 @@ from ec2train.cli._app import (
     use_thread_plan,
     value,
 )
+from ec2train.errors import UserError
 
 # torch and the training modules are imported inside the commands: `ec2train --help` and the
 # light commands start in a fraction of the time.
@@ -289,11 +290,16 @@ def predict(
         from ec2train.names import printable
 
     files = image_files(images)
+    singles = not any(p.is_dir() for p in images)  # folders keep their per-file rows (and exit 1)
+    if singles and not any(p.exists() for p in images):
+        raise UserError(_nothing_readable([(str(p), "no such file") for p in images]))  # before loading the model
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
     use_thread_plan(
         threads, 0, quiet=True
     )  # after loading (a bad model file stays a one-line error); stdout is the answer
     answers = _predict_with_progress(predictor, files, top_k, batch_size)
+    if singles and all(a.error for a in answers):
+        raise UserError(_nothing_readable([(a.path, a.error) for a in answers]))
     if csv_path is not None:
         _write_predictions_csv(csv_path, answers)
     if as_json:
@@ -310,6 +316,12 @@ def predict(
             highlight=False,
         )
         raise typer.Exit(1)
+
+
+def _nothing_readable(failed: list[tuple[str, str]]) -> str:
+    """One line for image files of which none could be read."""
+    reasons = "; ".join(f"{path}: {why}" for path, why in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+    return reasons if len(failed) == 1 else f"none of the {len(failed)} images could be read: {reasons}"
 
 
 def _predict_with_progress(predictor, files: list, top_k: int, batch_size: int) -> list:
@@ -368,21 +380,36 @@ def _print_predictions(answers: list) -> None:
             table.add_row(shown(pred["label"]), f"{pred['probability']:.4f}")
         console.print(table)
         return
+    # Paths break after a "/" (a name is cut only when it alone is wider than the column).
+    # The column gets a fixed width: rich would otherwise narrow it and fold names mid-word.
+    path_width = max(24, (console.width - 13) // 2)  # 13: the borders and padding of 4 columns
+    paths = [fold_path(printable(a.path), path_width) for a in answers]
     table = Table()
     for name in ("image", "class", "probability", "next"):
-        table.add_column(name, justify="right" if name == "probability" else "left", overflow="fold")
-    for a in answers:
+        width = min(path_width, max(len(line) for p in paths for line in p.splitlines())) if name == "image" else None
+        table.add_column(name, justify="right" if name == "probability" else "left", overflow="fold", width=width)
+    for a, path in zip(answers, paths):
         if a.error:
-            table.add_row(shown(a.path), f"[red]error: {shown(a.error)}[/red]", "", "")
+            table.add_row(escape(path), f"[red]error: {shown(a.error)}[/red]", "", "")
             continue
         top, *rest = a.predictions
         table.add_row(
-            shown(a.path),
+            escape(path),
             shown(top["label"]),
             f"{top['probability']:.4f}",
             shown(", ".join(f"{printable(p['label'])} {p['probability']:.2f}" for p in rest)),
         )
     console.print(table)
+
+
+def fold_path(path: str, width: int) -> str:
+    """`path` on lines of at most `width` characters, broken after a "/", names kept whole."""
+    lines = [""]
+    for part in path.replace("/", "/\0").split("\0"):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 @app.command()

@@ -3,6 +3,8 @@ class names, scanning a split, checking the whole layout, and splitting an unspl
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import os
 import random
 import shutil
@@ -112,15 +114,13 @@ def check_dataset(
     root = Path(root)
     report = DataReport(root=root)
     if not root.is_dir():
-        report.problems.append(
-            f"data folder {root} does not exist (run `ec2train data fetch` or `ec2train data demo {root}`)"
-        )
+        report.problems.append(missing_root_problem(root))
         return report
     listed: dict[str, list[str]] = {}
     for split in splits:
         split_dir = root / split
         if not split_dir.is_dir():
-            report.problems.append(f"missing split '{split}': no folder {split_dir}")
+            report.problems.append(f"missing split '{split}': no folder {split_dir}; {_make_split_hint(root)}")
             continue
         folders = class_folders(split_dir)
         listed[split] = folders
@@ -159,6 +159,40 @@ def check_dataset(
             report.problems.append(f"split '{split}' has different classes from 'train' ({detail})")
     report.problems[:0] = _name_problems(root, listed)  # first: fit's one line names this one
     return report
+
+
+DEFAULT_ROOT = "dogImages"  # fit's --data default, and where `ec2train data fetch` unpacks
+
+
+def missing_root_problem(root: Path) -> str:
+    """A data folder that is not there: the folder beside it with a close name (a typo), else how
+    to get one (the demo data set offered as a demo, not under the missing name)."""
+    problem = f"data folder {root} does not exist"
+    parent = root.parent
+    if parent.is_dir() and root.name:
+        try:
+            with os.scandir(parent) as entries:  # the first 10,000 entries: a bound on a huge folder
+                siblings = [e.name for e in itertools.islice(entries, 10_000) if e.is_dir() and e.name[:1] != "."]
+        except OSError:
+            siblings = []
+        close = difflib.get_close_matches(root.name, siblings, n=1, cutoff=0.75)
+        if close:
+            return f"{problem}; did you mean --data {parent / close[0]}?"
+    get = (
+        "download dogImages with `ec2train data fetch`"
+        if root.name == DEFAULT_ROOT
+        else "`ec2train data fetch --dest DIR` downloads dogImages"
+    )
+    return (
+        f"{problem}: {get}, or pass --data DIR, a folder with train/ valid/ test/ class folders "
+        "(`ec2train data demo demo-data` writes a small demo set to try)"
+    )
+
+
+def _make_split_hint(root: Path) -> str:
+    if (root / "train").is_dir():
+        return f"`ec2train data split {root / 'train'} {root}-split` divides the train images into train/ valid/ test/"
+    return f"`ec2train data split SRC {root}` makes train/ valid/ test/ from a folder of class folders"
 
 
 def require_dataset(root: str | Path, splits: Sequence[str] = SPLITS) -> list[str]:

@@ -99,7 +99,11 @@ def tune(
     devices = plan_workers(n_workers, gpus, base.device)
     say(
         f"study '{study_name}' in {shown_url(storage_url)}: {started} trials so far, "
-        f"running {to_run} more ({_side_by_side(n_workers, devices)})"
+        + (
+            f"running {to_run} more ({_side_by_side(n_workers, devices)})"
+            if to_run
+            else f"none to run: --trials counts the study's trials in all, so --trials {started + trials} runs {trials} more"
+        )
     )
     say("searching " + "; ".join(p.describe() for p in params))
     stopped_by = _run_trials(study, setup, storage_url, to_run, devices, timeout, say) if to_run else ""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ec2train.config import TrainConfig, to_toml
+from ec2train.errors import pip_install
 from ec2train.files import atomic_write_text
 from ec2train.s3 import parse_uri
 from ec2train.tune.space import Param, TuneError
@@ -30,7 +31,9 @@ def require_optuna():
     try:
         import optuna
     except ImportError:
-        raise TuneError("ec2train tune needs Optuna, which is not installed: pip install 'ec2train[tune]'") from None
+        raise TuneError(
+            f"ec2train tune needs Optuna, which is not installed: {pip_install('ec2train[tune]')}"
+        ) from None
     return optuna
 
 

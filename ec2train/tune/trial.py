@@ -1,6 +1,7 @@
 """One trial: one `run.fit_run` (the wrapper every training path goes through: S3 mirror, spot
 notice and SIGTERM stop) with the trial's settings, reported to Optuna epoch by epoch so the
-pruner can stop it, and recorded (state, error, TensorBoard hparams) whatever ends it."""
+pruner can stop it, and recorded (state, error) whatever ends it. Its TensorBoard run is fit's:
+its settings are in the HParams tab from its first epoch on, so pruned trials are there too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +17,6 @@ import torch
 from ec2train import run
 from ec2train.checkpoint import CHECKPOINT_FILE
 from ec2train.errors import first_line
-from ec2train.tune.space import Param
 from ec2train.tune.study import TrialSetup, fmt_params, require_optuna
 
 
@@ -27,23 +26,6 @@ class TrialDiverged(RuntimeError):
 
 class TrialStopped(RuntimeError):
     """A spot interruption notice or SIGTERM stopped the trial: it is not counted, and the study stops."""
-
-
-def write_trial_hparams(
-    logdir: Path, params: dict[str, Any], state: str, valid_acc1: float, epochs: int, space: list[Param]
-) -> None:
-    """One TensorBoard hparams entry per trial, so the HParams tab compares every trial, pruned ones too."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    discrete = {p.name: list(p.choices) for p in space if p.choices is not None and p.name in params}
-    discrete["state"] = ["COMPLETE", "PRUNED"]
-    with SummaryWriter(str(logdir)) as w:
-        w.add_hparams(
-            {**params, "state": state},
-            {"hparam/valid_acc1": valid_acc1, "hparam/epochs": epochs},
-            hparam_domain_discrete=discrete,
-            run_name=".",
-        )
 
 
 @dataclass
@@ -136,10 +118,6 @@ class Objective:
             trial.set_user_attr("error", f"{why}; not counted toward --trials")
             if self.stopped_by:  # (Ctrl-C: the command says so itself)
                 self.say(f"{progress.name} {why}: not counted toward --trials")
-        if state in ("COMPLETE", "PRUNED"):
-            write_trial_hparams(
-                self.setup.tb_root / name, params, state, progress.best, progress.done, self.setup.space
-            )
         if state == "FAIL":
             self.say(f"{progress.name} failed: {trial.user_attrs.get('error', '')}")
         elif state == "PRUNED":
