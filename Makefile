@@ -44,10 +44,12 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
-## make lint: ruff (lint + format check) on the code, tests, benchmarks and scripts; shellcheck on infra/
+## make lint: ruff (lint + format check) on the code, tests, benchmarks and scripts; mypy on
+## ec2train/ (settings in pyproject.toml); shellcheck on infra/
 lint: install-dev
 	$(BIN)/ruff check ec2train tests bench scripts
 	$(BIN)/ruff format --check ec2train tests bench scripts
+	$(BIN)/mypy
 	$(BIN)/shellcheck infra/*.sh
 
 ## make bench: the benchmarks in bench/ (each prints ratios against a baseline run alongside; ~15 min on 2 cores)
@@ -56,4 +58,4 @@ bench: install-dev
 		$(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache
+	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache .mypy_cache

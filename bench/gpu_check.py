@@ -340,16 +340,15 @@ def step_bookkeeping(device: str, steps: int = 30) -> list[str]:
     import torch
 
     from ec2train import ddp
+    from ec2train.config import TrainConfig
     from ec2train.loop import make_runtime, make_trainer, set_train_mode
 
     rows = ["| resnet50 224 px, batch 64, step only | fit's step img/s | reading every step img/s | ratio |"]
     rows.append("|---|---:|---:|---:|")
     for frozen in (True, False):
         rt = make_runtime(device, "auto", 0, env=ddp.DistEnv())
-        tr = make_trainer(
-            rt, "resnet50", 100, weights="none", frozen=frozen, channels_last=True, optimizer="adamw", lr=1e-3,
-            backbone_lr=1e-4, weight_decay=1e-4, momentum=0.0, lr_at_step=lambda _s: 1.0, wrap=False,
-        )  # fmt: skip
+        cfg = TrainConfig(arch="resnet50", weights="none", freeze_backbone=frozen, channels_last=True)
+        tr = make_trainer(rt, cfg, 100, lambda _s: 1.0)
         set_train_mode(tr.net, tr.head, frozen)
         x = torch.randn(64, 3, 224, 224, device=device)
         y = torch.randint(0, 100, (64,), device=device)

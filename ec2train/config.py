@@ -27,7 +27,7 @@ class ConfigError(UserError):
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
-LOADERS = ("auto", "cpu", "gpu")  # who decodes the images: hw.choose_loader
+LOADERS = ("auto", "cpu", "gpu")  # who decodes the images: hw.choose_loader (hw.LOADER_MODES, which imports torch)
 CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "amp": AMP_MODES, "loader": LOADERS}
 
 
@@ -70,7 +70,12 @@ class TrainConfig:
     s3_uri: str = ""
     kms_key: str = ""
 
+    def __post_init__(self) -> None:
+        self.validate()  # every TrainConfig is valid: checked once, where it is made
+
     def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first setting out of range (and the fix); returns self."""
+
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
 
@@ -82,6 +87,8 @@ class TrainConfig:
             raise bad("lr", "must be greater than 0 (try 1e-3 for AdamW, 0.1 for SGD)")
         if self.lr >= 1:
             raise bad("lr", "is far too large; training diverges (try 1e-3 for AdamW, 0.1 for SGD)")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "must be in [0, 1) (0.9 is the usual choice)")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be 0 or more")
         if not 0 <= self.label_smoothing < 1:
@@ -175,7 +182,7 @@ def resolve(config_file: str | Path | None = None, **overrides: Any) -> TrainCon
             raise ConfigError(f"unknown setting '{name}'")
         if value is not None:
             values[name] = value
-    return TrainConfig(**values).validate()
+    return TrainConfig(**values)
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -8,7 +8,7 @@ import datetime
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -230,17 +230,6 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def is_main() -> bool:
-    return not active() or dist.get_rank() == 0
-
-
-def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-    """Run fn on rank 0 only, then let every rank continue together."""
-    result = fn(*args, **kwargs) if is_main() else None
-    barrier()
-    return result
 
 
 def use_sync_bn(requested: bool, device_type: str, world_size: int) -> bool:

@@ -19,7 +19,7 @@ import torch
 from ec2train.errors import UserError
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write through a temp file in the same folder, fsync, then os.replace: all or nothing.
 
     The file gets the mode any new file gets (0666 less the umask). A full disk is one line
@@ -95,7 +95,7 @@ def _commit_or_undo(tmp_path: Path, path: Path) -> Path:
 
 class BackgroundWriter:
     """Runs file writes one at a time, in order, in a background thread, so training goes on
-    while a checkpoint is pickled and fsynced (resnet18's last.pt: 134 MB, most of a second).
+    while a checkpoint (a large file) is pickled and fsynced.
 
     Whoever submits must hand over a snapshot that later training steps do not change.
     `wait()` blocks until everything submitted is on disk and re-raises the first error (a

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ec2train.config import LOADERS
 from ec2train.errors import UserError
 
 
@@ -27,7 +26,9 @@ class AmpPolicy:
 
     @property
     def name(self) -> str:
-        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "off") if self.enabled else "off"
+        if not self.enabled or self.dtype is None:
+            return "off"
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "off")
 
 
 def supports_bf16(capability: tuple[int, int] | None) -> bool:
@@ -67,16 +68,15 @@ def amp_policy(amp: str, device_type: str, capability: tuple[int, int] | None = 
 
 def use_channels_last(requested: bool, device_type: str, frozen: bool = False) -> bool:
     """NHWC feeds tensor-core convolutions on GPUs. On the CPU it helps where the backbone only
-    runs forward (frozen: resnet18, batch 32, 2 threads, 32 px 38 ms against 64, 112 px 333
-    against 467); a full fine-tune's step measured the same at 32 px and slower at 64 (630 ms
-    against 542). Pure."""
+    runs forward (frozen); a full fine-tune's step was no faster with it, and slower at larger
+    images (docs/performance.md). Pure."""
     return requested and (device_type == "cuda" or (device_type == "cpu" and frozen))
 
 
 def inference_channels_last(device_type: str) -> bool:
     """NHWC for inference (predict, serve, the SageMaker handler), on the GPU and on the CPU too:
-    oneDNN's NHWC convolutions beat torch's NCHW path for a lone image (resnet18, 64 px, one
-    thread: 17 ms against 27 ms) and at 224 px (batch 8: 471 ms against 614 ms). Pure."""
+    oneDNN's NHWC convolutions beat torch's NCHW path, for a lone small image and for batches
+    at 224 px alike (docs/performance.md). Pure."""
     return device_type in ("cuda", "cpu")
 
 
@@ -85,9 +85,9 @@ COMPILE_MODES = ("auto", "on", "off")
 
 def compile_forward(mode: str, device_type: str) -> bool:
     """Whether a server compiles its forward pass (torch.compile, inductor, frozen weights, one
-    static graph per batch size). auto: on the CPU, where the compiled resnet18 at 64 px took
-    6.5-8.0 ms per image against eager's 10.8-14.4 at batch 4 and 10.6-13.5 against 15.0-18.6
-    alone (one thread); off on GPUs until it has been measured there. Pure."""
+    static graph per batch size). auto: on the CPU, where the compiled pass is faster than
+    eager at every batch size measured (docs/performance.md); off on GPUs until it has been
+    measured there. Pure."""
     if mode not in COMPILE_MODES:
         raise UserError(f"--compile {mode}: must be auto, on or off")
     return mode == "on" or (mode == "auto" and device_type == "cpu")
@@ -128,6 +128,10 @@ class LoaderChoice:
     why: str  # one line for fit's header
 
 
+# config.LOADERS is the same tuple: the SageMaker package ships this module without config.py.
+LOADER_MODES = ("auto", "cpu", "gpu")
+
+
 def choose_loader(
     requested: str,
     device_type: str,
@@ -142,8 +146,8 @@ def choose_loader(
     device cannot decode JPEGs (data.gpu.device_decode_problem), if it cannot; verified: None
     reads GPU_LOADER_VERIFIED. Pure."""
     verified = GPU_LOADER_VERIFIED if verified is None else verified
-    if requested not in LOADERS:
-        raise HardwareError(f"--loader {requested}: must be one of {', '.join(LOADERS)}")
+    if requested not in LOADER_MODES:
+        raise HardwareError(f"--loader {requested}: must be one of {', '.join(LOADER_MODES)}")
     if requested == "cpu":
         return LoaderChoice("cpu", "cpu loader (--loader cpu): workers decode and transform")
     if requested == "gpu":
@@ -180,9 +184,9 @@ def use_pin_memory(device_type: str) -> bool:
 
 def optimizer_kernel(device_type: str, torch_version: tuple[int, int]) -> str:
     """How SGD and AdamW update the weights: "fused" (one kernel per parameter group) on CUDA,
-    and on the CPU from torch 2.4, which added fused CPU kernels; else "foreach" (multi-tensor).
-    On the CPU, resnet18's AdamW step took 14 ms fused against 70 ms foreach (2 threads; SGD:
-    12 against 55), and a loop over every parameter 4x foreach. Pure."""
+    and on the CPU from torch 2.4, which added fused CPU kernels; else "foreach" (multi-tensor),
+    never a Python loop over every parameter: fused is several times faster than foreach on
+    the CPU, and foreach than the loop (docs/performance.md). Pure."""
     if device_type == "cuda" or (device_type == "cpu" and torch_version >= (2, 4)):
         return "fused"
     return "foreach"
@@ -196,9 +200,8 @@ def torch_version() -> tuple[int, int]:
 def background_work_helps(device_type: str) -> bool:
     """Whether fit writes its checkpoints in a background thread. Yes
     when an accelerator trains: the CPU mostly waits for it. No on the CPU: the thread plan
-    gives torch every core the loader leaves, and a busy extra thread stalls its OpenMP team
-    (resnet18 frozen at 32 px on 2 cores: 1.0 s per epoch with last.pt written beside the
-    training, 0.65 s with it written in between, in 0.2 s)."""
+    gives torch every core the loader leaves, and a busy extra thread stalls its OpenMP team:
+    writing last.pt in between costs less than the stall beside training (docs/performance.md)."""
     return device_type != "cpu"
 
 

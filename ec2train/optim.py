@@ -54,10 +54,11 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW, with the fused or multi-tensor update (hw.optimizer_kernel)
     rather than a Python loop over every parameter."""
-    fast = {hw.optimizer_kernel(device_type, hw.torch_version()): True}
+    kernel = hw.optimizer_kernel(device_type, hw.torch_version())
+    fused, foreach = (True, None) if kernel == "fused" else (None, True)  # None: torch's default
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fast)
-    return torch.optim.AdamW(groups, lr=lr, **fast)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=fused, foreach=foreach)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused, foreach=foreach)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer, peak: bool = False) -> dict[str, float]:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ec2train import ddp
 from ec2train.arch_sizes import check_image_size
+from ec2train.config import TrainConfig
 from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split, train_dataset
 from ec2train.data.gpu import device_decode_problem, select_loader
 from ec2train.errors import UserError
@@ -247,23 +248,8 @@ def _decodable(loaders: tuple[str, ...], device: str, log: Callable[[str], None]
 
 def _trainer(rt, arch: str, num_classes: int, frozen: bool, channels_last: bool):
     """fit's model and optimizer (random weights: speed does not depend on them), constant lr."""
-    torch.manual_seed(0)
-    tr = make_trainer(
-        rt,
-        arch,
-        num_classes,
-        weights="none",
-        frozen=frozen,
-        channels_last=channels_last,
-        optimizer="adamw",
-        lr=1e-3,
-        backbone_lr=1e-4,
-        weight_decay=1e-4,
-        momentum=0.0,
-        lr_at_step=lambda _step: 1.0,
-        wrap=False,
-        normalization=(IMAGENET_MEAN, IMAGENET_STD),
-    )
+    cfg = TrainConfig(arch=arch, weights="none", freeze_backbone=frozen, channels_last=channels_last)
+    tr = make_trainer(rt, cfg, num_classes, lambda _step: 1.0, (IMAGENET_MEAN, IMAGENET_STD))
     set_train_mode(tr.net, tr.head, frozen)
     return tr
 

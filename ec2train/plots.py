@@ -3,8 +3,8 @@ per-class accuracy and the most confused pairs of classes.
 
 Rows of a confusion matrix are true classes, columns predicted ones (as `loop.evaluate` counts them).
 The picture is drawn with Pillow, which every command already imports: matplotlib's import and
-first figure cost about a second at the end of every fit on a small CPU box (0.75 s import, 0.4 s
-per drawing); Pillow draws the same picture in a few hundredths of a second. `confusion_figure`
+first figure would add a noticeable pause at the end of every fit on a small CPU box
+(docs/performance.md). `confusion_figure`
 decides what is drawn where (testable text and geometry), `render` paints it.
 """
 
@@ -14,7 +14,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ class Confusion(NamedTuple):
 
     true: str
     predicted: str
-    count: int
+    count: int  # type: ignore[assignment]  # a field named like tuple.count: the JSON key is "count"
     fraction_of_true: float
 
     @property
@@ -202,7 +202,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
             return ImageFont.truetype(name, size)
         except OSError:
             continue
-    return ImageFont.load_default(size=size)
+    # With a size, Pillow's own font is a FreeTypeFont too (FreeType is there: see can_draw).
+    return cast(ImageFont.FreeTypeFont, ImageFont.load_default(size=size))
 
 
 def _text_size(text: str, font) -> tuple[int, int]:
@@ -306,12 +307,12 @@ def render(fig: Figure, pad: int = 24) -> Image.Image:
     for i, text in enumerate(fig.row_labels):
         draw.text((left - 6, top + (i + 0.5) * lay.cell), text, font=tick, fill=INK, anchor="rm")
     for j, text in enumerate(fig.column_labels):
-        x = left + (j + 0.5) * lay.cell
+        mid = left + (j + 0.5) * lay.cell
         if fig.columns_at_top:
-            _paste_text(canvas, (x, top + side + 4), text, tick, INK, 90, "end")
-            _paste_text(canvas, (x, top - 4), text, tick, INK, 90, "start")
+            _paste_text(canvas, (mid, top + side + 4), text, tick, INK, 90, "end")
+            _paste_text(canvas, (mid, top - 4), text, tick, INK, 90, "start")
         else:
-            _paste_text(canvas, (x, top + side + 6), text, tick, INK, 45, "end")
+            _paste_text(canvas, (mid, top + side + 6), text, tick, INK, 45, "end")
     _paste_text(canvas, (pad + axis_font.size / 2, top + side / 2), fig.y_label, axis_font, INK, 90, "middle")
     draw.text((left + side / 2, top + side + col_h + 6), fig.x_label, font=axis_font, fill=INK, anchor="mt")
     draw.text((left + side / 2, pad), fig.title, font=title_font, fill=INK, anchor="mt")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 # TensorBoard, laid out as Keras writes it: RUN/train and RUN/validation hold the same tags, so
 # the dashboard draws train and valid of one metric on one chart, and the best epoch's test
@@ -40,8 +40,8 @@ class Reporter:
     def __init__(self, console, enabled: bool):
         self.enabled = enabled and console is not None
         self.console = console
-        self.progress = None
-        self.task = None
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
 
     def log(self, msg: str) -> None:
         if self.enabled:
@@ -50,7 +50,7 @@ class Reporter:
     def start_epoch(self, epoch: int, epochs: int, total: int) -> None:
         if not self.enabled:
             return
-        self.progress = Progress(
+        progress = self.progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{epochs}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -59,12 +59,12 @@ class Reporter:
             console=self.console,
             transient=False,
         )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, loss=0.0, acc=0.0, ips=0.0)
+        progress.start()
+        self.task = progress.add_task("train", total=total, loss=0.0, acc=0.0, ips=0.0)
         self._t0, self._n, self._loss, self._acc = time.perf_counter(), 0, 0.0, 0.0
 
     def step(self, n: int, loss: float, acc: float) -> None:
-        if not self.progress:
+        if not self.progress or self.task is None:
             return
         self._n += n
         self._loss += loss * n
@@ -80,7 +80,7 @@ class Reporter:
 
 class TensorBoard:
     """TensorBoard on rank 0 (see CURVES for the layout), opened in a background thread: importing
-    tensorboard takes about a second that the first epoch need not wait for. `hparams`: the run's
+    tensorboard is slow, and the first epoch need not wait for it. `hparams`: the run's
     settings, written when it opens so that runs stopped early (a pruned trial) are in the HParams
     tab too; a run that finishes is marked a success there."""
 

@@ -1,7 +1,10 @@
-"""A training run on a cloud box: loop.fit wrapped with what the cloud adds.
+"""The one wrapper every training path goes through (`ec2train fit`, tune's trials and
+--then-fit, and unattended jobs, whose runner starts `ec2train fit`): loop.fit plus what the
+cloud adds.
 
 - remote resume: a checkpoint in S3 (--resume s3://..., or --resume auto with --s3-uri on a
-  fresh instance) is downloaded into --output first, so fit only ever reads local files;
+  fresh instance) is downloaded into --output first (checkpoint.Resume decides), so fit only
+  ever reads local files;
 - the S3 mirror (s3.RunSync, rank 0): the output folder and TensorBoard logs every epoch,
   flushed at exit;
 - stopping cleanly: a spot interruption notice (spot.SpotWatcher) or SIGTERM (docker stop,
@@ -14,7 +17,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import ddp, s3
-from ec2train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, resume_mode
+from ec2train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, Resume
 from ec2train.config import TrainConfig
 from ec2train.errors import UserError
 from ec2train.loop import FitResult, fit
@@ -121,36 +123,14 @@ class StopOnSignals:
             self._announcer.join(timeout=5)
 
 
-def fetch_remote_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> TrainConfig:
-    """Download the S3 checkpoint this run resumes from (with its model.pth) into --output.
-
-    Done by the processes that read a checkpoint (rank 0, and each node's local rank 0 in auto
-    mode, see checkpoint.agreed_checkpoint); returns cfg with --resume pointing at the local copy.
-    """
-    env, torchrun = ddp.env_from(), ddp.under_torchrun()
-    mode = resume_mode(cfg.resume, torchrun)
-    if not (env.is_main or (mode == "auto" and env.local_rank == 0)):
-        return cfg
-    output = Path(cfg.output)
-    if mode.startswith("s3://"):
-        say(f"downloading {mode} into {output}")
-        return dataclasses.replace(cfg, resume=str(s3.download_run(mode, output)))
-    if mode == "auto" and cfg.s3_uri and not (output / CHECKPOINT_FILE).is_file():
-        found = s3.find_checkpoint(cfg.s3_uri)
-        if found:
-            say(f"no {CHECKPOINT_FILE} in {output}: downloading {found}")
-            s3.download_run(found, output)
-    return cfg
-
-
-def _open_sync(cfg: TrainConfig, say: Callable[[str], None]) -> s3.RunSync | None:
+def _open_sync(cfg: TrainConfig, resume: Resume, say: Callable[[str], None]) -> s3.RunSync | None:
     if cfg.kms_key and not cfg.s3_uri:
         raise UserError("--kms-key encrypts what --s3-uri uploads; add --s3-uri s3://bucket/prefix")
     if not (cfg.s3_uri and ddp.env_from().is_main):
         return None
     sync = s3.RunSync(cfg.s3_uri, cfg.output, cfg.logdir, cfg.kms_key or None, log=say)
     try:
-        sync.preflight(cfg.resume, ddp.under_torchrun())
+        resume.refuse_overwrite(sync.preflight())
     except BaseException:
         sync.uploader.close()
         raise
@@ -174,12 +154,14 @@ def fit_run(
     Ctrl-C stops the same way, then raises StoppedByCtrlC (a KeyboardInterrupt); a second
     Ctrl-C raises KeyboardInterrupt at once.
     """
-    say = console.print if (console is not None and ddp.env_from().is_main) else (lambda msg: None)
-    sync = _open_sync(cfg, say)
+    env = ddp.env_from()
+    say = console.print if (console is not None and env.is_main) else (lambda msg: None)
+    resume = Resume.of(cfg)
+    sync = _open_sync(cfg, resume, say)
     watcher = SpotWatcher(spot_watch, spot_poll_seconds, log_line=say)
     with StopOnSignals(say) as signals:
         try:
-            cfg = fetch_remote_checkpoint(cfg, say)
+            resume = resume.fetch_remote(env, say)
             watcher.start()
             stops = [watcher.should_stop, signals.received, *([should_stop] if should_stop else [])]
             result = fit(
@@ -187,6 +169,7 @@ def fit_run(
                 console=console,
                 should_stop=lambda: any(f() for f in stops),
                 on_epoch=_in_turn(sync.on_epoch if sync else None, on_epoch),
+                resume=resume,
             )
         except BaseException as exc:
             if sync is not None:

@@ -107,7 +107,7 @@ def _s3(client: Any | None) -> Any:
 # ---------------------------------------------------------------- errors
 
 
-def _client_error(exc: BaseException) -> Any | None:
+def _client_error(exc: BaseException | None) -> Any | None:
     """The botocore ClientError behind exc (boto3's transfer layer wraps it), if any."""
     from botocore.exceptions import ClientError
 
@@ -562,16 +562,10 @@ class RunSync:
         self.uploader = BackgroundUploader(kms_key, client=client, log=self._log)
         self._client = client
 
-    def preflight(self, resume: str, torchrun: bool) -> str | None:
-        """Check the bucket answers now (not after the first epoch) and refuse to silently
-        overwrite another run's checkpoint when no --resume was given. Returns that checkpoint."""
-        existing = find_checkpoint(self.prefix, client=self._client)
-        if existing and not resume and not torchrun:
-            raise S3Error(
-                f"{existing} already holds a run's checkpoint: continue it with --resume auto, "
-                "or start over with --resume never (overwrites it) or another --s3-uri"
-            )
-        return existing
+    def preflight(self) -> str | None:
+        """Check the bucket answers now (not after the first epoch); returns the run checkpoint
+        already under the prefix, if any (checkpoint.Resume decides whether it may be overwritten)."""
+        return find_checkpoint(self.prefix, client=self._client)
 
     def _own_event_files(self) -> list[Path]:
         """TensorBoard files this process writes (their names carry host and pid)."""

@@ -6,9 +6,8 @@ launchers `launch_env`) and applies the answer with `apply_threads`; `ThreadTune
 
 torch's intra-op (OpenMP) pool defaults to every core of the box. Loader workers, the server's
 decode threads, other ranks and other programs want those cores too, and spinning OpenMP threads
-that are not all scheduled at once stall each other: on a 2-core box with one busy process a
-resnet18 step ran 6x slower with 2 threads than with 1. So the plan gives torch only the cores
-left after everything else this process starts.
+that are not all scheduled at once stall each other (docs/performance.md, "CPU threads"). So
+the plan gives torch only the cores left after everything else this process starts.
 
 Imports torch and the standard library only: the SageMaker model package ships this module.
 """
@@ -136,9 +135,8 @@ def thread_plan(
 def serve_lanes(share: int) -> int:
     """Forward passes a server process runs at once: two where it has two cores or more.
 
-    On the CPU one pass of a small batch cannot use many cores well (a resnet18 batch of 8 at
-    64 px: 65 ms on one thread, 52 ms on two), and while it runs the next batch's requests only
-    wait. Two lanes let a second batch start at once, and two one-thread passes use two cores
+    On the CPU one pass of a small batch cannot use many cores well (a second thread barely
+    shortens it), and while it runs the next batch's requests only wait. Two lanes let a second batch start at once, and two one-thread passes use two cores
     without an OpenMP team that collapses when another program takes a core. Pure."""
     return 2 if share >= 2 else 1
 
@@ -166,9 +164,9 @@ class ThreadTuner:
     """Chooses torch's intra-op threads for CPU training by timing real steps (data wait
     included), not by guessing what else runs on the box.
 
-    A static plan cannot be right both ways on a small box: on an idle 2-core box a resnet18
-    step ran 46 img/s with 2 threads and 35 with 1; beside one busy process, 17 with 2
-    (spinning OpenMP threads collapse) and 37 with 1. So during the first epoch the candidates
+    A static plan cannot be right both ways on a small box: on an idle box more threads step
+    faster, beside one busy process fewer do (spinning OpenMP threads collapse; the figures are
+    in docs/performance.md). So during the first epoch the candidates
     alternate step by step until each has `probe` timings, and the fastest median wins (the
     plan's count keeps its place unless another is `margin` faster; when after `probe - 1`
     rounds every step of one count is `clear` faster than every step of the others, the probe

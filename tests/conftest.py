@@ -159,6 +159,18 @@ SLOW_FIRST = (
 )
 
 
+# What a `fast` test may ask for (besides its parameters): nothing that trains, serves or starts a
+# server. `pytest -m fast` (the inner loop, under a minute) stays fast as tests are added.
+FAST_FIXTURES = {"tmp_path", "tmp_path_factory", "monkeypatch", "capsys", "capfd", "caplog", "recwarn", "request"}
+FAST_FIXTURES |= {"one_thread", "one_torch_thread"}
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("fast"):
+            params = set(getattr(getattr(item, "callspec", None), "params", {}))
+            heavy = set(item.fixturenames) - params - FAST_FIXTURES
+            if heavy:
+                raise pytest.UsageError(f"{item.nodeid} is marked fast but asks for {sorted(heavy)}")
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

@@ -26,6 +26,7 @@ def joined(advice: list[str]) -> str:
     return " | ".join(advice)
 
 
+@pytest.mark.fast
 def test_input_bound_with_big_images_and_a_frozen_backbone():
     bound, advice = verdict(150, 900, 140, **{**BASE, "frozen": True, "median_short_side": 1200})
     assert bound == "input pipeline"
@@ -34,6 +35,7 @@ def test_input_bound_with_big_images_and_a_frozen_backbone():
     assert "more loader workers" not in joined(advice)  # 3 workers of 4 CPUs already
 
 
+@pytest.mark.fast
 def test_input_bound_with_idle_cpus_asks_for_workers_not_prepare():
     bound, advice = verdict(150, 900, 140, **{**BASE, "workers": 0, "cpus": 8, "median_short_side": 300})
     assert bound == "input pipeline"
@@ -42,6 +44,7 @@ def test_input_bound_with_idle_cpus_asks_for_workers_not_prepare():
     assert "--cache-features" not in joined(advice)  # the backbone trains: features change
 
 
+@pytest.mark.fast
 def test_step_bound_on_a_gpu_without_amp_asks_for_amp_first():
     bound, advice = verdict(2000, 300, 290, **{**BASE, "amp": "off", "channels_last": False})
     assert bound == "training step"
@@ -49,12 +52,14 @@ def test_step_bound_on_a_gpu_without_amp_asks_for_amp_first():
     assert "GPU instance" not in joined(advice)
 
 
+@pytest.mark.fast
 def test_step_bound_on_cpu_says_use_a_gpu():
     bound, advice = verdict(400, 20, 19, **{**BASE, "device_type": "cpu", "amp": "off"})
     assert bound == "training step"
     assert "GPU instance" in advice[0] and "--amp" not in joined(advice)
 
 
+@pytest.mark.fast
 def test_poor_overlap_is_called_out():
     _, advice = verdict(400, 300, 100, **BASE)
     assert "well below both" in advice[-1]
@@ -123,6 +128,7 @@ def test_bench_cli_prints_the_three_rates_and_the_verdict(capsys, small_data: Pa
         assert row in text
 
 
+@pytest.mark.fast
 def test_bench_bad_data_is_a_one_line_error(capsys, tmp_path: Path):
     code, _, err = cli_in_process(capsys, "bench", "--data", tmp_path / "missing")
     assert_one_line_error(code, err, "does not exist")
@@ -174,6 +180,7 @@ def test_busy_spinners_run_for_the_duration_and_stop():
     assert busy_levels(1) == [0, 1] and busy_levels(0) == [0]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.py")))
 def test_every_benchmark_script_imports(script, monkeypatch):
     # The benchmarks are not run by the tests (they take minutes), so a name moved inside

@@ -34,6 +34,7 @@ from ec2train.preprocess import eval_transform, train_transform
 from tests.support.cli import assert_one_line_error, cli_in_process
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "folder,name",
     [
@@ -48,6 +49,7 @@ def test_class_names_are_human(folder, name):
     assert class_name(folder) == name
 
 
+@pytest.mark.fast
 def test_demo_data_layout_and_idempotence(tmp_path):
     root = make_demo_dataset(tmp_path / "d", classes=3, per_class=8, size=32)
     report = check_dataset(root, decode=True)
@@ -66,6 +68,7 @@ def test_demo_data_layout_and_idempotence(tmp_path):
     assert check_dataset(root).splits["train"].classes == 4
 
 
+@pytest.mark.fast
 def test_demo_classes_differ_by_content_not_name(tmp_path):
     import torch
     from PIL import Image
@@ -82,6 +85,7 @@ def test_demo_classes_differ_by_content_not_name(tmp_path):
             assert (means[i] - means[j]).abs().max() > 0.05
 
 
+@pytest.mark.fast
 def test_train_sampler_shards_are_disjoint_and_cover():
     n = 23
     per_rank = [TrainSampler(n, rank=r, world=3, seed=1) for r in range(3)]
@@ -99,6 +103,7 @@ def test_train_sampler_shards_are_disjoint_and_cover():
     assert e1 != s.indices() and sorted(e1) == list(range(n))
 
 
+@pytest.mark.fast
 def test_train_sampler_never_ends_an_epoch_with_a_batch_of_one():
     """17 images in batches of 4 would end with a lone image, which BatchNorm cannot train on:
     that epoch leaves one image out (a different one each epoch); other sizes keep every image."""
@@ -117,6 +122,7 @@ def test_train_sampler_never_ends_an_epoch_with_a_batch_of_one():
     assert [len(x.indices()) for x in shards] == [8, 8]
 
 
+@pytest.mark.fast
 def test_eval_sampler_counts_each_image_once():
     shards = [list(EvalSampler(13, r, 4)) for r in range(4)]
     flat = sorted(i for s in shards for i in s)
@@ -258,6 +264,7 @@ def test_fetch_over_http_resumes_after_a_dropped_connection(zip_server, tmp_path
     assert len(_RangeHandler.requests) == 2
 
 
+@pytest.mark.fast
 def test_fetch_file_url_and_bad_archives(tmp_path):
     src = make_demo_dataset(tmp_path / "src", classes=2, per_class=2, size=24)
     archive = tmp_path / "dogImages.zip"
@@ -276,6 +283,7 @@ def test_fetch_file_url_and_bad_archives(tmp_path):
         fetch_dataset("gopher://example.com/x.zip", tmp_path / "d")
 
 
+@pytest.mark.fast
 def test_fetch_offline_fails_fast_with_advice(tmp_path):
     import socket
     import time
@@ -316,6 +324,7 @@ def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
     _no_leftovers(out)
 
 
+@pytest.mark.fast
 def test_unpack_limits_total_entries_and_free_disk(tmp_path, monkeypatch):
     import shutil
 
@@ -462,6 +471,7 @@ def _zip_with(path: Path, *entries: tuple[str, int | None, bytes]) -> Path:
     return path
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "entries,problem",
     [
@@ -484,6 +494,7 @@ def test_odd_members_are_one_line_and_leave_nothing(tmp_path, entries, problem):
     _no_leftovers(out)  # neither a .unpacking folder nor the refused download
 
 
+@pytest.mark.fast
 def test_sha256_is_checked_before_unpacking(tmp_path):
     import hashlib
 
@@ -498,6 +509,7 @@ def test_sha256_is_checked_before_unpacking(tmp_path):
     assert check_dataset(fetch_dataset(archive.as_uri(), out / "dogImages", sha256=good.upper())).ok
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "old,new,ok",
     [

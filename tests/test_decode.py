@@ -125,6 +125,7 @@ def test_eps_named_jpg_is_bad_everywhere_without_running_ghostscript(fake_ghosts
     assert not fake_ghostscript.exists(), "Pillow ran Ghostscript on an untrusted file"
 
 
+@pytest.mark.fast
 def test_data_prepare_lists_sizes_jpeg_cannot_hold_instead_of_crashing(tmp_path: Path):
     from ec2train.data import make_demo_dataset
     from ec2train.prepare import prepare_dataset
@@ -137,6 +138,7 @@ def test_data_prepare_lists_sizes_jpeg_cannot_hold_instead_of_crashing(tmp_path:
     assert report.written == report.images > 0
 
 
+@pytest.mark.fast
 def test_the_size_rule_refuses_every_size_jpeg_cannot_hold():
     # No side can exceed sqrt(MAX_PIXELS * MAX_ASPECT_RATIO) (w * h <= P and long <= R * short).
     assert math.isqrt(MAX_PIXELS * MAX_ASPECT_RATIO) < 65_500
@@ -145,6 +147,7 @@ def test_the_size_rule_refuses_every_size_jpeg_cannot_hold():
         assert size_problem(w, h) is not None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "w, h, allowed",
     [
@@ -162,6 +165,7 @@ def test_size_rule(w, h, allowed):
     assert (size_problem(h, w) is None) == allowed
 
 
+@pytest.mark.fast
 def test_decode_errors_never_show_python_reprs():
     for junk in (b"junk", b"GIF89a" + bytes(20), io.BytesIO(b"\x89PNG\r\n\x1a\n" + bytes(40))):
         with pytest.raises(ImageDecodeError) as exc:
@@ -169,6 +173,7 @@ def test_decode_errors_never_show_python_reprs():
         assert " at 0x" not in str(exc.value) and "<_io" not in str(exc.value), exc.value
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pixels_normalized_on_the_device_equal_the_float_transforms_bit_for_bit(tmp_path, channels_last):
     # Loader workers hand uint8 pixels over and StepContext.to_device normalizes the batch:
@@ -197,6 +202,7 @@ def test_pixels_normalized_on_the_device_equal_the_float_transforms_bit_for_bit(
         assert torch.equal(got, torch.stack(expected)) and labels.tolist() == [0, 1, 2]
 
 
+@pytest.mark.fast
 def test_a_uint8_batch_without_the_data_sets_normalization_is_refused():
     from ec2train import hw
     from ec2train.loop import StepContext

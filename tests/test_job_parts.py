@@ -27,6 +27,7 @@ spec = job_spec
 # --------------------------------------------------------------------------- cost
 
 
+@pytest.mark.fast
 def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller_and_not_much_dearer():
     # g4dn.8xlarge (4.1x g4dn.xlarge's on-demand price) is left out: spot bills up to on-demand.
     assert cost.spot_types("g4dn.xlarge") == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge"]
@@ -39,6 +40,7 @@ def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller_and_not_
     assert cost.spot_types("x9.huge") == ["x9.huge"]
 
 
+@pytest.mark.fast
 def test_cost_estimate_prices_every_node_by_its_type_and_market_until_it_exited_or_went_silent():
     nodes = [
         {"instance_type": "g4dn.xlarge", "lifecycle": "spot", "started_at": 0, "exited_at": 3600},
@@ -55,6 +57,7 @@ def test_cost_estimate_prices_every_node_by_its_type_and_market_until_it_exited_
     assert unknown["usd"] is None and unknown["unpriced"] == ["zz.big"]
 
 
+@pytest.mark.fast
 def test_price_lines_give_the_range_and_the_worst_case_of_every_node():
     types = cost.spot_types("g4dn.xlarge")
     price, worst = cost.price_lines(types, 4, True, 24, 100)
@@ -71,6 +74,7 @@ def test_price_lines_give_the_range_and_the_worst_case_of_every_node():
 # --------------------------------------------------------------------------- fit arguments
 
 
+@pytest.mark.fast
 def test_fit_args():
     assert check_fit_args(["fit", "--epochs", "3"]) == ["--epochs", "3"] == check_fit_args(["--epochs", "3"])
     for bad in (["tune"], ["fit", "--resume", "never"], ["fit", "--output=x"]):
@@ -78,6 +82,7 @@ def test_fit_args():
             check_fit_args(bad)
 
 
+@pytest.mark.fast
 def test_on_spot_the_runner_has_fit_watch_for_the_notice_unless_the_job_chose(tmp_path):
     from ec2train.job.runner import fit_command
 

@@ -200,6 +200,7 @@ def test_bad_requests_are_client_errors(handler, body, ctype, status, needle):
     assert exc.value.status == status and needle in str(exc.value).lower(), str(exc.value)
 
 
+@pytest.mark.fast
 def test_options_from_custom_attributes_header():
     assert parse_custom_attributes("top_k=3") == {"top_k": 3}
     assert parse_custom_attributes("trace=abc-123; top_k=2, logits=true") == {"top_k": 2, "logits": True}
@@ -648,6 +649,7 @@ def test_several_workers_with_compile_on_and_no_compiler_stop_before_any_worker_
         server.run(trained_model, port=free_port(), workers=2, compile="on")
 
 
+@pytest.mark.fast
 def test_on_an_older_torch_the_recompile_budget_is_raised_globally(monkeypatch):
     import torch
     import torch._dynamo.config as dynamo_config
@@ -898,6 +900,7 @@ def test_a_free_lane_waits_for_its_share_while_the_other_pass_runs():
     assert passes == [1, 2, 4, 3] and [a["n"] for a in rest] == [0, 7, 8, 9]  # ...and then go
 
 
+@pytest.mark.fast
 def test_one_lane_takes_a_whole_batch_and_the_share_follows_the_last_second():
     from ec2train.server import Batcher, BatchStats, PeakWindow
 

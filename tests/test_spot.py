@@ -77,6 +77,7 @@ def test_watcher_recovers_from_a_revoked_token(imds):
     assert server.polls > polls + 3 and server.token_puts >= 2
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("listener", ["closed port", "silent listener"])
 def test_watcher_switches_itself_off_quietly_without_a_metadata_service(listener, caplog, monkeypatch):
     from ec2train.spot import SpotWatcher
@@ -126,6 +127,7 @@ def test_auto_keeps_watching_when_a_loaded_instance_answers_its_first_probe_late
     assert watcher.should_stop() and server.token_puts >= PROBE_TRIES
 
 
+@pytest.mark.fast
 def test_watch_modes(monkeypatch):
     from ec2train.errors import UserError
     from ec2train.spot import SpotWatcher

@@ -20,6 +20,7 @@ from tests.support.net import free_port
 from tests.support.training import TINY_FIT
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "cpus, procs, workers, decode, override, share, intra",
     [
@@ -40,6 +41,7 @@ def test_plan_gives_torch_only_the_cores_left(cpus, procs, workers, decode, over
     assert plan.source == ("--threads" if override else "auto")
 
 
+@pytest.mark.fast
 def test_a_launchers_omp_num_threads_caps_the_share():
     # torchrun's OMP_NUM_THREADS=1, or tune's cores per trial: the process's share, then less its workers.
     assert thread_plans.thread_plan(16, 1, 3, launcher_share=4).intra_op == 1
@@ -51,6 +53,7 @@ def test_a_launchers_omp_num_threads_caps_the_share():
     assert thread_plans.launcher_share_from_env({}) is None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "cpus, procs, override, launcher, lanes, intra",
     [
@@ -72,6 +75,7 @@ def test_serve_plan_runs_two_lanes_where_there_are_two_cores(cpus, procs, overri
     assert ("in each of 2 forward lanes" in described) == (lanes == 2), described
 
 
+@pytest.mark.fast
 def test_inference_uses_channels_last_on_cpu_and_gpu_training_on_gpu_and_a_frozen_backbone_on_cpu():
     assert hw.inference_channels_last("cpu") and hw.inference_channels_last("cuda")
     assert not hw.inference_channels_last("mps")
@@ -88,7 +92,7 @@ def test_a_frozen_cpu_fit_trains_its_backbone_in_channels_last(demo_data, tmp_pa
 
     cfg = resolve(
         data=str(demo_data), arch="resnet18", weights="none", freeze_backbone=True, image_size=32, epochs=3, workers=0
-    ).validate()
+    )
     rt = make_runtime(cfg.device, cfg.amp, cfg.workers, threads=1)
     data = make_data(cfg, rt)
     tr = trainer_for(cfg, rt, data)
@@ -103,6 +107,7 @@ def test_a_frozen_cpu_fit_trains_its_backbone_in_channels_last(demo_data, tmp_pa
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.fast
 def test_tuning_compares_the_plan_with_one_other_count_on_cpu_training_only():
     plan = lambda cpus, workers, override=0: thread_plans.thread_plan(cpus, 1, workers, override=override)  # noqa: E731
     assert thread_plans.tuning_candidates(plan(2, 1), "cpu", 1) == (1, 2)  # a light loader may leave its core idle
@@ -114,6 +119,7 @@ def test_tuning_compares_the_plan_with_one_other_count_on_cpu_training_only():
     assert thread_plans.tuning_candidates(plan(2, 1), "cpu", 2) == (1,)  # DDP: a step waits for the slowest rank
 
 
+@pytest.mark.fast
 def test_tuner_alternates_then_keeps_the_faster_count():
     tuner = thread_plans.ThreadTuner((1, 2))
     ran = []
@@ -128,6 +134,7 @@ def test_tuner_alternates_then_keeps_the_faster_count():
     assert tuner.observe(1, 0.01) is None and tuner.threads() == 2  # settled: no more probing
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("fast", [1, 2])
 def test_tuner_stops_after_two_rounds_when_one_count_is_clearly_faster(fast):
     # Every step of one count at least 20% faster than every step of the other: the third
@@ -147,6 +154,7 @@ def test_tuner_stops_after_two_rounds_when_one_count_is_clearly_faster(fast):
     assert mixed.probing and mixed.threads() == 1
 
 
+@pytest.mark.fast
 def test_tuner_keeps_the_plan_unless_another_count_is_clearly_faster():
     tuner = thread_plans.ThreadTuner((1, 2))
     for _ in range(6):
@@ -212,6 +220,7 @@ def test_fit_applies_the_tuned_count_and_a_resumed_run_keeps_it(monkeypatch, tmp
         torch.set_num_threads(before)
 
 
+@pytest.mark.fast
 def test_launchers_give_each_process_its_share_from_the_plan():
     # `fit --nproc-per-node N` and tune's parallel trials give each process plan.share as OMP_NUM_THREADS.
     assert thread_plans.process_share(4, cpus=16) == thread_plans.thread_plan(16, 4).share == 4
@@ -222,6 +231,7 @@ def test_launchers_give_each_process_its_share_from_the_plan():
     assert thread_plans.launch_env(2, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"  # the user's stays
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "text, cpus",
     [("max 100000\n", None), ("150000 100000\n", 1.5), ("200000 100000", 2.0), ("50000", 0.5), ("garbage", None)],
@@ -230,6 +240,7 @@ def test_cgroup_v2_quota(text, cpus):
     assert thread_plans.parse_cgroup_quota(cpu_max=text) == cpus
 
 
+@pytest.mark.fast
 def test_cgroup_v1_quota_and_the_cpu_count_it_caps(tmp_path, monkeypatch):
     assert thread_plans.parse_cgroup_quota(quota_us="-1", period_us="100000") is None
     assert thread_plans.parse_cgroup_quota(quota_us="300000", period_us="100000") == 3.0
@@ -241,6 +252,7 @@ def test_cgroup_v1_quota_and_the_cpu_count_it_caps(tmp_path, monkeypatch):
     assert thread_plans.available_cpus() == len(os.sched_getaffinity(0))
 
 
+@pytest.mark.fast
 def test_describe_names_the_numbers_and_the_reasons():
     text = thread_plans.thread_plan(4, 1, 2, 0).describe()
     assert (
@@ -400,8 +412,9 @@ def test_predict_and_evaluate_apply_the_flag(capsys, model_file, tiny_data, tmp_
         torch.set_num_threads(before)
 
 
+@pytest.mark.fast
 def test_config_refuses_negative_threads():
     from ec2train.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match="--threads -2"):
-        TrainConfig(threads=-2).validate()
+        TrainConfig(threads=-2)

@@ -92,6 +92,7 @@ def _writer_threads() -> int:
 # ---------------------------------------------------------------- pure parts
 
 
+@pytest.mark.fast
 def test_each_worker_gets_its_gpu():
     assert visible_gpus(None, 4) == ["0", "1", "2", "3"]
     assert visible_gpus("2,3", 2) == ["2", "3"]  # the box's ids, as the parent sees them
@@ -108,6 +109,7 @@ def test_each_worker_gets_its_gpu():
         worker_count(0, [], "auto")
 
 
+@pytest.mark.fast
 def test_durations():
     assert parse_duration("90s") == 90
     assert parse_duration("30m") == 1800
@@ -119,6 +121,7 @@ def test_durations():
             parse_duration(bad)
 
 
+@pytest.mark.fast
 def test_trials_stopped_by_ctrl_c_do_not_count():
     study = optuna.create_study(direction="maximize")
     make = optuna.trial.create_trial
@@ -130,6 +133,7 @@ def test_trials_stopped_by_ctrl_c_do_not_count():
     assert counted_trials(study) == 3
 
 
+@pytest.mark.fast
 def test_space_file_overrides_defaults_and_rejects_bad_ranges(tmp_path):
     base = resolve(**FIXED, epochs=3)
     f = tmp_path / "space.toml"
@@ -472,3 +476,37 @@ def test_trials_mirror_to_s3_a_spot_notice_stops_the_study_and_the_same_command_
         assert s3.get_object(Bucket=bucket, Key=f"s/trial-{n}/metrics.json")["Body"].read()
     for name in ("model.pth", "last.pt", "metrics.json"):
         assert s3.get_object(Bucket=bucket, Key=f"s/{name}")["Body"].read() == (final / name).read_bytes(), name
+
+
+def test_sigterm_to_a_parallel_study_stops_its_trials_at_a_step_and_starts_no_more(tmp_path, tiny_data):
+    """SIGTERM as systemd sends it at shutdown (to every process of the group): each trial process
+    stops at its next step and records its trial as interrupted (not counted), the dispatcher
+    starts no new one, and tune exits 75 naming SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "t"
+    args = ["tune", "--data", tiny_data, "--trials", 4, "--epochs", 3, "--parallel", 2, "--study", "term"]
+    args += ["--output", out, "--logdir", tmp_path / "runs", "--no-prune", "--arch", "squeezenet1_0"]
+    args += ["--weights", "none", "--image-size", 32, "--workers", 0]
+    cmd = [sys.executable, "-m", "ec2train", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(out.glob("trial-*/model.pth"))) < 2:  # both trials are past their first epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        proc.kill()
+    text = " ".join(output.split())
+    assert proc.returncode == 75, text
+    assert "stopped by SIGTERM" in text and "run the same command" in text and "Traceback" not in text, text
+    trials = _trials(out / "study.db", "term")
+    assert len(trials) == 2, [(t.state, t.user_attrs) for t in trials]  # no third trial started
+    for t in trials:
+        assert t.user_attrs.get("interrupted") or t.state == TS.COMPLETE, (t.state, t.user_attrs)
+    assert any(t.user_attrs.get("interrupted") for t in trials)

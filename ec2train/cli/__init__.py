@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def run() -> None:
+def program() -> None:
     """The `ec2train` program (console script and `python -m ec2train`): main(), then a quick
     exit. Python's own exit tears down every module, and after torch and torchvision that
-    takes 2 s (measured on this project's 2-core box), which every command would pay. A
+    takes seconds, which every command would pay (docs/performance.md). A
     finished command has closed its files and joined its threads, so the exit runs the atexit
     handlers (logging, multiprocessing's children) and ends the process. While a thread that
     Python would wait for is still running, the exit is Python's own."""
@@ -99,4 +99,4 @@ def quick_exit(code: int | str | None) -> NoReturn:
 
 
 if __name__ == "__main__":
-    run()
+    program()

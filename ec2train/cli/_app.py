@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import typer
 from rich.console import Console
@@ -25,10 +25,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 @contextlib.contextmanager
 def heavy_imports() -> Iterator[None]:
     """Import torch and the modules that use it with Python's cycle collector paused, then
-    freeze what the imports built. Measured in a 16 s fit on this project's 2-core box: the
-    collector spent 0.9 s of the 6 s import scanning torch's millions of new objects, and 0.5 s
-    more afterwards scanning them again; frozen, they are never scanned again (and DataLoader
-    workers forked later share their pages untouched)."""
+    freeze what the imports built. Otherwise the collector scans torch's millions of new
+    objects during the import and again afterwards (docs/performance.md has the cost); frozen,
+    they are never scanned again (and DataLoader workers forked later share their pages
+    untouched)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -93,13 +93,22 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, [(v, v) for v in values], type=str)  # type: ignore[return-value]
 
 
-Amp = _choices("Amp", AMP_MODES)
-Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
-Device = _choices("Device", DEVICES)
-Loader = _choices("Loader", LOADERS)
-BenchLoaders = _choices("BenchLoaders", ("both", "cpu", "gpu"))
-Optim = _choices("Optim", OPTIMIZERS)
-SpotWatch = _choices("SpotWatch", WATCH_MODES)
+if TYPE_CHECKING:  # the checker sees enums; the values come from the tuples below
+    Amp: TypeAlias = Enum
+    Compile: TypeAlias = Enum
+    Device: TypeAlias = Enum
+    Loader: TypeAlias = Enum
+    BenchLoaders: TypeAlias = Enum
+    Optim: TypeAlias = Enum
+    SpotWatch: TypeAlias = Enum
+else:
+    Amp = _choices("Amp", AMP_MODES)
+    Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
+    Device = _choices("Device", DEVICES)
+    Loader = _choices("Loader", LOADERS)
+    BenchLoaders = _choices("BenchLoaders", ("both", "cpu", "gpu"))
+    Optim = _choices("Optim", OPTIMIZERS)
+    SpotWatch = _choices("SpotWatch", WATCH_MODES)
 
 
 MODEL_HELP = "Model file written by `ec2train fit`."
@@ -115,7 +124,7 @@ THREADS_HELP = (
     "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its "
     "loader workers or decode thread (docs/performance.md)."
 )
-DEFAULT_MODEL = Path(FIELDS["output"].default, "model.pth")  # where fit puts the model with its defaults
+DEFAULT_MODEL = Path(str(FIELDS["output"].default), "model.pth")  # where fit puts the model with its defaults
 
 
 def value(x: Any) -> Any:

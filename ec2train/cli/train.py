@@ -55,6 +55,7 @@ def fit(
     ),
     weight_decay: float | None = setting("weight_decay", "Decoupled weight decay (not on biases/norms)."),
     optimizer: Optim | None = setting("optimizer", "Optimizer."),
+    momentum: float | None = setting("momentum", "SGD's (Nesterov) momentum; AdamW does not use it."),
     label_smoothing: float | None = setting("label_smoothing", "Label smoothing."),
     warmup_epochs: int | None = setting("warmup_epochs", "Linear warm-up epochs before cosine decay."),
     patience: int | None = setting(
@@ -384,9 +385,9 @@ def _print_predictions(answers: list) -> None:
     path_width = max(24, (console.width - 13) // 2)  # 13: the borders and padding of 4 columns
     paths = [fold_path(printable(a.path), path_width) for a in answers]
     table = Table()
-    for name, justify in (("image", "left"), ("class", "left"), ("probability", "right"), ("next", "left")):
+    for name in ("image", "class", "probability", "next"):
         width = min(path_width, max(len(line) for p in paths for line in p.splitlines())) if name == "image" else None
-        table.add_column(name, justify=justify, overflow="fold", width=width)
+        table.add_column(name, justify="right" if name == "probability" else "left", overflow="fold", width=width)
     for a, path in zip(answers, paths):
         if a.error:
             table.add_row(escape(path), f"[red]error: {shown(a.error)}[/red]", "", "")
@@ -461,7 +462,8 @@ def tune(
     ),
     prune_warmup_epochs: int = typer.Option(1, help="Epochs every trial runs before it may be pruned."),
     config: Path | None = typer.Option(
-        None, help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model."
+        None,
+        help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model, and with s3_uri each trial mirrors to S3_URI/trial-N/ and the final model to S3_URI/.",
     ),
     arch: str | None = setting("arch", "Architecture (fixed for the study)."),
     weights: str | None = setting("weights", "imagenet | none | PATH."),
@@ -550,14 +552,8 @@ def _print_tune_table(result) -> None:
         title=f"study {result.study.study_name}: {len(result.rows)} trials, "
         f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
     )
-    for col, justify in (
-        ("trial", "right"),
-        ("state", "left"),
-        ("valid acc", "right"),
-        ("epochs", "right"),
-        ("params", "left"),
-    ):
-        table.add_column(col, justify=justify)
+    for col in ("trial", "state", "valid acc", "epochs", "params"):
+        table.add_column(col, justify="left" if col in ("state", "params") else "right")
     for r in sorted(result.rows, key=lambda r: r["number"]):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         note = f" [red]{escape(r['error'])}[/red]" if r["error"] else ""

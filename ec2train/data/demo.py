@@ -46,15 +46,16 @@ def _draw_demo(cls: int, size: int, rng: random.Random):
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fg)
     else:
         for _ in range(6):
-            x, y = rng.uniform(0, size), rng.uniform(0, size)
-            d.ellipse([x - w, y - w, x + w, y + w], fill=fg)
+            dx, dy = rng.uniform(0, size), rng.uniform(0, size)
+            d.ellipse([dx - w, dy - w, dx + w, dy + w], fill=fg)
     return img
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
     import colorsys
 
-    return tuple(255 * c for c in colorsys.hsv_to_rgb(h / 360, s, v))
+    r, g, b = colorsys.hsv_to_rgb(h / 360, s, v)
+    return 255 * r, 255 * g, 255 * b
 
 
 def make_demo_dataset(

@@ -291,8 +291,11 @@ def _verify_archive(archive: Path, url: str, sha256: str | None) -> None:
     if sha256:
         import hashlib
 
+        h = hashlib.sha256()  # (hashlib.file_digest is Python 3.11+; this package supports 3.10)
         with open(archive, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()
         if digest != sha256.strip().lower():
             archive.unlink()
             raise DataError(

@@ -115,8 +115,9 @@ def _decode(batch: EncodedBatch, files: list[int], device) -> list[torch.Tensor]
     """Files decoded on the device, all in one call; when that call fails, one by one, and a
     file the device decoder refuses (or decodes to another size than its header's) is decoded
     by the CPU loader's decoder instead, which keeps that loader's result or error."""
+    images: list[torch.Tensor | None]
     try:
-        images = device_decode([batch.file(k) for k in files], device)
+        images = list(device_decode([batch.file(k) for k in files], device))
     except RuntimeError:
         images = [None] * len(files)
     out = []

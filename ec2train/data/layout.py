@@ -76,7 +76,7 @@ def scan_split(
     if not split_dir.is_dir():
         raise DataError(f"missing split folder {split_dir}; expected {Path(root)}/{{train,valid,test}}/<class>/<image>")
     folders = list(classes) if classes is not None else class_folders(split_dir)
-    samples = []
+    samples: list[tuple[Path, int]] = []
     for label, folder in enumerate(folders):
         d = split_dir / folder
         if d.is_dir():
@@ -304,7 +304,7 @@ def _split_plan(
             else "holds no class folders with images"
         )
         raise DataError(f"{src} {why}; data split takes SRC/<class>/<image>")
-    plan = []
+    plan: list[tuple[str, str, list[Path]]] = []
     for folder in class_folders(src):
         problem = folder_problem(folder)
         if problem:

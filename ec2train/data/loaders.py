@@ -151,9 +151,8 @@ def start_workers(loader: DataLoader) -> None:
 
     A process forked later shares every page of the trainer's heap copy-on-write, so the
     trainer then pays a page fault for each page it writes again: forked after the model and a
-    first epoch, 60-85 thousand faults, 0.4-0.8 s of system time in the next step (resnet18 at
-    64 px, batch 32, on this project's 2-CPU build VM). Forked before the model exists, they
-    share little that the trainer writes."""
+    first epoch, tens of thousands of them in the next step (docs/performance.md). Forked
+    before the model exists, they share little that the trainer writes."""
     if loader.num_workers == 0:
         return
     sampler = loader.sampler
@@ -191,7 +190,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: in
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=dataset.collate if encoded else None,
+        collate_fn=dataset.collate if isinstance(dataset, EncodedDataset) else None,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=(2 if encoded else 4) if workers > 0 else None,

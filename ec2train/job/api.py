@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ec2train import aws, s3
-from ec2train.deploy import Runner
+from ec2train.deploy import StepRunner
 from ec2train.job import cost, state, workers
 from ec2train.job.dist import prepare_wheel, upload_wheel
 from ec2train.job.nodes import NodeFiles, StatusFile
@@ -83,8 +83,8 @@ def _region(region: str | None) -> str:
     return check_region(region or aws.region_of())
 
 
-def _runner(region: str, dry_run: bool, console: Any) -> Runner:
-    return Runner(region, dry_run=dry_run, console=console)
+def _runner(region: str, dry_run: bool, console: Any) -> StepRunner:
+    return StepRunner(region, dry_run=dry_run, console=console)
 
 
 # --------------------------------------------------------------------------- submit
@@ -155,7 +155,7 @@ def _types(req: SubmitRequest) -> list[str]:
     return cost.spot_types(req.instance_type, efa=req.efa) if req.spot else [req.instance_type]
 
 
-def _check_efa(runner: Runner, types: list[str]) -> None:
+def _check_efa(runner: StepRunner, types: list[str]) -> None:
     info = runner.call("ec2", "describe_instance_types", InstanceTypes=types)["InstanceTypes"]
     without = sorted(t["InstanceType"] for t in info if not t.get("NetworkInfo", {}).get("EfaSupported"))
     if without or len(info) < len(types):
@@ -165,7 +165,7 @@ def _check_efa(runner: Runner, types: list[str]) -> None:
         )
 
 
-def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri, types: list[str]) -> Where:
+def _discover(runner: StepRunner, req: SubmitRequest, prefix: s3.S3Uri, types: list[str]) -> Where:
     """Reads before planning (a real run): who we are, the bucket, the AMI, the subnets, no clash."""
     if runner.dry_run:
         runner.note(
@@ -511,7 +511,7 @@ def _owned(tags: list[dict[str, str]] | None, name: str) -> bool:
     return any(t.get("Key") == JOB_TAG and t.get("Value") == name for t in tags or [])
 
 
-def _find(runner: Runner, name: str, prefix: s3.S3Uri | None) -> Existing:
+def _find(runner: StepRunner, name: str, prefix: s3.S3Uri | None) -> Existing:
     """What exists of the job; IAM by name, deleted only when it carries the job's tag."""
     rname, found = resource_name(name), Existing()
     groups = runner.call("autoscaling", "describe_auto_scaling_groups", AutoScalingGroupNames=[rname])[

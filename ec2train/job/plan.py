@@ -1,6 +1,6 @@
 """What `job submit` creates and `job cancel` deletes, as plans of requests (data first).
 
-The plans run on the deploy planner's engine (`ec2train.deploy.Runner`): a dry run prints every
+The plans run on the deploy planner's engine (`ec2train.deploy.StepRunner`): a dry run prints every
 request with its parameters and policy documents and sends nothing; a real run sends the very
 same steps. Reads a real run needs first (account, AMI, subnets, what exists) happen before
 planning; a dry run shows placeholders for them.

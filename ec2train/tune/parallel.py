@@ -71,9 +71,10 @@ class ParallelTrials:
     processes one after another) until all have started or the deadline passes.
 
     A trial process that a spot notice or SIGTERM stopped exits 75: no slot starts another, and
-    `stopped_by` says so. SIGTERM to this process is passed on to the running trials, which stop
-    the same way (a second SIGTERM ends this process as usual). Ctrl-C reaches the trial
-    processes from the terminal; they record their trials and exit."""
+    `stopped_by` says so. Each trial process watches for the notice itself. SIGTERM to this
+    process starts no new trial (a second one ends it as usual); it is not passed on, since
+    whatever sends it to a group (systemd at shutdown, a terminal's Ctrl-C) reaches the trial
+    processes too, and a second SIGTERM would end them at once instead of at their next step."""
 
     def __init__(
         self,
@@ -104,7 +105,7 @@ class ParallelTrials:
             threading.Thread(target=self._slot, args=(i, device, setup_file, env), daemon=True)
             for i, device in enumerate(self.devices)
         ]
-        previous = self._pass_on_sigterm()
+        previous = self._stop_on_sigterm()
         try:
             for t in slots:
                 t.start()
@@ -145,11 +146,11 @@ class ParallelTrials:
             if rc == EXIT_INTERRUPTED:
                 self.stopped_by = self.stopped_by or "a spot interruption notice or SIGTERM"
                 self._stop.set()
-            elif rc not in (0, 130) and not self._stop.is_set():
-                self._fail_orphans(proc.pid)
+            elif rc not in (0, 130) and (self.stopped_by or not self._stop.is_set()):
+                self._fail_orphans(proc.pid)  # killed before it could record its trial
                 self.say(f"{label}trial process exited with code {rc}; its trial is recorded as failed")
 
-    def _pass_on_sigterm(self) -> Any:
+    def _stop_on_sigterm(self) -> Any:
         """Install the SIGTERM handler (main thread only); returns the previous one, to restore."""
         if threading.current_thread() is not threading.main_thread():
             return None
@@ -158,9 +159,6 @@ class ParallelTrials:
             self.stopped_by = "SIGTERM"
             self._stop.set()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends this process
-            for proc in list(self._procs.values()):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
 
         return signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -151,8 +151,7 @@ def _side_by_side(n_workers: int, devices: list) -> str:
 
 
 def _checked(base: TrainConfig, study_name: str, trials: int, prune_warmup_epochs: int) -> TrainConfig:
-    """The settings, validated once, up front, not once per trial."""
-    base = base.validate()
+    """The study's settings, checked up front, not once per trial (base was checked when it was made)."""
     check_study_name(study_name)
     if trials < 1:
         raise TuneError(f"--trials {trials}: must be at least 1")

@@ -78,6 +78,7 @@ class Param:
     def suggest(self, trial) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
+        assert self.low is not None and self.high is not None  # a range: load_space gives both
         if SEARCHABLE[self.name] is int:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
@@ -104,7 +105,7 @@ def default_space(base: TrainConfig) -> list[Param]:
 def _check_value(where: str, name: str, value: Any, base: TrainConfig) -> None:
     """A searched value must be a valid fit setting on its own (same rules as `fit`)."""
     try:
-        dataclasses.replace(base, **{name: value}).validate()
+        dataclasses.replace(base, **{name: value})  # TrainConfig checks itself
     except ConfigError as exc:
         raise TuneError(f"{where}: {exc}") from None
 

@@ -183,7 +183,7 @@ class TrialSetup:
             logdir=str(self.tb_root / name),
             resume="never",
             s3_uri=s3_uri,
-        ).validate()
+        )
 
     def pruner(self):
         optuna = require_optuna()
@@ -282,7 +282,7 @@ def write_best(study, base: TrainConfig, path: Path) -> Any:
     trial = best_trial(study)
     if trial is None:
         return None
-    cfg = dataclasses.replace(base, **trial.params).validate()
+    cfg = dataclasses.replace(base, **trial.params)
     header = (
         f"# Best of ec2train tune study '{study.study_name}': trial {trial.number}, "
         f"valid acc {trial.value:.4f} after {len(trial.intermediate_values)} epochs.\n"
