@@ -17,18 +17,20 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e .
+# With the serve and tune extras: the README's quickstart goes on to `ec2train serve` and `ec2train tune`.
+# Makefile is a prerequisite: a checkout that changes what is installed reinstalls on the next make.
+$(VENV)/.installed: pyproject.toml Makefile $(VENV)/.torch
+	$(BIN)/pip install -q -e '.[serve,tune]'
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
+$(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.torch
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-## make demo: install, generate the demo data set, train 5 epochs on the CPU
+## make demo: install (with the serve and tune extras), generate the demo data set, train 5 epochs on the CPU
 demo: install
 	$(BIN)/ec2train data demo $(DEMO_DATA)
 	$(BIN)/ec2train fit --data $(DEMO_DATA) --epochs 5 --arch resnet18 --weights none --image-size 64 --batch-size 32
@@ -37,14 +39,17 @@ demo: install
 ## pytest-xdist workers (more than 2 cores: most tests wait on subprocesses and servers),
 ## a file at a time, so module fixtures (a torchrun cluster, a served model) are built once;
 ## files in conftest.py's order (slowest first), not xdist's (most tests first).
-## One file alone: $(BIN)/python -m pytest -q tests/test_fit.py
+## One file alone, once `make install-dev` (or `make test`) has installed the dev extra:
+##   $(BIN)/python -m pytest -q tests/test_fit.py
 test: install-dev
 	$(BIN)/python -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder
 
-## make lint: ruff (lint + format check) on the code, tests and benchmarks; shellcheck on infra/
+## make lint: ruff (lint + format check) on the code, tests, benchmarks and scripts; mypy on
+## ec2train/ (settings in pyproject.toml); shellcheck on infra/
 lint: install-dev
-	$(BIN)/ruff check ec2train tests bench
-	$(BIN)/ruff format --check ec2train tests bench
+	$(BIN)/ruff check ec2train tests bench scripts
+	$(BIN)/ruff format --check ec2train tests bench scripts
+	$(BIN)/mypy
 	$(BIN)/shellcheck infra/*.sh
 
 ## make bench: the benchmarks in bench/ (each prints ratios against a baseline run alongside; ~15 min on 2 cores)
@@ -53,4 +58,4 @@ bench: install-dev
 		$(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache
+	rm -rf $(VENV) $(DEMO_DATA) TrainedModels runs .pytest_cache .mypy_cache

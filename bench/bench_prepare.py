@@ -17,9 +17,9 @@ import torch
 from _common import DEFAULT_ROOT, best_of, big_data, drain, row
 
 from ec2train.data import ImageDataset, scan_split
-from ec2train.hw import available_cpus
 from ec2train.prepare import prepare_dataset
 from ec2train.preprocess import decode_min_side, eval_pixels, train_pixels
+from ec2train.threads import available_cpus
 
 
 def main() -> None:

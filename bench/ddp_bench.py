@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ec2train.data import make_demo_dataset  # noqa: E402
-from ec2train.ddp import threads_per_process  # noqa: E402
-from ec2train.hw import available_cpus  # noqa: E402
+from ec2train.threads import available_cpus, process_share  # noqa: E402
 
 
 def run_fit(nproc: int, threads: int, data: Path, work: Path, args: argparse.Namespace) -> dict:
@@ -120,7 +119,7 @@ def main() -> None:
         )
         # The runs to compare: N processes sharing the cores; plus a control, one process with the
         # threads each of the N processes gets, which isolates DDP's own cost from thread scaling.
-        configs = [(n, threads_per_process(available_cpus(), n)) for n in procs]
+        configs = [(n, process_share(n)) for n in procs]
         control = (1, configs[-1][1])
         if control not in configs:
             configs.append(control)

@@ -1,7 +1,8 @@
-"""GPU check: the GPU paths that cannot run on the build machines, in under 3 minutes on one GPU.
+"""GPU check: the GPU paths that cannot run on the build machines, in about 4 minutes on one GPU.
 
-    python bench/gpu_check.py            # on a g4dn/g5 (or any CUDA) box, from a checkout
-    python bench/gpu_check.py --logs L   # also keep each fit's and bench's whole output in L/
+    python bench/gpu_check.py               # on a g4dn/g5 (or any CUDA) box, from a checkout
+    python bench/gpu_check.py --logs L      # also keep each fit's and bench's whole output in L/
+    python bench/gpu_check.py --only loader # the GPU loader's checks (7-9) alone, about 2 minutes
 
 Checks, each one line PASS/FAIL, then the img/s table:
   1. fp16 + GradScaler training steps reduce the loss (the T4 path); bf16 too where the GPU has it
@@ -13,6 +14,14 @@ Checks, each one line PASS/FAIL, then the img/s table:
   5. img/s of resnet50 at 224 px, frozen backbone and full fine-tune, AMP on and off (ec2train bench's step)
   6. `ec2train serve --compile on`'s compiled forward pass on the GPU (auto leaves GPUs eager until
      this has run): its logits against the eager pass's, and img/s of both at batch 8
+  7. the GPU loader (`fit --loader gpu`; `--loader auto` keeps the CPU loader until this passes):
+     `fit --loader gpu` trains on the GPU; its eval and train transforms against the CPU loader's,
+     its fallbacks and errors, and its decode beside work queued on the training stream
+  8. end to end img/s of resnet50 at 224 px, frozen and full fine-tune, AMP auto, with the CPU
+     loader and the GPU loader, restricted to 4 CPUs (as a g4dn/g5.xlarge) and unrestricted, on
+     500x400 JPEGs (bench/_gpu_loader.py)
+  9. the goal: on 4 CPUs the GPU loader >= 2x the CPU loader (frozen backbone) and within 15% of
+     the step's rate (full fine-tune)
 Exit status 0 when every check passes, 1 when one fails, 2 without a CUDA device.
 """
 
@@ -29,6 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _gpu_loader import CHILD_FLAG, loader_bench_child, loader_checks  # noqa: E402
 
 
 def require_cuda() -> None:
@@ -198,13 +210,12 @@ def nccl_all_reduce(device: str) -> tuple[bool, str]:
         dist.destroy_process_group()
 
 
-def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
-    import torch
-
+def demo_fit(work: Path) -> tuple[Path, list[str]]:
+    """The demo data set and the fit options every fit check shares."""
     from ec2train.data import make_demo_dataset
 
     data = make_demo_dataset(work / "demo", classes=4, per_class=32, size=64)
-    base = [
+    return data, [
         "--data",
         str(data),
         "--arch",
@@ -222,6 +233,25 @@ def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
         "--resume",
         "never",
     ]
+
+
+def gpu_loader_fit(work: Path) -> tuple[str, bool, str]:
+    _, base = demo_fit(work)
+    out = base + ["--loader", "gpu", "--workers", "2", "--output", str(work / "gpu-loader")]
+    ok, line, m = run_fit("fit-gpu-loader", out)
+    log = (work / "gpu-loader-output.txt").read_text() if (work / "gpu-loader-output.txt").is_file() else ""
+    header = "gpu loader (--loader gpu): workers read files, the GPU decodes"
+    return (
+        "fit --loader gpu: workers read files, the GPU decodes and augments",
+        ok and header in log and m.get("test_images") == 32,
+        f"valid acc {m.get('valid_acc1', '?')}; {line}",
+    )
+
+
+def fit_checks(work: Path) -> list[tuple[str, bool, str]]:
+    import torch
+
+    data, base = demo_fit(work)
     out = []
     ok, line, m = run_fit(
         "fit-cache-features", base + ["--freeze-backbone", "--cache-features", "--output", str(work / "cache")]
@@ -262,8 +292,9 @@ def throughput(work: Path) -> list[str]:
     for frozen in (True, False):
         for amp in ("auto", "off"):
             r = bench(
-                data, arch="resnet50", batch_size=64, device="cuda", image_size=224, steps=20, amp=amp, frozen=frozen
-            )
+                data, arch="resnet50", batch_size=64, device="cuda", image_size=224, steps=20, amp=amp, frozen=frozen,
+                loaders=("cpu",),
+            )  # fmt: skip
             rows.append(
                 f"| {'frozen backbone' if frozen else 'full fine-tune'} | {r.amp} | {r.step_ips:.0f} | {r.end_to_end_ips:.0f} |"
             )
@@ -309,16 +340,15 @@ def step_bookkeeping(device: str, steps: int = 30) -> list[str]:
     import torch
 
     from ec2train import ddp
+    from ec2train.config import TrainConfig
     from ec2train.loop import make_runtime, make_trainer, set_train_mode
 
     rows = ["| resnet50 224 px, batch 64, step only | fit's step img/s | reading every step img/s | ratio |"]
     rows.append("|---|---:|---:|---:|")
     for frozen in (True, False):
         rt = make_runtime(device, "auto", 0, env=ddp.DistEnv())
-        tr = make_trainer(
-            rt, "resnet50", 100, weights="none", frozen=frozen, channels_last=True, optimizer="adamw", lr=1e-3,
-            backbone_lr=1e-4, weight_decay=1e-4, momentum=0.0, lr_at_step=lambda _s: 1.0, wrap=False,
-        )  # fmt: skip
+        cfg = TrainConfig(arch="resnet50", weights="none", freeze_backbone=frozen, channels_last=True)
+        tr = make_trainer(rt, cfg, 100, lambda _s: 1.0)
         set_train_mode(tr.net, tr.head, frozen)
         x = torch.randn(64, 3, 224, 224, device=device)
         y = torch.randint(0, 100, (64,), device=device)
@@ -341,9 +371,16 @@ def step_bookkeeping(device: str, steps: int = 30) -> list[str]:
 
 def main() -> None:
     global LOGS
+    if len(sys.argv) == 4 and sys.argv[1] == CHILD_FLAG:  # one of check 8's measuring processes
+        loader_bench_child(sys.argv[2], int(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logs", type=Path, help="keep each fit's and bench's whole output in this folder")
-    LOGS = parser.parse_args().logs
+    parser.add_argument(
+        "--only", choices=("all", "loader"), default="all", help="loader: the GPU loader's checks (7-9) alone"
+    )
+    args = parser.parse_args()
+    LOGS = args.logs
     if LOGS is not None:
         LOGS.mkdir(parents=True, exist_ok=True)
     require_cuda()
@@ -355,22 +392,32 @@ def main() -> None:
     device = "cuda:0"
     cap = hw.device_capability(device)
     print(
-        f"{torch.cuda.get_device_name(0)} (sm_{cap[0]}{cap[1]}), {torch.cuda.device_count()} GPU(s), torch {torch.__version__}"
+        f"{torch.cuda.get_device_name(0)} (sm_{cap[0]}{cap[1]}), {torch.cuda.device_count()} GPU(s), {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}",
+        flush=True,
     )
-    checks = [("fp16 + GradScaler steps reduce the loss", *loss_falls("fp16", "fp16", device))]
-    if hw.supports_bf16(cap):
-        checks.append(("bf16 steps reduce the loss", *loss_falls("bf16", "bf16", device)))
-    checks.append(("channels_last and cudnn.benchmark on", *backends_on(device)))
-    checks.append(("uint8 batches normalized on the GPU equal ToTensor + Normalize", *pixels_exact(device)))
-    checks.append(("NCCL all_reduce on the GPU", *nccl_all_reduce(device)))
-    checks.append(("serve --compile on: the compiled forward pass on the GPU", *compiled_forward(device)))
+    checks = []
+    if args.only == "all":
+        checks.append(("fp16 + GradScaler steps reduce the loss", *loss_falls("fp16", "fp16", device)))
+        if hw.supports_bf16(cap):
+            checks.append(("bf16 steps reduce the loss", *loss_falls("bf16", "bf16", device)))
+        checks.append(("channels_last and cudnn.benchmark on", *backends_on(device)))
+        checks.append(("uint8 batches normalized on the GPU equal ToTensor + Normalize", *pixels_exact(device)))
+        checks.append(("NCCL all_reduce on the GPU", *nccl_all_reduce(device)))
+        checks.append(("serve --compile on: the compiled forward pass on the GPU", *compiled_forward(device)))
     with tempfile.TemporaryDirectory(prefix="ec2train-gpu-check-") as tmp:
-        checks += fit_checks(Path(tmp))
+        checks += fit_checks(Path(tmp)) if args.only == "all" else []
+        checks.append(gpu_loader_fit(Path(tmp)))
+        loader, loader_table = loader_checks(device, Path(tmp), LOGS)
+        checks += loader
         for name, ok, detail in checks:
             print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
-        for row in step_bookkeeping(device):
-            print(row, flush=True)
-        for row in throughput(Path(tmp)):
+        if args.only == "all":
+            for row in step_bookkeeping(device):
+                print(row, flush=True)
+            for row in throughput(Path(tmp)):
+                print(row, flush=True)
+        for row in loader_table:
             print(row, flush=True)
     print(f"done in {time.perf_counter() - t0:.0f} s")
     raise SystemExit(0 if all(ok for _, ok, _ in checks) else 1)

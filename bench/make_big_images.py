@@ -1,6 +1,6 @@
 """Generate a learnable data set of realistic-size photos (about 1600x1200 JPEG) for the benchmarks.
 
-The demo data set's shapes (ec2train.data's `_draw_demo`: one shape and hue family per class)
+The demo data set's shapes (ec2train.data.demo's `_draw_demo`: one shape and hue family per class)
 are blended into a photographic-ish scene: a colour gradient, soft low-frequency blobs and
 sensor-like noise, so the JPEGs carry real detail and cost what a real photo costs to decode
 (about 0.5 MB each at quality 90), not what a flat-colour image costs.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ec2train.data import DEMO_SHAPES, _draw_demo
+from ec2train.data.demo import DEMO_SHAPES, _draw_demo
 
 
 def _noise_field(width: int, height: int, cell: int, sigma: float, rng: np.random.Generator) -> np.ndarray:

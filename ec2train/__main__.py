@@ -1,4 +1,4 @@
-from ec2train.cli import run
+from ec2train.cli import program
 
 if __name__ == "__main__":
-    run()
+    program()

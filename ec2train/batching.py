@@ -80,7 +80,7 @@ class Batcher:
     request on an idle server never waits (with another pass running, see `_hold`). Under load,
     requests pile up during each forward pass and the next pass takes them (up to its share,
     see `share`). `max_batch=1` turns batching off. `lanes` passes run at once in `executor`
-    (which has that many threads; hw.serve_lanes says why).
+    (which has that many threads; threads.serve_lanes says why).
     """
 
     def __init__(

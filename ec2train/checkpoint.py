@@ -1,20 +1,27 @@
 """A run's files and its resume state: what fit writes under --output, and how it continues.
 
-One place for the file names (the model file's own name lives in model.py, which serving
-ships alone), the checkpoint format (last.pt), and `TrainState`, the counters that go with
-the weights. A checkpoint holds everything an uninterrupted run would still have in memory
-(model, optimizer, scheduler, scaler, RNG, counters, history), so a resumed run ends with
-bitwise the same weights, and it is self-contained (last.pt alone resumes, e.g. on another
-node). The best epoch's weights are stored once: when the last epoch is the best, they are
-the checkpoint's model, not a second copy (a third of resnet18's last.pt with AdamW).
+One owner for checkpoints: the file names (the model file's own name lives in model.py, which
+serving ships alone); `Resume`, the one resume decision (local or S3, which processes read,
+whether a fresh start may overwrite a checkpoint in S3); `CheckpointSaver`, the one saver
+(last.pt every epoch and model.pth when the epoch is the best, in the background; the final
+model.pth); and `restore`, the one restore, which puts a checkpoint back into the live model,
+optimizer, schedule and scaler through their own load_state_dict.
 
-Nothing here knows about S3: `run.py` downloads a remote checkpoint into --output first.
+A checkpoint holds everything an uninterrupted run would still have in memory (model,
+optimizer, scheduler, scaler, RNG, counters, history), so a resumed run ends with bitwise the
+same weights, and it is self-contained (last.pt alone resumes, e.g. on another node). The best
+epoch's weights are stored once: when the last epoch is the best, they are the checkpoint's
+model, not a second copy.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +31,8 @@ import torch
 
 from ec2train import ddp
 from ec2train.errors import UserError
+from ec2train.export import model_payload, save_model_file
+from ec2train.files import BackgroundWriter
 from ec2train.model import MODEL_FILE, ModelError, clean_state_dict
 
 CHECKPOINT_FILE = "last.pt"
@@ -42,13 +51,15 @@ __all__ = [
     "METRICS_FILE",
     "MODEL_FILE",
     "RUN_FILES",
+    "CheckpointSaver",
+    "Resume",
     "ResumeError",
     "TrainState",
-    "agreed_checkpoint",
+    "Trainables",
     "check_compatible",
+    "finished",
     "load_checkpoint",
-    "resume_mode",
-    "resume_source",
+    "restore",
 ]
 
 
@@ -59,23 +70,94 @@ class ResumeError(UserError):
 # ---------------------------------------------------------------- where to resume from
 
 
-def resume_mode(resume: str, torchrun: bool) -> str:
-    """'' is 'auto' under torchrun (so --max-restarts continues) and 'never' otherwise."""
-    return resume or ("auto" if torchrun else "never")
+@dataclass(frozen=True)
+class Resume:
+    """The run's one resume decision, from --resume (`given`), --output, --s3-uri and whether
+    torchrun started the process. Its `mode`: never, auto (the newest last.pt in --output, else
+    under --s3-uri), a local path, or an s3:// address (downloaded into --output first)."""
 
+    given: str
+    output: Path
+    s3_uri: str = ""
+    torchrun: bool = False
+    fetched: str | None = None  # the local copy of an s3:// --resume, once fetch_remote has it
 
-def resume_source(resume: str, output: Path, torchrun: bool) -> str | None:
-    """The local checkpoint to resume from, None for a fresh start, or an s3:// address as given
-    (run.py downloads those; fit only ever reads local files)."""
-    mode = resume_mode(resume, torchrun)
-    if mode == "never":
-        return None
-    if mode == "auto":
-        local = Path(output) / CHECKPOINT_FILE
-        return str(local) if local.is_file() else None
-    if not mode.startswith("s3://") and not Path(mode).is_file():
-        raise ResumeError(f"--resume {mode}: no such checkpoint; use --resume auto to start fresh when there is none")
-    return mode
+    @classmethod
+    def of(cls, cfg: Any, torchrun: bool | None = None) -> Resume:
+        return cls(cfg.resume, Path(cfg.output), cfg.s3_uri, ddp.under_torchrun() if torchrun is None else torchrun)
+
+    @property
+    def mode(self) -> str:
+        """'' is 'auto' under torchrun (so --max-restarts continues) and 'never' otherwise."""
+        return self.given or ("auto" if self.torchrun else "never")
+
+    def reads(self, env: Any) -> bool:
+        """Whether this process looks for a checkpoint: rank 0, and in auto mode each node's local
+        rank 0 too (after a restart, c10d may put rank 0 on a node without the checkpoint)."""
+        return env.is_main or (self.mode == "auto" and env.local_rank == 0)
+
+    def local_source(self) -> str | None:
+        """The local checkpoint to resume from, or None for a fresh start."""
+        mode = self.mode
+        if mode == "never":
+            return None
+        if mode == "auto":
+            local = self.output / CHECKPOINT_FILE
+            return str(local) if local.is_file() else None
+        if mode.startswith("s3://"):
+            if self.fetched is None:
+                raise ResumeError(f"--resume {mode}: S3 checkpoints are resumed through `ec2train fit` (run.fit_run)")
+            return self.fetched
+        if not Path(mode).is_file():
+            raise ResumeError(
+                f"--resume {mode}: no such checkpoint; use --resume auto to start fresh when there is none"
+            )
+        return mode
+
+    def fetch_remote(self, env: Any, say: Callable[[str], None]) -> Resume:
+        """Download the S3 checkpoint this run resumes from (with its model.pth) into --output, in
+        the processes that read one: --resume s3://..., or auto with --s3-uri when --output has no
+        last.pt (a fresh instance). Returns the decision that knows the local copy."""
+        if not self.reads(env):
+            return self
+        from ec2train import s3  # s3 imports this module's names; only a remote resume needs it
+
+        mode = self.mode
+        if mode.startswith("s3://"):
+            say(f"downloading {mode} into {self.output}")
+            return dataclasses.replace(self, fetched=str(s3.download_run(mode, self.output)))
+        if mode == "auto" and self.s3_uri and not (self.output / CHECKPOINT_FILE).is_file():
+            found = s3.find_checkpoint(self.s3_uri)
+            if found:
+                say(f"no {CHECKPOINT_FILE} in {self.output}: downloading {found}")
+                s3.download_run(found, self.output)
+        return self
+
+    def refuse_overwrite(self, existing: str | None) -> None:
+        """A run not told to resume must not silently overwrite the checkpoint `existing` under
+        --s3-uri (under torchrun a restart resumes by itself)."""
+        if existing and not self.given and not self.torchrun:
+            raise ResumeError(
+                f"{existing} already holds a run's checkpoint: continue it with --resume auto, "
+                "or start over with --resume never (overwrites it) or another --s3-uri"
+            )
+
+    def checkpoint(self, env: Any, cfg: Any, class_folders: list[str]) -> dict[str, Any] | None:
+        """The checkpoint every rank resumes from (None: a fresh start), read once and broadcast
+        (nodes need no shared disk), and checked against this run's settings. Rank 0 decides,
+        except in auto mode, where each node offers its own newest last.pt and the one with the
+        most epochs wins."""
+        offer = None
+        if self.reads(env):
+            path = self.local_source()
+            offer = _with_final_metrics(load_checkpoint(path)) if path else None
+        src = ddp.holder_of_newest(ddp.gather_counts(offer["epoch"] if offer else -1))
+        if src is None:
+            return None
+        ckpt = ddp.broadcast_object(offer if env.rank == src else None, src=src)
+        assert ckpt is not None  # src holds the newest checkpoint
+        check_compatible(ckpt, cfg, class_folders)
+        return ckpt
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -88,30 +170,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{path} is not an ec2train checkpoint; pass a last.pt written by `ec2train fit`")
     ckpt["source"] = str(path)
     return ckpt
-
-
-def fetch_checkpoint(source: str) -> dict[str, Any]:
-    """A local checkpoint, loaded (an s3:// one must be downloaded first: see run.py)."""
-    if source.startswith("s3://"):
-        raise ResumeError(f"--resume {source}: S3 checkpoints are resumed through `ec2train fit` (run.fit_run)")
-    return load_checkpoint(source)
-
-
-def agreed_checkpoint(resume: str, output: Path, env: Any) -> dict[str, Any] | None:
-    """The checkpoint every rank resumes from (None: a fresh start), read once and broadcast,
-    so nodes need no shared disk. Rank 0 decides, except in auto mode, where each node offers
-    its own newest last.pt and the one with the most epochs wins: after a restart, c10d may
-    put rank 0 on another node (it orders nodes by host name), one without the checkpoint."""
-    torchrun = ddp.under_torchrun()
-    auto = resume_mode(resume, torchrun) == "auto"
-    offer = None
-    if env.is_main or (auto and env.local_rank == 0):
-        path = resume_source(resume, Path(output), torchrun)
-        offer = _with_final_metrics(fetch_checkpoint(path)) if path else None
-    src = ddp.holder_of_newest(ddp.gather_counts(offer["epoch"] if offer else -1))
-    if src is None:
-        return None
-    return ddp.broadcast_object(offer if env.rank == src else None, src=src)
 
 
 def _with_final_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -159,18 +217,35 @@ def finished(ckpt: dict[str, Any], cfg: Any) -> bool:
     return over or done >= cfg.epochs
 
 
-def seek_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put the per-step lr schedule at `step` of THIS run (its lr and steps per epoch): a resumed
-    job may run with another world size than the one that wrote the checkpoint."""
-    scheduler.last_epoch = step
-    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["initial_lr"] = base
-        group["lr"] = base * f(step)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any], step: int) -> None:
+    """Put the per-step lr schedule at `step` of THIS run (its lrs and steps per epoch: a resumed
+    job may run with another world size than the one that wrote the checkpoint): the saved state,
+    with this run's base lrs, one step before; the scheduler's own step() then sets every group's lr."""
+    scheduler.load_state_dict({**saved, "base_lrs": list(scheduler.base_lrs), "last_epoch": step - 1})
+    with warnings.catch_warnings():  # its order check is for training steps; this positions the schedule
+        warnings.filterwarnings(
+            "ignore", message=re.escape("Detected call of `lr_scheduler.step()`"), category=UserWarning
+        )
+        scheduler.step()
+
+
+# What a resumed optimizer takes from this run, not the checkpoint: the lr (the schedule sets it)
+# and the update kernel (the saving run's fused/foreach choice may not suit this box or torch).
+THIS_RUNS_GROUP_KEYS = ("lr", "initial_lr", "fused", "foreach")
+
+
+def with_this_runs_groups(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved optimizer state whose parameter groups take THIS_RUNS_GROUP_KEYS from `optimizer`."""
+    current = optimizer.state_dict()["param_groups"]
+    groups = [
+        {**old, **{k: new[k] for k in THIS_RUNS_GROUP_KEYS if k in new}}
+        for old, new in zip(saved["param_groups"], current)
+    ]
+    return {**saved, "param_groups": groups}
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -213,13 +288,13 @@ class TrainState:
 
     def counters(self) -> dict[str, Any]:
         """Everything but the best weights, copied (dataclasses.asdict would deep-copy those
-        weights too, only to drop them: 45 MB for resnet18)."""
+        weights too, only to drop them)."""
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "best_model"}
 
 
 @dataclass
 class Trainables:
-    """What a checkpoint restores besides the counters."""
+    """The live objects a checkpoint saves and restores besides the counters (restored in place)."""
 
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -230,8 +305,8 @@ class Trainables:
 def checkpoint_payload(state: TrainState, parts: Trainables, copies: bool = True, **meta: Any) -> dict[str, Any]:
     """last.pt's contents: weights, optimizer, schedule, scaler, RNG and counters (meta: config,
     classes, ...). copies: copied, so that it can be written while training goes on; without,
-    the live tensors, for a caller that pickles them before the next step (fit on the CPU:
-    copying resnet18's weights and AdamW state cost 0.04-0.08 s a save there)."""
+    the live tensors, for a caller that pickles them before the next step (fit on the CPU,
+    where the copy would take time from training)."""
     # Frozen parameters are never stepped: they are taken as they are, the rest copied.
     frozen = {p.data_ptr() for p in parts.net.parameters() if not p.requires_grad}
     model = {
@@ -260,8 +335,8 @@ def _as_is(obj: Any) -> Any:
 
 def shared_where_equal(best: dict[str, torch.Tensor] | None, model: dict[str, torch.Tensor]) -> dict | None:
     """The best weights with every tensor that equals the current one replaced by it, so that
-    torch.save stores it once: a frozen backbone is most of the model and never changes, and
-    resnet18's last.pt is then 45 MB, not 90. Only tensors on the same device are shared: on a
+    torch.save stores it once: a frozen backbone is most of the model and never changes, so
+    last.pt is about half the size. Only tensors on the same device are shared: on a
     GPU the best weights are a CPU copy, so nothing is. Loading gives tensors that share
     storage; restore copies them into the model, so nothing changes them in place."""
     if best is None:
@@ -274,14 +349,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> TrainState:
-    """Load a checkpoint into the model, optimizer, schedule, scaler and RNG; returns its counters."""
+    """The one restore: a checkpoint back into the live model, optimizer, schedule, scaler and
+    RNG, in place, each through its own load_state_dict; returns the run's counters."""
     parts.net.load_state_dict(ckpt["model"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in parts.optimizer.param_groups:  # load_state_dict brings back the saving run's kernel choice
-        for kernel in ("fused", "foreach"):
-            if kernel in parts.optimizer.defaults:
-                group[kernel] = parts.optimizer.defaults[kernel]
-    seek_schedule(parts.scheduler, ckpt["epoch"] * steps_per_epoch)
+    parts.optimizer.load_state_dict(with_this_runs_groups(ckpt["optimizer"], parts.optimizer))
+    resume_schedule(parts.scheduler, ckpt["scheduler"], ckpt["epoch"] * steps_per_epoch)
     if parts.scaler is not None and ckpt.get("scaler"):
         parts.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
@@ -297,3 +369,62 @@ def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> Tr
     if state.best_model is None and state.best_epoch == state.epoch >= 1:
         state.best_model = ckpt["model"]  # the last epoch was the best: stored once, as the model
     return state
+
+
+# ---------------------------------------------------------------- the saver
+
+
+class CheckpointSaver:
+    """The run's one saver; it writes on rank 0 (`enabled`), elsewhere every call is a no-op.
+
+    After each epoch, `save_epoch` writes model.pth when the epoch is the best so far, then
+    last.pt, from copies, in the background while the next epoch trains: one epoch's files at a
+    time (the previous ones are on disk first). With background=False (hw.background_work_helps:
+    training on the CPU) only the disk's part runs in the background. A crash meanwhile leaves
+    the previous, whole checkpoint. `save_model` writes the final model.pth (with its metrics).
+
+    model_meta: export.model_payload's settings (arch, class names, image size, normalization,
+    config, class folders); checkpoint_meta: what last.pt carries besides the state (config,
+    class folders, world size)."""
+
+    def __init__(
+        self,
+        output: str | Path,
+        parts: Trainables,
+        *,
+        model_meta: dict[str, Any],
+        checkpoint_meta: dict[str, Any],
+        background: bool = True,
+        enabled: bool = True,
+    ):
+        self.output = Path(output)
+        self.parts, self.model_meta, self.checkpoint_meta = parts, model_meta, checkpoint_meta
+        self.enabled = enabled
+        self._writer = BackgroundWriter(background)
+
+    def model_file(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
+        return model_payload(state_dict, metrics=metrics, **self.model_meta)
+
+    def save_epoch(self, state: TrainState) -> None:
+        if not self.enabled:
+            return
+        self._writer.wait()
+        if state.best_epoch == state.epoch and state.best_model is not None:  # this epoch is the best so far
+            best = self.model_file(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
+            self._writer.save(best, self.output / MODEL_FILE)
+        # Copied unless written in this thread: then pickled right here, before the next step.
+        checkpoint = checkpoint_payload(state, self.parts, copies=self._writer.background, **self.checkpoint_meta)
+        self._writer.save(checkpoint, self.output / CHECKPOINT_FILE)
+
+    def save_model(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+        """The final model.pth, once the epochs' files are on disk (it replaces theirs)."""
+        self._writer.wait()
+        if self.enabled:
+            save_model_file(self.output / MODEL_FILE, self.model_file(state_dict, metrics))
+
+    def wait(self) -> None:
+        """Until everything queued is on disk; re-raises a write's error."""
+        self._writer.wait()
+
+    def close(self) -> None:
+        self._writer.close()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ec2train.arch_sizes import check_image_size
 from ec2train.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -26,7 +27,8 @@ class ConfigError(UserError):
 OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
-CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "amp": AMP_MODES}
+LOADERS = ("auto", "cpu", "gpu")  # who decodes the images: hw.choose_loader (hw.LOADER_MODES, which imports torch)
+CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "amp": AMP_MODES, "loader": LOADERS}
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | fp16 | bf16 | off
     workers: int = -1  # -1: from the CPUs available per process
+    loader: str = "auto"  # auto | cpu | gpu: who decodes and transforms the images (hw.choose_loader)
     threads: int = 0  # torch CPU threads per process; 0: hw.thread_plan decides (never more than the free cores)
     channels_last: bool = True  # applied on CUDA, and on the CPU to a frozen backbone (hw.use_channels_last)
     compile: bool = False
@@ -67,7 +70,12 @@ class TrainConfig:
     s3_uri: str = ""
     kms_key: str = ""
 
+    def __post_init__(self) -> None:
+        self.validate()  # every TrainConfig is valid: checked once, where it is made
+
     def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first setting out of range (and the fix); returns self."""
+
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
 
@@ -79,6 +87,8 @@ class TrainConfig:
             raise bad("lr", "must be greater than 0 (try 1e-3 for AdamW, 0.1 for SGD)")
         if self.lr >= 1:
             raise bad("lr", "is far too large; training diverges (try 1e-3 for AdamW, 0.1 for SGD)")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "must be in [0, 1) (0.9 is the usual choice)")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be 0 or more")
         if not 0 <= self.label_smoothing < 1:
@@ -91,6 +101,7 @@ class TrainConfig:
             raise bad("backbone_lr_scale", "must be in (0, 1]")
         if self.image_size < 16 or self.image_size > 1024:
             raise bad("image_size", "must be between 16 and 1024 pixels")
+        check_image_size(self.arch, self.image_size, self.weights)  # vit_b_16 takes 224 only, ...
         if self.workers < -1:
             raise bad("workers", "must be -1 (auto) or 0 or more")
         if self.threads < 0:
@@ -171,7 +182,7 @@ def resolve(config_file: str | Path | None = None, **overrides: Any) -> TrainCon
             raise ConfigError(f"unknown setting '{name}'")
         if value is not None:
             values[name] = value
-    return TrainConfig(**values).validate()
+    return TrainConfig(**values)
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -8,7 +8,7 @@ import datetime
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,11 +17,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ec2train.errors import UserError
-from ec2train.hw import HardwareError, thread_plan
+from ec2train.hw import HardwareError
 
 T = TypeVar("T")
 # Rank 0 may spend minutes on evaluation, test and uploads while the others wait.
 BARRIER_TIMEOUT = datetime.timedelta(minutes=60)
+# A job's runner sets a shorter one (ec2train.job.workers): it notices a lost node itself within
+# a minute or two, so this bounds only a collective that hangs while every node is alive.
+PG_TIMEOUT_ENV = "EC2TRAIN_PG_TIMEOUT_SECONDS"
+
+
+def pg_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
+    """The process groups' timeout: BARRIER_TIMEOUT unless EC2TRAIN_PG_TIMEOUT_SECONDS says otherwise."""
+    e = os.environ if environ is None else environ
+    try:
+        seconds = float(e.get(PG_TIMEOUT_ENV, ""))
+    except ValueError:
+        return BARRIER_TIMEOUT
+    return datetime.timedelta(seconds=seconds) if seconds > 0 else BARRIER_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -113,13 +126,14 @@ def setup(env: DistEnv, device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if env.distributed and not dist.is_initialized():
-        kwargs: dict[str, Any] = {"backend": backend_for(device), "timeout": BARRIER_TIMEOUT}
+        timeout = pg_timeout()
+        kwargs: dict[str, Any] = {"backend": backend_for(device), "timeout": timeout}
         # device_id (torch >= 2.3) binds NCCL to this GPU up front; older DLAMI torch lacks it.
         if device.startswith("cuda") and "device_id" in inspect.signature(dist.init_process_group).parameters:
             kwargs["device_id"] = torch.device(device)
         namespace = restart_namespace()
         if namespace:
-            store, rank, world_size = next(dist.rendezvous("env://", timeout=BARRIER_TIMEOUT))
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
             kwargs.update(store=dist.PrefixStore(namespace, store), rank=rank, world_size=world_size)
         warning = restart_warning()
         if warning and env.is_main:
@@ -131,7 +145,7 @@ def setup(env: DistEnv, device: str) -> None:
         backend = control_backend(dist.get_backend())
         if backend == "gloo" and (ifname := gloo_ifname(os.environ)):
             os.environ["GLOO_SOCKET_IFNAME"] = ifname  # gloo crosses nodes on NCCL's interface too
-        _control = dist.new_group(backend=backend, timeout=BARRIER_TIMEOUT) if backend else None
+        _control = dist.new_group(backend=backend, timeout=timeout) if backend else None
 
 
 def control_backend(backend: str) -> str | None:
@@ -218,17 +232,6 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def is_main() -> bool:
-    return not active() or dist.get_rank() == 0
-
-
-def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-    """Run fn on rank 0 only, then let every rank continue together."""
-    result = fn(*args, **kwargs) if is_main() else None
-    barrier()
-    return result
-
-
 def use_sync_bn(requested: bool, device_type: str, world_size: int) -> bool:
     """--sync-bn: convert BatchNorm to SyncBatchNorm only when several processes share statistics.
 
@@ -266,12 +269,6 @@ def resolve_nproc(value: str, gpu_count: int) -> int:
     if n < 1:
         raise UserError(f"--nproc-per-node {n}: must be at least 1")
     return n
-
-
-def threads_per_process(cpus: int, nproc: int) -> int:
-    """Each of N processes' share of the box's cores (hw.thread_plan): torchrun passes it to every
-    rank as OMP_NUM_THREADS, and each rank's plan then leaves cores for its own loader workers."""
-    return thread_plan(cpus, max(1, nproc)).share
 
 
 def torchrun_command(python: str, nproc: int, fit_args: list[str]) -> list[str]:

@@ -1,7 +1,10 @@
 """The base of every error that is the user's to fix: the CLI prints it as one line and exits 2.
 
-Import-free, because it ships inside the SageMaker model package with model.py.
+Standard library only, because it ships inside the SageMaker model package with model.py.
 """
+
+import shlex
+import sys
 
 
 class UserError(ValueError):
@@ -13,3 +16,9 @@ def first_line(exc: BaseException) -> str:
     that must stay one line (a compiler's or a database's message can span pages)."""
     msg = str(exc).strip()
     return f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}".rstrip(": ")
+
+
+def pip_install(*requirements: str) -> str:
+    """The command that installs `requirements` into the Python running ec2train: a bare `pip`
+    is whichever comes first on PATH, often another Python's."""
+    return " ".join([shlex.quote(sys.executable), "-m", "pip", "install", *map(shlex.quote, requirements)])

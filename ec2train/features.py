@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 from ec2train import ddp
 from ec2train.data import EvalSampler, make_loader
 from ec2train.errors import UserError
-from ec2train.export import atomic_torch_save
+from ec2train.files import atomic_torch_save
 
 CACHE_FORMAT = "ec2train.features/1"
 CACHE_DIR = "feature-cache"
@@ -130,6 +131,7 @@ def compute_features(net: nn.Module, head: nn.Module, loader, ctx, n: int) -> tu
     feats, labels = _forward_shard(net, head, loader, ctx)
     # Rank 0 always has images (EvalSampler gives it index 0), so it tells the others the shape.
     shape = ddp.broadcast_object(tuple(feats[0].shape[1:]) if feats else None)
+    assert shape is not None  # rank 0's, never empty
     out = torch.zeros((n, *shape), dtype=torch.float32)
     out_labels = torch.zeros(n, dtype=torch.int64)
     if feats:
@@ -152,21 +154,28 @@ def _load(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     return obj["features"], obj["labels"]
 
 
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How the features of a run are computed and cached: what they depend on (arch, image size,
+    normalization) besides the weights and images, how they are loaded, and where they are kept."""
+
+    arch: str
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    batch_size: int
+    workers: int = 0
+    pin_memory: bool = False
+    cache_dir: Path | None = None  # None: computed every time, never written
+
+
 def split_features(
     split: str,
     net: nn.Module,
     head_name: str,
     dataset,
     ctx,
-    *,
-    arch: str,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    workers: int,
-    pin_memory: bool,
-    cache_dir: Path | None,
+    settings: FeatureSettings,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of one split: from the disk cache when it matches, else computed
@@ -175,22 +184,23 @@ def split_features(
         net,
         head_name,
         dataset.samples,
-        arch=arch,
-        image_size=image_size,
-        mean=mean,
-        std=std,
+        arch=settings.arch,
+        image_size=settings.image_size,
+        mean=settings.mean,
+        std=settings.std,
         precision=f"{ctx.device.split(':')[0]}-{ctx.amp.name}",
     )
+    cache_dir = settings.cache_dir
     path = cache_dir / f"{split}-{key[:24]}.pt" if cache_dir else None
     cached = _load(path, key) if path and path.is_file() else None
     # Every rank must take the same branch (the computation below is collective); on several
     # nodes, a cache on one node's disk does not help the others.
-    if not ddp.any_rank(cached is None):
+    if not ddp.any_rank(cached is None) and cached is not None:  # (no rank misses it, this one included)
         log(f"{split}: {len(dataset)} images' features read from {path}")
         return cached
     env = ddp.env_from()
     sampler = EvalSampler(len(dataset), env.rank, env.world_size)
-    loader = make_loader(dataset, sampler, batch_size, workers, pin_memory)
+    loader = make_loader(dataset, sampler, settings.batch_size, settings.workers, settings.pin_memory)
     t0 = time.perf_counter()
     feats, labels = compute_features(net, net.get_submodule(head_name), loader, ctx, len(dataset))
     del loader  # stop its workers
@@ -198,7 +208,7 @@ def split_features(
     log(
         f"{split}: computed features of {len(dataset)} images once in {seconds:.1f} s ({len(dataset) / max(seconds, 1e-9):.0f} img/s)"
     )
-    if path and env.is_main:
+    if path and cache_dir and env.is_main:
         for old in cache_dir.glob(f"{split}-*.pt"):  # features of older weights or data
             old.unlink(missing_ok=True)
         atomic_torch_save({"format": CACHE_FORMAT, "key": key, "features": feats, "labels": labels}, path)
@@ -211,15 +221,7 @@ def feature_loaders(
     datasets: dict[str, Any],
     train_sampler,
     ctx,
-    *,
-    arch: str,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    workers: int,
-    pin_memory: bool,
-    cache_dir: Path | None,
+    settings: FeatureSettings,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[nn.Module, Any, Any]:
     """(model to train, train loader, valid loader) for training the head from cached features.
@@ -232,22 +234,12 @@ def feature_loaders(
         "--cache-features: the backbone runs once per image (eval transform, no augmentation); "
         "the epochs train the head from the cached features"
     )
-    common = dict(
-        arch=arch,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        batch_size=batch_size,
-        workers=workers,
-        pin_memory=pin_memory,
-        cache_dir=cache_dir,
-        log=log,
-    )
-    train = FeatureDataset(*split_features("train", net, head_name, datasets["train"], ctx, **common))
-    valid = FeatureDataset(*split_features("valid", net, head_name, datasets["valid"], ctx, **common))
+    train = FeatureDataset(*split_features("train", net, head_name, datasets["train"], ctx, settings, log))
+    valid = FeatureDataset(*split_features("valid", net, head_name, datasets["valid"], ctx, settings, log))
     env = ddp.env_from()
     # In memory already: worker processes would only add copying.
-    train_loader = make_loader(train, train_sampler, batch_size, 0, pin_memory)
-    valid_loader = make_loader(valid, EvalSampler(len(valid), env.rank, env.world_size), batch_size, 0, pin_memory)
+    train_loader = make_loader(train, train_sampler, settings.batch_size, 0, settings.pin_memory)
+    valid_sampler = EvalSampler(len(valid), env.rank, env.world_size)
+    valid_loader = make_loader(valid, valid_sampler, settings.batch_size, 0, settings.pin_memory)
     head = net.get_submodule(head_name)
     return ddp.wrap_model(head, ctx.device, False), train_loader, valid_loader

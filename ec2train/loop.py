@@ -4,14 +4,13 @@ beyond fit's two hooks (should_stop, on_epoch). Knows nothing of AWS: run.py add
 fit(cfg) trains on train/, picks the best epoch on valid/, tests it once on test/, and
 writes model.pth, last.pt (every epoch), metrics.json and config.toml under cfg.output.
 It reads as phases: device (make_runtime), loaders (make_data), model and optimizer
-(trainer_for), resume (checkpoint.agreed_checkpoint/restore), epochs (_epochs) and test
-(_test); perf.bench reuses the first three.
+(trainer_for), resume (checkpoint.Resume, checkpoint.restore), epochs (_epochs, with
+checkpoint.CheckpointSaver) and test (_test). perf.bench reuses the device phase and
+make_trainer; evaluate.py reuses evaluate.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,49 +19,47 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from ec2train import ddp, hw
+from ec2train import threads as thread_plans
 from ec2train.checkpoint import (
-    CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    CheckpointSaver,
+    Resume,
     ResumeError,
     Trainables,
     TrainState,
-    agreed_checkpoint,
-    check_compatible,
-    checkpoint_payload,
     finished,
     restore,
 )
 from ec2train.config import TrainConfig, to_toml
 from ec2train.data import (
-    EvalSampler,
     ImageDataset,
     SplitSampler,
     TrainSampler,
     class_name,
     default_workers,
+    eval_dataset,
     make_loader,
     require_dataset,
     scan_split,
     start_workers,
+    train_dataset,
 )
+from ec2train.data.encoded import EncodedBatch, EncodedDataset
+from ec2train.data.gpu import decode_batch, select_loader
 from ec2train.errors import UserError
-from ec2train.export import (
-    BackgroundWriter,
-    atomic_write_json,
-    atomic_write_text,
-    model_payload,
-    save_model_file,
-)
-from ec2train.features import CACHE_DIR, feature_loaders
-from ec2train.model import build_model, find_head, freeze_backbone, model_from_file, normalization_for
+from ec2train.features import CACHE_DIR, FeatureSettings, feature_loaders
+from ec2train.files import atomic_write_json, atomic_write_text
+from ec2train.model import build_model, find_head, freeze_backbone, normalization_for
+from ec2train.optim import backbone_lr, effective_lr, group_lrs, lr_lambda, make_optimizer, param_groups
 from ec2train.plots import log_confusion
-from ec2train.preprocess import decode_min_side, eval_pixels, normalize_pixels, pixel_stats, train_pixels
+from ec2train.preprocess import normalize_pixels, pixel_stats
+from ec2train.report import Reporter, TensorBoard
+from ec2train.threads import ThreadTiming
 
 # ---------------------------------------------------------------- metrics
 
@@ -117,7 +114,9 @@ class StepContext:
     def autocast(self):
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp.dtype, enabled=self.amp.enabled)
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, images, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, EncodedBatch):  # the GPU loader's: decoded and transformed here
+            images = decode_batch(images, self.device)
         images = images.to(self.device, non_blocking=True)
         channels_last = self.channels_last and images.dim() == 4
         if images.dtype == torch.uint8:
@@ -230,87 +229,6 @@ def evaluate(model: nn.Module, loader, ctx: StepContext, num_classes: int) -> tu
     return Meter(loss_sum, c1, c5, count).reduced(ctx.device).summary(), confusion
 
 
-# ---------------------------------------------------------------- set-up pieces
-
-
-def lr_lambda(steps_per_epoch: int, epochs: int, warmup_epochs: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to zero, per optimizer step."""
-    total = max(1, steps_per_epoch * epochs)
-    warm = steps_per_epoch * warmup_epochs
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
-    """Head at lr, backbone at backbone_lr; no weight decay on biases and norm weights.
-    Each group names its role ("head" or "backbone") so the logs can tell the two lrs apart."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = name.startswith(head_name + ".")
-        decay = p.ndim > 1
-        groups.setdefault((is_head, decay), []).append(p)
-    return [
-        {
-            "params": ps,
-            "lr": lr if is_head else backbone_lr,
-            "weight_decay": weight_decay if decay else 0.0,
-            "role": "head" if is_head else "backbone",
-        }
-        for (is_head, decay), ps in groups.items()
-    ]
-
-
-def make_optimizer(
-    name: str, groups: list[dict], lr: float, momentum: float, device_type: str
-) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW, with the fused or multi-tensor update (hw.optimizer_kernel)
-    rather than a Python loop over every parameter."""
-    fast = {hw.optimizer_kernel(device_type, hw.torch_version()): True}
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fast)
-    return torch.optim.AdamW(groups, lr=lr, **fast)
-
-
-def group_lrs(optimizer: torch.optim.Optimizer, peak: bool = False) -> dict[str, float]:
-    """{"lr": the head's lr, "lr_backbone": the backbone's (when it trains)}: now, or the
-    schedule's peak (`initial_lr`, what --lr asked for) with peak=True."""
-    lrs: dict[str, float] = {}
-    for group in optimizer.param_groups:
-        key = "lr_backbone" if group.get("role") == "backbone" else "lr"
-        lrs.setdefault(key, group.get("initial_lr", group["lr"]) if peak else group["lr"])
-    return lrs
-
-
-def effective_lr(cfg: TrainConfig, world_size: int) -> float:
-    """--scale-lr: --lr is meant for one process's batch; multiply by the number of processes."""
-    return cfg.lr * world_size if cfg.scale_lr else cfg.lr
-
-
-def backbone_lr(cfg: TrainConfig, lr: float) -> float:
-    """--backbone-lr-scale protects pretrained features; a backbone trained from scratch
-    (--weights none) has nothing to protect, so every layer trains at lr."""
-    return lr * cfg.backbone_lr_scale if cfg.weights != "none" else lr
-
-
-def train_dataset(samples, image_size: int, augment: str) -> ImageDataset:
-    """uint8 pixels; StepContext.to_device normalizes each batch on the device."""
-    return ImageDataset(samples, train_pixels(image_size, augment), decode_min_side(image_size, augment))
-
-
-def eval_dataset(samples, image_size: int) -> ImageDataset:
-    """The deterministic transform of validation, test, evaluate and the feature cache (uint8
-    pixels, as train_dataset)."""
-    return ImageDataset(samples, eval_pixels(image_size), decode_min_side(image_size, False))
-
-
 # ---------------------------------------------------------------- the phases of fit
 
 
@@ -324,8 +242,8 @@ class Runtime:
     sync_bn: bool
     workers: int
     pin_memory: bool
-    threads: hw.ThreadPlan
-    tuner: hw.ThreadTuner | None = None  # CPU training only: see hw.ThreadTuner
+    threads: thread_plans.ThreadPlan
+    tuner: thread_plans.ThreadTuner | None = None  # CPU training only: see threads.ThreadTuner
 
     @property
     def device_type(self) -> str:
@@ -341,9 +259,9 @@ def make_runtime(
     device_type = dev.split(":")[0]
     capability = hw.device_capability(dev)
     hw.configure_backends(device_type, capability)
-    workers = workers if workers >= 0 else default_workers(hw.available_cpus(), env.local_world_size)
-    plan = hw.apply_threads(hw.plan_threads(env.local_world_size, workers, 0, threads))
-    candidates = hw.tuning_candidates(plan, device_type, env.world_size)
+    workers = workers if workers >= 0 else default_workers(thread_plans.available_cpus(), env.local_world_size)
+    plan = thread_plans.apply_threads(thread_plans.plan_threads(env.local_world_size, workers, 0, threads))
+    candidates = thread_plans.tuning_candidates(plan, device_type, env.world_size)
     return Runtime(
         env,
         dev,
@@ -352,7 +270,7 @@ def make_runtime(
         workers,
         hw.use_pin_memory(device_type),
         plan,
-        hw.ThreadTuner(candidates) if len(candidates) > 1 else None,
+        thread_plans.ThreadTuner(candidates) if len(candidates) > 1 else None,
     )
 
 
@@ -366,10 +284,11 @@ class Data:
     train_samples: list
     valid_samples: list
     test_samples: list
-    train_ds: ImageDataset
+    train_ds: ImageDataset | EncodedDataset
     train_sampler: TrainSampler
     train_loader: Any
     eval_loader: Any  # valid then test, one set of workers (SplitSampler); `eval_split` picks one
+    loader_choice: hw.LoaderChoice | None = None  # who decodes: the workers (cpu) or the device (gpu)
 
     def eval_split(self, split: str) -> Any:
         """The eval loader, reading `split` ("valid" or "test") from its next pass."""
@@ -387,14 +306,17 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
     _, train_samples = scan_split(cfg.data, "train", class_folders)
     _, valid_samples = scan_split(cfg.data, "valid", class_folders)
     _, test_samples = scan_split(cfg.data, "test", class_folders)
-    train_ds = train_dataset(train_samples, cfg.image_size, cfg.augment)
     env = rt.env
+    cpus = (thread_plans.available_cpus() or 1) // max(1, env.local_world_size)
+    choice = select_loader(cfg.loader, rt.device, [p for p, _ in train_samples], cpus)
+    on_device = choice.kind == "gpu"
+    train_ds = train_dataset(train_samples, cfg.image_size, cfg.augment, on_device)
     sampler = TrainSampler(len(train_ds), env.rank, env.world_size, cfg.seed, batch_size=cfg.batch_size)
     train_loader = make_loader(train_ds, sampler, cfg.batch_size, rt.workers, rt.pin_memory)
-    # The test pass reuses the valid pass's workers: forking a new set at the end cost 0.1-0.25 s
-    # on 2 CPUs (workers started, first batch decoded beside the forward pass).
+    # The test pass reuses the valid pass's workers: a new set forked at the end would start and
+    # decode its first batch beside the forward pass.
     eval_loader = make_loader(
-        eval_dataset(valid_samples + test_samples, cfg.image_size),
+        eval_dataset(valid_samples + test_samples, cfg.image_size, on_device),
         SplitSampler({"valid": len(valid_samples), "test": len(test_samples)}, env.rank, env.world_size),
         cfg.batch_size,
         rt.workers,
@@ -415,6 +337,7 @@ def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
         sampler,
         train_loader,
         eval_loader,
+        choice,
     )
 
 
@@ -439,61 +362,38 @@ class Trainer:
 
 def make_trainer(
     rt: Runtime,
-    arch: str,
+    cfg: TrainConfig,
     num_classes: int,
-    *,
-    weights: str,
-    frozen: bool,
-    channels_last: bool,
-    optimizer: str,
-    lr: float,
-    backbone_lr: float,
-    weight_decay: float,
-    momentum: float,
     lr_at_step: Callable[[int], float],
-    wrap: bool = True,
-    compile: bool = False,
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> Trainer:
-    """wrap: DDP-wrap the model (fit does, except with --cache-features where only the head trains).
+    """cfg's network (seeded with cfg.seed), optimizer, lr schedule (lr_at_step: the factor per
+    optimizer step) and step context on the runtime's device. With --cache-features only the head
+    trains, from cached features: the network is then neither DDP-wrapped nor compiled.
     normalization: (mean, std) of the data set, for loaders that give uint8 pixels."""
-    net = build_model(arch, num_classes, weights)
+    torch.manual_seed(cfg.seed)
+    lr = effective_lr(cfg, rt.env.world_size)
+    net = build_model(cfg.arch, num_classes, cfg.weights)
     head_name, _ = find_head(net)
-    if frozen:
+    if cfg.frozen:
         freeze_backbone(net)
-    use_cl = hw.use_channels_last(channels_last, rt.device_type, frozen)
-    net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)
-    opt = make_optimizer(
-        optimizer, param_groups(net, head_name, lr, backbone_lr, weight_decay), lr, momentum, rt.device_type
-    )
+    use_cl = hw.use_channels_last(cfg.channels_last, rt.device_type, cfg.frozen)
+    # Module.to takes memory_format, which its type stubs leave out.
+    net = net.to(rt.device, memory_format=torch.channels_last) if use_cl else net.to(rt.device)  # type: ignore[call-overload]
+    groups = param_groups(net, head_name, lr, backbone_lr(cfg, lr), cfg.weight_decay)
+    opt = make_optimizer(cfg.optimizer, groups, lr, cfg.momentum, rt.device_type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at_step)
     scaler = torch.amp.GradScaler(rt.device_type) if rt.amp.use_scaler else None
-    model = ddp.wrap_model(net, rt.device, rt.sync_bn) if wrap else net
-    if compile:
+    model = net if cfg.cache_features else ddp.wrap_model(net, rt.device, rt.sync_bn)
+    if cfg.compile and not cfg.cache_features:
         model = torch.compile(model)
     return Trainer(net, model, head_name, opt, scheduler, StepContext(rt.device, rt.amp, use_cl, scaler, normalization))
 
 
 def trainer_for(cfg: TrainConfig, rt: Runtime, data: Data) -> Trainer:
-    torch.manual_seed(cfg.seed)
-    lr = effective_lr(cfg, rt.env.world_size)
-    return make_trainer(
-        rt,
-        cfg.arch,
-        len(data.class_folders),
-        weights=cfg.weights,
-        frozen=cfg.frozen,
-        channels_last=cfg.channels_last,
-        optimizer=cfg.optimizer,
-        lr=lr,
-        backbone_lr=backbone_lr(cfg, lr),
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        lr_at_step=lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs),
-        wrap=not cfg.cache_features,
-        compile=cfg.compile and not cfg.cache_features,
-        normalization=(data.mean, data.std),
-    )
+    """Phase 3 of fit: make_trainer for the data set's classes, steps per epoch and normalization."""
+    schedule = lr_lambda(len(data.train_loader), cfg.epochs, cfg.warmup_epochs)
+    return make_trainer(rt, cfg, len(data.class_folders), schedule, (data.mean, data.std))
 
 
 @dataclass
@@ -505,129 +405,11 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     already_finished: bool = False  # --resume of a finished run: nothing was trained or written
-
-
-class _ThreadTiming:
-    """Times fit's steps for the runtime's ThreadTuner and applies what it picks. A step is
-    timed from the end of the previous one (so the wait for its batch counts); the first step
-    of an epoch, which waits for the loader to start, is not timed. The probe ends with the
-    first epoch trained; a resumed run takes the count its last epoch recorded."""
-
-    def __init__(self, tuner: hw.ThreadTuner | None, history: list[dict[str, Any]]):
-        self.tuner, self.last = tuner, None
-        self.applied = torch.get_num_threads()
-        self.notes: list[str] = []
-        if tuner is not None and history and history[-1].get("threads") in tuner.candidates:
-            tuner.settle(history[-1]["threads"])
-
-    def epoch_start(self) -> None:
-        self.last = None
-        self._apply()
-
-    def step(self) -> None:
-        if self.tuner is None or not self.tuner.probing:
-            return
-        now = time.perf_counter()
-        if self.last is not None:
-            self._note(self.tuner.observe(self.applied, now - self.last))
-        self.last = now
-        self._apply()
-
-    def epoch_end(self) -> None:
-        if self.tuner is not None and self.tuner.probing:
-            self._note(self.tuner.settle())
-        self._apply()
-
-    def threads(self) -> int:
-        return self.tuner.chosen if self.tuner is not None else torch.get_num_threads()
-
-    def _note(self, picked: int | None) -> None:
-        if picked:
-            self.notes.append(f"threads: torch {picked} intra-op from here on ({self.tuner.describe()})")
-
-    def _apply(self) -> None:
-        if self.tuner is not None and (n := self.tuner.threads()) != self.applied:
-            torch.set_num_threads(n)
-            self.applied = n
-
-    def take_notes(self) -> list[str]:
-        notes, self.notes = self.notes, []
-        return notes
-
-
-class _Reporter:
-    """Progress bar and log lines, on rank 0 only."""
-
-    def __init__(self, console, enabled: bool):
-        self.enabled = enabled and console is not None
-        self.console = console
-        self.progress = None
-        self.task = None
-
-    def log(self, msg: str) -> None:
-        if self.enabled:
-            self.console.print(msg)
-
-    def start_epoch(self, epoch: int, epochs: int, total: int) -> None:
-        if not self.enabled:
-            return
-        self.progress = Progress(
-            TextColumn(f"epoch {epoch + 1}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f} {task.fields[ips]:.0f} img/s"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, loss=0.0, acc=0.0, ips=0.0)
-        self._t0, self._n, self._loss, self._acc = time.perf_counter(), 0, 0.0, 0.0
-
-    def step(self, n: int, loss: float, acc: float) -> None:
-        if not self.progress:
-            return
-        self._n += n
-        self._loss += loss * n
-        self._acc += acc * n
-        ips = self._n / max(time.perf_counter() - self._t0, 1e-9)
-        self.progress.update(self.task, advance=n, loss=self._loss / self._n, acc=self._acc / self._n, ips=ips)
-
-    def end_epoch(self) -> None:
-        if self.progress:
-            self.progress.stop()
-            self.progress = None
-
-
-class _Writer:
-    """TensorBoard on rank 0, created in a background thread: importing tensorboard takes about
-    a second that the first epoch need not wait for."""
-
-    def __init__(self, logdir: Path | None):
-        self._writer = None
-        self._thread = None
-        if logdir is not None:
-            self._thread = threading.Thread(target=self._open, args=(logdir,), name="ec2train-tensorboard", daemon=True)
-            self._thread.start()
-
-    def _open(self, logdir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(str(logdir))
-
-    def get(self):
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        return self._writer
-
-    def close(self) -> None:
-        if self.get() is not None:
-            self._writer.close()
+    stopped_by: str = ""  # with interrupted: what stopped it (run.fit_run says: a spot notice, SIGTERM, ...)
 
 
 @dataclass
-class FitRun:
+class FitSession:
     """Everything the epochs and the test phase share."""
 
     cfg: TrainConfig
@@ -635,12 +417,12 @@ class FitRun:
     data: Data
     tr: Trainer
     state: TrainState
-    report: _Reporter
-    writer: _Writer
+    report: Reporter
+    writer: TensorBoard
     step_model: nn.Module
     train_loader: Any
     valid_loader: Any
-    saver: BackgroundWriter = field(default_factory=BackgroundWriter)  # model.pth and last.pt, rank 0
+    saver: CheckpointSaver  # model.pth and last.pt (rank 0)
 
     @property
     def output(self) -> Path:
@@ -650,20 +432,6 @@ class FitRun:
     def logdir(self) -> Path:
         return Path(self.cfg.logdir) / self.state.run_name
 
-    def payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> dict[str, Any]:
-        d = self.data
-        return model_payload(
-            state_dict,
-            arch=self.cfg.arch,
-            class_names=d.class_names,
-            image_size=self.cfg.image_size,
-            mean=d.mean,
-            std=d.std,
-            metrics=metrics,
-            config=self.cfg.to_dict(),
-            class_folders=d.class_folders,
-        )
-
 
 def fit(
     cfg: TrainConfig,
@@ -671,32 +439,31 @@ def fit(
     console=None,
     should_stop: Callable[[], bool] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    resume: Resume | None = None,
 ) -> FitResult:
     """Train, validate every epoch, test the best epoch once, and export. See module doc.
 
-    Resumes from a local checkpoint (cfg.resume: auto, never or a path; run.py fetches remote
-    ones first). should_stop: polled after every step (a spot notice, SIGTERM); when it turns
+    Resumes as `resume` decides (default: checkpoint.Resume.of(cfg), local files only; run.py
+    passes one that fetched a remote checkpoint first). should_stop: polled after every step (a spot notice, SIGTERM); when it turns
     true on any rank, every rank stops, the last completed epoch's checkpoint stays, and the
     result has interrupted=True. on_epoch(epoch, record) runs on every rank after each epoch.
     """
-    cfg = cfg.validate()
     rt = make_runtime(cfg.device, cfg.amp, cfg.workers, threads=cfg.threads, sync_bn=cfg.sync_bn)
-    _Reporter(console, rt.env.is_main).log(rt.threads.describe())  # the header's first line
+    Reporter(console, rt.env.is_main).log(rt.threads.describe())  # the header's first line
     ddp.setup(rt.env, rt.device)
     try:
-        return _fit(cfg, rt, console=console, should_stop=should_stop, on_epoch=on_epoch)
+        return _fit(cfg, rt, resume or Resume.of(cfg), console=console, should_stop=should_stop, on_epoch=on_epoch)
     finally:
         ddp.cleanup()
 
 
-def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> FitResult:
+def _fit(cfg: TrainConfig, rt: Runtime, resume: Resume, *, console, should_stop, on_epoch) -> FitResult:
     t_start = time.perf_counter()
-    report = _Reporter(console, rt.env.is_main)
+    report = Reporter(console, rt.env.is_main)
     data = make_data(cfg, rt)
     tr = trainer_for(cfg, rt, data)
-    ckpt = agreed_checkpoint(cfg.resume, Path(cfg.output), rt.env)
+    ckpt = resume.checkpoint(rt.env, cfg, data.class_folders)
     if ckpt is not None:
-        check_compatible(ckpt, cfg, data.class_folders)
         if finished(ckpt, cfg) and ckpt.get("final_metrics"):
             return _already_finished(ckpt, report)
         state = restore(ckpt, tr.parts(), len(data.train_loader))
@@ -706,19 +473,21 @@ def _fit(cfg: TrainConfig, rt: Runtime, *, console, should_stop, on_epoch) -> Fi
         )
     else:
         state = TrainState.fresh(cfg.arch)
-    run = _start_run(cfg, rt, data, tr, state, report)
+    session = _start_session(cfg, rt, data, tr, state, report)
     try:
-        interrupted = _epochs(run, should_stop, on_epoch)
+        interrupted = _epochs(session, should_stop, on_epoch)
         if interrupted:
-            run.saver.wait()  # the last checkpoint is on disk before fit returns
-            return FitResult(run.output, run.output / MODEL_FILE, run.logdir, {}, state.history, interrupted=True)
-        return _test(run, time.perf_counter() - t_start)  # tests while the last checkpoint is written
+            session.saver.wait()  # the last checkpoint is on disk before fit returns
+            return FitResult(
+                session.output, session.output / MODEL_FILE, session.logdir, {}, state.history, interrupted=True
+            )
+        return _test(session, time.perf_counter() - t_start)  # tests while the last checkpoint is written
     finally:
-        run.saver.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
-        run.writer.close()
+        session.saver.close()  # also when a hook ends the run (a pruned trial): no leaked file or thread
+        session.writer.close()
 
 
-def _already_finished(ckpt: dict[str, Any], report: _Reporter) -> FitResult:
+def _already_finished(ckpt: dict[str, Any], report: Reporter) -> FitResult:
     folder = Path(ckpt["source"]).parent
     metrics = ckpt["final_metrics"]
     report.log(
@@ -729,15 +498,16 @@ def _already_finished(ckpt: dict[str, Any], report: _Reporter) -> FitResult:
     return FitResult(folder, folder / MODEL_FILE, logdir, metrics, ckpt["history"], already_finished=True)
 
 
-def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: TrainState, report: _Reporter) -> FitRun:
+def _start_session(
+    cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: TrainState, report: Reporter
+) -> FitSession:
     """Open the logs, write config.toml, print the header; with --cache-features compute the
     backbone's features once so the epochs train the head from them."""
     output = Path(cfg.output)
     if rt.env.is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, to_toml(cfg))
-    writer = _Writer(Path(cfg.logdir) / state.run_name if rt.env.is_main else None)
-    background = hw.background_work_helps(rt.device_type)
+    writer = TensorBoard(Path(cfg.logdir) / state.run_name if rt.env.is_main else None, hparams=cfg.to_dict())
     env, lr = rt.env, group_lrs(tr.optimizer, peak=True)  # a resumed run is mid-schedule
     lrs = f"lr {lr['lr']:g}" + (
         f" (backbone {lr['lr_backbone']:g})" if lr.get("lr_backbone", lr["lr"]) != lr["lr"] else ""
@@ -748,6 +518,7 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
         f"world size {env.world_size}, per-rank batch {cfg.batch_size}, global batch {cfg.batch_size * env.world_size}, "
         f"{lrs}, {rt.workers} loader workers per process{', SyncBatchNorm' if rt.sync_bn else ''}"
         + (f", {backend} process group" if (backend := ddp.backend_name()) else "")
+        + (f"\n{data.loader_choice.why}" if data.loader_choice else "")
     )
     step_model, train_loader, valid_loader = tr.model, data.train_loader, data.eval_split("valid")
     if cfg.cache_features:
@@ -755,96 +526,100 @@ def _start_run(cfg: TrainConfig, rt: Runtime, data: Data, tr: Trainer, state: Tr
             split: eval_dataset(samples, cfg.image_size)
             for split, samples in (("train", data.train_samples), ("valid", data.valid_samples))
         }
+        settings = FeatureSettings(
+            cfg.arch, cfg.image_size, data.mean, data.std, cfg.batch_size, rt.workers, rt.pin_memory, output / CACHE_DIR
+        )
         step_model, train_loader, valid_loader = feature_loaders(
-            tr.net,
-            tr.head_name,
-            fixed,
-            data.train_sampler,
-            tr.ctx,
+            tr.net, tr.head_name, fixed, data.train_sampler, tr.ctx, settings, report.log
+        )
+    saver = CheckpointSaver(
+        output,
+        tr.parts(),
+        model_meta=dict(
             arch=cfg.arch,
+            class_names=data.class_names,
             image_size=cfg.image_size,
             mean=data.mean,
             std=data.std,
-            batch_size=cfg.batch_size,
-            workers=rt.workers,
-            pin_memory=rt.pin_memory,
-            cache_dir=output / CACHE_DIR,
-            log=report.log,
-        )
-    return FitRun(
-        cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, BackgroundWriter(background)
+            config=cfg.to_dict(),
+            class_folders=data.class_folders,
+        ),
+        checkpoint_meta=dict(config=cfg.to_dict(), class_folders=data.class_folders, world_size=env.world_size),
+        background=hw.background_work_helps(rt.device_type),
+        enabled=env.is_main,
     )
+    return FitSession(cfg, rt, data, tr, state, report, writer, step_model, train_loader, valid_loader, saver)
 
 
-def _epochs(run: FitRun, should_stop, on_epoch) -> bool:
+def _epochs(session: FitSession, should_stop, on_epoch) -> bool:
     """Phase 5: train and validate each remaining epoch; True when a stop request ended it."""
-    cfg, state, tr = run.cfg, run.state, run.tr
-    timing = _ThreadTiming(run.rt.tuner, state.history)
+    cfg, state, tr = session.cfg, session.state, session.tr
+    timing = ThreadTiming(session.rt.tuner, state.history)
 
     batches = None  # the next epoch's batches, when its workers were started early
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.patience and state.stale_epochs >= cfg.patience:
             break
         if batches is None:
-            batches = _epoch_batches(run, epoch)
-        set_train_mode(run.step_model, tr.head, cfg.frozen)
-        run.report.start_epoch(epoch, cfg.epochs, len(run.data.train_sampler))
+            batches = _epoch_batches(session, epoch)
+        set_train_mode(session.step_model, tr.head, cfg.frozen)
+        session.report.start_epoch(epoch, cfg.epochs, len(session.data.train_sampler))
         timing.epoch_start()
         t0 = time.perf_counter()
         meter, interrupted = train_one_epoch(
-            run.step_model,
+            session.step_model,
             batches,
             tr.optimizer,
             tr.scheduler,
             tr.ctx,
             cfg.label_smoothing,
-            on_step=run.report.step,  # one step late: see train_one_epoch
+            on_step=session.report.step,  # one step late: see train_one_epoch
             should_stop=should_stop,
             after_step=timing.step,  # the thread probe times each step as it ends
         )
         seconds = time.perf_counter() - t0
-        run.report.end_epoch()
+        session.report.end_epoch()
         if interrupted:
-            run.report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
+            session.report.log(f"stop requested during epoch {epoch + 1}: keeping the checkpoint of epoch {epoch}")
             return True
         timing.epoch_end()
         for note in timing.take_notes():
-            run.report.log(note)
-        record, improved = _end_epoch(run, epoch + 1, meter, seconds, timing.threads())
-        batches = _start_next_epoch(run, epoch + 1)
-        if run.rt.env.is_main:
-            _save_epoch(run, record, improved)
+            session.report.log(note)
+        record = _end_epoch(session, epoch + 1, meter, seconds, timing.threads())
+        batches = _start_next_epoch(session, epoch + 1)
+        if session.rt.env.is_main:
+            session.writer.log_epoch(record)
+        session.saver.save_epoch(state)  # rank 0: model.pth if this epoch is the best, and last.pt
         ddp.barrier()
         if on_epoch:
-            run.saver.wait()  # the hook may read or upload the files (run.py's S3 mirror)
+            session.saver.wait()  # the hook may read or upload the files (run.py's S3 mirror)
             on_epoch(epoch, record)
     return False
 
 
-def _start_next_epoch(run: FitRun, epoch: int) -> Iterator | None:
+def _start_next_epoch(session: FitSession, epoch: int) -> Iterator | None:
     """The batches of `epoch`, if it will run, with its loader workers already at work: they
     decode its first batches while this epoch's checkpoint is written (one thread on the CPU),
-    not during its first step. Decoded beside a two-thread step, they had made that step 0.3-0.5 s
-    slower (resnet18 at 64 px, 2 CPUs, 1 worker: 1.0-1.2 s against 0.55-0.65 s)."""
-    cfg = run.cfg
-    if epoch >= cfg.epochs or (cfg.patience and run.state.stale_epochs >= cfg.patience):
+    not beside its first step, which they would slow down (docs/performance.md)."""
+    cfg = session.cfg
+    if epoch >= cfg.epochs or (cfg.patience and session.state.stale_epochs >= cfg.patience):
         return None
-    return _epoch_batches(run, epoch)
+    return _epoch_batches(session, epoch)
 
 
-def _epoch_batches(run: FitRun, epoch: int) -> Iterator:
+def _epoch_batches(session: FitSession, epoch: int) -> Iterator:
     """An iterator over `epoch`'s training batches (its shuffle), which starts the loader's work."""
-    run.data.train_sampler.set_epoch(epoch)
-    return iter(run.train_loader)
+    session.data.train_sampler.set_epoch(epoch)
+    return iter(session.train_loader)
 
 
-def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: int) -> tuple[dict[str, Any], bool]:
-    """Validate, count the epoch in the state, log it; returns (history record, improved)."""
-    device = run.rt.device
+def _end_epoch(session: FitSession, epoch: int, meter: Meter, seconds: float, threads: int) -> dict[str, Any]:
+    """Validate, count the epoch in the state, log it; returns its history record."""
+    device = session.rt.device
     train = meter.reduced(device).summary()
-    valid, _ = evaluate(run.step_model, run.valid_loader, run.tr.ctx, len(run.data.class_folders))
+    valid, _ = evaluate(session.step_model, session.valid_loader, session.tr.ctx, len(session.data.class_folders))
     ips = train["images"] / max(seconds, 1e-9)
-    improved = run.state.record(epoch, valid["acc1"], run.tr.net)
+    improved = session.state.record(epoch, valid["acc1"], session.tr.net)
     record = {
         "epoch": epoch,
         "train_loss": train["loss"],
@@ -852,68 +627,31 @@ def _end_epoch(run: FitRun, epoch: int, meter: Meter, seconds: float, threads: i
         "valid_loss": valid["loss"],
         "valid_acc1": valid["acc1"],
         "valid_acc5": valid["acc5"],
-        **group_lrs(run.tr.optimizer),
+        **group_lrs(session.tr.optimizer),
         "images_per_second": ips,
         "seconds": seconds,
         "threads": threads,  # torch's intra-op threads from here on: a resumed run keeps them
         "images_per_rank": ddp.gather_counts(meter.count, device),
     }
-    run.state.history.append(record)
-    run.report.log(
-        f"epoch {epoch}/{run.cfg.epochs}: train loss {train['loss']:.4f} acc {train['acc1']:.3f} | "
+    session.state.history.append(record)
+    session.report.log(
+        f"epoch {epoch}/{session.cfg.epochs}: train loss {train['loss']:.4f} acc {train['acc1']:.3f} | "
         f"valid loss {valid['loss']:.4f} acc {valid['acc1']:.3f} top5 {valid['acc5']:.3f} | "
         f"{ips:.0f} img/s{'  (best)' if improved else ''}"
     )
-    return record, improved
+    return record
 
 
-SCALARS = (
-    "train_loss",
-    "train_acc1",
-    "valid_loss",
-    "valid_acc1",
-    "valid_acc5",
-    "lr",
-    "lr_backbone",
-    "images_per_second",
-)
-
-
-def _save_epoch(run: FitRun, record: dict[str, Any], improved: bool) -> None:
-    """Rank 0: TensorBoard scalars, then model.pth when the epoch is the best and last.pt,
-    written from copies in the background while the next epoch trains (one epoch's files at a
-    time: the previous ones are on disk first); on the CPU only the disk's part is (see
-    hw.background_work_helps). A crash meanwhile leaves the previous, whole checkpoint."""
-    writer, epoch, state = run.writer.get(), record["epoch"], run.state
-    for key in (k for k in SCALARS if k in record):
-        group, _, name = key.partition("_")
-        writer.add_scalar(f"{group}/{name}" if group in ("train", "valid") else key, record[key], epoch)
-    writer.flush()
-    run.saver.wait()
-    if improved:
-        best = run.payload(state.best_model, {"best_epoch": state.best_epoch, "valid_acc1": state.best_acc})
-        run.saver.save(best, run.output / MODEL_FILE)
-    checkpoint = checkpoint_payload(
-        state,
-        run.tr.parts(),
-        copies=run.saver.background,  # else pickled right here, before the next step
-        config=run.cfg.to_dict(),
-        class_folders=run.data.class_folders,
-        world_size=run.rt.env.world_size,
-    )
-    run.saver.save(checkpoint, run.output / CHECKPOINT_FILE)
-
-
-def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
+def _test(session: FitSession, setup_and_train_seconds: float) -> FitResult:
     """Phase 6: test the best epoch once (while the last epoch's files are still being written),
     write model.pth (with the metrics) and metrics.json."""
-    cfg, rt, data, state = run.cfg, run.rt, run.data, run.state
+    cfg, rt, data, state = session.cfg, session.rt, session.data, session.state
     if state.best_model is None:
         raise ResumeError("no epoch finished, so there is no model to test")
     t0 = time.perf_counter()
-    run.tr.net.load_state_dict(state.best_model)
-    test, confusion = evaluate(run.tr.model, data.eval_split("test"), run.tr.ctx, len(data.class_folders))
-    run.saver.wait()  # the last epoch's files are on disk, and model.pth below replaces theirs
+    session.tr.net.load_state_dict(state.best_model)
+    test, confusion = evaluate(session.tr.model, data.eval_split("test"), session.tr.ctx, len(data.class_folders))
+    session.saver.wait()  # the last epoch's files are on disk, and model.pth below replaces theirs
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     trained = state.history
     seconds = sum(h["seconds"] for h in trained)
@@ -932,54 +670,12 @@ def _test(run: FitRun, setup_and_train_seconds: float) -> FitResult:
         "world_size": rt.env.world_size,
         "global_batch": cfg.batch_size * rt.env.world_size,
     }
+    session.saver.save_model(state.best_model, metrics)  # rank 0
     if rt.env.is_main:
-        save_model_file(run.output / MODEL_FILE, run.payload(state.best_model, metrics))
-        atomic_write_json(run.output / METRICS_FILE, {**metrics, "history": state.history})
-        hparams = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        run.writer.get().add_hparams(
-            hparams, {"hparam/test_acc1": test["acc1"], "hparam/valid_acc1": state.best_acc}, run_name="."
-        )
-        missing = log_confusion(run.writer.get(), confusion, data.class_names, step=state.best_epoch)
+        atomic_write_json(session.output / METRICS_FILE, {**metrics, "history": state.history})
+        writer = session.writer.log_test(test, state.best_epoch)  # and the HParams tab's "success"
+        missing = log_confusion(writer, confusion, data.class_names, step=state.best_epoch)
         if missing:
-            run.report.log(f"note: {missing}")
+            session.report.log(f"note: {missing}")
     ddp.barrier()
-    return FitResult(run.output, run.output / MODEL_FILE, run.logdir, metrics, state.history)
-
-
-# ---------------------------------------------------------------- evaluate a model file
-
-
-def evaluate_model_file(
-    model_path: str | Path,
-    data: str | Path,
-    split: str = "test",
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Top-1/top-5, per-class accuracy and the confusion matrix of a model file on one split."""
-    net, meta = model_from_file(model_path)
-    folders = meta.get("class_folders") or meta["class_names"]
-    found, samples = scan_split(data, split)
-    if sorted(found) != sorted(folders):
-        raise UserError(
-            f"the classes in {Path(data) / split} differ from the model's {len(folders)} classes; "
-            "evaluate on the data set the model was trained on"
-        )
-    _, samples = scan_split(data, split, folders)
-    dev = ddp.select_device(device, 0, hw.cuda_device_count())
-    ctx = StepContext(dev, hw.amp_policy("off", dev.split(":")[0]), False, normalization=(meta["mean"], meta["std"]))
-    ds = eval_dataset(samples, meta["image_size"])
-    loader = make_loader(ds, EvalSampler(len(ds)), batch_size, workers, hw.use_pin_memory(dev.split(":")[0]))
-    summary, confusion = evaluate(net.to(dev), loader, ctx, meta["num_classes"])
-    totals = confusion.sum(dim=1)
-    per_class = {
-        name: (float(confusion[i, i] / totals[i]) if totals[i] else None) for i, name in enumerate(meta["class_names"])
-    }
-    return {
-        "split": split,
-        **summary,
-        "per_class_acc1": per_class,
-        "confusion": confusion.long().tolist(),
-        "class_names": meta["class_names"],
-    }
+    return FitResult(session.output, session.output / MODEL_FILE, session.logdir, metrics, state.history)

@@ -95,14 +95,26 @@ def normalization_for(arch: str, weights: str) -> tuple[tuple[float, ...], tuple
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+# Auxiliary classifiers (GoogLeNet, Inception v3) make the model return a tuple while training,
+# which fit's loss cannot take; torchvision drops them when asked (pretrained weights too).
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def without_aux_heads(arch: str, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` without the auxiliary classifiers' tensors (older model files of these archs have them)."""
+    prefixes = AUX_HEADS.get(arch, ())
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+
+
 def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
     """A torchvision model with a `num_classes` head. weights: imagenet | none | path to a file."""
 
     _check_arch(arch)
+    options: dict[str, Any] = {"aux_logits": False} if arch in AUX_HEADS else {}
     if weights == "imagenet":
         w = imagenet_weights(arch)
         try:
-            model = tvm.get_model(arch, weights=w)
+            model = tvm.get_model(arch, weights=w, **options)
         except Exception as exc:  # urllib/ssl/socket errors differ by platform; all mean "no download"
             raise ModelError(
                 f"cannot download ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
@@ -110,14 +122,14 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module
             ) from exc
         replace_head(model, num_classes)
         return model
-    model = tvm.get_model(arch, weights=None)
+    model = tvm.get_model(arch, weights=None, **options)
     if weights in ("none", "", None):
         replace_head(model, num_classes)
         return model
-    return _load_backbone_file(model, Path(weights), num_classes)
+    return _load_backbone_file(model, Path(weights), num_classes, arch)
 
 
-def _load_backbone_file(model: nn.Module, path: Path, num_classes: int) -> nn.Module:
+def _load_backbone_file(model: nn.Module, path: Path, num_classes: int, arch: str = "") -> nn.Module:
     """Start from a local checkpoint: a torchvision state_dict or an ec2train model file."""
     if not path.is_file():
         raise ModelError(f"--weights {path}: no such file. Use imagenet, none, or a path to a .pth file.")
@@ -126,7 +138,9 @@ def _load_backbone_file(model: nn.Module, path: Path, num_classes: int) -> nn.Mo
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"--weights {path}: not a state_dict or ec2train model file")
     head_name, _ = find_head(model)
-    state = {k: v for k, v in clean_state_dict(state).items() if not k.startswith(head_name + ".")}
+    state = {
+        k: v for k, v in without_aux_heads(arch, clean_state_dict(state)).items() if not k.startswith(head_name + ".")
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if not k.startswith(head_name + ".")]
     if real_missing or unexpected:
@@ -242,7 +256,7 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         return "state_dict is not a mapping of names to tensors"
-    return _shape_problem(arch, classes, state)
+    return _shape_problem(arch, classes, without_aux_heads(arch, state))
 
 
 def _shape_problem(arch: str, num_classes: int, state: dict[str, torch.Tensor]) -> str | None:
@@ -271,7 +285,7 @@ def model_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = read_model_file(path)
     model = build_model(meta["arch"], meta["num_classes"], weights="none")
     try:
-        model.load_state_dict(meta["state_dict"])
+        model.load_state_dict(without_aux_heads(meta["arch"], meta["state_dict"]))
     except RuntimeError as exc:  # read_model_file compared names and shapes; a dtype can still differ
         raise ModelError(f"{path}: weights do not match arch {meta['arch']}: {str(exc).splitlines()[0]}") from exc
     model.eval()

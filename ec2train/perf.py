@@ -1,9 +1,10 @@
 """`ec2train bench`: what bounds a training run, the input pipeline or the training step?
 
-Three measurements with fit's own parts: the real loader alone (decode, transform, collate;
-images/s), the real training step alone on synthetic tensors already on the device (with the
-AMP policy, channels_last, GradScaler), and both together. The slower of the first two bounds
-the run; the advice says what to change.
+Measurements with fit's own parts: the real training step alone on synthetic tensors already on
+the device (with the AMP policy, channels_last, GradScaler), and for each loader (cpu: the
+workers decode and transform; gpu: the workers read files, the device decodes and transforms)
+the loader alone (images/s up to the step's input) and loader and step together. The slower of
+the step and the loader fit uses bounds the run; the advice says what to change.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ import torch
 from PIL import Image
 
 from ec2train import ddp
-from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split
+from ec2train.arch_sizes import check_image_size
+from ec2train.config import TrainConfig
+from ec2train.data import TrainSampler, make_loader, require_dataset, scan_split, train_dataset
+from ec2train.data.gpu import device_decode_problem, select_loader
 from ec2train.errors import UserError
-from ec2train.hw import available_cpus
-from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_dataset, train_one_epoch
+from ec2train.loop import make_runtime, make_trainer, set_train_mode, train_one_epoch
 from ec2train.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from ec2train.threads import available_cpus
+
+
+@dataclass
+class LoaderRates:
+    pipeline_ips: float  # the loader alone, batches up to the step's input on the device
+    end_to_end_ips: float  # loader + step, as fit runs them
 
 
 @dataclass
@@ -35,12 +45,21 @@ class BenchResult:
     image_size: int
     workers: int
     frozen: bool
-    pipeline_ips: float  # the loader alone
     step_ips: float  # the training step alone (synthetic tensors on the device)
-    end_to_end_ips: float  # loader + step, as fit runs them
+    loaders: dict[str, LoaderRates]  # "cpu" (workers decode), "gpu" (the device decodes): those measured
+    loader: str  # the one fit would use here with --loader auto, if measured (else the first)
+    loader_why: str  # hw.choose_loader's reason
     median_short_side: int  # of the training images, in pixels
-    bound: str = ""  # "input pipeline" | "training step"
+    bound: str = ""  # "input pipeline" | "training step", with `loader`
     advice: list[str] = field(default_factory=list)
+
+    @property
+    def pipeline_ips(self) -> float:
+        return self.loaders[self.loader].pipeline_ips
+
+    @property
+    def end_to_end_ips(self) -> float:
+        return self.loaders[self.loader].end_to_end_ips
 
 
 def verdict(
@@ -56,8 +75,11 @@ def verdict(
     cpus: int,
     median_short_side: int,
     image_size: int,
+    gpu_loader_ips: float | None = None,
 ) -> tuple[str, list[str]]:
-    """Which side bounds the run, and what to do about it, in order of payoff. Pure."""
+    """Which side bounds the run (the rates are the CPU loader's, or the loader fit uses), and
+    what to do about it, in order of payoff. gpu_loader_ips: the GPU loader's pipeline rate,
+    when the others are the CPU loader's. Pure."""
     advice: list[str] = []
     if pipeline_ips < step_ips:
         bound = "input pipeline"
@@ -65,6 +87,11 @@ def verdict(
             advice.append(
                 "--cache-features: the backbone is frozen, so its features can be computed once; the epochs then "
                 "skip decoding and the backbone entirely (augmentation is off in that mode)"
+            )
+        if gpu_loader_ips is not None and gpu_loader_ips > 1.2 * pipeline_ips:
+            advice.append(
+                f"--loader gpu: the GPU decodes and augments the JPEGs ({gpu_loader_ips:.0f} img/s here against "
+                f"{pipeline_ips:.0f} from the loader workers)"
             )
         if median_short_side >= 2 * resize_size(image_size):
             size = resize_size(image_size)
@@ -125,7 +152,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-# Over 80 lines with the formatter's one-argument-per-line calls; each timing is a named helper below.
+# Long with the formatter's one-argument-per-line calls; each timing is a named helper below.
 def bench(
     data: str | Path,
     arch: str = "resnet50",
@@ -139,12 +166,17 @@ def bench(
     channels_last: bool = True,
     threads: int = 0,
     log: Callable[[str], None] = lambda _msg: None,
+    loaders: tuple[str, ...] = ("cpu", "gpu"),
 ) -> BenchResult:
-    """Images/s of fit's input pipeline, training step and both together on DATA's train split."""
+    """Images/s of fit's input pipeline with each of `loaders` (cpu: the workers decode; gpu: the
+    device decodes), the training step, and both together, on DATA's train split."""
     if steps < 1 or batch_size < 1:
         raise UserError("--steps and --batch-size must be at least 1")
     if not 16 <= image_size <= 1024:
         raise UserError(f"--image-size {image_size}: must be between 16 and 1024 pixels")
+    check_image_size(arch, image_size)  # random weights, as fit builds with --weights none
+    if not loaders or any(kind not in ("cpu", "gpu") for kind in loaders):
+        raise UserError(f"--loader {','.join(loaders)}: must be cpu, gpu or both")
     # fit's own phases (device, loaders, model and optimizer), one process, constant lr.
     rt = make_runtime(device, amp, workers, threads=threads, env=ddp.DistEnv())
     dev, device_type, policy, workers = rt.device, rt.device_type, rt.amp, rt.workers
@@ -152,26 +184,29 @@ def bench(
     _, samples = scan_split(data, "train", classes)
     cpus = available_cpus()
     log(rt.threads.describe())  # as fit would run
-    # The step is timed first, before loader workers exist, so they do not compete with it for the CPU.
-    dataset = train_dataset(samples, image_size, True)
-    sampler = TrainSampler(len(dataset))
-    loader = make_loader(dataset, sampler, batch_size, workers, rt.pin_memory)
-
+    auto = select_loader("auto", dev, [p for p, _ in samples], cpus)
+    loaders = _decodable(loaders, dev, log)
     tr = _trainer(rt, arch, len(classes), frozen, channels_last)
 
+    # The step is timed first, before loader workers exist, so they do not compete with it for the CPU.
     log(f"training step: {arch} on {dev}, amp {policy.name}, synthetic batches")
     step_ips = _time_step(tr, len(classes), batch_size, image_size, steps)
-    log(f"input pipeline: {workers} workers, {steps} batches of {batch_size}")
-    pipeline_ips = _time_pipeline(loader, sampler, steps)
-    log("end to end: loader + step")
-    e2e_ips = _time_end_to_end(tr, loader, sampler, steps)
-    del loader  # stop the workers
+    rates = {}
+    for kind in loaders:  # one loader's workers at a time
+        dataset = train_dataset(samples, image_size, True, on_device=kind == "gpu")
+        sampler = TrainSampler(len(dataset))
+        loader = make_loader(dataset, sampler, batch_size, workers, rt.pin_memory)
+        log(f"{kind} loader: {workers} workers, {steps} batches of {batch_size}, alone and then with the step")
+        pipeline_ips = _time_pipeline(tr.ctx, loader, sampler, steps)
+        rates[kind] = LoaderRates(pipeline_ips, _time_end_to_end(tr, loader, sampler, steps))
+        del loader  # stop the workers
 
     short = median_short_side(samples)
+    used = auto.kind if auto.kind in rates else loaders[0]
     bound, advice = verdict(
-        pipeline_ips,
+        rates[used].pipeline_ips,
         step_ips,
-        e2e_ips,
+        rates[used].end_to_end_ips,
         device_type=device_type,
         amp=policy.name,
         channels_last=tr.ctx.channels_last,
@@ -180,6 +215,7 @@ def bench(
         cpus=cpus,
         median_short_side=short,
         image_size=image_size,
+        gpu_loader_ips=rates["gpu"].pipeline_ips if used == "cpu" and "gpu" in rates else None,
     )
     return BenchResult(
         dev,
@@ -189,34 +225,31 @@ def bench(
         image_size,
         workers,
         frozen,
-        pipeline_ips,
         step_ips,
-        e2e_ips,
+        rates,
+        used,
+        auto.why,
         short,
         bound,
         advice,
     )
 
 
+def _decodable(loaders: tuple[str, ...], device: str, log: Callable[[str], None]) -> tuple[str, ...]:
+    """The loaders to time: without the GPU loader where torchvision cannot decode JPEGs on the
+    device (a one-line error when it is the only one asked for)."""
+    if "gpu" not in loaders or not (problem := device_decode_problem(device)):
+        return loaders
+    if loaders == ("gpu",):
+        raise UserError(f"--loader gpu: torchvision cannot decode JPEGs on {device} ({problem})")
+    log(f"gpu loader left out: torchvision cannot decode JPEGs on {device} ({problem})")
+    return tuple(kind for kind in loaders if kind != "gpu")
+
+
 def _trainer(rt, arch: str, num_classes: int, frozen: bool, channels_last: bool):
     """fit's model and optimizer (random weights: speed does not depend on them), constant lr."""
-    torch.manual_seed(0)
-    tr = make_trainer(
-        rt,
-        arch,
-        num_classes,
-        weights="none",
-        frozen=frozen,
-        channels_last=channels_last,
-        optimizer="adamw",
-        lr=1e-3,
-        backbone_lr=1e-4,
-        weight_decay=1e-4,
-        momentum=0.0,
-        lr_at_step=lambda _step: 1.0,
-        wrap=False,
-        normalization=(IMAGENET_MEAN, IMAGENET_STD),
-    )
+    cfg = TrainConfig(arch=arch, weights="none", freeze_backbone=frozen, channels_last=channels_last)
+    tr = make_trainer(rt, cfg, num_classes, lambda _step: 1.0, (IMAGENET_MEAN, IMAGENET_STD))
     set_train_mode(tr.net, tr.head, frozen)
     return tr
 
@@ -235,12 +268,18 @@ def _time_step(tr, num_classes: int, batch_size: int, image_size: int, steps: in
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def _time_pipeline(loader, sampler: TrainSampler, steps: int) -> float:
-    """Images/s the loader delivers with no training step to feed."""
+def _time_pipeline(ctx, loader, sampler: TrainSampler, steps: int) -> float:
+    """Images/s the loader delivers with no training step to feed, up to the step's input:
+    batches on the device, normalized (the GPU loader's decoded and transformed there first)."""
     batches = _batches(loader, sampler)
-    next(batches)  # worker start-up is not throughput
+    ctx.to_device(*next(batches))  # worker start-up (and the device decoder's) is not throughput
+    _sync(ctx.device)
     t0 = time.perf_counter()
-    n = sum(len(labels) for _, labels in itertools.islice(batches, steps))
+    n = 0
+    for images, labels in itertools.islice(batches, steps):
+        ctx.to_device(images, labels)
+        n += len(labels)
+    _sync(ctx.device)
     return n / (time.perf_counter() - t0)
 
 

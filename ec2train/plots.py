@@ -3,8 +3,8 @@ per-class accuracy and the most confused pairs of classes.
 
 Rows of a confusion matrix are true classes, columns predicted ones (as `loop.evaluate` counts them).
 The picture is drawn with Pillow, which every command already imports: matplotlib's import and
-first figure cost about a second at the end of every fit on a small CPU box (0.75 s import, 0.4 s
-per drawing); Pillow draws the same picture in a few hundredths of a second. `confusion_figure`
+first figure would add a noticeable pause at the end of every fit on a small CPU box
+(docs/performance.md). `confusion_figure`
 decides what is drawn where (testable text and geometry), `render` paints it.
 """
 
@@ -14,19 +14,22 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ec2train.export import atomic_write
+from ec2train.errors import pip_install
+from ec2train.files import atomic_write
+from ec2train.names import printable
 
 # Up to this many classes each cell shows its count and both axes show names;
 # above it the colour scale carries the values and the columns are numbered.
 ANNOTATE_MAX = 20
 NAMES_ON_BOTH_AXES_MAX = 40
 LABEL_CHARS = 36  # fits every dogImages breed; longer class names are cut, with an ellipsis, in tick labels
+PAIR_CHARS = 2 * LABEL_CHARS  # and in the list of most confused pairs
 TOP_K = 10
 PIPE, ESCAPED_PIPE = "|", "\\|"  # a | in a class name would end a markdown table cell
 ARROW = "->"  # Pillow's built-in font has no arrow glyph
@@ -37,7 +40,7 @@ class Confusion(NamedTuple):
 
     true: str
     predicted: str
-    count: int
+    count: int  # type: ignore[assignment]  # a field named like tuple.count: the JSON key is "count"
     fraction_of_true: float
 
     @property
@@ -69,15 +72,19 @@ def per_class_accuracy(confusion: Any, class_names: Sequence[str]) -> dict[str, 
 
 
 def confused_line(pair: Confusion) -> str:
-    """One line for a terminal: `Husky -> Malamute: 5 of 10 images (50%)`."""
-    return f"{pair.true} -> {pair.predicted}: {pair.count} of {pair.true_images} images ({pair.fraction_of_true:.0%})"
+    """One line for a terminal or TensorBoard: `Husky -> Malamute: 5 of 10 images (50%)`; the
+    names as `names.printable` shows them."""
+    true, predicted = printable(pair.true), printable(pair.predicted)
+    return f"{true} -> {predicted}: {pair.count} of {pair.true_images} images ({pair.fraction_of_true:.0%})"
 
 
 # ---------------------------------------------------------------- the figure
 
 
-def _short(name: str) -> str:
-    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "\u2026"
+def _short(name: str, limit: int = LABEL_CHARS) -> str:
+    """A class name as drawn: escaped (a newline or an escape sequence would break the layout)
+    and cut to `limit` characters."""
+    return printable(name, limit)
 
 
 class _Layout(NamedTuple):
@@ -129,7 +136,7 @@ def confusion_figure(confusion: Any, class_names: Sequence[str], title: str | No
     accuracy = float(m.diagonal().sum() / total) if total else 0.0
 
     def name(c: str) -> str:
-        return c if lay.names_on_columns else f"{c} [{index[c]}]"
+        return _short(c, PAIR_CHARS) + ("" if lay.names_on_columns else f" [{index[c]}]")
 
     if pairs:
         lines = [f"Most confused (true {ARROW} predicted)", ""]
@@ -161,7 +168,7 @@ _BLUES = np.array(
      [66, 146, 198], [33, 113, 181], [8, 81, 156], [8, 48, 107]],
     dtype=np.float64,
 )  # fmt: skip
-RED, GRID, INK, FAINT = (214, 39, 40), (235, 235, 235), (0, 0, 0), (150, 150, 150)
+RED, GRID, INK, FAINT, NOTE_INK = (214, 39, 40), (235, 235, 235), (0, 0, 0), (150, 150, 150), (90, 90, 90)
 
 
 def blues(values: np.ndarray) -> np.ndarray:
@@ -181,7 +188,10 @@ def can_draw() -> str | None:
     from PIL import features
 
     if not features.check("freetype2"):
-        return "this Pillow was built without FreeType, so the confusion picture is left out; install Pillow's wheel from PyPI to have it"
+        return (
+            "this Pillow was built without FreeType, so the confusion picture is left out; to have it, install "
+            f"Pillow's wheel from PyPI: {pip_install('--force-reinstall', '--only-binary', ':all:', 'pillow')}"
+        )
     return None
 
 
@@ -192,7 +202,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
             return ImageFont.truetype(name, size)
         except OSError:
             continue
-    return ImageFont.load_default(size=size)
+    # With a size, Pillow's own font is a FreeTypeFont too (FreeType is there: see can_draw).
+    return cast(ImageFont.FreeTypeFont, ImageFont.load_default(size=size))
 
 
 def _text_size(text: str, font) -> tuple[int, int]:
@@ -227,8 +238,9 @@ class Geometry(NamedTuple):
     height: int
 
 
-LIST_X = 150  # the pairs list starts this far right of the matrix
 BAR_X, BAR_W, BAR_MAX = 16, 22, 440  # the colour scale: gap from the matrix, width, most height
+CAPTION_X = 70  # the colour scale's caption (turned upright) is centred this far right of the scale
+LIST_GAP = 32  # from the caption to the list of confused pairs
 
 
 def geometry(fig: Figure, pad: int = 24) -> Geometry:
@@ -245,12 +257,19 @@ def geometry(fig: Figure, pad: int = 24) -> Geometry:
     left = max(pad + axis_h + 12 + row_w + 8, pad + (title_w - side) // 2)
     top = pad + title_h + 16 + (col_h if fig.columns_at_top else 0)
     list_w = max(_text_size(t, list_font)[0] for t in fig.pairs)
-    width = max(left + side + max(LIST_X + list_w, BAR_X + BAR_W + 120) + pad, left + (side + title_w) // 2 + pad)
+    # The list keeps twice the margin from the right edge: text there must not seem to touch it.
+    width = max(left + side + list_x() + list_w + 2 * pad, left + (side + title_w) // 2 + pad)
     below = max(side + col_h + axis_h + 12, bar_height(side), len(fig.pairs) * round(list_font.size * 1.45))
     return Geometry(left, top, side, col_h, width, top + below + pad)
 
 
 BAR_CAPTION = "fraction of the true class's images"
+
+
+def list_x() -> int:
+    """Where the list of confused pairs starts, right of the matrix: a gap after the scale's caption."""
+    ascent, descent = _font(13).getmetrics()
+    return BAR_X + CAPTION_X + (ascent + descent + 2) // 2 + LIST_GAP
 
 
 def bar_height(side: int) -> int:
@@ -288,12 +307,12 @@ def render(fig: Figure, pad: int = 24) -> Image.Image:
     for i, text in enumerate(fig.row_labels):
         draw.text((left - 6, top + (i + 0.5) * lay.cell), text, font=tick, fill=INK, anchor="rm")
     for j, text in enumerate(fig.column_labels):
-        x = left + (j + 0.5) * lay.cell
+        mid = left + (j + 0.5) * lay.cell
         if fig.columns_at_top:
-            _paste_text(canvas, (x, top + side + 4), text, tick, INK, 90, "end")
-            _paste_text(canvas, (x, top - 4), text, tick, INK, 90, "start")
+            _paste_text(canvas, (mid, top + side + 4), text, tick, INK, 90, "end")
+            _paste_text(canvas, (mid, top - 4), text, tick, INK, 90, "start")
         else:
-            _paste_text(canvas, (x, top + side + 6), text, tick, INK, 45, "end")
+            _paste_text(canvas, (mid, top + side + 6), text, tick, INK, 45, "end")
     _paste_text(canvas, (pad + axis_font.size / 2, top + side / 2), fig.y_label, axis_font, INK, 90, "middle")
     draw.text((left + side / 2, top + side + col_h + 6), fig.x_label, font=axis_font, fill=INK, anchor="mt")
     draw.text((left + side / 2, pad), fig.title, font=title_font, fill=INK, anchor="mt")
@@ -306,10 +325,10 @@ def render(fig: Figure, pad: int = 24) -> Image.Image:
         y = top + round((1 - v) * (bar_h - 1))
         draw.line([(bx + BAR_W, y), (bx + BAR_W + 4, y)], fill=INK)
         draw.text((bx + BAR_W + 7, y), f"{v:.1f}", font=_font(12), fill=INK, anchor="lm")
-    _paste_text(canvas, (bx + 70, top + bar_h / 2), BAR_CAPTION, _font(13), INK, 90, "middle")
+    _paste_text(canvas, (bx + CAPTION_X, top + bar_h / 2), BAR_CAPTION, _font(13), INK, 90, "middle")
     # The most confused pairs, right of the colour scale.
     for k, text in enumerate(fig.pairs):
-        draw.text((left + side + LIST_X, top + k * line_h), text, font=list_font, fill=INK)
+        draw.text((left + side + list_x(), top + k * line_h), text, font=list_font, fill=INK)
     return canvas
 
 
@@ -331,8 +350,34 @@ def per_class_markdown(confusion: Any, class_names: Sequence[str]) -> str:
     for i, name in rows:
         value = acc[name]
         shown = "n/a" if value is None else f"{value:.3f}"
-        lines.append(f"| {name.replace(PIPE, ESCAPED_PIPE)} | {shown} | {int(m[i].sum())} |")
+        lines.append(f"| {printable(name).replace(PIPE, ESCAPED_PIPE)} | {shown} | {int(m[i].sum())} |")
     return "\n".join(lines)
+
+
+# TensorBoard shows an image scaled to its card (about 350 px wide) until the user asks for its
+# actual size, where the picture's 14 px labels become 5 px. The note says where to ask, in
+# letters sized to the picture's width so that they stay readable at the card's size.
+VIEWING_NOTE = (
+    "To read it, show it at actual size:",
+    "Time Series: the image icon at the card's top right",
+    "Images tab: tick Show actual image size",
+)
+NOTE_WIDTH_SHARE = 0.9  # of the picture's width, for the note's longest line
+
+
+def with_viewing_note(image: Image.Image) -> Image.Image:
+    """`image` under a note on how to see it at its actual size in TensorBoard."""
+    widest = max(_text_size(line, _font(100))[0] for line in VIEWING_NOTE)
+    size = max(12, int(100 * NOTE_WIDTH_SHARE * image.width / widest))
+    line_h = round(size * 1.3)
+    canvas = Image.new("RGB", (image.width, image.height + line_h * len(VIEWING_NOTE) + size), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(VIEWING_NOTE):
+        draw.text(
+            (image.width / 2, size / 2 + k * line_h), line, font=_font(size), fill=NOTE_INK if k else INK, anchor="mt"
+        )
+    canvas.paste(image, (0, canvas.height - image.height))
+    return canvas
 
 
 def log_confusion(writer: Any, confusion: Any, class_names: Sequence[str], step: int, tag: str = "test") -> str | None:
@@ -342,7 +387,7 @@ def log_confusion(writer: Any, confusion: Any, class_names: Sequence[str], step:
     m = _matrix(confusion, class_names)
     missing = can_draw()
     if missing is None:
-        rgb = np.asarray(render(confusion_figure(m, class_names)))
+        rgb = np.asarray(with_viewing_note(render(confusion_figure(m, class_names))))
         writer.add_image(f"{tag}/confusion_matrix", rgb, step, dataformats="HWC")
     writer.add_text(f"{tag}/per_class_accuracy", per_class_markdown(m, class_names), step)
     pairs = most_confused(m, class_names)

@@ -23,9 +23,9 @@ from typing import Any
 from PIL import Image
 
 from ec2train.data import IMAGE_EXTS, DataError
-from ec2train.export import atomic_write, atomic_write_json
-from ec2train.hw import available_cpus
+from ec2train.files import atomic_write, atomic_write_json
 from ec2train.preprocess import ImageDecodeError, load_rgb
+from ec2train.threads import available_cpus
 
 MARKER = ".ec2train-prepared.json"
 FORMAT = "ec2train.prepared/1"

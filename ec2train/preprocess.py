@@ -262,25 +262,30 @@ def load_rgb(
     chunks) from the markers, before decoding. `formats` limits which Pillow decoders may run.
     With `min_side`, the image comes back with its short side between min_side and twice that
     when it was larger: JPEGs are decoded at reduced scale (DCT scaling via Pillow's draft mode:
-    1/2, 1/4 or 1/8), other formats reduced (box filter, by a whole factor) right after decoding. For a 12 MP photo
-    and a 224 px model this is several times faster and visually equivalent after resize.
+    1/2, 1/4 or 1/8), other formats reduced (box filter, by a whole factor) right after decoding.
+    For a 12 MP photo and a 224 px model this is several times faster and visually equivalent
+    after resize.
     With `budget`, the decode's memory (decode_bytes) is held there while it runs: MemoryBusy if
     it does not fit.
     """
     refuse_decompression_bombs()
     try:
-        if not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
-            source = source.read()  # a file object: its bytes, which the structure check reads
-        in_memory = isinstance(source, (bytes, bytearray, memoryview))
-        with Image.open(io.BytesIO(source) if in_memory else source, formats=list(formats)) as img:
-            full_size = img.size
-            _check_size(*full_size, max_pixels)
-            problem = structure_problem(img.format, source if in_memory else Path(source).read_bytes())
+        # In memory (a file object is read: the structure check needs its bytes), or a path.
+        path, data = None, None
+        if isinstance(source, (str, Path)):
+            path = source
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            data = source
+        else:
+            data = source.read()
+        with Image.open(io.BytesIO(data) if data is not None else source, formats=list(formats)) as img:
+            w, h = full_size = img.size
+            _check_size(w, h, max_pixels)
+            problem = structure_problem(img.format, data if data is not None else Path(str(path)).read_bytes())
             if problem:
                 raise ImageDecodeError(problem)
             # Scaled DCT decodes at 1/2, 1/4 or 1/8 only, so it helps once the short side is at
             # least twice min_side; draft() never goes below the requested size.
-            w, h = full_size
             if min_side and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:
                 scale = min_side / min(w, h)
                 img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))

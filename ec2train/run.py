@@ -1,7 +1,10 @@
-"""A training run on a cloud box: loop.fit wrapped with what the cloud adds.
+"""The one wrapper every training path goes through (`ec2train fit`, tune's trials and
+--then-fit, and unattended jobs, whose runner starts `ec2train fit`): loop.fit plus what the
+cloud adds.
 
 - remote resume: a checkpoint in S3 (--resume s3://..., or --resume auto with --s3-uri on a
-  fresh instance) is downloaded into --output first, so fit only ever reads local files;
+  fresh instance) is downloaded into --output first (checkpoint.Resume decides), so fit only
+  ever reads local files;
 - the S3 mirror (s3.RunSync, rank 0): the output folder and TensorBoard logs every epoch,
   flushed at exit;
 - stopping cleanly: a spot interruption notice (spot.SpotWatcher) or SIGTERM (docker stop,
@@ -14,7 +17,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import ddp, s3
-from ec2train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, resume_mode
+from ec2train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, Resume
 from ec2train.config import TrainConfig
 from ec2train.errors import UserError
 from ec2train.loop import FitResult, fit
@@ -121,36 +123,14 @@ class StopOnSignals:
             self._announcer.join(timeout=5)
 
 
-def fetch_remote_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> TrainConfig:
-    """Download the S3 checkpoint this run resumes from (with its model.pth) into --output.
-
-    Done by the processes that read a checkpoint (rank 0, and each node's local rank 0 in auto
-    mode, see checkpoint.agreed_checkpoint); returns cfg with --resume pointing at the local copy.
-    """
-    env, torchrun = ddp.env_from(), ddp.under_torchrun()
-    mode = resume_mode(cfg.resume, torchrun)
-    if not (env.is_main or (mode == "auto" and env.local_rank == 0)):
-        return cfg
-    output = Path(cfg.output)
-    if mode.startswith("s3://"):
-        say(f"downloading {mode} into {output}")
-        return dataclasses.replace(cfg, resume=str(s3.download_run(mode, output)))
-    if mode == "auto" and cfg.s3_uri and not (output / CHECKPOINT_FILE).is_file():
-        found = s3.find_checkpoint(cfg.s3_uri)
-        if found:
-            say(f"no {CHECKPOINT_FILE} in {output}: downloading {found}")
-            s3.download_run(found, output)
-    return cfg
-
-
-def _open_sync(cfg: TrainConfig, say: Callable[[str], None]) -> s3.RunSync | None:
+def _open_sync(cfg: TrainConfig, resume: Resume, say: Callable[[str], None]) -> s3.RunSync | None:
     if cfg.kms_key and not cfg.s3_uri:
         raise UserError("--kms-key encrypts what --s3-uri uploads; add --s3-uri s3://bucket/prefix")
     if not (cfg.s3_uri and ddp.env_from().is_main):
         return None
     sync = s3.RunSync(cfg.s3_uri, cfg.output, cfg.logdir, cfg.kms_key or None, log=say)
     try:
-        sync.preflight(cfg.resume, ddp.under_torchrun())
+        resume.refuse_overwrite(sync.preflight())
     except BaseException:
         sync.uploader.close()
         raise
@@ -164,27 +144,32 @@ def fit_run(
     spot_watch: str = "auto",
     spot_poll_seconds: float = 5.0,
     should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """loop.fit with remote resume, the S3 mirror, and the spot/SIGTERM/Ctrl-C stop (see module doc).
 
-    interrupted=True in the result: a notice, SIGTERM or should_stop stopped it; the last
-    completed epoch's checkpoint is on disk (and in S3, uploaded before this returns).
+    interrupted=True in the result: a notice, SIGTERM or should_stop stopped it (stopped_by says
+    which); the last completed epoch's checkpoint is on disk (and in S3, uploaded before this
+    returns). on_epoch(epoch, record): fit's hook, called after the epoch's files are queued for S3.
     Ctrl-C stops the same way, then raises StoppedByCtrlC (a KeyboardInterrupt); a second
     Ctrl-C raises KeyboardInterrupt at once.
     """
-    say = console.print if (console is not None and ddp.env_from().is_main) else (lambda msg: None)
-    sync = _open_sync(cfg, say)
+    env = ddp.env_from()
+    say = console.print if (console is not None and env.is_main) else (lambda msg: None)
+    resume = Resume.of(cfg)
+    sync = _open_sync(cfg, resume, say)
     watcher = SpotWatcher(spot_watch, spot_poll_seconds, log_line=say)
     with StopOnSignals(say) as signals:
         try:
-            cfg = fetch_remote_checkpoint(cfg, say)
+            resume = resume.fetch_remote(env, say)
             watcher.start()
             stops = [watcher.should_stop, signals.received, *([should_stop] if should_stop else [])]
             result = fit(
                 cfg,
                 console=console,
                 should_stop=lambda: any(f() for f in stops),
-                on_epoch=sync.on_epoch if sync else None,
+                on_epoch=_in_turn(sync.on_epoch if sync else None, on_epoch),
+                resume=resume,
             )
         except BaseException as exc:
             if sync is not None:
@@ -197,12 +182,26 @@ def fit_run(
             watcher.stop()
         _finish_sync(sync, result, say, signals.ctrl_c)
     if result.interrupted:
+        result.stopped_by = _stop_cause(watcher, signals.signum)
         say(_stopped_line(cfg, result, watcher, signals.signum, sync))
     if signals.ctrl_c:
         if not result.interrupted:
             say(f"Ctrl-C came after the last training step: the run had finished; its model is {result.model_path}")
         raise StoppedByCtrlC(result)
     return result
+
+
+def _in_turn(*hooks: Callable[[int, dict[str, Any]], None] | None) -> Callable[[int, dict[str, Any]], None] | None:
+    """One on_epoch hook that calls the given ones in order (None when none is given)."""
+    given = [h for h in hooks if h is not None]
+    if not given:
+        return None
+
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        for hook in given:
+            hook(epoch, record)
+
+    return on_epoch
 
 
 def _finish_sync(sync: s3.RunSync | None, result: FitResult, say: Callable[[str], None], ctrl_c: bool) -> None:
@@ -220,17 +219,21 @@ def _finish_sync(sync: s3.RunSync | None, result: FitResult, say: Callable[[str]
     )
 
 
+def _stop_cause(watcher: SpotWatcher, signum: int | None) -> str:
+    """What stopped fit: a notice, a signal, or a request from elsewhere."""
+    if watcher.notice:
+        return f"a spot interruption notice ({watcher.notice.action} at {watcher.notice.time})"
+    if signum is not None:
+        return "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    return "a stop request (a spot notice or SIGTERM seen by another process, or the caller's should_stop)"
+
+
 def _stopped_line(cfg: TrainConfig, result: FitResult, watcher: SpotWatcher, signum: int | None, sync) -> str:
     done = len(result.history)
     where = sync.prefix.child(CHECKPOINT_FILE) if sync else Path(cfg.output) / CHECKPOINT_FILE
     notice = watcher.notice
     took = f" in {time.monotonic() - notice.seen_at:.1f} s" if notice else ""
-    if notice:
-        what = f"a spot interruption notice ({notice.action} at {notice.time})"
-    elif signum is not None:
-        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    else:
-        what = "a stop request (a spot notice or SIGTERM seen by another process, or the caller's should_stop)"
+    what = result.stopped_by
     kept = (
         f"the checkpoint of epoch {done} is in {where}"
         if done

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import aws
-from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE, RUN_FILES
 from ec2train.errors import UserError
-from ec2train.model import read_model_file
+
+# ec2train.checkpoint and ec2train.model (torch, torchvision: seconds) are imported inside the
+# functions that need them too: the job runner and `ec2train job status` use this module only
+# for small files.
 
 # boto3, botocore and s3transfer are imported inside functions: run.py imports this module for
 # every fit, and a fit without --s3-uri must not pay for them.
@@ -105,7 +107,7 @@ def _s3(client: Any | None) -> Any:
 # ---------------------------------------------------------------- errors
 
 
-def _client_error(exc: BaseException) -> Any | None:
+def _client_error(exc: BaseException | None) -> Any | None:
     """The botocore ClientError behind exc (boto3's transfer layer wraps it), if any."""
     from botocore.exceptions import ClientError
 
@@ -397,6 +399,8 @@ def download_prefix(
 
 def find_checkpoint(s3_uri: str | S3Uri, *, client: Any | None = None) -> str | None:
     """s3://.../last.pt under the run prefix, or None when there is none yet."""
+    from ec2train.checkpoint import CHECKPOINT_FILE
+
     prefix = s3_uri if isinstance(s3_uri, S3Uri) else parse_uri(s3_uri)
     target = prefix.child(CHECKPOINT_FILE)
     for o in list_objects(_s3(client), target, prefix):
@@ -408,6 +412,8 @@ def find_checkpoint(s3_uri: str | S3Uri, *, client: Any | None = None) -> str | 
 def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any | None = None) -> Path:
     """Fetch a run's checkpoint into dest/last.pt, and its model.pth beside it when there is one,
     so a fresh instance's output folder is complete. Returns the local checkpoint."""
+    from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE
+
     uri = (
         checkpoint_uri
         if isinstance(checkpoint_uri, S3Uri)
@@ -424,6 +430,8 @@ def download_run(checkpoint_uri: str | S3Uri, dest: str | Path, *, client: Any |
 
 def export_to_s3(model_path: str | Path, s3_uri: str, kms_key: str | None = None) -> S3Uri:
     """Upload a model file (checked first) to s3_uri: a key ending in .pth, or a prefix (then prefix/model.pth)."""
+    from ec2train.model import MODEL_FILE, read_model_file
+
     read_model_file(model_path)
     uri = parse_uri(s3_uri)
     target = uri if uri.key.endswith(".pth") else uri.child(MODEL_FILE)
@@ -554,16 +562,10 @@ class RunSync:
         self.uploader = BackgroundUploader(kms_key, client=client, log=self._log)
         self._client = client
 
-    def preflight(self, resume: str, torchrun: bool) -> str | None:
-        """Check the bucket answers now (not after the first epoch) and refuse to silently
-        overwrite another run's checkpoint when no --resume was given. Returns that checkpoint."""
-        existing = find_checkpoint(self.prefix, client=self._client)
-        if existing and not resume and not torchrun:
-            raise S3Error(
-                f"{existing} already holds a run's checkpoint: continue it with --resume auto, "
-                "or start over with --resume never (overwrites it) or another --s3-uri"
-            )
-        return existing
+    def preflight(self) -> str | None:
+        """Check the bucket answers now (not after the first epoch); returns the run checkpoint
+        already under the prefix, if any (checkpoint.Resume decides whether it may be overwritten)."""
+        return find_checkpoint(self.prefix, client=self._client)
 
     def _own_event_files(self) -> list[Path]:
         """TensorBoard files this process writes (their names carry host and pid)."""
@@ -575,6 +577,8 @@ class RunSync:
             sorted(run_dir.rglob("events.out.tfevents.*")) if run_dir and run_dir.is_dir() else self._own_event_files()
         )
         files = [(p, self.prefix.child(f"{RUNS_PREFIX}/{p.relative_to(self.logdir).as_posix()}")) for p in events]
+        from ec2train.checkpoint import RUN_FILES
+
         files += [(self.output / name, self.prefix.child(name)) for name in RUN_FILES if (self.output / name).is_file()]
         return files
 

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import hw
+from ec2train import threads as thread_plans
 from ec2train.batching import Batcher, BatchStats
-from ec2train.errors import UserError
+from ec2train.errors import UserError, pip_install
 from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
     JSON_TYPE,
@@ -63,7 +64,7 @@ def _require_serve_deps():
     except ImportError as exc:
         raise UserError(
             f"the local server needs starlette and uvicorn ({exc.name} is missing); "
-            "install them with: pip install 'ec2train[serve]'"
+            f"install them with: {pip_install('ec2train[serve]')}"
         ) from None
     return uvicorn
 
@@ -167,7 +168,7 @@ class _Service:
     def __init__(
         self,
         model_path: str | Path,
-        plan: hw.ThreadPlan,
+        plan: thread_plans.ThreadPlan,
         loader: Callable[[], Predictor],
         *,
         max_batch: int,
@@ -198,7 +199,7 @@ class _Service:
     def load_model(self) -> Predictor:
         import torch
 
-        hw.apply_threads(self.plan)
+        thread_plans.apply_threads(self.plan)
         log.info("%s; torch.get_num_threads() = %d", self.plan.describe(), torch.get_num_threads())
         predictor = self.loader()
         predictor.budget = self.budget
@@ -377,10 +378,12 @@ def _require_compiler() -> None:
         )
 
 
-def _thread_plan(threads: int | None, procs: int) -> hw.ThreadPlan:
-    """This server process's threads (hw.serve_thread_plan): its share of the box's cores (one of
+def _thread_plan(threads: int | None, procs: int) -> thread_plans.ThreadPlan:
+    """This server process's threads (threads.serve_thread_plan): its share of the box's cores (one of
     `procs` workers), one decode thread, and the lanes that share the rest; --threads wins."""
-    return hw.serve_thread_plan(hw.available_cpus(), procs, threads or 0, hw.launcher_share_from_env())
+    return thread_plans.serve_thread_plan(
+        thread_plans.available_cpus(), procs, threads or 0, thread_plans.launcher_share_from_env()
+    )
 
 
 def _prepare(predictor: Predictor, body: bytes, content_type: str | None, attributes: str | None, max_bytes: int):

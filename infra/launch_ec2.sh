@@ -27,6 +27,8 @@ Options:
   --type TYPE           instance type (default: g4dn.xlarge; e.g. g5.xlarge, g5.12xlarge)
   --count N             number of nodes (default: 1). N > 1 adds a cluster placement group,
                         lets the nodes reach each other, and prints a torchrun line per node
+                        for you to run. For unattended training on N nodes that ends itself
+                        and survives losing any of them: ec2train job submit NAME --nodes N
   --spot                one-time spot instances, terminated on interruption
                         (pair with 'ec2train fit --resume auto')
   --disk-gb GB          encrypted gp3 root volume size (default: 100)
@@ -130,8 +132,33 @@ REGION_ARG=${REGION:+ --region $REGION}
 STACK=ec2train-$NAME   # the name of the role, instance profile, security group, placement group
 TEARDOWN="infra/teardown.sh --name $NAME$REGION_ARG"
 
+# What the dry run says first: what is created, what it costs per hour, the worst case.
+dry_run_summary() {
+  local nodes="1 instance" market="" cluster="" prices spot_arg=()
+  ((COUNT > 1)) && nodes="$COUNT instances" cluster=", all traffic between its members; a cluster placement group"
+  ((SPOT)) && market="one-time spot " spot_arg=(--spot)
+  echo "# summary of stack $NAME:"
+  echo "# creates    role and instance profile $STACK (reaching $S3_URI/ only), security group $STACK"
+  echo "#            (SSH from your /32$cluster), $COUNT ${market}$TYPE ${nodes#* }"
+  if prices=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m ec2train.job.cost --type "$TYPE" \
+    --count "$COUNT" --disk-gb "$DISK_GB" ${spot_arg[@]+"${spot_arg[@]}"} 2>/dev/null); then
+    printf '%s\n' "$prices" | sed 's/^/# /'
+  else
+    echo "# price      unknown here (no Python with ec2train's dependencies); see https://aws.amazon.com/ec2/pricing/"
+  fi
+  if ((AUTOSTOP)); then
+    echo "# ends       when you run $TEARDOWN, or powers off after $AUTOSTOP idle minutes"
+  else
+    echo "# ends       only when you run $TEARDOWN (no end time: add --autostop MINUTES)"
+  fi
+  if ((COUNT > 1)); then
+    echo "# unattended training on $COUNT nodes that ends itself and survives losing one: ec2train job submit $NAME --nodes $COUNT"
+  fi
+}
+
 if ((DRY_RUN)); then
   echo "# dry run: the AWS CLI calls launch_ec2.sh would make; <...> are values earlier calls return"
+  dry_run_summary
 else
   check_aws_cli_and_credentials
 fi
@@ -351,6 +378,10 @@ if ((COUNT > 1)); then
   echo
   echo "Multi-node: on every node run 'ec2train data fetch --dest $DATA_DIR', then its torchrun line."
   echo "(All nodes meet at node 0's rendezvous $RDZV; ranks are assigned there.)"
+  echo "Unattended instead (no SSH; it ends itself and resumes after losing any node):"
+  JOB_SPOT=""
+  ((SPOT)) && JOB_SPOT=" --spot"
+  echo "  ec2train job submit $NAME --nodes $COUNT --type $TYPE$JOB_SPOT --s3-uri $S3_URI --data s3://BUCKET/dogImages.zip -- fit --epochs 5"
   for i in "${!NODE_ID[@]}"; do
     echo "node $i: $SSH $SSH_USER@${NODE_HOST[$i]}"
     echo "  NCCL_SOCKET_IFNAME='^lo,docker' NCCL_IB_DISABLE=1 torchrun --nnodes $COUNT --nproc-per-node gpu --rdzv-backend c10d --rdzv-endpoint $RDZV --rdzv-id $NAME -m ${FIT}"

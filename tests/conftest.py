@@ -4,6 +4,7 @@ session's environment. Shared code that is not a fixture lives in tests/support/
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.support.aws import reset_moto, start_moto_server
+from tests.support.aws import ImdsServer, reset_moto, start_moto_server
 from tests.support.paths import ROOT
 from tests.support.training import TINY_FIT
 
@@ -49,6 +50,37 @@ def aws(moto_server, monkeypatch):
     reset_moto(moto_server)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     return moto_server
+
+
+@pytest.fixture
+def imds(monkeypatch):
+    """start(notice_when=..., **slow) -> a real IMDSv2 server on 127.0.0.1 (tests.support.aws.ImdsServer);
+    the SDKs' metadata lookups, which the session switches off, are back on for the test."""
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+    servers = []
+
+    def start(notice_when=lambda: False, **slow):
+        servers.append(ImdsServer(notice_when, **slow))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root and a kernel that lets us mount); skipped where it cannot
+    be mounted, so each test that takes it has a companion that raises ENOSPC by hand."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)  # lazy: a failed torch.save may hold its fd a while
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +144,7 @@ def wheel(tmp_path_factory):
 # The longest files (pytest --durations), started first: under pytest-xdist (`make test`,
 # --dist loadfile) a long file that starts last runs alone at the end while the other workers idle.
 SLOW_FIRST = (
+    "test_job_multinode.py",
     "test_job_runner.py",
     "test_infra.py",
     "test_spot.py",
@@ -122,10 +155,23 @@ SLOW_FIRST = (
     "test_serve_limits.py",
     "test_ctrl_c.py",
     "test_s3.py",
+    "test_gpu_loader.py",
     "test_job_parts.py",
 )
 
 
+# What a `fast` test may ask for (besides its parameters): nothing that trains, serves or starts a
+# server. `pytest -m fast` (the inner loop, under a minute) stays fast as tests are added.
+FAST_FIXTURES = {"tmp_path", "tmp_path_factory", "monkeypatch", "capsys", "capfd", "caplog", "recwarn", "request"}
+FAST_FIXTURES |= {"one_thread", "one_torch_thread"}
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("fast"):
+            params = set(getattr(getattr(item, "callspec", None), "params", {}))
+            heavy = set(item.fixturenames) - params - FAST_FIXTURES
+            if heavy:
+                raise pytest.UsageError(f"{item.nodeid} is marked fast but asks for {sorted(heavy)}")
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

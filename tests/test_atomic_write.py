@@ -6,14 +6,13 @@ import contextlib
 import errno
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from ec2train.errors import UserError
-from ec2train.export import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from ec2train.files import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 
 
 @contextlib.contextmanager
@@ -25,6 +24,7 @@ def umask(mask: int):
         os.umask(old)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_follow_the_umask(tmp_path, mask, mode):
     with umask(mask):
@@ -37,20 +37,6 @@ def test_written_files_follow_the_umask(tmp_path, mask, mode):
         plain.write_text("x")  # what any other program would create
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode), f
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 1 MiB tmpfs (needs root and a kernel that lets us mount)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; test_full_disk_from_any_writer_is_one_line covers the logic")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)  # lazy: a failed torch.save may hold its fd a while
 
 
 def test_torch_save_on_a_real_full_disk_is_one_line(tiny_disk):
@@ -72,6 +58,7 @@ def _fill_then_fail(exc: BaseException):
     return write
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "exc", [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")]
 )
@@ -81,6 +68,7 @@ def test_full_disk_from_any_writer_is_one_line(tmp_path, exc):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_torch_style_failure_is_disk_full_only_when_the_disk_is(tmp_path, monkeypatch):
     import shutil
 
@@ -94,7 +82,7 @@ def test_torch_style_failure_is_disk_full_only_when_the_disk_is(tmp_path, monkey
 
 
 def test_background_writer_keeps_order_and_reports_a_full_disk_at_wait(tmp_path, tiny_disk):
-    from ec2train.export import BackgroundWriter
+    from ec2train.files import BackgroundWriter
 
     saver = BackgroundWriter()
     order = []
@@ -112,6 +100,7 @@ def test_background_writer_keeps_order_and_reports_a_full_disk_at_wait(tmp_path,
     assert not (tiny_disk / "again.pth").exists()
 
 
+@pytest.mark.fast
 def test_checkpoint_payload_is_a_snapshot_that_training_does_not_change():
     from ec2train.checkpoint import Trainables, TrainState, checkpoint_payload
 
@@ -139,7 +128,7 @@ def test_saves_are_whole_files_in_order_in_either_mode_and_a_full_disk_is_one_li
     too."""
     import threading
 
-    from ec2train.export import BackgroundWriter
+    from ec2train.files import BackgroundWriter
 
     saver, out = BackgroundWriter(background), tmp_path / "out"
     pickled_in = []
@@ -166,11 +155,12 @@ def test_saves_are_whole_files_in_order_in_either_mode_and_a_full_disk_is_one_li
     saver.close()
 
 
+@pytest.mark.fast
 def test_a_checkpoint_stores_weights_the_best_epoch_shares_once(tmp_path):
     """A frozen backbone is the same in the best and the last epoch: last.pt holds it once,
     and a loaded checkpoint restores both exactly."""
     from ec2train.checkpoint import Trainables, TrainState, checkpoint_payload
-    from ec2train.export import atomic_torch_save
+    from ec2train.files import atomic_torch_save
 
     net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 2))  # [0]: "backbone", [1]: head
     net[0].weight.requires_grad_(False)
@@ -196,6 +186,7 @@ def test_a_checkpoint_stores_weights_the_best_epoch_shares_once(tmp_path):
     assert not torch.equal(loaded["model"]["1.weight"], best_head)
 
 
+@pytest.mark.fast
 def test_the_snapshot_copies_what_training_changes_and_takes_frozen_weights_as_they_are():
     from ec2train.checkpoint import Trainables, TrainState, checkpoint_payload
 
@@ -221,6 +212,7 @@ def test_the_snapshot_copies_what_training_changes_and_takes_frozen_weights_as_t
     assert copied["optimizer"]["state"][0]["momentum_buffer"].data_ptr() != momentum.data_ptr()
 
 
+@pytest.mark.fast
 def test_a_resumed_optimizer_keeps_this_machines_update_kernel():
     """optimizer.load_state_dict brings back the saving run's fused/foreach flags: a checkpoint
     from a foreach run (or a torch without fused CPU kernels) resumes with this run's choice."""

@@ -27,6 +27,7 @@ def fit_err(capsys, data, tmp_path, *extra):
     )
 
 
+@pytest.mark.fast
 def test_missing_data_folder(capsys, tmp_path):
     assert_one_line_error(*fit_err(capsys, tmp_path / "nope", tmp_path)[:3:2], "does not exist", "data fetch")
 

@@ -26,6 +26,7 @@ def joined(advice: list[str]) -> str:
     return " | ".join(advice)
 
 
+@pytest.mark.fast
 def test_input_bound_with_big_images_and_a_frozen_backbone():
     bound, advice = verdict(150, 900, 140, **{**BASE, "frozen": True, "median_short_side": 1200})
     assert bound == "input pipeline"
@@ -34,6 +35,7 @@ def test_input_bound_with_big_images_and_a_frozen_backbone():
     assert "more loader workers" not in joined(advice)  # 3 workers of 4 CPUs already
 
 
+@pytest.mark.fast
 def test_input_bound_with_idle_cpus_asks_for_workers_not_prepare():
     bound, advice = verdict(150, 900, 140, **{**BASE, "workers": 0, "cpus": 8, "median_short_side": 300})
     assert bound == "input pipeline"
@@ -42,6 +44,7 @@ def test_input_bound_with_idle_cpus_asks_for_workers_not_prepare():
     assert "--cache-features" not in joined(advice)  # the backbone trains: features change
 
 
+@pytest.mark.fast
 def test_step_bound_on_a_gpu_without_amp_asks_for_amp_first():
     bound, advice = verdict(2000, 300, 290, **{**BASE, "amp": "off", "channels_last": False})
     assert bound == "training step"
@@ -49,12 +52,14 @@ def test_step_bound_on_a_gpu_without_amp_asks_for_amp_first():
     assert "GPU instance" not in joined(advice)
 
 
+@pytest.mark.fast
 def test_step_bound_on_cpu_says_use_a_gpu():
     bound, advice = verdict(400, 20, 19, **{**BASE, "device_type": "cpu", "amp": "off"})
     assert bound == "training step"
     assert "GPU instance" in advice[0] and "--amp" not in joined(advice)
 
 
+@pytest.mark.fast
 def test_poor_overlap_is_called_out():
     _, advice = verdict(400, 300, 100, **BASE)
     assert "well below both" in advice[-1]
@@ -69,9 +74,22 @@ def small_data(tmp_path_factory) -> Path:
     )  # 24 images: whole batches of 4
 
 
+def test_input_bound_with_a_faster_gpu_loader_advises_it_after_the_feature_cache():
+    bound, advice = verdict(150, 900, 140, **{**BASE, "frozen": True}, gpu_loader_ips=600)
+    assert bound == "input pipeline"
+    assert "--cache-features" in advice[0] and advice[1].startswith("--loader gpu")
+    assert "600 img/s here against 150" in advice[1]
+    _, advice = verdict(150, 900, 140, **BASE, gpu_loader_ips=160)  # not clearly faster: not advised
+    assert "--loader gpu" not in joined(advice)
+
+
 def test_bench_measures_fit_parts_on_real_data(small_data: Path):
     r = bench(small_data, arch="resnet18", batch_size=4, workers=0, device="cpu", image_size=32, steps=3)
     assert r.pipeline_ips > 0 and r.step_ips > 0 and r.end_to_end_ips > 0
+    assert set(r.loaders) == {"cpu", "gpu"} and all(
+        x.pipeline_ips > 0 and x.end_to_end_ips > 0 for x in r.loaders.values()
+    )
+    assert r.loader == "cpu" and r.loader_why == "cpu loader: no GPU"  # what fit --loader auto uses here
     assert r.device == "cpu" and r.amp == "off" and r.frozen
     assert r.median_short_side == 48
     assert r.bound in ("input pipeline", "training step") and r.advice
@@ -98,10 +116,19 @@ def test_bench_cli_prints_the_three_rates_and_the_verdict(capsys, small_data: Pa
     )
     assert code == 0
     text = " ".join(out.split())
-    for row in ("input pipeline alone", "training step alone", "end to end", "bound by the"):
+    for row in (
+        "input pipeline alone (cpu loader: workers decode + transform)",
+        "input pipeline alone (gpu loader: cpu decodes + transforms)",
+        "training step alone",
+        "end to end, cpu loader",
+        "end to end, gpu loader",
+        "fit --loader auto here: cpu loader: no GPU",
+        "bound by the",
+    ):
         assert row in text
 
 
+@pytest.mark.fast
 def test_bench_bad_data_is_a_one_line_error(capsys, tmp_path: Path):
     code, _, err = cli_in_process(capsys, "bench", "--data", tmp_path / "missing")
     assert_one_line_error(code, err, "does not exist")
@@ -153,6 +180,7 @@ def test_busy_spinners_run_for_the_duration_and_stop():
     assert busy_levels(1) == [0, 1] and busy_levels(0) == [0]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.py")))
 def test_every_benchmark_script_imports(script, monkeypatch):
     # The benchmarks are not run by the tests (they take minutes), so a name moved inside
@@ -168,4 +196,16 @@ def test_every_benchmark_script_imports(script, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     runs = 'if __name__ == "__main__":' in (bench_dir / script).read_text()
-    assert runs != (script == "_common.py")  # a script runs only as a script; the shared module never
+    assert runs != script.startswith("_")  # a script runs only as a script; shared modules (_*.py) never
+
+
+def test_bench_leaves_out_the_gpu_loader_where_torchvision_cannot_decode_on_the_device():
+    from ec2train.errors import UserError
+    from ec2train.perf import _decodable
+
+    notes: list[str] = []
+    assert _decodable(("cpu", "gpu"), "cuda:0", notes.append) == ("cpu",)  # no CUDA here: the probe fails
+    assert notes and notes[0].startswith("gpu loader left out: torchvision cannot decode JPEGs on cuda:0")
+    with pytest.raises(UserError, match="--loader gpu: torchvision cannot decode JPEGs on cuda:0"):
+        _decodable(("gpu",), "cuda:0", notes.append)
+    assert _decodable(("cpu", "gpu"), "cpu", notes.append) == ("cpu", "gpu")

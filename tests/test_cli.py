@@ -14,7 +14,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from ec2train.cli import app, main
-from ec2train.cli._app import Amp, Device, Optim
+from ec2train.cli._app import Amp, Compile, Device, Optim
 from ec2train.config import AMP_MODES, DEVICES, FIELDS, OPTIMIZERS, ConfigError, resolve
 from tests.support.cli import assert_one_line_error, cli_in_process, run_cli
 from tests.support.training import TINY_FIT
@@ -34,6 +34,7 @@ ROOT = get_command(app)
 COMMANDS = dict(_commands(ROOT))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
 def test_help_at_80_columns_shows_every_option_name_whole(path):
     res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
@@ -46,6 +47,7 @@ def test_help_at_80_columns_shows_every_option_name_whole(path):
                 assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", res.output), (name, res.output)
 
 
+@pytest.mark.fast
 def test_a_misspelt_option_suggests_the_closest_one_only(capsys):
     code, _, err = cli_in_process(capsys, "fit", "--epoch", "3")
     assert code == 2 and "--epochs" in err, err
@@ -54,6 +56,7 @@ def test_a_misspelt_option_suggests_the_closest_one_only(capsys):
     assert code == 2 and "--name" in err, err
 
 
+@pytest.mark.fast
 def test_option_help_shows_the_dataclass_defaults():
     """Each fit option that is a TrainConfig field states that field's default, written once."""
     fit = COMMANDS[("fit",)]
@@ -73,11 +76,27 @@ def test_option_help_shows_the_dataclass_defaults():
     assert checked >= 25
 
 
+@pytest.mark.fast
+def test_every_training_setting_is_a_fit_option():
+    """TrainConfig is the one list of settings: fit offers each of them (momentum included)."""
+    names = {param.name for param in COMMANDS[("fit",)].params}
+    assert set(FIELDS) <= names, sorted(set(FIELDS) - names)
+    with pytest.raises(ConfigError, match="--momentum 1.0: must be in"):
+        resolve(momentum=1.0)
+
+
+@pytest.mark.fast
 def test_choice_options_offer_what_validate_accepts():
     for enum, allowed in ((Amp, AMP_MODES), (Device, DEVICES), (Optim, OPTIMIZERS)):
         assert tuple(e.value for e in enum) == allowed
     with pytest.raises(ConfigError, match="auto, fp16, bf16, off"):
         resolve(amp="fp8")
+    # Written twice because hw (torch; shipped in the SageMaker package without config.py) cannot
+    # import config, nor the CLI's --help hw: the copies agree.
+    from ec2train import hw
+    from ec2train.config import LOADERS
+
+    assert hw.LOADER_MODES == LOADERS and tuple(e.value for e in Compile) == hw.COMPILE_MODES
 
 
 def test_archs_prints_columns_that_fit_the_terminal():
@@ -90,6 +109,7 @@ def test_archs_prints_columns_that_fit_the_terminal():
     assert sorted(res.stdout.split()) == sorted(classification_archs())
 
 
+@pytest.mark.fast
 def test_nproc_per_node_relays_the_arguments_main_was_given(monkeypatch, capsys):
     """main(argv) in a process whose sys.argv says something else: torchrun gets argv's fit options."""
     import ec2train.cli.train as train_cli
@@ -125,12 +145,12 @@ def test_fit_summary_lists_last_pt_and_predict_calls_it_a_checkpoint(capsys, dem
 
 QUICK_EXIT = """
 import atexit, sys, threading, time
-from ec2train.cli import run
+from ec2train.cli import program
 atexit.register(lambda: print("atexit ran", flush=True))
 if sys.argv[1] == "thread":  # a thread Python waits for: the exit must wait too
     threading.Thread(target=lambda: (time.sleep(1), print("thread done", flush=True))).start()
 sys.argv = ["ec2train", *sys.argv[2:]]
-run()
+program()
 print("not reached")
 """
 
@@ -165,7 +185,7 @@ def test_output_lost_at_exit_is_not_a_success():
 
 def test_console_script_entry_point_is_the_package_main():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert 'ec2train = "ec2train.cli:run"' in text
+    assert 'ec2train = "ec2train.cli:program"' in text
     res = subprocess.run(
         [sys.executable, "-c", "from ec2train.cli import main; main(['--help'])"],
         capture_output=True,
@@ -175,6 +195,7 @@ def test_console_script_entry_point_is_the_package_main():
     assert res.returncode == 0 and "fit" in res.stdout and "deploy" in res.stdout, res.stderr
 
 
+@pytest.mark.fast
 def test_heavy_imports_pause_the_collector_then_freeze_what_they_built():
     import gc
 

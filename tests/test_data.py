@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -26,10 +29,12 @@ from ec2train.data import (
     scan_split,
     start_workers,
 )
+from ec2train.errors import UserError
 from ec2train.preprocess import eval_transform, train_transform
 from tests.support.cli import assert_one_line_error, cli_in_process
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "folder,name",
     [
@@ -44,6 +49,7 @@ def test_class_names_are_human(folder, name):
     assert class_name(folder) == name
 
 
+@pytest.mark.fast
 def test_demo_data_layout_and_idempotence(tmp_path):
     root = make_demo_dataset(tmp_path / "d", classes=3, per_class=8, size=32)
     report = check_dataset(root, decode=True)
@@ -62,6 +68,7 @@ def test_demo_data_layout_and_idempotence(tmp_path):
     assert check_dataset(root).splits["train"].classes == 4
 
 
+@pytest.mark.fast
 def test_demo_classes_differ_by_content_not_name(tmp_path):
     import torch
     from PIL import Image
@@ -78,6 +85,7 @@ def test_demo_classes_differ_by_content_not_name(tmp_path):
             assert (means[i] - means[j]).abs().max() > 0.05
 
 
+@pytest.mark.fast
 def test_train_sampler_shards_are_disjoint_and_cover():
     n = 23
     per_rank = [TrainSampler(n, rank=r, world=3, seed=1) for r in range(3)]
@@ -95,6 +103,7 @@ def test_train_sampler_shards_are_disjoint_and_cover():
     assert e1 != s.indices() and sorted(e1) == list(range(n))
 
 
+@pytest.mark.fast
 def test_train_sampler_never_ends_an_epoch_with_a_batch_of_one():
     """17 images in batches of 4 would end with a lone image, which BatchNorm cannot train on:
     that epoch leaves one image out (a different one each epoch); other sizes keep every image."""
@@ -113,6 +122,7 @@ def test_train_sampler_never_ends_an_epoch_with_a_batch_of_one():
     assert [len(x.indices()) for x in shards] == [8, 8]
 
 
+@pytest.mark.fast
 def test_eval_sampler_counts_each_image_once():
     shards = [list(EvalSampler(13, r, 4)) for r in range(4)]
     flat = sorted(i for s in shards for i in s)
@@ -254,6 +264,7 @@ def test_fetch_over_http_resumes_after_a_dropped_connection(zip_server, tmp_path
     assert len(_RangeHandler.requests) == 2
 
 
+@pytest.mark.fast
 def test_fetch_file_url_and_bad_archives(tmp_path):
     src = make_demo_dataset(tmp_path / "src", classes=2, per_class=2, size=24)
     archive = tmp_path / "dogImages.zip"
@@ -272,6 +283,7 @@ def test_fetch_file_url_and_bad_archives(tmp_path):
         fetch_dataset("gopher://example.com/x.zip", tmp_path / "d")
 
 
+@pytest.mark.fast
 def test_fetch_offline_fails_fast_with_advice(tmp_path):
     import socket
     import time
@@ -312,6 +324,7 @@ def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
     _no_leftovers(out)
 
 
+@pytest.mark.fast
 def test_unpack_limits_total_entries_and_free_disk(tmp_path, monkeypatch):
     import shutil
 
@@ -333,6 +346,120 @@ def test_unpack_limits_total_entries_and_free_disk(tmp_path, monkeypatch):
     assert check_dataset(fetch_dataset(archive.as_uri(), out / "d")).ok  # the defaults let a real data set through
 
 
+def _lie(archive: Path, name: str, compress_size: int | None = None, file_size: int | None = None) -> Path:
+    """Rewrite the sizes that the central directory declares for one entry (what zipfile and our
+    checks read), leaving its data as it is: a zip that lies about its sizes."""
+    import struct
+
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        at = zf.start_dir
+    while data[at : at + 4] == b"PK\x01\x02":
+        n, m, k = struct.unpack_from("<HHH", data, at + 28)
+        if data[at + 46 : at + 46 + n].decode() == name:
+            if compress_size is not None:
+                struct.pack_into("<I", data, at + 20, compress_size)
+            if file_size is not None:
+                struct.pack_into("<I", data, at + 24, file_size)
+            archive.write_bytes(bytes(data))
+            return archive
+        at += 46 + n + m + k
+    raise AssertionError(f"no entry {name} in {archive}")
+
+
+def _bytes_written() -> int:
+    """Bytes this process has handed to write() so far (Linux)."""
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["wchar"])
+
+
+def _overlapping_bomb(path: Path, entries: int = 16, size: int = 8 << 20) -> Path:
+    """Entries of zeros (about 8 kB packed each), each declaring 1/64 of its size as packed:
+    its declared data runs over the entries after it, so the declared ratio (64x) passes a 100x
+    limit while the file expands 400x. A stored tail of random bytes keeps the last reads in
+    the file (the shape of the red team's 1.45 MB zip that unpacked to 1.1 GB)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for split in ("train", "valid", "test"):  # a data set, as far as the layout goes
+            zf.writestr(f"dogImages/{split}/001.A/a.jpg", b"x")
+        for i in range(entries):
+            with zf.open(f"dogImages/train/001.A/zeros{i}.jpg", "w") as f:
+                for _ in range(size >> 20):
+                    f.write(bytes(1 << 20))
+        zf.writestr(zipfile.ZipInfo("dogImages/train/001.A/tail.jpg"), os.urandom(size // 40))
+    for i in range(entries):
+        _lie(path, f"dogImages/train/001.A/zeros{i}.jpg", compress_size=size // 64)
+    return path
+
+
+def test_a_zip_that_understates_its_packing_is_refused_before_a_byte_is_unpacked(tmp_path):
+    archive = _overlapping_bomb(tmp_path / "lying.zip")
+    size = archive.stat().st_size
+    with zipfile.ZipFile(archive) as zf:
+        declared = sum(m.file_size for m in zf.infolist()) / sum(m.compress_size for m in zf.infolist())
+    assert declared < 100 < (16 * 8 << 20) / size  # within the limit as declared, far past it in fact
+    out = tmp_path / "out"
+    before = _bytes_written()
+    with pytest.raises(DataError, match=r"zeros0.jpg.*declares 131072 compressed bytes.*\(deleted the download\)"):
+        fetch_dataset(archive.as_uri(), out / "dogImages")
+    unpacked = _bytes_written() - before - size  # less the download's copy of the archive
+    assert unpacked < 64 << 10, f"{unpacked} bytes written before the refusal"
+    _no_leftovers(out)
+
+
+def test_unpacking_counts_the_bytes_it_writes_and_stops_at_the_limit(tmp_path):
+    """Whatever the declared sizes say, the bytes written are counted: past 100x the archive's
+    real size (or the total limit) the unpacking stops. Here the directory checks are skipped
+    to reach that counter: 30 MiB of zeros in about 30 kB stops after about 3 MiB."""
+    from ec2train.data import UnpackLimits
+    from ec2train.data.fetch import extract_within_limits
+
+    archive = _bomb(tmp_path / "bomb.zip", size=30 << 20)
+    size = archive.stat().st_size
+    dest = tmp_path / "dest"
+    with (
+        zipfile.ZipFile(archive) as zf,
+        pytest.raises(DataError, match=r"stopped after .* MiB: past 100x the archive's \d+ KiB; a zip bomb"),
+    ):
+        extract_within_limits(zf, dest, UnpackLimits(), size)
+    on_disk = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    assert 100 * size - (1 << 20) < on_disk <= 100 * size, on_disk  # stopped before the chunk that crossed it
+    with (
+        zipfile.ZipFile(archive) as zf,
+        pytest.raises(DataError, match=r"stopped after 1.0 MiB: past the limit of 2.0 MiB; a zip bomb"),
+    ):
+        extract_within_limits(zf, tmp_path / "dest2", UnpackLimits(max_bytes=2 << 20), size)
+
+
+def _stored_past_its_end(path: Path) -> Path:
+    """A stored (uncompressed) entry declared 10 MB long in a file of a few hundred bytes:
+    reading it runs off the end of the file (EOFError, which click printed as "Aborted!")."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("dogImages/train/001.A/a.jpg", b"x" * 100)
+    return _lie(path, "dogImages/train/001.A/a.jpg", compress_size=10_000_000, file_size=10_000_000)
+
+
+def _bad_crc(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("dogImages/train/001.A/a.jpg", b"x" * 1000)
+    data = bytearray(path.read_bytes())
+    data[data.index(b"x" * 1000) + 500] = ord("y")
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,needle", [(_stored_past_its_end, "declares 10000000 compressed bytes"), (_bad_crc, "is corrupt")]
+)
+def test_every_refused_archive_is_one_line_and_deleted_so_a_rerun_fetches_anew(tmp_path, capsys, make, needle):
+    archive = make(tmp_path / "d.zip")
+    dest = tmp_path / "out" / "dogImages"
+    for _ in range(2):  # the rerun gets the same answer, not an archive left from the first run
+        code, _, err = cli_in_process(capsys, "data", "fetch", "--url", archive.as_uri(), "--dest", dest)
+        last = err.strip().splitlines()[-1]  # after the progress bar
+        assert code == 2 and "Aborted" not in err and "Traceback" not in err, err
+        assert last.startswith("error:") and needle in last and "deleted" in last, err
+        _no_leftovers(tmp_path / "out")
+
+
 def _zip_with(path: Path, *entries: tuple[str, int | None, bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("dogImages/train/001.A/a.jpg", b"x")
@@ -344,6 +471,7 @@ def _zip_with(path: Path, *entries: tuple[str, int | None, bytes]) -> Path:
     return path
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "entries,problem",
     [
@@ -366,6 +494,7 @@ def test_odd_members_are_one_line_and_leave_nothing(tmp_path, entries, problem):
     _no_leftovers(out)  # neither a .unpacking folder nor the refused download
 
 
+@pytest.mark.fast
 def test_sha256_is_checked_before_unpacking(tmp_path):
     import hashlib
 
@@ -380,6 +509,7 @@ def test_sha256_is_checked_before_unpacking(tmp_path):
     assert check_dataset(fetch_dataset(archive.as_uri(), out / "dogImages", sha256=good.upper())).ok
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "old,new,ok",
     [
@@ -416,7 +546,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 
 
 def test_fetch_follows_a_real_redirect_through_the_policy(zip_server, tmp_path, monkeypatch):
-    import ec2train.data as data
+    import ec2train.data.fetch as data
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -509,6 +639,113 @@ def test_split_refuses_overwrite_and_bad_input_leaving_nothing(unsplit, tmp_path
     with pytest.raises(DataError, match="class Corgi has 2 images; each class needs at least 3"):
         split_dataset(unsplit, tmp_path / "z")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "photos", "taken"]
+
+
+@pytest.fixture
+def noisy_unsplit(tmp_path):
+    """About 1.8 MB of incompressible JPEGs in three class folders: more than `tiny_disk` holds."""
+    import numpy as np
+    from PIL import Image
+
+    root, rng = tmp_path / "noisy", np.random.default_rng(0)
+    for folder in ("Akita", "Boxer", "Corgi"):
+        (root / folder).mkdir(parents=True)
+        for i in range(30):
+            pixels = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / folder / f"{i:02d}.jpg", quality=95)
+    return root
+
+
+def _left_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("copy", [True, False])  # hard links from one file system to another are copies too
+def test_split_onto_a_full_disk_is_one_line_and_leaves_nothing(noisy_unsplit, tiny_disk, capsys, copy):
+    code, _, err = cli_in_process(capsys, "data", "split", noisy_unsplit, tiny_disk / "split", *["--copy"] * copy)
+    assert_one_line_error(code, err, f"disk full: cannot copy into {tiny_disk}", "MiB free", "free some space")
+    assert _left_in(tiny_disk) == [], "a half-made split was left behind"
+
+
+def test_split_full_disk_message_anywhere(unsplit, tmp_path, monkeypatch):
+    """The same as above where no tmpfs can be mounted: the copy raises ENOSPC by hand."""
+    import errno
+    import shutil
+
+    from ec2train.data import split_dataset
+
+    def full(src, dst, **kwargs):
+        Path(dst).write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(
+        UserError, match=rf"disk full: cannot copy into {tmp_path}: the images need \d+ KiB \(.* MiB free\)"
+    ):
+        split_dataset(unsplit, tmp_path / "split", mode="copy")
+    assert _left_in(tmp_path) == ["photos"]
+
+
+def _without_dac_override(*args) -> subprocess.CompletedProcess:
+    """`ec2train ARGS` as a process that file modes apply to: root keeps its uid but loses the
+    capabilities that let it read any file (as the user the tests run as elsewhere)."""
+    cmd = [sys.executable, "-m", "ec2train", *map(str, args)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: file modes do not apply")
+        drop = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_split_of_an_unreadable_file_or_folder_is_one_line_and_leaves_nothing(unsplit, tmp_path, what):
+    bad = unsplit / "002.Boxer" / ("002.Boxer_03.jpg" if what == "file" else "")
+    bad.chmod(0)
+    try:
+        done = _without_dac_override("data", "split", unsplit, tmp_path / "split", "--copy")
+    finally:
+        bad.chmod(0o755)
+    assert_one_line_error(done.returncode, done.stderr, "cannot read", str(bad).rstrip("/"), "chmod")
+    assert _left_in(tmp_path) == ["photos"]
+
+
+def test_split_refuses_links_out_of_src_and_follows_links_inside_it(unsplit, tmp_path):
+    from ec2train.data import split_dataset
+
+    secret = tmp_path / "elsewhere" / "secret.jpg"
+    secret.parent.mkdir()
+    shutil.copy(unsplit / "Corgi" / "Corgi_00.jpg", secret)
+    (unsplit / "Corgi" / "Corgi_99.jpg").symlink_to(secret)
+    for mode in ("copy", "link"):
+        with pytest.raises(DataError, match=r"Corgi_99.jpg leads to .*secret.jpg, outside .*photos.*cp -L"):
+            split_dataset(unsplit, tmp_path / "split", mode=mode)
+        assert _left_in(tmp_path) == ["elsewhere", "photos"]
+    (unsplit / "Corgi" / "Corgi_99.jpg").unlink()
+    (unsplit / "Corgi" / "Corgi_99.jpg").symlink_to("../002.Boxer/002.Boxer_00.jpg")  # inside SRC: fine
+    copied = split_dataset(unsplit, tmp_path / "split", mode="copy").root
+    found = next(copied.glob("*/Corgi/Corgi_99.jpg"))
+    assert not found.is_symlink() and found.read_bytes() == (unsplit / "002.Boxer" / "002.Boxer_00.jpg").read_bytes()
+
+
+def test_demo_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk, capsys):
+    code, _, err = cli_in_process(capsys, "data", "demo", tiny_disk / "demo", "--size", "256", "--per-class", "100")
+    assert_one_line_error(code, err, f"disk full: cannot write the demo data set in {tiny_disk}", "MiB free")
+    assert _left_in(tiny_disk) == [], "a .demo.tmp-PID folder was left behind"
+
+
+def test_demo_full_disk_message_anywhere(tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(UserError, match=rf"disk full: cannot write the demo data set in {tmp_path} \(.* MiB free\)"):
+        make_demo_dataset(tmp_path / "demo", classes=2, per_class=2, size=32)
+    assert _left_in(tmp_path) == []
 
 
 def test_fit_on_an_unsplit_folder_points_to_data_split(unsplit, tmp_path, capsys):

@@ -24,13 +24,15 @@ import pytest
 import torch
 
 from ec2train import ddp
-from ec2train.checkpoint import seek_schedule
+from ec2train.checkpoint import resume_schedule
 from ec2train.cli import main
 from ec2train.config import TrainConfig, resolve
 from ec2train.data import EvalSampler, TrainSampler, make_demo_dataset, mix_seed
 from ec2train.errors import UserError
-from ec2train.loop import effective_lr, evaluate_model_file, fit, lr_lambda
+from ec2train.evaluate import evaluate_model_file
+from ec2train.loop import fit
 from ec2train.model import build_model
+from ec2train.optim import effective_lr, lr_lambda
 from tests.support.net import free_port
 from tests.support.paths import ROOT
 
@@ -105,6 +107,7 @@ def small_data(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- pure pieces
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("n", [10, 11, 13])
 def test_train_sampler_shards_are_disjoint_and_cover_the_split(n):
     shards = [TrainSampler(n, rank, 2, seed=3).indices() for rank in range(2)]
@@ -115,6 +118,7 @@ def test_train_sampler_shards_are_disjoint_and_cover_the_split(n):
     assert len(set(shards[0])) == len(shards[0]) and len(set(shards[1])) == len(shards[1])
 
 
+@pytest.mark.fast
 def test_train_sampler_reshuffles_with_set_epoch_and_keys_do_not_depend_on_world_size():
     sampler = TrainSampler(64, 0, 2, seed=0)
     first = sampler.indices()
@@ -125,6 +129,7 @@ def test_train_sampler_reshuffles_with_set_epoch_and_keys_do_not_depend_on_world
     assert one == two  # same per-sample augmentation seeds whatever the number of processes
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("n,world", [(13, 2), (5, 4), (3, 4)])
 def test_eval_sampler_counts_every_image_exactly_once(n, world):
     shards = [list(EvalSampler(n, rank, world)) for rank in range(world)]
@@ -132,6 +137,7 @@ def test_eval_sampler_counts_every_image_exactly_once(n, world):
     assert [len(EvalSampler(n, rank, world)) for rank in range(world)] == [len(s) for s in shards]
 
 
+@pytest.mark.fast
 def test_env_and_device_from_torchrun_variables():
     env = ddp.env_from({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (3, 1, 4, 2)
@@ -145,6 +151,7 @@ def test_env_and_device_from_torchrun_variables():
         ddp.select_device("auto", 4, 4)
 
 
+@pytest.mark.fast
 def test_sync_bn_needs_cuda_and_only_converts_with_several_processes():
     assert ddp.use_sync_bn(False, "cpu", 2) is False
     assert ddp.use_sync_bn(True, "cuda", 8) is True
@@ -162,6 +169,7 @@ def test_sync_bn_on_cpu_is_a_one_line_error_before_training(small_data, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fast
 def test_scale_lr_multiplies_by_world_size_and_launcher_pieces():
     cfg = TrainConfig(lr=0.01, scale_lr=True)
     assert effective_lr(cfg, 8) == pytest.approx(0.08)
@@ -169,7 +177,6 @@ def test_scale_lr_multiplies_by_world_size_and_launcher_pieces():
     assert ddp.resolve_nproc("auto", 4) == 4 and ddp.resolve_nproc("auto", 0) == 1 and ddp.resolve_nproc("3", 0) == 3
     with pytest.raises(UserError):
         ddp.resolve_nproc("two", 0)
-    assert ddp.threads_per_process(16, 4) == 4 and ddp.threads_per_process(2, 4) == 1
     args = ddp.strip_option(
         ["--data", "d", "--nproc-per-node", "2", "--nproc-per-node=2", "--epochs", "3"], "--nproc-per-node"
     )
@@ -183,6 +190,7 @@ def test_scale_lr_multiplies_by_world_size_and_launcher_pieces():
     ]
 
 
+@pytest.mark.fast
 def test_restarted_workers_get_a_fresh_store_namespace_on_one_node():
     one_node = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1", "TORCHELASTIC_RESTART_COUNT": "2"}
     assert ddp.restart_namespace(one_node) == "ec2train/attempt_2"
@@ -198,15 +206,22 @@ def test_restarted_workers_get_a_fresh_store_namespace_on_one_node():
     assert ddp.restart_warning(one_node) is None
 
 
+@pytest.mark.fast
 def test_newest_checkpoint_wins_and_schedule_follows_this_runs_steps():
     assert ddp.holder_of_newest([-1, -1]) is None
     assert ddp.holder_of_newest([-1, 3, 3, 1]) == 1
     assert ddp.holder_of_newest([2, -1]) == 0
     # A checkpoint written at 12 steps/epoch resumed with 6 steps/epoch: lr must be where 6/epoch puts it.
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    old_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, lr_lambda(12, 4, 0))
+    for _ in range(12):  # one epoch of the saving run
+        old_opt.step()
+        old.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # this run's lr (e.g. --scale-lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(6, 4, 0))
-    seek_schedule(sched, 6)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr_lambda(6, 4, 0)(6))
+    resume_schedule(sched, old.state_dict(), 6)
+    assert sched.last_epoch == 6 and sched.base_lrs == [0.1]
+    assert opt.param_groups[0]["lr"] == 0.1 * lr_lambda(6, 4, 0)(6)  # bit for bit what the schedule computes
     assert sched.get_last_lr() == [opt.param_groups[0]["lr"]]
     opt.step()
     sched.step()

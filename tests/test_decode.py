@@ -126,6 +126,7 @@ def test_eps_named_jpg_is_bad_everywhere_without_running_ghostscript(fake_ghosts
     assert not fake_ghostscript.exists(), "Pillow ran Ghostscript on an untrusted file"
 
 
+@pytest.mark.fast
 def test_data_prepare_lists_sizes_jpeg_cannot_hold_instead_of_crashing(tmp_path: Path):
     from ec2train.data import make_demo_dataset
     from ec2train.prepare import prepare_dataset
@@ -138,6 +139,7 @@ def test_data_prepare_lists_sizes_jpeg_cannot_hold_instead_of_crashing(tmp_path:
     assert report.written == report.images > 0
 
 
+@pytest.mark.fast
 def test_the_size_rule_refuses_every_size_jpeg_cannot_hold():
     # No side can exceed sqrt(MAX_PIXELS * MAX_ASPECT_RATIO) (w * h <= P and long <= R * short).
     assert math.isqrt(MAX_PIXELS * MAX_ASPECT_RATIO) < 65_500
@@ -146,6 +148,7 @@ def test_the_size_rule_refuses_every_size_jpeg_cannot_hold():
         assert size_problem(w, h) is not None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "w, h, allowed",
     [
@@ -163,6 +166,7 @@ def test_size_rule(w, h, allowed):
     assert (size_problem(h, w) is None) == allowed
 
 
+@pytest.mark.fast
 def test_decode_errors_never_show_python_reprs():
     for junk in (b"junk", b"GIF89a" + bytes(20), io.BytesIO(b"\x89PNG\r\n\x1a\n" + bytes(40))):
         with pytest.raises(ImageDecodeError) as exc:
@@ -170,6 +174,7 @@ def test_decode_errors_never_show_python_reprs():
         assert " at 0x" not in str(exc.value) and "<_io" not in str(exc.value), exc.value
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pixels_normalized_on_the_device_equal_the_float_transforms_bit_for_bit(tmp_path, channels_last):
     # Loader workers hand uint8 pixels over and StepContext.to_device normalizes the batch:
@@ -198,6 +203,7 @@ def test_pixels_normalized_on_the_device_equal_the_float_transforms_bit_for_bit(
         assert torch.equal(got, torch.stack(expected)) and labels.tolist() == [0, 1, 2]
 
 
+@pytest.mark.fast
 def test_a_uint8_batch_without_the_data_sets_normalization_is_refused():
     from ec2train import hw
     from ec2train.loop import StepContext
@@ -304,3 +310,19 @@ def test_other_formats_are_reduced_right_after_decoding_and_look_the_same():
     assert psnr(to_pixels(load_rgb(png)), to_pixels(reduced)) > 30
     grey = _encode(photo.convert("1"), "PNG")
     assert load_rgb(grey, min_side=256).size == (400, 300) and load_rgb(grey, min_side=256).mode == "RGB"
+
+
+def test_the_gpu_loader_leaves_a_jpeg_of_too_many_scans_to_the_cpu_loaders_refusal(tmp_path: Path):
+    # The device decodes plain baseline JPEGs by their header; scans appended after the first one
+    # must not get past the rule there either: such a file goes to the CPU loader, which refuses it.
+    from ec2train.data.encoded import read_device_jpeg
+
+    plain = jpeg_bytes(photo_like(64, 48))
+    scan = plain[plain.index(b"\xff\xda") : -2]
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(plain[:-2] + scan * 200 + b"\xff\xd9")
+    (tmp_path / "plain.jpg").write_bytes(plain)
+    assert read_device_jpeg(tmp_path / "plain.jpg") is not None
+    assert read_device_jpeg(path) is None
+    with pytest.raises(ImageDecodeError, match="JPEG has more than 100 scans"):
+        load_rgb(path, min_side=64)

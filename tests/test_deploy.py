@@ -89,6 +89,7 @@ def parse_dry_run(out: str) -> list[tuple[str, dict]]:
 # --------------------------------------------------------------------------- pure parts
 
 
+@pytest.mark.fast
 def test_names_partitions_and_lowercase_arns():
     for good in ("dog-breeds", "a", "A1", "x" * 63, "a--b"):
         assert deploy.check_sagemaker_name(good) == good
@@ -108,6 +109,7 @@ def test_names_partitions_and_lowercase_arns():
         deploy.default_function_name("e" * 60)
 
 
+@pytest.mark.fast
 def test_inference_image_per_region_and_device():
     assert (
         deploy.image_uri_for("us-east-1", "ml.g4dn.xlarge")
@@ -128,6 +130,7 @@ def test_inference_image_per_region_and_device():
         deploy.image_uri_for("us-east-1", "ml.inf2.xlarge")
 
 
+@pytest.mark.fast
 def test_policy_documents_grant_exactly_one_endpoint_and_own_logs():
     trust = deploy.lambda_trust_policy()
     (stmt,) = trust["Statement"]
@@ -166,6 +169,7 @@ def test_lambda_zip_is_deterministic_and_skips_caches(code_dir):
         deploy.build_lambda_zip(code_dir)
 
 
+@pytest.mark.fast
 def test_wait_for_endpoint_failure_rollback_and_timeout():
     seq = iter(
         [
@@ -308,6 +312,7 @@ def test_autoscale_registers_target_and_policy(aws, cli):
     assert code == 2 and "does not exist" in err
 
 
+@pytest.mark.fast
 def test_endpoint_plan_updates_in_place_and_cleans_up():
     """The branches moto cannot run (it has no UpdateEndpoint): planned from what a real run reads."""
     spec = deploy.EndpointSpec("dogs", ROLE, MODEL_DATA, "ml.g4dn.xlarge", instance_count=2)
@@ -475,7 +480,7 @@ def test_create_function_waits_for_iam_propagation(aws, code_dir):
             )
         sleeps.append(seconds)
 
-    runner = deploy.Runner("us-east-1", sleep=sleep, console=_quiet())
+    runner = deploy.StepRunner("us-east-1", sleep=sleep, console=_quiet())
     runner.run([create])
     assert sleeps == [2]
     assert runner.sent == ["lambda:create_function", "lambda:create_function"]
@@ -488,7 +493,7 @@ def test_create_function_waits_for_iam_propagation(aws, code_dir):
     )
     slept = []
     with pytest.raises(deploy.DeployError, match="cannot be assumed"):
-        deploy.Runner("us-east-1", sleep=slept.append, console=_quiet()).run([never])
+        deploy.StepRunner("us-east-1", sleep=slept.append, console=_quiet()).run([never])
     assert slept == [1, 1]
 
 

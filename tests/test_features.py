@@ -133,6 +133,7 @@ def test_architecture_whose_head_is_not_last_is_refused(data: Path, tmp_path: Pa
         run(data, tmp_path / "sq", arch="squeezenet1_1", image_size=64, epochs=1, cache_features=True)
 
 
+@pytest.mark.fast
 def test_help_says_augmentation_is_off(capsys):
     from typer.testing import CliRunner
 
@@ -165,7 +166,7 @@ def _features_on_rank(rank: int, world: int, port: int, out: str) -> None:
 
     from ec2train import ddp, hw
     from ec2train.data import TrainSampler
-    from ec2train.features import feature_loaders
+    from ec2train.features import FeatureSettings, feature_loaders
     from ec2train.loop import StepContext, train_one_epoch
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -176,21 +177,8 @@ def _features_on_rank(rank: int, world: int, port: int, out: str) -> None:
         ds.samples = []  # the cache key reads image files; no disk cache here
         ctx = StepContext("cpu", hw.amp_policy("off", "cpu"), False)
         sampler = TrainSampler(len(ds), rank, world, seed=0)
-        model, train_loader, _ = feature_loaders(
-            net,
-            "3",
-            {"train": ds, "valid": ds},
-            sampler,
-            ctx,
-            arch="tiny",
-            image_size=8,
-            mean=(0,) * 3,
-            std=(1,) * 3,
-            batch_size=2,
-            workers=0,
-            pin_memory=False,
-            cache_dir=None,
-        )
+        settings = FeatureSettings(arch="tiny", image_size=8, mean=(0,) * 3, std=(1,) * 3, batch_size=2)
+        model, train_loader, _ = feature_loaders(net, "3", {"train": ds, "valid": ds}, sampler, ctx, settings)
         feats = train_loader.dataset.features.clone()
         opt = torch.optim.SGD(net[3].parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)

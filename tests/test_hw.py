@@ -24,6 +24,7 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("hw") / "d", classes=3, per_class=8, size=32, eval_per_class=2)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "amp, device, cap, name, scaler",
     [
@@ -47,6 +48,7 @@ def test_amp_policy(amp, device, cap, name, scaler):
     assert policy.use_scaler is scaler
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "amp, device, cap, needle",
     [
@@ -60,6 +62,7 @@ def test_amp_policy_refuses_what_the_device_cannot_do(amp, device, cap, needle):
         hw.amp_policy(amp, device, cap)
 
 
+@pytest.mark.fast
 def test_bf16_support_starts_at_ampere():
     assert [hw.supports_bf16(c) for c in (None, V100, T4, (8, 0), A10G, H100)] == [
         False,
@@ -71,6 +74,7 @@ def test_bf16_support_starts_at_ampere():
     ]
 
 
+@pytest.mark.fast
 def test_memory_format_pinning_and_kernel_choice_only_on_cuda():
     assert hw.use_channels_last(True, "cuda") and not hw.use_channels_last(False, "cuda")
     assert not hw.use_channels_last(True, "cpu")  # a full fine-tune on the CPU: no faster, slower at 64 px
@@ -82,6 +86,7 @@ def test_memory_format_pinning_and_kernel_choice_only_on_cuda():
     assert hw.matmul_precision("cpu", None) == "highest"
 
 
+@pytest.mark.fast
 def test_configure_backends_on_cpu_leaves_exact_fp32():
     old_bench, old_prec = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
     try:
@@ -95,6 +100,7 @@ def test_configure_backends_on_cpu_leaves_exact_fp32():
         torch.set_float32_matmul_precision(old_prec)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "cpus, procs, workers",
     [
@@ -167,18 +173,20 @@ def test_scaler_state_is_checkpointed_and_restored(tiny_data: Path, tmp_path: Pa
     assert ratio > 0 and abs(torch.log2(torch.tensor(ratio)).item() % 1) < 1e-9
 
 
+@pytest.mark.fast
 def test_background_writes_and_warm_ups_only_beside_an_accelerator():
     # On the CPU, a busy extra thread stalls torch's OpenMP team: fit keeps that work in line.
     assert hw.background_work_helps("cuda") and hw.background_work_helps("mps")
     assert not hw.background_work_helps("cpu")
 
 
+@pytest.mark.fast
 def test_the_optimizer_update_is_fused_where_torch_has_the_kernel():
     assert hw.optimizer_kernel("cuda", (2, 1)) == "fused"
     assert hw.optimizer_kernel("cpu", (2, 4)) == "fused" and hw.optimizer_kernel("cpu", (2, 3)) == "foreach"
     assert hw.optimizer_kernel("mps", (2, 14)) == "foreach"
     assert hw.torch_version() >= (2, 4)  # this project's torch: fit's optimizers on the CPU are fused
-    from ec2train.loop import make_optimizer
+    from ec2train.optim import make_optimizer
 
     net = torch.nn.Linear(3, 2)
     for name in ("adamw", "sgd"):
@@ -188,6 +196,7 @@ def test_the_optimizer_update_is_fused_where_torch_has_the_kernel():
         opt.step()  # the fused CPU kernel runs
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "mode, device, compiled",
     [
@@ -203,17 +212,20 @@ def test_serve_compiles_its_forward_pass_on_the_cpu_by_default(mode, device, com
     assert hw.compile_forward(mode, device) is compiled
 
 
+@pytest.mark.fast
 def test_the_cli_offers_the_compile_modes_hw_knows():
     from ec2train.cli._app import Compile
 
     assert tuple(m.value for m in Compile) == hw.COMPILE_MODES
 
 
+@pytest.mark.fast
 def test_a_bad_compile_mode_is_a_user_error():
     with pytest.raises(UserError, match="--compile fast: must be auto, on or off"):
         hw.compile_forward("fast", "cpu")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "max_batch, buckets",
     [
@@ -230,6 +242,7 @@ def test_compiled_batch_sizes_are_the_powers_of_two_below_max_batch_and_max_batc
     assert hw.batch_buckets(max_batch) == buckets
 
 
+@pytest.mark.fast
 def test_a_batch_runs_at_the_smallest_compiled_size_that_holds_it():
     buckets = hw.batch_buckets(8)
     assert [hw.bucket_for(n, buckets) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]

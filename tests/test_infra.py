@@ -393,6 +393,10 @@ def test_spot_cluster_of_two_then_teardown_twice(aws_managed_policies, recorder,
     ]
     for node in nodes:
         assert f"ssh ubuntu@{node['PublicIpAddress']}" in result.stdout
+    # For unattended work, the job that does all of this itself.
+    assert (
+        f"ec2train job submit duo --nodes 2 --type g5.12xlarge --spot --s3-uri s3://{BUCKET}/dogs/run1" in result.stdout
+    )
 
     recorder.reset()
     down = run(TEARDOWN, "--name", "duo", endpoint=recorder.url)
@@ -487,6 +491,20 @@ def test_dry_run_prints_every_call_and_makes_none(recorder, account, checkip):
     )
     with pytest.raises(account["iam"].exceptions.NoSuchEntityException):
         account["iam"].get_role(RoleName="ec2train-dry")
+
+    # It starts with what it creates and what that costs, before the first call.
+    head = result.stdout.split("\naws ")[0]
+    assert head.splitlines()[1] == "# summary of stack dry:"
+    text = " ".join(head.split())
+    for said in (
+        "security group ec2train-dry # (SSH from your /32, all traffic between its members; a cluster placement group)",
+        "2 one-time spot g4dn.xlarge instances",
+        "# price $0.21 per instance-hour at typical spot prices ($0.53 on-demand); 2 nodes: $0.42 per hour",
+        f"# worst case ${24 * (2 * 0.526 + 2 * 100 * 0.08 / 730):,.2f} per day until you tear it down",
+        "# ends only when you run infra/teardown.sh --name dry (no end time: add --autostop MINUTES)",
+        "ec2train job submit dry --nodes 2",
+    ):
+        assert said in text, said
 
     calls = dry_run_calls(result.stdout)
     ops = [" ".join(c[1:3]) for c in calls]

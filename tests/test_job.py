@@ -63,6 +63,7 @@ def test_submit_creates_exactly_a_locked_down_job(recorder, wheel):
         "AuthorizeSecurityGroupIngress",
         "CreateLaunchTemplate",
         "CreateAutoScalingGroup",
+        "PutScheduledUpdateGroupAction",
     ]
     tag = {"Key": "ec2train:job", "Value": "dogs"}
 
@@ -141,7 +142,10 @@ def test_submit_creates_exactly_a_locked_down_job(recorder, wheel):
     ]
     assert mixed["LaunchTemplate"]["LaunchTemplateSpecification"]["LaunchTemplateName"] == "ec2train-job-dogs"
     dist_ = mixed["InstancesDistribution"]
-    assert (dist_["OnDemandPercentageAboveBaseCapacity"], dist_["SpotAllocationStrategy"]) == (0, "capacity-optimized")
+    assert (dist_["OnDemandPercentageAboveBaseCapacity"], dist_["SpotAllocationStrategy"]) == (
+        0,
+        "price-capacity-optimized",
+    )
     tags = {t["Key"]: t["Value"] for t in asg["Tags"]}
     assert tags == {"ec2train:job": "dogs", "ec2train:job-uri": PREFIX}
 
@@ -212,7 +216,7 @@ def test_dry_run_prints_every_request_and_policy_and_sends_nothing(recorder, whe
     ):
         assert api_name in out
     assert '"autoscaling:SetDesiredCapacity"' in out and '"sts:AssumeRole"' in out  # the policy documents
-    assert '"HttpTokens": "required"' in out and '"SpotAllocationStrategy": "capacity-optimized"' in out
+    assert '"HttpTokens": "required"' in out and '"SpotAllocationStrategy": "price-capacity-optimized"' in out
     assert "JOB_URI=s3://ec2train-jobs/dogs" in out  # the user data, readable
     assert boto3.client("s3", region_name=REGION).list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
     recorder.reset()
@@ -222,6 +226,8 @@ def test_dry_run_prints_every_request_and_policy_and_sends_nothing(recorder, whe
     )
     assert code == 0, err
     assert "autoscaling:DeleteAutoScalingGroup" in out and "iam:DeleteRole" in out
+    assert out.splitlines()[1].startswith("removes    the group (terminating its instances)")
+    assert "nothing of job dogs bills" in " ".join(out.split()) and "ec2:DeletePlacementGroup" in out
     assert recorder.calls == []
 
 
@@ -315,3 +321,195 @@ def test_bad_input_is_one_line_and_creates_nothing(recorder, capsys, args, needl
     )
     assert_one_line_error(code, err, needle)
     assert recorder.mutating() == []
+
+
+# --------------------------------------------------------------------------- several nodes
+
+
+def test_a_multi_node_job_is_one_zone_a_placement_group_and_a_members_only_security_group(recorder, wheel):
+    c = clients()
+    api.submit(request(wheel, nodes=4, spot=True, max_hours=6), region=REGION, console=Quiet())
+    assert recorder.mutating() == [
+        "CreateRole",
+        "PutRolePolicy",
+        "CreateInstanceProfile",
+        "AddRoleToInstanceProfile",
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "CreatePlacementGroup",
+        "CreateLaunchTemplate",
+        "CreateAutoScalingGroup",
+        "PutScheduledUpdateGroupAction",
+    ]
+    # moto has no placement groups: the recording hop answered, and saw exactly this request.
+    pg = recorder.params("CreatePlacementGroup")
+    assert (pg["GroupName"], pg["Strategy"], pg["TagSpecification.1.ResourceType"]) == (
+        "ec2train-job-dogs",
+        "cluster",
+        "placement-group",
+    )
+    assert recorder.placement_groups["ec2train-job-dogs"]["tags"]["ec2train:job"] == "dogs"
+
+    # The security group's only inbound rule admits its own members: NCCL, gloo, the c10d store.
+    [sg_id] = launch_template(c["ec2"])["SecurityGroupIds"]
+    [group] = c["ec2"].describe_security_groups(GroupIds=[sg_id])["SecurityGroups"]
+    [rule] = group["IpPermissions"]
+    assert rule["IpProtocol"] == "-1" and rule["IpRanges"] == [] and rule.get("Ipv6Ranges", []) == []
+    assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [sg_id]
+
+    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])[
+        "AutoScalingGroups"
+    ]
+    assert (asg["MinSize"], asg["MaxSize"], asg["DesiredCapacity"]) == (0, 4, 4)
+    assert asg["PlacementGroup"] == "ec2train-job-dogs" and "," not in asg["VPCZoneIdentifier"]  # one subnet
+    overrides = [o["InstanceType"] for o in asg["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"]]
+    assert overrides == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge"]  # none above 2.5x the asked price
+
+    # The group ends itself at --max-hours (plus the runners' grace) even with no instance left.
+    spec = json.loads(c["s3"].get_object(Bucket=BUCKET, Key="dogs/_job/job.json")["Body"].read())
+    [end] = c["autoscaling"].describe_scheduled_actions(AutoScalingGroupName="ec2train-job-dogs")[
+        "ScheduledUpdateGroupActions"
+    ]
+    assert (end["MinSize"], end["MaxSize"], end["DesiredCapacity"]) == (0, 0, 0)
+    assert end["StartTime"].timestamp() == pytest.approx(spec["submitted_at"] + 6 * 3600 + 600, abs=1)
+    assert (spec["nodes"], spec["efa"], spec["rdzv_port"]) == (4, False, 29400)
+    # Finding each other needs nothing beyond the prefix: the policy is the single-node one.
+    doc = c["iam"].get_role_policy(RoleName="ec2train-job-dogs", PolicyName="ec2train-job")["PolicyDocument"]
+    assert [s["Sid"] for s in doc["Statement"]] == [
+        "ListOnlyUnderThePrefix",
+        "ReadWriteObjectsUnderThePrefix",
+        "ReadTheData",
+        "EndItsOwnGroup",
+    ]
+    assert lint(doc) == []
+
+    # Cancel removes the placement group too, after the instances are gone.
+    recorder.reset()
+    api.cancel("dogs", region=REGION, console=Quiet())
+    deletes = recorder.mutating()
+    assert deletes.index("DeletePlacementGroup") > deletes.index("DeleteAutoScalingGroup")
+    assert recorder.placement_groups == {}
+
+
+def test_efa_rides_on_the_first_network_interface_and_the_group_admits_its_members_both_ways(recorder, wheel):
+    c = clients()
+    api.submit(request(wheel, nodes=2, efa=True, instance_type="g5.12xlarge"), region=REGION, console=Quiet())
+    assert "DescribeInstanceTypes" in recorder.actions("ec2")  # EC2 itself says the type has EFA
+    lt = launch_template(c["ec2"])
+    [nic] = lt["NetworkInterfaces"]
+    assert (nic["DeviceIndex"], nic["InterfaceType"], nic["DeleteOnTermination"]) == (0, "efa", True)
+    assert "SecurityGroupIds" not in lt
+    [group] = c["ec2"].describe_security_groups(GroupIds=nic["Groups"])["SecurityGroups"]
+    assert [p["GroupId"] for p in group["IpPermissions"][0]["UserIdGroupPairs"]] == nic["Groups"]
+    egress = [r for r in group["IpPermissionsEgress"] if r.get("UserIdGroupPairs")]
+    assert [p["GroupId"] for p in egress[0]["UserIdGroupPairs"]] == nic["Groups"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--nodes", "2", "--efa", "--type", "g4dn.xlarge"], "--efa: g4dn.xlarge has no Elastic Fabric Adapter"),
+        (["--nodes", "0"], "--nodes 0: from 1 to 64"),
+        (["--nodes", "2", "--subnet-id", "subnet-a", "--subnet-id", "subnet-b"], "give one --subnet-id"),
+        (["--", "fit", "--nproc-per-node", "many"], "--nproc-per-node 'many'"),
+    ],
+)
+def test_multi_node_requests_that_cannot_work_are_one_line_and_send_nothing(recorder, capsys, args, needle):
+    split = args.index("--") if "--" in args else len(args)
+    for dry in ([], ["--dry-run"]):
+        code, _, err = cli_in_process(
+            capsys, "job", "submit", "dogs", "--s3-uri", PREFIX, "--data", DATA, "--region", REGION,
+            *args[:split], *dry, *args[split:],
+        )  # fmt: skip
+        assert_one_line_error(code, err, needle)
+    assert recorder.calls == []
+
+
+@pytest.mark.parametrize("prefix", ["dogs run", "dogs$(id)", "dogs/*", "dogs'x"])
+def test_a_prefix_iam_cannot_express_is_refused_before_anything_is_built_or_sent(recorder, capsys, prefix):
+    """It used to fail with a traceback after the wheel, job.json and status.json were uploaded."""
+    code, _, err = cli_in_process(
+        capsys, "job", "submit", "dogs", "--s3-uri", f"s3://{BUCKET}/{prefix}", "--data", DATA, "--region", REGION
+    )
+    assert_one_line_error(code, err, "IAM can only take letters, digits")
+    assert recorder.calls == []
+
+
+def test_the_dry_run_of_a_4_node_spot_job_starts_with_what_it_creates_and_costs(recorder, capsys):
+    code, out, err = cli_in_process(
+        capsys, "job", "submit", "dogs", "--s3-uri", PREFIX, "--data", DATA, "--region", REGION,
+        "--nodes", "4", "--spot", "--max-hours", "12", "--dry-run", "--", "fit", "--epochs", "10",
+    )  # fmt: skip
+    assert code == 0, err
+    assert recorder.calls == []
+    head = out.split("A real run first reads")[0]
+    lines = head.splitlines()
+    assert lines[0].startswith("dry run: job dogs in us-east-1; nothing below is sent")
+    assert lines[1] == "summary of job dogs:"
+    text = " ".join(head.split())
+    for said in (
+        "an Auto Scaling group of 4 instances in a cluster placement group (one zone)",
+        "a security group (inbound: only from its own members)",
+        "4 spot, price-capacity-optimized over g4dn.xlarge, g4dn.2xlarge, g4dn.4xlarge",
+        "$0.21-$0.48 per instance-hour at typical spot prices ($0.53-$1.20 on-demand); 4 nodes: $0.84-$1.92 per hour",
+        f"worst case ${12 * (4 * 1.204 + 4 * 100 * 0.08 / 730):,.2f} if all 4 nodes run the full --max-hours 12",
+        "at --max-hours 12, or with `ec2train job cancel dogs`",
+    ):
+        assert said in text, said
+    assert len(lines) <= 20 and all(len(line) <= 110 for line in lines[1:])  # a summary: the requests follow
+    assert "training starts when all 4 run at once in one zone" in text
+    assert '"PlacementGroup": "ec2train-job-dogs"' in out and '"DesiredCapacity": 4' in out
+    assert "ec2:CreatePlacementGroup" in out
+
+
+def test_job_status_says_when_the_group_waits_for_capacity_in_aws_own_words(recorder, wheel, capsys):
+    api.submit(request(wheel, nodes=2, spot=True), region=REGION, console=Quiet())
+    c = clients()
+    [asg] = c["autoscaling"].describe_auto_scaling_groups(AutoScalingGroupNames=["ec2train-job-dogs"])[
+        "AutoScalingGroups"
+    ]
+    instance = asg["Instances"][0]["InstanceId"]
+    # moto always finds capacity: the recording hop answers as AWS does when the zone has none.
+    said = (
+        "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available "
+        "that matches your request. Launching EC2 instance failed."
+    )
+    recorder.canned["DescribeScalingActivities"] = _activities_xml(said)
+    recorder.canned["DescribeAutoScalingGroups"] = _group_xml("ec2train-job-dogs", 2, [instance])
+    st = api.status("dogs", s3_uri=PREFIX, region=REGION)
+    assert st["capacity"] == f"waiting for capacity: 1 of 2 instances; AWS says: {said}"
+    code, out, err = cli_in_process(capsys, "job", "status", "dogs", "--s3-uri", PREFIX, "--region", REGION)
+    assert code == 0, err
+    assert "InsufficientInstanceCapacity" in out and "1 of 2 instances" in " ".join(out.split())
+
+
+def _activities_xml(message: str) -> str:
+    ns = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
+    return (
+        f'<DescribeScalingActivitiesResponse xmlns="{ns}"><DescribeScalingActivitiesResult><Activities><member>'
+        "<ActivityId>a-1</ActivityId><AutoScalingGroupName>ec2train-job-dogs</AutoScalingGroupName>"
+        "<Description>Launching a new EC2 instance.  Status Reason: no capacity</Description>"
+        "<Cause>a user request raised the desired capacity to 2</Cause><StartTime>2026-12-07T10:00:00Z</StartTime>"
+        f"<StatusCode>Failed</StatusCode><StatusMessage>{message}</StatusMessage><Progress>100</Progress>"
+        "</member></Activities></DescribeScalingActivitiesResult>"
+        "<ResponseMetadata><RequestId>r-1</RequestId></ResponseMetadata></DescribeScalingActivitiesResponse>"
+    )
+
+
+def _group_xml(name: str, desired: int, instances: list[str]) -> str:
+    ns = "http://autoscaling.amazonaws.com/doc/2011-01-01/"
+    members = "".join(
+        f"<member><InstanceId>{i}</InstanceId><AvailabilityZone>us-east-1a</AvailabilityZone>"
+        "<LifecycleState>InService</LifecycleState><HealthStatus>Healthy</HealthStatus>"
+        "<InstanceType>g4dn.xlarge</InstanceType><ProtectedFromScaleIn>false</ProtectedFromScaleIn></member>"
+        for i in instances
+    )
+    return (
+        f'<DescribeAutoScalingGroupsResponse xmlns="{ns}"><DescribeAutoScalingGroupsResult><AutoScalingGroups>'
+        f"<member><AutoScalingGroupName>{name}</AutoScalingGroupName><MinSize>0</MinSize><MaxSize>{desired}</MaxSize>"
+        f"<DesiredCapacity>{desired}</DesiredCapacity><DefaultCooldown>300</DefaultCooldown>"
+        "<AvailabilityZones><member>us-east-1a</member></AvailabilityZones><HealthCheckType>EC2</HealthCheckType>"
+        f"<CreatedTime>2026-12-07T09:00:00Z</CreatedTime><Instances>{members}</Instances></member>"
+        "</AutoScalingGroups></DescribeAutoScalingGroupsResult>"
+        "<ResponseMetadata><RequestId>r-2</RequestId></ResponseMetadata></DescribeAutoScalingGroupsResponse>"
+    )

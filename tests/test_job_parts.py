@@ -1,6 +1,7 @@
-"""The pieces of jobs that need no training: the status decisions, the cost estimate, autostop's
-idle check, the wheel publisher, and the first-boot script run in a sandbox (stub aws, python,
-systemctl, poweroff) to show it installs only a wheel whose hash matches."""
+"""The pieces of jobs that need no training: the cost estimate (the runners' decisions:
+test_job_state.py; autostop's idle check: test_autostop.py), the wheel publisher, and the
+first-boot script run in a sandbox (stub aws, python, systemctl, poweroff) to show it installs
+only a wheel whose hash matches."""
 
 from __future__ import annotations
 
@@ -12,183 +13,68 @@ from pathlib import Path
 
 import pytest
 
-from ec2train.job import autostop, cost, state
-from ec2train.job.spec import JobError, JobSpec, check_fit_args
+from ec2train.job import cost
+from ec2train.job.spec import JobError, check_fit_args
+from tests.support.job_nodes import job_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_DATA = ROOT / "ec2train" / "job" / "user_data.sh"
 
 
-def spec(**changes) -> JobSpec:
-    base = dict(
-        name="dogs",
-        s3_uri="s3://b/dogs",
-        data="s3://b/d.zip",
-        fit_args=[],
-        region="us-east-1",
-        group="ec2train-job-dogs",
-        submitted_at=1000.0,
-        max_hours=1.0,
-        max_failures=2,
-    )
-    return JobSpec(**{**base, **changes})
-
-
-ME = {"instance": "i-1", "instance_type": "g4dn.xlarge", "lifecycle": "spot"}
-
-
-# --------------------------------------------------------------------------- status decisions
-
-
-def test_attempts_interruptions_and_the_failure_cap():
-    s, d = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
-    assert d == "run" and s["state"] == "starting" and s["attempts"][0]["instance"] == "i-1"
-    s, d = state.end_attempt(s, spec(), 75, ["x"], 1100)
-    assert (d, s["state"], s["interruptions"], s["failures"]) == ("leave", "interrupted", 1, 0)
-    s, d = state.begin_attempt(s, spec(), {**ME, "instance": "i-2"}, 1200)
-    s, d = state.end_attempt(s, spec(), 1, [f"line {i}" for i in range(50)], 1300)
-    assert (d, s["state"], s["failures"], s["exit_code"]) == ("relaunch", "retrying", 1, 1)
-    assert s["log_tail"] == [f"line {i}" for i in range(30, 50)]  # the last 20 lines
-    # The third instance vanishes without a word; the fourth counts that as the second failure.
-    s, d = state.begin_attempt(s, spec(), {**ME, "instance": "i-3"}, 1400)
-    assert d == "run"
-    s, d = state.begin_attempt(s, spec(), {**ME, "instance": "i-4"}, 1500)
-    assert (d, s["state"], s["failures"]) == ("end", "failed", 2)
-    assert [a["outcome"] for a in s["attempts"]] == ["interrupted", "failed", "lost"]
-    # Over is over: a late replacement only ends the group again.
-    assert state.begin_attempt(s, spec(), {**ME, "instance": "i-5"}, 1600)[1] == "end" and len(s["attempts"]) == 3
-
-
-def test_success_the_deadline_and_a_live_predecessor():
-    s, _ = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
-    assert state.end_attempt(dict(s), spec(), 0, [], 1020)[1] == "end"
-    late, d = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1000 + 3600)
-    assert (d, late["state"]) == ("end", "failed") and "--max-hours 1" in late["reason"]
-    s, _ = state.begin_attempt(state.new_status("dogs", 1000), spec(), ME, 1010)
-    s["updated_at"] = 1010
-    assert state.previous_alive(s, "i-2", 1010 + 60)  # capacity rebalancing: wait for it
-    assert not state.previous_alive(s, "i-2", 1010 + state.STALE_SECONDS + 1)  # gone quiet: it is lost
-    assert not state.previous_alive(s, "i-1", 1020)  # our own
-
-
-def test_progress_reads_fits_epoch_lines():
-    log = "epoch 1/3 ━━━ 16/192\nepoch 1/3: train loss 1.0\nepoch 2/3: train loss 0.9\n"
-    assert state.progress(log) == (2, 3) and state.progress("nothing yet") == (0, None)
-
-
-def test_the_last_sync_counts_an_epoch_fit_logged_after_the_previous_one(aws, tmp_path):
-    """fit can log an epoch and stop (a spot notice) between two of the runner's syncs: the
-    status written after it ended still has that epoch."""
-    import json
-
-    import boto3
-
-    from ec2train import s3
-    from ec2train.job.runner import Attempt
-
-    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="ec2train-parts")
-    status = {"state": "running", "attempts": [{}], "epoch": 0, "epochs": None}
-    att = Attempt(spec(), s3.parse_uri("s3://ec2train-parts/dogs"), tmp_path, ME, status)
-    att.say("running: fit")
-    att.sync()
-    with open(att.log_path, "a") as log:
-        log.write("epoch 1/3: train loss 1.0 | valid acc 0.5\nstopped by a spot interruption notice\n")
-    att.status["state"] = "interrupted"  # what end_attempt decided
-    att.sync()
-    body = boto3.client("s3", region_name="us-east-1").get_object(Bucket="ec2train-parts", Key="dogs/_job/status.json")[
-        "Body"
-    ]
-    assert (json.loads(body.read())["epoch"], att.status["epochs"]) == (1, 3)
+spec = job_spec
 
 
 # --------------------------------------------------------------------------- cost
 
 
-def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller():
-    assert cost.spot_types("g4dn.xlarge") == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge", "g4dn.8xlarge"]
+@pytest.mark.fast
+def test_spot_types_stay_in_the_family_with_as_many_gpus_and_no_smaller_and_not_much_dearer():
+    # g4dn.8xlarge (4.1x g4dn.xlarge's on-demand price) is left out: spot bills up to on-demand.
+    assert cost.spot_types("g4dn.xlarge") == ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge"]
+    assert all(
+        cost.PRICES[t][1] <= cost.SPOT_PRICE_RATIO * cost.PRICES["g4dn.xlarge"][1]
+        for t in cost.spot_types("g4dn.xlarge")
+    )
     assert cost.spot_types("g5.12xlarge") == ["g5.12xlarge", "g5.24xlarge"]  # 4 GPUs each
+    assert cost.spot_types("g5.8xlarge", efa=True) == ["g5.8xlarge", "g5.16xlarge"]  # both have EFA
     assert cost.spot_types("x9.huge") == ["x9.huge"]
 
 
-def test_cost_estimate_prices_each_attempt_by_its_type_and_market():
-    st = {
-        "attempts": [
-            {"instance_type": "g4dn.xlarge", "lifecycle": "spot", "started_at": 0, "ended_at": 3600},
-            {"instance_type": "g4dn.xlarge", "lifecycle": "on-demand", "started_at": 3600, "ended_at": None},
-        ]
-    }
-    est = cost.estimate(st, now=5400)
-    assert est["hours"] == pytest.approx(1.5)
-    assert est["usd"] == pytest.approx(cost.PRICES["g4dn.xlarge"][2] + 0.5 * cost.PRICES["g4dn.xlarge"][1])
-    assert cost.estimate({"attempts": [{"instance_type": "zz.big", "started_at": 0, "ended_at": 1}]})["usd"] is None
-
-
-# --------------------------------------------------------------------------- autostop
-
-
-def fake_proc(tmp_path: Path, *cmdlines: str) -> Path:
-    proc = tmp_path / "proc"
-    for pid, line in enumerate(cmdlines, start=100):
-        (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "cmdline").write_bytes(line.replace(" ", "\0").encode() + b"\0")
-    (proc / "self").mkdir(parents=True, exist_ok=True)  # not a pid: skipped
-    return proc
-
-
-def test_autostop_decision():
-    assert autostop.decide(100, None, 30, busy=False) == (100, False)  # first check: the full period starts
-    assert autostop.decide(200, 100, 30, busy=True) == (200, False)
-    assert autostop.decide(100 + 29 * 60, 100, 30, busy=False) == (100, False)
-    assert autostop.decide(100 + 30 * 60, 100, 30, busy=False) == (100, True)
-
-
-def test_autostop_sees_training_and_sessions(tmp_path):
-    idle = fake_proc(
-        tmp_path / "a",
-        "/usr/sbin/sshd -D",
-        "sshd: ubuntu [priv]",
-        "/usr/bin/python3 -m ec2train.job.autostop --idle-minutes 30",
+@pytest.mark.fast
+def test_cost_estimate_prices_every_node_by_its_type_and_market_until_it_exited_or_went_silent():
+    nodes = [
+        {"instance_type": "g4dn.xlarge", "lifecycle": "spot", "started_at": 0, "exited_at": 3600},
+        {"instance_type": "g4dn.xlarge", "lifecycle": "on-demand", "started_at": 3600, "heartbeat_at": 5390},
+        # vanished at its last heartbeat, an hour ago: counted to that heartbeat, not to now
+        {"instance_type": "g5.xlarge", "lifecycle": "spot", "started_at": 0, "heartbeat_at": 1800},
+    ]
+    est = cost.estimate(nodes, now=5400, timeout=60)
+    assert est["hours"] == pytest.approx(1 + 0.5 + 0.5)
+    assert est["usd"] == pytest.approx(
+        cost.PRICES["g4dn.xlarge"][2] + 0.5 * cost.PRICES["g4dn.xlarge"][1] + 0.5 * cost.PRICES["g5.xlarge"][2]
     )
-    assert autostop.busy_reasons(idle) == []
-    for line in (
-        "/opt/pytorch/bin/python /opt/pytorch/bin/ec2train fit --epochs 5",
-        "/opt/pytorch/bin/torchrun --nnodes 2 -m ec2train fit",
-        "sshd: ubuntu@pts/0",
-        "sshd: ubuntu@notty",
-        "/usr/bin/ssm-session-worker sess-1",
-    ):
-        assert autostop.busy_reasons(fake_proc(tmp_path / str(hash(line)), line)), line
+    unknown = cost.estimate([{"instance_type": "zz.big", "started_at": 0, "exited_at": 1}])
+    assert unknown["usd"] is None and unknown["unpriced"] == ["zz.big"]
 
 
-def test_autostop_check_keeps_state_and_the_command_powers_off_only_when_idle_long_enough(tmp_path):
-    proc, state_file = fake_proc(tmp_path, "/sbin/init"), tmp_path / "state" / "last-busy"
-    assert autostop.check(30, state=state_file, proc=proc, now=1000) == (False, [])
-    assert autostop.check(30, state=state_file, proc=proc, now=1000 + 30 * 60 - 1)[0] is False
-    assert autostop.check(30, state=state_file, proc=proc, now=1000 + 30 * 60)[0] is True
-    state_file.write_text(str(0))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ec2train.job.autostop",
-            "--idle-minutes",
-            "1",
-            "--state",
-            str(state_file),
-            "--proc",
-            str(proc),
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0 and "powering off" in out.stdout
+@pytest.mark.fast
+def test_price_lines_give_the_range_and_the_worst_case_of_every_node():
+    types = cost.spot_types("g4dn.xlarge")
+    price, worst = cost.price_lines(types, 4, True, 24, 100)
+    assert "$0.21-$0.48 per instance-hour at typical spot prices ($0.53-$1.20 on-demand)" in price
+    assert "4 nodes: $0.84-$1.92 per hour" in price
+    # 4 nodes x 24 h x the dearest type's on-demand price, plus 4 x 100 GB of gp3 for 24 h
+    expected = 24 * (4 * 1.204 + 4 * 100 * cost.EBS_GB_MONTH / cost.HOURS_PER_MONTH)
+    assert f"${expected:,.2f} if all 4 nodes run the full --max-hours 24 at $1.20/h" in worst
+    day = cost.price_lines(["g5.12xlarge"], 2, False, None, 100)[1]
+    assert day.startswith(f"worst case ${24 * (2 * 5.672 + 2 * 100 * 0.08 / 730):,.2f} per day until you tear it down")
+    assert "unknown for x9.huge" in cost.price_lines(["x9.huge"], 1, False, 1, 100)[0]
 
 
 # --------------------------------------------------------------------------- fit arguments
 
 
+@pytest.mark.fast
 def test_fit_args():
     assert check_fit_args(["fit", "--epochs", "3"]) == ["--epochs", "3"] == check_fit_args(["--epochs", "3"])
     for bad in (["tune"], ["fit", "--resume", "never"], ["fit", "--output=x"]):
@@ -196,12 +82,12 @@ def test_fit_args():
             check_fit_args(bad)
 
 
+@pytest.mark.fast
 def test_on_spot_the_runner_has_fit_watch_for_the_notice_unless_the_job_chose(tmp_path):
-    from ec2train.job.runner import Attempt, fit_command
+    from ec2train.job.runner import fit_command
 
     def command(fit_args, lifecycle):
-        att = Attempt(spec(fit_args=fit_args), None, tmp_path, {**ME, "lifecycle": lifecycle}, {"attempts": [{}]})
-        return fit_command(att, tmp_path / "data")[4:]
+        return fit_command(spec(), fit_args, tmp_path, tmp_path / "data", lifecycle)[4:]
 
     assert command(["--epochs", "3"], "spot")[:4] == ["--epochs", "3", "--spot-watch", "on"]
     assert "--spot-watch" not in command(["--epochs", "3"], "on-demand")

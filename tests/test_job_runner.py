@@ -11,11 +11,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-import uuid
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
@@ -23,13 +20,13 @@ import pytest
 from ec2train.job import api, runner
 from tests.support.aws import DLAMI_ID
 from tests.support.cli import Quiet, cli_in_process
+from tests.support.job_nodes import FakeInstance
 from tests.support.training import FIT
 
 BUCKET = "ec2train-jobs"
 REGION = "us-east-1"
 PREFIX = f"s3://{BUCKET}/demo"
 GROUP = "ec2train-job-demo"
-NOTICE = {"action": "terminate", "time": "2026-11-29T12:00:00Z"}
 FIT_ARGS = [
     "fit",
     "--arch",
@@ -51,55 +48,6 @@ FIT_ARGS = [
 ]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class FakeInstance:
-    """IMDSv2 on 127.0.0.1 for one instance: tokens first (a tokenless GET is 401), its id,
-    type, lifecycle and group tag, and the spot notice once `notice_when()` is true."""
-
-    def __init__(self, instance_id: str, lifecycle: str = "spot", notice_when=lambda: False):
-        self.notice_when, self.tokens, self.tokenless_gets = notice_when, set(), 0
-        meta = {
-            "instance-id": instance_id,
-            "instance-type": "g4dn.xlarge",
-            "instance-life-cycle": lifecycle,
-            "tags/instance/aws:autoscaling:groupName": GROUP,
-        }
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: bytes = b""):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_PUT(self):
-                if self.path != "/latest/api/token" or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    return self._send(400)
-                token = uuid.uuid4().hex
-                server.tokens.add(token)
-                self._send(200, token.encode())
-
-            def do_GET(self):
-                if self.headers.get("X-aws-ec2-metadata-token") not in server.tokens:
-                    server.tokenless_gets += 1
-                    return self._send(401)
-                key = self.path.removeprefix("/latest/meta-data/")
-                if key == "spot/instance-action":
-                    return self._send(200, json.dumps(NOTICE).encode()) if server.notice_when() else self._send(404)
-                return self._send(200, meta[key].encode()) if key in meta else self._send(404)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +122,12 @@ def log_of(key_part: str) -> str:
 
 
 def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tmp_path):
-    # Batches of 2 at 64 px over 3 epochs: epochs 2 and 3 (16 steps each, seconds on a loaded box)
-    # are the window for the notice, which the runner has fit watch for (--spot-watch on).
-    fit_args = list(FIT_ARGS)
-    fit_args[fit_args.index("--batch-size") + 1] = "2"
+    # Two processes on the one node (as on a 2-GPU box): the runner starts both and sees rank 0's
+    # exit 75 itself (torchrun would report a plain failure, exit 1). Batches of 1 per process at
+    # 64 px over 3 epochs: epochs 2 and 3 (16 steps each, seconds on a loaded box) are the window
+    # for the notice, which the runner has fit watch for (--spot-watch on).
+    fit_args = [*FIT_ARGS, "--nproc-per-node", "2"]
+    fit_args[fit_args.index("--batch-size") + 1] = "1"
     fit_args[fit_args.index("--image-size") + 1] = "64"
     fit_args[fit_args.index("--epochs") + 1] = "3"
     fit_args[fit_args.index("--spot-poll-seconds") + 1] = "0.1"
@@ -191,7 +141,7 @@ def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tm
     imds = job.instance("i-0000000000000001", notice_when=after_epoch_one)
     code = runner.run_job(PREFIX, first, imds_endpoint=imds.url)
     assert code == 75, (first / "attempt-001.log").read_text()
-    assert "--spot-watch on" in log.read_text()
+    assert "--spot-watch on" in log.read_text() and "(2 processes)" in log.read_text()
     st = status()
     assert (st["state"], st["interruptions"], st["failures"]) == ("interrupted", 1, 0)
     done = st["epoch"]
@@ -216,6 +166,7 @@ def test_spot_notice_then_a_replacement_resumes_from_s3_and_ends_the_job(job, tm
         boto3.client("s3", region_name=REGION).get_object(Bucket=BUCKET, Key="demo/metrics.json")["Body"].read()
     )
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]  # the first `done` came from the first instance
+    assert metrics["world_size"] == 2 and st["attempts"][0]["exit_codes"]["i-0000000000000001"] == [75, 0]
     assert "resuming from" in log_of("attempt-002") and f"{done} of 3 epochs done" in log_of("attempt-002")
     assert desired() == 0  # the job ended itself: the group terminates the instance
 

@@ -49,6 +49,7 @@ def test_weights_from_a_local_file_keep_the_backbone(tmp_path):
         build_model("mobilenet_v3_small", 3, str(tmp_path / "w.pth"))
 
 
+@pytest.mark.fast
 def test_clean_state_dict_strips_ddp_and_compile_prefixes():
     t = torch.zeros(1)
     assert list(clean_state_dict({"module._orig_mod.fc.weight": t, "_orig_mod.module.x": t, "y": t})) == [
@@ -58,6 +59,7 @@ def test_clean_state_dict_strips_ddp_and_compile_prefixes():
     ]
 
 
+@pytest.mark.fast
 def test_config_layers_defaults_file_and_cli(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[fit]\nepochs = 9\nlr = 1\nbatch-size = 8\narch = "resnet18"\n')

@@ -38,6 +38,7 @@ def _breeds(n: int = 133) -> tuple[torch.Tensor, list[str]]:
     return m, names
 
 
+@pytest.mark.fast
 def test_most_confused_orders_by_count_then_share_of_true_class():
     m = [[5, 2, 0], [3, 4, 1], [0, 2, 6]]
     pairs = most_confused(m, ["a", "b", "c"])
@@ -53,6 +54,7 @@ def test_most_confused_orders_by_count_then_share_of_true_class():
     assert most_confused(torch.eye(3) * 4, ["a", "b", "c"]) == []  # the diagonal is never a confusion
 
 
+@pytest.mark.fast
 def test_per_class_accuracy_and_shape_check():
     acc = per_class_accuracy([[3, 1, 0], [0, 0, 0], [1, 1, 2]], ["a", "b", "c"])
     assert acc == {"a": pytest.approx(0.75), "b": None, "c": pytest.approx(0.5)}
@@ -60,6 +62,7 @@ def test_per_class_accuracy_and_shape_check():
         most_confused(torch.zeros(4, 4), ["a", "b", "c"])
 
 
+@pytest.mark.fast
 def test_figure_labels_both_axes_and_lists_pairs():
     fig = confusion_figure(FOUR, SHAPES)
     assert fig.row_labels == SHAPES and fig.column_labels == SHAPES and not fig.columns_at_top
@@ -78,6 +81,7 @@ def test_figure_labels_both_axes_and_lists_pairs():
     assert fig.pairs[2:4] == [" 1. Breed 4 [4]", "     -> Breed 120 [120]:  7 of 15 (47%)"]
 
 
+@pytest.mark.fast
 def test_cells_are_coloured_by_their_share_of_the_true_class(tmp_path: Path):
     import numpy as np
 
@@ -95,6 +99,7 @@ def test_cells_are_coloured_by_their_share_of_the_true_class(tmp_path: Path):
     assert image.shape[1] == g.width and image.shape[0] == g.height
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("classes", [1, 2, 3])
 def test_a_few_classes_leave_room_for_the_title_and_the_colour_scale(classes: int):
     fig = confusion_figure(torch.eye(classes) * 3, [f"class {i}" for i in range(classes)])
@@ -106,6 +111,7 @@ def test_a_few_classes_leave_room_for_the_title_and_the_colour_scale(classes: in
     assert plots.bar_height(g.side) >= caption_h and g.top + plots.bar_height(g.side) <= g.height
 
 
+@pytest.mark.fast
 def test_without_freetype_the_picture_is_left_out_with_the_reason(tmp_path: Path, monkeypatch):
     from PIL import features
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

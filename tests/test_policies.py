@@ -63,6 +63,7 @@ def test_every_rendered_permission_policy_lints_clean(name, variables):
     assert findings == [], [f"{f.issue}: {f.detail}" for f in findings]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", TRUST_POLICIES)
 def test_trust_policies_lint_clean_but_for_the_resource_they_must_not_have(name):
     # parliament lints identity policies; a trust policy has a Principal and, by IAM's rules,
@@ -90,6 +91,7 @@ def test_the_linter_is_really_checking():
 # --------------------------------------------------------------------------- exact rights
 
 
+@pytest.mark.fast
 def test_the_function_gets_exactly_one_endpoint_and_its_own_logs():
     doc = render_policy("lambda-invoke-endpoint", **VARS)
     assert doc["Version"] == "2012-10-17"
@@ -110,12 +112,14 @@ def test_the_function_gets_exactly_one_endpoint_and_its_own_logs():
     assert all(r != "*" and "*" not in r.removesuffix(":*") for r in everything), "no wildcard resource"
 
 
+@pytest.mark.fast
 def test_the_endpoint_arn_is_lowercase_because_iam_matches_it_so():
     doc = render_policy("lambda-invoke-endpoint", **{**VARS, "EndpointName": "DogBreeds-V2"})
     [sagemaker] = [st for st in statements(doc) if as_list(st["Action"]) == ["sagemaker:InvokeEndpoint"]]
     assert sagemaker["Resource"] == "arn:aws:sagemaker:us-east-1:123456789012:endpoint/dogbreeds-v2"
 
 
+@pytest.mark.fast
 def test_the_instance_role_reaches_its_prefix_and_no_sibling():
     """Issue 13.9: `runs/dog` must not also list or read `runs/dog-secret/`; nothing deletes."""
     from fnmatch import fnmatchcase
@@ -134,6 +138,7 @@ def test_the_instance_role_reaches_its_prefix_and_no_sibling():
     assert objects["Resource"] == "arn:aws:s3:::my-bucket/runs/dog/*"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "var,value",
     [
@@ -152,11 +157,13 @@ def test_bucket_and_prefix_cannot_widen_the_policy(var, value):
         render_policy("ec2-s3-access", **{**VARS, var: value})
 
 
+@pytest.mark.fast
 def test_only_ec2_may_assume_the_instance_role():
     [st] = statements(render_policy("ec2-trust", **VARS))
     assert st["Principal"] == {"Service": "ec2.amazonaws.com"} and st["Action"] == "sts:AssumeRole"
 
 
+@pytest.mark.fast
 def test_only_lambda_may_assume_the_role():
     doc = render_policy("lambda-trust", **VARS)
     [st] = statements(doc)
@@ -171,11 +178,13 @@ def test_only_lambda_may_assume_the_role():
 # --------------------------------------------------------------------------- rendering rules
 
 
+@pytest.mark.fast
 def test_missing_variables_are_named():
     with pytest.raises(PolicyTemplateError, match="needs AccountId, FunctionName"):
         render_policy("lambda-invoke-endpoint", Partition="aws", Region="us-east-1", EndpointName="dogs")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "var,value",
     [
@@ -204,16 +213,23 @@ def test_bad_values_are_refused(var, value):
         render_policy("lambda-invoke-endpoint", **{**VARS, var: value})
 
 
+@pytest.mark.fast
 def test_endpoint_names_follow_sagemakers_rule():
+    """Every name SageMaker accepts renders, as the one endpoint's ARN, lowercased (IAM compares
+    endpoint ARNs in lowercase: a mixed-case Resource would never match)."""
     for name in ["a", "dogs", "Dog-Breeds-2", "a--b", "x" * 63]:
-        render_policy("lambda-invoke-endpoint", **{**VARS, "EndpointName": name})
+        invoke = render_policy("lambda-invoke-endpoint", **{**VARS, "EndpointName": name})["Statement"][0]
+        assert invoke["Action"] == "sagemaker:InvokeEndpoint"
+        assert invoke["Resource"] == f"arn:aws:sagemaker:us-east-1:123456789012:endpoint/{name.lower()}"
 
 
+@pytest.mark.fast
 def test_unknown_templates_are_refused():
     with pytest.raises(PolicyTemplateError, match="no policy template named"):
         render_policy("../../etc/passwd")
 
 
+@pytest.mark.fast
 def test_templates_use_only_known_placeholders_and_leave_none_behind():
     for name in policies.template_names():
         assert policies.placeholders(name) <= set(policies._RULES)
@@ -223,6 +239,7 @@ def test_templates_use_only_known_placeholders_and_leave_none_behind():
 # --------------------------------------------------------------------------- one source of truth
 
 
+@pytest.mark.fast
 def test_infra_policies_are_links_to_the_packaged_templates():
     packaged = {p.name for p in (ROOT / "ec2train" / "_policies").glob("*.json")}
     linked = {p.name for p in (ROOT / "infra" / "policies").glob("*.json")}
@@ -277,6 +294,7 @@ def wheel(sdist, tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.fast
 def test_package_data_names_only_files_that_exist():
     patterns = read_toml(ROOT / "pyproject.toml", "pyproject.toml")["tool"]["setuptools"]["package-data"]["ec2train"]
     for pattern in patterns:
@@ -351,6 +369,7 @@ def test_deploy_lambda_works_from_an_installed_wheel(wheel, tmp_path):
     assert f"<zip archive: {len(zipped)} bytes, CodeSha256 {digest}>" in out.stdout
 
 
+@pytest.mark.fast
 def test_lambda_folder_is_a_link_to_the_packaged_source():
     link = ROOT / "lambda"
     assert link.is_symlink(), "lambda/ must link to ec2train/_lambda, not hold a second copy"

@@ -48,6 +48,7 @@ class Keys(Dataset):
         return key[0] if isinstance(key, tuple) else key
 
 
+@pytest.mark.fast
 def test_loaders_leave_the_global_rng_alone():
     data = Keys()
     before = torch.random.get_rng_state()

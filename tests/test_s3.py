@@ -88,23 +88,33 @@ def test_fit_uploads_encrypted_verified_artifacts_and_resumes_on_an_empty_disk(s
     )
 
     # Where --resume auto looks: the local checkpoint first, then (run.py) the S3 prefix.
-    from ec2train.checkpoint import load_checkpoint, resume_source
-    from ec2train.run import fetch_remote_checkpoint
+    from ec2train.checkpoint import Resume, ResumeError, load_checkpoint
+    from ec2train.ddp import DistEnv
 
-    def settings(out: Path, **kw):
-        return resolve(data=str(demo_data), output=str(out), logdir=str(tmp_path / "r"), **{**FIT, **kw})
+    def decision(out: Path, **kw) -> Resume:
+        cfg = resolve(data=str(demo_data), output=str(out), logdir=str(tmp_path / "r"), **{**FIT, **kw})
+        return Resume.of(cfg, torchrun=False)
 
-    fresh = tmp_path / "fresh"
-    assert resume_source("auto", first / "out", False) == str(first / "out" / "last.pt")
-    assert resume_source("auto", fresh, False) is None  # fit itself reads local files only
-    fetch_remote_checkpoint(settings(tmp_path / "none", resume="auto", s3_uri=f"s3://{BUCKET}/nothing-here"), print)
+    fresh, rank0 = tmp_path / "fresh", DistEnv()
+    assert decision(first / "out", resume="auto").local_source() == str(first / "out" / "last.pt")
+    assert decision(fresh, resume="auto").local_source() is None  # fit itself reads local files only
+    decision(tmp_path / "none", resume="auto", s3_uri=f"s3://{BUCKET}/nothing-here").fetch_remote(rank0, print)
     assert not (tmp_path / "none").exists()
-    assert fetch_remote_checkpoint(settings(fresh, resume="auto", s3_uri=uri), print).resume == "auto"
+    auto = decision(fresh, resume="auto", s3_uri=uri).fetch_remote(rank0, print)
+    assert auto.local_source() == str(fresh / "last.pt")
     for name in ("last.pt", "model.pth"):  # the output folder is complete again
         assert (fresh / name).read_bytes() == (first / "out" / name).read_bytes()
-    explicit = fetch_remote_checkpoint(settings(tmp_path / "explicit", resume=f"{uri}/last.pt"), print)
-    assert explicit.resume == str(tmp_path / "explicit" / "last.pt")  # what --resume s3://... does
-    assert load_checkpoint(explicit.resume)["epoch"] == 1
+    remote = decision(tmp_path / "explicit", resume=f"{uri}/last.pt")
+    with pytest.raises(ResumeError, match="resumed through `ec2train fit`"):  # loop.fit alone reads local files
+        remote.local_source()
+    explicit = remote.fetch_remote(rank0, print)
+    assert explicit.local_source() == str(tmp_path / "explicit" / "last.pt")  # what --resume s3://... does
+    assert load_checkpoint(explicit.local_source())["epoch"] == 1
+    # A run not told to resume refuses to overwrite the checkpoint in S3; torchrun restarts resume by themselves.
+    with pytest.raises(ResumeError, match="already holds a run's checkpoint.*--resume auto"):
+        decision(fresh, s3_uri=uri).refuse_overwrite(f"{uri}/last.pt")
+    Resume.of(resolve(s3_uri=uri), torchrun=True).refuse_overwrite(f"{uri}/last.pt")
+    decision(fresh, resume="never", s3_uri=uri).refuse_overwrite(f"{uri}/last.pt")
 
     # A new instance: empty disk, same command plus --resume auto.
     second = tmp_path / "instance2"
@@ -151,9 +161,9 @@ def test_fit_with_kms_key_encrypts_every_upload_with_that_key(s3, demo_data, tmp
 
 
 def test_existing_run_in_s3_is_not_overwritten_without_a_resume_choice(s3, demo_data, tmp_path):
+    from ec2train.checkpoint import ResumeError
     from ec2train.config import resolve
     from ec2train.run import fit_run
-    from ec2train.s3 import S3Error
 
     s3.put_object(Bucket=BUCKET, Key="taken/last.pt", Body=b"an earlier run")
     cfg = resolve(
@@ -163,7 +173,7 @@ def test_existing_run_in_s3_is_not_overwritten_without_a_resume_choice(s3, demo_
         s3_uri=f"s3://{BUCKET}/taken",
         **FIT,
     )
-    with pytest.raises(S3Error, match="--resume auto"):
+    with pytest.raises(ResumeError, match="--resume auto"):
         fit_run(cfg, spot_watch="off")
     assert not (tmp_path / "out").exists()
     assert s3.get_object(Bucket=BUCKET, Key="taken/last.pt")["Body"].read() == b"an earlier run"
@@ -199,6 +209,7 @@ def test_multipart_upload_is_verified_and_a_damaged_object_is_refused_on_downloa
     assert [p.name for p in back.parent.iterdir()] == ["big.bin"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "uri, message",
     [
@@ -218,7 +229,7 @@ def test_bad_s3_addresses_are_one_line_errors(uri, message):
 
 
 def test_background_uploader_skips_stale_versions_and_flush_waits_for_the_newest(s3, proxy, tmp_path):
-    from ec2train.export import atomic_write_text
+    from ec2train.files import atomic_write_text
     from ec2train.s3 import BackgroundUploader, S3Uri
 
     target = S3Uri(BUCKET, "q/last.pt")

@@ -36,7 +36,7 @@ PACKAGED = {
     "code",
     "code/inference.py",
     "code/ec2train",
-    *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "hw", "model", "preprocess", "infer")),
+    *(f"code/ec2train/{m}.py" for m in ("__init__", "errors", "hw", "threads", "model", "preprocess", "infer")),
 }
 
 
@@ -158,6 +158,7 @@ def test_bad_requests_are_client_errors(handler, body, ctype, status, needle):
     assert exc.value.status == status and needle in str(exc.value).lower(), str(exc.value)
 
 
+@pytest.mark.fast
 def test_options_from_custom_attributes_header():
     assert parse_custom_attributes("top_k=3") == {"top_k": 3}
     assert parse_custom_attributes("trace=abc-123; top_k=2, logits=true") == {"top_k": 2, "logits": True}
@@ -310,6 +311,7 @@ def test_packaged_code_runs_in_isolation(package, demo_data, tmp_path):
         "ec2train",
         "ec2train.errors",
         "ec2train.hw",
+        "ec2train.threads",
         "ec2train.model",
         "ec2train.preprocess",
         "ec2train.infer",
@@ -571,6 +573,7 @@ def test_several_workers_with_compile_on_and_no_compiler_stop_before_any_worker_
         server.run(trained_model, port=free_port(), workers=2, compile="on")
 
 
+@pytest.mark.fast
 def test_on_an_older_torch_the_recompile_budget_is_raised_globally(monkeypatch):
     import torch
     import torch._dynamo.config as dynamo_config
@@ -787,10 +790,10 @@ class MeetingPredictor(Predictor):
 
 @pytest.mark.parametrize("cpus, lanes", [(4, 2), (1, 1)])
 def test_forward_passes_run_in_as_many_lanes_as_the_plan_says(trained_model, images, monkeypatch, cpus, lanes):
-    from ec2train import hw
+    from ec2train import threads
     from ec2train.server import create_app
 
-    monkeypatch.setattr(hw, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(threads, "available_cpus", lambda: cpus)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     predictor = MeetingPredictor(trained_model)
     app = create_app(trained_model, max_batch=1, load=lambda: predictor, compile="off")
@@ -852,6 +855,7 @@ def test_a_free_lane_waits_for_its_share_while_the_other_pass_runs():
     assert passes == [1, 2, 4, 3] and [a["n"] for a in rest] == [0, 7, 8, 9]  # ...and then go
 
 
+@pytest.mark.fast
 def test_one_lane_takes_a_whole_batch_and_the_share_follows_the_last_second():
     from ec2train.batching import Batcher, BatchStats, PeakWindow
 

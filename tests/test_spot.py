@@ -15,28 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.support.aws import NOTICE, FaultyProxy, ImdsServer
+from tests.support.aws import NOTICE, FaultyProxy
 from tests.support.net import free_port
 from tests.support.training import assert_same_weights, fit_args, reference_run, weights
 
 BUCKET = "ec2train-spot"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def imds(monkeypatch):
-    # conftest switches the SDKs' metadata lookups off; these tests are about the watcher's.
-    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
-    servers = []
-
-    def start(notice_when=lambda: False, **slow):
-        servers.append(ImdsServer(notice_when, **slow))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 # ---------------------------------------------------------------- the watcher
@@ -92,6 +77,7 @@ def test_watcher_recovers_from_a_revoked_token(imds):
     assert server.polls > polls + 3 and server.token_puts >= 2
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("listener", ["closed port", "silent listener"])
 def test_watcher_switches_itself_off_quietly_without_a_metadata_service(listener, caplog, monkeypatch):
     from ec2train.spot import SpotWatcher
@@ -141,6 +127,7 @@ def test_auto_keeps_watching_when_a_loaded_instance_answers_its_first_probe_late
     assert watcher.should_stop() and server.token_puts >= PROBE_TRIES
 
 
+@pytest.mark.fast
 def test_watch_modes(monkeypatch):
     from ec2train.errors import UserError
     from ec2train.spot import SpotWatcher

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +46,7 @@ def _expected(net: nn.Module, batch) -> tuple[int, float, float, float]:
     )
 
 
+@pytest.mark.fast
 def test_every_step_is_counted_and_reported_in_order_one_step_behind():
     net, opt, sched = _frozen_setup()
     data = _batches([4, 3, 5])
@@ -81,6 +83,7 @@ def test_every_step_is_counted_and_reported_in_order_one_step_behind():
     assert meter.correct5 == sum(c5 for *_, c5 in expected)
 
 
+@pytest.mark.fast
 def test_a_stop_request_counts_the_step_it_came_after():
     net, opt, sched = _frozen_setup()
     seen: list[int] = []
@@ -99,6 +102,7 @@ def test_a_stop_request_counts_the_step_it_came_after():
     assert ended == [0, 1]  # two steps ran: two timings, none for the late report
 
 
+@pytest.mark.fast
 def test_evaluate_sums_and_confusion_match_a_direct_count():
     net, _, _ = _frozen_setup(classes=6)
     data = _batches([7, 5, 9], seed=3)
@@ -118,12 +122,14 @@ def test_evaluate_sums_and_confusion_match_a_direct_count():
     assert torch.equal(confusion, want)
 
 
+@pytest.mark.fast
 def test_topk_hits_with_fewer_classes_than_k():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
     hits = topk_hits(logits, torch.tensor([1, 2, 0]))
     assert hits.tolist() == [1.0, 3.0]  # top-5 of 3 classes holds every target
 
 
+@pytest.mark.fast
 def test_stop_questions_go_over_a_cpu_group_beside_nccl():
     assert ddp.control_backend("nccl") == "gloo"
     assert ddp.control_backend("gloo") is None  # the training group is on the CPU already

@@ -55,21 +55,34 @@ def _trials(db: Path, study: str):
     return optuna.load_study(study_name=study, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
 
 
-def _hparams_sessions(folder: Path) -> list[dict]:
-    """The hparams (session start info) written directly in `folder`."""
+def _hparams_sessions(folder: Path) -> tuple[list[dict], list[str]]:
+    """The hparams (session start infos) and session end statuses written directly in `folder`."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    sessions = []
+    sessions, ends = [], []
     for f in folder.glob("events.out.tfevents.*"):
         for ev in EventFileLoader(str(f)).Load():
             for v in ev.summary.value:
+                data = plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
                 if v.tag == "_hparams_/session_start_info":
-                    info = plugin_data_pb2.HParamsPluginData.FromString(
-                        v.metadata.plugin_data.content
-                    ).session_start_info
-                    sessions.append({k: x.string_value or x.number_value for k, x in info.hparams.items()})
-    return sessions
+                    hparams = data.session_start_info.hparams
+                    sessions.append({k: x.string_value or x.number_value for k, x in hparams.items()})
+                elif v.tag == "_hparams_/session_end_info":
+                    ends.append(api_pb2.Status.Name(data.session_end_info.status))
+    return sessions, ends
+
+
+def _scalar_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return {
+        v.tag
+        for f in folder.rglob("events.out.tfevents.*")
+        for ev in EventFileLoader(str(f)).Load()
+        for v in ev.summary.value
+        if v.HasField("simple_value") or v.metadata.plugin_data.plugin_name == "scalars"
+    }
 
 
 def _writer_threads() -> int:
@@ -79,6 +92,7 @@ def _writer_threads() -> int:
 # ---------------------------------------------------------------- pure parts
 
 
+@pytest.mark.fast
 def test_each_worker_gets_its_gpu():
     assert visible_gpus(None, 4) == ["0", "1", "2", "3"]
     assert visible_gpus("2,3", 2) == ["2", "3"]  # the box's ids, as the parent sees them
@@ -95,6 +109,7 @@ def test_each_worker_gets_its_gpu():
         worker_count(0, [], "auto")
 
 
+@pytest.mark.fast
 def test_durations():
     assert parse_duration("90s") == 90
     assert parse_duration("30m") == 1800
@@ -106,6 +121,7 @@ def test_durations():
             parse_duration(bad)
 
 
+@pytest.mark.fast
 def test_trials_stopped_by_ctrl_c_do_not_count():
     study = optuna.create_study(direction="maximize")
     make = optuna.trial.create_trial
@@ -117,6 +133,7 @@ def test_trials_stopped_by_ctrl_c_do_not_count():
     assert counted_trials(study) == 3
 
 
+@pytest.mark.fast
 def test_space_file_overrides_defaults_and_rejects_bad_ranges(tmp_path):
     base = resolve(**FIXED, epochs=3)
     f = tmp_path / "space.toml"
@@ -166,6 +183,71 @@ def test_bad_space_and_timeout_are_one_line_cli_errors(tmp_path, tiny_data, caps
     assert not (tmp_path / "o" / "trial-0").exists()
 
 
+@pytest.mark.parametrize(
+    "url,shown,secrets",
+    [
+        ("sqlite:///tune.db", "sqlite:///tune.db", []),
+        ("postgresql://user:pa@ss@host/db", "postgresql://user:***@host/db", ["pa@ss", "ss@"]),  # the last @ ends it
+        ("postgresql://user:p/w?x#y@host:5432/db", "postgresql://user:***@host:5432/db", ["p/w?x#y"]),
+        (
+            "postgresql://user:secret@host/db?password=qs&sslmode=require&sslpassword=k",
+            "postgresql://user:***@host/db?password=***&sslmode=require&sslpassword=***",
+            ["secret", "qs", "=k"],
+        ),
+        ("mysql://u@h/d?passwd=z;application_name=a", "mysql://u@h/d?passwd=***;application_name=a", ["=z"]),
+        (
+            "postgresql://h/d?PASSWORD=a1&pass%77ord=b1&api_key=c1&access_token=d1",
+            "postgresql://h/d?PASSWORD=***&pass%77ord=***&api_key=***&access_token=***",
+            ["a1", "b1", "c1", "d1"],
+        ),
+        ("postgresql://:tok@host/db", "postgresql://:***@host/db", ["tok"]),
+        ("postgresql://NAME@host/db", "postgresql://NAME@host/db", []),  # a user name alone is not secret
+        ("user:secret@host", "user:***@host", ["secret"]),  # not a URL at all
+        (
+            "postgresql://h/db?options=a@b&password=c1",
+            "postgresql://h/db?options=a@b&password=***",
+            ["c1"],
+        ),  # an @ in the query
+        ("sqlite:////tmp/a.db?password=hunter2", "sqlite:////tmp/a.db?password=***", ["hunter2"]),
+    ],
+)
+def test_storage_urls_are_shown_without_credentials(url, shown, secrets):
+    from ec2train.tune.study import shown_url
+
+    masked = shown_url(url)
+    assert masked == shown
+    for secret in secrets:
+        assert secret not in masked.replace("***", ""), (url, masked)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:pa@ss@127.0.0.1:1/db?password=qsecret",  # no driver installed: cannot open
+        "postgresql://user:pa@ss@host:notaport/db?password=qsecret",  # SQLAlchemy cannot parse it
+        "user:pa@ss@host?password=qsecret",  # no scheme
+    ],
+)
+def test_storage_errors_never_print_the_password(tmp_path, tiny_data, capsys, url):
+    common = ["tune", "--data", tiny_data, "--output", tmp_path / "o", "--arch", "squeezenet1_0", "--weights", "none"]
+    code, out, err = cli_in_process(capsys, *common, "--storage", url)
+    assert_one_line_error(code, err, "--storage")
+    for secret in ("pa@ss", "ss@", "qsecret"):
+        assert secret not in out + err, err
+
+
+def test_a_study_in_a_database_with_a_password_is_announced_without_it(tmp_path, tiny_data, capsys):
+    url = f"sqlite:///{tmp_path / 'study.db'}?password=hunter2"
+    study = optuna.create_study(study_name="ec2train", storage=url, direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, distributions={"lr": lr}, value=0.5))
+    common = ["tune", "--data", tiny_data, "--output", tmp_path / "o", "--arch", "squeezenet1_0", "--weights", "none"]
+    code, out, err = cli_in_process(capsys, *common, "--storage", url, "--trials", "1")  # done already: none runs
+    assert code == 0, err
+    assert "study 'ec2train' in sqlite:///" in out and "password=***" in out, out
+    assert "hunter2" not in out + err
+
+
 # ---------------------------------------------------------------- real studies
 
 
@@ -207,11 +289,16 @@ def test_pruning_failures_and_best_settings(tmp_path, tiny_data):
     assert (out / "trial-2" / "model.pth").is_file() and not (out / "trial-2" / "metrics.json").exists()
     assert not list(out.glob("trial-*/last.pt"))  # trials never resume: no checkpoints left to fill the disk
     tb = tmp_path / "runs" / "tune-s"
-    assert [s["state"] for s in _hparams_sessions(tb / "trial-0")] == ["COMPLETE"]
-    assert [s["state"] for s in _hparams_sessions(tb / "trial-2")] == ["PRUNED"]
-    assert _hparams_sessions(tb / "trial-2")[0]["lr"] == pytest.approx(1e-7)
+    # Each trial's fit run is in the HParams tab from its first epoch on, the pruned one too; the
+    # complete one is a success there. No hparam/* charts among the curves.
+    (run0,), (run2,) = (list((tb / f"trial-{n}").glob("squeezenet1_0-*")) for n in (0, 2))
+    sessions0, ends0 = _hparams_sessions(run0)
+    sessions2, ends2 = _hparams_sessions(run2)
+    assert len(sessions0) == len(sessions2) == 1 and (ends0, ends2) == (["STATUS_SUCCESS"], [])
+    assert sessions2[0]["lr"] == pytest.approx(1e-7) and sessions0[0]["lr"] == pytest.approx(good["lr"])
+    assert "epoch/accuracy" in _scalar_tags(run2 / "validation")
+    assert not [t for t in _scalar_tags(tb) if t.startswith("hparam")]
     assert not (tb / "trial-1").exists()  # failed before training
-    assert any((tb / "trial-0").glob("squeezenet1_0-*/events.out.tfevents.*"))  # fit's own curves
     # best.toml: the fixed settings plus the winning parameters; fit reads it.
     assert result.best_number == 0 and result.best_file == out / "best.toml"
     best = resolve(result.best_file)
@@ -224,9 +311,9 @@ def test_pruning_failures_and_best_settings(tmp_path, tiny_data):
 
 def test_diverged_trial_fails_and_study_goes_on(tmp_path, tiny_data, monkeypatch):
     """A NaN training loss is a failed trial (not a low score), and the next trial still runs."""
-    import ec2train.loop
+    import ec2train.run
 
-    real_fit = ec2train.loop.fit
+    real_fit = ec2train.run.fit  # what run.fit_run, and so every trial, calls
     calls = []
 
     def fit_that_diverges_first(cfg, **kw):
@@ -235,7 +322,7 @@ def test_diverged_trial_fails_and_study_goes_on(tmp_path, tiny_data, monkeypatch
             kw["on_epoch"](0, {"epoch": 1, "train_loss": float("nan"), "valid_acc1": 0.0})
         return real_fit(cfg, **kw)
 
-    monkeypatch.setattr(ec2train.loop, "fit", fit_that_diverges_first)
+    monkeypatch.setattr(ec2train.run, "fit", fit_that_diverges_first)
     space = [Param("lr", choices=(3e-3,))]
     base = resolve(data=str(tiny_data), epochs=1, logdir=str(tmp_path / "runs"), **FIXED)
     result = tune(base, trials=2, study_name="nan", space=space, output=tmp_path / "t")
@@ -275,6 +362,14 @@ def test_resume_continues_the_count_then_fit_and_fit_config(tmp_path, tiny_data,
     again = resolve(tmp_path / "again" / "config.toml")
     assert {n: getattr(again, n) for n in best.params} == pytest.approx(best.params)
     assert again.epochs == 1 and again.arch == "squeezenet1_0"
+
+    # The same command once more: nothing left to run, and it says how to run more.
+    code, stdout, err = cli_in_process(capsys, *args, "--trials", 4)
+    assert code == 0, err
+    assert "4 trials so far, none to run: --trials counts the study's trials in all, so --trials 8 runs 4 more" in (
+        " ".join(stdout.split())
+    )
+    assert len(_trials(out / "study.db", "r")) == 4
 
     # Continuing the study with a different fixed setting would mix incomparable trials.
     code, _, err = cli_in_process(capsys, *args, "--trials", 5, "--image-size", 48)
@@ -323,3 +418,95 @@ def test_parallel_workers_share_the_study(tmp_path, tiny_data, capsys):
     assert b.datetime_start < a.datetime_complete
     assert a.params != b.params  # differently seeded samplers
     assert (tmp_path / "t" / "best.toml").is_file() and not list((tmp_path / "t").glob(".tune-job-*"))
+
+
+def test_trials_mirror_to_s3_a_spot_notice_stops_the_study_and_the_same_command_continues(
+    aws, imds, tmp_path, tiny_data, capsys, monkeypatch
+):
+    """tune goes through fit's cloud wrapper: with s3_uri from --config each trial mirrors its
+    folder to PREFIX/trial-N/ and --then-fit's model goes to PREFIX/; a spot notice stops the
+    running trial (not counted) and the study, exit 75, and the same command continues it."""
+    from ec2train import aws as aws_mod
+    from tests.support.cli import run_cli
+
+    bucket = "ec2train-tune"
+    s3 = aws_mod.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    final = tmp_path / "final"
+    base_toml = tmp_path / "base.toml"
+    base = resolve(
+        data=str(tiny_data),
+        epochs=2,
+        output=str(final),
+        logdir=str(tmp_path / "runs"),
+        s3_uri=f"s3://{bucket}/s",
+        **FIXED,
+    )
+    base_toml.write_text(to_toml(base))
+    out = tmp_path / "t"
+    args = ["tune", "--config", base_toml, "--trials", 3, "--study", "spot", "--output", out, "--no-prune"]
+
+    # The notice comes once trial 0 is done: trial 1's watcher sees it at its first poll.
+    server = imds(notice_when=lambda: (out / "trial-0" / "metrics.json").exists())
+    env = {k: v for k, v in os.environ.items() if k != "AWS_EC2_METADATA_DISABLED"}
+    env.update(AWS_ENDPOINT_URL=aws, AWS_EC2_METADATA_SERVICE_ENDPOINT=server.url, OMP_NUM_THREADS="1")
+    proc = run_cli(*args, env=env)
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 75, text
+    assert "spot interruption notice" in text and "run the same command" in text and "Traceback" not in text, text
+    assert server.notices_sent >= 1 and server.tokenless_gets == 0
+    trials = _trials(out / "study.db", "spot")
+    assert [t.state for t in trials] == [TS.COMPLETE, TS.FAIL], [t.user_attrs for t in trials]
+    assert trials[1].user_attrs["interrupted"] and not trials[0].user_attrs.get("interrupted")
+    # Trial 0's folder is in S3, byte for byte; trial 1 was stopped before its first epoch ended.
+    for name in ("model.pth", "metrics.json", "config.toml"):
+        body = s3.get_object(Bucket=bucket, Key=f"s/trial-0/{name}")["Body"].read()
+        assert body == (out / "trial-0" / name).read_bytes(), name
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert not {k for k in keys if k.startswith("s/trial-1/") and k.endswith((".pth", ".pt"))}, keys
+    assert any(k.startswith("s/trial-0/runs/") for k in keys)  # its TensorBoard curves
+
+    # A fresh start of the same command (no notice now) runs the two trials still to go, then the final fit.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code, stdout, err = cli_in_process(capsys, *args, "--then-fit")
+    assert code == 0, err
+    assert "1 trials so far, running 2 more" in " ".join(stdout.split())
+    assert [t.state for t in _trials(out / "study.db", "spot")] == [TS.COMPLETE, TS.FAIL, TS.COMPLETE, TS.COMPLETE]
+    for n in (2, 3):
+        assert s3.get_object(Bucket=bucket, Key=f"s/trial-{n}/metrics.json")["Body"].read()
+    for name in ("model.pth", "last.pt", "metrics.json"):
+        assert s3.get_object(Bucket=bucket, Key=f"s/{name}")["Body"].read() == (final / name).read_bytes(), name
+
+
+def test_sigterm_to_a_parallel_study_stops_its_trials_at_a_step_and_starts_no_more(tmp_path, tiny_data):
+    """SIGTERM as systemd sends it at shutdown (to every process of the group): each trial process
+    stops at its next step and records its trial as interrupted (not counted), the dispatcher
+    starts no new one, and tune exits 75 naming SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "t"
+    args = ["tune", "--data", tiny_data, "--trials", 4, "--epochs", 3, "--parallel", 2, "--study", "term"]
+    args += ["--output", out, "--logdir", tmp_path / "runs", "--no-prune", "--arch", "squeezenet1_0"]
+    args += ["--weights", "none", "--image-size", 32, "--workers", 0]
+    cmd = [sys.executable, "-m", "ec2train", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(out.glob("trial-*/model.pth"))) < 2:  # both trials are past their first epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        proc.kill()
+    text = " ".join(output.split())
+    assert proc.returncode == 75, text
+    assert "stopped by SIGTERM" in text and "run the same command" in text and "Traceback" not in text, text
+    trials = _trials(out / "study.db", "term")
+    assert len(trials) == 2, [(t.state, t.user_attrs) for t in trials]  # no third trial started
+    for t in trials:
+        assert t.user_attrs.get("interrupted") or t.state == TS.COMPLETE, (t.state, t.user_attrs)
+    assert any(t.user_attrs.get("interrupted") for t in trials)

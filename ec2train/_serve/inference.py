@@ -2,7 +2,7 @@
 
 Runs inside the AWS PyTorch inference container, where only torch, torchvision and Pillow
 exist: `ec2train export --package` ships this file as code/inference.py beside the small,
-import-free part of ec2train it needs (code/ec2train/{errors,hw,model,preprocess,infer}.py).
+import-free part of ec2train it needs (code/ec2train/{errors,hw,threads,model,preprocess,infer}.py).
 It also runs unchanged locally; `ec2train serve` uses the same parser and Predictor.
 It lives in ec2train/_serve/ so an installed ec2train can package it; serve/inference.py
 is a link to it.
@@ -19,7 +19,6 @@ import json
 import os
 from typing import Any
 
-from ec2train.hw import ThreadPlan, apply_threads, available_cpus, launcher_share_from_env, thread_plan
 from ec2train.infer import (
     CUSTOM_ATTRIBUTES_HEADER,
     JSON_TYPE,
@@ -31,6 +30,7 @@ from ec2train.infer import (
     parse_request,
 )
 from ec2train.model import MODEL_FILE
+from ec2train.threads import ThreadPlan, apply_threads, available_cpus, launcher_share_from_env, thread_plan
 
 _PHRASES = {400: "Bad Request", 406: "Not Acceptable", 413: "Payload Too Large", 415: "Unsupported Media Type"}
 

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from ec2train.cli._app import Invocation, app, err_console
 from ec2train.errors import UserError
+from ec2train.names import printable
 
 
 def _register_commands() -> None:
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         # The arguments travel in the context: `fit --nproc-per-node` relays them to torchrun.
         app(args=args, obj=Invocation(tuple(args)), standalone_mode=True)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(printable(_one_line(exc)))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         # Inside a command typer turns Ctrl-C into exit 130 itself (fit says where its run
@@ -52,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def run() -> None:
+def program() -> None:
     """The `ec2train` program (console script and `python -m ec2train`): main(), then a quick
     exit. Python's own exit tears down every module, and after torch and torchvision that
-    takes 2 s (measured on this project's 2-core box), which every command would pay. A
+    takes seconds, which every command would pay (docs/performance.md). A
     finished command has closed its files and joined its threads, so the exit runs the atexit
     handlers (logging, multiprocessing's children) and ends the process. While a thread that
     Python would wait for is still running, the exit is Python's own."""
@@ -96,4 +99,4 @@ def quick_exit(code: int | str | None) -> NoReturn:
 
 
 if __name__ == "__main__":
-    run()
+    program()

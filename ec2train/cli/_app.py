@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import typer
 from rich.console import Console
 from typer.core import TyperCommand
 
-from ec2train.config import AMP_MODES, DEVICES, FIELDS, OPTIMIZERS
+from ec2train.config import AMP_MODES, DEVICES, FIELDS, LOADERS, OPTIMIZERS
 from ec2train.spot import WATCH_MODES
 
 console = Console(soft_wrap=True)
@@ -25,10 +25,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 @contextlib.contextmanager
 def heavy_imports() -> Iterator[None]:
     """Import torch and the modules that use it with Python's cycle collector paused, then
-    freeze what the imports built. Measured in a 16 s fit on this project's 2-core box: the
-    collector spent 0.9 s of the 6 s import scanning torch's millions of new objects, and 0.5 s
-    more afterwards scanning them again; frozen, they are never scanned again (and DataLoader
-    workers forked later share their pages untouched)."""
+    freeze what the imports built. Otherwise the collector scans torch's millions of new
+    objects during the import and again afterwards (docs/performance.md has the cost); frozen,
+    they are never scanned again (and DataLoader workers forked later share their pages
+    untouched)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -93,19 +93,38 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, [(v, v) for v in values], type=str)  # type: ignore[return-value]
 
 
-Amp = _choices("Amp", AMP_MODES)
-Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
-Device = _choices("Device", DEVICES)
-Optim = _choices("Optim", OPTIMIZERS)
-SpotWatch = _choices("SpotWatch", WATCH_MODES)
+if TYPE_CHECKING:  # the checker sees enums; the values come from the tuples below
+    Amp: TypeAlias = Enum
+    Compile: TypeAlias = Enum
+    Device: TypeAlias = Enum
+    Loader: TypeAlias = Enum
+    BenchLoaders: TypeAlias = Enum
+    Optim: TypeAlias = Enum
+    SpotWatch: TypeAlias = Enum
+else:
+    Amp = _choices("Amp", AMP_MODES)
+    Compile = _choices("Compile", ("auto", "on", "off"))  # hw.COMPILE_MODES (hw imports torch; --help must not)
+    Device = _choices("Device", DEVICES)
+    Loader = _choices("Loader", LOADERS)
+    BenchLoaders = _choices("BenchLoaders", ("both", "cpu", "gpu"))
+    Optim = _choices("Optim", OPTIMIZERS)
+    SpotWatch = _choices("SpotWatch", WATCH_MODES)
 
 
 MODEL_HELP = "Model file written by `ec2train fit`."
+LOADER_HELP = (
+    "Who decodes and augments the images. cpu: the loader workers (decode, random crop, resize). "
+    "gpu: the workers only read the files and check their headers; the GPU decodes each batch's JPEGs "
+    "(nvJPEG) and crops, flips and resizes them (other files are still decoded by the workers); for a "
+    "GPU box with few CPUs (4 vCPUs per GPU on g4dn/g5.xlarge). auto: cpu until bench/gpu_check.py "
+    "has passed with the GPU loader on a GPU (it has not yet: --loader gpu opts in), then gpu on a CUDA "
+    "box with JPEG data and at most 8 CPUs per GPU."
+)
 THREADS_HELP = (
     "Torch CPU threads per process; 0 = the thread plan: this process's share of the CPUs less its "
     "loader workers or decode thread (docs/performance.md)."
 )
-DEFAULT_MODEL = Path(FIELDS["output"].default, "model.pth")  # where fit puts the model with its defaults
+DEFAULT_MODEL = Path(str(FIELDS["output"].default), "model.pth")  # where fit puts the model with its defaults
 
 
 def value(x: Any) -> Any:
@@ -141,10 +160,10 @@ def setting(name: str, help: str, *flags: str, shown: str = "{}", **kwargs: Any)
     return typer.Option(None, *flags, help=f"{help} [default: {text}]" if text else help, **kwargs)
 
 
-def apply_threads(threads: int, workers: int, quiet: bool = False) -> None:
-    """evaluate/predict: apply the CPU thread plan (hw.plan_threads) and show it on stderr."""
-    from ec2train import hw
+def use_thread_plan(threads: int, workers: int, quiet: bool = False) -> None:
+    """evaluate/predict: apply this process's thread plan (threads.plan_threads) and show it on stderr."""
+    from ec2train.threads import apply_threads, plan_threads
 
-    plan = hw.apply_threads(hw.plan_threads(workers=workers, override=threads))
+    plan = apply_threads(plan_threads(workers=workers, override=threads))
     if not quiet:
         err_console.print(f"[dim]{plan.describe()}[/dim]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -44,12 +45,13 @@ def data_demo(
 def data_check(directory: Path = typer.Argument(..., help="Data set root.")):
     """Per-split image and class counts, and every problem found (decodes every image)."""
     from ec2train.data import SPLITS, check_dataset
+    from ec2train.names import printable
 
     total = sum(1 for _ in directory.rglob("*") if _.is_file()) if directory.is_dir() else 0
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("decoding images", total=total)
         report = check_dataset(directory, decode=True, on_image=lambda: progress.advance(task))
-    table = Table(title=f"data set {directory}")
+    table = Table(title=escape(f"data set {printable(directory)}"))
     for col in ("split", "classes", "images", "empty classes"):
         table.add_column(col)
     for split in SPLITS:
@@ -58,10 +60,10 @@ def data_check(directory: Path = typer.Argument(..., help="Data set root.")):
             split, *(("-", "-", "-") if sr is None else (str(sr.classes), str(sr.images), str(len(sr.empty_classes))))
         )
     console.print(table)
-    for problem in report.problems:
-        err_console.print(f"[red]problem:[/red] {problem}")
+    for problem in report.problems:  # names and paths are printable() already; markup in them is text
+        err_console.print(f"[red]problem:[/red] {escape(problem)}", highlight=False)
     for bad in report.corrupt:
-        err_console.print(f"[red]corrupt image:[/red] {bad}")
+        err_console.print(f"[red]corrupt image:[/red] {escape(bad)}", highlight=False)
     if not report.ok:
         err_console.print(f"[red]{len(report.problems)} problems, {len(report.corrupt)} unreadable images[/red]")
         raise typer.Exit(1)
@@ -134,6 +136,7 @@ def data_prepare(
     Parallel over the CPUs; reruns skip finished images, so it is safe to interrupt. Train on
     it with `ec2train fit --data DST`. Images that cannot be decoded are listed; exit code 1.
     """
+    from ec2train.names import printable
     from ec2train.prepare import check_arguments, prepare_dataset
 
     check_arguments(src, dst, size, quality)
@@ -155,7 +158,7 @@ def data_prepare(
         f"train with: ec2train fit --data {dst}"
     )
     for bad in report.corrupt:
-        err_console.print(f"[red]corrupt image (left out):[/red] {bad}", highlight=False)
+        err_console.print(f"[red]corrupt image (left out):[/red] {escape(printable(bad))}", highlight=False)
     if report.corrupt:
         err_console.print(f"[red]{len(report.corrupt)} source images could not be decoded[/red]")
         raise typer.Exit(1)

@@ -63,6 +63,7 @@ def deploy_endpoint_cmd(
         if not s3_uri:
             raise DeployError("--model needs --s3-uri s3://bucket/prefix to upload the package to")
         model_data = package_and_upload(model, s3_uri, kms_key=kms_key, dry_run=dry_run, console=console)
+    assert model_data is not None  # exactly one of the two was given (checked above)
     spec = EndpointSpec(
         name=name,
         role_arn=role,

@@ -31,10 +31,18 @@ def submit_cmd(
     instance_type: str = typer.Option(
         "g4dn.xlarge",
         "--type",
-        help="Instance type; with --spot, bigger types of its family with as many GPUs are allowed too.",
+        help="Instance type; with --spot, bigger types of its family with as many GPUs (at most 2.5x its price) too.",
+    ),
+    nodes: int = typer.Option(
+        1,
+        help="Instances that train together. N > 1: one fit process per GPU on each, a cluster placement group, "
+        "and losing any node stops all of them until the group is whole again, then training resumes from S3.",
+    ),
+    efa: bool = typer.Option(
+        False, help="Elastic Fabric Adapter between the nodes (only types that have one; refused otherwise)."
     ),
     spot: bool = typer.Option(
-        False, help="Spot capacity: capacity-optimized over several types, capacity rebalance, resume from S3."
+        False, help="Spot capacity: price-capacity-optimized over several types, capacity rebalance, resume from S3."
     ),
     max_hours: float = typer.Option(24.0, help="End the job this many hours after submit, even if training hangs."),
     max_failures: int = typer.Option(
@@ -57,7 +65,7 @@ def submit_cmd(
         False, "--dry-run", help="Print every request and policy document; create, build and upload nothing."
     ),
 ):
-    """Create a job: an Auto Scaling group of one that trains, uploads to S3 and ends itself."""
+    """Create a job: an Auto Scaling group of N instances that trains, uploads to S3 and ends itself."""
     from ec2train.job.api import SubmitRequest, submit
 
     req = SubmitRequest(
@@ -75,11 +83,16 @@ def submit_cmd(
         ssh_from,
         key_name,
         wheel,
+        nodes=nodes,
+        efa=efa,
     )
     out = submit(req, region=region, dry_run=dry_run, console=console)
     if not dry_run:
         types = f" (spot: {', '.join(out['spot_types'])})" if out["spot_types"] else ""
-        console.print(f"job {name} submitted{types}: group {out['group']}, files in {out['s3_uri']}", highlight=False)
+        size = f"{nodes} nodes" if nodes > 1 else "1 node"
+        console.print(
+            f"job {name} submitted, {size}{types}: group {out['group']}, files in {out['s3_uri']}", highlight=False
+        )
         console.print(f"follow it: ec2train job status {name}; ec2train job logs {name} --follow", highlight=False)
 
 
@@ -90,22 +103,39 @@ def status_cmd(
     region: str | None = typer.Option(None, help=_REGION),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """State, epochs done, instance, interruptions, failures and an estimate of the cost so far."""
+    """State, epochs done, each node (instance, type, spot, rank, state, last heartbeat), interruptions, failures, and an estimate of the cost so far."""
     from ec2train.job.api import status
 
     st = status(name, s3_uri=s3_uri, region=region)
     if as_json:
         print(json.dumps(st, indent=2, default=str))
         return
+    console.print(_status_table(name, st))
+    if st["node_rows"]:
+        console.print(_nodes_table(st["node_rows"]))
+    for line in st.get("log_tail") or [] if st["state"] == "failed" else []:
+        console.print(line, highlight=False, markup=False)
+
+
+def _status_table(name: str, st: dict) -> Table:
     table = Table(title=f"job {name}", show_header=False)
     table.add_row("state", st["state"] + (f" ({st['reason']})" if st.get("reason") else ""))
     table.add_row("epochs done", f"{st.get('epoch') or 0}" + (f" of {st['epochs']}" if st.get("epochs") else ""))
-    last = (st.get("attempts") or [{}])[-1]
+    waiting = st.get("waiting")
+    if waiting and st["state"] not in ("succeeded", "failed", "cancelled"):
+        table.add_row(
+            "waiting",
+            f"attempt {waiting['attempt']}: {len(waiting['ready'])} of {waiting['need']} nodes ready"
+            + (f" ({', '.join(waiting['ready'])})" if waiting["ready"] else ""),
+        )
+    if st.get("capacity"):
+        table.add_row("capacity", st["capacity"])
+    attempts = st.get("attempts") or []
+    lost = [i for a in attempts for i in a.get("lost") or []]
     table.add_row(
-        "instance", f"{last.get('instance', '-')} {last.get('instance_type', '')} {last.get('lifecycle', '')}".strip()
-    )
-    table.add_row(
-        "attempts", f"{len(st.get('attempts') or [])}: {st['interruptions']} interrupted, {st['failures']} failed"
+        "attempts",
+        f"{len(attempts)}: {st['interruptions']} interrupted, {st['failures']} failed"
+        + (f"; nodes lost: {', '.join(lost)}" if lost else ""),
     )
     if st.get("exit_code") is not None:
         table.add_row("exit code", str(st["exit_code"]))
@@ -113,7 +143,8 @@ def status_cmd(
     usd = f"${c['usd']:.2f}" if c["usd"] is not None else f"unknown (no price for {', '.join(c['unpriced'])})"
     table.add_row(
         "cost so far",
-        f"{usd} for {c['hours']:.2f} instance-hours: an estimate from list prices of {st['prices_as_of']}",
+        f"{usd} for {c['hours']:.2f} instance-hours over every node and attempt: an estimate from list prices of "
+        f"{st['prices_as_of']}",
     )
     group = st["group"]
     table.add_row(
@@ -124,9 +155,18 @@ def status_cmd(
         + (", ".join(f"{i['id']} {i['state']}" for i in group["instances"]) or "no instances"),
     )
     table.add_row("files", st["s3_uri"])
-    console.print(table)
-    for line in st.get("log_tail") or [] if st["state"] == "failed" else []:
-        console.print(line, highlight=False, markup=False)
+    return table
+
+
+def _nodes_table(rows: list) -> Table:
+    table = Table(title="nodes")
+    for col in ("instance", "type", "market", "rank", "state", "last heartbeat"):
+        table.add_column(col)
+    for r in rows:
+        rank = "-" if r["rank"] is None else f"{r['rank']} (attempt {r['attempt']})"
+        age = "-" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f} s ago"
+        table.add_row(r["instance"], r["type"] or "?", "spot" if r["spot"] else "on-demand", rank, r["state"], age)
+    return table
 
 
 @job_app.command("logs")

@@ -15,22 +15,26 @@ from rich.table import Table
 
 from ec2train.cli._app import (
     DEFAULT_MODEL,
+    LOADER_HELP,
     MODEL_HELP,
     THREADS_HELP,
     Amp,
+    BenchLoaders,
     Device,
+    Loader,
     Optim,
     SpotWatch,
     app,
-    apply_threads,
     console,
     default_of,
     err_console,
     heavy_imports,
     setting,
     train_settings,
+    use_thread_plan,
     value,
 )
+from ec2train.errors import UserError
 
 # torch and the training modules are imported inside the commands: `ec2train --help` and the
 # light commands start in a fraction of the time.
@@ -51,6 +55,7 @@ def fit(
     ),
     weight_decay: float | None = setting("weight_decay", "Decoupled weight decay (not on biases/norms)."),
     optimizer: Optim | None = setting("optimizer", "Optimizer."),
+    momentum: float | None = setting("momentum", "SGD's (Nesterov) momentum; AdamW does not use it."),
     label_smoothing: float | None = setting("label_smoothing", "Label smoothing."),
     warmup_epochs: int | None = setting("warmup_epochs", "Linear warm-up epochs before cosine decay."),
     patience: int | None = setting(
@@ -70,6 +75,7 @@ def fit(
     image_size: int | None = setting("image_size", "Crop size in pixels."),
     augment: bool | None = setting("augment", "Random resized crop + flip for training.", "--augment/--no-augment"),
     workers: int | None = setting("workers", "Data loader workers per process; -1 = from the CPUs."),
+    loader: Loader | None = setting("loader", LOADER_HELP),
     seed: int | None = setting("seed", "Random seed (same seed, same result on the same hardware)."),
     amp: Amp | None = setting("amp", "Mixed precision: auto = bf16 on A10G+, fp16 on T4, off on CPU."),
     device: Device | None = setting("device", "auto picks the GPU of this process when there is one."),
@@ -166,17 +172,15 @@ def _ctrl_c_exit(output: str, exc: KeyboardInterrupt) -> int:
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     """Run this same `fit` command line (argv: main()'s arguments) under torchrun; its exit status."""
     from ec2train import ddp, hw
-    from ec2train.hw import available_cpus
+    from ec2train.threads import THREADS_ENV, launch_env
 
     if ddp.under_torchrun():
         raise typer.BadParameter("--nproc-per-node is for starting torchrun; this process already runs under it")
     n = ddp.resolve_nproc(nproc_value, hw.cuda_device_count())
     args = ddp.strip_option(list(argv[argv.index("fit") + 1 :]), "--nproc-per-node")
     cmd = ddp.torchrun_command(sys.executable, n, args)
-    env = dict(os.environ)
-    # torchrun would set 1 thread per process; share this box's cores instead (matters on CPU).
-    env.setdefault("OMP_NUM_THREADS", str(ddp.threads_per_process(available_cpus(), n)))
-    console.print(f"[dim]$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {escape(' '.join(cmd))}[/dim]", soft_wrap=True)
+    env = launch_env(n)  # each rank's share of the cores, not torchrun's 1 thread (matters on the CPU)
+    console.print(f"[dim]$ {THREADS_ENV}={env[THREADS_ENV]} {escape(' '.join(cmd))}[/dim]", soft_wrap=True)
     return subprocess.call(cmd, env=env)
 
 
@@ -222,11 +226,13 @@ def evaluate(
     with heavy_imports():
         import torch
 
-        from ec2train.export import atomic_write_json, write_confusion_csv
-        from ec2train.loop import evaluate_model_file
+        from ec2train.evaluate import evaluate_model_file
+        from ec2train.export import write_confusion_csv
+        from ec2train.files import atomic_write_json
+        from ec2train.names import printable
         from ec2train.plots import can_draw, confused_line, most_confused, write_confusion_png
 
-    apply_threads(threads, workers)
+    use_thread_plan(threads, workers)
     res = evaluate_model_file(model, data, split, batch_size, workers, value(device))
     out = out or model.parent
     names = res["class_names"]
@@ -241,7 +247,7 @@ def evaluate(
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in sorted(res["per_class_acc1"].items(), key=lambda kv: (kv[1] is None, kv[1])):
-        table.add_row(name, "n/a" if acc is None else f"{acc:.3f}")
+        table.add_row(escape(printable(name)), "n/a" if acc is None else f"{acc:.3f}")
     console.print(table)
     console.print(
         "most confused (true -> predicted):" if pairs else "no confusions: every image was predicted as its true class"
@@ -249,7 +255,7 @@ def evaluate(
     for pair in pairs:
         console.print(f"  {confused_line(pair)}", markup=False, highlight=False)
     written = f"confusion-{split}.csv" + (f" and confusion-{split}.png" if missing is None else "")
-    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}")
+    console.print(f"wrote {out / f'evaluation-{split}.json'}, {written}", markup=False, highlight=False)
     if missing:
         console.print(f"note: {missing}", markup=False, highlight=False)
 
@@ -281,13 +287,19 @@ def predict(
     """
     with heavy_imports():
         from ec2train.infer import Predictor, default_device, image_files
+        from ec2train.names import printable
 
     files = image_files(images)
+    singles = not any(p.is_dir() for p in images)  # folders keep their per-file rows (and exit 1)
+    if singles and not any(p.exists() for p in images):
+        raise UserError(_nothing_readable([(str(p), "no such file") for p in images]))  # before loading the model
     predictor = Predictor(model, device=default_device() if value(device) == "auto" else value(device))
-    apply_threads(
+    use_thread_plan(
         threads, 0, quiet=True
     )  # after loading (a bad model file stays a one-line error); stdout is the answer
     answers = _predict_with_progress(predictor, files, top_k, batch_size)
+    if singles and all(a.error for a in answers):
+        raise UserError(_nothing_readable([(a.path, a.error) for a in answers]))
     if csv_path is not None:
         _write_predictions_csv(csv_path, answers)
     if as_json:
@@ -300,10 +312,16 @@ def predict(
     if failed:
         err_console.print(
             f"[bold red]{len(failed)} of {len(answers)} images could not be read[/bold red] "
-            f"(first: {escape(failed[0].path)}: {escape(failed[0].error)})",
+            f"(first: {escape(printable(failed[0].path))}: {escape(printable(failed[0].error))})",
             highlight=False,
         )
         raise typer.Exit(1)
+
+
+def _nothing_readable(failed: list[tuple[str, str]]) -> str:
+    """One line for image files of which none could be read."""
+    reasons = "; ".join(f"{path}: {why}" for path, why in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+    return reasons if len(failed) == 1 else f"none of the {len(failed)} images could be read: {reasons}"
 
 
 def _predict_with_progress(predictor, files: list, top_k: int, batch_size: int) -> list:
@@ -326,7 +344,8 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
     import csv
     import io
 
-    from ec2train.export import atomic_write_text
+    from ec2train.files import atomic_write_text
+    from ec2train.names import csv_cell
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -335,41 +354,62 @@ def _write_predictions_csv(path: Path, answers: list) -> None:
         top = a.predictions or []
         writer.writerow(
             [
-                a.path,
-                top[0]["label"] if top else "",
+                csv_cell(a.path),
+                csv_cell(top[0]["label"]) if top else "",
                 f"{top[0]['probability']:.6f}" if top else "",
                 json.dumps(top) if top else "",
-                a.error or "",
+                csv_cell(a.error or ""),
             ]
         )
     atomic_write_text(path, buf.getvalue())
 
 
 def _print_predictions(answers: list) -> None:
-    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after."""
+    """One image: its top-k table. Several: one row each, top-1 first and the runners-up after.
+    Paths and labels are shown printable() and as text, whatever the model file or folder holds."""
+    from ec2train.names import printable
+
+    def shown(text: object) -> str:
+        return escape(printable(text))
+
     if len(answers) == 1 and not answers[0].error:
-        table = Table(title=answers[0].path)
+        table = Table(title=shown(answers[0].path))
         table.add_column("class")
         table.add_column("probability", justify="right")
         for pred in answers[0].predictions:
-            table.add_row(escape(pred["label"]), f"{pred['probability']:.4f}")
+            table.add_row(shown(pred["label"]), f"{pred['probability']:.4f}")
         console.print(table)
         return
+    # Paths break after a "/" (a name is cut only when it alone is wider than the column).
+    # The column gets a fixed width: rich would otherwise narrow it and fold names mid-word.
+    path_width = max(24, (console.width - 13) // 2)  # 13: the borders and padding of 4 columns
+    paths = [fold_path(printable(a.path), path_width) for a in answers]
     table = Table()
-    for name, justify in (("image", "left"), ("class", "left"), ("probability", "right"), ("next", "left")):
-        table.add_column(name, justify=justify, overflow="fold")
-    for a in answers:
+    for name in ("image", "class", "probability", "next"):
+        width = min(path_width, max(len(line) for p in paths for line in p.splitlines())) if name == "image" else None
+        table.add_column(name, justify="right" if name == "probability" else "left", overflow="fold", width=width)
+    for a, path in zip(answers, paths):
         if a.error:
-            table.add_row(escape(a.path), f"[red]error: {escape(a.error)}[/red]", "", "")
+            table.add_row(escape(path), f"[red]error: {shown(a.error)}[/red]", "", "")
             continue
         top, *rest = a.predictions
         table.add_row(
-            escape(a.path),
-            escape(top["label"]),
+            escape(path),
+            shown(top["label"]),
             f"{top['probability']:.4f}",
-            escape(", ".join(f"{p['label']} {p['probability']:.2f}" for p in rest)),
+            shown(", ".join(f"{printable(p['label'])} {p['probability']:.2f}" for p in rest)),
         )
     console.print(table)
+
+
+def fold_path(path: str, width: int) -> str:
+    """`path` on lines of at most `width` characters, broken after a "/", names kept whole."""
+    lines = [""]
+    for part in path.replace("/", "/\0").split("\0"):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 @app.command()
@@ -422,7 +462,8 @@ def tune(
     ),
     prune_warmup_epochs: int = typer.Option(1, help="Epochs every trial runs before it may be pruned."),
     config: Path | None = typer.Option(
-        None, help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model."
+        None,
+        help="TOML file of the fixed fit settings (as `fit --config`); its output/logdir get the final model, and with s3_uri each trial mirrors to S3_URI/trial-N/ and the final model to S3_URI/.",
     ),
     arch: str | None = setting("arch", "Architecture (fixed for the study)."),
     weights: str | None = setting("weights", "imagenet | none | PATH."),
@@ -475,6 +516,13 @@ def tune(
         )
         raise typer.Exit(130) from None
     _print_tune_table(result)
+    if result.stopped_by:
+        err_console.print(
+            f"[bold yellow]stopped by {escape(result.stopped_by)}[/bold yellow]: the running trial is not counted; "
+            "run the same command to continue the study (with the default sqlite --storage, on this disk)",
+            highlight=False,
+        )
+        raise typer.Exit(_interrupted_status())
     if result.best_file is None:
         errors = [r["error"] for r in result.rows if r["error"]]
         raise TuneError(
@@ -485,8 +533,16 @@ def tune(
         f"train with them: ec2train fit --config {result.best_file}   (all GPUs: add --nproc-per-node auto)\n"
         f"compare trials: tensorboard --logdir {result.tb_root}   (HParams tab)"
     )
+    if result.final is not None and result.final.interrupted:
+        raise typer.Exit(_interrupted_status())  # fit_run has said where its checkpoint is
     if result.final is not None:
         print_fit_summary(result.final)
+
+
+def _interrupted_status() -> int:
+    from ec2train.run import interrupted_exit_status
+
+    return interrupted_exit_status()
 
 
 def _print_tune_table(result) -> None:
@@ -496,14 +552,8 @@ def _print_tune_table(result) -> None:
         title=f"study {result.study.study_name}: {len(result.rows)} trials, "
         f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
     )
-    for col, justify in (
-        ("trial", "right"),
-        ("state", "left"),
-        ("valid acc", "right"),
-        ("epochs", "right"),
-        ("params", "left"),
-    ):
-        table.add_column(col, justify=justify)
+    for col in ("trial", "state", "valid acc", "epochs", "params"):
+        table.add_column(col, justify="left" if col in ("state", "params") else "right")
     for r in sorted(result.rows, key=lambda r: r["number"]):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         note = f" [red]{escape(r['error'])}[/red]" if r["error"] else ""
@@ -542,8 +592,12 @@ def bench(
         "--freeze-backbone/--no-freeze-backbone",
         help="Time the frozen-backbone step (fit's default with pretrained weights).",
     ),
+    loader: BenchLoaders = typer.Option(
+        "both",
+        help="The input pipelines to time: cpu (the loader workers decode), gpu (the workers read files, the device decodes: fit --loader gpu), or both.",
+    ),
 ):
-    """Images/s of the input pipeline, the training step and both; says which bounds the run and what to do."""
+    """Images/s of the input pipeline (each loader), the training step and both; says which bounds the run and what to do."""
     with heavy_imports():
         from ec2train.perf import bench as run_bench
 
@@ -559,19 +613,26 @@ def bench(
         freeze_backbone,
         threads=threads,
         log=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+        loaders=("cpu", "gpu") if value(loader) == "both" else (value(loader),),
     )
     table = Table(
         title=f"ec2train bench: {r.arch} on {r.device}, amp {r.amp}, batch {r.batch_size}, {r.image_size} px, {r.workers} workers"
     )
     table.add_column("measurement")
     table.add_column("images/s", justify="right")
-    table.add_row("input pipeline alone (decode + transform)", f"{r.pipeline_ips:.1f}")
+    where = {"cpu": "cpu loader: workers decode + transform", "gpu": f"gpu loader: {r.device} decodes + transforms"}
+    for kind, rates in r.loaders.items():
+        table.add_row(f"input pipeline alone ({where[kind]})", f"{rates.pipeline_ips:.1f}")
     table.add_row(
         f"training step alone ({'frozen backbone' if r.frozen else 'full model'}, synthetic batches)",
         f"{r.step_ips:.1f}",
     )
-    table.add_row("end to end", f"{r.end_to_end_ips:.1f}")
+    for kind, rates in r.loaders.items():
+        table.add_row(f"end to end, {kind} loader", f"{rates.end_to_end_ips:.1f}")
     console.print(table)
-    console.print(f"bound by the [bold]{r.bound}[/bold] (training images: median short side {r.median_short_side} px)")
+    console.print(f"fit --loader auto here: {r.loader_why}", markup=False, highlight=False)
+    console.print(
+        f"bound by the [bold]{r.bound}[/bold] with the {r.loader} loader (training images: median short side {r.median_short_side} px)"
+    )
     for line in r.advice:
         console.print(f"  - {line}")

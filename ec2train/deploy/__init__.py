@@ -1,7 +1,7 @@
 """SageMaker endpoints, autoscaling and the Lambda front door, with boto3 only.
 
 Every command is planned as data first: a list of `Step`s (service, operation, parameters).
-One `Runner` either prints the steps (`--dry-run`, no request sent) or sends them, so a dry
+One `StepRunner` either prints the steps (`--dry-run`, no request sent) or sends them, so a dry
 run and a real run cannot drift apart. Everything created is tagged `ec2train:managed=true`,
 and `delete` only removes what carries that tag (the endpoint itself can be forced), so no
 forgotten endpoint keeps billing.
@@ -10,7 +10,7 @@ Where things live (each module imports only those above it):
 
     names.py      DeployError; names, ARNs, tags and the rules they follow
     images.py     the AWS PyTorch inference container for a region and instance type
-    plan.py       the planner: Step, Ref, Retry, Runner (dry run == real run), waits, AWS errors
+    plan.py       the planner: Step, Ref, Retry, StepRunner (dry run == real run), waits, AWS errors
     endpoint.py   model, endpoint configuration, endpoint; `deploy_endpoint`
     autoscale.py  target tracking on invocations per instance; `autoscale`
     lambda_fn.py  the function's zip (source in ec2train/_lambda), role, version, alias; `deploy_lambda`
@@ -23,7 +23,7 @@ The names below are the package's public API: `from ec2train import deploy; depl
 from __future__ import annotations
 
 from ec2train.deploy.autoscale import autoscale, autoscale_plan
-from ec2train.deploy.delete import Found, delete_deployment, delete_plan
+from ec2train.deploy.delete import DeleteTargets, delete_deployment, delete_plan
 from ec2train.deploy.endpoint import (
     SERVERLESS_MEMORY_MB,
     EndpointNow,
@@ -57,7 +57,7 @@ from ec2train.deploy.names import (
     role_name_for,
     scaling_policy_name,
 )
-from ec2train.deploy.plan import UNKNOWN, Ref, Retry, Runner, Step, wait_for_endpoint
+from ec2train.deploy.plan import UNKNOWN, Ref, Retry, Step, StepRunner, wait_for_endpoint
 from ec2train.deploy.status import deployment_status, status_plan, status_tables, summarize_status
 
 __all__ = [
@@ -68,11 +68,11 @@ __all__ = [
     "DeployError",
     "EndpointNow",
     "EndpointSpec",
-    "Found",
+    "DeleteTargets",
     "LambdaSpec",
     "Ref",
     "Retry",
-    "Runner",
+    "StepRunner",
     "Step",
     "autoscale",
     "autoscale_plan",

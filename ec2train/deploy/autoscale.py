@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ec2train.deploy import prices
 from ec2train.deploy.names import (
     VARIANT,
     DeployError,
@@ -12,7 +13,7 @@ from ec2train.deploy.names import (
     scalable_target,
     scaling_policy_name,
 )
-from ec2train.deploy.plan import Runner, Step, dry_run_header, resolve_region
+from ec2train.deploy.plan import Step, StepRunner, dry_run_header, resolve_region
 
 
 def autoscale_plan(
@@ -58,7 +59,7 @@ def _check_bounds(
         raise DeployError("cooldowns are seconds and cannot be negative")
 
 
-def _check_scalable(runner: Runner, name: str) -> None:
+def _check_scalable(runner: StepRunner, name: str) -> None:
     """The endpoint exists, and its one variant runs on instances (serverless ones scale by themselves)."""
     d = runner.read("sagemaker", "describe_endpoint", EndpointName=name)
     if d is None:
@@ -89,16 +90,24 @@ def autoscale(
     region: str | None = None,
     dry_run: bool = False,
     console: Any = None,
-    runner: Runner | None = None,
+    runner: StepRunner | None = None,
 ) -> dict[str, Any]:
     """Target-tracking autoscaling on SageMakerVariantInvocationsPerInstance for an instance endpoint."""
     check_sagemaker_name(name)
     _check_bounds(min_capacity, max_capacity, target_invocations, scale_in_cooldown, scale_out_cooldown)
     region = resolve_region(region)
-    runner = runner or Runner(region, dry_run=dry_run, console=console)
+    runner = runner or StepRunner(region, dry_run=dry_run, console=console)
     if runner.dry_run:
         dry_run_header(
-            runner, f"autoscale endpoint {name}", ["sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig"]
+            runner,
+            f"autoscale endpoint {name}",
+            ["sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig"],
+            prices.with_prices_note(
+                [
+                    f"creates    a scalable target and a target-tracking policy on endpoint {name}",
+                    *prices.autoscale_lines(min_capacity, max_capacity),
+                ]
+            ),
         )
     else:
         _check_scalable(runner, name)

@@ -19,11 +19,11 @@ from ec2train.deploy.names import (
     scalable_target,
     scaling_policy_name,
 )
-from ec2train.deploy.plan import UNKNOWN, Runner, Step, deployment_names, dry_run_header
+from ec2train.deploy.plan import UNKNOWN, Step, StepRunner, deployment_names, dry_run_header
 
 
 @dataclass
-class Found:
+class DeleteTargets:
     """What a real delete run found to remove (only things ec2train created)."""
 
     endpoint: bool = False
@@ -35,9 +35,9 @@ class Found:
     aliases: list[str] = field(default_factory=list)
 
 
-def _placeholders(name: str) -> Found:
+def _placeholders(name: str) -> DeleteTargets:
     """What a dry run shows in place of what a real run would find."""
-    return Found(
+    return DeleteTargets(
         endpoint=True,
         configs=[f"<endpoint configs tagged {ENDPOINT_TAG}={name}>"],
         models=[f"<models tagged {ENDPOINT_TAG}={name}>"],
@@ -48,7 +48,7 @@ def _placeholders(name: str) -> Found:
     )
 
 
-def delete_plan(name: str, found: Found | Any) -> list[Step]:
+def delete_plan(name: str, found: DeleteTargets | Any) -> list[Step]:
     missing = frozenset({"missing"})
     target_ids = scalable_target(name)
     if found is UNKNOWN:
@@ -95,12 +95,12 @@ def delete_plan(name: str, found: Found | Any) -> list[Step]:
     return steps
 
 
-def _tagged_for(runner: Runner, arn: str, name: str) -> bool:
+def _tagged_for(runner: StepRunner, arn: str, name: str) -> bool:
     tags = {t["Key"]: t["Value"] for t in runner.call("sagemaker", "list_tags", ResourceArn=arn).get("Tags", [])}
     return is_managed(tags) and tags.get(ENDPOINT_TAG) == name
 
 
-def _find_configs(runner: Runner, name: str, current: str | None, force: bool, found: Found) -> None:
+def _find_configs(runner: StepRunner, name: str, current: str | None, force: bool, found: DeleteTargets) -> None:
     """Adds this endpoint's configurations and models to `found` (tagged for it, or forced)."""
     # Versioned names: <name[:54]>-<8 hex>. Only those tagged for this endpoint are ours;
     # --force adds the endpoint's current configuration and its models, whatever their tags.
@@ -134,7 +134,7 @@ def _find_configs(runner: Runner, name: str, current: str | None, force: bool, f
             found.models.append(m)
 
 
-def _find_function(runner: Runner, name: str, function: str, function_explicit: bool, found: Found) -> None:
+def _find_function(runner: StepRunner, name: str, function: str, function_explicit: bool, found: DeleteTargets) -> None:
     """Adds the Lambda function, its aliases, role and log group to `found`, if ec2train made them."""
     tags = function_tags(runner, function)
     if tags is None:
@@ -157,8 +157,10 @@ def _find_function(runner: Runner, name: str, function: str, function_explicit: 
             found.log_group = group
 
 
-def _discover_delete(runner: Runner, name: str, function: str | None, function_explicit: bool, force: bool) -> Found:
-    found = Found()
+def _discover_delete(
+    runner: StepRunner, name: str, function: str | None, function_explicit: bool, force: bool
+) -> DeleteTargets:
+    found = DeleteTargets()
     d = runner.read("sagemaker", "describe_endpoint", EndpointName=name)
     if d is not None:
         if not force and not _tagged_for(runner, d["EndpointArn"], name):
@@ -181,11 +183,11 @@ def delete_deployment(
     force: bool = False,
     dry_run: bool = False,
     console: Any = None,
-    runner: Runner | None = None,
+    runner: StepRunner | None = None,
 ) -> dict[str, Any]:
     """Remove the Lambda (+ alias, role, log group), autoscaling, endpoint, configs and models."""
     region, function = deployment_names(name, function_name, region)
-    runner = runner or Runner(region, dry_run=dry_run, console=console)
+    runner = runner or StepRunner(region, dry_run=dry_run, console=console)
     if runner.dry_run:
         dry_run_header(
             runner,
@@ -200,8 +202,12 @@ def delete_deployment(
                 "iam:GetRole",
                 "logs:DescribeLogGroups",
             ],
+            [
+                f"removes    endpoint {name} with its configurations and models (ec2train's only), its autoscaling,",
+                "           and the Lambda with its alias, role and log group: after it, nothing of this deployment bills",
+            ],
         )
-        found: Found | Any = UNKNOWN
+        found: DeleteTargets | Any = UNKNOWN
     else:
         found = _discover_delete(runner, name, function, function_name is not None, force)
     runner.run(delete_plan(name, found))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ec2train.deploy import prices
 from ec2train.deploy.images import image_uri_for
 from ec2train.deploy.names import (
     INSTANCE_TYPE_RE,
@@ -22,7 +23,7 @@ from ec2train.deploy.names import (
     is_managed,
     tags_list,
 )
-from ec2train.deploy.plan import UNKNOWN, Runner, Step, dry_run_header, resolve_region
+from ec2train.deploy.plan import UNKNOWN, Step, StepRunner, dry_run_header, resolve_region
 
 SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
 # States in which SageMaker refuses an update: the user waits for it to settle.
@@ -156,10 +157,11 @@ def _cleanup_after_update(current: EndpointNow, new_model: str) -> list[Step]:
 def endpoint_plan(
     spec: EndpointSpec, region: str, current: EndpointNow | None | Any, *, wait: bool = True
 ) -> list[Step]:
+    """current: what a real run found (None: no endpoint), or UNKNOWN (a dry run cannot read)."""
     model, config = endpoint_requests(spec, region)
     name, new_config = spec.name, config["EndpointConfigName"]
-    found = current not in (None, UNKNOWN)
-    if found and current.config == new_config and current.status != "Failed":
+    found = current if isinstance(current, EndpointNow) else None
+    if found and found.config == new_config and found.status != "Failed":
         # Already serving exactly this: nothing to create (names carry a hash of the content).
         return [_in_service(name, new_config)] if wait else []
     steps = [
@@ -187,9 +189,9 @@ def endpoint_plan(
     if current is UNKNOWN:
         create.if_exists = [update]
         steps.append(create)
-    elif current is None:
+    elif found is None:
         steps.append(create)
-    elif current.status == "Failed":
+    elif found.status == "Failed":
         steps += [
             Step(
                 "sagemaker",
@@ -201,16 +203,16 @@ def endpoint_plan(
             Step("sagemaker", "wait:endpoint_deleted", {"EndpointName": name}),
             create,
         ]
-    elif current.config != new_config:
+    elif found.config != new_config:
         steps.append(update)
     if wait:
         steps.append(_in_service(name, new_config))
-        if found and current.config != new_config and current.config_managed:
-            steps += _cleanup_after_update(current, model["ModelName"])
+        if found and found.config != new_config and found.config_managed:
+            steps += _cleanup_after_update(found, model["ModelName"])
     return steps
 
 
-def _discover_endpoint(runner: Runner, name: str) -> EndpointNow | None:
+def _discover_endpoint(runner: StepRunner, name: str) -> EndpointNow | None:
     d = runner.read("sagemaker", "describe_endpoint", EndpointName=name)
     if d is None:
         return None
@@ -223,13 +225,23 @@ def _discover_endpoint(runner: Runner, name: str) -> EndpointNow | None:
     return EndpointNow(d["EndpointStatus"], d["EndpointConfigName"], managed, models, cfg_managed)
 
 
-def _current_endpoint(runner: Runner, name: str) -> EndpointNow | Any:
+def _current_endpoint(runner: StepRunner, spec: EndpointSpec) -> EndpointNow | Any:
     """What the plan starts from: UNKNOWN in a dry run; else the endpoint found, if it may be changed."""
+    name = spec.name
     if runner.dry_run:
+        kind = f"{spec.instance_count} x {spec.instance_type}" if spec.instance_type else "serverless"
         dry_run_header(
             runner,
             f"deploy endpoint {name}",
             ["sagemaker:DescribeEndpoint", "sagemaker:ListTags", "sagemaker:DescribeEndpointConfig"],
+            prices.with_prices_note(
+                [
+                    f"creates    SageMaker model, endpoint configuration and endpoint {name} ({kind})",
+                    *prices.endpoint_lines(
+                        name, spec.instance_type, spec.instance_count, spec.memory_mb, spec.max_concurrency
+                    ),
+                ]
+            ),
         )
         return UNKNOWN
     current = _discover_endpoint(runner, name)
@@ -284,13 +296,13 @@ def deploy_endpoint(
     wait: bool = True,
     wait_timeout: float = 1800.0,
     console: Any = None,
-    runner: Runner | None = None,
+    runner: StepRunner | None = None,
 ) -> dict[str, Any]:
     """Create (or update) the model, endpoint configuration and endpoint; wait for InService."""
     spec.check()
     region = resolve_region(region)
-    runner = runner or Runner(region, dry_run=dry_run, console=console, wait_timeout=wait_timeout)
-    current = _current_endpoint(runner, spec.name)
+    runner = runner or StepRunner(region, dry_run=dry_run, console=console, wait_timeout=wait_timeout)
+    current = _current_endpoint(runner, spec)
     model, config = endpoint_requests(spec, region)
     if current not in (None, UNKNOWN) and current.config == config["EndpointConfigName"]:
         runner.note(f"endpoint {spec.name} already serves this exact configuration; nothing to update")

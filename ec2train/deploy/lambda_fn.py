@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ec2train.deploy import prices
 from ec2train.deploy.names import (
     ACCOUNT_PLACEHOLDER,
     ALIAS_RE,
@@ -32,7 +33,7 @@ from ec2train.deploy.names import (
     partition_of,
     role_name_for,
 )
-from ec2train.deploy.plan import Ref, Retry, Runner, Step, account_of, dry_run_header, resolve_region
+from ec2train.deploy.plan import Ref, Retry, Step, StepRunner, account_of, dry_run_header, resolve_region
 from ec2train.policies import render_policy
 
 # Serverless endpoints accept 4 MB per request (real-time ones 6 MB): keep the Lambda's
@@ -332,13 +333,13 @@ def lambda_plan(spec: LambdaSpec, zip_bytes: bytes, *, region: str, account: str
 # --------------------------------------------------------------------------- the command
 
 
-def function_tags(runner: Runner, fn: str) -> dict[str, str] | None:
+def function_tags(runner: StepRunner, fn: str) -> dict[str, str] | None:
     """The function's tags, or None if there is no such function."""
     got = runner.read("lambda", "get_function", FunctionName=fn)
     return None if got is None else (got.get("Tags") or {})
 
 
-def _check_before_lambda(runner: Runner, spec: LambdaSpec) -> LambdaSpec:
+def _check_before_lambda(runner: StepRunner, spec: LambdaSpec) -> LambdaSpec:
     """Refuse a function or role ec2train did not make; cap images for a serverless endpoint."""
     tags = function_tags(runner, spec.function_name)
     if tags is not None and not is_managed(tags):
@@ -375,7 +376,7 @@ def deploy_lambda(
     account_id: str | None = None,
     dry_run: bool = False,
     console: Any = None,
-    runner: Runner | None = None,
+    runner: StepRunner | None = None,
 ) -> dict[str, Any]:
     """Role with exactly the rights it needs, the function, concurrency, version, alias."""
     spec.check()
@@ -387,13 +388,19 @@ def deploy_lambda(
             "or leave --code-dir out to deploy the Lambda source shipped with ec2train"
         )
     zip_bytes = build_lambda_zip(code_dir)
-    runner = runner or Runner(region, dry_run=dry_run, console=console)
+    runner = runner or StepRunner(region, dry_run=dry_run, console=console)
     account = account_of(runner, account_id)
     if runner.dry_run:
         dry_run_header(
             runner,
             f"deploy lambda {spec.function_name} for endpoint {spec.endpoint}",
             ["sts:GetCallerIdentity", "lambda:GetFunction", "iam:GetRole", "sagemaker:DescribeEndpoint"],
+            prices.with_prices_note(
+                [
+                    f"creates    Lambda function {spec.function_name} (alias {spec.alias}), its role and log group",
+                    *prices.lambda_lines(spec.memory_mb, spec.architecture, spec.reserved_concurrency),
+                ]
+            ),
         )
         if account == ACCOUNT_PLACEHOLDER:
             runner.note(

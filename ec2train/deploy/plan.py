@@ -1,4 +1,4 @@
-"""The planner: every deploy command is a list of `Step`s, which one `Runner` prints or sends.
+"""The planner: every deploy command is a list of `Step`s, which one `StepRunner` prints or sends.
 
 A dry run prints the steps (service, operation, parameters) and sends nothing; a real run
 sends the very same steps, so the two cannot drift apart. What a real run must read first
@@ -164,7 +164,7 @@ def _summary(params: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- the runner
 
 
-class Runner:
+class StepRunner:
     """Prints a plan (dry run) or sends it. The one place requests leave ec2train.deploy."""
 
     def __init__(
@@ -408,7 +408,7 @@ def resolve_region(region: str | None, session: Any = None) -> str:
     return check_region(region or aws.region_of(session))
 
 
-def account_of(runner: Runner, given: str | None) -> str:
+def account_of(runner: StepRunner, given: str | None) -> str:
     """The caller's account: from STS in a real run (checked against --account-id if given)."""
     if given is not None and not ACCOUNT_RE.match(given):
         raise DeployError(f"--account-id {given!r} is not a 12-digit AWS account id")
@@ -420,8 +420,12 @@ def account_of(runner: Runner, given: str | None) -> str:
     return account
 
 
-def dry_run_header(runner: Runner, what: str, reads: list[str]) -> None:
+def dry_run_header(runner: StepRunner, what: str, reads: list[str], summary: Iterable[str] = ()) -> None:
+    """The first lines of a dry run: what it is, a short summary (what it creates, what it costs),
+    and what a real run reads first."""
     runner.note(f"dry run: {what} in {runner.region}; nothing below is sent.")
+    for line in summary:
+        runner.note(line)
     if reads:
         runner.note("A real run first reads: " + ", ".join(reads) + " (skipped here; both branches are shown).")
 

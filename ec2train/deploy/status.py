@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from ec2train.deploy.names import is_managed, scalable_target
-from ec2train.deploy.plan import Ref, Runner, Step, deployment_names, dry_run_header
+from ec2train.deploy.plan import Ref, Step, StepRunner, deployment_names, dry_run_header
 
 
 def status_plan(name: str, function: str | None) -> list[Step]:
@@ -70,7 +71,7 @@ def _endpoint_summary(ep: dict[str, Any], cfg: dict[str, Any]) -> tuple[dict[str
         "status": ep.get("EndpointStatus"),
         "failure_reason": ep.get("FailureReason"),
         "config": ep.get("EndpointConfigName"),
-        "created": created.isoformat() if hasattr(created, "isoformat") else created,
+        "created": created.isoformat() if isinstance(created, datetime) else created,
         "variants": variants,
     }
     billing = []
@@ -166,17 +167,17 @@ def deployment_status(
     region: str | None = None,
     dry_run: bool = False,
     console: Any = None,
-    runner: Runner | None = None,
+    runner: StepRunner | None = None,
 ) -> dict[str, Any]:
     region, function = deployment_names(name, function_name, region)
     steps = status_plan(name, function)
     if dry_run:
-        runner = runner or Runner(region, dry_run=True, console=console)
+        runner = runner or StepRunner(region, dry_run=True, console=console)
         dry_run_header(runner, f"status of {name}", [])
         runner.run(steps)
         return {}
     # The reads are shown as tables by the caller, not step by step.
-    runner = runner or Runner(region, console=_Silent())
+    runner = runner or StepRunner(region, console=_Silent())
     runner.run(steps)
     return summarize_status(name, function, runner.results)
 

@@ -8,6 +8,7 @@ runner    the module the instance's user data starts: trains, reports, ends the 
 dist      the install path: this checkout's wheel, uploaded to S3, installed by hash
 cost      the built-in price table and the cost estimate
 autostop  the idle check behind `infra/launch_ec2.sh --autostop N`
-commands  the typer sub-app `ec2train job`
 user_data.sh  the first-boot script of every box and job instance
+
+The typer sub-app `ec2train job` is ec2train/cli/job.py (thin: it calls api).
 """

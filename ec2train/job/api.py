@@ -8,21 +8,25 @@ and the group, or create and delete what a job is made of.
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ec2train import aws, s3
-from ec2train.job import cost, state
-from ec2train.job.dist import publish_wheel
+from ec2train.deploy import StepRunner
+from ec2train.job import cost, state, workers
+from ec2train.job.dist import prepare_wheel, upload_wheel
+from ec2train.job.nodes import NodeFiles, StatusFile
 from ec2train.job.plan import (
     AMI_PLACEHOLDER,
     ROOT_DEVICE_PLACEHOLDER,
+    SPOT_ALLOCATION,
     SUBNETS_PLACEHOLDER,
-    Found,
+    Existing,
     Resources,
-    Runner,
     Where,
     cancel_plan,
     submit_plan,
@@ -30,6 +34,8 @@ from ec2train.job.plan import (
 )
 from ec2train.job.spec import (
     JOB_TAG,
+    MAX_NODES,
+    RDZV_PORT,
     URI_TAG,
     JobError,
     JobSpec,
@@ -41,6 +47,7 @@ from ec2train.job.spec import (
     put_text,
     resource_name,
 )
+from ec2train.policies import PolicyTemplateError, render_policy
 
 DLAMI_PARAM = "/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-2.12-ubuntu-24.04/latest/ami-id"
 
@@ -62,6 +69,12 @@ class SubmitRequest:
     key_name: str | None = None
     wheel: str | None = None  # a wheel to install instead of building one of this checkout
     sync_seconds: float = 10.0
+    nodes: int = 1
+    efa: bool = False
+    rdzv_port: int = RDZV_PORT
+    heartbeat_seconds: float = 10.0
+    peer_timeout_seconds: float = 60.0
+    stop_grace_seconds: float = 30.0
 
 
 def _region(region: str | None) -> str:
@@ -70,22 +83,47 @@ def _region(region: str | None) -> str:
     return check_region(region or aws.region_of())
 
 
-def _runner(region: str, dry_run: bool, console: Any) -> Runner:
-    return Runner(region, dry_run=dry_run, console=console)
+def _runner(region: str, dry_run: bool, console: Any) -> StepRunner:
+    return StepRunner(region, dry_run=dry_run, console=console)
 
 
 # --------------------------------------------------------------------------- submit
 
 
-def _check(req: SubmitRequest) -> tuple[s3.S3Uri, list[str], str | None]:
-    check_name(req.name)
+def _check_prefix(req: SubmitRequest) -> s3.S3Uri:
+    """The job's prefix, checked against the IAM template it will be written into, before
+    anything is built or sent."""
     prefix = s3.parse_uri(req.s3_uri)
     if not prefix.key.strip("/"):
         raise JobError(f"--s3-uri {req.s3_uri}: name a prefix for the job (s3://bucket/prefix), not a whole bucket")
     prefix = s3.S3Uri(prefix.bucket, prefix.key.rstrip("/"))
+    try:
+        render_policy("ec2-s3-access", Partition="aws", Bucket=prefix.bucket, Prefix=prefix.key)
+    except PolicyTemplateError:
+        raise JobError(
+            f"--s3-uri {req.s3_uri}: the instance role's policy names this prefix, and IAM can only take letters, "
+            "digits, . _ - = and / there (no spaces, * ? $ ( ) or quotes); choose such a prefix"
+        ) from None
+    return prefix
+
+
+def _check(req: SubmitRequest) -> tuple[s3.S3Uri, list[str], str | None]:
+    check_name(req.name)
+    prefix = _check_prefix(req)
     args = check_fit_args(req.fit_args)
+    workers.split_nproc(args)  # a bad --nproc-per-node fails here, not on the instances
     if not req.max_hours > 0 or req.max_failures < 1 or req.disk_gb < 1:
         raise JobError("--max-hours must be > 0, --max-failures >= 1 and --disk-gb >= 1")
+    if not 1 <= req.nodes <= MAX_NODES:
+        raise JobError(f"--nodes {req.nodes}: from 1 to {MAX_NODES}")
+    if req.nodes > 1 and req.subnet_ids and len(req.subnet_ids) > 1:
+        raise JobError(
+            f"--nodes {req.nodes} runs in a cluster placement group, which is in one Availability Zone: give one --subnet-id"
+        )
+    if not (1024 <= req.rdzv_port <= 65535 and req.heartbeat_seconds > 0 and req.stop_grace_seconds > 0):
+        raise JobError("the rendezvous port must be 1024-65535, heartbeat and stop grace > 0")
+    if req.peer_timeout_seconds < 2 * req.heartbeat_seconds:
+        raise JobError("the peer timeout must be at least two heartbeats, or a slow write looks like a lost node")
     cidr = None
     if req.ssh_from:
         import ipaddress
@@ -99,21 +137,45 @@ def _check(req: SubmitRequest) -> tuple[s3.S3Uri, list[str], str | None]:
     return prefix, args, cidr
 
 
-def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri) -> Where:
+def _types(req: SubmitRequest) -> list[str]:
+    """The instance types the group may launch; --efa refused where the asked type has none
+    (the built-in list; a real run asks EC2 too, see _check_efa)."""
+    if req.efa and req.instance_type in cost.PRICES and req.instance_type not in cost.EFA_TYPES:
+        family = req.instance_type.split(".")[0]
+        have = [
+            t
+            for t in sorted(cost.EFA_TYPES, key=lambda t: cost.PRICES.get(t, (0, 1e9))[1])
+            if t.startswith(family + ".")
+        ]
+        raise JobError(
+            f"--efa: {req.instance_type} has no Elastic Fabric Adapter"
+            + (f" (in its family: {', '.join(have)})" if have else "")
+            + "; drop --efa (NCCL then talks over TCP) or pick such a --type"
+        )
+    return cost.spot_types(req.instance_type, efa=req.efa) if req.spot else [req.instance_type]
+
+
+def _check_efa(runner: StepRunner, types: list[str]) -> None:
+    info = runner.call("ec2", "describe_instance_types", InstanceTypes=types)["InstanceTypes"]
+    without = sorted(t["InstanceType"] for t in info if not t.get("NetworkInfo", {}).get("EfaSupported"))
+    if without or len(info) < len(types):
+        raise JobError(
+            f"--efa: {', '.join(without) or 'some of ' + ', '.join(types)} has no Elastic Fabric Adapter "
+            "(ec2:DescribeInstanceTypes); drop --efa (NCCL then talks over TCP) or pick a type that has one"
+        )
+
+
+def _discover(runner: StepRunner, req: SubmitRequest, prefix: s3.S3Uri, types: list[str]) -> Where:
     """Reads before planning (a real run): who we are, the bucket, the AMI, the subnets, no clash."""
     if runner.dry_run:
         runner.note(
             "A real run first reads: sts:GetCallerIdentity, s3:HeadBucket, autoscaling:DescribeAutoScalingGroups, "
-            "ssm:GetParameter, ec2:DescribeImages, ec2:DescribeSubnets (skipped here; placeholders below)."
+            "ssm:GetParameter, ec2:DescribeImages, ec2:DescribeSubnets"
+            + (", ec2:DescribeInstanceTypes" if req.efa else "")
+            + " (skipped here; placeholders below)."
         )
-        return Where(
-            "aws",
-            runner.region,
-            "<ACCOUNT_ID>",
-            req.ami or AMI_PLACEHOLDER,
-            ROOT_DEVICE_PLACEHOLDER,
-            req.subnet_ids or [SUBNETS_PLACEHOLDER],
-        )
+        shown = req.subnet_ids or [SUBNETS_PLACEHOLDER if req.nodes == 1 else "<one default-VPC subnet>"]
+        return Where("aws", runner.region, "<ACCOUNT_ID>", req.ami or AMI_PLACEHOLDER, ROOT_DEVICE_PLACEHOLDER, shown)
     arn = runner.call("sts", "get_caller_identity")["Arn"]
     partition, account = arn.split(":")[1], arn.split(":")[4]
     runner.call("s3", "head_bucket", Bucket=prefix.bucket)
@@ -123,10 +185,13 @@ def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri) -> Where:
             f"a job named {req.name!r} exists; see it with `ec2train job status {req.name}`, "
             f"remove it with `ec2train job cancel {req.name}`, or pick another name"
         )
+    if req.efa:
+        _check_efa(runner, types)
     ami = req.ami or runner.call("ssm", "get_parameter", Name=DLAMI_PARAM)["Parameter"]["Value"]
     images = runner.call("ec2", "describe_images", ImageIds=[ami])["Images"]
     if not images:
         raise JobError(f"AMI {ami} not found in {runner.region}; pass --ami")
+    subnets: list[dict[str, Any]]
     if req.subnet_ids:
         subnets = runner.call("ec2", "describe_subnets", SubnetIds=req.subnet_ids)["Subnets"]
     else:
@@ -135,6 +200,9 @@ def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri) -> Where:
         ]
         if not subnets:
             raise JobError(f"no default VPC in {runner.region}: pass --subnet-id (one or more, of one VPC)")
+        subnets = sorted(subnets, key=lambda s: s.get("AvailabilityZone", ""))
+    if req.nodes > 1:
+        runner.note(f"{req.nodes} nodes in one zone: {subnets[0].get('AvailabilityZone')} (--subnet-id picks another)")
     return Where(
         partition,
         runner.region,
@@ -146,33 +214,93 @@ def _discover(runner: Runner, req: SubmitRequest, prefix: s3.S3Uri) -> Where:
     )
 
 
-def submit(
-    req: SubmitRequest, *, region: str | None = None, dry_run: bool = False, console: Any = None
-) -> dict[str, Any]:
-    """Create the job: its files in S3, then role, profile, security group, launch template and group."""
-    from ec2train.job.cost import spot_types
+def summary(req: SubmitRequest, types: list[str], width: int = 110) -> list[str]:
+    """What a dry run says first: what is created, the types that may run, the price, the worst case."""
+    n, market = req.nodes, "spot" if req.spot else "on-demand"
+    inbound = "only from its own members" if (n > 1 or req.efa) else "none"
+    if req.ssh_from:
+        inbound += ", SSH from one address"
+    where = " in a cluster placement group (one zone)" if n > 1 else ""
+    what = f"{n} {market}"
+    if req.spot and len(types) > 1:
+        what += (
+            f", {SPOT_ALLOCATION} over {', '.join(types)} (as many GPUs as {req.instance_type}, "
+            f"at most {cost.SPOT_PRICE_RATIO:g}x its on-demand price)"
+        )
+    else:
+        what += f" {types[0]}"
+    lines = [
+        f"creates    an Auto Scaling group of {n} instance{'s' if n > 1 else ''}{where}, its launch template, "
+        f"a security group (inbound: {inbound}), a role and instance profile (this prefix, this group), "
+        "a scheduled end at --max-hours; in S3: the wheel, _job/job.json, _job/status.json",
+        f"instances  {what}" + (", with EFA" if req.efa else ""),
+        *cost.price_lines(types, n, req.spot, req.max_hours, req.disk_gb),
+        f"ends       by itself when fit ends ({'rank 0' if n > 1 else 'its runner'} sets the group to 0), "
+        f"at --max-hours {req.max_hours:g}, "
+        f"or with `ec2train job cancel {req.name}`",
+    ]
+    if n > 1:
+        lines.append(
+            f"note       training starts when all {n} run at once in one zone"
+            + (
+                f" (spot capacity for {n} can take a while: `ec2train job status {req.name}` shows AWS's reason)"
+                if req.spot
+                else ""
+            )
+            + "; losing any node pauses all until the group is whole again"
+        )
+    lines.append(f"prices     {cost.REGION_OF_PRICES} list prices as of {cost.PRICES_AS_OF}; spot prices move hourly")
+    wrapped = [f"summary of job {req.name}:"]
+    for line in lines:  # a `command` is never split over two lines
+        line = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\0"), line)
+        wrapped += [w.replace("\0", " ") for w in textwrap.wrap(line, width, subsequent_indent=" " * 11)]
+    return [*wrapped, ""]
 
-    prefix, fit_args, cidr = _check(req)
-    runner = _runner(_region(region), dry_run, console)
-    if dry_run:
-        runner.note(f"dry run: job {req.name} in {runner.region}; nothing below is sent, nothing is built or uploaded.")
-    where = _discover(runner, req, prefix)
-    types = spot_types(req.instance_type) if req.spot else []
-    spec = JobSpec(
+
+# The request's settings job.json carries as they are (the runners read them).
+_PASSED_ON = (
+    "sync_seconds",
+    "nodes",
+    "efa",
+    "rdzv_port",
+    "heartbeat_seconds",
+    "peer_timeout_seconds",
+    "stop_grace_seconds",
+)
+
+
+def _spec(req: SubmitRequest, prefix: s3.S3Uri, fit_args: list[str], region: str) -> JobSpec:
+    return JobSpec(
         req.name,
         str(prefix),
         req.data,
         fit_args,
-        runner.region,
+        region,
         resource_name(req.name),
         time.time(),
         req.max_hours,
         req.max_failures,
         req.spot,
-        types or [req.instance_type],
-        req.sync_seconds,
+        **{name: getattr(req, name) for name in _PASSED_ON},
     )
-    wheel = publish_wheel(str(prefix), wheel=req.wheel, dry_run=dry_run)
+
+
+def submit(
+    req: SubmitRequest, *, region: str | None = None, dry_run: bool = False, console: Any = None
+) -> dict[str, Any]:
+    """Create the job: its files in S3, then role, profile, security group, placement group
+    (several nodes), launch template and group. Everything is checked and planned before the
+    first byte is sent."""
+    prefix, fit_args, cidr = _check(req)
+    types = _types(req)
+    runner = _runner(_region(region), dry_run, console)
+    if dry_run:
+        runner.note(f"dry run: job {req.name} in {runner.region}; nothing below is sent, nothing is built or uploaded.")
+        for line in summary(req, types):
+            runner.note(line)
+    where = _discover(runner, req, prefix, types)
+    spec = _spec(req, prefix, fit_args, runner.region)
+    wheel = prepare_wheel(str(prefix), wheel=req.wheel, dry_run=dry_run)
     settings = {
         "WHEEL_URI": wheel.uri,
         "WHEEL_SHA256": wheel.sha256,
@@ -183,11 +311,24 @@ def submit(
         "JOB_GROUP": spec.group,
         "REGION": runner.region,
     }
-    res = Resources(req.name, prefix, req.data, req.instance_type, types, req.disk_gb, req.key_name, cidr)
+    res = Resources(
+        req.name,
+        prefix,
+        req.data,
+        req.instance_type,
+        types if req.spot else [],
+        req.disk_gb,
+        req.key_name,
+        cidr,
+        nodes=req.nodes,
+        efa=req.efa,
+        deadline=spec.deadline,
+    )
     script = user_data(settings)
+    steps = submit_plan(res, where, script)  # renders every policy: a bad value fails before anything is sent
     files = {
         job_file(prefix, "job.json"): spec.to_json(),
-        job_file(prefix, "status.json"): json.dumps(state.new_status(req.name, spec.submitted_at), indent=2),
+        job_file(prefix, "status.json"): json.dumps(state.new_status(req.name, spec.submitted_at, req.nodes), indent=2),
     }
     if dry_run:
         runner.note(f"would upload a wheel of this checkout to {wheel.uri}, then:")
@@ -195,15 +336,17 @@ def submit(
             runner.note(f"s3:PutObject {uri}\n{text}")
         runner.note("user data of the launch template (base64 in the request):\n" + script)
     else:
+        upload_wheel(wheel)
         for uri, text in files.items():
             put_text(uri, text)
-    runner.run(submit_plan(res, where, script))
+    runner.run(steps)
     return {
         "name": req.name,
         "group": spec.group,
         "s3_uri": str(prefix),
         "wheel": wheel.uri,
-        "spot_types": types,
+        "spot_types": types if req.spot else [],
+        "nodes": req.nodes,
         "dry_run": dry_run,
     }
 
@@ -228,19 +371,81 @@ def job_prefix(name: str, s3_uri: str | None, group: dict[str, Any] | None) -> s
     return s3.parse_uri(tags[URI_TAG])
 
 
+def node_rows(
+    doc: dict[str, Any], nodes: dict[str, dict[str, Any]], now: float, timeout: float
+) -> list[dict[str, Any]]:
+    """One row per instance the job ran on: its rank in the latest attempt it was part of, its
+    state (lost: silent for longer than the peer timeout), its last heartbeat."""
+    ranks: dict[str, tuple[int, int]] = {}
+    for a in doc.get("attempts") or []:
+        for m in a.get("members") or []:
+            ranks[m["instance"]] = (a["n"], m["rank"])
+    rows = []
+    for iid, n in sorted(nodes.items(), key=lambda kv: kv[1].get("started_at") or 0):
+        node_state = n.get("state") or "?"
+        if node_state != "exited" and not state.fresh(n, now, timeout):
+            node_state = "lost"
+        attempt, rank = ranks.get(iid, (None, None))
+        rows.append(
+            {
+                "instance": iid,
+                "type": n.get("instance_type"),
+                "spot": n.get("lifecycle") == "spot",
+                "ip": n.get("ip"),
+                "attempt": attempt,
+                "rank": rank,
+                "state": node_state,
+                "heartbeat_at": n.get("heartbeat_at"),
+                "heartbeat_age": None if n.get("heartbeat_at") is None else max(0.0, now - float(n["heartbeat_at"])),
+            }
+        )
+    return rows
+
+
+def _activities(asg: Any, name: str) -> list[dict[str, Any]]:
+    try:
+        acts = asg.describe_scaling_activities(AutoScalingGroupName=resource_name(name), MaxRecords=5)["Activities"]
+    except Exception:  # noqa: BLE001 - activities are a nicety; the state comes from S3
+        return []
+    keep = ("StartTime", "StatusCode", "StatusMessage", "Description")
+    return [{k: str(a.get(k, "")) for k in keep} for a in acts]
+
+
+def capacity_note(group: dict[str, Any] | None, activities: list[dict[str, Any]], job_state: str) -> str | None:
+    """When the group has fewer instances than it wants: say so, in AWS's own words."""
+    if group is None or job_state in state.TERMINAL:
+        return None
+    running = [
+        i for i in group["instances"] if i["state"] in ("InService", "Pending", "Pending:Wait", "Pending:Proceed")
+    ]
+    if len(running) >= group["desired"]:
+        return None
+    failed = next(
+        (a for a in activities if a.get("StatusCode") in ("Failed", "Cancelled") or a.get("StatusMessage")), None
+    )
+    said = f"; AWS says: {failed['StatusMessage'] or failed['Description']}" if failed else ""
+    return f"waiting for capacity: {len(running)} of {group['desired']} instances{said}"
+
+
 def status(
     name: str, *, s3_uri: str | None = None, region: str | None = None, now: float | None = None
 ) -> dict[str, Any]:
-    """State, epochs, instance, interruptions, failures, cost estimate, the group's last activities."""
+    """State, epochs, each node (instance, type, spot, rank, state, heartbeat), interruptions,
+    failures, the cost of every node over every attempt, the group and its last activities."""
     check_name(name)
+    now = time.time() if now is None else now
     asg = aws.client("autoscaling", region=_region(region))
     group = _group(asg, name)
     prefix = job_prefix(name, s3_uri, group)
     doc = get_json(job_file(prefix, "status.json")) or state.new_status(name, 0)
+    spec_text = get_text(job_file(prefix, "job.json"))
+    timeout = JobSpec.from_json(spec_text).peer_timeout_seconds if spec_text else JobSpec.peer_timeout_seconds
+    nodes = NodeFiles(prefix).all()
     out = {
         **doc,
         "s3_uri": str(prefix),
-        "cost": cost.estimate(doc, now),
+        "node_rows": node_rows(doc, nodes, now, timeout),
+        "cost": cost.estimate(list(nodes.values()), now, timeout),
         "prices_as_of": cost.PRICES_AS_OF,
         "group": None,
         "activities": [],
@@ -253,16 +458,11 @@ def status(
                 for i in group.get("Instances", [])
             ],
         }
-        try:
-            acts = asg.describe_scaling_activities(AutoScalingGroupName=resource_name(name), MaxRecords=5)["Activities"]
-            out["activities"] = [
-                f"{a.get('StartTime', '')} {a.get('StatusCode', '')}: {a.get('Description', '')}" for a in acts
-            ]
-        except Exception:  # noqa: BLE001 - activities are a nicety; the state comes from S3
-            pass
+        out["activities"] = _activities(asg, name)
+        out["capacity"] = capacity_note(out["group"], out["activities"], doc["state"])
         if group["DesiredCapacity"] == 0 and doc["state"] not in state.TERMINAL:
             out["reason"] = (
-                out.get("reason") or "the group is at 0 but the runner never reported an end: see `ec2train job logs`"
+                out.get("reason") or "the group is at 0 but the runners never reported an end: see `ec2train job logs`"
             )
     return out
 
@@ -286,7 +486,7 @@ def logs(
     check_name(name)
     reg = _region(region)
     prefix = job_prefix(name, s3_uri, None if s3_uri else _group(aws.client("autoscaling", region=reg), name))
-    client, shown = aws.client("s3", region=reg), {}
+    client, shown = aws.client("s3", region=reg), dict[str, int]()
     while True:
         for key in _log_keys(prefix, client):
             text = get_text(s3.S3Uri(prefix.bucket, key), client=client) or ""
@@ -311,9 +511,9 @@ def _owned(tags: list[dict[str, str]] | None, name: str) -> bool:
     return any(t.get("Key") == JOB_TAG and t.get("Value") == name for t in tags or [])
 
 
-def _find(runner: Runner, name: str, prefix: s3.S3Uri | None) -> Found:
+def _find(runner: StepRunner, name: str, prefix: s3.S3Uri | None) -> Existing:
     """What exists of the job; IAM by name, deleted only when it carries the job's tag."""
-    rname, found = resource_name(name), Found()
+    rname, found = resource_name(name), Existing()
     groups = runner.call("autoscaling", "describe_auto_scaling_groups", AutoScalingGroupNames=[rname])[
         "AutoScalingGroups"
     ]
@@ -337,6 +537,10 @@ def _find(runner: Runner, name: str, prefix: s3.S3Uri | None) -> Found:
         if not _owned(role["Role"].get("Tags"), name):
             raise JobError(f"role {rname} exists but is not tagged {JOB_TAG}={name}; not deleting it")
         found.role_policies = runner.call("iam", "list_role_policies", RoleName=rname)["PolicyNames"]
+    groups = runner.read(
+        "ec2", "describe_placement_groups", Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [name]}]
+    ) or {"PlacementGroups": []}
+    found.placement_group = any(g.get("GroupName") == rname for g in groups["PlacementGroups"])
     if prefix is not None:
         found.dist_keys = [o["Key"] for o in s3.list_objects(runner.client("s3"), prefix.child("_dist/"))]
     return found
@@ -349,12 +553,25 @@ def cancel(
     check_name(name)
     runner = _runner(_region(region), dry_run, console)
     if dry_run:
+        runner.note(f"dry run: cancel job {name} in {runner.region}; nothing below is sent.")
         runner.note(
-            f"dry run: cancel job {name} in {runner.region}; nothing below is sent. A real run first finds "
-            "what exists (group, launch template, security group, profile, role) and deletes only that."
+            f"removes    the group (terminating its instances), its launch template, security group, placement "
+            f"group, role and instance profile, and the wheel in _dist/: after it, nothing of job {name} bills; "
+            "its checkpoint, model, logs and status stay in S3"
         )
-        found = Found(
-            True, ["<instance ids>"], True, ["<sg-id>"], [resource_name(name)], ["ec2train-job"], ["<_dist/ keys>"]
+        runner.note(
+            "A real run first finds what exists (group, launch template, security group, placement group, "
+            "profile, role) and deletes only that."
+        )
+        found = Existing(
+            True,
+            ["<instance ids>"],
+            True,
+            ["<sg-id>"],
+            [resource_name(name)],
+            ["ec2train-job"],
+            ["<_dist/ keys>"],
+            placement_group=True,
         )
         prefix = s3.parse_uri(s3_uri) if s3_uri else None
         runner.run(cancel_plan(name, found, prefix.bucket if prefix else "<bucket>"))
@@ -370,8 +587,5 @@ def cancel(
 
 
 def _mark_cancelled(prefix: s3.S3Uri, name: str) -> None:
-    uri = job_file(prefix, "status.json")
-    doc = get_json(uri)
-    if doc is not None and doc.get("state") not in state.TERMINAL:
-        doc.update(state="cancelled", reason="ec2train job cancel", updated_at=time.time())
-        put_text(uri, json.dumps(doc, indent=2))
+    if get_json(job_file(prefix, "status.json")) is not None:
+        StatusFile(prefix).update(lambda s: state.cancelled(s, "ec2train job cancel", time.time()))

@@ -97,10 +97,10 @@ def wheel_uri(prefix: str | s3.S3Uri, wheel_name: str, sha256: str) -> s3.S3Uri:
     return base.child(f"{DIST_PREFIX}/{sha256[:16]}/{wheel_name}")
 
 
-def publish_wheel(s3_uri: str, *, wheel: str | Path | None = None, dry_run: bool = False, client=None) -> Wheel:
-    """Build (unless `wheel` is given), hash and upload the wheel under `<s3_uri>/_dist/`.
+def prepare_wheel(s3_uri: str, *, wheel: str | Path | None = None, dry_run: bool = False) -> Wheel:
+    """Build (unless `wheel` is given) and hash the wheel, and say where it goes; uploads nothing.
 
-    A dry run builds and uploads nothing and returns placeholders."""
+    A dry run builds nothing and returns placeholders."""
     prefix = s3.parse_uri(s3_uri)
     if dry_run and wheel is None:
         return Wheel(None, "<sha256 of the wheel>", str(prefix.child(f"{DIST_PREFIX}/<sha256>/<ec2train wheel>")))
@@ -108,10 +108,23 @@ def publish_wheel(s3_uri: str, *, wheel: str | Path | None = None, dry_run: bool
     if not path.is_file() or not path.name.endswith(".whl"):
         raise DistError(f"--wheel {path}: not a wheel file (*.whl)")
     sha256 = s3.file_digest(path).sha256_hex
-    target = wheel_uri(prefix, path.name, sha256)
+    return Wheel(path, sha256, str(wheel_uri(prefix, path.name, sha256)))
+
+
+def upload_wheel(wheel: Wheel, *, client=None) -> None:
+    if wheel.path is None:
+        raise DistError("a dry run's wheel has no file to upload")
+    s3.upload_file(wheel.path, wheel.uri, client=client)
+
+
+def publish_wheel(s3_uri: str, *, wheel: str | Path | None = None, dry_run: bool = False, client=None) -> Wheel:
+    """Build (unless `wheel` is given), hash and upload the wheel under `<s3_uri>/_dist/`.
+
+    A dry run builds and uploads nothing and returns placeholders."""
+    prepared = prepare_wheel(s3_uri, wheel=wheel, dry_run=dry_run)
     if not dry_run:
-        s3.upload_file(path, target, client=client)
-    return Wheel(path, sha256, str(target))
+        upload_wheel(prepared, client=client)
+    return prepared
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """What `job submit` creates and `job cancel` deletes, as plans of requests (data first).
 
-The plans run on the deploy planner's engine (`ec2train.deploy.Runner`): a dry run prints every
+The plans run on the deploy planner's engine (`ec2train.deploy.StepRunner`): a dry run prints every
 request with its parameters and policy documents and sends nothing; a real run sends the very
 same steps. Reads a real run needs first (account, AMI, subnets, what exists) happen before
 planning; a dry run shows placeholders for them.
@@ -12,6 +12,7 @@ import base64
 import json
 import re
 import shlex
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -19,12 +20,17 @@ from typing import Any
 from ec2train import s3
 
 # The one dry-run == real-run engine of the project; imported, not copied (see docs/jobs.md).
-from ec2train.deploy import Ref, Retry, Runner, Step  # noqa: F401 - Runner re-exported for api.py
+from ec2train.deploy import Ref, Retry, Step
 from ec2train.job.spec import JOB_TAG, URI_TAG, JobError, resource_name
 from ec2train.policies import render_policy
 
 _SAFE_KEY = re.compile(r"^(?!.*//)[A-Za-z0-9._=-]+(/[A-Za-z0-9._=-]+)*/?$")
 AMI_PLACEHOLDER = "<ami-id from the SSM parameter>"
+SPOT_ALLOCATION = "price-capacity-optimized"
+# The group's own end at --max-hours, for when no runner is left to end it (every instance
+# gone while the group waits for capacity): after the runners' own stop and its grace.
+SCHEDULED_END = "ec2train-max-hours"
+SCHEDULED_END_MARGIN_SECONDS = 600
 ROOT_DEVICE_PLACEHOLDER = "<root device of the AMI>"
 SUBNETS_PLACEHOLDER = "<default-VPC subnet ids>"
 
@@ -54,10 +60,18 @@ class Resources:
     disk_gb: int = 100
     key_name: str | None = None
     ssh_cidr: str | None = None  # x.x.x.x/32: the one inbound rule, when SSH was asked for
+    nodes: int = 1
+    efa: bool = False
+    deadline: float | None = None  # submit + --max-hours: the group's scheduled end, a backstop
 
     @property
     def spot(self) -> bool:
         return bool(self.spot_types)
+
+    @property
+    def cluster(self) -> bool:
+        """Several nodes: a cluster placement group, and a security group that admits its own members."""
+        return self.nodes > 1
 
 
 def _tags(name: str) -> list[dict[str, str]]:
@@ -126,7 +140,6 @@ def launch_template_data(res: Resources, where: Where, sg: Any, script: str) -> 
         "ImageId": where.ami,
         "InstanceType": res.instance_type,
         "IamInstanceProfile": {"Name": resource_name(res.name)},
-        "SecurityGroupIds": [sg],
         # IMDSv2 only; one hop, so containers cannot reach the role's credentials; tags in
         # IMDS, so the runner finds its group without a describe permission.
         "MetadataOptions": {
@@ -145,6 +158,12 @@ def launch_template_data(res: Resources, where: Where, sg: Any, script: str) -> 
         "UserData": base64.b64encode(script.encode()).decode(),
         "TagSpecifications": [{"ResourceType": t, "Tags": _tags(res.name)} for t in ("instance", "volume")],
     }
+    if res.efa:  # the EFA device is the instance's first network interface, in the job's group
+        data["NetworkInterfaces"] = [
+            {"DeviceIndex": 0, "InterfaceType": "efa", "Groups": [sg], "DeleteOnTermination": True}
+        ]
+    else:
+        data["SecurityGroupIds"] = [sg]
     if res.key_name:
         data["KeyName"] = res.key_name
     return data
@@ -156,20 +175,24 @@ def group_request(res: Resources, where: Where) -> dict[str, Any]:
     req: dict[str, Any] = {
         "AutoScalingGroupName": name,
         "MinSize": 0,
-        "MaxSize": 1,
-        "DesiredCapacity": 1,
-        "VPCZoneIdentifier": ",".join(where.subnets),
+        "MaxSize": res.nodes,
+        "DesiredCapacity": res.nodes,
+        # A cluster placement group lives in one zone: one subnet (api.submit chose it).
+        "VPCZoneIdentifier": ",".join(where.subnets[:1] if res.cluster else where.subnets),
         "HealthCheckType": "EC2",
         "Tags": [
             {"Key": k, "Value": v, "PropagateAtLaunch": True, "ResourceId": name, "ResourceType": "auto-scaling-group"}
             for k, v in ((JOB_TAG, res.name), (URI_TAG, str(res.prefix)))
         ],
     }
+    if res.cluster:
+        req["PlacementGroup"] = name
     if not res.spot:
         req["LaunchTemplate"] = template
         return req
-    # AWS, not us, replaces a reclaimed instance: from the deepest spot pools, and early on a
-    # rebalance recommendation.
+    # AWS, not us, replaces a reclaimed instance: from the cheapest pools among those with
+    # capacity (price-capacity-optimized; docs/jobs.md says why), and early on a rebalance
+    # recommendation.
     req["MixedInstancesPolicy"] = {
         "LaunchTemplate": {
             "LaunchTemplateSpecification": template,
@@ -178,23 +201,16 @@ def group_request(res: Resources, where: Where) -> dict[str, Any]:
         "InstancesDistribution": {
             "OnDemandBaseCapacity": 0,
             "OnDemandPercentageAboveBaseCapacity": 0,
-            "SpotAllocationStrategy": "capacity-optimized",
+            "SpotAllocationStrategy": SPOT_ALLOCATION,
         },
     }
     req["CapacityRebalance"] = True
     return req
 
 
-def submit_plan(res: Resources, where: Where, script: str) -> list[Step]:
+def _iam_steps(res: Resources, where: Where) -> list[Step]:
     name, tags = resource_name(res.name), _tags(res.name)
-    sg_params: dict[str, Any] = {
-        "GroupName": name,
-        "Description": f"ec2train job {res.name}: no inbound traffic but SSH when asked",
-        "TagSpecifications": [{"ResourceType": "security-group", "Tags": tags}],
-    }
-    if where.vpc:
-        sg_params["VpcId"] = where.vpc
-    steps = [
+    return [
         Step(
             "iam",
             "create_role",
@@ -204,37 +220,74 @@ def submit_plan(res: Resources, where: Where, script: str) -> list[Step]:
                 "Description": f"ec2train job {res.name}: its prefix, its group",
                 "AssumeRolePolicyDocument": json.dumps(render_policy("ec2-trust")),
             },
-            why="the instance's identity",
+            why="the instances' identity",
         ),
         Step(
             "iam",
             "put_role_policy",
             {"RoleName": name, "PolicyName": "ec2train-job", "PolicyDocument": json.dumps(instance_policy(res, where))},
-            why="all it may do",
+            why="all they may do",
         ),
         Step("iam", "create_instance_profile", {"InstanceProfileName": name, "Tags": tags}),
         Step("iam", "add_role_to_instance_profile", {"InstanceProfileName": name, "RoleName": name}),
-        Step("ec2", "create_security_group", sg_params, save="sg", why="egress only"),
     ]
+
+
+def _network_steps(res: Resources, where: Where) -> list[Step]:
+    """The security group: no inbound rule but its own members (several nodes, or EFA) and SSH
+    from one /32 when asked; EFA also needs the members in its outbound rules."""
+    name, tags = resource_name(res.name), _tags(res.name)
+    inbound = "only from its own members" if (res.cluster or res.efa) else "none"
+    sg_params: dict[str, Any] = {
+        "GroupName": name,
+        "Description": f"ec2train job {res.name}: inbound {inbound}"
+        + (", and SSH from one address" if res.ssh_cidr else ""),
+        "TagSpecifications": [{"ResourceType": "security-group", "Tags": tags}],
+    }
+    if where.vpc:
+        sg_params["VpcId"] = where.vpc
+    steps = [Step("ec2", "create_security_group", sg_params, save="sg", why=f"inbound: {inbound}")]
     sg = Ref("sg", ("GroupId",))
+    members: dict[str, Any] = {
+        "IpProtocol": "-1",
+        "UserIdGroupPairs": [{"GroupId": sg, "Description": "the job's own nodes"}],
+    }
+    rules: list[dict[str, Any]] = [members] if (res.cluster or res.efa) else []
     if res.ssh_cidr:
+        ssh = {"CidrIp": res.ssh_cidr, "Description": "SSH from the submitting machine"}
+        rules.append({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [ssh]})
+    if rules:
+        why = "NCCL, gloo and rank 0's c10d store between the nodes" if (res.cluster or res.efa) else ""
+        steps.append(Step("ec2", "authorize_security_group_ingress", {"GroupId": sg, "IpPermissions": rules}, why=why))
+    if res.efa:
         steps.append(
             Step(
                 "ec2",
-                "authorize_security_group_ingress",
-                {
-                    "GroupId": sg,
-                    "IpPermissions": [
-                        {
-                            "IpProtocol": "tcp",
-                            "FromPort": 22,
-                            "ToPort": 22,
-                            "IpRanges": [{"CidrIp": res.ssh_cidr, "Description": "SSH from the submitting machine"}],
-                        }
-                    ],
-                },
+                "authorize_security_group_egress",
+                {"GroupId": sg, "IpPermissions": [members]},
+                why="EFA needs its members in the outbound rules too",
             )
         )
+    if res.cluster:
+        steps.append(
+            Step(
+                "ec2",
+                "create_placement_group",
+                {
+                    "GroupName": name,
+                    "Strategy": "cluster",
+                    "TagSpecifications": [{"ResourceType": "placement-group", "Tags": tags}],
+                },
+                why="the nodes close together, in one zone",
+            )
+        )
+    return steps
+
+
+def submit_plan(res: Resources, where: Where, script: str) -> list[Step]:
+    name, tags = resource_name(res.name), _tags(res.name)
+    steps = _iam_steps(res, where) + _network_steps(res, where)
+    sg = Ref("sg", ("GroupId",))
     steps += [
         Step(
             "ec2",
@@ -250,15 +303,32 @@ def submit_plan(res: Resources, where: Where, script: str) -> list[Step]:
             "autoscaling",
             "create_auto_scaling_group",
             group_request(res, where),
-            why="desired capacity 1: the job starts",
+            why=f"desired capacity {res.nodes}: the job starts",
             retry=Retry("ValidationError", "nstance Profile"),
         ),
     ]
+    if res.deadline is not None:
+        end = res.deadline + SCHEDULED_END_MARGIN_SECONDS
+        steps.append(
+            Step(
+                "autoscaling",
+                "put_scheduled_update_group_action",
+                {
+                    "AutoScalingGroupName": name,
+                    "ScheduledActionName": SCHEDULED_END,
+                    "StartTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end)),
+                    "MinSize": 0,
+                    "MaxSize": 0,
+                    "DesiredCapacity": 0,
+                },
+                why="--max-hours, even when no instance is left to end the job",
+            )
+        )
     return steps
 
 
 @dataclass
-class Found:
+class Existing:
     """What a cancel found of a job (real run), or assumes (dry run)."""
 
     group: bool = False
@@ -268,9 +338,10 @@ class Found:
     profile_roles: list[str] | None = None  # None: no instance profile
     role_policies: list[str] | None = None  # None: no role
     dist_keys: list[str] = field(default_factory=list)
+    placement_group: bool = False
 
 
-def cancel_plan(name: str, found: Found, bucket: str | None) -> list[Step]:
+def cancel_plan(name: str, found: Existing, bucket: str | None) -> list[Step]:
     """Instances first (everything else is in use until they are gone), IAM last."""
     rname, steps = resource_name(name), []
     if found.group:
@@ -293,6 +364,15 @@ def cancel_plan(name: str, found: Found, bucket: str | None) -> list[Step]:
                 "delete_security_group",
                 {"GroupId": sg},
                 retry=Retry("DependencyViolation", "", delays=(5, 10, 10, 15, 15, 20, 30, 30)),
+            )
+        )
+    if found.placement_group:
+        steps.append(
+            Step(
+                "ec2",
+                "delete_placement_group",
+                {"GroupName": rname},
+                retry=Retry("InvalidPlacementGroup.InUse", "", delays=(5, 10, 10, 15, 15, 20, 30, 30)),
             )
         )
     if found.profile_roles is not None:

@@ -4,8 +4,14 @@ where its files live under the S3 prefix.
     <s3-uri>/                 fit's own mirror: last.pt, model.pth, metrics.json, runs/
     <s3-uri>/_dist/<hash>/    the wheel the instance installs (ec2train.job.dist)
     <s3-uri>/_job/job.json    these settings; the runner reads them
-    <s3-uri>/_job/status.json the runner's state, attempts and counters (ec2train.job.state)
-    <s3-uri>/_job/logs/       one log per attempt, mirrored every few seconds
+    <s3-uri>/_job/status.json the job's state, attempts and counters (ec2train.job.state);
+                              every change is a conditional write (If-Match), so runners on
+                              several nodes never lose each other's updates
+    <s3-uri>/_job/nodes/<instance-id>.json
+                              one per instance, written by its runner alone: its private IP,
+                              type, market, the attempt it waits for or trains in, its rank,
+                              a heartbeat, and how its part of an attempt ended (ec2train.job.nodes)
+    <s3-uri>/_job/logs/       one log per attempt and instance, mirrored every few seconds
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,8 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 RUNNER_OWNS = ("--data", "--output", "--logdir", "--resume", "--s3-uri")
 DEFAULT_MAX_HOURS = 24.0
 DEFAULT_MAX_FAILURES = 2
+MAX_NODES = 64  # a cluster placement group in one zone; beyond this, ask AWS about capacity first
+RDZV_PORT = 29400  # rank 0's c10d store on its private IP (torchrun's customary port)
 
 
 class JobError(UserError):
@@ -105,8 +113,16 @@ class JobSpec:
     max_hours: float = DEFAULT_MAX_HOURS
     max_failures: int = DEFAULT_MAX_FAILURES
     spot: bool = False
-    instance_types: list[str] = field(default_factory=list)
     sync_seconds: float = 10.0  # how often the runner mirrors its log and status
+    nodes: int = 1  # instances that train together (the group's desired capacity)
+    efa: bool = False
+    rdzv_port: int = RDZV_PORT
+    # Node loss (docs/jobs.md): a runner writes its heartbeat every heartbeat_seconds; a node
+    # silent for peer_timeout_seconds is lost, and its peers stop their training (SIGTERM, then
+    # SIGKILL after stop_grace_seconds) instead of waiting out a collective's timeout.
+    heartbeat_seconds: float = 10.0
+    peer_timeout_seconds: float = 60.0
+    stop_grace_seconds: float = 30.0
 
     @property
     def deadline(self) -> float:

@@ -1,16 +1,28 @@
-"""status.json: a job's state and its attempts, and the pure decisions the runner takes on it.
+"""status.json and the pure decisions a job's runners take on it.
 
-One attempt is one instance's run of `fit`. The runner starts one with `begin_attempt` and ends
-it with `end_attempt`; both return the new status and what to do with the Auto Scaling group:
+One attempt is one set of `nodes` instances training together (one instance for a
+single-node job). The runners find each other through their node files (ec2train.job.nodes):
+each registers for the next attempt; when `nodes` fresh registrations are there, one of them
+writes the attempt into status.json (a conditional write: only one attempt can win), with its
+members in the order of their instance ids, which is their rank order (rank 0 first). Only
+the members of the current attempt train; a new attempt starts only once the current one has
+ended (fencing), so one set of nodes at a time trains into the prefix.
 
-    end        the job is over (succeeded, failed, past --max-hours): desired capacity -> 0
-    leave      a spot notice stopped fit (exit 75): AWS replaces the instance, the next
-               runner resumes from the checkpoint in S3
-    relaunch   a failed attempt with attempts left: power off, the group starts a new instance
-    run        (begin only) go ahead and train
+Every change below is a function status -> new status, or None when there is nothing to
+change; nodes.StatusFile.update applies it with a conditional write and applies it again to
+the newer status when another runner wrote first.
 
-An attempt that a later runner finds unfinished (its instance vanished without a word) counts
-as a failure, so a runner that crashes on every boot still ends after --max-failures.
+An attempt ends when each member has reported how its part ended, or has gone silent (no
+heartbeat for peer_timeout_seconds: lost). Its outcome (classify):
+
+    succeeded    rank 0's fit exited 0: the model is in S3 (rank 0 ends the job)
+    timed-out    --max-hours stopped it
+    interrupted  a member got a spot notice or SIGTERM, or vanished; the job waits until the
+                 group is back to `nodes` instances, then resumes from the checkpoint in S3
+    failed       every member is alive and a fit failed (a code error): counts toward
+                 --max-failures
+    lost         no member reported at all (they all vanished): counts as a failure, so a
+                 runner that dies on every boot still ends the job after --max-failures
 """
 
 from __future__ import annotations
@@ -23,9 +35,6 @@ from ec2train.spot import EXIT_INTERRUPTED
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 LOG_TAIL_LINES = 20
-# A previous attempt whose status is fresher than this is still alive (capacity rebalancing
-# starts the replacement before the old instance is gone): wait for it rather than race it.
-STALE_SECONDS = 180.0
 _EPOCH_LINE = re.compile(r"\bepoch (\d+)/(\d+):")
 
 
@@ -33,10 +42,11 @@ def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def new_status(name: str, now: float) -> dict[str, Any]:
+def new_status(name: str, now: float, nodes: int = 1) -> dict[str, Any]:
     return {
         "job": name,
         "state": "submitted",
+        "nodes": nodes,
         "attempts": [],
         "failures": 0,
         "interruptions": 0,
@@ -45,76 +55,240 @@ def new_status(name: str, now: float) -> dict[str, Any]:
         "exit_code": None,
         "reason": "",
         "log_tail": [],
+        "waiting": None,
         "updated_at": now,
     }
 
 
-def previous_alive(status: dict[str, Any], instance: str, now: float, stale_seconds: float = STALE_SECONDS) -> bool:
-    """Another instance's attempt is unfinished and wrote its status recently."""
-    attempts = status.get("attempts") or []
-    if not attempts or attempts[-1].get("ended_at") is not None or attempts[-1].get("instance") == instance:
+# --------------------------------------------------------------------------- nodes and members
+
+
+def fresh(node: dict[str, Any] | None, now: float, timeout: float) -> bool:
+    """The node's runner is alive: it wrote its heartbeat within `timeout` and has not exited."""
+    if not node:
         return False
-    return now - float(status.get("updated_at") or 0) < stale_seconds
+    return node.get("state") != "exited" and now - float(node.get("heartbeat_at") or 0) < timeout
 
 
-def _end(status: dict[str, Any], state: str, reason: str, now: float) -> tuple[dict[str, Any], str]:
-    status.update(state=state, reason=reason, updated_at=now)
-    return status, "end"
+def ready_nodes(nodes: list[dict[str, Any]], attempt: int, now: float, timeout: float) -> list[dict[str, Any]]:
+    """The live nodes registered for `attempt`."""
+    return [n for n in nodes if n.get("state") == "waiting" and n.get("attempt") == attempt and fresh(n, now, timeout)]
 
 
-def begin_attempt(
-    status: dict[str, Any], spec: Any, instance: dict[str, str], now: float
-) -> tuple[dict[str, Any], str]:
-    """A new instance's runner starts: run, or end the job (already over, too many failures, too late)."""
-    if status["state"] in TERMINAL:
-        return status, "end"  # a late replacement of a finished job: just make sure the group is at 0
-    attempts = status["attempts"]
-    if attempts and attempts[-1].get("ended_at") is None:
-        lost = attempts[-1]
-        lost.update(ended_at=now, outcome="lost", exit_code=None)
-        status["failures"] += 1
-    if status["failures"] >= spec.max_failures:
-        return _end(status, "failed", f"{status['failures']} failed attempts (--max-failures {spec.max_failures})", now)
-    if now >= spec.deadline:
-        return _end(status, "failed", f"ran past --max-hours {spec.max_hours:g}", now)
-    attempts.append(
-        {"n": len(attempts) + 1, **instance, "started_at": now, "ended_at": None, "outcome": None, "exit_code": None}
+def choose_members(ready: list[dict[str, Any]], count: int) -> list[dict[str, Any]] | None:
+    """`count` of the ready nodes (those waiting longest first), in rank order: sorted by
+    instance id, so every runner that sees the same nodes picks the same ranks."""
+    if len(ready) < count:
+        return None
+    first = sorted(ready, key=lambda n: (n.get("waiting_since") or 0, n["instance"]))[:count]
+    return sorted(first, key=lambda n: n["instance"])
+
+
+def current_attempt(status: dict[str, Any]) -> dict[str, Any] | None:
+    attempts = status.get("attempts") or []
+    return attempts[-1] if attempts and attempts[-1].get("ended_at") is None else None
+
+
+def member_ids(attempt: dict[str, Any]) -> list[str]:
+    return [m["instance"] for m in attempt["members"]]
+
+
+def report_of(node: dict[str, Any] | None, attempt: int) -> dict[str, Any] | None:
+    """How the node's part of `attempt` ended, if it said."""
+    report = (node or {}).get("report")
+    return report if isinstance(report, dict) and report.get("attempt") == attempt else None
+
+
+def settleable(
+    attempt: dict[str, Any], nodes: dict[str, dict[str, Any]], now: float, timeout: float
+) -> tuple[bool, dict[str, dict[str, Any]], list[str]]:
+    """(every member reported or is lost, their reports, the lost members). A member is lost
+    when its runner went silent, exited without a word, or moved on to another attempt."""
+    reports, lost, waiting = {}, [], False
+    for iid in member_ids(attempt):
+        node = nodes.get(iid)
+        report = report_of(node, attempt["n"])
+        if report is not None:
+            reports[iid] = report
+        elif not fresh(node, now, timeout) or (node or {}).get("attempt") != attempt["n"]:
+            lost.append(iid)
+        else:
+            waiting = True
+    return not waiting, reports, lost
+
+
+# --------------------------------------------------------------------------- changes
+
+
+def begin_attempt(status: dict[str, Any], n: int, members: list[dict[str, Any]], now: float) -> dict[str, Any] | None:
+    """Attempt n with these members (rank order), unless the job is over, another attempt is
+    under way, or attempt n was already written (by another runner, maybe with other members)."""
+    if status["state"] in TERMINAL or current_attempt(status) or len(status["attempts"]) != n - 1:
+        return None
+    keep = ("instance", "ip", "instance_type", "lifecycle")
+    rows = [{**{k: m.get(k) for k in keep}, "rank": rank} for rank, m in enumerate(members)]
+    status["attempts"].append(
+        {
+            "n": n,
+            "members": rows,
+            # rank 0's, as single-node jobs always showed them (and the cost estimate of old statuses)
+            **{k: rows[0][k] for k in ("instance", "instance_type", "lifecycle")},
+            "started_at": now,
+            "ended_at": None,
+            "outcome": None,
+            "exit_code": None,
+            "lost": [],
+        }
     )
     status.update(
-        state="starting", reason="", exit_code=None, log_tail=[], updated_at=now, instance=instance.get("instance")
+        state="starting",
+        reason="",
+        exit_code=None,
+        log_tail=[],
+        waiting=None,
+        updated_at=now,
+        instance=rows[0]["instance"],
     )
-    return status, "run"
+    return status
+
+
+def waiting(status: dict[str, Any], n: int, ready: list[str], count: int, now: float) -> dict[str, Any] | None:
+    """Say that attempt n waits for nodes (None when that is already what it says)."""
+    if status["state"] in TERMINAL or current_attempt(status):
+        return None
+    note = {"attempt": n, "ready": sorted(ready), "need": count}
+    if status.get("waiting") == note:
+        return None
+    status.update(waiting=note, updated_at=now)
+    if status["state"] in ("submitted", "retrying"):
+        status["state"] = "starting"
+    return status
+
+
+def progress_update(status: dict[str, Any], n: int, done: int, total: int | None, now: float) -> dict[str, Any] | None:
+    """Rank 0's epochs, read from fit's log, while attempt n runs."""
+    cur = current_attempt(status)
+    if cur is None or cur["n"] != n:
+        return None
+    epoch, epochs = max(done, status.get("epoch") or 0), total or status.get("epochs")
+    if (status["state"], status.get("epoch"), status.get("epochs")) == ("running", epoch, epochs):
+        return None
+    status.update(state="running", epoch=epoch, epochs=epochs, updated_at=now)
+    return status
+
+
+def out_of_time(status: dict[str, Any], spec: Any, now: float) -> dict[str, Any] | None:
+    """Past --max-hours with no attempt running: the job ends."""
+    if status["state"] in TERMINAL or current_attempt(status) or now < spec.deadline:
+        return None
+    what = f"waiting for {spec.nodes} nodes" if spec.nodes > 1 else "before an attempt started"
+    status.update(
+        state="failed", reason=f"ran past --max-hours {spec.max_hours:g} {what}", waiting=None, updated_at=now
+    )
+    return status
+
+
+def classify(attempt: dict[str, Any], reports: dict[str, dict[str, Any]], lost: list[str]) -> dict[str, Any]:
+    """The attempt's outcome from its members' reports (see the module docstring)."""
+    ids = member_ids(attempt)
+    r0 = reports.get(ids[0])
+    r0_exit = (r0.get("exit_codes") or [None])[0] if r0 else None
+    gone = [i for i in ids if i in lost or (i in reports and (reports[i].get("notice") or reports[i].get("sigterm")))]
+    failing = [reports[i] for i in ids if i in reports and reports[i].get("exit_code") not in (0, EXIT_INTERRUPTED)]
+    first = min(failing, key=lambda r: r.get("failed_at") or float("inf")) if failing else None
+    if any(r.get("timed_out") for r in reports.values()):
+        outcome = "timed-out"
+    elif r0_exit == 0:
+        outcome = "succeeded"
+    elif not reports:
+        outcome = "lost"
+    elif gone or r0_exit == EXIT_INTERRUPTED:
+        outcome = "interrupted"
+    else:
+        outcome = "failed"
+    blame = first if outcome == "failed" and first else r0
+    return {
+        "outcome": outcome,
+        "lost": gone if outcome in ("interrupted", "lost") else [],
+        "exit_code": blame.get("exit_code") if blame else None,
+        "log_tail": list((blame or {}).get("log_tail") or [])[-LOG_TAIL_LINES:],
+        "exit_codes": {i: r.get("exit_codes") for i, r in reports.items()},
+    }
+
+
+def _why_lost(reports: dict[str, dict[str, Any]], gone: list[str]) -> str:
+    parts = []
+    for i in gone:
+        r = reports.get(i) or {}
+        parts.append(f"{i} ({'spot notice' if r.get('notice') else 'SIGTERM' if r.get('sigterm') else 'no heartbeat'})")
+    return ", ".join(parts)
 
 
 def end_attempt(
-    status: dict[str, Any], spec: Any, exit_code: int | None, log_tail: list[str], now: float, timed_out: bool = False
-) -> tuple[dict[str, Any], str]:
-    """fit ended with exit_code (None: it could not start, e.g. the data fetch failed)."""
-    attempt = status["attempts"][-1]
-    status.update(exit_code=exit_code, log_tail=log_tail[-LOG_TAIL_LINES:], updated_at=now)
-    if timed_out:
-        attempt.update(ended_at=now, outcome="timed-out", exit_code=exit_code)
-        return _end(status, "failed", f"ran past --max-hours {spec.max_hours:g}; fit was stopped", now)
-    if exit_code == 0:
-        attempt.update(ended_at=now, outcome="succeeded", exit_code=0)
-        return _end(status, "succeeded", "", now)
-    if exit_code == EXIT_INTERRUPTED:
-        attempt.update(ended_at=now, outcome="interrupted", exit_code=exit_code)
-        status["interruptions"] += 1
-        status.update(state="interrupted", reason="spot interruption notice; the replacement resumes from S3")
-        return status, "leave"
-    attempt.update(ended_at=now, outcome="failed", exit_code=exit_code)
-    status["failures"] += 1
-    what = f"fit exited {exit_code}" if exit_code is not None else "the attempt could not start fit"
-    if status["failures"] >= spec.max_failures:
-        return _end(
-            status, "failed", f"{what}; {status['failures']} failed attempts (--max-failures {spec.max_failures})", now
-        )
-    status.update(
-        state="retrying",
-        reason=f"{what}; attempt {status['failures'] + 1} of {spec.max_failures} starts on a new instance",
+    status: dict[str, Any], spec: Any, n: int, reports: dict[str, dict[str, Any]], lost: list[str], now: float
+) -> dict[str, Any] | None:
+    """Record attempt n's outcome and what the job does next (None: already recorded)."""
+    if len(status["attempts"]) < n or status["attempts"][n - 1].get("ended_at") is not None:
+        return None
+    attempt = status["attempts"][n - 1]
+    got = classify(attempt, reports, lost)
+    outcome = got["outcome"]
+    attempt.update(
+        ended_at=now, outcome=outcome, exit_code=got["exit_code"], lost=got["lost"], exit_codes=got["exit_codes"]
     )
-    return status, "relaunch"
+    status.update(exit_code=got["exit_code"], log_tail=got["log_tail"], updated_at=now)
+    if status["state"] in TERMINAL:  # cancelled meanwhile: keep it
+        return status
+    if outcome == "succeeded":
+        status.update(state="succeeded", reason="")
+    elif outcome == "timed-out":
+        status.update(state="failed", reason=f"ran past --max-hours {spec.max_hours:g}; training was stopped")
+    elif outcome == "interrupted":
+        status["interruptions"] += 1
+        who = _why_lost(reports, got["lost"])
+        status.update(
+            state="interrupted",
+            reason=(f"lost {who}; " if who else "stopped by SIGTERM; ")
+            + f"resumes from the checkpoint in S3 when {spec.nodes} node{'s are' if spec.nodes > 1 else ' is'} ready",
+        )
+    else:
+        status["failures"] += 1
+        if outcome == "lost":
+            what = "every node of the attempt vanished without a word"
+        elif got["exit_code"] is not None:
+            what = f"fit exited {got['exit_code']}"
+        else:
+            what = "the attempt could not start fit"
+        if status["failures"] >= spec.max_failures:
+            status.update(
+                state="failed",
+                reason=f"{what}; {status['failures']} failed attempts (--max-failures {spec.max_failures})",
+            )
+        else:
+            status.update(
+                state="retrying",
+                reason=f"{what}; attempt {status['failures'] + 1} of {spec.max_failures} starts on new instances",
+            )
+    return status
+
+
+def after_attempt(status: dict[str, Any], n: int, me: str, report: dict[str, Any] | None) -> tuple[str, bool]:
+    """What this runner does once attempt n is recorded: (decision, set the group to 0?).
+
+    end       the job is over; rank 0 ends the group (the others, if rank 0 never reported)
+    leave     this instance got a spot notice or SIGTERM: AWS takes it, the group replaces it
+    relaunch  a failed attempt with attempts left: power off, the group starts fresh instances
+    continue  another node was lost: wait for the group to be whole again and train on
+    """
+    attempt = status["attempts"][n - 1]
+    rank0 = member_ids(attempt)[0]
+    if status["state"] in TERMINAL:  # rank 0 ends the group; if it never reported, the others do
+        return "end", me == rank0 or rank0 not in (attempt.get("exit_codes") or {})
+    if report and (report.get("notice") or report.get("sigterm")):
+        return "leave", False
+    if status["state"] == "retrying":
+        return "relaunch", False
+    return "continue", False
 
 
 def progress(log_text: str) -> tuple[int, int | None]:
@@ -124,3 +298,10 @@ def progress(log_text: str) -> tuple[int, int | None]:
         return 0, None
     done, total = found[-1]
     return int(done), int(total)
+
+
+def cancelled(status: dict[str, Any], reason: str, now: float) -> dict[str, Any] | None:
+    if status["state"] in TERMINAL:
+        return None
+    status.update(state="cancelled", reason=reason, waiting=None, updated_at=now)
+    return status

@@ -3,7 +3,9 @@
 `AwsRecorder` forwards every request to moto and remembers it, so tests can say which calls
 were made (none, for --dry-run) and with which parameters where moto does not show them (spot
 options, placement). It also answers the three EC2 placement-group calls, which moto does not
-implement at all (CreatePlacementGroup raises NotImplementedError there).
+implement at all (CreatePlacementGroup raises NotImplementedError there), and, when a test sets
+`canned[action]`, answers that action itself: for what moto cannot be made to do (an Auto
+Scaling group that cannot find capacity).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class AwsRecorder:
         self.upstream = (parsed.hostname, parsed.port)
         self.calls: list[dict] = []
         self.placement_groups: dict[str, dict] = {}
+        self.canned: dict[str, str] = {}  # query-protocol action -> the XML body to answer with
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
         recorder = self
@@ -48,6 +51,8 @@ class AwsRecorder:
                 call = recorder._describe(self.command, self.path, self.headers, body)
                 with recorder.lock:
                     recorder.calls.append(call)
+                if call["action"] in recorder.canned:
+                    return self._reply(200, recorder.canned[call["action"]])
                 if call["service"] == "ec2":
                     local = recorder._placement(call)
                     if local is not None:

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from ec2train import cli, ddp, loop
-from ec2train.data import ImageDataset
+from ec2train import cli, ddp
+from ec2train.data import ImageDataset, loaders
 
 record_dir = Path(sys.argv[1])
 seen: list[list[int]] = []
@@ -33,6 +33,6 @@ def _write() -> None:
     (record_dir / f"rank{ddp.env_from().rank}.json").write_text(json.dumps(seen))
 
 
-loop.ImageDataset = RecordingDataset
+loaders.ImageDataset = RecordingDataset  # what data.train_dataset builds
 atexit.register(_write)
 cli.main(sys.argv[2:])

@@ -21,10 +21,14 @@ TINY_FIT = dict(arch="resnet18", weights="none", image_size=32, batch_size=16, l
 FIT = dict(TINY_FIT, arch="shufflenet_v2_x0_5", epochs=3, device="cpu", threads=1)
 
 
+def options(**settings) -> list[str]:
+    """`--name value` for each setting (underscores become dashes)."""
+    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def fit_args(data: Path, output: Path, logdir: Path, **overrides) -> list[str]:
     """`ec2train fit` options for FIT (overrides win)."""
-    settings = {**FIT, "data": str(data), "output": str(output), "logdir": str(logdir), **overrides}
-    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return options(**{**FIT, "data": str(data), "output": str(output), "logdir": str(logdir), **overrides})
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
