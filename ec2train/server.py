@@ -51,7 +51,7 @@ _ENV_CONFIG = "EC2TRAIN_SERVE_CONFIG"  # how `--workers N` hands the settings to
 # --max-batch times the forward lanes; beyond it a request gets a fast 503 instead of a long wait (docs/serve.md).
 PENDING_PER_BATCH = 4
 # Memory for request bodies and images being decoded, per process (--request-memory-mb): past
-# it a request gets a fast 503. A 40 MP PNG takes about 250 MB of it, a 6 MB body 6 MB.
+# it a request gets a fast 503 (docs/serve.md, "What a request may cost", has what images take).
 REQUEST_MEMORY_MB = 1024
 # A JSON request's base64 text is decoded into a second copy of the image, beside the body.
 _JSON_COPIES = 2
