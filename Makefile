@@ -33,7 +33,7 @@ install-dev: $(VENV)/.installed-dev
 ## make demo: install (with the serve and tune extras), generate the demo data set, train 5 epochs on the CPU
 demo: install
 	$(BIN)/ec2train data demo $(DEMO_DATA)
-	$(BIN)/ec2train fit --data $(DEMO_DATA) --epochs 5 --arch resnet18 --weights none --image-size 64 --batch-size 32
+	$(BIN)/ec2train fit --data $(DEMO_DATA) --epochs 5 --arch resnet18 --weights none --image-size 64 --batch-size 32 --resume auto
 
 ## make test: install with the dev extra and run the test suite (CPU, loopback only) on 4
 ## pytest-xdist workers (more than 2 cores: most tests wait on subprocesses and servers),

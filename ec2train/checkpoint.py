@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ec2train import ddp
-from ec2train.errors import UserError
+from ec2train.errors import UserError, first_line
 from ec2train.export import model_payload, save_model_file
 from ec2train.files import BackgroundWriter
 from ec2train.model import MODEL_FILE, ModelError, clean_state_dict
@@ -132,6 +132,18 @@ class Resume:
                 say(f"no {CHECKPOINT_FILE} in {self.output}: downloading {found}")
                 s3.download_run(found, self.output)
         return self
+
+    def refuse_local_overwrite(self) -> None:
+        """A run not told to resume must not silently replace the run in --output (its model.pth
+        and last.pt): the user says which they want (under torchrun a restart resumes by itself)."""
+        if self.given or self.torchrun:
+            return
+        held = [name for name in (MODEL_FILE, CHECKPOINT_FILE) if (self.output / name).is_file()]
+        if held:
+            raise ResumeError(
+                f"{self.output} already holds a run ({' and '.join(held)}): continue it with --resume auto, "
+                "replace it with --resume never, or train into another --output"
+            )
 
     def refuse_overwrite(self, existing: str | None) -> None:
         """A run not told to resume must not silently overwrite the checkpoint `existing` under
@@ -267,6 +279,7 @@ class TrainState:
     run_name: str
     epoch: int = 0  # epochs completed
     best_acc: float = -1.0
+    best_loss: float = float("inf")  # the best epoch's valid loss: breaks a tie on valid accuracy
     best_epoch: int = -1
     stale_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -276,11 +289,13 @@ class TrainState:
     def fresh(cls, arch: str) -> TrainState:
         return cls(run_name=f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
-    def record(self, epoch: int, valid_acc: float, net: torch.nn.Module) -> bool:
-        """Count a finished epoch; True when it is the best so far (its weights are kept)."""
+    def record(self, epoch: int, valid_acc: float, net: torch.nn.Module, valid_loss: float = float("inf")) -> bool:
+        """Count a finished epoch; True when it is the best so far (its weights are kept): a higher
+        valid accuracy, or the same accuracy with a lower valid loss (small valid sets tie often,
+        and the later epoch is then usually the better-calibrated one)."""
         self.epoch = epoch
-        if valid_acc > self.best_acc:
-            self.best_acc, self.best_epoch, self.stale_epochs = valid_acc, epoch, 0
+        if valid_acc > self.best_acc or (valid_acc == self.best_acc and valid_loss < self.best_loss):
+            self.best_acc, self.best_loss, self.best_epoch, self.stale_epochs = valid_acc, valid_loss, epoch, 0
             self.best_model = {k: v.detach().clone().cpu() for k, v in clean_state_dict(net.state_dict()).items()}
             return True
         self.stale_epochs += 1
@@ -348,11 +363,44 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
+def check_weights(ckpt: dict[str, Any], net: torch.nn.Module) -> None:
+    """One line, not load_state_dict's list of every tensor, when a checkpoint's weights do not
+    fit the model this run built (a last.pt edited by hand, or from another head or version)."""
+    want = {k: tuple(v.shape) for k, v in clean_state_dict(net.state_dict()).items()}
+    have = ckpt.get("model")
+    if not isinstance(have, dict) or not all(isinstance(v, torch.Tensor) for v in have.values()):
+        problem = "it holds no weights"
+    else:
+        got = {k: tuple(v.shape) for k, v in have.items()}
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        wrong = [k for k in want.keys() & got.keys() if want[k] != got[k]]
+        if not (missing or extra or wrong):
+            return
+        if wrong:
+            k = sorted(wrong)[0]
+            problem = f"{len(wrong)} weights have another shape, e.g. {k} is {list(got[k])}, not {list(want[k])}"
+        elif missing:
+            problem = f"{len(missing)} weights are missing, e.g. {missing[0]}"
+        else:
+            problem = f"{len(extra)} weights are not this model's, e.g. {extra[0]}"
+    raise ResumeError(
+        f"{ckpt.get('source', 'the checkpoint')} does not fit this run's {ckpt.get('config', {}).get('arch', 'model')}: "
+        f"{problem}; use another --output or --resume never to start fresh"
+    )
+
+
 def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> TrainState:
     """The one restore: a checkpoint back into the live model, optimizer, schedule, scaler and
     RNG, in place, each through its own load_state_dict; returns the run's counters."""
+    check_weights(ckpt, parts.net)
     parts.net.load_state_dict(ckpt["model"])
-    parts.optimizer.load_state_dict(with_this_runs_groups(ckpt["optimizer"], parts.optimizer))
+    try:
+        parts.optimizer.load_state_dict(with_this_runs_groups(ckpt["optimizer"], parts.optimizer))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(
+            f"{ckpt.get('source', 'the checkpoint')}: its optimizer state does not fit this run's optimizer "
+            f"({first_line(exc)}); use another --output or --resume never to start fresh"
+        ) from None
     resume_schedule(parts.scheduler, ckpt["scheduler"], ckpt["epoch"] * steps_per_epoch)
     if parts.scaler is not None and ckpt.get("scaler"):
         parts.scaler.load_state_dict(ckpt["scaler"])
@@ -361,6 +409,7 @@ def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> Tr
         run_name=ckpt["run_name"],
         epoch=ckpt["epoch"],
         best_acc=ckpt["best_acc"],
+        best_loss=ckpt.get("best_loss", float("inf")),  # checkpoints written before the tie rule
         best_epoch=ckpt["best_epoch"],
         stale_epochs=ckpt["stale_epochs"],
         history=ckpt["history"],

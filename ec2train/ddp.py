@@ -8,7 +8,7 @@ import datetime
 import inspect
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ec2train.errors import UserError
 from ec2train.hw import HardwareError
+from ec2train.netif import interface_to
 
 T = TypeVar("T")
 # Rank 0 may spend minutes on evaluation, test and uploads while the others wait.
@@ -135,6 +136,8 @@ def setup(env: DistEnv, device: str) -> None:
         if namespace:
             store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
             kwargs.update(store=dist.PrefixStore(namespace, store), rank=rank, world_size=world_size)
+        if ifname := gloo_ifname(os.environ):
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname  # before any gloo group: the training one on the CPU too
         warning = restart_warning()
         if warning and env.is_main:
             warnings.warn(warning, stacklevel=2)
@@ -143,8 +146,6 @@ def setup(env: DistEnv, device: str) -> None:
         # Yes/no questions between steps (stop now?) go over gloo on the CPU beside NCCL: a NCCL
         # all_reduce would make the CPU wait for the GPU's queued work before every step.
         backend = control_backend(dist.get_backend())
-        if backend == "gloo" and (ifname := gloo_ifname(os.environ)):
-            os.environ["GLOO_SOCKET_IFNAME"] = ifname  # gloo crosses nodes on NCCL's interface too
         _control = dist.new_group(backend=backend, timeout=timeout) if backend else None
 
 
@@ -154,15 +155,21 @@ def control_backend(backend: str) -> str | None:
     return "gloo" if backend == "nccl" else None
 
 
-def gloo_ifname(environ: Mapping[str, str]) -> str | None:
-    """GLOO_SOCKET_IFNAME for the control group, taken from NCCL_SOCKET_IFNAME when only that is
-    set (docs/distributed.md tells users to set it): gloo otherwise picks the interface its host
-    name resolves to, which can be loopback, and the group would wait for peers it cannot reach.
-    NCCL's exclusion form (`^docker0,lo`) has no gloo equivalent and is not copied."""
+def gloo_ifname(environ: Mapping[str, str], route: Callable[[str], str | None] = interface_to) -> str | None:
+    """GLOO_SOCKET_IFNAME when the user set none: gloo otherwise picks the interface its host name
+    resolves to, which can be loopback, and the group would wait for peers it cannot reach.
+    NCCL_SOCKET_IFNAME's interface when it names one; when it names none or only excludes some
+    (`^lo,docker`, which gloo cannot express) and the job spans nodes, the interface that routes
+    to MASTER_ADDR (the rendezvous host)."""
     if environ.get("GLOO_SOCKET_IFNAME"):
         return None
     nccl = environ.get("NCCL_SOCKET_IFNAME", "").strip().lstrip("=")
-    return nccl if nccl and not nccl.startswith("^") else None
+    if nccl and not nccl.startswith("^"):
+        return nccl
+    world, local = environ.get("WORLD_SIZE", "1"), environ.get("LOCAL_WORLD_SIZE", "")
+    master = environ.get("MASTER_ADDR", "")
+    spans_nodes = local.isdigit() and world.isdigit() and int(local) < int(world)
+    return route(master) if spans_nodes and master else None
 
 
 _control = None  # setup's gloo group beside a NCCL one; None: the default group (gloo) answers

@@ -40,7 +40,7 @@ from ec2train.data import (
     ImageDataset,
     SplitSampler,
     TrainSampler,
-    class_name,
+    class_names,
     default_workers,
     eval_dataset,
     make_loader,
@@ -51,7 +51,7 @@ from ec2train.data import (
 )
 from ec2train.data.encoded import EncodedBatch, EncodedDataset
 from ec2train.data.gpu import decode_batch, select_loader
-from ec2train.errors import UserError
+from ec2train.errors import UserError, first_line
 from ec2train.features import CACHE_DIR, FeatureSettings, feature_loaders
 from ec2train.files import atomic_write_json, atomic_write_text
 from ec2train.model import build_model, find_head, freeze_backbone, normalization_for
@@ -297,7 +297,7 @@ class Data:
 
     @property
     def class_names(self) -> list[str]:
-        return [class_name(f) for f in self.class_folders]
+        return class_names(self.class_folders)
 
 
 def make_data(cfg: TrainConfig, rt: Runtime) -> Data:
@@ -460,6 +460,7 @@ def fit(
 def _fit(cfg: TrainConfig, rt: Runtime, resume: Resume, *, console, should_stop, on_epoch) -> FitResult:
     t_start = time.perf_counter()
     report = Reporter(console, rt.env.is_main)
+    resume.refuse_local_overwrite()
     data = make_data(cfg, rt)
     tr = trainer_for(cfg, rt, data)
     ckpt = resume.checkpoint(rt.env, cfg, data.class_folders)
@@ -619,7 +620,7 @@ def _end_epoch(session: FitSession, epoch: int, meter: Meter, seconds: float, th
     train = meter.reduced(device).summary()
     valid, _ = evaluate(session.step_model, session.valid_loader, session.tr.ctx, len(session.data.class_folders))
     ips = train["images"] / max(seconds, 1e-9)
-    improved = session.state.record(epoch, valid["acc1"], session.tr.net)
+    improved = session.state.record(epoch, valid["acc1"], session.tr.net, valid["loss"])
     record = {
         "epoch": epoch,
         "train_loss": train["loss"],
@@ -674,7 +675,10 @@ def _test(session: FitSession, setup_and_train_seconds: float) -> FitResult:
     if rt.env.is_main:
         atomic_write_json(session.output / METRICS_FILE, {**metrics, "history": state.history})
         writer = session.writer.log_test(test, state.best_epoch)  # and the HParams tab's "success"
-        missing = log_confusion(writer, confusion, data.class_names, step=state.best_epoch)
+        try:  # a picture that cannot be drawn costs the picture, not the finished run
+            missing = log_confusion(writer, confusion, data.class_names, step=state.best_epoch)
+        except Exception as exc:
+            missing = f"the confusion matrix was not drawn ({first_line(exc)}); model.pth and metrics.json are whole"
         if missing:
             session.report.log(f"note: {missing}")
     ddp.barrier()

@@ -33,6 +33,9 @@ from ec2train.loop import FitResult, fit
 from ec2train.spot import EXIT_INTERRUPTED, SpotWatcher
 
 EXIT_CTRL_C = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# Where rank 0 records why it stopped, for `fit --nproc-per-node`: torchrun reports any worker's
+# non-zero exit as its own exit 1, so the launcher reads the real status (75, 130) from here.
+EXIT_FILE_ENV = "EC2TRAIN_EXIT_FILE"
 
 
 def interrupted_exit_status(status: int = EXIT_INTERRUPTED) -> int:
@@ -42,7 +45,23 @@ def interrupted_exit_status(status: int = EXIT_INTERRUPTED) -> int:
     75 first, rank 0 could be killed in the middle of its final upload. Exiting 0 lets torchrun
     wait for rank 0, whose 75 then becomes the run's root cause.
     """
-    return status if ddp.env_from().is_main else 0
+    if not ddp.env_from().is_main:
+        return 0
+    recorded = os.environ.get(EXIT_FILE_ENV)
+    if recorded:
+        try:
+            Path(recorded).write_text(str(status))
+        except OSError:
+            pass  # the launcher then reports torchrun's own status
+    return status
+
+
+def launcher_status(torchrun_status: int, recorded: str | None) -> int:
+    """The exit status of `fit --nproc-per-node`: rank 0's recorded stop status (75 for a spot
+    notice or SIGTERM, 130 for Ctrl-C) when torchrun failed because of it, else torchrun's own."""
+    if torchrun_status != 0 and recorded and recorded.strip().isdigit():
+        return int(recorded.strip())
+    return torchrun_status
 
 
 class StoppedByCtrlC(KeyboardInterrupt):

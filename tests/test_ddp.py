@@ -459,3 +459,11 @@ def test_killed_worker_restarts_and_finishes_every_epoch_once(small_data, tmp_pa
     assert metrics["epochs_run"] == epochs
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, epochs + 1))
     assert metrics["test_images"] == 13
+
+
+@pytest.mark.fast
+def test_the_launcher_exits_with_rank_0s_recorded_stop_not_torchruns_1():
+    from ec2train.run import launcher_status
+
+    assert launcher_status(1, "75") == 75 and launcher_status(1, "130\n") == 130
+    assert launcher_status(1, None) == 1 and launcher_status(1, "") == 1 and launcher_status(0, "75") == 0

@@ -12,6 +12,7 @@ import pytest
 
 from ec2train.job import state, workers
 from ec2train.job.spec import JobError, JobSpec
+from ec2train.netif import interface_of
 from tests.support.job_nodes import job_spec
 
 NOW = 10_000.0
@@ -264,8 +265,8 @@ def test_worker_environments_give_each_process_its_rank_and_the_way_to_rank_0():
 
 
 def test_the_interface_of_an_address_is_found():
-    assert workers.interface_of("127.0.0.1") == socket.if_nameindex()[0][1] or workers.interface_of("127.0.0.1") == "lo"
-    assert workers.interface_of("192.0.2.77") is None  # TEST-NET-1: on no interface here
+    assert interface_of("127.0.0.1") == socket.if_nameindex()[0][1] or interface_of("127.0.0.1") == "lo"
+    assert interface_of("192.0.2.77") is None  # TEST-NET-1: on no interface here
 
 
 def test_the_runner_sets_a_shorter_process_group_timeout():

@@ -231,3 +231,11 @@ def test_served_answers_carry_hostile_names_only_inside_json(hostile_model, demo
     assert {p["label"] for p in json.loads(body)["predictions"]} == set(HOSTILE[:4])
     assert not any(_raw_controls(k + v) for k, v in headers), headers
     assert b"\n" not in body and b"\x1b" not in body and not any(k.lower() == "x-injected" for k, _ in headers)
+
+
+@pytest.mark.fast
+def test_folders_that_read_alike_keep_their_folder_names():
+    from ec2train.data import class_names
+
+    assert class_names(["001.Poodle", "002.Poodle", "003.Great_Dane"]) == ["001.Poodle", "002.Poodle", "Great Dane"]
+    assert class_names(["001.Affenpinscher", "124.Poodle"]) == ["Affenpinscher", "Poodle"]

@@ -4,11 +4,13 @@ lrs are logged per role and the backbone scale applies to pretrained backbones o
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from ec2train.config import resolve
 from ec2train.loop import fit
@@ -108,3 +110,66 @@ def test_pretrained_backbone_is_scaled_and_lr_is_the_heads(demo_data, tmp_path):
         record["lr"] * 0.5
     )
     assert {"optimizer/lr", "optimizer/lr_backbone"} <= _train_scalar_tags(tmp_path / "runs")
+
+
+def test_fit_into_a_folder_holding_a_run_refuses_until_told_which_way(finished_run: Path, demo_data, capsys):
+    before = _snapshot(finished_run / "model")
+    code, _, err = cli_in_process(capsys, "fit", *_cli_args(demo_data, finished_run))
+    assert_one_line_error(code, err, "already holds a run", "model.pth", "--resume auto", "--resume never", "--output")
+    assert _snapshot(finished_run / "model") == before  # not even config.toml is rewritten
+
+
+def test_tune_then_fit_refuses_a_taken_output_before_any_trial(finished_run: Path, demo_data, tmp_path, capsys):
+    from ec2train.config import to_toml
+
+    config = tmp_path / "fixed.toml"
+    config.write_text(to_toml(resolve(data=str(demo_data), output=str(finished_run / "model"), **SMALL)))
+    code, _, err = cli_in_process(
+        capsys, "tune", "--config", config, "--trials", "1", "--then-fit", "--output", tmp_path / "t"
+    )
+    assert_one_line_error(code, err, "already holds a run", "--resume never")
+    assert not (tmp_path / "t" / "best.toml").exists()
+
+
+@pytest.mark.fast
+def test_a_tie_on_valid_accuracy_goes_to_the_lower_valid_loss():
+    from ec2train.checkpoint import TrainState
+
+    net = torch.nn.Linear(2, 2)
+    state = TrainState(run_name="r")
+    assert state.record(1, 0.75, net, valid_loss=0.9)
+    assert state.record(2, 0.75, net, valid_loss=0.6) and state.best_epoch == 2  # same accuracy, lower loss
+    assert not state.record(3, 0.75, net, valid_loss=0.7) and state.best_epoch == 2
+    assert state.record(4, 0.8, net, valid_loss=2.0) and state.best_epoch == 4  # accuracy first
+    assert (state.stale_epochs, state.best_loss) == (0, 2.0)
+
+
+def test_a_last_pt_with_weights_of_another_shape_is_one_line(finished_run: Path, demo_data, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(finished_run / "model", out / "model")
+    ckpt = torch.load(out / "model" / "last.pt", map_location="cpu", weights_only=True)
+    ckpt["epoch"] = 1  # unfinished, so fit restores it
+    ckpt["model"]["fc.weight"] = torch.zeros(7, ckpt["model"]["fc.weight"].shape[1])
+    torch.save(ckpt, out / "model" / "last.pt")
+    code, _, err = cli_in_process(capsys, "fit", *_cli_args(demo_data, out), "--resume", "auto")
+    assert_one_line_error(code, err, "last.pt", "fc.weight is [7,", "another shape", "--resume never")
+
+
+def test_a_confusion_picture_that_cannot_be_drawn_costs_the_picture_not_the_run(demo_data, tmp_path, monkeypatch):
+    from ec2train import loop
+
+    def broken(*a, **k):
+        raise RuntimeError("raqm_layout() failed\nand more")
+
+    monkeypatch.setattr(loop, "log_confusion", broken)
+    console = Console(file=io.StringIO(), width=300)
+    out = tmp_path / "model"
+    result = fit(
+        resolve(data=str(demo_data), output=str(out), logdir=str(tmp_path / "runs"), **{**SMALL, "epochs": 1}),
+        console=console,
+    )
+    assert not result.interrupted and "test_acc1" in json.loads((out / "metrics.json").read_text())
+    text = console.file.getvalue()
+    assert "confusion matrix was not drawn (RuntimeError: raqm_layout() failed)" in text, text

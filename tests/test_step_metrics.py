@@ -136,9 +136,20 @@ def test_stop_questions_go_over_a_cpu_group_beside_nccl():
     # Across nodes gloo uses the interface the user chose for NCCL, unless told otherwise.
     assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5"}) == "ens5"
     assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "=eth0"}) == "eth0"
-    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "^docker0,lo"}) is None  # an exclusion list
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "^docker0,lo"}) is None  # an exclusion list, one node
     assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5", "GLOO_SOCKET_IFNAME": "eth1"}) is None
     assert ddp.gloo_ifname({}) is None
+    # Across nodes with an exclusion list (or none): the interface that routes to the rendezvous host.
+    nodes = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.5"}
+    seen: list[str] = []
+    route = lambda host: seen.append(host) or "ens5"  # noqa: E731
+    assert ddp.gloo_ifname({**nodes, "NCCL_SOCKET_IFNAME": "^lo,docker"}, route) == "ens5" and seen == ["10.0.0.5"]
+    assert ddp.gloo_ifname(nodes, route) == "ens5"
+    assert ddp.gloo_ifname({**nodes, "LOCAL_WORLD_SIZE": "4"}, route) is None  # one node: gloo finds its peers
+    # The real route: to a loopback rendezvous host, through the interface holding 127.0.0.1.
+    from ec2train.netif import interface_of
+
+    assert ddp.gloo_ifname({**nodes, "MASTER_ADDR": "127.0.0.1"}) == interface_of("127.0.0.1")
 
 
 def _ask_on_rank(rank: int, world: int, port: int, out: str) -> None:

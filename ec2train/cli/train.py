@@ -97,8 +97,8 @@ def fit(
     logdir: str | None = setting("logdir", "TensorBoard log folder."),
     resume: str | None = setting(
         "resume",
-        "auto (the checkpoint in --output, else under --s3-uri, if any) | never | PATH | s3://bucket/prefix/last.pt.",
-        shown="auto under torchrun, else never",
+        "auto (the checkpoint in --output, else under --s3-uri, if any) | never (start anew, replacing a run in --output) | PATH | s3://bucket/prefix/last.pt. Not given: a fresh start, refused when --output already holds a run.",
+        shown="auto under torchrun, else a fresh start",
     ),
     s3_uri: str | None = setting(
         "s3_uri",
@@ -171,7 +171,10 @@ def _ctrl_c_exit(output: str, exc: KeyboardInterrupt) -> int:
 
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     """Run this same `fit` command line (argv: main()'s arguments) under torchrun; its exit status."""
+    import tempfile
+
     from ec2train import ddp, hw
+    from ec2train.run import EXIT_FILE_ENV, launcher_status
     from ec2train.threads import THREADS_ENV, launch_env
 
     if ddp.under_torchrun():
@@ -181,7 +184,10 @@ def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     cmd = ddp.torchrun_command(sys.executable, n, args)
     env = launch_env(n)  # each rank's share of the cores, not torchrun's 1 thread (matters on the CPU)
     console.print(f"[dim]$ {THREADS_ENV}={env[THREADS_ENV]} {escape(' '.join(cmd))}[/dim]", soft_wrap=True)
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="ec2train-fit-") as tmp:
+        exit_file = Path(tmp) / "exit-status"
+        status = subprocess.call(cmd, env={**env, EXIT_FILE_ENV: str(exit_file)})
+        return launcher_status(status, exit_file.read_text() if exit_file.is_file() else None)
 
 
 def print_fit_summary(result) -> None:

@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import shutil
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,15 @@ def class_name(folder: str) -> str:
     head, dot, rest = folder.partition(".")
     name = rest if dot and head.isdigit() and rest else folder
     return name.replace("_", " ").strip()
+
+
+def class_names(folders: Sequence[str]) -> list[str]:
+    """The classes' readable names, one per folder and all different: where two folders read the
+    same ('001.Poodle', '002.Poodle'), those two keep their folder names, so no answer, plot cell
+    or per-class figure stands for two classes."""
+    names = [class_name(f) for f in folders]
+    seen = Counter(names)
+    return [f if seen[n] > 1 else n for n, f in zip(names, folders)]
 
 
 def folder_problem(folder: str) -> str | None:

@@ -45,6 +45,7 @@ from ec2train.errors import UserError
 from ec2train.job import state, workers
 from ec2train.job.nodes import Heartbeat, NodeFiles, StatusFile
 from ec2train.job.spec import JobSpec, get_text, job_file
+from ec2train.netif import interface_of
 from ec2train.spot import EXIT_INTERRUPTED, Imds
 
 EXIT_RELAUNCH = 3
@@ -362,7 +363,7 @@ def _start(r: Node, att: dict[str, Any], rank: int, data: Path, log: Any) -> wor
         nproc=nproc,
         master_addr=att["members"][0]["ip"],
         master_port=r.spec.rdzv_port,
-        ifname=workers.interface_of(r.facts["ip"]),
+        ifname=interface_of(r.facts["ip"]),
         efa=r.spec.efa,
     )
     cmd = fit_command(r.spec, args, r.workdir, data, r.facts.get("lifecycle", ""))

@@ -21,7 +21,6 @@ import ctypes.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -70,24 +69,6 @@ def processes_per_node(value: str | None, nodes: int, gpus: int) -> int:
     if value in (None, "auto"):
         return max(1, gpus)
     return int(value)
-
-
-def interface_of(ip: str) -> str | None:
-    """The network interface that holds `ip` (Linux), e.g. ens5 for the private IP, lo for 127.0.0.1."""
-    try:
-        import fcntl
-        import struct
-    except ImportError:
-        return None
-    for _, name in socket.if_nameindex():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                raw = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
-            except OSError:
-                continue
-        if socket.inet_ntoa(raw[20:24]) == ip:
-            return name
-    return None
 
 
 def worker_envs(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import hw, run
+from ec2train.checkpoint import Resume
 from ec2train.config import TrainConfig, resolve
 from ec2train.data import require_dataset
 from ec2train.threads import available_cpus
@@ -71,6 +72,8 @@ def tune(
     """
     require_optuna()
     base = _checked(base, study_name, trials, prune_warmup_epochs)
+    if then_fit:  # before the study, not after hours of trials
+        Resume.of(base, torchrun=False).refuse_local_overwrite()
     params = space if isinstance(space, list) else load_space(space, base)
     output = Path(output) if output is not None else Path("tune") / study_name
     output.mkdir(parents=True, exist_ok=True)
