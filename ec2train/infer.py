@@ -188,10 +188,6 @@ def check_accept(accept: str | None) -> None:
         raise NotAcceptable(f"cannot answer in {accept!r}; answers are {JSON_TYPE}")
 
 
-def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode("utf-8")
-
-
 # ---------------------------------------------------------------- predictor
 
 
