@@ -11,7 +11,8 @@ import io
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,7 +40,7 @@ MAX_PIXELS = 40_000_000
 # ... or a long side more than this many times the short side. Eval resizes the short side to
 # 256 px, so a 1 x 100,000 px strip (a 274-byte PNG) would become 256 x 25.6 M px: gigabytes.
 # At 20:1 the resized image is at most 256 x 5,120 (16 MB as float), whatever the file says.
-# lambda/safe_fetch.py applies the same rule (its own copy; tests/test_lambda.py checks they agree).
+# lambda/image_rules.py applies the same rule (its own copy; tests/test_lambda.py checks they agree).
 MAX_ASPECT_RATIO = 20
 # Pillow's messages name the file object (`<_io.BytesIO object at 0x7f...>`): never show that.
 _OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
@@ -52,21 +53,46 @@ _OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
 # Counted from the markers before decoding (jpeg_structure_problem).
 MAX_JPEG_SCANS = 100
 MAX_SCAN_PIXELS = 16 * MAX_PIXELS
-# The JPEG kinds decoded: the Huffman-coded ones web browsers decode. Arithmetic coding can code
-# a scan of a whole image in a few bits (so the scan rule above would not bound its cost), and
-# lossless and hierarchical JPEGs are rare outside medical imaging.
-_JPEG_DECODED = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive"}
-_JPEG_REFUSED = {0xC3: "lossless", **dict.fromkeys((0xC5, 0xC6, 0xC7), "hierarchical")}
-_JPEG_REFUSED.update({m: "arithmetic-coded" for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)})
-# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing), a restart marker or another
-# 0xFF (fill); anything else starts the next marker. One byte after 0xFF, never a repetition:
-# `\xff+` backtracks quadratically on a run of 0xFF bytes.
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Pillow's JPEG opener reads everything before the first scan in Python: a segment at a time, a
+# byte at a time where bytes belong to no segment, and quantization tables, frame headers, Exif
+# and Photoshop data an entry at a time. So a JPEG may have at most MAX_JPEG_SEGMENTS segments (the
+# walk below is Python too), and before its first scan at most MAX_JPEG_STRAY_BYTES bytes outside
+# segments and MAX_JPEG_PARSED_BYTES in the segments Pillow parses. Phones write a few dozen
+# segments (megabytes of them in XMP and ICC data, which Pillow reads whole, in C).
+MAX_JPEG_SEGMENTS = 1_000
+MAX_JPEG_STRAY_BYTES = 4_096
+MAX_JPEG_PARSED_BYTES = 256 * 1024
+# Frame headers (SOF markers) by the kind of JPEG they start. Decoded: the Huffman-coded kinds
+# web browsers decode. Arithmetic coding can code a scan of a whole image in a few bits (so the
+# scan rule above would not bound its cost), and lossless and hierarchical JPEGs are rare outside
+# medical imaging.
+JPEG_FRAMES = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive", 0xC3: "lossless"}
+JPEG_FRAMES.update({**dict.fromkeys((0xC5, 0xC6, 0xC7), "hierarchical"), 0xCB: "lossless"})
+JPEG_FRAMES.update(dict.fromkeys((0xC9, 0xCA, 0xCD, 0xCE, 0xCF), "arithmetic-coded"))
+JPEG_SEQUENTIAL = (0xC0, 0xC1)  # what the GPU loader's batched device decoder takes too
+JPEG_DECODED = (*JPEG_SEQUENTIAL, 0xC2)
+# The other segments libjpeg reads: tables (DHT, DAC, DQT), scans (SOS), DNL, DRI, APPn, COM.
+# Every other marker ends its decode with an error (JPG, JPGn, DHP, EXP, a second SOI).
+_JPEG_READ = {0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, *range(0xE0, 0xF0), 0xFE, *JPEG_FRAMES}
+# A marker as libjpeg finds one: 0xFF and a byte from 0xC0 up that is not a restart marker (RSTn)
+# or another 0xFF. It skips every other byte, with a warning (that Pillow silences): stray bytes
+# between segments, fill bytes (FF FF), a scan's entropy-coded data with its stuffed bytes
+# (FF 00) and restart markers, TEM (FF 01), and markers below 0xC0 inside a scan. One byte after
+# 0xFF, never a repetition: `\xff+` backtracks quadratically on a run of 0xFF bytes.
+_JPEG_MARKER = re.compile(rb"\xff[\xc0-\xcf\xd8-\xfe]")
+# The regex tries every 0xFF, slowly where they are dense (fill bytes, stuffing, restarts): there,
+# the walk looks for b"FM" in the bytes mapped to these classes instead (one pass of C each).
+_MARKER_CLASSES = bytes.maketrans(
+    bytes(range(256)),
+    bytes(70 if b == 0xFF else 77 if _JPEG_MARKER.match(bytes((0xFF, b))) else 46 for b in range(256)),
+)
 # PNG: Pillow reads each chunk in Python, so a file of many empty chunks costs far more than its
 # pixels. A PNG may have PNG_FREE_CHUNKS chunks and one more per PNG_BYTES_PER_CHUNK bytes
-# (libpng writes chunks of 8 KB).
+# (libpng writes chunks of 8 KB), and at most PNG_FREE_CHUNKS before its image data (Pillow reads
+# those when it opens the file).
 PNG_FREE_CHUNKS = 1_000
 PNG_BYTES_PER_CHUNK = 512
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageDecodeError(UserError):
@@ -100,69 +126,131 @@ def jpeg_scan_limit(width: int, height: int) -> int:
     return max(1, min(MAX_JPEG_SCANS, MAX_SCAN_PIXELS // max(1, width * height)))
 
 
+@dataclass(frozen=True)
+class JpegSegment:
+    marker: int
+    at: int  # where its 0xFF is
+    end: int  # where its length says it ends (a scan's entropy-coded data starts there); SOI, EOI: at + 2
+    skipped: int  # the bytes between the previous segment and this one (for a segment after a scan: its data)
+
+
+def jpeg_segments(data) -> Iterator[JpegSegment]:
+    """A JPEG's segments in order, found as libjpeg finds them (_JPEG_MARKER): to its first EOI
+    (included: an MPO's later images are not decoded), the end of the data, or a segment whose
+    length runs past it (included). Linear in len(data), in C but for a round of Python per segment."""
+    at, next_marker = 2, _marker_finder(data)
+    while (start := next_marker(at)) >= 0:
+        marker = data[start + 1]
+        if marker in (0xD8, 0xD9):  # SOI, EOI: no length
+            yield JpegSegment(marker, start, start + 2, start - at)
+            if marker == 0xD9:
+                return
+            at = start + 2
+            continue
+        if start + 4 > len(data):
+            return
+        end = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
+        yield JpegSegment(marker, start, end, start - at)
+        at = max(end, start + 4)  # a length under 2 skips nothing more, in libjpeg as in Pillow
+
+
+def _marker_finder(data) -> Callable[[int], int]:
+    """at -> where the first marker at or after `at` starts (_JPEG_MARKER), or -1."""
+    if data.count(b"\xff") * 64 <= len(data):  # photos: a 0xFF in 256 bytes, and a few markers
+
+        def search(at: int) -> int:
+            found = _JPEG_MARKER.search(data, at)
+            return -1 if found is None else found.start()
+
+        return search
+    classes = data.translate(_MARKER_CLASSES)
+    return lambda at: classes.find(b"FM", at)
+
+
+def _pillow_parses(data, segment: JpegSegment) -> bool:
+    """Whether Pillow's JPEG opener parses this segment's content in Python (see MAX_JPEG_PARSED_BYTES)."""
+    marker, body = segment.marker, data[segment.at + 4 : segment.at + 18]
+    return (
+        marker == 0xDB
+        or marker in JPEG_FRAMES
+        or (marker == 0xE1 and body.startswith(b"Exif\x00\x00"))
+        or (marker == 0xED and body.startswith(b"Photoshop 3.0\x00"))
+    )
+
+
 def jpeg_structure_problem(data) -> str | None:
-    """Why a JPEG is refused from its markers, before decoding: a kind not decoded here, or more
-    scans than its size allows (jpeg_scan_limit). None when neither; a malformed stream is left to
-    the decoder. Walks the first image only, to its EOI (an MPO's later images are not decoded).
-    lambda/safe_fetch.py applies the same rule (its own copy; tests/test_lambda.py checks they agree)."""
-    size, at, scans, limit, frame = len(data), 2, 0, MAX_JPEG_SCANS, ""
-    while at + 4 <= size:
-        if data[at] != 0xFF:
+    """Why a JPEG is refused from its markers, before Pillow opens it: a kind not decoded here, a
+    marker libjpeg refuses, more scans than its size allows (jpeg_scan_limit), or more before its
+    first scan than Pillow should read in Python (MAX_JPEG_SEGMENTS and the two after it). None
+    otherwise; a damaged stream is left to the decoder. Walks the first image (jpeg_segments).
+    lambda/image_rules.py applies the same rule (its own copy; tests/test_lambda.py checks they agree)."""
+    scans, stray, parsed, limit, frame = 0, 0, 0, MAX_JPEG_SCANS, ""
+    for segments, segment in enumerate(jpeg_segments(data), 1):
+        marker = segment.marker
+        if segments > MAX_JPEG_SEGMENTS:
+            return f"JPEG has more than {MAX_JPEG_SEGMENTS} segments (photos have a few dozen); re-save it"
+        if not scans:
+            stray += segment.skipped
+            parsed += segment.end - segment.at if _pillow_parses(data, segment) else 0
+            if stray > MAX_JPEG_STRAY_BYTES:
+                return f"JPEG has more than {MAX_JPEG_STRAY_BYTES} bytes outside its segments before its image data; re-save it"
+            if parsed > MAX_JPEG_PARSED_BYTES:
+                return (
+                    f"JPEG has more than {MAX_JPEG_PARSED_BYTES // 1024} KB of tables, frame headers, Exif and "
+                    "Photoshop data before its image data; re-save it"
+                )
+        if marker == 0xD9:
             return None
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker == 0xD9:  # EOI
-            return None
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
-            at += 2
-            continue
-        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if marker in _JPEG_REFUSED:
-            return f"{_JPEG_REFUSED[marker]} JPEG: not decoded here (only baseline and progressive); re-save it"
-        if marker in _JPEG_DECODED and not frame and end <= size:
-            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+        if marker not in _JPEG_READ:
+            return f"JPEG has a marker (0x{marker:X}) that JPEG decoders refuse: not a decodable image"
+        if marker in JPEG_FRAMES and marker not in JPEG_DECODED:
+            return f"{JPEG_FRAMES[marker]} JPEG: not decoded here (only baseline and progressive); re-save it"
+        if marker in JPEG_DECODED and not frame and segment.at + 9 <= len(data):
+            height, width = _u16(data, segment.at + 5), _u16(data, segment.at + 7)
             frame, limit = f"{width}x{height} pixels", jpeg_scan_limit(width, height)
-        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+        if marker == 0xDA:
             scans += 1
             if scans > limit:
                 return (
                     f"JPEG has more than {limit} scans, the most allowed for {frame or 'its size'} (each scan "
                     "decodes the whole image again; photos have about 10); re-save it as a baseline JPEG"
                 )
-            found = _NEXT_MARKER.search(data, end)
-            if found is None:
-                return None
-            at = found.start()
-            continue
-        at = end
     return None
 
 
+def _u16(data, at: int) -> int:
+    return int.from_bytes(data[at : at + 2], "big")
+
+
 def png_structure_problem(data) -> str | None:
-    """Why a PNG is refused from its chunk headers, before decoding (more chunks than its size
-    explains), or None; a malformed stream is left to the decoder."""
+    """Why a PNG is refused from its chunk headers, before Pillow opens it (more chunks than its
+    size explains, or than Pillow should read before the image data), or None; a damaged stream is
+    left to the decoder."""
     limit = PNG_FREE_CHUNKS + len(data) // PNG_BYTES_PER_CHUNK
-    at, chunks = 8, 0
+    at, chunks, image_data = 8, 0, False
     while at + 8 <= len(data):
         chunks += 1
+        kind = data[at + 4 : at + 8]
+        image_data = image_data or kind == b"IDAT"
+        if chunks > PNG_FREE_CHUNKS and not image_data:
+            return f"PNG has more than {PNG_FREE_CHUNKS} chunks before its image data; re-save it"
         if chunks > limit:
             return (
                 f"PNG has more than {limit} chunks for its {len(data)} bytes (a chunk for every "
                 f"{PNG_BYTES_PER_CHUNK} bytes at most); re-save it"
             )
-        if data[at + 4 : at + 8] == b"IEND":
+        if kind == b"IEND":
             return None
         at += 12 + int.from_bytes(data[at : at + 4], "big")
     return None
 
 
-def structure_problem(image_format: str | None, data) -> str | None:
-    """Why an image's structure would make decoding it cost far more than its size, or None."""
-    if image_format in ("JPEG", "MPO"):
+def structure_problem(data) -> str | None:
+    """Why an image's structure would make opening or decoding it cost far more than its size, or
+    None. The format from its first bytes, as Pillow's openers tell them (JPEG covers MPO)."""
+    if data[:3] == b"\xff\xd8\xff":
         return jpeg_structure_problem(data)
-    if image_format == "PNG":
+    if data[:8] == PNG_SIGNATURE:
         return png_structure_problem(data)
     return None
 
@@ -257,9 +345,10 @@ def load_rgb(
 ) -> Image.Image:
     """Decode an image to RGB under the decode policy above.
 
-    Sizes that `size_problem` refuses (decompression bombs, extreme aspect ratios) are refused
-    from the header, and structures that `structure_problem` refuses (too many JPEG scans or PNG
-    chunks) from the markers, before decoding. `formats` limits which Pillow decoders may run.
+    Structures that `structure_problem` refuses (too many JPEG scans or PNG chunks, more than
+    Pillow should read in Python) are refused from the bytes before Pillow opens them, and sizes
+    that `size_problem` refuses (decompression bombs, extreme aspect ratios) from the header,
+    before decoding. `formats` limits which Pillow decoders may run.
     With `min_side`, the image comes back with its short side between min_side and twice that
     when it was larger: JPEGs are decoded at reduced scale (DCT scaling via Pillow's draft mode:
     1/2, 1/4 or 1/8), other formats reduced (box filter, by a whole factor) right after decoding.
@@ -270,20 +359,19 @@ def load_rgb(
     """
     refuse_decompression_bombs()
     try:
-        # In memory (a file object is read: the structure check needs its bytes), or a path.
-        path, data = None, None
+        # Read once, into memory: the structure rules read the bytes before Pillow opens them.
         if isinstance(source, (str, Path)):
-            path = source
+            data = Path(source).read_bytes()
         elif isinstance(source, (bytes, bytearray, memoryview)):
             data = source
         else:
             data = source.read()
-        with Image.open(io.BytesIO(data) if data is not None else source, formats=list(formats)) as img:
+        problem = structure_problem(data)
+        if problem:
+            raise ImageDecodeError(problem)
+        with Image.open(io.BytesIO(data), formats=list(formats)) as img:
             w, h = full_size = img.size
             _check_size(w, h, max_pixels)
-            problem = structure_problem(img.format, data if data is not None else Path(str(path)).read_bytes())
-            if problem:
-                raise ImageDecodeError(problem)
             # Scaled DCT decodes at 1/2, 1/4 or 1/8 only, so it helps once the short side is at
             # least twice min_side; draft() never goes below the requested size.
             if min_side and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:

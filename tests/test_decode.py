@@ -23,7 +23,18 @@ from ec2train.preprocess import (
     size_problem,
     train_transform,
 )
-from tests.support.images import jpeg_bytes, many_chunk_png, many_scan_jpeg, photo_like, png_of_size
+from tests.support.images import (
+    JPEG_STRAY_GAPS,
+    header_flood_jpegs,
+    jpeg_bytes,
+    jpeg_segment,
+    many_chunk_png,
+    many_scan_jpeg,
+    phone_like_jpeg,
+    photo_like,
+    png_of_size,
+    with_segments,
+)
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +337,139 @@ def test_the_gpu_loader_leaves_a_jpeg_of_too_many_scans_to_the_cpu_loaders_refus
     assert read_device_jpeg(path) is None
     with pytest.raises(ImageDecodeError, match="JPEG has more than 100 scans"):
         load_rgb(path, min_side=64)
+
+
+# ---------------------------------------------------------------- the structure rules, as libjpeg and Pillow read files
+
+
+@pytest.mark.parametrize("gap", JPEG_STRAY_GAPS, ids=list(JPEG_STRAY_GAPS))
+def test_bytes_between_segments_do_not_hide_the_scans_after_them(gap):
+    # libjpeg skips bytes that belong to no segment (warning, silenced by Pillow) and decodes every
+    # scan after them: with one such byte before them, 1,600 scans of 1024x1024 px (23 KB) cost
+    # 1.43 s of CPU and decoded, as the walk stopped at the byte and let the file through.
+    from ec2train.preprocess import jpeg_structure_problem
+
+    hostile = many_scan_jpeg(1024, 1024, 1600, gap=JPEG_STRAY_GAPS[gap])
+    assert "JPEG has more than 100 scans" in (jpeg_structure_problem(hostile) or "")
+    took = _cpu_seconds(lambda: pytest.raises(ImageDecodeError, load_rgb, hostile, min_side=256))
+    assert took < 0.25, took  # measured: under 1 ms
+    # The same bytes before a number of scans that is allowed: the file decodes.
+    assert load_rgb(many_scan_jpeg(64, 64, 90, gap=JPEG_STRAY_GAPS[gap])).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "shape", ["fill bytes", "empty comments", "quantization tables", "frame headers", "Photoshop resources"]
+)
+def test_what_pillow_reads_in_python_before_the_first_scan_is_bounded_before_it_opens_the_file(shape):
+    # Pillow's JPEG opener walks the markers before the first scan in Python, a byte, a segment or
+    # a table at a time: 6 MB of fill bytes before a small JPEG took 4.4 s of CPU and decoded
+    # (200), 1.5 M empty comments 3.8 s, 6 MB of quantization tables 0.43 s, of frame headers
+    # 0.68 s, of Photoshop resources 0.35 s. The rule reads the bytes before Pillow does.
+    from ec2train.preprocess import jpeg_structure_problem
+
+    hostile = header_flood_jpegs()[shape]
+    assert len(hostile) > 5_000_000
+    problem = jpeg_structure_problem(hostile)
+    assert problem and problem.startswith("JPEG has more than"), problem
+    took = _cpu_seconds(lambda: pytest.raises(ImageDecodeError, load_rgb, hostile, min_side=256))
+    print(f"{shape} ({len(hostile)} bytes): refused in {took * 1000:.1f} ms of CPU")
+    assert took < 0.1, took  # measured: 1-10 ms
+    with pytest.raises(ImageDecodeError, match=problem.split(" (")[0]):
+        load_rgb(hostile)
+
+
+def test_what_phones_write_before_the_image_passes():
+    from ec2train.preprocess import jpeg_structure_problem
+
+    phone = phone_like_jpeg()
+    assert len(phone) > 4_000_000
+    assert jpeg_structure_problem(phone) is None
+    assert load_rgb(phone, min_side=256).size == (640, 480)
+    comments = with_segments(jpeg_bytes(photo_like(64, 48)), jpeg_segment(0xFE, b"made by hand") * 900)
+    assert load_rgb(comments).size == (64, 48)  # 900 comments: within the 1,000 segments allowed
+
+
+def test_markers_the_decoder_refuses_are_refused_before_pillow_reads_past_them():
+    # Pillow's opener takes JPG and JPGn markers (0xC8, 0xF0-0xFD) as markers without a segment and
+    # reads on byte by byte; libjpeg refuses them. A rule that skipped their "segments" would let
+    # Pillow read whatever those hide.
+    from ec2train.preprocess import jpeg_structure_problem
+
+    plain = jpeg_bytes(photo_like(64, 48))
+    for marker in (0xC8, 0xF0, 0xFD, 0xD8):
+        hostile = with_segments(plain, bytes([0xFF, marker]) + b"\xff\xff" + b"\xff" * 100_000)
+        assert jpeg_structure_problem(hostile).startswith(f"JPEG has a marker (0x{marker:X})"), marker
+        with pytest.raises(ImageDecodeError, match="has a marker"):
+            load_rgb(hostile)
+
+
+def test_the_jpeg_walk_is_linear_and_cheap_on_the_worst_files():
+    # The rule must cost far less than the decode it guards: a 6 MB body is one C regex pass, plus
+    # at most 1,000 segments of Python.
+    from ec2train.preprocess import jpeg_structure_problem
+
+    plain = jpeg_bytes(photo_like(64, 48))
+    scan_at = plain.index(b"\xff\xda")
+    scan_end = scan_at + 2 + int.from_bytes(plain[scan_at + 2 : scan_at + 4], "big")
+    worst = {
+        "stuffed FF in a scan": plain[:scan_end] + b"\xff\x00" * 3_000_000 + plain[scan_end:],
+        "restarts in a scan": plain[:scan_end] + b"\xff\xd0" * 3_000_000 + plain[scan_end:],
+        "fill bytes in a scan": plain[:scan_end] + b"\xff" * 6_000_000 + plain[scan_end:],
+        "1,000 segments": with_segments(plain, jpeg_segment(0xFE, b"") * 995),
+    }
+    for name, data in worst.items():
+        took = min(_cpu_seconds(lambda d=data: jpeg_structure_problem(d)) for _ in range(3))
+        print(f"walk of {name} ({len(data)} bytes): {took * 1000:.1f} ms")
+        assert took < 0.1, (name, took)  # measured: 3-12 ms (a 12 MP photo decodes in 50-170 ms)
+
+
+def test_a_png_of_chunks_before_its_image_data_is_refused_before_pillow_opens_it():
+    # Pillow reads every chunk before the image data, in Python, when it opens the file: 400,000
+    # unknown chunks there (4.8 MB) took 1.75 s of CPU before the chunk rule (run after opening)
+    # refused the file.
+    from ec2train.preprocess import png_structure_problem
+
+    hostile = many_chunk_png(100, 100, 400_000, before_data=True)
+    with pytest.raises(ImageDecodeError, match="PNG has more than 1000 chunks before its image data"):
+        load_rgb(hostile)
+    took = _cpu_seconds(lambda: pytest.raises(ImageDecodeError, load_rgb, hostile))
+    print(f"a PNG of 400,000 chunks before its data ({len(hostile)} bytes): refused in {took * 1000:.1f} ms")
+    assert took < 0.1, took
+    assert png_structure_problem(many_chunk_png(100, 100, 999, before_data=True)) is None
+    assert load_rgb(many_chunk_png(100, 100, 999, before_data=True)).size == (100, 100)
+
+
+@pytest.mark.timeout(30)  # a second read of the pipe would wait for ever
+def test_a_path_is_read_once(tmp_path: Path):
+    # `ec2train predict <(curl ...)`: a path that can be read only once (a pipe) decodes.
+    import threading
+
+    fifo = tmp_path / "image.jpg"
+    os.mkfifo(fifo)
+    jpeg = jpeg_bytes(photo_like(64, 48))
+    writer = threading.Thread(target=fifo.write_bytes, args=(jpeg,), daemon=True)
+    writer.start()
+    try:
+        assert load_rgb(fifo).size == (64, 48)
+    finally:
+        if writer.is_alive():  # the decode failed before reading: let the writer finish
+            fifo.read_bytes()
+        writer.join(10)
+
+
+@pytest.mark.fast
+def test_both_ways_of_finding_markers_agree():
+    # Where 0xFF bytes are dense the walk finds markers in a translated copy instead of with the
+    # regex: the same answer, from every offset, on strings of the bytes that matter.
+    import random
+
+    from ec2train import preprocess
+
+    rng = random.Random(0)
+    alphabet = [0xFF] * 6 + [0x00, 0x01, 0x80, 0xC4, 0xC8, 0xD0, 0xD7, 0xD8, 0xD9, 0xDA, 0xE1, 0xFE]
+    for _ in range(2000):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        classes = data.translate(preprocess._MARKER_CLASSES)
+        for at in range(len(data) + 1):
+            found = preprocess._JPEG_MARKER.search(data, at)
+            assert classes.find(b"FM", at) == (found.start() if found else -1), (data, at)

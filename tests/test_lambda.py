@@ -29,10 +29,12 @@ from tests.support.lambda_env import (
     EndpointStandIn,
     ImageServer,
     b64,
+    load_image_rules,
     load_lambda,
 )
 
 safe_fetch, handler = load_lambda()
+image_rules = load_image_rules()
 CONTEXT = SimpleNamespace(aws_request_id="req-1234", function_name="dog-breeds")
 
 
@@ -251,12 +253,15 @@ def test_size_rule_is_the_endpoints_rule():
     # The Lambda zip cannot import ec2train: it carries a copy of the rule. Same limits, same answers.
     from ec2train import preprocess
 
-    assert (safe_fetch.MAX_PIXELS, safe_fetch.MAX_ASPECT_RATIO) == (preprocess.MAX_PIXELS, preprocess.MAX_ASPECT_RATIO)
+    assert (image_rules.MAX_PIXELS, image_rules.MAX_ASPECT_RATIO) == (
+        preprocess.MAX_PIXELS,
+        preprocess.MAX_ASPECT_RATIO,
+    )
     sides = [1, 2, 19, 20, 21, 224, 999, 1000, 6324, 6325, 20_000, 20_001, 65_535]
     for w in sides:
         for h in sides:
-            assert safe_fetch.size_problem(w, h) == preprocess.size_problem(w, h), (w, h)
-    assert safe_fetch.size_problem(1, 100_000) == STRIP_ERROR
+            assert image_rules.size_problem(w, h) == preprocess.size_problem(w, h), (w, h)
+    assert image_rules.size_problem(1, 100_000) == STRIP_ERROR
 
 
 @pytest.mark.parametrize("source", ["inline", "raw", "url"])
@@ -276,14 +281,35 @@ def test_a_jpeg_of_thousands_of_scans_is_400_before_invoking_the_endpoint(capsys
 
 
 def test_structure_rule_is_the_endpoints_rule():
-    # The zip's copy of preprocess.structure_problem: same limits, same answers.
+    # The zip's copy of preprocess.structure_problem: same limits, same answers, for ordinary files,
+    # each hostile shape, and files damaged at random.
+    import random
+
     from PIL import Image
 
     from ec2train import preprocess
-    from tests.support.images import many_chunk_png, many_scan_jpeg, photo_like
+    from tests.support.images import (
+        JPEG_STRAY_GAPS,
+        header_flood_jpegs,
+        many_chunk_png,
+        many_scan_jpeg,
+        phone_like_jpeg,
+        photo_like,
+        with_segments,
+    )
 
-    names = ("MAX_JPEG_SCANS", "MAX_SCAN_PIXELS", "PNG_FREE_CHUNKS", "PNG_BYTES_PER_CHUNK")
-    assert [getattr(safe_fetch, n) for n in names] == [getattr(preprocess, n) for n in names]
+    names = (
+        "MAX_JPEG_SCANS",
+        "MAX_SCAN_PIXELS",
+        "MAX_JPEG_SEGMENTS",
+        "MAX_JPEG_STRAY_BYTES",
+        "MAX_JPEG_PARSED_BYTES",
+        "PNG_FREE_CHUNKS",
+        "PNG_BYTES_PER_CHUNK",
+        "JPEG_FRAMES",
+        "JPEG_DECODED",
+    )
+    assert [getattr(image_rules, n) for n in names] == [getattr(preprocess, n) for n in names]
     photo = photo_like(300, 200)
     samples = [
         _encode(photo, "JPEG"),
@@ -294,19 +320,30 @@ def test_structure_rule_is_the_endpoints_rule():
         CHUNKS_PNG,
         many_chunk_png(40, 40, 1000),
         many_chunk_png(40, 40, 1001),
+        many_chunk_png(40, 40, 1001, before_data=True),
         *(many_scan_jpeg(w, h, n) for w, h, n in ((64, 64, 94), (64, 64, 95), (4000, 3000, 47), (4000, 3000, 48))),
+        *(many_scan_jpeg(256, 256, 200, gap=gap) for gap in JPEG_STRAY_GAPS.values()),
+        *header_flood_jpegs(600_000).values(),
+        phone_like_jpeg(),
+        with_segments(samples_jpeg := _encode(photo, "JPEG"), b"\xff\xf0" + b"\xff" * 5000),
     ]
     prog = samples[1]
     sof = prog.index(b"\xff\xc2")
     samples += [prog[: sof + 1] + bytes([m]) + prog[sof + 2 :] for m in (0xC3, 0xC9, 0xCE)]
     samples += [prog[: len(prog) // 2], JPEG, PNG, NOT_IMAGE, b"\xff\xd8\xff"]
-    answers = [safe_fetch.structure_problem(data) for data in samples]
-    assert answers == [preprocess.structure_problem(_format(data), data) for data in samples]
-    assert sum(a is not None for a in answers) == 7  # the three kinds, and both rules (one step over each scan limit)
-
-
-def _format(data: bytes) -> str | None:
-    return {"jpeg": "JPEG", "png": "PNG"}.get(safe_fetch.sniff_image(data))
+    made, rng = len(samples), random.Random(0)
+    for _ in range(300):  # damaged: bytes changed, cut out or put in
+        data = bytearray(rng.choice((prog, samples_jpeg)))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            data[at : at + rng.randint(0, 8)] = bytes(
+                rng.choice((0x00, 0xFF, 0xD9, 0xDA, rng.randrange(256))) for _ in range(rng.randint(0, 8))
+            )
+        samples.append(bytes(data))
+    answers = [image_rules.structure_problem(data) for data in samples]
+    assert answers == [preprocess.structure_problem(data) for data in samples]
+    refused = sum(a is not None for a in answers[:made])
+    assert refused == 20, refused  # the three kinds, the marker, each scan limit, stray gap, flood and chunk rule
 
 
 def _encode(img, fmt: str, **options) -> bytes:
@@ -336,13 +373,13 @@ def test_header_sizes_match_pillow(fmt, options):
         mode = "RGBA" if fmt == "WEBP_ALPHA" else "RGB"
         data = _encode(Image.new(mode, size, "red"), fmt.split("_")[0], **options)
         with Image.open(io.BytesIO(data)) as img:
-            assert safe_fetch.image_size(data) == img.size == size, (fmt, options, size)
+            assert image_rules.image_size(data) == img.size == size, (fmt, options, size)
 
 
 def test_unreadable_headers_are_left_to_the_endpoint():
     for data in (JPEG, b"\xff\xd8\xff", PNG[:20], NOT_IMAGE):
-        assert safe_fetch.image_size(data) in (None, (1, 1))
-    assert safe_fetch.image_size(JPEG) is None  # no frame header: the endpoint's decoder decides
+        assert image_rules.image_size(data) in (None, (1, 1))
+    assert image_rules.image_size(JPEG) is None  # no frame header: the endpoint's decoder decides
 
 
 def test_busy_endpoint_is_503_and_not_retried(capsys, monkeypatch, endpoint):

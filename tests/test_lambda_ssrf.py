@@ -14,10 +14,19 @@ import time
 
 import pytest
 
-from tests.support.lambda_env import FUNCTION_ENV, JPEG, PNG, ImageServer, load_lambda, make_tls_material
+from tests.support.lambda_env import (
+    FUNCTION_ENV,
+    JPEG,
+    PNG,
+    ImageServer,
+    load_image_rules,
+    load_lambda,
+    make_tls_material,
+)
 from tests.support.net import free_port
 
 safe_fetch, _ = load_lambda()
+image_rules = load_image_rules()
 UrlRejected = safe_fetch.UrlRejected
 
 
@@ -439,7 +448,7 @@ def test_refused_connection_is_an_upstream_error(local, monkeypatch):
     ],
 )
 def test_magic_bytes(data, kind):
-    assert safe_fetch.sniff_image(data) == kind
+    assert image_rules.sniff_image(data) == kind
 
 
 # --------------------------------------------------------------------------- HTTPS

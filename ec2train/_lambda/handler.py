@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import uuid
 
+import image_rules
 import safe_fetch
 from safe_fetch import ConfigError, FetchError
 
@@ -329,8 +330,8 @@ def lambda_handler(event, context):
 
 def _check_size(image: bytes) -> None:
     """The endpoint's size and structure rules, before decoding: a refused image never costs an invocation."""
-    size = safe_fetch.image_size(image)
-    problem = (safe_fetch.size_problem(*size) if size else None) or safe_fetch.structure_problem(image)
+    size = image_rules.image_size(image)
+    problem = (image_rules.size_problem(*size) if size else None) or image_rules.structure_problem(image)
     if problem:
         raise BadRequest(problem)
 
@@ -358,7 +359,7 @@ def _handle(event, log: dict) -> tuple[int, dict]:
             image = request["image"]
             if len(image) > settings.max_bytes:
                 raise BadRequest(f"image is larger than {settings.max_bytes} bytes", 413)
-            if safe_fetch.sniff_image(image) is None:
+            if image_rules.sniff_image(image) is None:
                 raise BadRequest("image is not a JPEG, PNG, GIF, WebP or BMP")
         log["bytes"] = len(image)
         _check_size(image)

@@ -10,7 +10,7 @@ Redirects are followed by hand, at most `max_redirects` hops, each re-vetted lik
 One deadline covers connect, TLS, headers and body across all hops; a watchdog shuts the socket
 at the deadline, so a server dripping one byte a second cannot hold us past it.
 
-Standard library only: this file ships in the Lambda zip.
+Standard library only: this file ships in the Lambda zip (with image_rules.py beside it).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+
+from image_rules import sniff_image
 
 # Real-time endpoints take at most 6 MB per request; keep headroom for the request envelope.
 # Serverless endpoints take 4 MB: set MAX_IMAGE_BYTES=3500000 for those (see README.md).
@@ -485,179 +487,3 @@ def fetch_image(url: str, *, settings: Settings | None = None, ssl_context: ssl.
     if settings.max_redirects == 0:
         raise UpstreamError("url answered a redirect; redirects are not followed")
     raise UpstreamError(f"url redirected more than {settings.max_redirects} times")
-
-
-# --------------------------------------------------------------------------- image sniffing
-
-_BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
-
-
-def sniff_image(data: bytes) -> str | None:
-    """The image format from the magic bytes, or None. Decoding is the endpoint's job."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if len(data) >= 26 and data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in _BMP_DIB_SIZES:
-        return "bmp"
-    return None
-
-
-# --------------------------------------------------------------------------- image size rule
-
-# The endpoint's decode rule, applied here from the header before invoking it. A copy of
-# ec2train/preprocess.py's constants (this zip has only its own files); tests/test_lambda.py
-# checks that both copies agree. An image whose size cannot be read here is passed on: the
-# endpoint applies the same rule with Pillow's parsers.
-MAX_PIXELS = 40_000_000
-MAX_ASPECT_RATIO = 20
-
-
-def size_problem(width: int, height: int) -> str | None:
-    """Why an image of this size is refused (the endpoint's wording), or None."""
-    if width * height > MAX_PIXELS:
-        return f"image is {width}x{height} pixels, more than the limit of {MAX_PIXELS}"
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        return (
-            f"image is {width}x{height} pixels: one side is more than {MAX_ASPECT_RATIO} times "
-            "the other; crop it closer to the subject"
-        )
-    return None
-
-
-# The endpoint's rule on JPEG scans and PNG chunks (ec2train/preprocess.py's structure_problem,
-# copied like the size rule above): every scan of a progressive JPEG decodes the whole image again,
-# and each PNG chunk costs the decoder a round of Python, however few bytes either takes.
-MAX_JPEG_SCANS = 100
-MAX_SCAN_PIXELS = 16 * MAX_PIXELS
-PNG_FREE_CHUNKS = 1_000
-PNG_BYTES_PER_CHUNK = 512
-_JPEG_DECODED = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive"}
-_JPEG_REFUSED = {0xC3: "lossless", **dict.fromkeys((0xC5, 0xC6, 0xC7), "hierarchical")}
-_JPEG_REFUSED.update({m: "arithmetic-coded" for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)})
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # never `\xff+`: quadratic on runs of 0xFF
-
-
-def _jpeg_scan_limit(width: int, height: int) -> int:
-    return max(1, min(MAX_JPEG_SCANS, MAX_SCAN_PIXELS // max(1, width * height)))
-
-
-def _jpeg_structure_problem(data: bytes) -> str | None:
-    size, at, scans, limit, frame = len(data), 2, 0, MAX_JPEG_SCANS, ""
-    while at + 4 <= size:
-        if data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
-        if marker == 0xFF:
-            at += 1
-            continue
-        if marker == 0xD9:
-            return None
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
-            at += 2
-            continue
-        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if marker in _JPEG_REFUSED:
-            return f"{_JPEG_REFUSED[marker]} JPEG: not decoded here (only baseline and progressive); re-save it"
-        if marker in _JPEG_DECODED and not frame and end <= size:
-            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
-            frame, limit = f"{width}x{height} pixels", _jpeg_scan_limit(width, height)
-        if marker == 0xDA:
-            scans += 1
-            if scans > limit:
-                return (
-                    f"JPEG has more than {limit} scans, the most allowed for {frame or 'its size'} (each scan "
-                    "decodes the whole image again; photos have about 10); re-save it as a baseline JPEG"
-                )
-            found = _NEXT_MARKER.search(data, end)
-            if found is None:
-                return None
-            at = found.start()
-            continue
-        at = end
-    return None
-
-
-def _png_structure_problem(data: bytes) -> str | None:
-    limit = PNG_FREE_CHUNKS + len(data) // PNG_BYTES_PER_CHUNK
-    at, chunks = 8, 0
-    while at + 8 <= len(data):
-        chunks += 1
-        if chunks > limit:
-            return (
-                f"PNG has more than {limit} chunks for its {len(data)} bytes (a chunk for every "
-                f"{PNG_BYTES_PER_CHUNK} bytes at most); re-save it"
-            )
-        if data[at + 4 : at + 8] == b"IEND":
-            return None
-        at += 12 + int.from_bytes(data[at : at + 4], "big")
-    return None
-
-
-def structure_problem(data: bytes) -> str | None:
-    """Why the endpoint would refuse this image's structure before decoding it, or None."""
-    kind = sniff_image(data)
-    if kind == "jpeg":
-        return _jpeg_structure_problem(data)
-    if kind == "png":
-        return _png_structure_problem(data)
-    return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from the first SOFn segment (baseline, progressive, lossless...)."""
-    at = 2
-    while at + 9 < len(data):
-        if data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            at += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            at += 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
-            return int.from_bytes(data[at + 7 : at + 9], "big"), int.from_bytes(data[at + 5 : at + 7], "big")
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-    return None
-
-
-def _webp_size(data: bytes) -> tuple[int, int] | None:
-    chunk = data[12:16]
-    if chunk == b"VP8X" and len(data) >= 30:  # extended: the canvas size
-        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
-    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:  # lossless: 14-bit sides - 1
-        bits = int.from_bytes(data[21:25], "little")
-        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":  # lossy key frame
-        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
-    return None
-
-
-def _bmp_size(data: bytes) -> tuple[int, int]:
-    if int.from_bytes(data[14:18], "little") == 12:  # OS/2 header: unsigned 16-bit sides
-        return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
-    # A negative height means rows stored top-down.
-    return int.from_bytes(data[18:22], "little", signed=True), abs(int.from_bytes(data[22:26], "little", signed=True))
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of a JPEG, PNG, GIF, WebP or BMP; None if unreadable."""
-    kind = sniff_image(data)
-    size = None
-    if kind == "jpeg":
-        size = _jpeg_size(data)
-    elif kind == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
-        size = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    elif kind == "gif" and len(data) >= 10:  # the logical screen, as Pillow reports it
-        size = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
-    elif kind == "webp":
-        size = _webp_size(data)
-    elif kind == "bmp":
-        size = _bmp_size(data)
-    return size if size is not None and min(size) >= 1 else None

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ec2train.preprocess import jpeg_structure_problem, resize_size, size_problem
+from ec2train.preprocess import (
+    JPEG_FRAMES,
+    JPEG_SEQUENTIAL,
+    jpeg_segments,
+    jpeg_structure_problem,
+    resize_size,
+    size_problem,
+)
 
 # The largest file the device decodes. Bigger ones go to the workers, which decode big photos at
 # reduced scale (preprocess.load_rgb); and a batch's bytes cross to the training process in shared
@@ -27,10 +34,6 @@ from ec2train.preprocess import jpeg_structure_problem, resize_size, size_proble
 DEVICE_MAX_FILE_BYTES = 8 << 20
 # The end-of-image marker is looked for in this many last bytes (after the first scan starts).
 EOI_TAIL_BYTES = 1 << 16
-# Sequential Huffman frames (baseline, extended): what nvJPEG's batched decoder takes. The
-# other SOF markers (progressive, lossless, hierarchical, arithmetic) go to the workers.
-_SEQUENTIAL = (0xC0, 0xC1)
-_NOT_FRAMES = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC share the SOF range
 RANDOM_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as preprocess uses them
 RANDOM_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -51,31 +54,24 @@ def device_jpeg_frame(data: bytes) -> JpegFrame | None:
     components named R, G, B: decoders differ on when they read them as RGB), MPO files (a
     phone's several pictures), and truncated files (no end marker: libjpeg refuses them, a
     decoder that pads them might not).
-    Reads only the markers before the first scan. Pure.
+    Reads only the markers before the first scan (preprocess.jpeg_segments, as every JPEG rule
+    does); stray bytes between them, too, leave the file to the workers. Pure.
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
-    at, frame, adobe_transform = 2, None, None
-    while at + 4 <= n:
-        if data[at] != 0xFF:
+    frame, adobe_transform = None, None
+    for segment in jpeg_segments(data):
+        marker, end = segment.marker, segment.end
+        if segment.skipped or end > n or end < segment.at + 4:  # stray bytes, SOI, EOI, a bad length
             return None
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD9:  # no segment of their own: unexpected here
-            return None
-        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if end > n or end < at + 4:
-            return None
-        body = data[at + 4 : end]
-        if marker in _SEQUENTIAL:
+        body = data[segment.at + 4 : end]
+        if marker in JPEG_SEQUENTIAL:
             if frame is not None or len(body) < 15 or body[0] != 8 or body[5] != 3:
                 return None
             height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
             frame = (width, height, bytes(body[6:15:3]))
-        elif 0xC0 <= marker <= 0xCF and marker not in _NOT_FRAMES:
+        elif marker in JPEG_FRAMES:
             return None  # progressive, lossless, hierarchical or arithmetic-coded
         elif marker == 0xE2 and body[:4] == b"MPF\x00":
             return None
@@ -94,7 +90,6 @@ def device_jpeg_frame(data: bytes) -> JpegFrame | None:
             ):
                 return None
             return JpegFrame(width, height)
-        at = end
     return None
 
 

@@ -62,6 +62,14 @@ def load_lambda():
     return safe_fetch, sys.modules[name]
 
 
+def load_image_rules():
+    """The Lambda's image_rules module (its copy of the endpoint's size and structure rules)."""
+    load_lambda()
+    import image_rules  # noqa: E402  (beside safe_fetch, as in the zip)
+
+    return image_rules
+
+
 # --------------------------------------------------------------------------- images
 
 
