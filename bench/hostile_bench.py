@@ -6,7 +6,16 @@ one after the other, sends it:
   normal      ordinary 500x375 JPEGs, one at a time: the baseline
   scans       a 44 KB progressive JPEG of 2000x2000 px with 2,000 extra scans (each scan decodes
               the whole image again)
+  stray-scans the same JPEG (1000x1000 px, 1,600 scans) with a stray byte before its scans, which
+              libjpeg skips (and a walk that stops at the first non-marker byte missed the scans)
   chunks-png  a 4.8 MB PNG of 400,000 chunks (each costs the decoder a round of Python)
+  chunks-head a 4.8 MB PNG of 400,000 unknown chunks before its image data (Pillow's opener reads
+              each in Python)
+  fill-jpeg   a 6 MB JPEG of fill bytes before its first segment (Pillow's opener reads them one
+              at a time in Python)
+  com-jpeg    a 6 MB JPEG of 1.5 million empty comments before its image
+  declared    80 connections that declare a 5 MB body and send none of it (a byte a second), and
+              ordinary requests meanwhile
   40mp-png    16 PNGs of 40 megapixels (5 KB each) at once, and ordinary requests meanwhile
   stalled     300 connections that declare a 6.25 MB body, send 2 MB and stall, and ordinary
               requests meanwhile
@@ -38,10 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_bench import tiny_model  # noqa: E402
 
-from tests.support.images import many_chunk_png, many_scan_jpeg, photo_like, png_of_size  # noqa: E402
+from tests.support.images import header_flood_jpegs, many_chunk_png, many_scan_jpeg, photo_like, png_of_size  # noqa: E402
 from tests.support.serving import (  # noqa: E402
     PingWatch,
     ProcessProbe,
+    Trickle,
     http,
     one_byte_chunks,
     post,
@@ -119,9 +129,14 @@ def run(model: Path, source: Path) -> list[Phase]:
         phase.normal = phase.normal[:1]
         phases.append(phase)
 
+        floods = header_flood_jpegs()
         for name, body, ctype in (
             ("scans", many_scan_jpeg(2000, 2000, 2000), "image/jpeg"),
+            ("stray-scans", many_scan_jpeg(1000, 1000, 1600, gap=b"\x00"), "image/jpeg"),
             ("chunks-png", many_chunk_png(1000, 1000, 400_000), "image/png"),
+            ("chunks-head", many_chunk_png(1000, 1000, 400_000, before_data=True), "image/png"),
+            ("fill-jpeg", floods["fill bytes"], "image/jpeg"),
+            ("com-jpeg", floods["empty comments"], "image/jpeg"),
         ):
             with Phase(name, url, probe, 3) as phase:
                 results = [attempt(url, body, ctype, timeout=600) for _ in range(3)]
@@ -140,6 +155,17 @@ def run(model: Path, source: Path) -> list[Phase]:
             socks = stalled_bodies(port, 300, 6_250_000, 2_000_000)
             normal_meanwhile(phase, photo)
             stats = http(url + "/stats")[1]
+            for sock in socks:
+                sock.close()
+        phase.outcome = f"{stats.get('memory_mb', '-')} MB held" if "memory_mb" in stats else "no budget"
+        phases.append(phase)
+
+        with Phase("declared", url, probe, 80) as phase:
+            socks = stalled_bodies(port, 80, 5_000_000, 0)
+            with Trickle(socks):
+                time.sleep(1)
+                stats = http(url + "/stats")[1]
+                normal_meanwhile(phase, photo)
             for sock in socks:
                 sock.close()
         phase.outcome = f"{stats.get('memory_mb', '-')} MB held" if "memory_mb" in stats else "no budget"

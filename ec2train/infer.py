@@ -248,12 +248,11 @@ def _compile_options(graphs: int) -> dict[str, Any]:
 class BucketedForward:
     """A model's forward pass compiled (inductor, weights frozen into the graph) for a few static
     batch sizes. A batch runs at the smallest compiled size that holds it, padded with zeros, whose
-    answers are dropped (eval mode: no image's answer depends on another's); a size not compiled
-    (yet) runs through the eager model."""
+    answers are dropped (eval mode: no image's answer depends on another's). Called only once
+    `build` has compiled every size (Predictor.compile serves through it from then on)."""
 
     def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...], memory_format: torch.memory_format):
-        self.buckets, self.memory_format, self.eager = buckets, memory_format, model
-        self.ready: tuple[int, ...] = ()
+        self.buckets, self.memory_format = buckets, memory_format
         self.compiled = torch.compile(model, dynamic=False, fullgraph=True, **_compile_options(len(buckets)))
 
     def build(self, sample: torch.Tensor, report: Callable[[int, float], None]) -> None:
@@ -267,14 +266,11 @@ class BucketedForward:
             for size in self.buckets:
                 start = time.perf_counter()
                 self._compiled_pass(sample.expand(size, *sample.shape[1:]), size)
-                self.ready = (*self.ready, size)
                 report(size, time.perf_counter() - start)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        n = batch.shape[0]
-        bucket_for(n, self.buckets)  # a batch larger than any size asked for is a caller's bug
-        size = next((s for s in self.ready if s >= n), None)
-        return self.eager(batch) if size is None else self._compiled_pass(batch, size)
+        # A batch larger than any size asked for is a caller's bug: ValueError.
+        return self._compiled_pass(batch, bucket_for(batch.shape[0], self.buckets))
 
     def _compiled_pass(self, batch: torch.Tensor, size: int) -> torch.Tensor:
         n = batch.shape[0]
@@ -321,9 +317,9 @@ class Predictor:
 
     @property
     def compiled_sizes(self) -> tuple[int, ...]:
-        """The batch sizes that run compiled now (none while the eager pass serves them all)."""
+        """The batch sizes that run compiled (none while the eager pass serves them all)."""
         forward = self.forward
-        return forward.ready if isinstance(forward, BucketedForward) else ()
+        return forward.buckets if isinstance(forward, BucketedForward) else ()
 
     @torch.inference_mode()
     def compile(self, max_batch: int, report: Callable[[int, float], None] = lambda size, seconds: None) -> None:
@@ -333,19 +329,17 @@ class Predictor:
         eager pass then serves all."""
         size = self.image_size
         sample = torch.zeros((1, 3, size, size), device=self.device).contiguous(memory_format=self.memory_format)
-        previous = self.forward
         try:  # an old torch or an unsupported Python fails as early as the constructor
             forward = BucketedForward(self.model, batch_buckets(max_batch), self.memory_format)
-            self.forward = forward
             with _quiet_compiler_logs():
                 forward.build(sample, report)
         except Exception as exc:
-            self.forward = previous
             with contextlib.suppress(Exception):  # drop the graphs built so far (and their frozen weights)
                 importlib.import_module("torch._dynamo").reset()
             cause = _root_cause(exc)
             no_compiler = type(cause).__name__ in _NO_COMPILER or isinstance(cause, FileNotFoundError)
             raise CompileError(f"cannot compile the forward pass: {first_line(cause)[:300]}", no_compiler) from exc
+        self.forward = forward  # every size compiled: no eager fallback needed
 
     def top_k(self, logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
         probs = logits.softmax(dim=1)

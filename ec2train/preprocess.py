@@ -286,9 +286,11 @@ class MemoryBudget:
 
     Thread-safe, and never blocks: a hold that does not fit raises MemoryBusy, which the server
     answers with 503. Holds of more than a sixteenth of the total together take at most three
-    quarters of it, so a flood of large images leaves room for ordinary ones. `on_idle`, if set, is
-    called (in the thread that gave the last bytes back) when nothing is held any more after at
-    least `idle_after` bytes were: the server gives freed memory back to the system then."""
+    quarters of it, so a flood of large images leaves room for ordinary ones; bytes taken with
+    `large=False` (request bodies, taken as they arrive) never count as large. Every take is given
+    back as it was taken (the same bytes, the same `large`). `on_idle`, if set, is called (in the
+    thread that gave the last bytes back) when nothing is held any more after at least
+    `idle_after` bytes were: the server gives freed memory back to the system then."""
 
     def __init__(self, total: int, idle_after: int = 64 * 1024 * 1024):
         if total < 1:
@@ -298,13 +300,17 @@ class MemoryBudget:
         self.on_idle: Callable[[], None] | None = None
         self._lock = threading.Lock()
 
-    def _is_large(self, n: int) -> bool:
-        return n > self.total // 16
+    def _is_large(self, n: int, large: bool | None) -> bool:
+        return n > self.total // 16 if large is None else large
 
-    def take(self, n: int) -> bool:
-        """Holds n more bytes if they fit; False (holding nothing) if not."""
+    def fits(self, n: int) -> bool:
+        """Whether n more bytes that are not large would fit now (nothing is taken)."""
+        return self.used + n <= self.total
+
+    def take(self, n: int, large: bool | None = None) -> bool:
+        """Holds n more bytes if they fit; False (holding nothing) if not. `large`: None decides by n."""
         with self._lock:
-            large = self._is_large(n)
+            large = self._is_large(n, large)
             if self.used + n > self.total or (large and self.large + n > self.total * 3 // 4):
                 return False
             self.used += n
@@ -313,10 +319,11 @@ class MemoryBudget:
             self._since_idle = max(self._since_idle, self.used)
             return True
 
-    def give(self, n: int) -> None:
+    def give(self, n: int, large: bool | None = None) -> None:
+        """Gives back n bytes taken with the same `large` (several takes of large=False may go back as one)."""
         with self._lock:
             self.used -= n
-            self.large -= n if self._is_large(n) else 0
+            self.large -= n if self._is_large(n, large) else 0
             idle = self.used == 0 and self._since_idle >= self.idle_after
             if idle:
                 self._since_idle = 0

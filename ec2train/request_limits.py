@@ -2,11 +2,12 @@
 
 - `Admission`: at most N requests past reading their body (decoding, queued or in a forward
   pass); the rest get an immediate 503.
-- `read_body`: the request body, counted against the process's MemoryBudget (preprocess.py)
-  before it is read: a declared Content-Length is held whole before the first byte, a chunked
-  body as it arrives. Past the budget the answer is 503 (Retry-After), past MAX_REQUEST_BYTES
-  413, both before a byte is kept (so `Expect: 100-continue` never gets "100 Continue" for a
-  body that would be refused); a body that stops arriving gets 408.
+- `read_body`: the request body, held in the process's MemoryBudget (preprocess.py) as it
+  arrives, so a connection that declares a body and sends none holds nothing. A declared
+  Content-Length over MAX_REQUEST_BYTES gets 413, and one larger than the room left now 503
+  (Retry-After), both before a byte is read (so `Expect: 100-continue` never gets "100 Continue"
+  for a body that would be refused); a body that outgrows the room as it arrives gets 503, and
+  one that stops arriving 408.
 - `MemoryReturn`: after a burst, the memory the decodes freed goes back to the system (glibc
   keeps freed memory in its heaps, one per thread up to 8 per core, unless asked to give it back).
 
@@ -24,7 +25,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ec2train.errors import UserError
@@ -37,9 +38,6 @@ log = logging.getLogger("uvicorn.error")
 # pause between two pieces of it; then 408. A body that stalls holds its memory until one of them.
 BODY_TIMEOUT_S = 30.0
 BODY_IDLE_S = 5.0
-# A chunked body is held in the budget in steps of at least this much (one take per piece would
-# lock the budget for every few bytes).
-_BODY_STEP = 256 * 1024
 # A refused body is still read and dropped, up to this much, unless the client waits for "100
 # Continue": answering while it still sends makes the server close the connection with unread
 # bytes, and the client sees a reset instead of the answer. Refused as too large (413): up to
@@ -92,36 +90,40 @@ async def read_body(
     timeout: float = BODY_TIMEOUT_S,
     idle_timeout: float = BODY_IDLE_S,
 ) -> AsyncIterator[bytes]:
-    """The request's body, held in `budget` until the block ends (the request's image is decoded
-    and answered from these bytes). 413, 503 or 408 (RequestError) as the module says."""
+    """The request's body, held in `budget` as it arrives and until the block ends (the request's
+    image is decoded and answered from these bytes). 413, 503 or 408 (RequestError) as the module
+    says. Body bytes are never 'large' in the budget: a body is at most max_bytes."""
     held = 0
     declared = declared_length(request.headers)
 
+    def busy(n: int) -> Busy:
+        return Busy(
+            f"server is busy: no memory free for a {n}-byte request body now "
+            f"({budget.used // 2**20} of {budget.total // 2**20} MB in use); retry in a moment"
+        )
+
     def hold(n: int) -> None:
         nonlocal held
-        if not budget.take(n):
-            raise Busy(
-                f"server is busy: no memory free for a {max(n, declared or 0)}-byte request body now "
-                f"({budget.used // 2**20} of {budget.total // 2**20} MB in use); retry in a moment"
-            )
+        if not budget.take(n, large=False):
+            raise busy(max(declared or 0, held + n))
         held += n
 
     try:
         try:
-            if declared is not None:
-                if declared > max_bytes:
-                    raise PayloadTooLarge(
-                        f"request body is {declared} bytes, more than the limit of {max_bytes}; send a smaller image"
-                    )
-                hold(declared)
-            body = await _receive(request, max_bytes, declared is None and hold, timeout, idle_timeout)
+            if declared is not None and declared > max_bytes:
+                raise PayloadTooLarge(
+                    f"request body is {declared} bytes, more than the limit of {max_bytes}; send a smaller image"
+                )
+            if declared is not None and not budget.fits(declared):
+                raise busy(declared)
+            body = await _receive(request, max_bytes, hold, timeout, idle_timeout)
         except (PayloadTooLarge, Busy) as exc:
             if "100-continue" not in request.headers.get("expect", "").lower():
                 await _drain(request, timeout, _DRAIN_LIMIT if isinstance(exc, PayloadTooLarge) else _DRAIN_BUSY_LIMIT)
             raise
         yield body
     finally:
-        budget.give(held)
+        budget.give(held, large=False)
 
 
 async def _drain(request: Any, timeout: float, limit: int) -> None:
@@ -142,11 +144,13 @@ async def _drain(request: Any, timeout: float, limit: int) -> None:
         await asyncio.wait_for(drop(), timeout)
 
 
-async def _receive(request: Any, max_bytes: int, hold, timeout: float, idle_timeout: float) -> bytes:
-    """The body's bytes; `hold(n)` (chunked bodies) takes n more bytes from the budget as they come."""
+async def _receive(
+    request: Any, max_bytes: int, hold: Callable[[int], None], timeout: float, idle_timeout: float
+) -> bytes:
+    """The body's bytes; `hold(n)` takes each piece's bytes from the budget as it comes."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    pieces, size, held = [], 0, 0
+    pieces, size = [], 0
     stream = request.stream()
     try:
         while True:
@@ -159,12 +163,9 @@ async def _receive(request: Any, max_bytes: int, hold, timeout: float, idle_time
                 why = f"within {timeout:g} s" if left <= idle_timeout else f"for {idle_timeout:g} s"
                 raise RequestTimeout(f"request body did not arrive {why}") from None
             size += len(piece)
-            if size > max_bytes:  # only a chunked body gets here: a declared one was refused unread
+            if size > max_bytes:  # a chunked body, or one longer than it declared
                 raise PayloadTooLarge(f"request body is more than {max_bytes} bytes, the limit; send a smaller image")
-            if hold and size > held:
-                step = min(max(size - held, _BODY_STEP), max_bytes - held)
-                hold(step)
-                held += step
+            hold(len(piece))
             pieces.append(piece)
         return b"".join(pieces)
     finally:

@@ -322,15 +322,13 @@ class _Service:
 
         headers = request.headers
         async with contextlib.AsyncExitStack() as held:
-            with self.batcher.preparing_one():
-                check_accept(headers.get("accept"))
-                body = await held.enter_async_context(
-                    read_body(request, self.budget, self.max_bytes, self.body_timeout)
-                )
+            check_accept(headers.get("accept"))
+            body = await held.enter_async_context(read_body(request, self.budget, self.max_bytes, self.body_timeout))
             content_type = headers.get("content-type")
             if (content_type or "").split(";")[0].strip().lower() == JSON_TYPE:
                 held.enter_context(self.budget.hold(_JSON_COPIES * len(body), "this request's JSON"))
-            # A slow upload costs no slot: only decoding and the forward pass are limited.
+            # A slow upload costs no slot, and no forward pass waits for it (preparing_one: the
+            # batcher waits up to max_wait_ms for requests being decoded): only decoding counts.
             with self.admission.slot():
                 with self.batcher.preparing_one():
                     req, tensor = await run_in_threadpool(
@@ -420,6 +418,8 @@ def run(
     `started` (time.monotonic()) is when the command began: the line that says ready counts from it."""
     uvicorn = _require_serve_deps()
     hw.compile_forward(compile, "cpu")  # a bad mode fails now, not in each worker's loader
+    if request_memory_mb <= 0:  # here, once, not in each worker
+        raise UserError(f"--request-memory-mb must be more than 0, got {request_memory_mb:g}")
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"no model file at {model_path}; train one with `ec2train fit` or pass --model PATH")
@@ -450,8 +450,6 @@ def run(
             **_connection_limits(),
         )
         return
-    if request_memory_mb <= 0:
-        raise UserError(f"--request-memory-mb must be more than 0, got {request_memory_mb:g}")
     app = create_app(
         model_path,
         max_batch,

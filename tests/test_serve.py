@@ -488,6 +488,57 @@ def test_run_refuses_bad_model_busy_port_and_missing_deps(tmp_path, trained_mode
         server.create_app(trained_model)
 
 
+def test_a_request_memory_of_zero_is_one_line_before_any_worker_starts(trained_model, capsys):
+    # With --workers 2 the check ran only in each worker, as a traceback in uvicorn's factory.
+    import socket
+
+    with socket.socket() as busy:  # were a worker started, it would fail on the port instead
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for workers in ("2", "1"):
+            code, _, err = cli_in_process(
+                capsys,
+                "serve",
+                "--model",
+                trained_model,
+                "--port",
+                port,
+                "--workers",
+                workers,
+                "--request-memory-mb",
+                "0",
+            )
+            assert_one_line_error(code, err, "--request-memory-mb must be more than 0, got 0")
+
+
+def test_a_slow_upload_does_not_make_forward_passes_wait(trained_model, images):
+    # A request whose body is still arriving is not being decoded: counted as "preparing", it made
+    # every forward pass wait up to --max-wait-ms for it (the batcher waits for requests in
+    # preparation to join the batch).
+    import socket
+
+    from ec2train.server import create_app
+
+    app = create_app(trained_model, max_batch=8, max_wait_ms=1500, compile="off")
+    jpeg = images["Circle"][0]
+    with ServerThread(app) as srv:
+        srv.wait_ready()
+        port = int(srv.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(_upload_head(len(jpeg)) + jpeg[:100])  # the rest never comes (408 after 5 s)
+            time.sleep(0.3)
+            assert app.state.service.batcher.preparing == 0
+            started = time.monotonic()
+            status, _ = http(srv.url + "/invocations", jpeg, {"Content-Type": "image/jpeg"})
+            took = time.monotonic() - started
+    assert status == 200 and took < 1.0, took  # measured: 0.02-0.1 s; 1.5 s and more before
+
+
+def _upload_head(length: int) -> bytes:
+    return f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
 def test_serve_cli_with_two_workers(trained_model, images, tmp_path):
     proc, url = start_cli_server(trained_model, "--workers", "2", "--threads", "1")
     try:
