@@ -214,7 +214,13 @@ def test_a_node_fences_itself_before_its_peers_may_call_it_lost():
     from ec2train.job import api
 
     req = api.SubmitRequest(
-        "dogs", "s3://bucket/dogs", "s3://bucket/d.zip", [], peer_timeout_seconds=49, heartbeat_seconds=10, stop_grace_seconds=30
+        "dogs",
+        "s3://bucket/dogs",
+        "s3://bucket/d.zip",
+        [],
+        peer_timeout_seconds=49,
+        heartbeat_seconds=10,
+        stop_grace_seconds=30,
     )
     with pytest.raises(JobError, match="at least the stop grace plus two heartbeats"):
         api._check(req)

@@ -12,12 +12,14 @@ and loops:
 3. Register for the next attempt (its node file, ec2train.job.nodes) and wait until `nodes`
    live instances have; one of them writes the attempt into status.json, with the members'
    ranks in the order of their instance ids. Rank 0's private IP is where the c10d store opens.
-4. Train: fetch the data once per instance, start this node's fit processes
-   (ec2train.job.workers) with --resume auto --s3-uri, so every attempt continues from the last
-   checkpoint in S3. While they run, beat, mirror the log, and watch the other members: one
-   that reports its end, or goes silent for peer_timeout_seconds, stops this node's training
-   (SIGTERM, SIGKILL after stop_grace_seconds) instead of leaving it in a collective that
-   would wait out its timeout. --max-hours stops it too.
+4. Train: fetch the data once per instance (a passing error is retried, then interrupts the
+   attempt), start this node's fit processes (ec2train.job.workers) with --resume auto
+   --s3-uri, so every attempt continues from the last checkpoint in S3. While they run, beat,
+   mirror the log, and watch: a local process that fails, another member that reports its end
+   or goes silent for peer_timeout_seconds, stops this node's training (SIGTERM, SIGKILL after
+   stop_grace_seconds) instead of leaving it in a collective that would wait out its timeout.
+   --max-hours stops it too, and so does the node itself when its heartbeat has not reached S3
+   for state.fence_after seconds (fencing: its peers will soon call it lost).
 5. Report how this node's part ended, wait until every member has (or is lost), record the
    attempt's outcome, then: the job is over (rank 0 sets the group to 0), this instance is
    going away (spot notice, SIGTERM: exit 75), a failed attempt is retried on new instances
@@ -266,7 +268,10 @@ def _attempt(r: Node, att: dict[str, Any]) -> str:
 def _report(n: int, **fields: Any) -> dict[str, Any]:
     """How this node's part of attempt n ended (its node file carries it to the others)."""
     base = {"attempt": n, "exit_codes": [None], "exit_code": None, "notice": False, "sigterm": False}
-    return {**base, "timed_out": False, "stopped_by": None, "failed_at": None, **fields}
+    # fenced: it stopped itself, S3 out of reach; unavailable / error: why fit could not start,
+    # a passing trouble (the attempt is interrupted) or not (it failed).
+    extra = {"fenced": False, "unavailable": None, "error": None}
+    return {**base, **extra, "timed_out": False, "stopped_by": None, "failed_at": None, **fields}
 
 
 def _finish(r: Node, att: dict[str, Any], report: dict[str, Any]) -> str:
