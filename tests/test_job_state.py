@@ -209,20 +209,17 @@ def test_attempts_that_keep_losing_a_node_before_an_epoch_ends_count_as_failures
 
 def test_a_node_fences_itself_before_its_peers_may_call_it_lost():
     sp = spec(heartbeat_seconds=10.0, peer_timeout_seconds=60.0, stop_grace_seconds=30.0)
-    assert state.fence_after(sp) == 20.0  # SIGTERM at 20 s without a heartbeat in S3, SIGKILL at 50 s, lost at 60 s
-    assert not state.must_fence(NOW - 19.9, NOW, sp) and state.must_fence(NOW - 20.0, NOW, sp)
+    # SIGTERM 40 s after its last heartbeat in S3, SIGKILL 10 s later; its peers may call it lost at 60 s.
+    assert (state.fence_after(sp), state.fence_grace(sp)) == (40.0, 10.0)
+    assert not state.must_fence(NOW - 39.9, NOW, sp) and state.must_fence(NOW - 40.0, NOW, sp)
+    short = spec(heartbeat_seconds=1.0, peer_timeout_seconds=8.0, stop_grace_seconds=2.0)  # the multi-node tests'
+    assert state.fence_after(short) + state.fence_grace(short) <= short.peer_timeout_seconds - short.heartbeat_seconds
     from ec2train.job import api
 
     req = api.SubmitRequest(
-        "dogs",
-        "s3://bucket/dogs",
-        "s3://bucket/d.zip",
-        [],
-        peer_timeout_seconds=49,
-        heartbeat_seconds=10,
-        stop_grace_seconds=30,
+        "dogs", "s3://bucket/dogs", "s3://bucket/d.zip", [], peer_timeout_seconds=29, heartbeat_seconds=10
     )
-    with pytest.raises(JobError, match="at least the stop grace plus two heartbeats"):
+    with pytest.raises(JobError, match="at least three heartbeats"):
         api._check(req)
 
 

@@ -515,7 +515,7 @@ def _fence(r: Node, procs: workers.Workers, report: dict[str, Any], done: thread
         if not report.get("fenced") and state.must_fence(r.beat.last_ok, r.clock(), r.spec):
             report["fenced"] = True
             why = f"no heartbeat reached S3 for {r.clock() - r.beat.last_ok:.0f} s: this node fenced itself"
-            _stop(r, report, procs, why, r.spec.stop_grace_seconds)
+            _stop(r, report, procs, why, state.fence_grace(r.spec))
 
 
 def _peer_trouble(r: Node, n: int, peers: list[str]) -> tuple[str | None, float]:

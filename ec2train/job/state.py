@@ -98,12 +98,19 @@ def member_ids(attempt: dict[str, Any]) -> list[str]:
     return [m["instance"] for m in attempt["members"]]
 
 
+def fence_grace(spec: Any) -> float:
+    """A fencing node's SIGTERM-to-SIGKILL time: no longer than a heartbeat (its checkpoint cannot
+    reach S3 anyway, and fit's local save is atomic), so fence_after can be long."""
+    return min(spec.stop_grace_seconds, spec.heartbeat_seconds)
+
+
 def fence_after(spec: Any) -> float:
     """Seconds without a heartbeat in S3 after which a training node stops its own processes
-    (SIGTERM, SIGKILL stop_grace_seconds later). Its peers call it lost peer_timeout_seconds after
-    its last heartbeat and may then start the next attempt without it, so its training must be
-    gone by then, with a heartbeat to spare (the submit check keeps this at least a heartbeat)."""
-    return spec.peer_timeout_seconds - spec.stop_grace_seconds - spec.heartbeat_seconds
+    (SIGTERM, SIGKILL fence_grace later). Its peers call it lost peer_timeout_seconds after its
+    last heartbeat and may then start the next attempt without it, so its training must be gone
+    by then, with a heartbeat to spare (submit keeps this at least a heartbeat: a slow write
+    alone must not fence a node)."""
+    return spec.peer_timeout_seconds - fence_grace(spec) - spec.heartbeat_seconds
 
 
 def must_fence(last_beat: float, now: float, spec: Any) -> bool:
