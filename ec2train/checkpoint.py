@@ -180,8 +180,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, *OLD_FORMATS):
         raise ModelError(f"{path} is not an ec2train checkpoint; pass a last.pt written by `ec2train fit`")
+    problem = _structure_problem(ckpt)
+    if problem:
+        raise ModelError(f"{path} is damaged ({problem}); use another --output or --resume never to start fresh")
     ckpt["source"] = str(path)
     return ckpt
+
+
+# What restore reads, and the type each must have.
+_CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": dict,
+    "run_name": str,
+    "epoch": int,
+    "best_acc": (int, float),
+    "best_epoch": int,
+    "stale_epochs": int,
+    "history": list,
+}
+
+
+def _structure_problem(ckpt: dict[str, Any]) -> str | None:
+    """Why a checkpoint dict cannot be restored (a missing or mistyped field), or None."""
+    for key, kind in _CHECKPOINT_FIELDS.items():
+        if key not in ckpt:
+            return f"no {key!r}"
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            return f"{key!r} is of type {type(ckpt[key]).__name__}"
+    if ckpt["epoch"] < 0:
+        return "a negative 'epoch'"
+    return None
 
 
 def _with_final_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -401,10 +431,16 @@ def restore(ckpt: dict[str, Any], parts: Trainables, steps_per_epoch: int) -> Tr
             f"{ckpt.get('source', 'the checkpoint')}: its optimizer state does not fit this run's optimizer "
             f"({first_line(exc)}); use another --output or --resume never to start fresh"
         ) from None
-    resume_schedule(parts.scheduler, ckpt["scheduler"], ckpt["epoch"] * steps_per_epoch)
-    if parts.scaler is not None and ckpt.get("scaler"):
-        parts.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    try:
+        resume_schedule(parts.scheduler, ckpt["scheduler"], ckpt["epoch"] * steps_per_epoch)
+        if parts.scaler is not None and ckpt.get("scaler"):
+            parts.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ResumeError(
+            f"{ckpt.get('source', 'the checkpoint')} is damaged ({first_line(exc)}); "
+            "use another --output or --resume never to start fresh"
+        ) from None
     state = TrainState(
         run_name=ckpt["run_name"],
         epoch=ckpt["epoch"],

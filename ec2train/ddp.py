@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ec2train.errors import UserError
 from ec2train.hw import HardwareError
-from ec2train.netif import interface_to
+from ec2train.netif import interface_names, interface_to
 
 T = TypeVar("T")
 # Rank 0 may spend minutes on evaluation, test and uploads while the others wait.
@@ -155,17 +155,26 @@ def control_backend(backend: str) -> str | None:
     return "gloo" if backend == "nccl" else None
 
 
-def gloo_ifname(environ: Mapping[str, str], route: Callable[[str], str | None] = interface_to) -> str | None:
+def gloo_ifname(
+    environ: Mapping[str, str],
+    route: Callable[[str], str | None] = interface_to,
+    interfaces: Callable[[], list[str]] = interface_names,
+) -> str | None:
     """GLOO_SOCKET_IFNAME when the user set none: gloo otherwise picks the interface its host name
     resolves to, which can be loopback, and the group would wait for peers it cannot reach.
-    NCCL_SOCKET_IFNAME's interface when it names one; when it names none or only excludes some
-    (`^lo,docker`, which gloo cannot express) and the job spans nodes, the interface that routes
-    to MASTER_ADDR (the rendezvous host)."""
+    NCCL_SOCKET_IFNAME's interface when it names some: `=ens5` exactly, `ens` or `ens,eth` as NCCL
+    reads them (prefixes; gloo needs one exact name, so the first interface they match). When it
+    names none or only excludes some (`^lo,docker`, which gloo cannot express) and the job spans
+    nodes, the interface that routes to MASTER_ADDR (the rendezvous host)."""
     if environ.get("GLOO_SOCKET_IFNAME"):
         return None
-    nccl = environ.get("NCCL_SOCKET_IFNAME", "").strip().lstrip("=")
+    nccl = environ.get("NCCL_SOCKET_IFNAME", "").strip()
+    if nccl.startswith("="):
+        return nccl[1:].split(",")[0].strip() or None
     if nccl and not nccl.startswith("^"):
-        return nccl
+        prefixes = [p.strip() for p in nccl.split(",") if p.strip()]
+        names = interfaces()
+        return next((n for p in prefixes for n in names if n.startswith(p)), None)
     world, local = environ.get("WORLD_SIZE", "1"), environ.get("LOCAL_WORLD_SIZE", "")
     master = environ.get("MASTER_ADDR", "")
     spans_nodes = local.isdigit() and world.isdigit() and int(local) < int(world)

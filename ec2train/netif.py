@@ -6,6 +6,14 @@ from __future__ import annotations
 import socket
 
 
+def interface_names() -> list[str]:
+    """This machine's network interfaces, in the kernel's order (lo first on Linux)."""
+    try:
+        return [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return []
+
+
 def interface_of(ip: str) -> str | None:
     """The network interface that holds `ip`, e.g. ens5 for the private IP, lo for 127.0.0.1."""
     try:

@@ -39,11 +39,14 @@ EXIT_FILE_ENV = "EC2TRAIN_EXIT_FILE"
 
 
 def interrupted_exit_status(status: int = EXIT_INTERRUPTED) -> int:
-    """`status` for the process that uploads (rank 0), 0 for the other ranks.
+    """The exit status of a stopped fit process: `status` for the one that uploads (rank 0), 0
+    for the other ranks.
 
     torchrun SIGTERMs every worker as soon as one exits non-zero; if the other ranks exited
     75 first, rank 0 could be killed in the middle of its final upload. Exiting 0 lets torchrun
-    wait for rank 0, whose 75 then becomes the run's root cause.
+    wait for rank 0, whose 75 then becomes the run's root cause. Under `fit --nproc-per-node`
+    (EXIT_FILE_ENV set) rank 0 records `status` for the launcher and exits 0 as well: torchrun
+    would report any non-zero exit as its own exit 1, with a page of traceback, for a clean stop.
     """
     if not ddp.env_from().is_main:
         return 0
@@ -51,6 +54,7 @@ def interrupted_exit_status(status: int = EXIT_INTERRUPTED) -> int:
     if recorded:
         try:
             Path(recorded).write_text(str(status))
+            return 0
         except OSError:
             pass  # the launcher then reports torchrun's own status
     return status
@@ -58,8 +62,8 @@ def interrupted_exit_status(status: int = EXIT_INTERRUPTED) -> int:
 
 def launcher_status(torchrun_status: int, recorded: str | None) -> int:
     """The exit status of `fit --nproc-per-node`: rank 0's recorded stop status (75 for a spot
-    notice or SIGTERM, 130 for Ctrl-C) when torchrun failed because of it, else torchrun's own."""
-    if torchrun_status != 0 and recorded and recorded.strip().isdigit():
+    notice or SIGTERM, 130 for Ctrl-C) when it recorded one, else torchrun's own."""
+    if recorded and recorded.strip().isdigit():
         return int(recorded.strip())
     return torchrun_status
 
@@ -176,6 +180,7 @@ def fit_run(
     env = ddp.env_from()
     say = console.print if (console is not None and env.is_main) else (lambda msg: None)
     resume = Resume.of(cfg)
+    resume.refuse_local_overwrite()  # before anything reaches S3
     sync = _open_sync(cfg, resume, say)
     watcher = SpotWatcher(spot_watch, spot_poll_seconds, log_line=say)
     with StopOnSignals(say) as signals:

@@ -561,6 +561,7 @@ class RunSync:
         self._log = log or (lambda msg: None)
         self.uploader = BackgroundUploader(kms_key, client=client, log=self._log)
         self._client = client
+        self.epochs_mirrored = 0  # by this process: until then --output may hold another run's files
 
     def preflight(self) -> str | None:
         """Check the bucket answers now (not after the first epoch); returns the run checkpoint
@@ -583,6 +584,7 @@ class RunSync:
         return files
 
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        self.epochs_mirrored += 1
         self.uploader.submit(self._files())
 
     def finish(self, run_dir: Path | None = None) -> float:
@@ -596,7 +598,11 @@ class RunSync:
         return time.perf_counter() - t0
 
     def abort(self) -> None:
-        """After a failed fit: upload what is there (best effort, never raises)."""
+        """After a failed fit: upload what its epochs left (best effort, never raises). A fit that
+        failed before its first epoch uploads nothing: what --output holds then is not its work."""
+        if not self.epochs_mirrored:
+            self.uploader.close(discard=True)
+            return
         try:
             self.finish()
         except Exception as exc:  # the original error matters more

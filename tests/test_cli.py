@@ -115,7 +115,17 @@ def test_nproc_per_node_relays_the_arguments_main_was_given(monkeypatch, capsys)
     import ec2train.cli.train as train_cli
 
     calls = []
-    monkeypatch.setattr(train_cli.subprocess, "call", lambda cmd, env: calls.append(cmd) or 0)
+
+    class Agent:  # torchrun's agent, started and waited for; a clean exit
+        pid = os.getpid()
+
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(train_cli.subprocess, "Popen", Agent)
     monkeypatch.setattr(sys, "argv", ["ec2train", "archs"])
     for epochs in ("1", "2"):  # a second call must not see the first one's arguments
         with pytest.raises(SystemExit) as exc:

@@ -79,6 +79,20 @@ class FitProcess:
         return False
 
 
+def _children(pid: int) -> list[int]:
+    from ec2train.cli.train import _children as children
+
+    return children(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def fit_args(data: Path, tmp: Path, workers: int) -> list[str]:
     return [
         "--data",
@@ -104,14 +118,20 @@ def fit_args(data: Path, tmp: Path, workers: int) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_ctrl_c_stops_at_the_next_step_keeps_the_checkpoint_and_says_how_to_resume(demo_data, tmp_path, workers):
-    fit = FitProcess(fit_args(demo_data, tmp_path, workers))
+@pytest.mark.parametrize("workers, nproc", [(0, 0), (1, 0), (0, 2)])
+def test_ctrl_c_stops_at_the_next_step_keeps_the_checkpoint_and_says_how_to_resume(demo_data, tmp_path, workers, nproc):
+    """Also with --nproc-per-node 2: torchrun's ranks stop at their step the same way, and the
+    launcher waits for them and exits 130 (not torchrun's 1, nor at once)."""
+    fit = FitProcess(fit_args(demo_data, tmp_path, workers) + (["--nproc-per-node", str(nproc)] if nproc else []))
     ckpt = tmp_path / "out" / "last.pt"
     try:
         fit.wait_for(ckpt.exists, "epoch 1's checkpoint")  # epoch 2 is under way
+        ranks = [p for agent in _children(fit.proc.pid) for p in _children(agent)]
+        assert len(ranks) == nproc, ranks
         fit.ctrl_c()
         code = fit.finish()
+        # torchrun's ranks lead sessions of their own: the launcher waited for every one of them.
+        assert not [p for p in ranks if _alive(p)], "ranks outlived the launcher"
     finally:
         if fit.proc.poll() is None:
             os.killpg(fit.proc.pid, signal.SIGKILL)

@@ -158,6 +158,71 @@ def test_the_job_goes_on_after_an_interruption_and_ends_after_max_failures():
     assert [a["outcome"] for a in st["attempts"]] == ["interrupted", "failed", "lost"]
 
 
+def test_a_node_that_fenced_itself_or_could_not_fetch_the_data_interrupts_the_attempt_without_counting():
+    sp = spec()
+    st = formed([node("i-1", 1), node("i-2", 1)])
+    fenced = report(1, [-9], fenced=True, stopped_by="no heartbeat reached S3 for 21 s: this node fenced itself")
+    st = state.end_attempt(st, sp, 1, {"i-1": report(1, [1]), "i-2": fenced}, [], NOW)  # i-1's ranks lost theirs
+    assert (st["state"], st["failures"], st["attempts"][0]["lost"]) == ("interrupted", 0, ["i-2"])
+    assert "lost i-2 (fenced itself: its heartbeat could not reach S3)" in st["reason"]
+    st = formed([node("i-1", 2), node("i-2", 2)], 2, st)
+    down = {**report(2, [None]), "exit_code": None, "unavailable": "DownloadInterrupted: HTTP 503"}
+    st = state.end_attempt(st, sp, 2, {"i-1": down, "i-2": report(2, [-9], stopped_by="i-1 ended")}, [], NOW)
+    assert (st["state"], st["failures"], st["interruptions"]) == ("interrupted", 0, 2)
+    assert "i-1 (could not fetch the data: DownloadInterrupted: HTTP 503)" in st["reason"]
+
+
+def test_attempts_that_keep_losing_a_node_before_an_epoch_ends_count_as_failures():
+    """A node that vanishes (or cannot fetch the data) on every boot must not keep the job
+    waiting until --max-hours; spot notices and attempts that got an epoch further never count."""
+    sp = spec(max_failures=2)
+    st, n = state.new_status("dogs", 0, nodes=2), 0
+
+    def attempt(reports_lost, epoch_done=None):
+        nonlocal st, n
+        n += 1
+        st = formed([node("i-1", n), node(f"i-{n + 1}", n)], n, st)
+        if epoch_done is not None:
+            st = state.progress_update(st, n, epoch_done, 10, NOW)
+        reports, lost = reports_lost(n)
+        st = state.end_attempt(st, sp, n, reports, lost, NOW)
+        return st["state"], st["failures"]
+
+    def vanished(n):
+        return {"i-1": report(n, [-9], stopped_by="lost")}, [f"i-{n + 1}"]
+
+    def noticed(n):
+        return {"i-1": report(n, [75]), f"i-{n + 1}": report(n, [0], notice=True)}, []
+
+    assert attempt(vanished) == ("interrupted", 0)
+    assert attempt(noticed) == ("interrupted", 0)  # a reclaim: AWS's doing, not a stall
+    assert attempt(vanished) == ("interrupted", 0)
+    assert attempt(vanished, epoch_done=1) == ("interrupted", 0)  # it learned something: not a stall
+    assert attempt(vanished) == ("interrupted", 0)
+    assert attempt(vanished) == ("interrupted", 0)
+    assert attempt(vanished) == ("retrying", 1)  # the third stalled attempt in a row counts
+    assert "3 attempts in a row with no epoch finished" in st["reason"]
+    assert state.after_attempt(st, n, "i-1", None) == ("relaunch", False)  # fresh instances
+    assert attempt(vanished) == ("failed", 2)
+    assert [a.get("stalled") for a in st["attempts"]] == [True, False, True, False, True, True, True, True]
+
+
+def test_a_node_fences_itself_before_its_peers_may_call_it_lost():
+    sp = spec(heartbeat_seconds=10.0, peer_timeout_seconds=60.0, stop_grace_seconds=30.0)
+    # SIGTERM 40 s after its last heartbeat in S3, SIGKILL 10 s later; its peers may call it lost at 60 s.
+    assert (state.fence_after(sp), state.fence_grace(sp)) == (40.0, 10.0)
+    assert not state.must_fence(NOW - 39.9, NOW, sp) and state.must_fence(NOW - 40.0, NOW, sp)
+    short = spec(heartbeat_seconds=1.0, peer_timeout_seconds=8.0, stop_grace_seconds=2.0)  # the multi-node tests'
+    assert state.fence_after(short) + state.fence_grace(short) <= short.peer_timeout_seconds - short.heartbeat_seconds
+    from ec2train.job import api
+
+    req = api.SubmitRequest(
+        "dogs", "s3://bucket/dogs", "s3://bucket/d.zip", [], peer_timeout_seconds=29, heartbeat_seconds=10
+    )
+    with pytest.raises(JobError, match="at least three heartbeats"):
+        api._check(req)
+
+
 def test_cancel_wins_over_a_late_outcome():
     st = formed([node("i-1", 1), node("i-2", 1)])
     st = state.cancelled(st, "ec2train job cancel", NOW)

@@ -195,7 +195,11 @@ def test_evaluate_with_hostile_names_writes_every_file_and_prints_them_as_text(
 
 
 def test_predict_with_hostile_names_prints_table_json_and_csv(hostile_model, demo_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "300")  # the many-images table folds long cells at 80 columns
+    from ec2train.cli._app import console
+
+    # The many-images table folds long cells at 80 columns; the console exists already (COLUMNS
+    # is read when it is made), so widen it itself.
+    monkeypatch.setattr(console, "_width", 300)
     payload = torch.load(hostile_model, weights_only=True)
     payload["class_names"] = [HOSTILE[0], HOSTILE[1], HOSTILE[5], HOSTILE[4]]  # bad bytes too
     torch.save(payload, hostile_model)

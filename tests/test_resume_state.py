@@ -173,3 +173,25 @@ def test_a_confusion_picture_that_cannot_be_drawn_costs_the_picture_not_the_run(
     assert not result.interrupted and "test_acc1" in json.loads((out / "metrics.json").read_text())
     text = console.file.getvalue()
     assert "confusion matrix was not drawn (RuntimeError: raqm_layout() failed)" in text, text
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda c: c.pop("scheduler"), "no 'scheduler'"),
+        (lambda c: c.update(rng="x"), "'rng' is of type str"),
+        (lambda c: c.update(run_name=7), "'run_name' is of type int"),
+        (lambda c: c.update(rng={"torch": "not a state"}), "damaged"),
+    ],
+)
+def test_a_hand_edited_last_pt_is_one_line(finished_run: Path, demo_data, tmp_path, capsys, damage, needle):
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(finished_run / "model", out / "model")
+    ckpt = torch.load(out / "model" / "last.pt", map_location="cpu", weights_only=True)
+    ckpt["epoch"] = 1  # unfinished, so fit restores it
+    damage(ckpt)
+    torch.save(ckpt, out / "model" / "last.pt")
+    code, _, err = cli_in_process(capsys, "fit", *_cli_args(demo_data, out), "--resume", "auto")
+    assert_one_line_error(code, err, "last.pt", needle, "--resume never")

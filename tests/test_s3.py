@@ -179,6 +179,27 @@ def test_existing_run_in_s3_is_not_overwritten_without_a_resume_choice(s3, demo_
     assert s3.get_object(Bucket=BUCKET, Key="taken/last.pt")["Body"].read() == b"an earlier run"
 
 
+def test_a_refused_or_failed_start_uploads_nothing_of_the_run_that_was_in_output(s3, demo_data, reference, tmp_path):
+    """An --output holding an earlier run: a fit that is refused (no --resume) or fails before its
+    first epoch must not mirror that run's files into a new, empty --s3-uri."""
+    import shutil
+
+    from ec2train.checkpoint import ResumeError
+    from ec2train.config import resolve
+    from ec2train.run import fit_run
+
+    out = tmp_path / "out"
+    shutil.copytree(Path(reference["model_path"]).parent, out)
+    settings = dict(output=str(out), logdir=str(tmp_path / "runs"), s3_uri=f"s3://{BUCKET}/new", **FIT)
+    with pytest.raises(ResumeError, match="already holds a run"):
+        fit_run(resolve(data=str(demo_data), **settings), spot_watch="off")
+    assert keys(s3, "new/") == set()
+    # Told to start anew, but the data set is missing: the failure uploads nothing either.
+    with pytest.raises(Exception, match="data"):
+        fit_run(resolve(data=str(tmp_path / "no-such-data"), resume="never", **settings), spot_watch="off")
+    assert keys(s3, "new/") == set()
+
+
 # ---------------------------------------------------------------- single objects
 
 

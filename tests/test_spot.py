@@ -237,9 +237,9 @@ def test_under_torchrun_all_ranks_stop_and_rank_0_finishes_its_upload(aws, imds,
     finally:
         proxy.close()
     output = proc.stdout + proc.stderr
-    # torchrun reports the stop as a failure caused by rank 0's 75; the launcher exits with that 75.
-    assert f"exitcode  : {EXIT_INTERRUPTED}" in output and "rank      : 0" in output, output
-    assert proc.returncode == EXIT_INTERRUPTED, output
+    # Rank 0 records its 75 for the launcher and every rank exits 0, so torchrun reports no failure
+    # (no page of ChildFailedError) and the launcher exits 75.
+    assert proc.returncode == EXIT_INTERRUPTED and "ChildFailedError" not in output, output
     assert "SIGTERM" not in output, output  # nobody was killed
     assert output.count("spot interruption notice:") == 1  # rank 0 speaks for all
     ckpt = out / "last.pt"

@@ -134,10 +134,15 @@ def test_stop_questions_go_over_a_cpu_group_beside_nccl():
     assert ddp.control_backend("nccl") == "gloo"
     assert ddp.control_backend("gloo") is None  # the training group is on the CPU already
     # Across nodes gloo uses the interface the user chose for NCCL, unless told otherwise.
-    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5"}) == "ens5"
-    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "=eth0"}) == "eth0"
+    here = lambda: ["lo", "ens5", "docker0"]  # noqa: E731
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5"}, interfaces=here) == "ens5"
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "=eth0"}, interfaces=here) == "eth0"  # exact, as NCCL reads '='
+    # NCCL reads a plain name as a prefix (`ens` is ens5 here); gloo needs the exact name.
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens"}, interfaces=here) == "ens5"
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "eth,ens"}, interfaces=here) == "ens5"
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "eth"}, interfaces=here) is None  # matches nothing here
     assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "^docker0,lo"}) is None  # an exclusion list, one node
-    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5", "GLOO_SOCKET_IFNAME": "eth1"}) is None
+    assert ddp.gloo_ifname({"NCCL_SOCKET_IFNAME": "ens5", "GLOO_SOCKET_IFNAME": "eth1"}, interfaces=here) is None
     assert ddp.gloo_ifname({}) is None
     # Across nodes with an exclusion list (or none): the interface that routes to the rendezvous host.
     nodes = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.5"}

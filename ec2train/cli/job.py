@@ -46,7 +46,10 @@ def submit_cmd(
     ),
     max_hours: float = typer.Option(24.0, help="End the job this many hours after submit, even if training hangs."),
     max_failures: int = typer.Option(
-        2, help="Failed attempts (fit exits non-zero, or an instance vanishes) before the job ends 'failed'."
+        2,
+        help="Failed attempts before the job ends 'failed': fit fails (exit not 0 or 75) with every node alive, "
+        "the data cannot be fetched (a permanent error), every node of an attempt vanishes, or a 3rd attempt in a "
+        "row loses a node before an epoch ends. Spot notices never count.",
     ),
     disk_gb: int = typer.Option(100, help="Encrypted gp3 root volume size."),
     ami: str | None = typer.Option(

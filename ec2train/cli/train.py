@@ -171,6 +171,7 @@ def _ctrl_c_exit(output: str, exc: KeyboardInterrupt) -> int:
 
 def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     """Run this same `fit` command line (argv: main()'s arguments) under torchrun; its exit status."""
+    import signal
     import tempfile
 
     from ec2train import ddp, hw
@@ -184,10 +185,47 @@ def _launch_torchrun(nproc_value: str, argv: tuple[str, ...]) -> int:
     cmd = ddp.torchrun_command(sys.executable, n, args)
     env = launch_env(n)  # each rank's share of the cores, not torchrun's 1 thread (matters on the CPU)
     console.print(f"[dim]$ {THREADS_ENV}={env[THREADS_ENV]} {escape(' '.join(cmd))}[/dim]", soft_wrap=True)
+    # torchrun starts each rank in a session of its own, so the terminal's Ctrl-C reaches only
+    # this launcher and torchrun's agent. The agent ignores it (it would raise and SIGKILL the
+    # ranks after a grace), and the launcher passes it to the ranks: each stops at its next step
+    # as a lone fit does, and a second Ctrl-C quits at once. SIGTERM still goes through torchrun.
+    env["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGHUP,SIGQUIT"
     with tempfile.TemporaryDirectory(prefix="ec2train-fit-") as tmp:
         exit_file = Path(tmp) / "exit-status"
-        status = subprocess.call(cmd, env={**env, EXIT_FILE_ENV: str(exit_file)})
+        agent = subprocess.Popen(
+            cmd,
+            env={**env, EXIT_FILE_ENV: str(exit_file)},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: _pass_on(signum, agent.pid))
+        try:
+            status = agent.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return launcher_status(status, exit_file.read_text() if exit_file.is_file() else None)
+
+
+def _pass_on(signum: int, agent_pid: int) -> None:
+    """Send `signum` to each rank torchrun's agent started (each leads a process group)."""
+    for pid in _children(agent_pid):
+        try:
+            os.killpg(pid, signum)
+        except OSError:
+            pass  # it ended meanwhile
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
 
 
 def print_fit_summary(result) -> None:

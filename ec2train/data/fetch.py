@@ -18,9 +18,15 @@ from ec2train.files import human_bytes
 DOG_IMAGES_URL = "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
 
 
+class DownloadInterrupted(DataError):
+    """A download that stopped for a reason that may pass (the network, the server's 5xx or 429,
+    a connection cut off): running it again resumes it. Unattended jobs retry these."""
+
+
 def _download_http(url: str, part: Path, progress: Callable[[int, int | None], None] | None, timeout: float) -> None:
     """Download to `part`, resuming a previous partial download with an HTTP Range request."""
     import http.client
+    import socket
     import urllib.error
     import urllib.request
 
@@ -31,10 +37,14 @@ def _download_http(url: str, part: Path, progress: Callable[[int, int | None], N
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # already complete
             return
-        raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+        passing = exc.code >= 500 or exc.code in (408, 429)
+        raise (DownloadInterrupted if passing else DataError)(
+            f"download of {url} failed: HTTP {exc.code} {exc.reason}"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DataError(
+        no_such_host = isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME
+        raise (DataError if no_such_host else DownloadInterrupted)(
             f"cannot reach {url} ({reason}). Offline? Copy dogImages.zip here and pass --url file:///path/dogImages.zip, "
             "or put it in S3 and pass --url s3://bucket/key"
         ) from None
@@ -54,7 +64,7 @@ def _download_http(url: str, part: Path, progress: Callable[[int, int | None], N
             except (OSError, http.client.HTTPException):
                 pass  # judged by the byte count below
     if total is not None and done < total:
-        raise DataError(
+        raise DownloadInterrupted(
             f"download of {url} stopped at {done} of {total} bytes; run the same command again to resume it"
         )
 

@@ -122,8 +122,13 @@ def _check(req: SubmitRequest) -> tuple[s3.S3Uri, list[str], str | None]:
         )
     if not (1024 <= req.rdzv_port <= 65535 and req.heartbeat_seconds > 0 and req.stop_grace_seconds > 0):
         raise JobError("the rendezvous port must be 1024-65535, heartbeat and stop grace > 0")
-    if req.peer_timeout_seconds < 2 * req.heartbeat_seconds:
-        raise JobError("the peer timeout must be at least two heartbeats, or a slow write looks like a lost node")
+    if req.peer_timeout_seconds < 3 * req.heartbeat_seconds:
+        # A node that cannot reach S3 fences itself (state.fence_after) at least a heartbeat after
+        # its last one, and is gone a heartbeat before its peers may call it lost.
+        raise JobError(
+            "the peer timeout must be at least three heartbeats, or a slow write looks like a lost node "
+            "and a node that cannot reach S3 has no time to stop its training before it is called lost"
+        )
     cidr = None
     if req.ssh_from:
         import ipaddress

@@ -137,14 +137,15 @@ class NodeFiles:
 class Heartbeat:
     """This runner's node file: rewritten every `every` seconds (a daemon thread) with a fresh
     heartbeat_at, and at once by set() when the runner's state changes. A failed write is
-    logged and tried again at the next beat."""
+    logged and tried again at the next beat. `last_ok` is the heartbeat_at of the newest write
+    that S3 took: what the peers judge this node by (the runner fences itself on it)."""
 
     def __init__(self, files: NodeFiles, doc: dict[str, Any], every: float, clock: Callable[[], float] = time.time):
         self.files, self.doc, self.every, self.clock = files, dict(doc), every, clock
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.failures = 0
+        self.last_ok = clock()
 
     def _write(self) -> None:
         with self._lock:
@@ -152,8 +153,8 @@ class Heartbeat:
             doc = dict(self.doc)
             try:
                 self.files.put(doc)
+                self.last_ok = doc["heartbeat_at"]  # when it was stamped, not when the write ended
             except Exception as exc:  # noqa: BLE001 - the next beat tries again; peers allow for a few
-                self.failures += 1
                 log.warning("heartbeat to %s failed: %s", self.files.uri(doc["instance"]), exc)
 
     def set(self, **fields: Any) -> None:

@@ -12,12 +12,14 @@ and loops:
 3. Register for the next attempt (its node file, ec2train.job.nodes) and wait until `nodes`
    live instances have; one of them writes the attempt into status.json, with the members'
    ranks in the order of their instance ids. Rank 0's private IP is where the c10d store opens.
-4. Train: fetch the data once per instance, start this node's fit processes
-   (ec2train.job.workers) with --resume auto --s3-uri, so every attempt continues from the last
-   checkpoint in S3. While they run, beat, mirror the log, and watch the other members: one
-   that reports its end, or goes silent for peer_timeout_seconds, stops this node's training
-   (SIGTERM, SIGKILL after stop_grace_seconds) instead of leaving it in a collective that
-   would wait out its timeout. --max-hours stops it too.
+4. Train: fetch the data once per instance (a passing error is retried, then interrupts the
+   attempt), start this node's fit processes (ec2train.job.workers) with --resume auto
+   --s3-uri, so every attempt continues from the last checkpoint in S3. While they run, beat,
+   mirror the log, and watch: a local process that fails, another member that reports its end
+   or goes silent for peer_timeout_seconds, stops this node's training (SIGTERM, SIGKILL after
+   stop_grace_seconds) instead of leaving it in a collective that would wait out its timeout.
+   --max-hours stops it too, and so does the node itself when its heartbeat has not reached S3
+   for state.fence_after seconds (fencing: its peers will soon call it lost).
 5. Report how this node's part ended, wait until every member has (or is lost), record the
    attempt's outcome, then: the job is over (rank 0 sets the group to 0), this instance is
    going away (spot notice, SIGTERM: exit 75), a failed attempt is retried on new instances
@@ -34,6 +36,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ec2train import aws, s3
-from ec2train.errors import UserError
+from ec2train.errors import UserError, first_line
 from ec2train.job import state, workers
 from ec2train.job.nodes import Heartbeat, NodeFiles, StatusFile
 from ec2train.job.spec import JobSpec, get_text, job_file
@@ -53,6 +56,11 @@ STOP_GRACE_SECONDS = 110.0  # SIGTERM lets fit finish its step and upload; AWS g
 EXIT_FOR = {"end": 0, "leave": EXIT_INTERRUPTED, "relaunch": EXIT_RELAUNCH}
 META = "/latest/meta-data/"
 PROCESS_POLL_SECONDS = 0.1
+# A data fetch that fails for a passing reason is tried again, waiting twice as long each time
+# (up to a minute), for this long at most: the other nodes' fit processes wait for this one at
+# the rendezvous, within the process group's timeout (workers.PG_TIMEOUT_SECONDS).
+FETCH_FIRST_WAIT_SECONDS = 5.0
+FETCH_RETRY_SECONDS = 600.0
 
 
 def instance_facts(imds: Imds) -> dict[str, str]:
@@ -88,6 +96,7 @@ class Node:
     data: Path | None = None
     attempt_n: int = 1  # the attempt this runner's log lines go to
     _synced: dict[str, float] = field(default_factory=dict)
+    _unsent: dict[Path, s3.S3Uri] = field(default_factory=dict)
 
     @property
     def me(self) -> str:
@@ -113,9 +122,14 @@ class Node:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
     def upload_log(self) -> None:
+        """This attempt's log to S3, and any earlier one whose last upload failed (a node that
+        fenced itself says so once S3 answers again)."""
         if self.log_path.exists():
+            self._unsent[self.log_path] = self.log_uri
+        for path, uri in list(self._unsent.items()):
             try:
-                s3.upload_file(self.log_path, self.log_uri)
+                s3.upload_file(path, uri)
+                del self._unsent[path]
             except s3.S3Error as exc:  # the next sync tries again; the log stays on disk
                 if exc.permanent:
                     raise
@@ -254,7 +268,10 @@ def _attempt(r: Node, att: dict[str, Any]) -> str:
 def _report(n: int, **fields: Any) -> dict[str, Any]:
     """How this node's part of attempt n ended (its node file carries it to the others)."""
     base = {"attempt": n, "exit_codes": [None], "exit_code": None, "notice": False, "sigterm": False}
-    return {**base, "timed_out": False, "stopped_by": None, "failed_at": None, **fields}
+    # fenced: it stopped itself, S3 out of reach; unavailable / error: why fit could not start,
+    # a passing trouble (the attempt is interrupted) or not (it failed).
+    extra = {"fenced": False, "unavailable": None, "error": None}
+    return {**base, **extra, "timed_out": False, "stopped_by": None, "failed_at": None, **fields}
 
 
 def _finish(r: Node, att: dict[str, Any], report: dict[str, Any]) -> str:
@@ -314,8 +331,34 @@ def _fetch_data(r: Node) -> Path:
         from ec2train.data import fetch_dataset
 
         r.say(f"data: {r.spec.data} -> {dest} (once per instance)")
-        r.data = fetch_dataset(r.spec.data, dest)
+        r.data = _retrying(r, lambda: fetch_dataset(r.spec.data, dest))
     return r.data
+
+
+def transient(exc: BaseException) -> bool:
+    """A fetch error that asking again may cure: S3 or the network did not answer, the server
+    said 5xx, the connection broke off (the next try resumes the partial download)."""
+    from ec2train.data.fetch import DownloadInterrupted
+
+    return isinstance(exc, DownloadInterrupted) or (isinstance(exc, s3.S3Error) and not exc.permanent)
+
+
+def _retrying(r: Node, fetch: Callable[[], Path]) -> Path:
+    """fetch(), tried again with backoff while its error is transient, for FETCH_RETRY_SECONDS at
+    most and never past --max-hours or a SIGTERM; then its last error is raised."""
+    give_up, wait = time.monotonic() + FETCH_RETRY_SECONDS, FETCH_FIRST_WAIT_SECONDS
+    while True:
+        try:
+            return fetch()
+        except UserError as exc:
+            left = min(give_up - time.monotonic(), r.spec.deadline - r.clock())
+            if not transient(exc) or r.sigterm or left <= wait:
+                raise
+            r.say(f"data: {first_line(exc)}; trying again in {wait:g} s")
+            end = time.monotonic() + wait
+            while time.monotonic() < end and not r.sigterm:
+                time.sleep(min(PROCESS_POLL_SECONDS, wait))
+            wait = min(2 * wait, 60.0)
 
 
 def fit_command(spec: JobSpec, args: list[str], workdir: Path, data: Path, lifecycle: str) -> list[str]:
@@ -378,7 +421,13 @@ def _train(r: Node, att: dict[str, Any], rank: int) -> dict[str, Any]:
         data = _fetch_data(r)
     except UserError as exc:
         r.say(f"could not start fit: {exc}")
-        return {**report, "sigterm": r.sigterm}
+        # A passing trouble interrupts the attempt (the next one fetches again); only the rest counts.
+        kind = "unavailable" if transient(exc) else "error"
+        return {**report, kind: first_line(exc), "sigterm": r.sigterm, "timed_out": r.clock() >= r.spec.deadline}
+    if state.must_fence(r.beat.last_ok, r.clock(), r.spec):  # the peers may be about to call it lost
+        why = f"no heartbeat reached S3 for {r.clock() - r.beat.last_ok:.0f} s: not starting fit (this node fenced itself)"
+        r.say(why)
+        return {**report, "fenced": True, "stopped_by": why, "sigterm": r.sigterm}
     with open(r.log_path, "a", encoding="utf-8") as log:
         procs = _start(r, att, rank, data, log)
     previous = signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(r, procs))
@@ -387,11 +436,10 @@ def _train(r: Node, att: dict[str, Any], rank: int) -> dict[str, Any]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         procs.signal(signal.SIGKILL)  # whatever is left (the runner itself is failing)
-    codes = procs.exit_codes
     return {
         **report,
-        "exit_codes": codes,
-        "exit_code": next((c for c in codes if c != 0), 0),
+        "exit_codes": procs.exit_codes,
+        "exit_code": procs.exit_code,
         "failed_at": procs.failed_at,
         "notice": _noticed(r),
         "sigterm": r.sigterm,
@@ -414,34 +462,60 @@ def _noticed(r: Node) -> bool:
 
 
 def _watch(r: Node, att: dict[str, Any], procs: workers.Workers, report: dict[str, Any]) -> None:
-    """Until this node's processes end: stop them at --max-hours, when the attempt is no longer
-    the current one, or when another member ended or went silent; sync log and progress."""
-    n, kill_at = att["n"], None
+    """Until this node's processes end: stop them when one of them fails, at --max-hours, when
+    the attempt is no longer the current one, or when another member ended or went silent; sync
+    log and progress. A thread of its own fences the node meanwhile (_fence)."""
+    n, acted = att["n"], set()
     peers = [i for i in state.member_ids(att) if i != r.me]
-    while not procs.poll():
-        time.sleep(PROCESS_POLL_SECONDS)
-        now = r.clock()
-        if kill_at is not None and time.monotonic() >= kill_at:
-            procs.signal(signal.SIGKILL)
-            continue
-        if kill_at is None and now >= r.spec.deadline:
-            r.say(f"--max-hours {r.spec.max_hours:g} reached: stopping fit")
-            report.update(timed_out=True, stopped_by="--max-hours")
-            procs.signal(signal.SIGTERM)
-            kill_at = time.monotonic() + r.grace
-            continue
-        if kill_at is None and r.every("peers", r.spec.heartbeat_seconds):
-            why, grace = _peer_trouble(r, n, peers)
-            if why:
-                r.say(f"stopping this node's training: {why}")
-                report["stopped_by"] = why
-                if grace <= r.spec.stop_grace_seconds:  # a peer failed or vanished: our collectives cannot finish
-                    procs.signal(signal.SIGTERM)
-                kill_at = time.monotonic() + grace
-        if r.every("sync", r.spec.sync_seconds):
-            if att["members"][0]["instance"] == r.me:
-                _progress(r, n)
-            r.upload_log()
+    done = threading.Event()
+    fence = threading.Thread(target=_fence, args=(r, procs, report, done), name="ec2train-fence", daemon=True)
+    fence.start()
+    try:
+        while not procs.poll():  # poll() also SIGKILLs what outlives a stop's grace
+            time.sleep(PROCESS_POLL_SECONDS)
+            if procs.failure is not None and not procs.stopping and "failure" not in acted:
+                # Its siblings would wait for it in their next collective (NCCL: until the process
+                # group's timeout), and the peers only hear of it from this node's report.
+                acted.add("failure")
+                rank, code = procs.failure
+                grace = r.grace if r.sigterm else r.spec.stop_grace_seconds  # shutting down: rank 0 may be uploading
+                _stop(r, report, procs, f"local rank {rank} exited {code}", grace)
+            if r.clock() >= r.spec.deadline and "deadline" not in acted:
+                acted.add("deadline")
+                r.say(f"--max-hours {r.spec.max_hours:g} reached")
+                report["timed_out"] = True
+                _stop(r, report, procs, "--max-hours", r.grace)
+            if not procs.stopping and r.every("peers", r.spec.heartbeat_seconds):
+                why, grace = _peer_trouble(r, n, peers)
+                if why:  # a peer failed or vanished: our collectives cannot finish (else: they end by themselves)
+                    _stop(r, report, procs, why, grace, term=grace <= r.spec.stop_grace_seconds)
+            if r.every("sync", r.spec.sync_seconds):
+                if att["members"][0]["instance"] == r.me:
+                    _progress(r, n)
+                r.upload_log()
+    finally:
+        done.set()
+        fence.join()
+
+
+def _stop(r: Node, report: dict[str, Any], procs: workers.Workers, why: str, grace: float, term: bool = True) -> None:
+    r.say(f"stopping this node's training: {why}")
+    report["stopped_by"] = why
+    procs.stop(grace, term=term)
+
+
+def _fence(r: Node, procs: workers.Workers, report: dict[str, Any], done: threading.Event) -> None:
+    """Stop this node's training once its last heartbeat in S3 is state.fence_after seconds old:
+    its peers will soon call it lost and may start the next attempt without it, and only one set
+    of nodes may train into the prefix. A thread of its own, because the watch loop's S3 calls
+    can block longer than that when S3 does not answer; it delivers a stop's SIGKILL on time too."""
+    while not done.wait(PROCESS_POLL_SECONDS):
+        if procs.poll():
+            return
+        if not report.get("fenced") and state.must_fence(r.beat.last_ok, r.clock(), r.spec):
+            report["fenced"] = True
+            why = f"no heartbeat reached S3 for {r.clock() - r.beat.last_ok:.0f} s: this node fenced itself"
+            _stop(r, report, procs, why, state.fence_grace(r.spec))
 
 
 def _peer_trouble(r: Node, n: int, peers: list[str]) -> tuple[str | None, float]:

@@ -17,10 +17,14 @@ heartbeat for peer_timeout_seconds: lost). Its outcome (classify):
 
     succeeded    rank 0's fit exited 0: the model is in S3 (rank 0 ends the job)
     timed-out    --max-hours stopped it
-    interrupted  a member got a spot notice or SIGTERM, or vanished; the job waits until the
-                 group is back to `nodes` instances, then resumes from the checkpoint in S3
-    failed       every member is alive and a fit failed (a code error): counts toward
-                 --max-failures
+    interrupted  a member got a spot notice or SIGTERM, vanished, fenced itself (its heartbeat
+                 could not reach S3) or could not fetch the data for a passing reason (S3 or
+                 the server did not answer); the job waits until the group is back to `nodes`
+                 instances, then resumes from the checkpoint in S3. The STALL_LIMIT-th such
+                 attempt in a row with no spot notice or SIGTERM and no epoch finished counts as
+                 a failure: a node that vanishes on every boot still ends the job.
+    failed       every member is alive and a fit failed (a code error), or the data cannot be
+                 fetched (a permanent error): counts toward --max-failures
     lost         no member reported at all (they all vanished): counts as a failure, so a
                  runner that dies on every boot still ends the job after --max-failures
 """
@@ -35,6 +39,7 @@ from ec2train.spot import EXIT_INTERRUPTED
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 LOG_TAIL_LINES = 20
+STALL_LIMIT = 3  # attempts in a row interrupted with nothing learned and nothing reclaimed: a failure
 _EPOCH_LINE = re.compile(r"\bepoch (\d+)/(\d+):")
 
 
@@ -93,6 +98,26 @@ def member_ids(attempt: dict[str, Any]) -> list[str]:
     return [m["instance"] for m in attempt["members"]]
 
 
+def fence_grace(spec: Any) -> float:
+    """A fencing node's SIGTERM-to-SIGKILL time: no longer than a heartbeat (its checkpoint cannot
+    reach S3 anyway, and fit's local save is atomic), so fence_after can be long."""
+    return min(spec.stop_grace_seconds, spec.heartbeat_seconds)
+
+
+def fence_after(spec: Any) -> float:
+    """Seconds without a heartbeat in S3 after which a training node stops its own processes
+    (SIGTERM, SIGKILL fence_grace later). Its peers call it lost peer_timeout_seconds after its
+    last heartbeat and may then start the next attempt without it, so its training must be gone
+    by then, with a heartbeat to spare (submit keeps this at least a heartbeat: a slow write
+    alone must not fence a node)."""
+    return spec.peer_timeout_seconds - fence_grace(spec) - spec.heartbeat_seconds
+
+
+def must_fence(last_beat: float, now: float, spec: Any) -> bool:
+    """This node's last heartbeat that reached S3 is too old for it to go on training."""
+    return now - last_beat >= fence_after(spec)
+
+
 def report_of(node: dict[str, Any] | None, attempt: int) -> dict[str, Any] | None:
     """How the node's part of `attempt` ended, if it said."""
     report = (node or {}).get("report")
@@ -134,6 +159,7 @@ def begin_attempt(status: dict[str, Any], n: int, members: list[dict[str, Any]],
             # rank 0's, as single-node jobs always showed them (and the cost estimate of old statuses)
             **{k: rows[0][k] for k in ("instance", "instance_type", "lifecycle")},
             "started_at": now,
+            "epoch_at_start": status.get("epoch") or 0,
             "ended_at": None,
             "outcome": None,
             "exit_code": None,
@@ -193,7 +219,7 @@ def classify(attempt: dict[str, Any], reports: dict[str, dict[str, Any]], lost: 
     ids = member_ids(attempt)
     r0 = reports.get(ids[0])
     r0_exit = (r0.get("exit_codes") or [None])[0] if r0 else None
-    gone = [i for i in ids if i in lost or (i in reports and (reports[i].get("notice") or reports[i].get("sigterm")))]
+    gone = [i for i in ids if i in lost or (i in reports and _went_away(reports[i]))]
     failing = [reports[i] for i in ids if i in reports and reports[i].get("exit_code") not in (0, EXIT_INTERRUPTED)]
     first = min(failing, key=lambda r: r.get("failed_at") or float("inf")) if failing else None
     if any(r.get("timed_out") for r in reports.values()):
@@ -211,17 +237,49 @@ def classify(attempt: dict[str, Any], reports: dict[str, dict[str, Any]], lost: 
         "outcome": outcome,
         "lost": gone if outcome in ("interrupted", "lost") else [],
         "exit_code": blame.get("exit_code") if blame else None,
+        "error": (blame or {}).get("error"),
         "log_tail": list((blame or {}).get("log_tail") or [])[-LOG_TAIL_LINES:],
         "exit_codes": {i: r.get("exit_codes") for i, r in reports.items()},
     }
+
+
+def _went_away(report: dict[str, Any]) -> bool:
+    """The member's part ended for a reason outside the code: its instance is going away, it
+    fenced itself, or the data could not be fetched for now."""
+    return bool(report.get("notice") or report.get("sigterm") or report.get("fenced") or report.get("unavailable"))
 
 
 def _why_lost(reports: dict[str, dict[str, Any]], gone: list[str]) -> str:
     parts = []
     for i in gone:
         r = reports.get(i) or {}
-        parts.append(f"{i} ({'spot notice' if r.get('notice') else 'SIGTERM' if r.get('sigterm') else 'no heartbeat'})")
+        if r.get("notice") or r.get("sigterm"):
+            why = "spot notice" if r.get("notice") else "SIGTERM"
+        elif r.get("fenced"):
+            why = "fenced itself: its heartbeat could not reach S3"
+        elif r.get("unavailable"):
+            why = f"could not fetch the data: {r['unavailable']}"
+        else:
+            why = "no heartbeat"
+        parts.append(f"{i} ({why})")
     return ", ".join(parts)
+
+
+def stall_streak(status: dict[str, Any], n: int) -> int:
+    """How many attempts in a row, ending with attempt n, stalled: interrupted without a spot
+    notice or SIGTERM (a node vanished, fenced itself or could not fetch the data) and with no
+    epoch finished during them."""
+    streak = 0
+    for a in reversed(status["attempts"][:n]):
+        if not a.get("stalled"):
+            break
+        streak += 1
+    return streak
+
+
+def _stalled(attempt: dict[str, Any], reports: dict[str, dict[str, Any]], epoch: int) -> bool:
+    reclaimed = any(r.get("notice") or r.get("sigterm") for r in reports.values())
+    return not reclaimed and "epoch_at_start" in attempt and epoch <= attempt["epoch_at_start"]
 
 
 def end_attempt(
@@ -246,30 +304,40 @@ def end_attempt(
     elif outcome == "interrupted":
         status["interruptions"] += 1
         who = _why_lost(reports, got["lost"])
-        status.update(
-            state="interrupted",
-            reason=(f"lost {who}; " if who else "stopped by SIGTERM; ")
-            + f"resumes from the checkpoint in S3 when {spec.nodes} node{'s are' if spec.nodes > 1 else ' is'} ready",
-        )
+        attempt["stalled"] = _stalled(attempt, reports, status.get("epoch") or 0)
+        streak = stall_streak(status, n)
+        if streak < STALL_LIMIT:
+            status.update(
+                state="interrupted",
+                reason=(f"lost {who}; " if who else "stopped by SIGTERM; ")
+                + f"resumes from the checkpoint in S3 when {spec.nodes} node{'s are' if spec.nodes > 1 else ' is'} ready",
+            )
+            return status
+        _count_failure(status, spec, f"lost {who}, {streak} attempts in a row with no epoch finished")
     else:
-        status["failures"] += 1
         if outcome == "lost":
             what = "every node of the attempt vanished without a word"
         elif got["exit_code"] is not None:
             what = f"fit exited {got['exit_code']}"
         else:
-            what = "the attempt could not start fit"
-        if status["failures"] >= spec.max_failures:
-            status.update(
-                state="failed",
-                reason=f"{what}; {status['failures']} failed attempts (--max-failures {spec.max_failures})",
-            )
-        else:
-            status.update(
-                state="retrying",
-                reason=f"{what}; attempt {status['failures'] + 1} of {spec.max_failures} starts on new instances",
-            )
+            what = f"the attempt could not start fit ({got['error'] or 'see the log'})"
+        _count_failure(status, spec, what)
     return status
+
+
+def _count_failure(status: dict[str, Any], spec: Any, what: str) -> None:
+    """One more failed attempt: the job retries on new instances or, at --max-failures, ends."""
+    status["failures"] += 1
+    if status["failures"] >= spec.max_failures:
+        status.update(
+            state="failed",
+            reason=f"{what}; {status['failures']} failed attempts (--max-failures {spec.max_failures})",
+        )
+    else:
+        status.update(
+            state="retrying",
+            reason=f"{what}; attempt {status['failures'] + 1} of {spec.max_failures} starts on new instances",
+        )
 
 
 def after_attempt(status: dict[str, Any], n: int, me: str, report: dict[str, Any] | None) -> tuple[str, bool]:

@@ -23,12 +23,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from ec2train.job.spec import JobError
+from ec2train.spot import EXIT_INTERRUPTED
 
 NPROC_OPTION = "--nproc-per-node"
 _NPROC_RE = re.compile(r"^(auto|[1-9][0-9]{0,2})$")
@@ -115,8 +117,17 @@ def _die_with_parent_fn():
     return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def first_failure(codes: list[int | None]) -> tuple[int, int] | None:
+    """(local rank, exit code) of the first process that ended with anything but 0 (done) or 75
+    (stopped, checkpoint saved): a failure its siblings cannot outlast, as they wait for it in
+    their next collective. None when there is none."""
+    return next(((i, c) for i, c in enumerate(codes) if c is not None and c not in (0, EXIT_INTERRUPTED)), None)
+
+
 class Workers:
-    """The node's training processes for one attempt, and when each ended."""
+    """The node's training processes for one attempt, when each ended, and their stop: SIGTERM
+    (fit finishes its step and saves), then SIGKILL once the stop's grace is over. Safe to use
+    from two threads (the runner's watch loop and its fence)."""
 
     def __init__(self, cmd: list[str], envs: list[dict[str, str]], log: IO, cwd: Path):
         preexec = _die_with_parent_fn() if sys.platform.startswith("linux") else None
@@ -127,13 +138,34 @@ class Workers:
             for env in envs
         ]
         self.failed_at: float | None = None  # when the first one exited non-zero (time.time())
+        self.failure: tuple[int, int] | None = None  # the first (local rank, code) that was a failure
+        self.kill_at: float | None = None  # time.monotonic() when what is left gets SIGKILL
+        self._lock = threading.RLock()  # the SIGTERM handler may stop them while poll() holds it
 
     def poll(self) -> bool:
-        """True when every process has ended."""
-        codes = [p.poll() for p in self.procs]
-        if self.failed_at is None and any(c not in (None, 0) for c in codes):
-            self.failed_at = time.time()
-        return all(c is not None for c in codes)
+        """True when every process has ended; SIGKILLs them once a stop's grace is over."""
+        with self._lock:
+            codes = [p.poll() for p in self.procs]
+            if self.failed_at is None and any(c not in (None, 0) for c in codes):
+                self.failed_at = time.time()
+            if self.failure is None:
+                self.failure = first_failure(codes)
+            if self.kill_at is not None and time.monotonic() >= self.kill_at:
+                self.signal(signal.SIGKILL)
+            return all(c is not None for c in codes)
+
+    def stop(self, grace: float, term: bool = True) -> None:
+        """SIGTERM now (unless not `term`: they are expected to end by themselves), SIGKILL after
+        `grace` seconds; an earlier SIGKILL already set stays."""
+        with self._lock:
+            if term:
+                self.signal(signal.SIGTERM)
+            at = time.monotonic() + grace
+            self.kill_at = at if self.kill_at is None else min(self.kill_at, at)
+
+    @property
+    def stopping(self) -> bool:
+        return self.kill_at is not None
 
     def signal(self, signum: int) -> None:
         for p in self.procs:
@@ -146,3 +178,11 @@ class Workers:
     @property
     def exit_codes(self) -> list[int | None]:
         return [p.poll() for p in self.procs]
+
+    @property
+    def exit_code(self) -> int | None:
+        """The node's exit code: the first failure's (not that of a sibling killed after it),
+        else the first that is not 0 (75: stopped), else 0."""
+        if self.failure is not None:
+            return self.failure[1]
+        return next((c for c in self.exit_codes if c != 0), 0)
