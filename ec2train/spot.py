@@ -26,12 +26,30 @@ log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 75
 
 ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # the AWS SDKs' name for it
+TIMEOUT_ENV = "AWS_METADATA_SERVICE_TIMEOUT"  # the AWS SDKs' name: seconds per request
+DEFAULT_TIMEOUT = 1.0  # the SDKs' default too
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"
 INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 TOKEN_TTL_SECONDS = 21600  # the most IMDS allows (6 h)
 WATCH_MODES = ("auto", "on", "off")
 PROBE_TRIES = 3  # auto mode's first token request, when it times out
+
+
+def request_timeout(env: dict[str, str] | None = None) -> float:
+    """Seconds one metadata request may take: AWS_METADATA_SERVICE_TIMEOUT, as the AWS SDKs read
+    it (default 1). A busy instance may answer late; raising it trades a later "no service" for
+    fewer missed polls."""
+    raw = (os.environ if env is None else env).get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 300:
+        raise UserError(f"{TIMEOUT_ENV}={raw!r}: expected seconds, more than 0 and at most 300 (the default is 1)")
+    return value
 
 
 class ImdsError(OSError):
@@ -48,14 +66,14 @@ class Notice:
 class Imds:
     """A minimal IMDSv2 client on http.client: session token first, never the tokenless IMDSv1."""
 
-    def __init__(self, endpoint: str | None = None, timeout: float = 1.0, token_ttl: int = TOKEN_TTL_SECONDS):
+    def __init__(self, endpoint: str | None = None, timeout: float | None = None, token_ttl: int = TOKEN_TTL_SECONDS):
         self.endpoint = (endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).rstrip("/")
         parts = urlsplit(self.endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UserError(f"{ENDPOINT_ENV}={self.endpoint!r}: expected http://host[:port]")
         self._https = parts.scheme == "https"
         self._host, self._port = parts.hostname, parts.port
-        self.timeout = timeout
+        self.timeout = request_timeout() if timeout is None else timeout
         self.token_ttl = max(1, int(token_ttl))
         self._token: str | None = None
         self._token_expires = 0.0
@@ -133,7 +151,7 @@ class SpotWatcher:
         poll_seconds: float = 5.0,
         *,
         endpoint: str | None = None,
-        timeout: float = 1.0,
+        timeout: float | None = None,
         token_ttl: int = TOKEN_TTL_SECONDS,
         log_line: Callable[[str], None] | None = None,
     ):
@@ -175,7 +193,7 @@ class SpotWatcher:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self._timeout * 2 + 1)
+            self._thread.join(timeout=self.imds.timeout * 2 + 1)
         if self.state in ("starting", "watching"):
             self.state = "stopped"
 

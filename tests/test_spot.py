@@ -127,6 +127,24 @@ def test_auto_keeps_watching_when_a_loaded_instance_answers_its_first_probe_late
     assert watcher.should_stop() and server.token_puts >= PROBE_TRIES
 
 
+def test_metadata_timeout_follows_the_aws_sdks_setting(imds, monkeypatch):
+    """AWS_METADATA_SERVICE_TIMEOUT, as the SDKs read it: a service that answers in 1.5 s is
+    missed at the default 1 s and heard at 3; a value that is not seconds is one line."""
+    from ec2train.errors import UserError
+    from ec2train.spot import Imds, request_timeout
+
+    server = imds(slow_puts=2, slow_seconds=1.5)
+    monkeypatch.delenv("AWS_METADATA_SERVICE_TIMEOUT", raising=False)
+    with pytest.raises(TimeoutError):
+        Imds(server.url).token()
+    monkeypatch.setenv("AWS_METADATA_SERVICE_TIMEOUT", "3")
+    assert Imds(server.url).token()
+    for bad in ("soon", "0", "-1", "nan", "1e9"):
+        with pytest.raises(UserError, match="AWS_METADATA_SERVICE_TIMEOUT=.*expected seconds"):
+            request_timeout({"AWS_METADATA_SERVICE_TIMEOUT": bad})
+    assert request_timeout({}) == 1.0 and request_timeout({"AWS_METADATA_SERVICE_TIMEOUT": " 2.5 "}) == 2.5
+
+
 @pytest.mark.fast
 def test_watch_modes(monkeypatch):
     from ec2train.errors import UserError
