@@ -332,6 +332,24 @@ def test_diverged_trial_fails_and_study_goes_on(tmp_path, tiny_data, monkeypatch
     assert result.best_number == 1
 
 
+@pytest.mark.fast
+def test_the_fit_line_after_a_study_works_as_printed_when_its_output_holds_a_run(tmp_path):
+    # best.toml keeps the study's fit --output (TrainedModels): after `make demo` that folder
+    # holds a run, and the printed `fit --config best.toml` was refused (fit never replaces one).
+    from ec2train.tune.study import fit_command
+
+    out = tmp_path / "TrainedModels"
+    best = tmp_path / "best.toml"
+    best.write_text(to_toml(resolve(output=str(out), **FIXED)))
+    assert fit_command(best) == f"ec2train fit --config {best}"
+    out.mkdir()
+    (out / "model.pth").write_bytes(b"a run")
+    assert fit_command(best) == f"ec2train fit --config {best} --output {tmp_path / 'TrainedModels-tuned'}"
+    (tmp_path / "TrainedModels-tuned").mkdir()
+    (tmp_path / "TrainedModels-tuned" / "last.pt").write_bytes(b"another")
+    assert fit_command(best).endswith(f"--output {tmp_path / 'TrainedModels-tuned-2'}")
+
+
 def test_resume_continues_the_count_then_fit_and_fit_config(tmp_path, tiny_data, capsys):
     base_toml = tmp_path / "base.toml"
     base_toml.write_text(to_toml(resolve(output=str(tmp_path / "final"), logdir=str(tmp_path / "runs"), **FIXED)))

@@ -533,6 +533,7 @@ def tune(
     with heavy_imports():
         from ec2train.tune import TuneError, parse_duration, require_optuna
         from ec2train.tune import tune as run_tune
+        from ec2train.tune.study import fit_command
 
     seconds = parse_duration(timeout) if timeout is not None else None
     base = resolve(config, **options)
@@ -574,7 +575,7 @@ def tune(
         )
     console.print(
         f"best: trial {result.best_number}, valid acc {result.best_value:.4f}; settings in {result.best_file}\n"
-        f"train with them: ec2train fit --config {result.best_file}   (all GPUs: add --nproc-per-node auto)\n"
+        f"train with them: {fit_command(result.best_file)}   (all GPUs: add --nproc-per-node auto)\n"
         f"compare trials: tensorboard --logdir {result.tb_root}   (HParams tab)"
     )
     if result.final is not None and result.final.interrupted:

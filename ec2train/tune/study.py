@@ -292,5 +292,28 @@ def write_best(study, base: TrainConfig, path: Path) -> Any:
     return trial
 
 
+def fit_command(best_file: Path) -> str:
+    """The `ec2train fit` line that trains with best.toml. Its output is the study's fit --output
+    (TrainedModels by default), which fit refuses to replace when it holds a run: then the line
+    names a free folder beside it, so it works as printed."""
+    from ec2train.checkpoint import CHECKPOINT_FILE, MODEL_FILE
+    from ec2train.config import resolve
+
+    line = f"ec2train fit --config {best_file}"
+    output = Path(resolve(best_file).output)
+
+    def holds_run(folder: Path) -> bool:
+        return any((folder / name).is_file() for name in (MODEL_FILE, CHECKPOINT_FILE))
+
+    if not holds_run(output):
+        return line
+    free = next(
+        folder
+        for n in range(1, 1000)
+        if not holds_run(folder := output.with_name(f"{output.name}-tuned{'' if n == 1 else f'-{n}'}"))
+    )
+    return f"{line} --output {free}"
+
+
 def fmt_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
