@@ -8,17 +8,13 @@ import base64
 import functools
 import http.server
 import json
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 
 import pytest
 
 from tests.support.cli import run_cli
 from tests.support.lambda_env import FUNCTION_ENV, load_lambda
-from tests.support.net import free_port
+from tests.support.serving import start_cli_server
 
 _, handler = load_lambda()
 
@@ -26,39 +22,7 @@ _, handler = load_lambda()
 @pytest.fixture(scope="module")
 def served(trained_model):
     """`python -m ec2train serve` on a free loopback port, until the module's tests end."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ec2train",
-            "serve",
-            "--model",
-            str(trained_model),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--threads",
-            "1",
-            "--compile",
-            "off",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(url + "/ping", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "ec2train serve never became ready"
-        time.sleep(0.2)
+    proc, url = start_cli_server(trained_model, "--threads", "1")
     yield url
     proc.terminate()
     proc.wait(20)

@@ -647,10 +647,6 @@ def _logits_body(jpeg: bytes) -> bytes:
     return json.dumps({"image": b64(jpeg), "logits": True}).encode()
 
 
-@pytest.mark.timeout(600)  # a cold compile on a loaded 2-core box
-@pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler: the test below covers that case"
-)
 def test_serve_is_ready_in_seconds_by_default_and_says_so(trained_model, images):
     # Issue 27.4: at its defaults serve compiled every batch size before /ping said ready (about a
     # minute on 2 cores, long after uvicorn's "running on"). Compiling is now opt-in, and one line

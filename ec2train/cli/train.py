@@ -531,9 +531,8 @@ def tune(
     from ec2train.config import resolve
 
     with heavy_imports():
-        from ec2train.tune import TuneError, parse_duration, require_optuna
+        from ec2train.tune import parse_duration, require_optuna
         from ec2train.tune import tune as run_tune
-        from ec2train.tune.study import fit_command
 
     seconds = parse_duration(timeout) if timeout is not None else None
     base = resolve(config, **options)
@@ -560,6 +559,15 @@ def tune(
             "interrupted; the finished trials are saved: run the same command again to continue the study"
         )
         raise typer.Exit(130) from None
+    _report_tune(result)
+
+
+def _report_tune(result) -> None:
+    """What a study ended with: its table, then the best settings and how to train with them, or
+    why there are none (stopped, or no trial completed), and the final fit's summary if it ran."""
+    from ec2train.tune import TuneError
+    from ec2train.tune.study import fit_command
+
     _print_tune_table(result)
     if result.stopped_by:
         err_console.print(
